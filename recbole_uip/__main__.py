@@ -1,0 +1,168 @@
+"""Command line: ``python -m recbole_uip {run,infer} --key=value ...`` (``run_recbole_uip.py`` = ``run``)."""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+import sys
+from typing import Any, Sequence
+
+import yaml
+
+USAGE = """\
+usage: python run_recbole_uip.py --model=MODEL --dataset=DATASET [--config_files="a.yaml b.yaml"] [--uip=true] [--key=value ...]
+       python -m recbole_uip run   (same flags as run_recbole_uip.py)
+       python -m recbole_uip infer --dataset=DATASET [--output_dir=DIR] [--model=DeepFM] [--config_files=...] [--key=value ...]
+
+run    Train and test a RecBole model, like RecBole's run_recbole.py. With --uip=true, first infer latent
+       user profiles with a frozen LLM from the training split, write <uip_output_dir>/<dataset>-uip/ (the
+       dataset plus uip_<profile> token columns in .user) and train on it. Without it: the plain baseline.
+infer  Only write the augmented atomic files and print their folder (for dataset-conversion pipelines).
+       The split that decides what counts as training data follows --model's defaults (DeepFM: random 8:1:1)
+       unless eval_args is given.
+
+flags  --model, --dataset, --config_files (space-separated YAML files), --output_dir (= uip_output_dir) and
+       any RecBole or uip_* key as --key=value (values are YAML: 3, 1e-3, true, [a, b], "{RS: [0.8,0.1,0.1]}").
+       uip_* keys and their defaults: properties/uip.yaml. Common ones:
+         --uip=true                    infer profiles and use them
+         --uip_llm=NAME_OR_PATH        any Hugging Face causal LM (default: bundled SmolLM2-135M-Instruct)
+         --uip_profiles="{hobby: 'Hobbies:', job: 'Job:'}"   profile names and phrases
+         --uip_codebook_size=8         IDs per profile
+         --uip_epochs=3                EM rounds
+         --uip_output_dir=dataset      where <dataset>-uip/ is written
+"""
+
+_OWN_FLAGS = {"model", "dataset", "config_files", "output_dir"}
+_RECBOLE_RUNTIME_KEYS = {"local_rank", "nproc", "world_size", "ip", "port", "group_offset", "offset", "benchmark_filename",
+                         "encoding", "additional_feat_suffix", "dataset_save_path", "dataloaders_save_path"}
+
+
+class UsageError(ValueError):
+    """Bad command line; the message says what is wrong."""
+
+
+def known_recbole_keys() -> set[str]:
+    """Every key that appears in RecBole's own property files or argument lists."""
+    import recbole
+    from recbole.utils import argument_list
+
+    root = os.path.join(os.path.dirname(recbole.__file__), "properties")
+    keys: set[str] = set(_RECBOLE_RUNTIME_KEYS)
+    for path in glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True):
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        if isinstance(data, dict):
+            keys.update(map(str, data))
+    for name in dir(argument_list):
+        value = getattr(argument_list, name)
+        if name.endswith("_arguments") and isinstance(value, list):
+            keys.update(value)
+    return keys
+
+
+def parse_value(text: str) -> Any:
+    """A flag value as YAML (``true``, ``3``, ``[a, b]``), with ``1e-3`` read as a float."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    return value
+
+
+def parse_flags(argv: Sequence[str]) -> dict[str, Any]:
+    """``--key=value`` / ``--key value`` pairs to a dict; anything else is a :class:`UsageError`."""
+    flags: dict[str, Any] = {}
+    items = list(argv)
+    while items:
+        arg = items.pop(0)
+        if not arg.startswith("--") or len(arg) == 2:
+            raise UsageError(f"unexpected argument {arg!r}: flags are --key=value")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if not items or items[0].startswith("--"):
+                raise UsageError(f"flag --{key} needs a value: --{key}=VALUE")
+            value = items.pop(0)
+        if key in flags:
+            raise UsageError(f"flag --{key} given twice")
+        flags[key] = value
+    return flags
+
+
+def split_flags(flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate our own flags from config keys; reject keys neither RecBole nor recbole-uip knows."""
+    from recbole_uip.config import check_uip_keys, default_values
+
+    own = {k: v for k, v in flags.items() if k in _OWN_FLAGS}
+    config = {k: parse_value(v) for k, v in flags.items() if k not in _OWN_FLAGS}
+    check_uip_keys(config)
+    known = known_recbole_keys() | set(default_values())
+    for key in config:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known | _OWN_FLAGS), n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise UsageError(
+                f"unknown flag --{key}: neither RecBole nor recbole-uip has a key of that name.{hint} "
+                f"(Keys only your own model reads belong in a --config_files YAML.)"
+            )
+    return own, config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = (argv[0], argv[1:]) if not argv[0].startswith("--") else ("run", argv)
+    if command not in ("run", "infer"):
+        print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in rest):
+        print(USAGE)
+        return 0
+    try:
+        own, config_dict = split_flags(parse_flags(rest))
+        if "output_dir" in own:
+            config_dict["uip_output_dir"] = own["output_dir"]
+        if "dataset" not in own:
+            raise UsageError("--dataset is required")
+        if command == "run" and "model" not in own:
+            raise UsageError("--model is required")
+        files = own.get("config_files", "").split() or None
+        return _run(command, own.get("model", "DeepFM"), own["dataset"], files, config_dict)
+    except (UsageError, ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        if isinstance(error, UsageError):
+            print("(run with --help for usage)", file=sys.stderr)
+        return 2
+
+
+def _run(command: str, model: str, dataset: str, files, config_dict: dict[str, Any]) -> int:
+    from recbole_uip.quick_start import build_config, infer_profiles, run_recbole_uip
+
+    if command == "run":
+        result = run_recbole_uip(model, dataset, files, config_dict)
+        print(f"test result: {dict(result['test_result'])}")
+        if result["uip_dataset"]:
+            print(f"profile columns {result['uip_fields']} from {result['uip_dataset']}")
+        return 0
+    from logging import getLogger
+
+    from recbole.utils import init_logger
+
+    config = build_config(model, dataset, files, config_dict)
+    init_logger(config)
+    target = infer_profiles(config)
+    getLogger().info(f"Augmented dataset: {target}")
+    print(target)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

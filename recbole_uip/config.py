@@ -1,0 +1,206 @@
+"""The ``uip_*`` configuration keys: defaults from ``properties/``, typed settings, validation.
+
+RecBole's ``Config`` stays the single source of configuration. This module adds our YAML defaults underneath
+the user's own files (lowest precedence) and reads the resolved ``uip_*`` keys into a validated
+:class:`UIPSettings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
+DEFAULTS_FILE = PROPERTIES_DIR / "uip.yaml"
+BUNDLED_LLM = "bundled-smollm2"
+
+
+class UIPConfigError(ValueError):
+    """A ``uip_*`` key is unknown or has an invalid value."""
+
+
+def default_config_files(dataset: str) -> list[str]:
+    """Our YAML files, to be placed before the user's ``config_file_list`` (user files win).
+
+    Returns ``properties/uip.yaml`` and, where it exists, ``properties/dataset/<dataset>.yaml``.
+    """
+    files = [str(DEFAULTS_FILE)]
+    dataset_file = PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"
+    if dataset_file.is_file():
+        files.append(str(dataset_file))
+    return files
+
+
+def default_values() -> dict[str, Any]:
+    """The ``uip_*`` defaults as a plain dict (what ``properties/uip.yaml`` says)."""
+    with open(DEFAULTS_FILE, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def check_uip_keys(keys) -> None:
+    """Raise :class:`UIPConfigError` for any ``uip*`` key we do not know, naming the closest known ones."""
+    known = set(default_values())
+    for key in keys:
+        if (key == "uip" or key.startswith("uip_")) and key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise UIPConfigError(f"Unknown recbole-uip key '{key}'.{hint} Known keys: see properties/uip.yaml.")
+
+
+def _as_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise UIPConfigError(f"'{key}' must be true or false, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class UIPSettings:
+    """Every ``uip_*`` key, typed and validated. Built with :meth:`from_config`; see ``properties/uip.yaml``."""
+
+    enabled: bool
+    llm: str
+    llm_cache_dir: Path
+    llm_dtype: str
+    num_threads: int
+    profiles: dict[str, str]
+    codebook_sizes: dict[str, int]
+    item_text_fields: tuple[str, ...] | None
+    item_template: str | None
+    rating_template: str
+    behaviour_prefix: str
+    item_separator: str
+    max_behaviour_tokens: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    encoder_learning_rate: float
+    commitment_weight: float
+    init_scale: float
+    kmeans_iters: int
+    no_history_token: str
+    output_dir: Path
+    reuse: bool
+
+    def __post_init__(self):
+        if not self.profiles:
+            raise UIPConfigError("'uip_profiles' needs at least one profile, e.g. {hobby: \"Hobbies:\"}.")
+        for name, phrase in self.profiles.items():
+            if not str(name).isidentifier():
+                raise UIPConfigError(f"Profile name {name!r} must be an identifier: it becomes the field uip_{name}.")
+            if not isinstance(phrase, str) or not phrase.strip():
+                raise UIPConfigError(f"Profile '{name}' needs a non-empty phrase in 'uip_profiles'.")
+        for name, size in self.codebook_sizes.items():
+            if not isinstance(size, int) or size < 2:
+                raise UIPConfigError(f"Codebook size of profile '{name}' must be an integer >= 2, got {size!r}.")
+        if self.llm_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UIPConfigError(f"'uip_llm_dtype' must be auto, float32, bfloat16 or float16, got {self.llm_dtype!r}.")
+        positive = {
+            "uip_max_behaviour_tokens": self.max_behaviour_tokens,
+            "uip_epochs": self.epochs,
+            "uip_batch_size": self.batch_size,
+            "uip_kmeans_iters": self.kmeans_iters,
+        }
+        for key, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise UIPConfigError(f"'{key}' must be a positive integer, got {value!r}.")
+        for key, value in {
+            "uip_learning_rate": self.learning_rate,
+            "uip_encoder_learning_rate": self.encoder_learning_rate,
+            "uip_init_scale": self.init_scale,
+        }.items():
+            if not value > 0:
+                raise UIPConfigError(f"'{key}' must be positive, got {value!r}.")
+        if self.commitment_weight < 0:
+            raise UIPConfigError(f"'uip_commitment_weight' must be >= 0, got {self.commitment_weight!r}.")
+        if self.num_threads < 0:
+            raise UIPConfigError(f"'uip_num_threads' must be >= 0, got {self.num_threads!r}.")
+        if not self.no_history_token or any(c.isspace() for c in self.no_history_token):
+            raise UIPConfigError("'uip_no_history_token' must be a non-empty token without spaces.")
+
+    @property
+    def profile_names(self) -> list[str]:
+        return list(self.profiles)
+
+    @property
+    def field_names(self) -> list[str]:
+        """The atomic-file fields we add, one per profile: ``uip_<profile>``."""
+        return [f"uip_{name}" for name in self.profiles]
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The settings that change the inferred IDs (not where outputs go, nor reuse)."""
+        data = dataclasses.asdict(self)
+        for key in ("enabled", "output_dir", "reuse", "llm_cache_dir", "num_threads"):
+            data.pop(key)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "UIPSettings":
+        """Read and validate the ``uip_*`` keys of a RecBole ``Config`` (or any mapping with the defaults)."""
+        defaults = default_values()
+
+        def get(key):
+            value = config[key] if _has(config, key) else None
+            return defaults[key] if value is None else value
+
+        profiles = get("uip_profiles")
+        if not isinstance(profiles, Mapping):
+            raise UIPConfigError("'uip_profiles' must map profile names to phrases.")
+        profiles = {str(k): v for k, v in profiles.items()}
+        sizes = get("uip_codebook_size")
+        if isinstance(sizes, Mapping):
+            unknown = set(sizes) - set(profiles)
+            if unknown:
+                raise UIPConfigError(f"'uip_codebook_size' names unknown profiles {sorted(unknown)}.")
+            sizes = {name: sizes.get(name, defaults["uip_codebook_size"]) for name in profiles}
+        else:
+            sizes = {name: sizes for name in profiles}
+        fields = get("uip_item_text_fields")
+        if isinstance(fields, str):
+            fields = [fields]
+        cache = config["uip_llm_cache_dir"] if _has(config, "uip_llm_cache_dir") else None
+        cache = cache or os.environ.get("RECBOLE_UIP_CACHE") or Path.home() / ".cache" / "recbole_uip"
+        try:
+            return cls(
+                enabled=_as_bool(get("uip"), "uip"),
+                llm=str(get("uip_llm")),
+                llm_cache_dir=Path(cache).expanduser(),
+                llm_dtype=str(get("uip_llm_dtype")),
+                num_threads=int(get("uip_num_threads")),
+                profiles=profiles,
+                codebook_sizes=sizes,
+                item_text_fields=tuple(fields) if fields else None,
+                item_template=get("uip_item_template") or None,
+                rating_template=str(get("uip_rating_template")),
+                behaviour_prefix=str(get("uip_behaviour_prefix")),
+                item_separator=str(get("uip_item_separator")),
+                max_behaviour_tokens=get("uip_max_behaviour_tokens"),
+                epochs=get("uip_epochs"),
+                batch_size=get("uip_batch_size"),
+                learning_rate=float(get("uip_learning_rate")),
+                encoder_learning_rate=float(get("uip_encoder_learning_rate")),
+                commitment_weight=float(get("uip_commitment_weight")),
+                init_scale=float(get("uip_init_scale")),
+                kmeans_iters=get("uip_kmeans_iters"),
+                no_history_token=str(get("uip_no_history_token")),
+                output_dir=Path(str(get("uip_output_dir"))),
+                reuse=_as_bool(get("uip_reuse"), "uip_reuse"),
+            )
+        except (TypeError, ValueError) as error:
+            if isinstance(error, UIPConfigError):
+                raise
+            raise UIPConfigError(f"Invalid recbole-uip setting: {error}") from error
+
+
+def _has(config: Mapping[str, Any], key: str) -> bool:
+    """RecBole's Config supports ``in`` on its final dict; plain dicts too."""
+    try:
+        return key in config
+    except TypeError:
+        return False

