@@ -284,14 +284,19 @@ def run_recbole_uip(model, dataset: str, config_file_list=None, config_dict=None
     else:
         check_dataset_files(config)
         logger.info("UIP is off (uip=False): plain RecBole run, no profile columns.")
-    result = run_recbole_with_config(config)
+    result = run_recbole_with_config(config, saved)
     result["uip_dataset"] = str(target) if target else None
     result["uip_fields"] = settings.field_names if target else []
     return result
 
 
-def run_recbole_with_config(config, saved: bool = True) -> dict:
-    """RecBole's ``run_recbole`` body for an already built ``Config`` (so the model class may be external)."""
+def run_recbole_with_config(config, saved: bool = True, model_seed: int | None = None) -> dict:
+    """RecBole's ``run_recbole`` body for an already built ``Config`` (so the model class may be external).
+
+    ``model_seed`` (default: ``config['seed']``, as RecBole) seeds only the model's initialisation and training
+    order, after the split: benchmarks vary it over repeats while the split, and the profiles learned from its
+    training part, stay fixed.
+    """
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_trainer, init_seed, set_color
 
@@ -301,7 +306,8 @@ def run_recbole_with_config(config, saved: bool = True) -> dict:
     dataset = create_dataset(config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    seed = config["seed"] if model_seed is None else model_seed
+    init_seed(seed + config["local_rank"], config["reproducibility"])
     model_class = resolve_model_class(config["model"])
     model = model_class(config, train_data._dataset).to(config["device"])
     logger.info(model)

@@ -185,8 +185,13 @@ def publish_directory(build: Callable[[Path], None], target: str | os.PathLike) 
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, old / target.name)
-            os.replace(tmp_dir, target)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp_dir, target)
+            except BaseException:
+                os.replace(old / target.name, target)  # put the previous complete folder back
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp_dir, target)
     except BaseException:

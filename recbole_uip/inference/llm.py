@@ -196,16 +196,20 @@ def load_frozen_llm(
     else:
         folder = Path(name).expanduser()
     torch_dtype = resolve_dtype(dtype, device)
+    what = (f"uip_llm takes a Hugging Face model id (the hub must be reachable), a local folder with config.json "
+            f"and weights, or '{BUNDLED_LLM}'.")
+    # A path that cannot be a hub id: say the folder is missing instead of transformers' "Repo id must be ...".
+    if not folder.is_dir() and (folder.is_absolute() or name.startswith((".", "~"))):
+        raise LLMLoadError(f"Cannot load the causal LM '{name}': the folder {folder} does not exist. {what}")
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise LLMLoadError(f"Cannot load the causal LM '{name}': the folder {folder} has no config.json. {what}")
     source = str(folder) if folder.is_dir() else name
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except (OSError, ValueError) as error:
-        raise LLMLoadError(
-            f"Cannot load the causal LM '{name}': {error}. uip_llm takes a Hugging Face model id (the hub must be "
-            f"reachable), a local folder with config.json and weights, or '{BUNDLED_LLM}'."
-        ) from error
+        raise LLMLoadError(f"Cannot load the causal LM '{name}': {error}. {what}") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     identity = model_identity(folder) if folder.is_dir() else sha256_json(

@@ -97,7 +97,7 @@ def allowed_attention(layout: PromptLayout, behaviour_lengths: torch.Tensor, tot
     same_block = block[:, None] == block[None, :]
     pattern = causal & (~in_profile_block | same_block)                     # (L, L)
     valid = positions[None, :] < (lp + behaviour_lengths)[:, None]          # (B, L): not padding
-    allowed = pattern[None] & valid[:, None, :]                             # padded keys are hidden
+    allowed = pattern[None] & valid[:, None, :] & valid[:, :, None]         # padded keys (and queries) hidden
     # Padded queries see only themselves, so no softmax row is empty (their outputs are never used).
     allowed |= torch.eye(total_length, dtype=torch.bool)[None] & ~valid[:, :, None]
     return allowed

@@ -1,0 +1,172 @@
+"""Profile inference cost on a real dataset with the real LLM: wall time, tokens/s, peak memory, threads.
+
+    python benchmarks/profile_inference.py --dataset=ml-100k --threads=2 [--key=value ...]
+
+Two measurements, in one process:
+1. Side by side, on identical batches: one M-step batch of our trainer (soft tokens placed, block mask, loss
+   and optimiser steps) against the bare frozen LLM's forward+backward on the same token ids (gradient to the
+   input embeddings only, causal mask). Alternated batch by batch, so machine noise hits both alike; the ratio
+   is what "throughput close to the bare LLM's" is measured by.
+2. The whole preprocessing step (`infer_profiles`, bank recomputed) with its phases timed.
+
+Writes results/profile_inference_<dataset>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from logging import getLogger
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from recbole_uip.__main__ import parse_value  # noqa: E402
+from recbole_uip.bank import FeatureBank  # noqa: E402
+from recbole_uip.config import UIPSettings  # noqa: E402
+from recbole_uip.data.behaviour import build_behaviour_corpus  # noqa: E402
+from recbole_uip.inference.llm import load_frozen_llm  # noqa: E402
+from recbole_uip.inference.prompt import collate  # noqa: E402
+from recbole_uip.inference.trainer import ProfileInferenceTrainer  # noqa: E402
+from recbole_uip.quick_start import build_config, infer_profiles  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def side_by_side(config, settings, logger, batches: int) -> dict:
+    """Our M-step batch vs the bare frozen LLM forward+backward, alternated on the same batches."""
+    llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir)
+    corpus = build_behaviour_corpus(config, settings, llm.tokenizer)
+    trainer = ProfileInferenceTrainer(config, settings, llm, corpus, logger)
+    # Set-up as in fit(), without the full summary pass: zero summaries are enough to time a batch.
+    from recbole_uip.inference.soft_profiles import RowAdam, SoftProfiles
+
+    trainer.soft = SoftProfiles(trainer._anchors(), torch.randn(len(corpus), llm.hidden_size), 1.0, trainer.generator)
+    params = trainer.trainable_parameters()
+    enc = torch.optim.Adam(params[:2], lr=1e-3)
+    rows = RowAdam(params[2], lr=1e-2)
+    trainer.assignments = torch.zeros(len(corpus), len(trainer.codebooks), dtype=torch.long)
+    model, pad = llm.model, llm.tokenizer.pad_token_id
+    embedding = model.get_input_embeddings()
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(corpus), generator=generator)
+    ours, bare, tokens = [], [], []
+    for b in range(batches + 1):                        # batch 0 warms both paths up and is not counted
+        users = order[b * settings.batch_size:(b + 1) * settings.batch_size]
+        batch = collate(trainer.layout, [corpus.token_ids[u] for u in users.tolist()], pad)
+        t0 = time.perf_counter()
+        from recbole_uip.inference.soft_profiles import behaviour_nll
+
+        nll = behaviour_nll(model, trainer.layout, batch, trainer.soft(users))
+        loss = nll.mean()
+        enc.zero_grad(set_to_none=True)
+        trainer.soft.residual.grad = None
+        loss.backward()
+        enc.step()
+        rows.step(users)
+        t1 = time.perf_counter()
+        embeds = embedding(batch.input_ids).detach().requires_grad_(True)
+        valid = (batch.input_ids != pad).long()
+        valid[:, : trainer.layout.prefix_length] = 1
+        logits = model(inputs_embeds=embeds, attention_mask=valid, use_cache=False).logits
+        bare_loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                      batch.labels[:, 1:].reshape(-1), ignore_index=-100)
+        bare_loss.backward()
+        t2 = time.perf_counter()
+        if b > 0:
+            ours.append(t1 - t0)
+            bare.append(t2 - t1)
+            tokens.append(int(batch.input_ids.numel()))
+    ours, bare = np.array(ours), np.array(bare)
+    return {
+        "batches": batches, "batch_size": settings.batch_size, "tokens_per_batch_mean": float(np.mean(tokens)),
+        "ours_seconds_per_batch": float(ours.mean()), "bare_llm_seconds_per_batch": float(bare.mean()),
+        "ours_tokens_per_s": float(np.sum(tokens) / ours.sum()), "bare_tokens_per_s": float(np.sum(tokens) / bare.sum()),
+        "ratio_ours_over_bare": float(ours.sum() / bare.sum()),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--model", default="DeepFM")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=12, help="batches in the side-by-side comparison")
+    parser.add_argument("--skip_full", action="store_true", help="only the side-by-side comparison")
+    args, rest = parser.parse_known_args(argv)
+    overrides = {k.lstrip("-"): parse_value(v) for k, _, v in (r.partition("=") for r in rest)}
+    torch.set_num_threads(args.threads)
+    overrides.update(uip_num_threads=args.threads, show_progress=False)
+
+    from recbole.utils import init_logger
+
+    config = build_config(args.model, args.dataset, None, {**overrides, "uip": True, "uip_reuse": False})
+    init_logger(config)
+    logger = getLogger()
+    settings = UIPSettings.from_config(config)
+    report = {
+        "dataset": args.dataset, "llm": settings.llm, "dtype": settings.llm_dtype, "threads": args.threads,
+        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "profiles": settings.profile_names, "uip_epochs": settings.epochs, "batch_size": settings.batch_size,
+        "max_behaviour_tokens": settings.max_behaviour_tokens,
+    }
+    report["side_by_side"] = side_by_side(config, settings, logger, args.batches)
+    logger.info(f"side by side: {report['side_by_side']}")
+    if not args.skip_full:
+        start = time.perf_counter()
+        target = infer_profiles(config, settings)
+        wall = time.perf_counter() - start
+        bank = FeatureBank.load(target / "bank")
+        tokens = bank.metadata["tokens_per_pass"]
+        report["full"] = {
+            "wall_seconds": round(wall, 1), "users": len(bank.users), "behaviour_tokens_per_pass": tokens,
+            "rounds": bank.metadata["history"],
+            "behaviour_tokens_per_s_over_all_passes": round(tokens * (settings.epochs + 1) / wall, 1),
+            "peak_rss_gib": round(peak_rss_gib(), 2),
+        }
+    report["peak_rss_gib"] = round(peak_rss_gib(), 2)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"profile_inference_{args.dataset}.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = render(report)
+    (RESULTS / f"profile_inference_{args.dataset}.md").write_text(md)
+    print(md)
+    return 0
+
+
+def render(r: dict) -> str:
+    s = r["side_by_side"]
+    lines = [f"# Profile inference cost ({r['dataset']})", "",
+             f"LLM `{r['llm']}` (dtype setting `{r['dtype']}`), torch {r['torch']}, {r['threads']} threads "
+             f"(`torch.set_num_threads`), CPU `{r['cpu']}`; profiles {r['profiles']}, batch {r['batch_size']} users, "
+             f"behaviour budget {r['max_behaviour_tokens']} tokens, {r['uip_epochs']} EM rounds.", "",
+             "## One M-step batch vs the bare frozen LLM (same batches, alternated)", "",
+             "| path | s / batch | tokens / s |", "|---|---|---|",
+             f"| bare frozen LLM forward+backward (causal mask) | {s['bare_llm_seconds_per_batch']:.3f} | {s['bare_tokens_per_s']:.0f} |",
+             f"| recbole-uip M-step (soft tokens, block mask, loss, optimisers) | {s['ours_seconds_per_batch']:.3f} | {s['ours_tokens_per_s']:.0f} |",
+             "", f"Ratio ours / bare: **{s['ratio_ours_over_bare']:.2f}** over {s['batches']} batches of "
+             f"{s['tokens_per_batch_mean']:.0f} tokens (padded)."]
+    if "full" in r:
+        f = r["full"]
+        lines += ["", "## The whole preprocessing step", "",
+                  f"{f['users']} users, {f['behaviour_tokens_per_pass']} behaviour tokens per pass; wall time "
+                  f"**{f['wall_seconds']:.0f} s** (LLM load, behaviour text, one summary pass, {r['uip_epochs']} EM rounds, "
+                  f"files); {f['behaviour_tokens_per_s_over_all_passes']} behaviour tokens/s over all passes; peak RSS "
+                  f"{f['peak_rss_gib']} GiB.", "", "| round | seconds since start | NLL |", "|---|---|---|"]
+        for h in f["rounds"]:
+            lines.append(f"| {h['round']} | {h['seconds']} | {h.get('nll', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

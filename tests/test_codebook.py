@@ -1,0 +1,238 @@
+"""The quantiser (k-means codebooks with dead-code restart, commitment loss, perplexity), the per-row Adam and
+the soft-profile parameterisation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from recbole_uip.inference.codebook import ProfileCodebook, perplexity
+from recbole_uip.inference.soft_profiles import RowAdam, SoftProfiles
+
+CENTERS = torch.tensor([[0.0, 0.0, 0.0, 0.0], [10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 10.0, 10.0]])
+
+
+def clusters(n_per: int = 20, seed: int = 0, noise: float = 0.3):
+    """Three well-separated Gaussian blobs, interleaved; returns ``(x, truth)``."""
+    gen = torch.Generator().manual_seed(seed)
+    truth = torch.arange(len(CENTERS)).repeat(n_per)
+    x = CENTERS[truth] + noise * torch.randn(len(truth), CENTERS.shape[1], generator=gen)
+    perm = torch.randperm(len(truth), generator=gen)
+    return x[perm], truth[perm]
+
+
+def matches_up_to_permutation(assignment: torch.Tensor, truth: torch.Tensor, k: int) -> bool:
+    return any(torch.equal(torch.tensor(perm)[truth], assignment) for perm in itertools.permutations(range(k)))
+
+
+# ------------------------------------------------------------------------------------------- codebooks
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_recovers_well_separated_clusters(seed):
+    x, truth = clusters(seed=seed)
+    codebook = ProfileCodebook(3, 4)
+    assert not bool(codebook.initialised)
+    assignment, health = codebook.fit(x, iterations=10, generator=torch.Generator().manual_seed(seed))
+    assert bool(codebook.initialised)
+    assert assignment.shape == (60,) and assignment.dtype == torch.long
+    assert matches_up_to_permutation(assignment, truth, 3)
+    assert sorted(health.usage) == [20, 20, 20]
+    assert health.perplexity == pytest.approx(3.0, abs=1e-5)
+    # each code is the mean of its cluster
+    for code in range(3):
+        torch.testing.assert_close(codebook.codes[code], x[assignment == code].mean(0))
+    # and lies at the true center
+    distance = torch.cdist(codebook.codes, CENTERS).min(dim=1).values
+    assert (distance < 0.3).all()
+
+
+def test_kmeans_plus_plus_seeds_are_data_points_and_deterministic():
+    x, _ = clusters(seed=4)
+    a, b = ProfileCodebook(3, 4), ProfileCodebook(3, 4)
+    a.kmeans_plus_plus(x, torch.Generator().manual_seed(5))
+    b.kmeans_plus_plus(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a.codes, b.codes)
+    for code in a.codes:
+        assert (x == code).all(dim=1).any()
+    # far-apart seeding: one seed per cluster
+    nearest = torch.cdist(a.codes, CENTERS).argmin(dim=1)
+    assert sorted(nearest.tolist()) == [0, 1, 2]
+
+
+def test_assign_returns_the_nearest_code():
+    gen = torch.Generator().manual_seed(0)
+    codebook = ProfileCodebook(5, 3)
+    codebook.codes.copy_(torch.randn(5, 3, generator=gen) * 3)
+    x = torch.randn(200, 3, generator=gen) * 3
+    brute = ((x[:, None, :] - codebook.codes[None]) ** 2).sum(-1).argmin(dim=1)
+    assert torch.equal(codebook.assign(x), brute)
+    # a point exactly on a code is assigned that code
+    assert codebook.assign(codebook.codes.clone()).tolist() == [0, 1, 2, 3, 4]
+    # ties go to the lowest index
+    tied = ProfileCodebook(3, 2)
+    tied.codes.copy_(torch.tensor([[5.0, 5.0], [0.0, 0.0], [0.0, 0.0]]))
+    assert tied.assign(torch.tensor([[0.1, 0.0]])).tolist() == [1]
+
+
+def test_dead_code_is_restarted_and_reported():
+    x, truth = clusters(seed=3)
+    codebook = ProfileCodebook(3, 4)
+    # two codes on two of the clusters, the third far from every point: nobody picks it
+    codebook.codes.copy_(torch.stack([CENTERS[0], CENTERS[1], torch.full((4,), 1000.0)]))
+    codebook.initialised.fill_(True)
+    counts = torch.bincount(codebook.assign(x), minlength=3)
+    assert counts[2] == 0                                   # really dead before fit
+    assignment, health = codebook.fit(x, iterations=10, generator=torch.Generator().manual_seed(0))
+    assert health.dead_codes == 1
+    assert health.restarted >= 1
+    assert all(u > 0 for u in health.usage)
+    assert torch.bincount(assignment, minlength=3).tolist() == health.usage
+    assert (codebook.codes.abs() < 100).all()               # the far code moved onto the data
+    assert matches_up_to_permutation(assignment, truth, 3)  # and ended on the third cluster
+
+
+def test_no_restart_when_every_code_is_used():
+    x, _ = clusters(seed=6)
+    codebook = ProfileCodebook(3, 4)
+    codebook.codes.copy_(CENTERS)
+    codebook.initialised.fill_(True)
+    _, health = codebook.fit(x, iterations=3, generator=torch.Generator().manual_seed(0))
+    assert health.dead_codes == 0 and health.restarted == 0
+
+
+def test_commitment_is_mean_squared_distance_over_scale_and_codes_get_no_gradient():
+    gen = torch.Generator().manual_seed(0)
+    codebook = ProfileCodebook(3, 4)
+    codebook.codes.copy_(torch.randn(3, 4, generator=gen))
+    codebook.codes.requires_grad_(True)   # so that a missing stop-gradient would show up as codes.grad
+    x = torch.randn(5, 4, generator=gen, requires_grad=True)
+    assignment = torch.tensor([0, 2, 2, 1, 0])
+    scale = 2.5
+    loss = codebook.commitment(x, assignment, scale)
+    assert loss.dim() == 0
+    c, xd = codebook.codes.detach(), x.detach()
+    expected = sum(float(((xd[b] - c[assignment[b]]) ** 2).sum()) for b in range(5)) / 5 / scale
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * (x.detach() - c[assignment]) / (5 * scale))
+    assert codebook.codes.grad is None
+
+
+def test_perplexity():
+    assert perplexity(torch.tensor([4, 4, 4, 4, 4])) == pytest.approx(5.0)
+    assert perplexity(torch.tensor([0, 9, 0, 0])) == pytest.approx(1.0)
+    assert perplexity(torch.tensor([3, 0, 3, 0])) == pytest.approx(2.0)
+    p = torch.tensor([0.75, 0.25])
+    assert perplexity(torch.tensor([3, 1])) == pytest.approx(math.exp(float(-(p * p.log()).sum())))
+
+
+# ---------------------------------------------------------------------------------------------- RowAdam
+def _grad(shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_row_adam_first_update_of_a_late_row_is_a_full_first_step():
+    lr = 0.1
+    param = torch.zeros(6, 4, requires_grad=True)
+    opt = RowAdam(param, lr=lr)
+    for t in range(50):                                       # global time moves on, rows 0 and 1 only
+        param.grad = _grad((6, 4), t)
+        opt.step(torch.tensor([0, 1]))
+    before = param.detach().clone()
+    grad = _grad((6, 4), 99)
+    grad[4, 2] = 0.0                                          # one coordinate without gradient
+    param.grad = grad
+    opt.step(torch.tensor([4]))
+    update = param.detach()[4] - before[4]
+
+    fresh_param = torch.zeros(6, 4, requires_grad=True)
+    fresh = RowAdam(fresh_param, lr=lr)
+    fresh_param.grad = grad.clone()
+    fresh.step(torch.tensor([4]))
+    torch.testing.assert_close(update, fresh_param.detach()[4], rtol=0, atol=1e-7)
+
+    nonzero = grad[4] != 0
+    torch.testing.assert_close(update[nonzero].abs(), torch.full((int(nonzero.sum()),), lr), rtol=1e-5, atol=0)
+    assert torch.equal(torch.sign(update[nonzero]), -torch.sign(grad[4][nonzero]))
+    assert update[2] == 0
+    assert opt.step_count.tolist() == [50, 50, 0, 0, 1, 0]
+
+
+def test_row_adam_leaves_other_rows_and_their_state_alone():
+    param = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    opt = RowAdam(param, lr=0.05)
+    param.grad = _grad((5, 3), 1)                             # every row has a gradient
+    opt.step(torch.tensor([1, 3]))
+    before = param.detach().clone()
+    state = {k: v.clone() for k, v in opt.state_dict().items()}
+    param.grad = _grad((5, 3), 2)
+    opt.step(torch.tensor([3, 0]))
+    after = param.detach()
+    for row in (1, 2, 4):
+        assert torch.equal(after[row], before[row])
+        assert torch.equal(opt.exp_avg[row], state["exp_avg"][row])
+        assert torch.equal(opt.exp_avg_sq[row], state["exp_avg_sq"][row])
+    assert not torch.equal(after[0], before[0]) and not torch.equal(after[3], before[3])
+    assert opt.step_count.tolist() == [1, 1, 0, 2, 0]
+
+
+def test_row_adam_matches_torch_adam_on_each_rows_own_steps():
+    """Row 2's updates at global steps 3 and 7 equal torch Adam's steps 1 and 2 with the same gradients."""
+    lr = 0.05
+    param = torch.zeros(4, 3, requires_grad=True)
+    opt = RowAdam(param, lr=lr)
+    reference = torch.zeros(3, requires_grad=True)
+    adam = torch.optim.Adam([reference], lr=lr)
+    for t in range(8):
+        grad = _grad((4, 3), t)
+        param.grad = grad
+        rows = torch.tensor([0, 2]) if t in (3, 7) else torch.tensor([0])
+        opt.step(rows)
+        if t in (3, 7):
+            reference.grad = grad[2].clone()
+            adam.step()
+    # RowAdam forms 1 - beta2**t in float32 (torch.optim.Adam in float64): agreement to ~1e-5 relative
+    torch.testing.assert_close(param.detach()[2], reference.detach(), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(param.detach()[2], torch.zeros(3))
+
+
+# ------------------------------------------------------------------------------------------ SoftProfiles
+def _soft(num_users=7, num_profiles=2, dim=8, hidden=5, norm=1.5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    anchors = torch.randn(num_profiles, dim, generator=gen)
+    summaries = torch.randn(num_users, hidden, generator=gen)
+    return SoftProfiles(anchors, summaries, norm, torch.Generator().manual_seed(seed)), anchors, summaries
+
+
+def test_soft_profiles_shapes_and_forward_is_center_plus_offsets():
+    soft, anchors, summaries = _soft()
+    assert [p is q for p, q in zip(soft.parameters(), (soft.shared, soft.encoder, soft.residual))] == [True] * 3
+    assert len(list(soft.parameters())) == 3                # anchors and summaries are buffers
+    assert soft.shared.shape == (2, 8) and soft.encoder.shape == (2, 8, 5) and soft.residual.shape == (7, 2, 8)
+    assert soft.num_users == 7
+    with torch.no_grad():
+        soft.shared.copy_(torch.randn(2, 8, generator=torch.Generator().manual_seed(1)))
+        soft.residual.copy_(torch.randn(7, 2, 8, generator=torch.Generator().manual_seed(2)))
+    users = torch.tensor([4, 0, 4])
+    offsets = soft.offsets(users)
+    assert offsets.shape == (3, 2, 8)
+    assert soft.offsets().shape == (7, 2, 8)
+    for b, u in enumerate(users.tolist()):
+        for p in range(2):
+            expected = soft.encoder[p] @ summaries[u] + soft.residual[u, p]
+            torch.testing.assert_close(offsets[b, p], expected)
+    torch.testing.assert_close(soft.center(), anchors + soft.shared)
+    torch.testing.assert_close(soft(users), soft.center()[None] + offsets)
+    torch.testing.assert_close(soft.offsets()[users], offsets)
+
+
+@pytest.mark.parametrize("dim,hidden", [(16, 6), (6, 16)])
+def test_soft_profiles_initial_offsets_have_the_requested_norm(dim, hidden):
+    soft, _, _ = _soft(num_users=3000, dim=dim, hidden=hidden, norm=2.0)
+    norms = soft.offsets().detach().norm(dim=-1)            # residual starts at zero
+    assert torch.equal(soft.residual, torch.zeros_like(soft.residual))
+    assert float(norms.mean()) == pytest.approx(2.0, rel=0.1)
+    again, _, _ = _soft(num_users=3000, dim=dim, hidden=hidden, norm=2.0)
+    assert torch.equal(soft.encoder, again.encoder)          # seeded
