@@ -80,7 +80,9 @@ class UIPSettings:
     epochs: int
     batch_size: int
     learning_rate: float
+    residual_optimizer: str
     encoder_learning_rate: float
+    shared_learning_rate: float
     commitment_weight: float
     init_scale: float
     kmeans_iters: int
@@ -113,10 +115,13 @@ class UIPSettings:
         for key, value in {
             "uip_learning_rate": self.learning_rate,
             "uip_encoder_learning_rate": self.encoder_learning_rate,
+            "uip_shared_learning_rate": self.shared_learning_rate,
             "uip_init_scale": self.init_scale,
         }.items():
             if not value > 0:
                 raise UIPConfigError(f"'{key}' must be positive, got {value!r}.")
+        if self.residual_optimizer not in ("sgd", "adam"):
+            raise UIPConfigError(f"'uip_residual_optimizer' must be sgd or adam, got {self.residual_optimizer!r}.")
         if self.commitment_weight < 0:
             raise UIPConfigError(f"'uip_commitment_weight' must be >= 0, got {self.commitment_weight!r}.")
         if self.num_threads < 0:
@@ -184,7 +189,9 @@ class UIPSettings:
                 epochs=get("uip_epochs"),
                 batch_size=get("uip_batch_size"),
                 learning_rate=float(get("uip_learning_rate")),
+                residual_optimizer=str(get("uip_residual_optimizer")),
                 encoder_learning_rate=float(get("uip_encoder_learning_rate")),
+                shared_learning_rate=float(get("uip_shared_learning_rate")),
                 commitment_weight=float(get("uip_commitment_weight")),
                 init_scale=float(get("uip_init_scale")),
                 kmeans_iters=get("uip_kmeans_iters"),

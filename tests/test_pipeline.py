@@ -163,3 +163,34 @@ def test_written_files_load_in_stock_recbole_and_deepfm_embeds_the_profiles(tmp_
     assert out.returncode == 0, out.stderr[-3000:]
     fields = out.stdout.strip().splitlines()[-1]
     assert "'uip_hobby'" in fields and "'uip_background'" in fields
+
+
+def test_recbole_dataset_cache_never_serves_a_stale_user_file(tmp_path, tiny_llm_dir):
+    """RecBole reuses <checkpoint_dir>/<dataset>-Dataset.pth whenever the config matches, without looking at the
+    files. A cache saved from an earlier bank must not leak into a run on a newer bank."""
+    from recbole.data import create_dataset
+    from recbole.utils import init_logger
+
+    from recbole_uip.config import UIPSettings
+    from recbole_uip.quick_start import augmented_config
+
+    write_dataset(tmp_path / "data")
+
+    def dataset_for(**overrides):
+        config_dict = uip_config_dict(tmp_path, tiny_llm_dir, uip=True, **overrides)
+        config = build_config("DeepFM", "toy", None, config_dict)
+        init_logger(config)
+        target = infer_profiles(config)
+        run_config = augmented_config(config, UIPSettings.from_config(config), target, None, config_dict)
+        assert not run_config["save_dataset"]
+        return create_dataset(run_config), FeatureBank.load(target / "bank")
+
+    old_dataset, _ = dataset_for(uip_codebook_size=2)
+    old_dataset.save()  # what a user's save_dataset=True run would have left behind
+    assert (tmp_path / "saved" / "toy-uip-Dataset.pth").is_file()
+
+    new_dataset, new_bank = dataset_for(uip_codebook_size=3)
+    uid = new_dataset.uid_field
+    users = new_dataset.id2token(uid, np.asarray(new_dataset.user_feat[uid]).astype(int)[1:])
+    hobby = new_dataset.id2token("uip_hobby", np.asarray(new_dataset.user_feat["uip_hobby"]).astype(int)[1:])
+    assert list(hobby) == [new_bank.token(u, "hobby") for u in users]

@@ -114,6 +114,28 @@ class RowAdam:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "step_count": self.step_count}
 
 
+class RowSGD:
+    """Plain SGD over the rows of a per-user parameter: ``param[rows] -= lr * grad[rows]``.
+
+    Stateless, so trivially correct per user (and per rank when users are sharded). Unlike Adam, whose first
+    steps are sign-like (every coordinate moves by ``lr`` whatever its gradient), a step here is proportional
+    to the gradient: coordinates the LLM barely cares about barely move. With only a few visits per user, sign-
+    like steps add a large random pattern to every soft token, which the codebooks then cluster (measured: see
+    README, "Method"). ``grad_scale`` undoes the ``1/B`` of a batch-mean loss, so ``lr`` does not depend on the
+    batch size.
+    """
+
+    def __init__(self, param: torch.Tensor, lr: float):
+        self.param, self.lr = param, lr
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor, grad_scale: float = 1.0) -> None:
+        self.param[rows] -= self.lr * grad_scale * self.param.grad[rows]
+
+    def state_dict(self) -> dict:
+        return {}
+
+
 def behaviour_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor) -> torch.Tensor:
     """Per-user mean NLL (nats/token) of the behaviour tokens given the soft tokens.
 

@@ -30,7 +30,7 @@ from recbole_uip.data.behaviour import BehaviourCorpus
 from recbole_uip.inference.codebook import ProfileCodebook
 from recbole_uip.inference.llm import FrozenLLM, assert_frozen
 from recbole_uip.inference.prompt import PromptLayout, build_layout, collate
-from recbole_uip.inference.soft_profiles import RowAdam, SoftProfiles, behaviour_nll
+from recbole_uip.inference.soft_profiles import RowAdam, RowSGD, SoftProfiles, behaviour_nll
 
 
 @dataclasses.dataclass
@@ -182,7 +182,10 @@ class ProfileInferenceTrainer:
             self.soft.residual.grad = None
             loss.backward()
             encoder_opt.step()
-            residual_opt.step(users_dev)
+            if isinstance(residual_opt, RowSGD):
+                residual_opt.step(users_dev, grad_scale=len(users))
+            else:
+                residual_opt.step(users_dev)
             nll_seen[users] = nll.detach().float().cpu()
             bar.update(len(users))
             bar.set_postfix(nll=f"{float(nll.detach().mean()):.3f}")
@@ -221,8 +224,14 @@ class ProfileInferenceTrainer:
             self._anchors(), (raw_summaries - mean) / std, settings.init_scale * embedding_norm, self.generator
         ).to(self.device)
         params = self.trainable_parameters()
-        encoder_opt = torch.optim.Adam(params[:2], lr=settings.encoder_learning_rate)
-        residual_opt = RowAdam(params[2], lr=settings.learning_rate)
+        encoder_opt = torch.optim.Adam([
+            {"params": [params[0]], "lr": settings.shared_learning_rate},
+            {"params": [params[1]], "lr": settings.encoder_learning_rate},
+        ])
+        if settings.residual_optimizer == "sgd":
+            residual_opt = RowSGD(params[2], lr=settings.learning_rate)
+        else:
+            residual_opt = RowAdam(params[2], lr=settings.learning_rate)
         initial_tokens = self.soft.offsets().detach().cpu().clone()
         self.assignments, healths, scales = self.e_step(settings.kmeans_iters)
         initial_assignments = self.assignments.clone()
