@@ -4,8 +4,10 @@ Formulation (compared with the paper and the authors' code, see README "Method")
 
 * E-step: each user's offset ``x[u] (D,)`` is assigned its nearest code; codes are then moved to the mean of
   their users (Lloyd), warm-started from the previous E-step; the first E-step starts from k-means++.
-* Dead codes (no user) are restarted at a user far from its current code (sampled with probability
-  proportional to the squared distance, as in k-means++), so a codebook never wastes entries.
+* Dead codes are restarted at a user far from its current code (sampled with probability proportional to
+  the squared distance, as in k-means++), so a codebook never wastes entries. A code counts as dead when it
+  holds fewer than a tenth of a uniform share of the users (``N / (10 K)``, at least one): on ml-100k a code
+  holding a single user was as useless downstream as an empty one.
 * M-step: the soft tokens receive a commitment term ``beta * ||x[u] - sg(c[k(u)])||^2 / sigma^2`` next to the
   LLM's NLL (``sigma^2``: mean squared offset norm, making ``beta`` scale-free). The codes are not trained by
   gradient: Lloyd's mean update is the exact minimiser of the codebook term for fixed assignments.
@@ -26,7 +28,7 @@ class CodebookHealth:
 
     usage: list[int]          # users per code, length K
     perplexity: float         # exp(entropy of usage); K when uniform, 1 when collapsed
-    dead_codes: int           # codes with no user before restart
+    dead_codes: int           # codes below the minimum usage before the first restart
     restarted: int            # codes restarted in this E-step
 
 
@@ -72,16 +74,18 @@ class ProfileCodebook(nn.Module):
             self.kmeans_plus_plus(x, generator)
         dead_before = None
         restarted = 0
-        for _ in range(iterations):
+        min_usage = max(1, x.shape[0] // (10 * self.size))
+        for iteration in range(iterations):
             assignment = self.assign(x)
             counts = torch.bincount(assignment, minlength=self.size)
             if dead_before is None:
-                dead_before = int((counts == 0).sum())
+                dead_before = int((counts < min_usage).sum())
             sums = torch.zeros_like(self.codes).index_add_(0, assignment, x)
-            alive = counts > 0
-            self.codes[alive] = sums[alive] / counts[alive, None].float()
-            if (~alive).any():
-                restarted += self._restart_dead(x, assignment, ~alive, generator)
+            nonempty = counts > 0
+            self.codes[nonempty] = sums[nonempty] / counts[nonempty, None].float()
+            dead = counts < min_usage
+            if dead.any() and iteration < iterations - 1:  # the last iteration only settles the means
+                restarted += self._restart_dead(x, assignment, dead, generator)
         assignment = self.assign(x)
         counts = torch.bincount(assignment, minlength=self.size)
         return assignment, CodebookHealth(
