@@ -87,6 +87,7 @@ class UIPSettings:
     init_scale: float
     kmeans_iters: int
     no_history_token: str
+    diagnostics: bool
     output_dir: Path
     reuse: bool
 
@@ -141,7 +142,7 @@ class UIPSettings:
     def fingerprint_dict(self) -> dict[str, Any]:
         """The settings that change the inferred IDs (not where outputs go, nor reuse)."""
         data = dataclasses.asdict(self)
-        for key in ("enabled", "output_dir", "reuse", "llm_cache_dir", "num_threads"):
+        for key in ("enabled", "output_dir", "reuse", "llm_cache_dir", "num_threads", "diagnostics"):
             data.pop(key)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
 
@@ -196,6 +197,7 @@ class UIPSettings:
                 init_scale=float(get("uip_init_scale")),
                 kmeans_iters=get("uip_kmeans_iters"),
                 no_history_token=str(get("uip_no_history_token")),
+                diagnostics=_as_bool(get("uip_diagnostics"), "uip_diagnostics"),
                 output_dir=Path(str(get("uip_output_dir"))),
                 reuse=_as_bool(get("uip_reuse"), "uip_reuse"),
             )

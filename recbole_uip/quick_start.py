@@ -28,6 +28,29 @@ AUGMENTED_SUFFIX = "-uip"
 _NAME_DEPENDENT_KEYS = {"dataset", "data_path"}
 
 
+# Models that embed every loaded .user token field (so the uip_* columns reach them unchanged). Other RecBole
+# models ignore user features; for them --uip=true would look as if it worked while doing nothing.
+_USER_FEATURE_MODELS_OUTSIDE_CONTEXT = {"DIEN"}
+
+
+class ModelIgnoresProfilesError(ValueError):
+    """The requested model would silently ignore the profile columns."""
+
+
+def check_model_consumes_profiles(config) -> None:
+    """Refuse ``uip=True`` for a model that does not read ``.user`` token fields (never a silent no-op)."""
+    from recbole.utils import ModelType
+
+    if config["MODEL_TYPE"] == ModelType.CONTEXT or config["model"] in _USER_FEATURE_MODELS_OUTSIDE_CONTEXT:
+        return
+    raise ModelIgnoresProfilesError(
+        f"{config['model']} ({config['MODEL_TYPE'].name.lower()} model) does not read user features, so the "
+        f"uip_* profile columns would be ignored. Use a context-aware model (DeepFM, DCN, WideDeep, xDeepFM, "
+        f"AutoInt, FM, NFM, ...) or DIEN; profile fusion for sequential and general models is not built yet. "
+        f"To only write the augmented files, run: python -m recbole_uip infer --dataset={config['dataset']}"
+    )
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset's atomic files are not where RecBole will look for them."""
 
@@ -270,7 +293,6 @@ def run_recbole_uip(model, dataset: str, config_file_list=None, config_dict=None
     """
     from recbole.utils import init_logger, init_seed
 
-    patch_recbole_checkpoint_loading()
     config = build_config(model, dataset, config_file_list, config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -278,6 +300,7 @@ def run_recbole_uip(model, dataset: str, config_file_list=None, config_dict=None
     settings = UIPSettings.from_config(config)
     target = None
     if settings.enabled:
+        check_model_consumes_profiles(config)
         check_dataset_files(config)
         target = infer_profiles(config, settings)
         config = augmented_config(config, settings, target, config_file_list, config_dict)
@@ -300,6 +323,7 @@ def run_recbole_with_config(config, saved: bool = True, model_seed: int | None =
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_trainer, init_seed, set_color
 
+    patch_recbole_checkpoint_loading()
     logger = getLogger()
     init_seed(config["seed"], config["reproducibility"])
     logger.info(config)

@@ -97,10 +97,13 @@ class RowAdam:
         self.step_count = torch.zeros(param.shape[0], dtype=torch.long, device=param.device)
 
     @torch.no_grad()
-    def step(self, rows: torch.Tensor) -> None:
-        """Update ``param[rows]`` from ``param.grad[rows]``; ``rows`` must be unique."""
+    def step(self, rows: torch.Tensor, grad_scale: float = 1.0) -> None:
+        """Update ``param[rows]`` from ``grad_scale * param.grad[rows]``; ``rows`` must be unique.
+
+        (Adam is invariant to the gradient's scale up to ``eps``; the argument keeps one interface with RowSGD.)
+        """
         beta1, beta2 = self.betas
-        grad = self.param.grad[rows]
+        grad = self.param.grad[rows] * grad_scale
         self.step_count[rows] += 1
         steps = self.step_count[rows].to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
         m = self.exp_avg[rows].mul_(beta1).add_(grad, alpha=1 - beta1)
