@@ -8,7 +8,7 @@ a copy of the dataset whose ``.user`` file has one extra ``uip_<profile>`` token
 from __future__ import annotations
 
 import contextlib
-import logging
+import json
 import sys
 import time
 from logging import getLogger
@@ -109,10 +109,10 @@ def _split_keys(config) -> dict[str, Any]:
     """The settings that decide which interactions are in the training split."""
     from recbole.utils.argument_list import dataset_arguments
 
-    from recbole_uip.data.behaviour import _dataset_class
+    from recbole_uip.data.behaviour import recbole_dataset_class
 
     keys = {k: config[k] for k in dataset_arguments if k in config}
-    keys.update(seed=config["seed"], eval_args=config["eval_args"], dataset_class=_dataset_class(config).__name__)
+    keys.update(seed=config["seed"], eval_args=config["eval_args"], dataset_class=recbole_dataset_class(config).__name__)
     return keys
 
 
@@ -137,8 +137,6 @@ def _reusable(target: Path, fingerprint: str) -> FeatureBank | None:
     manifest = target / MANIFEST_NAME
     if not manifest.is_file():
         return None
-    import json
-
     try:
         if json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") != fingerprint:
             return None
@@ -176,7 +174,7 @@ def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
             return target
 
     start = time.perf_counter()
-    llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger)
+    llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger, identity)
     corpus = build_behaviour_corpus(config, settings, llm.tokenizer, logger)
     result = ProfileInferenceTrainer(config, settings, llm, corpus, logger).fit()
     seconds = time.perf_counter() - start
@@ -273,8 +271,6 @@ def augmented_config(config, settings: UIPSettings, target: Path, config_file_li
 
 
 def _manifest_fingerprint(target: Path) -> str:
-    import json
-
     return json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))["fingerprint"]
 
 
@@ -301,8 +297,7 @@ def run_recbole_uip(model, dataset: str, config_file_list=None, config_dict=None
     target = None
     if settings.enabled:
         check_model_consumes_profiles(config)
-        check_dataset_files(config)
-        target = infer_profiles(config, settings)
+        target = infer_profiles(config, settings)  # validates the dataset's files before any work
         config = augmented_config(config, settings, target, config_file_list, config_dict)
     else:
         check_dataset_files(config)

@@ -51,7 +51,7 @@ class BehaviourCorpus:
         return sum(len(ids) for ids in self.token_ids)
 
 
-def _dataset_class(config):
+def recbole_dataset_class(config):
     """The class RecBole's ``create_dataset`` would use (without its on-disk cache, which can be stale)."""
     from recbole.utils import ModelType
 
@@ -75,7 +75,7 @@ def build_training_split(config):
         split_config.final_config_dict[key] = None
     split_config.final_config_dict["normalize_all"] = False
     init_seed(split_config["seed"], split_config["reproducibility"])
-    dataset = _dataset_class(split_config)(split_config)
+    dataset = recbole_dataset_class(split_config)(split_config)
     train_dataset = dataset.build()[0]
     return dataset, train_dataset
 

@@ -182,9 +182,12 @@ def assert_frozen(model: nn.Module) -> None:
 
 
 def load_frozen_llm(
-    name: str, device: torch.device, dtype: str = "auto", cache_dir: Path | None = None, logger: logging.Logger | None = None
+    name: str, device: torch.device, dtype: str = "auto", cache_dir: Path | None = None, logger: logging.Logger | None = None,
+    identity: str | None = None,
 ) -> FrozenLLM:
     """Load ``name`` (model id, folder or ``bundled-smollm2``) as a frozen causal LM on ``device``.
+
+    ``identity``: the weights' fingerprint when the caller has already computed it (hashing takes a second or two).
 
     Raises:
         LLMLoadError: the model cannot be found or loaded (with the reason and what to do).
@@ -212,9 +215,10 @@ def load_frozen_llm(
         raise LLMLoadError(f"Cannot load the causal LM '{name}': {error}. {what}") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    identity = model_identity(folder) if folder.is_dir() else sha256_json(
-        {"name": name, "revision": getattr(model.config, "_commit_hash", None)}
-    )
+    if identity is None:
+        identity = model_identity(folder) if folder.is_dir() else sha256_json(
+            {"name": name, "revision": getattr(model.config, "_commit_hash", None)}
+        )
     model = freeze(model.to(device))
     if logger:
         n_params = sum(p.numel() for p in model.parameters())

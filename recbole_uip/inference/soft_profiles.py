@@ -15,8 +15,9 @@ Parameterisation (a documented departure from the paper, chosen from measurement
   with a few passes over the data each user then gets only a few optimiser steps, and a faithful run gave
   IDs no better than random (brief, section 6). A shared map is updated by every batch, so all users move
   together and a new user can be folded in by ``W[p] @ z[new]`` without training.
-* ``r[u, p]`` (trained, per user, starts at zero): the paper's free per-user token, refined by a row-wise Adam
-  whose step count and bias correction are per user, so a user seen twice gets two properly scaled steps.
+* ``r[u, p]`` (trained, per user, starts at zero): the paper's free per-user token, refined by plain per-row SGD
+  (:class:`RowSGD`, the default: steps proportional to the gradient) or by :class:`RowAdam` (per-user step
+  counts and bias correction). Measured on ml-100k, Adam's sign-like first steps swamped the user information.
 
 Everything per user lives in rows of ``summaries`` and ``residual``: sharding users across ranks or resuming
 from a checkpoint only needs those rows.
