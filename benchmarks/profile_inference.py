@@ -133,7 +133,6 @@ def main(argv=None) -> int:
         report["full"] = {
             "wall_seconds": round(wall, 1), "users": len(bank.users), "behaviour_tokens_per_pass": tokens,
             "rounds": bank.metadata["history"],
-            "behaviour_tokens_per_s_over_all_passes": round(tokens * (settings.epochs + 1) / wall, 1),
             "peak_rss_gib": round(peak_rss_gib(), 2),
             "diagnostics_nll": {k: float(np.mean(v)) for k, v in bank.metadata["convergence"].items() if k.startswith("nll_")
                                 and k not in ("nll_first_round", "nll_last_round")},
@@ -161,13 +160,23 @@ def render(r: dict) -> str:
              f"{s['tokens_per_batch_mean']:.0f} tokens (padded)."]
     if "full" in r:
         f = r["full"]
+        rounds = f["rounds"]
+        summary_s = rounds[0]["seconds"]
+        em_s = rounds[-1]["seconds"] - summary_s
         lines += ["", "## The whole preprocessing step", "",
-                  f"{f['users']} users, {f['behaviour_tokens_per_pass']} behaviour tokens per pass; wall time "
-                  f"**{f['wall_seconds']:.0f} s** (LLM load, behaviour text, one summary pass, {r['uip_epochs']} EM rounds, "
-                  f"files); {f['behaviour_tokens_per_s_over_all_passes']} behaviour tokens/s over all passes; peak RSS "
-                  f"{f['peak_rss_gib']} GiB.", "", "| round | seconds since start | NLL |", "|---|---|---|"]
+                  f"{f['users']} users, {f['behaviour_tokens_per_pass']} behaviour tokens per pass. Wall time "
+                  f"**{f['wall_seconds']:.0f} s** in all (LLM load, behaviour text, summary pass, EM, diagnostics, files); "
+                  f"peak RSS {f['peak_rss_gib']} GiB.", "",
+                  f"- summary pass (forward only) and first E-step: {summary_s:.0f} s",
+                  f"- {r['uip_epochs']} EM rounds: {em_s:.0f} s, i.e. "
+                  f"{f['behaviour_tokens_per_pass'] * r['uip_epochs'] / em_s:.0f} behaviour tokens/s through the M-steps "
+                  "(each batch also carries the template tokens of every user)",
+                  f"- diagnostics (4 forward-only passes, off by default) and writing the files: "
+                  f"{f['wall_seconds'] - rounds[-1]['seconds']:.0f} s", "",
+                  "| round | seconds since start | mean NLL during the M-step |", "|---|---|---|"]
         for h in f["rounds"]:
-            lines.append(f"| {h['round']} | {h['seconds']} | {h.get('nll', '')} |")
+            nll = f"{h['nll']:.4f}" if "nll" in h else ""
+            lines.append(f"| {h['round']} | {h['seconds']} | {nll} |")
         if f.get("diagnostics_nll"):
             d = f["diagnostics_nll"]
             lines += ["", "Do the soft tokens carry user information? Mean behaviour NLL (nats/token) after EM, forward only "
@@ -180,4 +189,7 @@ def render(r: dict) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--render"]:  # re-render the Markdown from a JSON result
+        print(render(json.loads(Path(sys.argv[2]).read_text())))
+        sys.exit(0)
     sys.exit(main())

@@ -62,7 +62,10 @@ def known_recbole_keys() -> set[str]:
 
 
 def parse_value(text: str) -> Any:
-    """A flag value as YAML (``true``, ``3``, ``[a, b]``), with ``1e-3`` read as a float."""
+    """A flag value as YAML (``true``, ``3``, ``[a, b]``), with ``1e-3`` read as a float and ``None`` as null
+    (RecBole's own command line evaluates values as Python, so its users write ``--train_neg_sample_args=None``)."""
+    if text.strip() == "None":
+        return None
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:

@@ -93,6 +93,10 @@ def test_bad_command_lines(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_parse_value_reads_python_none_like_recbole():
+    assert parse_value("None") is None and parse_value("~") is None
+
+
 def test_parse_value_reads_yaml():
     assert parse_value("3") == 3 and isinstance(parse_value("3"), int)
     assert parse_value("1e-3") == 0.001 and isinstance(parse_value("1e-3"), float)
@@ -176,9 +180,9 @@ def test_checkpoint_loading_patch(tmp_path):
 def test_uip_with_a_model_that_ignores_user_features_is_refused_before_any_work(tmp_path, tiny_llm_dir, capsys):
     """SASRec and BPR never read .user fields: --uip=true must not look as if it worked."""
     write_dataset(tmp_path / "data")
-    for model in ("SASRec", "BPR"):
+    for model, extra in (("SASRec", ["--train_neg_sample_args=None"]), ("BPR", [])):  # SASRec's CE loss needs it
         code = main(["run", f"--model={model}", "--dataset=toy", "--uip=true", f"--data_path={tmp_path / 'data'}",
-                     f"--uip_llm={tiny_llm_dir}", f"--uip_output_dir={tmp_path / 'out'}", "--use_gpu=false"])
+                     f"--uip_llm={tiny_llm_dir}", f"--uip_output_dir={tmp_path / 'out'}", "--use_gpu=false", *extra])
         assert code == 2
         assert "does not read user features" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
