@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip_downstream", action="store_true")
+    parser.add_argument("--tag", default="", help="suffix of the result files, for variants of the defaults")
     args, rest = parser.parse_known_args(argv)
     overrides = {}
     for item in rest:
@@ -172,9 +173,11 @@ def main(argv=None) -> int:
             }
         report["comparisons"] = comparisons
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"informativeness_{args.dataset}.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    (RESULTS / f"informativeness_{args.dataset}.md").write_text(render_markdown(report))
-    print((RESULTS / f"informativeness_{args.dataset}.md").read_text())
+    report["overrides"] = {k: v for k, v in overrides.items() if k.startswith("uip_") and k != "uip_num_threads"}
+    stem = f"informativeness_{args.dataset}{'_' + args.tag if args.tag else ''}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    (RESULTS / f"{stem}.md").write_text(render_markdown(report))
+    print((RESULTS / f"{stem}.md").read_text())
     return 0
 
 
@@ -184,7 +187,8 @@ def render_markdown(report: dict) -> str:
              f"{report['codebook_sizes']}, {report['uip_epochs']} EM rounds, {report['threads']} threads, "
              f"{report['users']} users with training history. Inference took "
              f"{report['inference_seconds_when_computed']} s when the bank was computed. Leak-free: every measure "
-             "uses the training split only.", "",
+             "uses the training split only." + (f" Settings changed from the defaults: {report['overrides']}."
+                                                 if report.get("overrides") else ""), "",
              "## Users sharing an ID vs random groups of the same sizes", "",
              "Mean cosine similarity of a user's training history to the other users with the same ID; `random` is "
              "the mean (std) over 1000 random regroupings with the same group sizes; p: share of regroupings at least "

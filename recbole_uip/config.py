@@ -85,6 +85,7 @@ class UIPSettings:
     shared_learning_rate: float
     commitment_weight: float
     init_scale: float
+    summary_layer: int
     kmeans_iters: int
     no_history_token: str
     diagnostics: bool
@@ -195,6 +196,7 @@ class UIPSettings:
                 shared_learning_rate=float(get("uip_shared_learning_rate")),
                 commitment_weight=float(get("uip_commitment_weight")),
                 init_scale=float(get("uip_init_scale")),
+                summary_layer=int(get("uip_summary_layer")),
                 kmeans_iters=get("uip_kmeans_iters"),
                 no_history_token=str(get("uip_no_history_token")),
                 diagnostics=_as_bool(get("uip_diagnostics"), "uip_diagnostics"),

@@ -87,7 +87,8 @@ class ProfileInferenceTrainer:
     # ----------------------------------------------------------------------------------------------- set-up
     @torch.inference_mode()
     def summarise(self, batch_size: int = 32) -> torch.Tensor:
-        """Forward-only pass: mean last hidden state over each user's behaviour tokens, ``(U, H)`` float32."""
+        """Forward-only pass: mean hidden state (layer ``uip_summary_layer``) over each user's behaviour tokens,
+        ``(U, H)`` float32."""
         model, pad = self.llm.model, self.llm.tokenizer.pad_token_id
         lengths = torch.tensor([len(t) for t in self.corpus.token_ids])
         order = torch.argsort(lengths, descending=True)  # similar lengths together: less padding
@@ -102,7 +103,7 @@ class ProfileInferenceTrainer:
                 ids[row, : len(seq)] = torch.tensor(seq)
                 valid[row, : len(seq)] = 1
             hidden = model(input_ids=ids.to(self.device), attention_mask=valid.to(self.device),
-                           output_hidden_states=True, use_cache=False).hidden_states[-1].float().cpu()
+                           output_hidden_states=True, use_cache=False).hidden_states[self.settings.summary_layer].float().cpu()
             out[users] = (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
             bar.update(len(users))
         bar.close()
