@@ -165,31 +165,48 @@ class ProfileInferenceTrainer:
         """One pass over all users; returns each user's NLL ``(U,)`` as measured before its update."""
         nll_seen = torch.zeros(len(self.corpus))
         order = torch.randperm(len(self.corpus), generator=self.generator)
-        beta = self.settings.commitment_weight
         bar = tqdm(total=len(order), desc=f"UIP M-step {epoch:>2}", ncols=100, disable=not self.show_progress)
-        codebooks = [cb.to(self.device) for cb in self.codebooks]
+        self.codebooks = [cb.to(self.device) for cb in self.codebooks]
         for users in _batches(order, self.settings.batch_size):
-            batch = collate(self.layout, [self.corpus.token_ids[u] for u in users.tolist()], self.llm.tokenizer.pad_token_id)
-            users_dev = users.to(self.device)
-            soft_tokens = self.soft(users_dev)                                   # (B, P, D)
-            nll = behaviour_nll(self.llm.model, self.layout, batch, soft_tokens)  # (B,)
-            loss = nll.mean()
-            if beta > 0:
-                offsets = self.soft.offsets(users_dev)
-                assigned = self.assignments[users].to(self.device)
-                for p, codebook in enumerate(codebooks):
-                    loss = loss + beta * codebook.commitment(offsets[:, p], assigned[:, p], scales[p])
-            encoder_opt.zero_grad(set_to_none=True)
-            self.soft.residual.grad = None
-            loss.backward()
-            encoder_opt.step()
-            residual_opt.step(users_dev, grad_scale=len(users))  # per-user gradient of its own NLL
-            nll_seen[users] = nll.detach().float().cpu()
+            nll = self.train_batch(users, scales, encoder_opt, residual_opt)
+            nll_seen[users] = nll.float().cpu()
             bar.update(len(users))
-            bar.set_postfix(nll=f"{float(nll.detach().mean()):.3f}")
+            bar.set_postfix(nll=f"{float(nll.mean()):.3f}")
         bar.close()
-        self.codebooks = [cb.cpu() for cb in codebooks]
+        self.codebooks = [cb.cpu() for cb in self.codebooks]
         return nll_seen
+
+    def train_batch(self, users: torch.Tensor, scales: list[float], encoder_opt, residual_opt) -> torch.Tensor:
+        """One M-step update for ``users`` (LongTensor ``(B,)``); returns their NLL ``(B,)`` before the update."""
+        batch = collate(self.layout, [self.corpus.token_ids[u] for u in users.tolist()], self.llm.tokenizer.pad_token_id)
+        users_dev = users.to(self.device)
+        soft_tokens = self.soft(users_dev)                                   # (B, P, D)
+        nll = behaviour_nll(self.llm.model, self.layout, batch, soft_tokens)  # (B,)
+        loss = nll.mean()
+        beta = self.settings.commitment_weight
+        if beta > 0:
+            offsets = self.soft.offsets(users_dev)
+            assigned = self.assignments[users].to(self.device)
+            for p, codebook in enumerate(self.codebooks):
+                loss = loss + beta * codebook.commitment(offsets[:, p], assigned[:, p], scales[p])
+        encoder_opt.zero_grad(set_to_none=True)
+        self.soft.residual.grad = None
+        loss.backward()
+        encoder_opt.step()
+        residual_opt.step(users_dev, grad_scale=len(users))  # per-user gradient of its own NLL
+        return nll.detach()
+
+    def build_optimisers(self):
+        """``(encoder_opt, residual_opt)``: Adam on the shared shift and the encoder (their own learning rates),
+        and the per-row optimiser of the user residuals (``uip_residual_optimizer``)."""
+        shared, encoder, residual = self.trainable_parameters()
+        settings = self.settings
+        encoder_opt = torch.optim.Adam([
+            {"params": [shared], "lr": settings.shared_learning_rate},
+            {"params": [encoder], "lr": settings.encoder_learning_rate},
+        ])
+        row_optimiser = RowSGD if settings.residual_optimizer == "sgd" else RowAdam
+        return encoder_opt, row_optimiser(residual, lr=settings.learning_rate)
 
     # ------------------------------------------------------------------------------------------------ fit
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -222,15 +239,7 @@ class ProfileInferenceTrainer:
         self.soft = SoftProfiles(
             self._anchors(), (raw_summaries - mean) / std, settings.init_scale * embedding_norm, self.generator
         ).to(self.device)
-        params = self.trainable_parameters()
-        encoder_opt = torch.optim.Adam([
-            {"params": [params[0]], "lr": settings.shared_learning_rate},
-            {"params": [params[1]], "lr": settings.encoder_learning_rate},
-        ])
-        if settings.residual_optimizer == "sgd":
-            residual_opt = RowSGD(params[2], lr=settings.learning_rate)
-        else:
-            residual_opt = RowAdam(params[2], lr=settings.learning_rate)
+        encoder_opt, residual_opt = self.build_optimisers()
         initial_tokens = self.soft.offsets().detach().cpu().clone()
         self.assignments, healths, scales = self.e_step(settings.kmeans_iters)
         initial_assignments = self.assignments.clone()
