@@ -13,11 +13,11 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
 
 __version__ = "0.1.0"
 
-__all__ = ["run_recbole_uip", "infer_profiles", "FeatureBank", "__version__"]
+__all__ = ["run_recbole_uip", "infer_profiles", "load_data_and_model", "FeatureBank", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("run_recbole_uip", "infer_profiles"):
+    if name in ("run_recbole_uip", "infer_profiles", "load_data_and_model"):
         from recbole_uip import quick_start
 
         return getattr(quick_start, name)

@@ -21,34 +21,12 @@ from recbole_uip.config import UIPSettings, check_uip_keys, default_config_files
 from recbole_uip.data.atomic import (
     MANIFEST_NAME, AtomicFileError, dataset_files, publish_directory, read_atomic, validate_atomic, write_user_file,
 )
+from recbole_uip.model.fusion import check_model_supports_profiles, model_class_for_run
 from recbole_uip.utils import sha256_file, sha256_json, write_json_atomic
 
 AUGMENTED_SUFFIX = "-uip"
 # Keys whose value differs between a dataset and its renamed copy only because of the name.
 _NAME_DEPENDENT_KEYS = {"dataset", "data_path"}
-
-
-# Models that embed every loaded .user token field (so the uip_* columns reach them unchanged). Other RecBole
-# models ignore user features; for them --uip=true would look as if it worked while doing nothing.
-_USER_FEATURE_MODELS_OUTSIDE_CONTEXT = {"DIEN"}
-
-
-class ModelIgnoresProfilesError(ValueError):
-    """The requested model would silently ignore the profile columns."""
-
-
-def check_model_consumes_profiles(config) -> None:
-    """Refuse ``uip=True`` for a model that does not read ``.user`` token fields (never a silent no-op)."""
-    from recbole.utils import ModelType
-
-    if config["MODEL_TYPE"] == ModelType.CONTEXT or config["model"] in _USER_FEATURE_MODELS_OUTSIDE_CONTEXT:
-        return
-    raise ModelIgnoresProfilesError(
-        f"{config['model']} ({config['MODEL_TYPE'].name.lower()} model) does not read user features, so the "
-        f"uip_* profile columns would be ignored. Use a context-aware model (DeepFM, DCN, WideDeep, xDeepFM, "
-        f"AutoInt, FM, NFM, ...) or DIEN; profile fusion for sequential and general models is not built yet. "
-        f"To only write the augmented files, run: python -m recbole_uip infer --dataset={config['dataset']}"
-    )
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -80,9 +58,31 @@ def build_config(model, dataset: str, config_file_list=None, config_dict=None):
     check_uip_keys(config_dict)
     files = default_config_files(dataset) + list(config_file_list or [])
     with _no_command_line():
-        config = Config(model=model_class, dataset=dataset, config_file_list=files, config_dict=config_dict)
+        try:
+            config = Config(model=model_class, dataset=dataset, config_file_list=files, config_dict=config_dict)
+        except ValueError as error:
+            # RecBole's defaults contradict themselves for sequential models with the CE loss (SASRec, GRU4Rec,
+            # ... by default): overall.yaml samples negatives, and Config then refuses the combination. When the
+            # user set neither, use the only valid value; a value the user chose still gets RecBole's error.
+            if "when the loss_type is CE" not in str(error) or _sets_key("train_neg_sample_args", config_file_list, config_dict):
+                raise
+            config_dict["train_neg_sample_args"] = None
+            config = Config(model=model_class, dataset=dataset, config_file_list=files, config_dict=config_dict)
     check_uip_keys(config.final_config_dict)
     return config
+
+
+def _sets_key(key: str, config_file_list, config_dict) -> bool:
+    """Whether the user's own config dict or YAML files set ``key``."""
+    import yaml
+
+    if key in (config_dict or {}):
+        return True
+    for path in config_file_list or []:
+        with open(path, encoding="utf-8") as handle:
+            if key in (yaml.safe_load(handle) or {}):
+                return True
+    return False
 
 
 def check_dataset_files(config) -> dict[str, Path]:
@@ -296,7 +296,7 @@ def run_recbole_uip(model, dataset: str, config_file_list=None, config_dict=None
     settings = UIPSettings.from_config(config)
     target = None
     if settings.enabled:
-        check_model_consumes_profiles(config)
+        check_model_supports_profiles(config)  # before the (long) inference, never a silent no-op
         target = infer_profiles(config, settings)  # validates the dataset's files before any work
         config = augmented_config(config, settings, target, config_file_list, config_dict)
     else:
@@ -327,7 +327,7 @@ def run_recbole_with_config(config, saved: bool = True, model_seed: int | None =
     train_data, valid_data, test_data = data_preparation(config, dataset)
     seed = config["seed"] if model_seed is None else model_seed
     init_seed(seed + config["local_rank"], config["reproducibility"])
-    model_class = resolve_model_class(config["model"])
+    model_class = model_class_for_run(config)  # the profile-fused subclass where the model needs one
     model = model_class(config, train_data._dataset).to(config["device"])
     logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
@@ -344,4 +344,32 @@ def run_recbole_with_config(config, saved: bool = True, model_seed: int | None =
         "test_result": test_result,
         "model": config["model"],
         "dataset": config["dataset"],
+        "saved_model_file": trainer.saved_model_file if saved else None,
     }
+
+
+def load_data_and_model(model_file: str | Path):
+    """RecBole's ``load_data_and_model`` for checkpoints of any run of ``run_recbole_uip``.
+
+    A profile-fused model's checkpoint holds the profile tables (and the users' profile IDs) beside the model's
+    own weights, so it must be rebuilt as the same fused class before its state is loaded; RecBole's version
+    would build the plain model and fail on the extra keys.
+
+    Returns:
+        ``(config, model, dataset, train_data, valid_data, test_data)``, as RecBole's.
+    """
+    import torch
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import init_logger, init_seed
+
+    checkpoint = torch.load(model_file, weights_only=False)  # a RecBole checkpoint: holds a pickled Config
+    config = checkpoint["config"]
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = model_class_for_run(config)(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    return config, model, dataset, train_data, valid_data, test_data

@@ -177,12 +177,13 @@ def test_checkpoint_loading_patch(tmp_path):
         recbole_trainer.torch.load(path, weights_only=True)  # an explicit choice is kept
 
 
-def test_uip_with_a_model_that_ignores_user_features_is_refused_before_any_work(tmp_path, tiny_llm_dir, capsys):
-    """SASRec and BPR never read .user fields: --uip=true must not look as if it worked."""
+def test_uip_with_a_model_that_cannot_use_profiles_is_refused_before_any_work(tmp_path, tiny_llm_dir, capsys):
+    """Pop and ItemKNN have no user representation: --uip=true must not look as if it worked."""
     write_dataset(tmp_path / "data")
-    for model, extra in (("SASRec", ["--train_neg_sample_args=None"]), ("BPR", [])):  # SASRec's CE loss needs it
+    for model in ("Pop", "ItemKNN"):
         code = main(["run", f"--model={model}", "--dataset=toy", "--uip=true", f"--data_path={tmp_path / 'data'}",
-                     f"--uip_llm={tiny_llm_dir}", f"--uip_output_dir={tmp_path / 'out'}", "--use_gpu=false", *extra])
+                     f"--uip_llm={tiny_llm_dir}", f"--uip_output_dir={tmp_path / 'out'}", "--use_gpu=false"])
         assert code == 2
-        assert "does not read user features" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"{model} cannot use the uip_* profiles" in err and "python -m recbole_uip infer" in err
     assert not (tmp_path / "out").exists()

@@ -194,3 +194,51 @@ def test_recbole_dataset_cache_never_serves_a_stale_user_file(tmp_path, tiny_llm
     users = new_dataset.id2token(uid, np.asarray(new_dataset.user_feat[uid]).astype(int)[1:])
     hobby = new_dataset.id2token("uip_hobby", np.asarray(new_dataset.user_feat["uip_hobby"]).astype(int)[1:])
     assert list(hobby) == [new_bank.token(u, "hobby") for u in users]
+
+
+SEQUENTIAL_SPLIT = {"eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
+                    "MAX_ITEM_LIST_LENGTH": 8, "embedding_size": 16, "hidden_size": 16, "epochs": 2,
+                    "metrics": ["NDCG", "Hit"], "topk": [5], "valid_metric": "NDCG@5"}
+
+
+@pytest.mark.parametrize("model", ["SASRec", "BPR"])
+def test_fused_model_end_to_end_then_reloaded_from_its_checkpoint(model, tmp_path, tiny_llm_dir):
+    """--uip=true trains SASRec (sequence-output fusion) and BPR (user-embedding fusion) on the profiles learned from
+    this split; the saved checkpoint reloads as the fused model and evaluates to the same test result."""
+    from recbole.utils import get_trainer
+
+    from recbole_uip.quick_start import load_data_and_model
+
+    write_dataset(tmp_path / "data")
+    overrides = SEQUENTIAL_SPLIT if model == "SASRec" else {"metrics": ["NDCG", "Hit"], "topk": [5],
+                                                            "valid_metric": "NDCG@5", "epochs": 2}
+    config_dict = uip_config_dict(tmp_path, tiny_llm_dir, uip=True, **overrides)
+    del config_dict["threshold"]                                   # ranking, not labeled CTR
+    result = run_recbole_uip(model, "toy", config_dict=config_dict)
+    assert result["uip_fields"] == ["uip_hobby", "uip_background"]
+    manifest = json.loads((Path(result["uip_dataset"]) / "uip_manifest.json").read_text())
+    bank = FeatureBank.load(Path(result["uip_dataset"]) / "bank")
+    assert bank.fingerprint == manifest["fingerprint"]
+    assert bank.metadata["inputs"]["split"]["eval_args"]["order"] == ("TO" if model == "SASRec" else "RO")
+
+    config, loaded, dataset, _, _, test_data = load_data_and_model(result["saved_model_file"])
+    assert list(loaded.profile_embeddings()), "the reloaded model lost its profile fusion"
+    ids = next(loaded.profile_embeddings()).profile_ids                # (U, P) as loaded from the checkpoint
+    for user in ("1", "2", "3"):
+        row = ids[dataset.token2id(dataset.uid_field, user)]
+        assert [dataset.id2token(f, int(v)) for f, v in zip(result["uip_fields"], row)] == \
+            [bank.token(user, p) for p in bank.profiles]
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, loaded)
+    reloaded = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+    assert dict(reloaded) == pytest.approx(dict(result["test_result"]))
+
+
+def test_sequential_ce_loss_needs_no_negative_sampling_flag(tmp_path, tiny_llm_dir):
+    """RecBole's defaults refuse SASRec's CE loss unless train_neg_sample_args=None; we set it when the user did not,
+    and keep RecBole's error when the user asked for negative sampling."""
+    write_dataset(tmp_path / "data")
+    config = build_config("SASRec", "toy", None, {"data_path": str(tmp_path / "data")})
+    assert config["train_neg_sample_args"]["distribution"] == "none"      # RecBole's form of None
+    with pytest.raises(ValueError, match="should be None"):
+        build_config("SASRec", "toy", None, {"data_path": str(tmp_path / "data"),
+                                             "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}})
