@@ -176,3 +176,10 @@ def test_user_profile_embedding_shapes_and_padding():
     assert torch.allclose(fused(torch.tensor([2])), fused.weight[2:3])
     with pytest.raises(ValueError, match="rows"):
         ProfileFusedEmbedding(torch.nn.Embedding(5, 4), embedding)
+
+
+def test_readme_table_matches_the_code():
+    from recbole_uip.model.fusion import support_table_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert support_table_markdown() in readme, "README's model table is out of date: paste support_table_markdown()"

@@ -74,7 +74,8 @@ MODEL_SUPPORT: dict[str, ModelSupport] = {
     # --- general ------------------------------------------------------------------------------------------
     "BPR": _fused("user_embedding"), "NeuMF": _fused("user_mf_embedding", "user_mlp_embedding"),
     "LightGCN": _fused("user_embedding"), "NGCF": _fused("user_embedding"), "SGL": _fused("user_embedding"),
-    "NCL": _fused("user_embedding"), "DGCF": _fused("user_embedding"), "SpectralCF": _fused("user_embedding"),
+    "NCL": dataclasses.replace(_fused("user_embedding"), note="profile vector added to `user_embedding` (RecBole's "
+                                                              "NCL needs `pip install faiss-cpu`)"), "DGCF": _fused("user_embedding"), "SpectralCF": _fused("user_embedding"),
     "ENMF": _fused("user_embedding"), "LINE": _fused("user_embedding"), "NNCF": _fused("user_embedding"),
     "ConvNCF": _fused("user_embedding"), "CDAE": _fused("h_user"), "SimpleX": _fused("user_emb"),
     **{name: ModelSupport(UNSUPPORTED, "no trainable user representation (popularity or random scores)")
@@ -258,3 +259,19 @@ def model_class_for_run(config) -> type:
     if not settings.enabled:
         return model_class
     return with_profiles(model_class, settings.field_names)
+
+
+def support_table_markdown() -> str:
+    """The README's table: every RecBole 1.2.1 sequential and general model and how it consumes the profiles."""
+    import recbole.model.general_recommender as general
+    import recbole.model.sequential_recommender as sequential
+
+    label = {NATIVE: "natively", USER_EMBEDDING: "through the extension (user embedding)",
+             SEQUENCE_OUTPUT: "through the extension (sequence representation)", UNSUPPORTED: "no"}
+    lines = ["| model | type | consumes the profiles | how, or why not |", "|---|---|---|---|"]
+    for kind, module in (("sequential", sequential), ("general", general)):
+        names = sorted((n for n in dir(module) if isinstance(getattr(module, n), type) and n[0].isupper()), key=str.lower)
+        for name in names:
+            support = MODEL_SUPPORT[name]
+            lines.append(f"| {name} | {kind} | {label[support.how]} | {support.note} |")
+    return "\n".join(lines) + "\n"
