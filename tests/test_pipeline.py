@@ -16,10 +16,10 @@ from recbole_uip.bank import FeatureBank
 from recbole_uip.quick_start import build_config, infer_profiles, run_recbole_uip
 
 
-def _infer(tmp_path, tiny_llm_dir, **overrides) -> Path:
+def _infer(tmp_path, tiny_llm_dir, model="DeepFM", **overrides) -> Path:
     from recbole.utils import init_logger
 
-    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, **overrides))
+    config = build_config(model, "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, **overrides))
     init_logger(config)
     return infer_profiles(config)
 
@@ -61,17 +61,19 @@ def test_uip_false_is_the_plain_baseline(tmp_path, tiny_llm_dir):
     assert not (tmp_path / "out").exists()
 
 
-def test_changing_only_valid_and_test_interactions_leaves_every_id_unchanged(tmp_path, tiny_llm_dir):
-    """The leakage guard: profiles see the training split only."""
+@pytest.mark.parametrize("model", ["DeepFM", "SASRec"])
+def test_changing_only_valid_and_test_interactions_leaves_every_id_unchanged(model, tmp_path, tiny_llm_dir):
+    """The leakage guard: profiles see the training split only (DeepFM: random 8:1:1 split; SASRec: RecBole's
+    leave-one-out split, where each user's last two interactions are valid/test)."""
     from recbole.utils import init_logger
 
     from recbole_uip.data.behaviour import build_training_split
 
     folder = write_dataset(tmp_path / "data")
-    first = FeatureBank.load(_infer(tmp_path, tiny_llm_dir) / "bank")
+    first = FeatureBank.load(_infer(tmp_path, tiny_llm_dir, model) / "bank")
 
     # Find the rows RecBole puts in valid/test, with the same config and seed.
-    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir))
+    config = build_config(model, "toy", None, uip_config_dict(tmp_path, tiny_llm_dir))
     init_logger(config)
     dataset, train = build_training_split(config)
     uid, iid = dataset.uid_field, dataset.iid_field
@@ -89,7 +91,7 @@ def test_changing_only_valid_and_test_interactions_leaves_every_id_unchanged(tmp
     assert changed > 0
     inter.write_text("\n".join(lines) + "\n")
 
-    second_target = _infer(tmp_path, tiny_llm_dir)  # the fingerprint changed: this really recomputes
+    second_target = _infer(tmp_path, tiny_llm_dir, model)  # the fingerprint changed: this really recomputes
     second = FeatureBank.load(second_target / "bank")
     assert second.fingerprint != first.fingerprint
     assert second.users == first.users
