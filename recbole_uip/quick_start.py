@@ -345,6 +345,7 @@ def run_recbole_with_config(config, saved: bool = True, model_seed: int | None =
         "model": config["model"],
         "dataset": config["dataset"],
         "saved_model_file": trainer.saved_model_file if saved else None,
+        "epochs_trained": len(trainer.train_loss_dict),   # best epoch + stopping_step + 1 when stopped early
     }
 
 
