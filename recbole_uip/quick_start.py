@@ -133,6 +133,24 @@ def augmented_dir(config, settings: UIPSettings) -> Path:
     return settings.output_dir / name
 
 
+def bank_store(settings: UIPSettings, dataset: str) -> Path:
+    """``<uip_output_dir>/.uip_banks/<dataset>/``: every bank computed for the dataset, one folder per fingerprint.
+
+    ``<dataset>-uip/`` holds the profiles of one split at a time (a CTR model's random split, a sequential model's
+    leave-one-out split, ...); the store keeps the others, so switching back rewrites the files in seconds
+    instead of inferring again.
+    """
+    return settings.output_dir / ".uip_banks" / dataset
+
+
+def _stored_bank(folder: Path, fingerprint: str) -> FeatureBank | None:
+    try:
+        bank = FeatureBank.load(folder)
+    except (BankError, ValueError, OSError):
+        return None
+    return bank if bank.fingerprint == fingerprint else None
+
+
 def _reusable(target: Path, fingerprint: str) -> FeatureBank | None:
     manifest = target / MANIFEST_NAME
     if not manifest.is_file():
@@ -167,10 +185,16 @@ def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
         llm_folder = Path(settings.llm).expanduser()
     identity = model_identity(llm_folder) if llm_folder.is_dir() else settings.llm
     fingerprint, inputs = compute_fingerprint(config, settings, files, identity)
+    stored = bank_store(settings, config["dataset"]) / fingerprint[:16]
     if settings.reuse:
         bank = _reusable(target, fingerprint)
         if bank is not None:
             logger.info(f"UIP: reusing the feature bank in {target} (fingerprint {fingerprint[:12]}).")
+            return target
+        bank = _stored_bank(stored, fingerprint)
+        if bank is not None:  # computed earlier for these inputs (e.g. before a run on another split)
+            write_augmented_dataset(config, settings, files, bank, target)
+            logger.info(f"UIP: reusing the stored feature bank {stored}; augmented dataset rewritten to {target}.")
             return target
 
     start = time.perf_counter()
@@ -196,8 +220,9 @@ def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
             "convergence": {k: v.tolist() for k, v in result.per_user.items()},
         },
     )
+    bank.save(stored)
     write_augmented_dataset(config, settings, files, bank, target)
-    logger.info(f"UIP: profiles inferred in {seconds:.0f}s; augmented dataset written to {target}.")
+    logger.info(f"UIP: profiles inferred in {seconds:.0f}s; augmented dataset written to {target}, bank kept in {stored}.")
     return target
 
 

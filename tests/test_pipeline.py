@@ -134,6 +134,31 @@ def test_bank_is_reused_for_same_inputs_and_recomputed_on_any_change(tmp_path, t
     assert _infer(tmp_path, tiny_llm_dir, uip_reuse=False) == target
 
 
+def test_switching_splits_back_reuses_the_stored_bank_without_the_llm(tmp_path, tiny_llm_dir, monkeypatch):
+    """<dataset>-uip/ holds one split's profiles; the bank store keeps the others, so a DeepFM run after a SASRec
+    run (another split) rewrites the files from the stored bank instead of inferring again."""
+    from recbole_uip.inference.trainer import ProfileInferenceTrainer
+
+    write_dataset(tmp_path / "data")
+    target = _infer(tmp_path, tiny_llm_dir)                           # DeepFM: random split
+    ctr = FeatureBank.load(target / "bank")
+    assert _infer(tmp_path, tiny_llm_dir, "SASRec") == target         # leave-one-out split replaces the folder
+    loo = FeatureBank.load(target / "bank")
+    assert loo.fingerprint != ctr.fingerprint
+
+    def no_inference(self):
+        raise AssertionError("the LLM ran although the bank was stored")
+
+    monkeypatch.setattr(ProfileInferenceTrainer, "fit", no_inference)
+    _infer(tmp_path, tiny_llm_dir)
+    back = FeatureBank.load(target / "bank")
+    assert back.fingerprint == ctr.fingerprint
+    np.testing.assert_array_equal(back.codes, ctr.codes)
+    assert json.loads((target / "uip_manifest.json").read_text())["fingerprint"] == ctr.fingerprint
+    with pytest.raises(AssertionError, match="the LLM ran"):         # a new setting still infers
+        _infer(tmp_path, tiny_llm_dir, uip_codebook_size=4)
+
+
 STOCK_RECBOLE = textwrap.dedent("""
     import sys, warnings
     warnings.filterwarnings("ignore")
