@@ -150,6 +150,17 @@ def test_unsupported_and_native_models():
             with_profiles(model, FIELDS)
 
 
+def test_knowledge_aware_and_unknown_models_get_a_reason():
+    from recbole.model.knowledge_aware_recommender import KGAT
+    from recbole.utils import ModelType
+
+    from recbole_uip.model.fusion import model_support
+
+    with pytest.raises(ProfilesNotSupportedError, match="knowledge-aware models are not covered"):
+        with_profiles(KGAT, FIELDS)
+    assert model_support("MyOwnModel", ModelType.GENERAL).how == UNSUPPORTED
+
+
 def test_derived_class_keeps_the_model_name_and_is_cached():
     from recbole.model.sequential_recommender import SASRec
 

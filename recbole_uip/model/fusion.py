@@ -103,8 +103,9 @@ def model_support(model_name: str, model_type=None) -> ModelSupport:
         return ModelSupport(NATIVE, "embeds every loaded .user token field")
     if model_name in MODEL_SUPPORT:
         return MODEL_SUPPORT[model_name]
-    kind = f" ({model_type.name.lower()} model)" if model_type is not None else ""
-    return ModelSupport(UNSUPPORTED, f"not a RecBole 1.2.1 model that recbole-uip knows{kind}")
+    if model_type == ModelType.KNOWLEDGE:
+        return ModelSupport(UNSUPPORTED, "knowledge-aware models are not covered by profile fusion")
+    return ModelSupport(UNSUPPORTED, "only RecBole 1.2.1's built-in models are classified for profile fusion")
 
 
 def check_model_supports_profiles(config) -> ModelSupport:
