@@ -35,7 +35,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 # One configuration for every model: short sequences and narrow layers, early stopping on validation NDCG@10.
 REDUCED = {
     "MAX_ITEM_LIST_LENGTH": 20, "embedding_size": 32, "hidden_size": 32, "inner_size": 64, "n_layers": 1,
-    "n_heads": 1, "train_batch_size": 1024, "learning_rate": 0.005, "epochs": 40, "stopping_step": 2,
+    "n_heads": 1, "train_batch_size": 1024, "learning_rate": 0.005, "epochs": 60, "stopping_step": 5,
     "eval_step": 1, "metrics": ["NDCG", "Hit"], "topk": [10], "valid_metric": "NDCG@10", "show_progress": False,
 }
 # RecBole's default split for sequential models is the leave-one-out one; checked, not set, so that the bank's
