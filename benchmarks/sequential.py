@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from recbole_uip.__main__ import parse_value  # noqa: E402
 from recbole_uip.config import UIPSettings  # noqa: E402
-from recbole_uip.quick_start import augmented_config, build_config, infer_profiles, run_recbole_with_config  # noqa: E402
+from recbole_uip.quick_start import (  # noqa: E402
+    augmented_config, build_config, check_dataset_files, infer_profiles, run_recbole_with_config, write_augmented_dataset,
+)
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
@@ -42,6 +44,8 @@ REDUCED = {
 # fingerprint matches `python -m recbole_uip infer --model=SASRec --MAX_ITEM_LIST_LENGTH=20`.
 LEAVE_ONE_OUT = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user"}
 METRICS = ("ndcg@10", "hit@10")
+VARIANTS = {"none": "no profiles", "uip": "profiles", "shuffled": "profiles shuffled across users"}
+SHUFFLE_SEED = 12345            # the permutation benchmarks/zoo.py and informativeness.py use
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -71,7 +75,7 @@ def render(runs: list[dict], meta: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     models = list(dict.fromkeys(r["model"] for r in runs))
     for model in models:
-        for variant in ("none", "uip"):
+        for variant in VARIANTS:
             rows = [r for r in runs if r["model"] == model and r["variant"] == variant]
             if not rows:
                 continue
@@ -81,23 +85,27 @@ def render(runs: list[dict], meta: dict) -> str:
                 cells.append(f"{values.mean():.4f} ({values.std(ddof=1) if len(values) > 1 else 0:.4f})")
             seconds = np.mean([r["seconds"] for r in rows])
             epochs = ", ".join(str(r["epochs_trained"]) for r in rows)
-            lines.append(f"| {model} | {'profiles' if variant == 'uip' else 'no profiles'} | {cells[0]} | {cells[1]} | "
+            lines.append(f"| {model} | {VARIANTS[variant]} | {cells[0]} | {cells[1]} | "
                          f"{len(rows)} | {epochs} | {seconds:.0f} |")
-    lines += ["", "Paired over seeds (profiles minus no profiles):", "",
-              "| model | NDCG@10 diff | p (paired t) | Hit@10 diff | p (paired t) |", "|---|---|---|---|---|"]
-    for model in models:
-        by_seed = {}
-        for r in runs:
-            if r["model"] == model:
-                by_seed.setdefault(r["seed"], {})[r["variant"]] = r
-        pairs = [v for v in by_seed.values() if "none" in v and "uip" in v]
-        if not pairs:
-            continue
-        cells = []
-        for metric in METRICS:
-            diff, p = paired([v["uip"][metric] for v in pairs], [v["none"][metric] for v in pairs])
-            cells += [f"{diff:+.4f}", f"{p:.3f}"]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    for reference in ("none", "shuffled"):
+        table = []
+        for model in models:
+            by_seed = {}
+            for r in runs:
+                if r["model"] == model:
+                    by_seed.setdefault(r["seed"], {})[r["variant"]] = r
+            pairs = [v for v in by_seed.values() if reference in v and "uip" in v]
+            if not pairs:
+                continue
+            cells = []
+            for metric in METRICS:
+                diff, p = paired([v["uip"][metric] for v in pairs], [v[reference][metric] for v in pairs])
+                cells += [f"{diff:+.4f}", f"{p:.3f}"]
+            table.append(f"| {model} | {len(pairs)} | " + " | ".join(cells) + " |")
+        if table:
+            lines += ["", f"Paired over seeds (profiles minus {VARIANTS[reference]}):", "",
+                      "| model | pairs | NDCG@10 diff | p (paired t) | Hit@10 diff | p (paired t) |",
+                      "|---|---|---|---|---|---|", *table]
     return "\n".join(lines) + "\n"
 
 
@@ -109,6 +117,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output_dir", default="dataset/loo",
                         help="where the leave-one-out <dataset>-uip copy is written (kept apart from the CTR split's)")
+    parser.add_argument("--variants", default="none,uip",
+                        help="comma-separated: none (no profiles), uip (profiles), shuffled (the same IDs permuted "
+                             "across users: the control)")
     parser.add_argument("--render", action="store_true", help="only rebuild the Markdown from the JSONL")
     args, rest = parser.parse_known_args(argv)
     overrides = {item.lstrip("-").partition("=")[0]: parse_value(item.partition("=")[2]) for item in rest}
@@ -139,12 +150,29 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d"), "overrides": overrides}
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     done = {(r["model"], r["variant"], r["seed"]) for r in load_runs(jsonl)}
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {sorted(VARIANTS)}")
+    shuffled_target = None
+    if "shuffled" in variants:
+        shuffled = FeatureBank(
+            fingerprint=bank.fingerprint + "-shuffled", profiles=bank.profiles, users=bank.users,
+            codes=bank.codes[np.random.default_rng(SHUFFLE_SEED).permutation(len(bank.users))],
+            codebooks=bank.codebooks, no_history_token=bank.no_history_token, metadata={"note": "rows permuted"})
+        shuffled_target = write_augmented_dataset(config, settings, check_dataset_files(config), shuffled,
+                                                  target.parent / f"{args.dataset}-uipshuf")
     for seed in meta["seeds"]:
         for model in models:
             plain = build_config(model, args.dataset, None, {**base, "uip": False})
             fused = augmented_config(build_config(model, args.dataset, None, {**base, "uip": True}), settings, target,
                                      None, {**base, "uip": True})
-            for variant, run_config in (("none", plain), ("uip", fused)):
+            configs = {"none": plain, "uip": fused}
+            if shuffled_target is not None:
+                configs["shuffled"] = augmented_config(build_config(model, args.dataset, None, {**base, "uip": True}),
+                                                       settings, shuffled_target, None, {**base, "uip": True})
+            for variant in variants:
+                run_config = configs[variant]
                 if (model, variant, seed) in done:
                     continue
                 t0 = time.perf_counter()
