@@ -173,6 +173,7 @@ def output_paths(dataset: str, tag: str) -> dict[str, Path]:
     stem = f"zoo_{dataset}{'_' + tag if tag else ''}"
     paths = {ext: RESULTS / f"{stem}.{ext}" for ext in ("jsonl", "md", "csv", "png")}
     paths["notes"] = RESULTS / f"{stem}_notes.md"
+    paths["id_sets"] = RESULTS / f"{stem}_id_sets.json"
     paths["profile_report"] = RESULTS / f"profile_report_{dataset}{'_' + tag if tag else ''}.md"
     return paths
 
@@ -231,6 +232,31 @@ def is_current(folder: Path, fingerprint: str) -> bool:
         return json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
     except (OSError, ValueError):
         return False
+
+
+def partition_granularity(columns) -> dict:
+    """How finely a user-level feature set splits the users: ``columns`` is ``(U, C)`` (one row per user, any
+    hashable values). Returns the number of distinct rows (groups), the entropy of the group sizes in bits, and
+    the largest group's share. Without user_id, a finer partition lets a model learn more per-user bias whatever
+    the values mean, so controls are only comparable at equal granularity (``shuffled`` keeps UIP's exactly)."""
+    rows = ["\x1f".join(map(str, row)) for row in columns]
+    _, counts = np.unique(np.array(rows), return_counts=True)
+    shares = counts / counts.sum()
+    return {"users": len(rows), "groups": int(len(counts)), "entropy_bits": float(-(shares * np.log2(shares)).sum()),
+            "largest_share": float(shares.max())}
+
+
+def id_set_granularity(config, files: dict, bank: FeatureBank, folders: dict[str, Path]) -> dict[str, dict]:
+    """:func:`partition_granularity` of every ID set in ``folders`` and of the dataset's own user features,
+    over the bank's users (those with training history)."""
+    out = {name: partition_granularity(FeatureBank.load(folder / "bank").codes) for name, folder in folders.items()}
+    own = own_user_fields(config)
+    if own and "user" in files:
+        table = read_atomic(files["user"], config["field_separator"], config["encoding"])
+        index = [table.fields.index(f) for f in own]
+        row_of = {row[table.fields.index(config["USER_ID_FIELD"])]: row for row in table.rows}
+        out["own"] = partition_granularity([[row_of.get(u, [""] * len(table.fields))[i] for i in index] for u in bank.users])
+    return out
 
 
 def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, bank: FeatureBank,
@@ -527,9 +553,11 @@ def run_grid(args, overrides: dict, paths: dict, logger) -> None:
             if (signature, m, fs.name, s, seed) not in done]
     logger.info(f"zoo: {len(todo)} runs to do, {len(args.settings) * len(feature_sets) * len(args.models) * len(seeds) - len(todo)} already done "
                 f"(signature {signature})")
+    folders = prepare_id_sets(base, settings, files, target, bank, {fs.id_set for fs in feature_sets}, logger)
+    write_json_atomic(paths["id_sets"], {"signature": signature, "bank": bank.fingerprint[:12],
+                                         "granularity": id_set_granularity(base, files, bank, folders)})
     if not todo:
         return
-    folders = prepare_id_sets(base, settings, files, target, bank, {fs.id_set for fs in feature_sets}, logger)
 
     # The plain run's split (the dataset the users run without --uip): every dataset below must reproduce it.
     plain = build_config(args.models[0], args.dataset, None, {**overrides, **training_keys(args)})
@@ -762,6 +790,7 @@ def render_markdown(records: list[dict], args, paths: dict) -> str:
               "difference against initialisation noise only, not against another split or dataset). Many comparisons "
               "are made: at p < 0.05 about 1 in 20 null comparisons comes out 'significant' by chance."]
     lines += ["", "## Summary", ""] + summary_lines(cells, settings, models)
+    lines += granularity_lines(paths, records)
     if paths["notes"].is_file():
         lines += ["", "## Discussion", "", paths["notes"].read_text(encoding="utf-8").strip()]
     lines += ["", f"![AUC gains]({paths['png'].name})", ""]
@@ -792,6 +821,30 @@ def render_markdown(records: list[dict], args, paths: dict) -> str:
             lines.append(f"| {model} | " + " | ".join(diff_text(compare(cells, setting, model, a, b, "auc"))
                                                       for a, b in COMPARISONS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def granularity_lines(paths: dict, records: list[dict]) -> list[str]:
+    """The table of how finely each ID set splits the users (written by the grid run beside the JSONL)."""
+    try:
+        data = json.loads(paths["id_sets"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if data.get("signature") != records[0]["signature"]:
+        return []
+    lines = ["", "### How finely each feature set splits the users", "",
+             "Computed over the users with training history, from the ID sets this grid used. Without user_id, a "
+             "partition carries per-group bias whatever its values mean, and the finer it is, the closer it comes to "
+             "a user ID: `random` (independent uniform columns) is finer than UIP, so it is not a no-information "
+             "control in the `id_free` setting; `shuffled` has exactly UIP's groups and sizes and is the control "
+             "that isolates what the IDs say about their users.", "",
+             "| feature set | groups (distinct value combinations) | entropy of group sizes (bits) | largest group |",
+             "|---|---|---|---|"]
+    order = ["own", "uip", "shuffled", "random", "kmeans-attr", "kmeans-llm"]
+    for name in sorted(data["granularity"], key=lambda n: order.index(n) if n in order else 99):
+        g = data["granularity"][name]
+        lines.append(f"| {name} | {g['groups']} of {g['users']} users | {g['entropy_bits']:.2f} | "
+                     f"{g['largest_share']:.1%} |")
+    return lines
 
 
 def columns_of(records: list[dict], feature_set: str) -> list[str]:

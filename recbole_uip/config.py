@@ -77,6 +77,7 @@ class UIPSettings:
     behaviour_prefix: str
     item_separator: str
     max_behaviour_tokens: int
+    summary_max_tokens: int
     epochs: int
     batch_size: int
     learning_rate: float
@@ -111,6 +112,8 @@ class UIPSettings:
             "uip_batch_size": self.batch_size,
             "uip_kmeans_iters": self.kmeans_iters,
         }
+        if not isinstance(self.summary_max_tokens, int) or self.summary_max_tokens < 0:
+            raise UIPConfigError(f"'uip_summary_max_tokens' must be an integer >= 0, got {self.summary_max_tokens!r}.")
         for key, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise UIPConfigError(f"'{key}' must be a positive integer, got {value!r}.")
@@ -145,6 +148,10 @@ class UIPSettings:
         data = dataclasses.asdict(self)
         for key in ("enabled", "output_dir", "reuse", "llm_cache_dir", "num_threads", "diagnostics"):
             data.pop(key)
+        if data["summary_max_tokens"] <= data["max_behaviour_tokens"]:
+            # The summaries read the behaviour text itself, as before this key existed: leaving the key out
+            # keeps the fingerprints of banks inferred then valid.
+            data.pop("summary_max_tokens")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
 
     @classmethod
@@ -188,6 +195,7 @@ class UIPSettings:
                 behaviour_prefix=str(get("uip_behaviour_prefix")),
                 item_separator=str(get("uip_item_separator")),
                 max_behaviour_tokens=get("uip_max_behaviour_tokens"),
+                summary_max_tokens=get("uip_summary_max_tokens"),
                 epochs=get("uip_epochs"),
                 batch_size=get("uip_batch_size"),
                 learning_rate=float(get("uip_learning_rate")),

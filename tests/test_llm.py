@@ -141,3 +141,57 @@ def test_trainable_parameters_refuses_an_unfrozen_llm(trainer_parts):
     next(iter(llm.model.parameters())).requires_grad_(True)
     with pytest.raises(AssertionError, match="must stay frozen"):
         ProfileInferenceTrainer(config, settings, llm, corpus, logger).fit()
+
+
+# --------------------------------------------------------------------------------------- longer summaries
+def test_summary_reads_a_longer_stretch_of_the_same_training_history(tmp_path, tiny_llm_dir):
+    """``uip_summary_max_tokens`` lengthens only what the forward-only summary reads: the M-step text is the
+    same, the summary text ends with it and starts with older training items, within its budget."""
+    import torch
+
+    from recbole_uip.config import UIPSettings
+    from recbole_uip.data.behaviour import build_behaviour_corpus
+    from recbole_uip.inference.trainer import ProfileInferenceTrainer
+    from recbole_uip.quick_start import build_config
+
+    write_dataset(tmp_path / "data", n_users=10, n_items=30, per_user=20)
+    llm = load_frozen_llm(str(tiny_llm_dir), CPU, "float32")
+    logger = logging.getLogger("test_llm")
+    corpora, settings_of = {}, {}
+    for budget in (0, 300):
+        config = build_config("DeepFM", "toy", None, uip_config_dict(
+            tmp_path, tiny_llm_dir, uip_max_behaviour_tokens=40, uip_summary_max_tokens=budget))
+        settings_of[budget] = UIPSettings.from_config(config)
+        corpora[budget] = build_behaviour_corpus(config, settings_of[budget], llm.tokenizer, logger)
+    short, long = corpora[0], corpora[300]
+    assert short.summary_token_ids == short.token_ids                       # legacy: the behaviour text itself
+    assert long.users == short.users and long.token_ids == short.token_ids  # the M-step text is unchanged
+    longer = 0
+    for behaviour, summary in zip(long.token_ids, long.summary_token_ids):
+        assert len(summary) <= 300 and summary[len(summary) - len(behaviour):] == behaviour
+        longer += len(summary) > len(behaviour) + 40
+    assert longer == len(long)                                               # every toy user has older items
+
+    # The fingerprint changes with the longer summary, and stays as before the key existed when it is off.
+    assert "summary_max_tokens" not in settings_of[0].fingerprint_dict()
+    assert settings_of[300].fingerprint_dict()["summary_max_tokens"] == 300
+
+    # The summary pass reads those tokens: batched by a token budget, it equals one user at a time.
+    config = build_config("DeepFM", "toy", None, uip_config_dict(
+        tmp_path, tiny_llm_dir, uip_max_behaviour_tokens=40, uip_summary_max_tokens=300))
+    trainer = ProfileInferenceTrainer(config, settings_of[300], llm, long, logger)
+    batched = trainer.summarise(batch_size=32, max_batch_tokens=700)
+    single = trainer.summarise(batch_size=1)
+    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
+    legacy = ProfileInferenceTrainer(config, settings_of[0], llm, short, logger).summarise()
+    assert not torch.allclose(legacy, single, atol=1e-3)
+
+
+def test_negative_summary_budget_is_refused(tmp_path, tiny_llm_dir):
+    from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.quick_start import build_config
+
+    write_dataset(tmp_path / "data")
+    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_summary_max_tokens=-1))
+    with pytest.raises(UIPConfigError, match="uip_summary_max_tokens"):
+        UIPSettings.from_config(config)

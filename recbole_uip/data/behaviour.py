@@ -34,6 +34,9 @@ class BehaviourCorpus:
         items: per user, the raw item tokens written in the text, oldest first.
         users_without_history: raw tokens of users known to the dataset with no training interaction.
         item_count: per user, how many training interactions they have (before the token budget).
+        summary_token_ids: per user, the ids the forward-only summary reads: the most recent items within
+            ``uip_summary_max_tokens`` (a longer stretch of the same training history, ending with
+            ``token_ids``); equal to ``token_ids`` when that budget is 0 or not larger.
     """
 
     users: list[str]
@@ -42,6 +45,11 @@ class BehaviourCorpus:
     items: list[list[str]]
     users_without_history: list[str]
     item_count: list[int]
+    summary_token_ids: list[list[int]] | None = None
+
+    def __post_init__(self):
+        if self.summary_token_ids is None:
+            self.summary_token_ids = self.token_ids
 
     def __len__(self) -> int:
         return len(self.users)
@@ -169,26 +177,39 @@ def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> Behaviou
                 piece_cache[key] = list(ids)
         return piece_cache[key]
 
-    users, token_ids, texts, items, counts = [], [], [], [], []
+    summary_budget = max(settings.summary_max_tokens, settings.max_behaviour_tokens)
+    users, token_ids, texts, items, counts, summary_ids = [], [], [], [], [], []
     missing_items = 0
     boundaries = np.flatnonzero(np.diff(uids[order])) + 1
     for rows in np.split(order, boundaries) if len(order) else []:
         budget = settings.max_behaviour_tokens
-        chosen: list[list[int]] = []
+        chosen: list[list[int]] = []        # the M-step's text: newest items within the behaviour budget
         chosen_items: list[str] = []
-        for row in rows[::-1]:                                   # newest first, until the budget is spent
+        earlier: list[list[int]] = []       # older items that only the summary reads, newest first
+        summary_left = summary_budget
+        for row in rows[::-1]:                                   # newest first, until the budgets are spent
             ids = piece_ids(int(iids[row]), float(ratings[row]) if ratings is not None else 0.0)
             if ids is None:
                 missing_items += 1
                 continue
-            if len(ids) > budget:
+            if budget is not None and len(ids) > budget:
+                budget_was, budget = budget, None                # the behaviour text is complete
                 if not chosen:                                   # one long item: keep its first tokens
-                    chosen.append(ids[:budget])
+                    chosen.append(ids[:budget_was])
                     chosen_items.append(str(item_tokens[iids[row]]))
+                    summary_left -= budget_was
+                    continue
+                if summary_budget == settings.max_behaviour_tokens:
+                    break
+            if len(ids) > summary_left:
                 break
-            chosen.append(ids)
-            chosen_items.append(str(item_tokens[iids[row]]))
-            budget -= len(ids)
+            if budget is not None:
+                chosen.append(ids)
+                chosen_items.append(str(item_tokens[iids[row]]))
+                budget -= len(ids)
+            else:
+                earlier.append(ids)
+            summary_left -= len(ids)
         if not chosen:
             continue
         chosen.reverse()
@@ -196,6 +217,7 @@ def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> Behaviou
         flat = [t for ids in chosen for t in ids]
         users.append(str(user_tokens[uids[rows[0]]]))
         token_ids.append(flat)
+        summary_ids.append([t for ids in earlier[::-1] for t in ids] + flat if earlier else flat)
         texts.append(tokenizer.decode(flat))
         items.append(chosen_items)
         counts.append(len(rows))
@@ -206,8 +228,10 @@ def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> Behaviou
             f"Behaviour text from the training split: {len(users)} users, {sum(map(len, token_ids))} tokens "
             f"(mean {np.mean([len(t) for t in token_ids]) if users else 0:.1f}/user, budget "
             f"{settings.max_behaviour_tokens}), {len(without)} users without training history"
+            + (f"; the summaries read {np.mean([len(t) for t in summary_ids]):.1f} tokens/user (budget "
+               f"{summary_budget})" if summary_budget > settings.max_behaviour_tokens else "")
             + (f", {missing_items} interactions with items missing from .item skipped" if missing_items else "") + "."
         )
     if not users:
         raise BehaviourTextError("No user has a training interaction with a described item: nothing to infer from.")
-    return BehaviourCorpus(users, token_ids, texts, items, without, counts)
+    return BehaviourCorpus(users, token_ids, texts, items, without, counts, summary_ids)

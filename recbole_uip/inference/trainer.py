@@ -86,16 +86,26 @@ class ProfileInferenceTrainer:
 
     # ----------------------------------------------------------------------------------------------- set-up
     @torch.inference_mode()
-    def summarise(self, batch_size: int = 32) -> torch.Tensor:
-        """Forward-only pass: mean hidden state (layer ``uip_summary_layer``) over each user's behaviour tokens,
-        ``(U, H)`` float32."""
+    def summarise(self, batch_size: int = 32, max_batch_tokens: int = 8192) -> torch.Tensor:
+        """Forward-only pass: mean hidden state (layer ``uip_summary_layer``) over each user's summary tokens
+        (``corpus.summary_token_ids``: the behaviour text, or a longer stretch of the training history when
+        ``uip_summary_max_tokens`` asks for one), ``(U, H)`` float32.
+
+        Users are batched longest first, at most ``batch_size`` of them and ``max_batch_tokens`` padded tokens
+        per batch (long histories come a few at a time)."""
         model, pad = self.llm.model, self.llm.tokenizer.pad_token_id
-        lengths = torch.tensor([len(t) for t in self.corpus.token_ids])
-        order = torch.argsort(lengths, descending=True)  # similar lengths together: less padding
+        sequences = self.corpus.summary_token_ids
+        order = sorted(range(len(sequences)), key=lambda u: -len(sequences[u]))  # similar lengths: less padding
+        batches, start = [], 0
+        while start < len(order):
+            width = len(sequences[order[start]])
+            size = max(1, min(batch_size, max_batch_tokens // max(width, 1)))
+            batches.append(order[start : start + size])
+            start += size
         out = torch.zeros(len(self.corpus), self.llm.hidden_size)
         bar = tqdm(total=len(order), desc="UIP summarise", ncols=100, disable=not self.show_progress, leave=False)
-        for users in _batches(order, batch_size):
-            seqs = [self.corpus.token_ids[u] for u in users.tolist()]
+        for users in batches:
+            seqs = [sequences[u] for u in users]
             width = max(map(len, seqs))
             ids = torch.full((len(seqs), width), pad, dtype=torch.long)
             valid = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -104,7 +114,7 @@ class ProfileInferenceTrainer:
                 valid[row, : len(seq)] = 1
             hidden = model(input_ids=ids.to(self.device), attention_mask=valid.to(self.device),
                            output_hidden_states=True, use_cache=False).hidden_states[self.settings.summary_layer].float().cpu()
-            out[users] = (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+            out[torch.tensor(users)] = (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
             bar.update(len(users))
         bar.close()
         return out
