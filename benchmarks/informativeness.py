@@ -8,6 +8,8 @@
    histograms) than random groups of the same sizes? Permutation test, 1000 regroupings.
 4. The same measures for cheap baselines with the same number of IDs: k-means over each user's item-attribute
    histogram (no LLM), and k-means over the LLM's pooled hidden states of the same text (no prompt tuning).
+   How much history a grouping sees matters: the same attribute k-means is also measured over only the items
+   written in the behaviour text (what the M-step's LLM reads), and over each user's N most recent items.
 5. NMI of the IDs with the dataset's own user attributes (when it has them).
 6. DeepFM (early stopping, labeled CTR split): no profiles vs UIP IDs vs the same IDs shuffled across users,
    over several model seeds with the split fixed; AUC and LogLoss on the test set, paired differences.
@@ -52,6 +54,39 @@ def paired_summary(a: list[float], b: list[float]) -> dict:
     p = float(stats.ttest_rel(a, b).pvalue) if len(a) > 1 and diff.std() > 0 else float("nan")
     return {"mean_a": a.mean(), "std_a": a.std(ddof=1) if len(a) > 1 else 0.0, "mean_b": b.mean(),
             "std_b": b.std(ddof=1) if len(b) > 1 else 0.0, "mean_diff": diff.mean(), "p_paired_t": p}
+
+
+def recent_item_incidence(config, dataset, users: list[str], keep) -> np.ndarray:
+    """``(U, I)`` incidence of the training items ``keep(user_row, items_oldest_first)`` returns for each user."""
+    from recbole_uip.data.behaviour import build_training_split
+
+    _, train = build_training_split(config)
+    inter = train.inter_feat
+    user_tokens = dataset.id2token(dataset.uid_field, inter[dataset.uid_field].numpy())
+    items = inter[dataset.iid_field].numpy()
+    times = inter[dataset.time_field].numpy() if dataset.time_field in inter else np.arange(len(items))
+    row_of = {u: r for r, u in enumerate(users)}
+    history: dict[int, list[int]] = {}
+    for k in np.lexsort((np.arange(len(items)), times, user_tokens)):   # per user, oldest first
+        if user_tokens[k] in row_of:
+            history.setdefault(row_of[user_tokens[k]], []).append(int(items[k]))
+    incidence = np.zeros((len(users), dataset.item_num), dtype=np.float32)
+    for row, user_items in history.items():
+        incidence[row, keep(row, user_items)] = 1.0
+    return incidence
+
+
+def behaviour_text_items(config, settings, users: list[str]) -> list[list[str]]:
+    """Per user (rows in ``users`` order), the raw item tokens written in the M-step's behaviour text."""
+    from transformers import AutoTokenizer
+
+    from recbole_uip.data.behaviour import build_behaviour_corpus
+    from recbole_uip.inference.llm import BUNDLED_LLM, convert_bundled_model
+
+    folder = convert_bundled_model(settings.llm_cache_dir) if settings.llm == BUNDLED_LLM else settings.llm
+    corpus = build_behaviour_corpus(config, settings, AutoTokenizer.from_pretrained(str(folder)))
+    items_of = dict(zip(corpus.users, corpus.items))
+    return [items_of.get(u, []) for u in users]
 
 
 def main(argv=None) -> int:
@@ -100,9 +135,23 @@ def main(argv=None) -> int:
 
     groupings = {f"UIP {name}": bank.codes[:, p] for p, name in enumerate(bank.profiles)}
     k = max(settings.codebook_sizes.values())
+    shares = lambda h: h / np.clip(h.sum(1, keepdims=True), 1, None)  # noqa: E731
+    recent_items: dict[str, np.ndarray] = {}
     if attr_hist is not None:
-        groupings[f"k-means over {attr_field} histogram (no LLM)"] = kmeans_ids(
-            attr_hist / np.clip(attr_hist.sum(1, keepdims=True), 1, None), k)
+        groupings[f"k-means over {attr_field} histogram (no LLM)"] = kmeans_ids(shares(attr_hist), k)
+        # The same baseline restricted to what the LLM reads in the M-step, then to the N most recent items.
+        written = behaviour_text_items(config, settings, bank.users)
+        report["behaviour_text_items_per_user"] = float(np.mean([len(w) for w in written]))
+        report["training_items_per_user"] = float(incidence.sum(1).mean())
+        window = np.zeros_like(incidence)
+        for row, tokens in enumerate(written):
+            window[row, dataset.token2id(dataset.iid_field, tokens)] = 1.0
+        assert np.all(window <= incidence), "the behaviour text wrote an item outside the user's training history"
+        groupings[f"k-means over {attr_field} histogram of the behaviour-text items only (no LLM)"] = kmeans_ids(
+            shares(attribute_histogram(window, dataset, attr_field)), k)
+        for n in (10, 20, 40, 80):
+            recent = recent_item_incidence(config, dataset, bank.users, lambda row, items, n=n: items[-n:])
+            recent_items[str(n)] = kmeans_ids(shares(attribute_histogram(recent, dataset, attr_field)), k)
     if bank.summaries is not None:
         groupings["k-means over pooled LLM hidden states (no prompt tuning)"] = kmeans_ids(bank.summaries, k)
     rows = []
@@ -118,6 +167,8 @@ def main(argv=None) -> int:
         rows.append(entry)
         logger.info(f"{name}: items z={item_test.z_score:.1f} p={item_test.p_value:.4f}")
     report["similarity"] = rows
+    report["history_length"] = [
+        {"recent_items": int(n), "items": group_similarity_test(item_sim, ids).z_score} for n, ids in recent_items.items()]
     report["nmi_between_profiles"] = (normalized_mutual_information(bank.codes[:, 0], bank.codes[:, 1])
                                       if len(bank.profiles) > 1 else None)
 
@@ -200,6 +251,14 @@ def render_markdown(report: dict) -> str:
         cells = [f"{row[k]['observed']:.4f} / {row[k]['random_mean']:.4f} ({row[k]['random_std']:.4f}) / "
                  f"{row[k]['z']:.1f} / {row[k]['p_value']:.4f}" for k in keys]
         lines.append(f"| {row['grouping']} | {row['usage']} | {row['perplexity']:.2f} | " + " | ".join(cells) + " |")
+    if report.get("history_length"):
+        lines += ["", f"How much history the attribute k-means needs: the LLM's behaviour text holds "
+                  f"{report['behaviour_text_items_per_user']:.1f} items per user on average, of "
+                  f"{report['training_items_per_user']:.1f} training items. Item-history z of the k-means over the "
+                  f"attribute histogram of each user's N most recent training items:", "",
+                  "| N most recent items | " + " | ".join(str(r["recent_items"]) for r in report["history_length"]) + " |",
+                  "|---|" + "---|" * len(report["history_length"]),
+                  "| items z | " + " | ".join(f"{r['items']:.1f}" for r in report["history_length"]) + " |"]
     if report.get("nmi_between_profiles") is not None:
         lines += ["", f"NMI between the two profiles' IDs: {report['nmi_between_profiles']:.3f}."]
     if report.get("nmi_with_user_attributes"):

@@ -85,6 +85,7 @@ class UIPSettings:
     encoder_learning_rate: float
     shared_learning_rate: float
     commitment_weight: float
+    rating_weight: float
     init_scale: float
     summary_layer: int
     kmeans_iters: int
@@ -127,6 +128,11 @@ class UIPSettings:
                 raise UIPConfigError(f"'{key}' must be positive, got {value!r}.")
         if self.residual_optimizer not in ("sgd", "adam"):
             raise UIPConfigError(f"'uip_residual_optimizer' must be sgd or adam, got {self.residual_optimizer!r}.")
+        if not self.rating_weight > 0:
+            raise UIPConfigError(f"'uip_rating_weight' must be positive, got {self.rating_weight!r}.")
+        if self.rating_weight != 1.0 and not self.rating_template:
+            raise UIPConfigError("'uip_rating_weight' weighs the rating tokens of the behaviour text, but "
+                                 "'uip_rating_template' is empty: there are none. Set a template or leave the weight at 1.")
         if self.commitment_weight < 0:
             raise UIPConfigError(f"'uip_commitment_weight' must be >= 0, got {self.commitment_weight!r}.")
         if self.num_threads < 0:
@@ -152,6 +158,8 @@ class UIPSettings:
             # The summaries read the behaviour text itself, as before this key existed: leaving the key out
             # keeps the fingerprints of banks inferred then valid.
             data.pop("summary_max_tokens")
+        if data["rating_weight"] == 1.0:
+            data.pop("rating_weight")  # the plain NLL, as before this key existed
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
 
     @classmethod
@@ -203,6 +211,7 @@ class UIPSettings:
                 encoder_learning_rate=float(get("uip_encoder_learning_rate")),
                 shared_learning_rate=float(get("uip_shared_learning_rate")),
                 commitment_weight=float(get("uip_commitment_weight")),
+                rating_weight=float(get("uip_rating_weight")),
                 init_scale=float(get("uip_init_scale")),
                 summary_layer=int(get("uip_summary_layer")),
                 kmeans_iters=get("uip_kmeans_iters"),

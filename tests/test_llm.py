@@ -195,3 +195,63 @@ def test_negative_summary_budget_is_refused(tmp_path, tiny_llm_dir):
     config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_summary_max_tokens=-1))
     with pytest.raises(UIPConfigError, match="uip_summary_max_tokens"):
         UIPSettings.from_config(config)
+
+
+# ---------------------------------------------------------------------------------- rating-weighted NLL
+def test_rating_weight_marks_exactly_the_rating_tokens_and_weighs_them_in_the_m_step(tmp_path, tiny_llm_dir):
+    from recbole_uip.config import UIPSettings
+    from recbole_uip.data.behaviour import build_behaviour_corpus
+    from recbole_uip.inference.prompt import collate
+    from recbole_uip.inference.soft_profiles import behaviour_nll
+    from recbole_uip.inference.trainer import ProfileInferenceTrainer
+    from recbole_uip.quick_start import build_config
+
+    write_dataset(tmp_path / "data", n_users=8, n_items=12, per_user=6)
+    llm = load_frozen_llm(str(tiny_llm_dir), CPU, "float32")
+    logger = logging.getLogger("test_llm")
+    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_rating_weight=5.0,
+                                                                   uip_epochs=1, uip_batch_size=4))
+    settings = UIPSettings.from_config(config)
+    assert settings.fingerprint_dict()["rating_weight"] == 5.0
+    corpus = build_behaviour_corpus(config, settings, llm.tokenizer, logger)
+    plain_settings = UIPSettings.from_config(build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir)))
+    assert "rating_weight" not in plain_settings.fingerprint_dict()
+    plain = build_behaviour_corpus(config, plain_settings, llm.tokenizer, logger)
+    assert plain.rating_mask is None and plain.token_ids == corpus.token_ids   # same text either way
+
+    for ids, mask, text in zip(corpus.token_ids, corpus.rating_mask, corpus.texts):
+        assert len(mask) == len(ids)
+        # the marked tokens decode to the rating part of every item: " rated <r>", once per item
+        marked = llm.tokenizer.decode([t for t, m in zip(ids, mask) if m])
+        assert marked.replace(" ", "") == "".join(f"rated{r}" for r in __import__("re").findall(r" rated (\d)", text))
+        assert not all(mask) and any(mask)
+
+    # weights all 1 give the plain NLL; rating weight 5 moves the objective, not the plain NLL
+    layout_trainer = ProfileInferenceTrainer(config, settings, llm, corpus, logger)
+    users = list(range(4))
+    ids = [corpus.token_ids[u] for u in users]
+    soft = torch.randn(4, 2, llm.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
+    ones = collate(layout_trainer.layout, ids, 0, [[1.0] * len(i) for i in ids])
+    p1, w1 = behaviour_nll(llm.model, layout_trainer.layout, ones, soft, weighted=True)
+    torch.testing.assert_close(p1, w1)
+    torch.testing.assert_close(p1, behaviour_nll(llm.model, layout_trainer.layout, collate(layout_trainer.layout, ids, 0), soft))
+    heavy = collate(layout_trainer.layout, ids, 0, [layout_trainer.token_weights[u] for u in users])
+    p5, w5 = behaviour_nll(llm.model, layout_trainer.layout, heavy, soft, weighted=True)
+    torch.testing.assert_close(p5, p1)
+    assert not torch.allclose(w5, p1)
+    result = layout_trainer.fit()
+    assert result.codes.shape == (8, 2)
+
+
+def test_rating_weight_without_ratings_is_refused_clearly(tmp_path, tiny_llm_dir):
+    from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.quick_start import build_config
+
+    write_dataset(tmp_path / "data")
+    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_rating_weight=3.0,
+                                                                   uip_rating_template=""))
+    with pytest.raises(UIPConfigError, match="uip_rating_template"):
+        UIPSettings.from_config(config)
+    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_rating_weight=0))
+    with pytest.raises(UIPConfigError, match="uip_rating_weight"):
+        UIPSettings.from_config(config)

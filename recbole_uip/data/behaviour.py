@@ -37,6 +37,8 @@ class BehaviourCorpus:
         summary_token_ids: per user, the ids the forward-only summary reads: the most recent items within
             ``uip_summary_max_tokens`` (a longer stretch of the same training history, ending with
             ``token_ids``); equal to ``token_ids`` when that budget is 0 or not larger.
+        rating_mask: per user, aligned with ``token_ids``: whether a token writes the item's rating (the
+            ``uip_rating_template`` part); only built when ``uip_rating_weight`` is not 1, else ``None``.
     """
 
     users: list[str]
@@ -46,6 +48,7 @@ class BehaviourCorpus:
     users_without_history: list[str]
     item_count: list[int]
     summary_token_ids: list[list[int]] | None = None
+    rating_mask: list[list[bool]] | None = None
 
     def __post_init__(self):
         if self.summary_token_ids is None:
@@ -163,6 +166,14 @@ def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> Behaviou
     item_tokens = dataset.field2id_token[iid_field]
     user_tokens = dataset.field2id_token[uid_field]
     piece_cache: dict[tuple[int, float], list[int] | None] = {}
+    flag_cache: dict[tuple[int, float], list[bool]] = {}
+    mark_ratings = settings.rating_weight != 1.0
+    if mark_ratings and not has_rating:
+        raise BehaviourTextError(
+            f"'uip_rating_weight' weighs the rating tokens, but the training interactions have no rating field "
+            f"'{rating_field}' (fields: {', '.join(inter.columns)}). Leave uip_rating_weight at 1.")
+    if mark_ratings and not getattr(tokenizer, "is_fast", False):
+        raise BehaviourTextError("'uip_rating_weight' needs a fast tokenizer (character offsets) to find the rating tokens.")
 
     def piece_ids(item_id: int, rating: float) -> list[int] | None:
         key = (item_id, rating)
@@ -171,20 +182,26 @@ def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> Behaviou
             if text is None:
                 piece_cache[key] = None
             else:
+                head = " " + text
                 if ratings is not None:
                     text += settings.rating_template.format(rating=rating)
-                ids = tokenizer(" " + text + settings.item_separator, add_special_tokens=False)["input_ids"]
-                piece_cache[key] = list(ids)
+                encoded = tokenizer(" " + text + settings.item_separator, add_special_tokens=False,
+                                    return_offsets_mapping=mark_ratings)
+                piece_cache[key] = list(encoded["input_ids"])
+                if mark_ratings:  # tokens overlapping the characters the rating template wrote
+                    end = len(" " + text)
+                    flag_cache[key] = [start < end and stop > len(head) for start, stop in encoded["offset_mapping"]]
         return piece_cache[key]
 
     summary_budget = max(settings.summary_max_tokens, settings.max_behaviour_tokens)
-    users, token_ids, texts, items, counts, summary_ids = [], [], [], [], [], []
+    users, token_ids, texts, items, counts, summary_ids, rating_mask = [], [], [], [], [], [], []
     missing_items = 0
     boundaries = np.flatnonzero(np.diff(uids[order])) + 1
     for rows in np.split(order, boundaries) if len(order) else []:
         budget = settings.max_behaviour_tokens
         chosen: list[list[int]] = []        # the M-step's text: newest items within the behaviour budget
         chosen_items: list[str] = []
+        chosen_keys: list[tuple[int, float, int]] = []   # (item, rating, tokens kept): to look up rating flags
         earlier: list[list[int]] = []       # older items that only the summary reads, newest first
         summary_left = summary_budget
         for row in rows[::-1]:                                   # newest first, until the budgets are spent
@@ -197,6 +214,7 @@ def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> Behaviou
                 if not chosen:                                   # one long item: keep its first tokens
                     chosen.append(ids[:budget_was])
                     chosen_items.append(str(item_tokens[iids[row]]))
+                    chosen_keys.append((int(iids[row]), float(ratings[row]) if ratings is not None else 0.0, budget_was))
                     summary_left -= budget_was
                     continue
                 if summary_budget == settings.max_behaviour_tokens:
@@ -206,6 +224,7 @@ def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> Behaviou
             if budget is not None:
                 chosen.append(ids)
                 chosen_items.append(str(item_tokens[iids[row]]))
+                chosen_keys.append((int(iids[row]), float(ratings[row]) if ratings is not None else 0.0, len(ids)))
                 budget -= len(ids)
             else:
                 earlier.append(ids)
@@ -214,6 +233,9 @@ def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> Behaviou
             continue
         chosen.reverse()
         chosen_items.reverse()
+        chosen_keys.reverse()
+        if mark_ratings:
+            rating_mask.append([flag for item, rating, kept in chosen_keys for flag in flag_cache[(item, rating)][:kept]])
         flat = [t for ids in chosen for t in ids]
         users.append(str(user_tokens[uids[rows[0]]]))
         token_ids.append(flat)
@@ -234,4 +256,5 @@ def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> Behaviou
         )
     if not users:
         raise BehaviourTextError("No user has a training interaction with a described item: nothing to infer from.")
-    return BehaviourCorpus(users, token_ids, texts, items, without, counts, summary_ids)
+    return BehaviourCorpus(users, token_ids, texts, items, without, counts, summary_ids,
+                            rating_mask if mark_ratings else None)

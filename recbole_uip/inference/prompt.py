@@ -120,16 +120,21 @@ class PromptBatch:
             (the usual causal shift happens in the loss: position ``t-1`` predicts ``labels[t]``).
         allowed: BoolTensor ``(B, L, L)``; the attention pattern of :func:`allowed_attention`.
         behaviour_lengths: LongTensor ``(B,)``.
+        weights: optional float ``(B, L)``; the weight of each behaviour token in the loss (0 elsewhere);
+            ``None``: every behaviour token counts once.
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     allowed: torch.Tensor
     behaviour_lengths: torch.Tensor
+    weights: torch.Tensor | None = None
 
 
-def collate(layout: PromptLayout, behaviour_ids: Sequence[Sequence[int]], pad_id: int) -> PromptBatch:
-    """Assemble prompts for a batch of users from their behaviour token ids."""
+def collate(layout: PromptLayout, behaviour_ids: Sequence[Sequence[int]], pad_id: int,
+            behaviour_weights: Sequence[Sequence[float]] | None = None) -> PromptBatch:
+    """Assemble prompts for a batch of users from their behaviour token ids (and, optionally, per-token loss
+    weights aligned with them)."""
     lengths = torch.tensor([len(ids) for ids in behaviour_ids], dtype=torch.long)
     if (lengths == 0).any():
         raise ValueError("Every user in a batch needs at least one behaviour token.")
@@ -142,4 +147,11 @@ def collate(layout: PromptLayout, behaviour_ids: Sequence[Sequence[int]], pad_id
         ids = torch.as_tensor(list(ids), dtype=torch.long)
         input_ids[row, lp : lp + len(ids)] = ids
         labels[row, lp : lp + len(ids)] = ids
-    return PromptBatch(input_ids, labels, allowed_attention(layout, lengths, total), lengths)
+    weights = None
+    if behaviour_weights is not None:
+        weights = torch.zeros(input_ids.shape, dtype=torch.float32)
+        for row, (ids, w) in enumerate(zip(behaviour_ids, behaviour_weights)):
+            if len(w) != len(ids):
+                raise ValueError(f"User {row}: {len(w)} weights for {len(ids)} behaviour tokens.")
+            weights[row, lp : lp + len(ids)] = torch.as_tensor(list(w), dtype=torch.float32)
+    return PromptBatch(input_ids, labels, allowed_attention(layout, lengths, total), lengths, weights)

@@ -140,16 +140,19 @@ class RowSGD:
         return {}
 
 
-def behaviour_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor) -> torch.Tensor:
+def behaviour_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor,
+                  weighted: bool = False) -> torch.Tensor:
     """Per-user mean NLL (nats/token) of the behaviour tokens given the soft tokens.
 
     Args:
         llm_model: the frozen causal LM.
         batch: prompts of ``B`` users (input ids ``(B, L)``).
         soft_tokens: ``(B, P, D)`` float; placed at ``layout.soft_positions``.
+        weighted: with ``batch.weights``, also return the weighted mean ``sum_t w_t nll_t / sum_t w_t``.
 
     Returns:
-        ``(B,)`` NLL per user; differentiable with respect to ``soft_tokens`` only.
+        ``(B,)`` NLL per user (every behaviour token counts once); with ``weighted``, the pair
+        ``(plain, weighted)``. Differentiable with respect to ``soft_tokens`` only.
     """
     embedding = llm_model.get_input_embeddings()
     device, dtype = embedding.weight.device, embedding.weight.dtype
@@ -167,4 +170,10 @@ def behaviour_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch
         ignore_index=IGNORE_INDEX, reduction="none",
     ).view(shifted_labels.shape)
     counts = (shifted_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    return token_nll.sum(dim=1) / counts
+    plain = token_nll.sum(dim=1) / counts
+    if not weighted:
+        return plain
+    if batch.weights is None:
+        return plain, plain
+    weights = batch.weights[:, 1:].to(token_nll.device)
+    return plain, (token_nll * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-12)

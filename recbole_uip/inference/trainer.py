@@ -82,6 +82,14 @@ class ProfileInferenceTrainer:
         self.soft: SoftProfiles | None = None
         self.codebooks = [ProfileCodebook(settings.codebook_sizes[name], llm.hidden_size) for name in settings.profiles]
         self.assignments: torch.Tensor | None = None  # (U, P)
+        # Departure from the paper (opt-in, uip_rating_weight): the tokens that write a rating weigh more in the
+        # M-step loss, so the soft tokens learn how the user rates, not only which titles they watch. The
+        # logged NLL stays the plain one, comparable across settings.
+        self.token_weights: list[list[float]] | None = None
+        if settings.rating_weight != 1.0:
+            if corpus.rating_mask is None:
+                raise ValueError("uip_rating_weight needs the rating tokens of the behaviour text (corpus.rating_mask).")
+            self.token_weights = [[settings.rating_weight if flag else 1.0 for flag in mask] for mask in corpus.rating_mask]
         self.history: list[dict] = []
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -188,11 +196,13 @@ class ProfileInferenceTrainer:
 
     def train_batch(self, users: torch.Tensor, scales: list[float], encoder_opt, residual_opt) -> torch.Tensor:
         """One M-step update for ``users`` (LongTensor ``(B,)``); returns their NLL ``(B,)`` before the update."""
-        batch = collate(self.layout, [self.corpus.token_ids[u] for u in users.tolist()], self.llm.tokenizer.pad_token_id)
+        rows = users.tolist()
+        weights = None if self.token_weights is None else [self.token_weights[u] for u in rows]
+        batch = collate(self.layout, [self.corpus.token_ids[u] for u in rows], self.llm.tokenizer.pad_token_id, weights)
         users_dev = users.to(self.device)
         soft_tokens = self.soft(users_dev)                                   # (B, P, D)
-        nll = behaviour_nll(self.llm.model, self.layout, batch, soft_tokens)  # (B,)
-        loss = nll.mean()
+        nll, objective = behaviour_nll(self.llm.model, self.layout, batch, soft_tokens, weighted=True)  # (B,) each
+        loss = objective.mean()
         beta = self.settings.commitment_weight
         if beta > 0:
             offsets = self.soft.offsets(users_dev)
