@@ -10,7 +10,8 @@
    histogram (no LLM), and k-means over the LLM's pooled hidden states of the same text (no prompt tuning).
    How much history a grouping sees matters: the same attribute k-means is also measured over only the items
    written in the behaviour text (what the M-step's LLM reads), and over each user's N most recent items.
-5. NMI of the IDs with the dataset's own user attributes (when it has them).
+5. NMI of the IDs with the dataset's own user attributes (when it has them), and how much of the users' mean
+   training rating each grouping explains (a ridge probe measures it on the continuous summaries and offsets).
 6. DeepFM (early stopping, labeled CTR split): no profiles vs UIP IDs vs the same IDs shuffled across users,
    over several model seeds with the split fixed; AUC and LogLoss on the test set, paired differences.
 
@@ -87,6 +88,45 @@ def behaviour_text_items(config, settings, users: list[str]) -> list[list[str]]:
     corpus = build_behaviour_corpus(config, settings, AutoTokenizer.from_pretrained(str(folder)))
     items_of = dict(zip(corpus.users, corpus.items))
     return [items_of.get(u, []) for u in users]
+
+
+def user_mean_rating(config, dataset, users: list[str]) -> np.ndarray | None:
+    """``(U,)`` each user's mean rating over the training split (``None`` without a rating field)."""
+    from recbole_uip.data.behaviour import build_training_split
+
+    rating_field = config["RATING_FIELD"]
+    _, train = build_training_split(config)
+    if rating_field not in train.inter_feat:
+        return None
+    user_tokens = dataset.id2token(dataset.uid_field, train.inter_feat[dataset.uid_field].numpy())
+    ratings = train.inter_feat[rating_field].numpy().astype(np.float64)
+    row_of = {u: r for r, u in enumerate(users)}
+    total, count = np.zeros(len(users)), np.zeros(len(users))
+    for user, rating in zip(user_tokens, ratings):
+        if user in row_of:
+            total[row_of[user]] += rating
+            count[row_of[user]] += 1
+    return total / np.clip(count, 1, None)
+
+
+def explained_variance(values: np.ndarray, groups: np.ndarray) -> float:
+    """Share of the variance of ``values (U,)`` explained by the group means of ``groups (U,)`` (eta squared)."""
+    total = ((values - values.mean()) ** 2).sum()
+    within = sum(((values[groups == g] - values[groups == g].mean()) ** 2).sum() for g in np.unique(groups))
+    return float(1 - within / total)
+
+
+def ridge_heldout_r2(vectors: np.ndarray, target: np.ndarray, alpha: float = 100.0, seed: int = 0) -> float:
+    """Held-out R^2 of a ridge regression from standardised ``vectors (U, ...)`` to ``target (U,)``: trained on
+    a random 75% of the users (seed 0), scored on the rest."""
+    x = vectors.reshape(len(vectors), -1).astype(np.float64)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    order = np.random.default_rng(seed).permutation(len(x))
+    train, test = order[: int(0.75 * len(x))], order[int(0.75 * len(x)):]
+    offset = target[train].mean()
+    weights = np.linalg.solve(x[train].T @ x[train] + alpha * np.eye(x.shape[1]), x[train].T @ (target[train] - offset))
+    residual = target[test] - (x[test] @ weights + offset)
+    return float(1 - (residual ** 2).sum() / ((target[test] - target[test].mean()) ** 2).sum())
 
 
 def main(argv=None) -> int:
@@ -171,6 +211,18 @@ def main(argv=None) -> int:
         {"recent_items": int(n), "items": group_similarity_test(item_sim, ids).z_score} for n, ids in recent_items.items()]
     report["nmi_between_profiles"] = (normalized_mutual_information(bank.codes[:, 0], bank.codes[:, 1])
                                       if len(bank.profiles) > 1 else None)
+
+    # --- rating behaviour: does a grouping / a representation know how the user rates? -----------------------
+    mean_rating = user_mean_rating(config, dataset, bank.users)
+    if mean_rating is not None:
+        report["rating"] = {
+            "explained_by_grouping": {name: explained_variance(mean_rating, ids) for name, ids in groupings.items()},
+            "explained_by_random_groups": float(np.mean([explained_variance(
+                mean_rating, np.random.default_rng(seed).permutation(bank.codes[:, 0])) for seed in range(20)])),
+            "ridge_r2": {name: ridge_heldout_r2(vectors, mean_rating) for name, vectors in
+                         {"LLM summaries z": bank.summaries, "soft-token offsets": bank.offsets}.items()
+                         if vectors is not None},
+        }
 
     # --- NMI with the dataset's own user attributes ---------------------------------------------------------
     if "user" in files:
@@ -259,6 +311,17 @@ def render_markdown(report: dict) -> str:
                   "| N most recent items | " + " | ".join(str(r["recent_items"]) for r in report["history_length"]) + " |",
                   "|---|" + "---|" * len(report["history_length"]),
                   "| items z | " + " | ".join(f"{r['items']:.1f}" for r in report["history_length"]) + " |"]
+    if report.get("rating"):
+        rating = report["rating"]
+        lines += ["", "## Does it know how the user rates?", "",
+                  "Share of the variance of the users' mean training rating explained by each grouping (eta squared; "
+                  f"random groups with the first profile's sizes: {rating['explained_by_random_groups']:.3f}, mean "
+                  "of 20), and the held-out R^2 of a ridge regression (alpha 100, 75% of users to fit) from the "
+                  "continuous representations.", "",
+                  "| grouping | variance of mean rating explained |", "|---|---|"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in rating["explained_by_grouping"].items()]
+        lines += ["", "| representation | ridge held-out R^2 |", "|---|---|"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in rating["ridge_r2"].items()]
     if report.get("nmi_between_profiles") is not None:
         lines += ["", f"NMI between the two profiles' IDs: {report['nmi_between_profiles']:.3f}."]
     if report.get("nmi_with_user_attributes"):
