@@ -149,6 +149,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--report_only", action="store_true", help="only write the profile report")
     parser.add_argument("--tag", default="", help="suffix of every output file name (for variants)")
     args, rest = parser.parse_known_args(argv)
+    args.argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--render")]
     overrides = {}
     for item in rest:
         if not item.startswith("--") or "=" not in item:
@@ -173,7 +174,7 @@ def output_paths(dataset: str, tag: str) -> dict[str, Path]:
     stem = f"zoo_{dataset}{'_' + tag if tag else ''}"
     paths = {ext: RESULTS / f"{stem}.{ext}" for ext in ("jsonl", "md", "csv", "png")}
     paths["notes"] = RESULTS / f"{stem}_notes.md"
-    paths["id_sets"] = RESULTS / f"{stem}_id_sets.json"
+    paths["meta"] = RESULTS / f"{stem}.meta.json"  # the command line and the ID sets' granularity
     paths["profile_report"] = RESULTS / f"profile_report_{dataset}{'_' + tag if tag else ''}.md"
     return paths
 
@@ -554,8 +555,9 @@ def run_grid(args, overrides: dict, paths: dict, logger) -> None:
     logger.info(f"zoo: {len(todo)} runs to do, {len(args.settings) * len(feature_sets) * len(args.models) * len(seeds) - len(todo)} already done "
                 f"(signature {signature})")
     folders = prepare_id_sets(base, settings, files, target, bank, {fs.id_set for fs in feature_sets}, logger)
-    write_json_atomic(paths["id_sets"], {"signature": signature, "bank": bank.fingerprint[:12],
-                                         "granularity": id_set_granularity(base, files, bank, folders)})
+    write_json_atomic(paths["meta"], {"signature": signature, "bank": bank.fingerprint[:12],
+                                      "command": "python benchmarks/zoo.py " + " ".join(args.argv),
+                                      "granularity": id_set_granularity(base, files, bank, folders)})
     if not todo:
         return
 
@@ -755,8 +757,10 @@ def render_markdown(records: list[dict], args, paths: dict) -> str:
     last = max(r["finished_at"] for r in records)
     command = [("dataset", r0["dataset"]), ("models", ",".join(models)), ("seeds", len({r["seed"] for r in records}))]
     command += [(k, r0[k]) for k, v in TRAINING_DEFAULTS.items() if r0.get(k) != v]
+    produced_by = grid_meta(paths, records).get("command") or (
+        "python benchmarks/zoo.py " + " ".join(f"--{k}={v}" for k, v in command))
     lines = [f"# Model zoo on {r0['dataset']}: profiles vs controls and cheap baselines", "",
-             "Produced by `python benchmarks/zoo.py " + " ".join(f"--{k}={v}" for k, v in command) + "` "
+             f"Produced by `{produced_by}` "
              f"(`--render` rebuilds this file from `{paths['jsonl'].name}`).", "", "## Configuration", ""]
     lines += [f"- **Dataset and split**: {r0['dataset']}, RecBole 1.2.1 context-aware defaults: labeled mode, rating "
               "threshold from the dataset presets (ml-100k: label = rating >= 4), random 8:1:1 split (RS, RO) with the "
@@ -823,13 +827,19 @@ def render_markdown(records: list[dict], args, paths: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grid_meta(paths: dict, records: list[dict]) -> dict:
+    """What the grid run wrote beside the JSONL (command line, ID-set granularity), if it matches the records."""
+    try:
+        data = json.loads(paths["meta"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if data.get("signature") == records[0]["signature"] else {}
+
+
 def granularity_lines(paths: dict, records: list[dict]) -> list[str]:
     """The table of how finely each ID set splits the users (written by the grid run beside the JSONL)."""
-    try:
-        data = json.loads(paths["id_sets"].read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    if data.get("signature") != records[0]["signature"]:
+    data = grid_meta(paths, records)
+    if not data.get("granularity"):
         return []
     lines = ["", "### How finely each feature set splits the users", "",
              "Computed over the users with training history, from the ID sets this grid used. Without user_id, a "
