@@ -141,7 +141,7 @@ class RowSGD:
 
 
 def behaviour_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor,
-                  weighted: bool = False) -> torch.Tensor:
+                  weighted: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-user mean NLL (nats/token) of the behaviour tokens given the soft tokens.
 
     Args:

@@ -103,7 +103,8 @@ class ProfileInferenceTrainer:
         per batch (long histories come a few at a time)."""
         model, pad = self.llm.model, self.llm.tokenizer.pad_token_id
         sequences = self.corpus.summary_token_ids
-        order = sorted(range(len(sequences)), key=lambda u: -len(sequences[u]))  # similar lengths: less padding
+        lengths = torch.tensor([len(t) for t in sequences])
+        order = torch.argsort(lengths, descending=True).tolist()  # similar lengths together: less padding
         batches, start = [], 0
         while start < len(order):
             width = len(sequences[order[start]])
