@@ -844,9 +844,9 @@ def granularity_lines(paths: dict, records: list[dict]) -> list[str]:
     lines = ["", "### How finely each feature set splits the users", "",
              "Computed over the users with training history, from the ID sets this grid used. Without user_id, a "
              "partition carries per-group bias whatever its values mean, and the finer it is, the closer it comes to "
-             "a user ID: `random` (independent uniform columns) is finer than UIP, so it is not a no-information "
-             "control in the `id_free` setting; `shuffled` has exactly UIP's groups and sizes and is the control "
-             "that isolates what the IDs say about their users.", "",
+             "a user ID. So `random` (independent uniform columns, usually finer than UIP; compare the rows below) is "
+             "not a no-information control in the `id_free` setting; `shuffled` has exactly UIP's groups and sizes "
+             "and is the control that isolates what the IDs say about their users.", "",
              "| feature set | groups (distinct value combinations) | entropy of group sizes (bits) | largest group |",
              "|---|---|---|---|"]
     order = ["own", "uip", "shuffled", "random", "kmeans-attr", "kmeans-llm"]
