@@ -40,7 +40,8 @@ from recbole_uip.quick_start import (  # noqa: E402
     augmented_config, build_config, check_dataset_files, infer_profiles, run_recbole_with_config, write_augmented_dataset,
 )
 from recbole_uip.report import (  # noqa: E402
-    attribute_histogram, cosine_matrix, group_similarity_test, kmeans_ids, normalized_mutual_information, training_histories,
+    attribute_histogram, attribute_shares, cosine_matrix, group_similarity_test, item_attribute_field, kmeans_ids,
+    normalized_mutual_information, training_histories,
 )
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -57,8 +58,9 @@ def paired_summary(a: list[float], b: list[float]) -> dict:
             "std_b": b.std(ddof=1) if len(b) > 1 else 0.0, "mean_diff": diff.mean(), "p_paired_t": p}
 
 
-def recent_item_incidence(config, dataset, users: list[str], keep) -> np.ndarray:
-    """``(U, I)`` incidence of the training items ``keep(user_row, items_oldest_first)`` returns for each user."""
+def training_sequences(config, dataset, users: list[str]) -> tuple[list[list[int]], np.ndarray | None]:
+    """One pass over the training split: per user (rows in ``users`` order) the item ids, oldest first, and
+    ``(U,)`` the user's mean rating (``None`` without a rating field)."""
     from recbole_uip.data.behaviour import build_training_split
 
     _, train = build_training_split(config)
@@ -66,14 +68,26 @@ def recent_item_incidence(config, dataset, users: list[str], keep) -> np.ndarray
     user_tokens = dataset.id2token(dataset.uid_field, inter[dataset.uid_field].numpy())
     items = inter[dataset.iid_field].numpy()
     times = inter[dataset.time_field].numpy() if dataset.time_field in inter else np.arange(len(items))
+    rating_field = config["RATING_FIELD"]
+    ratings = inter[rating_field].numpy().astype(np.float64) if rating_field in inter else None
     row_of = {u: r for r, u in enumerate(users)}
-    history: dict[int, list[int]] = {}
+    sequences: list[list[int]] = [[] for _ in users]
+    total, count = np.zeros(len(users)), np.zeros(len(users))
     for k in np.lexsort((np.arange(len(items)), times, user_tokens)):   # per user, oldest first
-        if user_tokens[k] in row_of:
-            history.setdefault(row_of[user_tokens[k]], []).append(int(items[k]))
-    incidence = np.zeros((len(users), dataset.item_num), dtype=np.float32)
-    for row, user_items in history.items():
-        incidence[row, keep(row, user_items)] = 1.0
+        row = row_of.get(user_tokens[k])
+        if row is not None:
+            sequences[row].append(int(items[k]))
+            count[row] += 1
+            if ratings is not None:
+                total[row] += ratings[k]
+    return sequences, (total / np.clip(count, 1, None) if ratings is not None else None)
+
+
+def incidence_of(item_lists: list[list[int]], num_items: int) -> np.ndarray:
+    """``(U, I)`` 0/1 incidence of per-user item id lists."""
+    incidence = np.zeros((len(item_lists), num_items), dtype=np.float32)
+    for row, item_ids in enumerate(item_lists):
+        incidence[row, item_ids] = 1.0
     return incidence
 
 
@@ -88,25 +102,6 @@ def behaviour_text_items(config, settings, users: list[str]) -> list[list[str]]:
     corpus = build_behaviour_corpus(config, settings, AutoTokenizer.from_pretrained(str(folder)))
     items_of = dict(zip(corpus.users, corpus.items))
     return [items_of.get(u, []) for u in users]
-
-
-def user_mean_rating(config, dataset, users: list[str]) -> np.ndarray | None:
-    """``(U,)`` each user's mean rating over the training split (``None`` without a rating field)."""
-    from recbole_uip.data.behaviour import build_training_split
-
-    rating_field = config["RATING_FIELD"]
-    _, train = build_training_split(config)
-    if rating_field not in train.inter_feat:
-        return None
-    user_tokens = dataset.id2token(dataset.uid_field, train.inter_feat[dataset.uid_field].numpy())
-    ratings = train.inter_feat[rating_field].numpy().astype(np.float64)
-    row_of = {u: r for r, u in enumerate(users)}
-    total, count = np.zeros(len(users)), np.zeros(len(users))
-    for user, rating in zip(user_tokens, ratings):
-        if user in row_of:
-            total[row_of[user]] += rating
-            count[row_of[user]] += 1
-    return total / np.clip(count, 1, None)
 
 
 def explained_variance(values: np.ndarray, groups: np.ndarray) -> float:
@@ -167,31 +162,27 @@ def main(argv=None) -> int:
     # --- history similarity ------------------------------------------------------------------------------
     incidence, dataset = training_histories(config, bank.users)
     item_sim = cosine_matrix(incidence)
-    hist_fields = [f for f in (settings.item_text_fields or []) if f in dataset.item_feat and
-                   dataset.field2type[f].value.startswith("token")]
-    attr_field = next((f for f in hist_fields if f != (settings.item_text_fields or [None])[0]), None)
+    attr_field = item_attribute_field(dataset, settings.item_text_fields)
     attr_hist = attribute_histogram(incidence, dataset, attr_field) if attr_field else None
-    attr_sim = cosine_matrix(attr_hist / np.clip(attr_hist.sum(1, keepdims=True), 1, None)) if attr_hist is not None else None
+    attr_sim = cosine_matrix(attribute_shares(attr_hist)) if attr_hist is not None else None
+    sequences, mean_rating = training_sequences(config, dataset, bank.users)
 
     groupings = {f"UIP {name}": bank.codes[:, p] for p, name in enumerate(bank.profiles)}
     k = max(settings.codebook_sizes.values())
-    shares = lambda h: h / np.clip(h.sum(1, keepdims=True), 1, None)  # noqa: E731
     recent_items: dict[str, np.ndarray] = {}
     if attr_hist is not None:
-        groupings[f"k-means over {attr_field} histogram (no LLM)"] = kmeans_ids(shares(attr_hist), k)
+        groupings[f"k-means over {attr_field} histogram (no LLM)"] = kmeans_ids(attribute_shares(attr_hist), k)
         # The same baseline restricted to what the LLM reads in the M-step, then to the N most recent items.
         written = behaviour_text_items(config, settings, bank.users)
         report["behaviour_text_items_per_user"] = float(np.mean([len(w) for w in written]))
         report["training_items_per_user"] = float(incidence.sum(1).mean())
-        window = np.zeros_like(incidence)
-        for row, tokens in enumerate(written):
-            window[row, dataset.token2id(dataset.iid_field, tokens)] = 1.0
+        window = incidence_of([list(dataset.token2id(dataset.iid_field, tokens)) for tokens in written], dataset.item_num)
         assert np.all(window <= incidence), "the behaviour text wrote an item outside the user's training history"
         groupings[f"k-means over {attr_field} histogram of the behaviour-text items only (no LLM)"] = kmeans_ids(
-            shares(attribute_histogram(window, dataset, attr_field)), k)
+            attribute_shares(attribute_histogram(window, dataset, attr_field)), k)
         for n in (10, 20, 40, 80):
-            recent = recent_item_incidence(config, dataset, bank.users, lambda row, items, n=n: items[-n:])
-            recent_items[str(n)] = kmeans_ids(shares(attribute_histogram(recent, dataset, attr_field)), k)
+            recent = incidence_of([items[-n:] for items in sequences], dataset.item_num)
+            recent_items[str(n)] = kmeans_ids(attribute_shares(attribute_histogram(recent, dataset, attr_field)), k)
     if bank.summaries is not None:
         groupings["k-means over pooled LLM hidden states (no prompt tuning)"] = kmeans_ids(bank.summaries, k)
     rows = []
@@ -213,7 +204,6 @@ def main(argv=None) -> int:
                                       if len(bank.profiles) > 1 else None)
 
     # --- rating behaviour: does a grouping / a representation know how the user rates? -----------------------
-    mean_rating = user_mean_rating(config, dataset, bank.users)
     if mean_rating is not None:
         report["rating"] = {
             "explained_by_grouping": {name: explained_variance(mean_rating, ids) for name, ids in groupings.items()},

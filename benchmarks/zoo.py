@@ -73,7 +73,8 @@ from recbole_uip.quick_start import (  # noqa: E402
 )
 from recbole_uip.model.fusion import model_class_for_run  # noqa: E402
 from recbole_uip.report import (  # noqa: E402
-    attribute_histogram, item_attribute_field, kmeans_ids, profile_report, render_profile_report, training_histories,
+    attribute_histogram, attribute_shares, item_attribute_field, kmeans_ids, profile_report, render_profile_report,
+    training_histories,
 )
 from recbole_uip.utils import sha256_json, write_json_atomic  # noqa: E402
 
@@ -223,7 +224,7 @@ def attribute_vectors(config, settings: UIPSettings, bank: FeatureBank) -> tuple
     if field is None:
         raise ValueError(f"{config['dataset']}: no token item field besides the title for the kmeans-attr baseline.")
     histogram = attribute_histogram(incidence, dataset, field)
-    return histogram / np.clip(histogram.sum(1, keepdims=True), 1, None), field
+    return attribute_shares(histogram), field
 
 
 def is_current(folder: Path, fingerprint: str) -> bool:

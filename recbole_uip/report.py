@@ -112,6 +112,11 @@ def attribute_histogram(incidence: np.ndarray, dataset, field: str) -> np.ndarra
     return incidence @ item_hist
 
 
+def attribute_shares(histogram: np.ndarray) -> np.ndarray:
+    """``(U, V)``: each row of an attribute histogram as shares of that user's attribute mentions."""
+    return histogram / np.clip(histogram.sum(1, keepdims=True), 1, None)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Profile report: what does each ID mean? (code usage, agreement with user attributes, typical items/attributes)
 # --------------------------------------------------------------------------------------------------------------

@@ -205,7 +205,8 @@ def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> Behaviou
         earlier: list[list[int]] = []       # older items that only the summary reads, newest first
         summary_left = summary_budget
         for row in rows[::-1]:                                   # newest first, until the budgets are spent
-            ids = piece_ids(int(iids[row]), float(ratings[row]) if ratings is not None else 0.0)
+            item, rating = int(iids[row]), float(ratings[row]) if ratings is not None else 0.0
+            ids = piece_ids(item, rating)
             if ids is None:
                 missing_items += 1
                 continue
@@ -213,8 +214,8 @@ def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> Behaviou
                 budget_was, budget = budget, None                # the behaviour text is complete
                 if not chosen:                                   # one long item: keep its first tokens
                     chosen.append(ids[:budget_was])
-                    chosen_items.append(str(item_tokens[iids[row]]))
-                    chosen_keys.append((int(iids[row]), float(ratings[row]) if ratings is not None else 0.0, budget_was))
+                    chosen_items.append(str(item_tokens[item]))
+                    chosen_keys.append((item, rating, budget_was))
                     summary_left -= budget_was
                     continue
                 if summary_budget == settings.max_behaviour_tokens:
@@ -223,8 +224,8 @@ def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> Behaviou
                 break
             if budget is not None:
                 chosen.append(ids)
-                chosen_items.append(str(item_tokens[iids[row]]))
-                chosen_keys.append((int(iids[row]), float(ratings[row]) if ratings is not None else 0.0, len(ids)))
+                chosen_items.append(str(item_tokens[item]))
+                chosen_keys.append((item, rating, len(ids)))
                 budget -= len(ids)
             else:
                 earlier.append(ids)
