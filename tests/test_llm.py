@@ -235,7 +235,7 @@ def test_rating_weight_marks_exactly_the_rating_tokens_and_weighs_them_in_the_m_
     p1, w1 = behaviour_nll(llm.model, layout_trainer.layout, ones, soft, weighted=True)
     torch.testing.assert_close(p1, w1)
     torch.testing.assert_close(p1, behaviour_nll(llm.model, layout_trainer.layout, collate(layout_trainer.layout, ids, 0), soft))
-    heavy = collate(layout_trainer.layout, ids, 0, [layout_trainer.token_weights[u] for u in users])
+    heavy = collate(layout_trainer.layout, ids, 0, [layout_trainer.token_weights(u) for u in users])
     p5, w5 = behaviour_nll(llm.model, layout_trainer.layout, heavy, soft, weighted=True)
     torch.testing.assert_close(p5, p1)
     assert not torch.allclose(w5, p1)

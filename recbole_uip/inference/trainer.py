@@ -85,11 +85,8 @@ class ProfileInferenceTrainer:
         # Departure from the paper (opt-in, uip_rating_weight): the tokens that write a rating weigh more in the
         # M-step loss, so the soft tokens learn how the user rates, not only which titles they watch. The
         # logged NLL stays the plain one, comparable across settings.
-        self.token_weights: list[list[float]] | None = None
-        if settings.rating_weight != 1.0:
-            if corpus.rating_mask is None:
-                raise ValueError("uip_rating_weight needs the rating tokens of the behaviour text (corpus.rating_mask).")
-            self.token_weights = [[settings.rating_weight if flag else 1.0 for flag in mask] for mask in corpus.rating_mask]
+        if settings.rating_weight != 1.0 and corpus.rating_mask is None:
+            raise ValueError("uip_rating_weight needs the rating tokens of the behaviour text (corpus.rating_mask).")
         self.history: list[dict] = []
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -198,7 +195,7 @@ class ProfileInferenceTrainer:
     def train_batch(self, users: torch.Tensor, scales: list[float], encoder_opt, residual_opt) -> torch.Tensor:
         """One M-step update for ``users`` (LongTensor ``(B,)``); returns their NLL ``(B,)`` before the update."""
         rows = users.tolist()
-        weights = None if self.token_weights is None else [self.token_weights[u] for u in rows]
+        weights = None if self.settings.rating_weight == 1.0 else [self.token_weights(u) for u in rows]
         batch = collate(self.layout, [self.corpus.token_ids[u] for u in rows], self.llm.tokenizer.pad_token_id, weights)
         users_dev = users.to(self.device)
         soft_tokens = self.soft(users_dev)                                   # (B, P, D)
@@ -216,6 +213,11 @@ class ProfileInferenceTrainer:
         encoder_opt.step()
         residual_opt.step(users_dev, grad_scale=len(users))  # per-user gradient of its own NLL
         return nll.detach()
+
+    def token_weights(self, user: int) -> list[float]:
+        """M-step loss weight of each behaviour token of ``user``: ``uip_rating_weight`` on rating tokens, else 1."""
+        weight = self.settings.rating_weight
+        return [weight if flag else 1.0 for flag in self.corpus.rating_mask[user]]
 
     def build_optimisers(self):
         """``(encoder_opt, residual_opt)``: Adam on the shared shift and the encoder (their own learning rates),
