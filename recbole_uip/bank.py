@@ -5,7 +5,9 @@ A bank is a plain, versioned folder that any tool can read without this package:
 * ``bank.json``: format version, fingerprint of every input, profiles, users, the settings, the inference
   report, and the SHA-256 of ``bank.npz``;
 * ``bank.npz``: ``codes`` int64 ``(U, P)``, ``codebook_<profile>`` float32 ``(K_p, D)``, ``summaries`` float32
-  ``(U, H)`` (forward-only LLM summaries, for baselines and fold-in) and ``offsets`` float32 ``(U, P, D)``.
+  ``(U, H)`` (forward-only LLM summaries, for baselines and fold-in), ``offsets`` float32 ``(U, P, D)`` and,
+  when the codebooks measure distances after a projection (``uip_quantiser_metric``), ``projection_<profile>`` float32 ``(D, k)``
+  (assign a new offset ``x`` to ``argmin_k ||(x - codebook[k]) @ projection||``).
 
 Serving looks IDs up here and never runs the LLM.
 """
@@ -42,6 +44,7 @@ class FeatureBank:
         no_history_token: the token of users with no training interaction.
         summaries: float32 ``(U, H)`` or None.
         offsets: float32 ``(U, P, D)`` or None.
+        projections: per profile float32 ``(D, k)`` (the projection of the quantiser's metric) or None.
         metadata: settings, inputs and report (JSON-serialisable).
     """
 
@@ -53,6 +56,7 @@ class FeatureBank:
     no_history_token: str
     summaries: np.ndarray | None = None
     offsets: np.ndarray | None = None
+    projections: list[np.ndarray] | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -82,6 +86,8 @@ class FeatureBank:
             arrays["summaries"] = self.summaries.astype(np.float32)
         if self.offsets is not None:
             arrays["offsets"] = self.offsets.astype(np.float32)
+        for name, projection in zip(self.profiles, self.projections or []):
+            arrays[f"projection_{name}"] = projection.astype(np.float32)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         with atomic_write(folder / "bank.npz", "wb") as handle:
@@ -121,5 +127,7 @@ class FeatureBank:
                 no_history_token=meta["no_history_token"],
                 summaries=arrays["summaries"] if "summaries" in arrays else None,
                 offsets=arrays["offsets"] if "offsets" in arrays else None,
+                projections=[arrays[f"projection_{name}"] for name in meta["profiles"]]
+                if f"projection_{meta['profiles'][0]}" in arrays else None,
                 metadata=meta.get("metadata", {}),
             )

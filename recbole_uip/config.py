@@ -85,6 +85,8 @@ class UIPSettings:
     encoder_learning_rate: float
     shared_learning_rate: float
     commitment_weight: float
+    quantiser_metric: str
+    quantiser_components: int
     rating_weight: float
     init_scale: float
     summary_layer: int
@@ -133,6 +135,11 @@ class UIPSettings:
         if self.rating_weight != 1.0 and not self.rating_template:
             raise UIPConfigError("'uip_rating_weight' weighs the rating tokens of the behaviour text, but "
                                  "'uip_rating_template' is empty: there are none. Set a template or leave the weight at 1.")
+        if self.quantiser_metric not in ("euclidean", "whitened", "fisher"):
+            raise UIPConfigError(f"'uip_quantiser_metric' must be euclidean, whitened or fisher, got {self.quantiser_metric!r}.")
+        components = self.quantiser_components
+        if not isinstance(components, int) or isinstance(components, bool) or components < 0:
+            raise UIPConfigError(f"'uip_quantiser_components' must be an integer >= 0 (0: all), got {components!r}.")
         if self.commitment_weight < 0:
             raise UIPConfigError(f"'uip_commitment_weight' must be >= 0, got {self.commitment_weight!r}.")
         if self.num_threads < 0:
@@ -160,6 +167,10 @@ class UIPSettings:
             data.pop("summary_max_tokens")
         if data["rating_weight"] == 1.0:
             data.pop("rating_weight")  # the plain NLL, as before this key existed
+        if data["quantiser_metric"] == "euclidean":
+            # plain distances, as before these keys existed (the components are unused then)
+            data.pop("quantiser_metric")
+            data.pop("quantiser_components")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
 
     @classmethod
@@ -211,6 +222,8 @@ class UIPSettings:
                 encoder_learning_rate=float(get("uip_encoder_learning_rate")),
                 shared_learning_rate=float(get("uip_shared_learning_rate")),
                 commitment_weight=float(get("uip_commitment_weight")),
+                quantiser_metric=str(get("uip_quantiser_metric")),
+                quantiser_components=get("uip_quantiser_components"),
                 rating_weight=float(get("uip_rating_weight")),
                 init_scale=float(get("uip_init_scale")),
                 summary_layer=int(get("uip_summary_layer")),

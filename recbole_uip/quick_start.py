@@ -211,6 +211,7 @@ def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
         no_history_token=settings.no_history_token,
         summaries=result.summaries,
         offsets=result.offsets,
+        projections=result.projections,
         metadata={
             "inputs": inputs,
             "history": result.history,

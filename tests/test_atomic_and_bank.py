@@ -177,6 +177,7 @@ def make_bank(with_extras: bool = True) -> FeatureBank:
         no_history_token="none",
         summaries=rng.normal(size=(3, 5)).astype(np.float32) if with_extras else None,
         offsets=rng.normal(size=(3, 2, 4)).astype(np.float32) if with_extras else None,
+        projections=[rng.normal(size=(4, 2)).astype(np.float32) for _ in range(2)] if with_extras else None,
         metadata={"history": [{"round": 0}], "seconds": 1.5},
     )
 
@@ -200,8 +201,10 @@ def test_bank_roundtrip(tmp_path, with_extras):
     if with_extras:
         np.testing.assert_array_equal(loaded.summaries, bank.summaries)
         np.testing.assert_array_equal(loaded.offsets, bank.offsets)
+        for a, b in zip(loaded.projections, bank.projections, strict=True):
+            np.testing.assert_array_equal(a, b)
     else:
-        assert loaded.summaries is None and loaded.offsets is None
+        assert loaded.summaries is None and loaded.offsets is None and loaded.projections is None
     assert json.loads((tmp_path / "bank" / "bank.json").read_text())["format_version"] == BANK_FORMAT_VERSION
 
 

@@ -120,6 +120,83 @@ def test_commitment_is_mean_squared_distance_over_scale_and_codes_get_no_gradien
     assert codebook.codes.grad is None
 
 
+# ------------------------------------------------------------------------------------ whitened metric
+def noise_and_two_clusters(n: int = 200, seed: int = 0):
+    """``(x (n, 3), truth (n,))``: column 0 is wide structureless noise (std 10), column 1 holds two clusters at
+    +-1 (std 0.1), column 2 is small noise. Plain k-means with 2 codes cuts the wide column; the clusters live in
+    a direction of small variance."""
+    gen = torch.Generator().manual_seed(seed)
+    truth = torch.arange(n) % 2
+    x = torch.stack([10 * torch.randn(n, generator=gen), (2.0 * truth - 1) + 0.1 * torch.randn(n, generator=gen),
+                     0.3 * torch.randn(n, generator=gen)], dim=1)
+    return x, truth
+
+
+def test_whitening_finds_clusters_that_plain_distances_miss():
+    x, truth = noise_and_two_clusters()
+    plain, whitened = ProfileCodebook(2, 3), ProfileCodebook(2, 3, metric="whitened", components=2)
+    plain_ids, _ = plain.fit(x, iterations=20, generator=torch.Generator().manual_seed(0))
+    white_ids, health = whitened.fit(x, iterations=20, generator=torch.Generator().manual_seed(0))
+    assert matches_up_to_permutation(white_ids, truth, 2)
+    assert not matches_up_to_permutation(plain_ids, truth, 2)
+    assert plain.projection is None and whitened.projection.shape == (3, 2)
+    # the two top directions (noise column, cluster column) hold almost all the variance
+    assert 0.99 < health.projection_share < 1.0
+    # codes stay in the embedding space: the mean offset of their users
+    for code in range(2):
+        torch.testing.assert_close(whitened.codes[code], x[white_ids == code].mean(0))
+
+
+def test_whitening_projection_gives_unit_covariance_and_is_capped_by_the_data():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 6, generator=gen) @ torch.randn(6, 6, generator=gen) + 5.0
+    codebook = ProfileCodebook(3, 6, metric="whitened", components=4)
+    codebook.fit_whitening(x)
+    share = codebook.projection_share
+    y = (x - x.mean(0)) @ codebook.projection
+    torch.testing.assert_close(torch.cov(y.T), torch.eye(4), atol=1e-4, rtol=1e-4)
+    assert 0 < share < 1
+    few = ProfileCodebook(2, 6, metric="whitened", components=16)
+    few.fit_whitening(x[:5])                       # 5 rows: at most 4 directions with variance
+    assert few.projection.shape == (6, 4)
+    with pytest.raises(ValueError, match="components"):
+        ProfileCodebook(2, 6, metric="whitened", components=-1)
+    with pytest.raises(ValueError, match="metric"):
+        ProfileCodebook(2, 6, metric="cosine")
+    with pytest.raises(ValueError, match="fisher"):
+        codebook.set_fisher(torch.eye(6))
+
+
+def test_whitened_commitment_measures_the_projected_distance():
+    gen = torch.Generator().manual_seed(1)
+    x, _ = noise_and_two_clusters()
+    codebook = ProfileCodebook(2, 3, metric="whitened", components=1)   # the wide noise column only
+    assignment, _ = codebook.fit(x, iterations=5, generator=gen)
+    a = codebook.projection
+    batch = x[:6].clone().requires_grad_(True)
+    loss = codebook.commitment(batch, assignment[:6], scale=2.0)
+    expected = (((x[:6] - codebook.codes[assignment[:6]]) @ a) ** 2).sum(1).mean() / 2.0
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    loss.backward()
+    # no pull along directions the projection ignores: the gradient lies in the span of A's column
+    residual = batch.grad - (batch.grad @ a) @ a.T / float(a.T @ a)
+    assert float(residual.abs().max()) < 1e-6
+    assert codebook.scale(x) == pytest.approx(float(((x @ a) ** 2).sum(1).mean()), rel=1e-5)
+
+
+def test_fisher_metric_measures_the_quadratic_form_of_its_top_directions():
+    fisher = torch.diag(torch.tensor([9.0, 4.0, 0.25]))
+    codebook = ProfileCodebook(2, 3, metric="fisher", components=2)
+    assert codebook.projection is None                     # plain distances until a Fisher matrix is set
+    codebook.set_fisher(fisher)
+    assert codebook.projection_share == pytest.approx(13.0 / 13.25)
+    v = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 5.0]])
+    torch.testing.assert_close((codebook.project(v) ** 2).sum(1), torch.tensor([13.0, 0.0]))
+    # the codes are assigned in that metric: along the third axis everything is one point
+    codebook.codes.copy_(torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    assert codebook.assign(torch.tensor([[0.0, 0.1, 100.0], [0.0, 0.9, -100.0]])).tolist() == [0, 1]
+
+
 def test_perplexity():
     assert perplexity(torch.tensor([4, 4, 4, 4, 4])) == pytest.approx(5.0)
     assert perplexity(torch.tensor([0, 9, 0, 0])) == pytest.approx(1.0)

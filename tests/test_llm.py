@@ -143,6 +143,82 @@ def test_trainable_parameters_refuses_an_unfrozen_llm(trainer_parts):
         ProfileInferenceTrainer(config, settings, llm, corpus, logger).fit()
 
 
+# ---------------------------------------------------------------------------------- quantiser metrics
+@pytest.mark.parametrize("metric", ["whitened", "fisher"])
+def test_quantiser_metric_assigns_in_the_projected_metric_and_reaches_the_bank(metric, tmp_path, tiny_llm_dir):
+    """``uip_quantiser_metric``: the E-step's IDs are the nearest codes after the stored projection, the bank
+    keeps the projection (so a new offset can be assigned), and the keys enter the fingerprint only when on."""
+    import dataclasses
+
+    from recbole_uip.bank import FeatureBank
+    from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.data.behaviour import build_behaviour_corpus
+    from recbole_uip.inference.trainer import ProfileInferenceTrainer
+    from recbole_uip.quick_start import build_config, infer_profiles
+
+    write_dataset(tmp_path / "data", n_users=12, n_items=12, per_user=6)
+    config = build_config("DeepFM", "toy", None, uip_config_dict(
+        tmp_path, tiny_llm_dir, uip_epochs=1, uip_batch_size=4, uip_quantiser_metric=metric, uip_quantiser_components=4))
+    settings = UIPSettings.from_config(config)
+    assert settings.fingerprint_dict()["quantiser_metric"] == metric
+    assert settings.fingerprint_dict()["quantiser_components"] == 4
+    plain = dataclasses.replace(settings, quantiser_metric="euclidean").fingerprint_dict()
+    assert "quantiser_metric" not in plain and "quantiser_components" not in plain
+    llm = load_frozen_llm(str(tiny_llm_dir), CPU, "float32")
+    logger = logging.getLogger("test_llm")
+    corpus = build_behaviour_corpus(config, settings, llm.tokenizer, logger)
+    result = ProfileInferenceTrainer(config, settings, llm, corpus, logger).fit()
+    assert [p.shape for p in result.projections] == [(llm.hidden_size, 4)] * len(settings.profiles)
+    for p, (codebook, projection) in enumerate(zip(result.codebooks, result.projections)):
+        distances = np.linalg.norm((result.offsets[:, p, None, :] - codebook[None]) @ projection, axis=-1)  # (U, K)
+        np.testing.assert_array_equal(result.codes[:, p], distances.argmin(1))
+    shares = [record[name].get("projection_share") for record in result.history for name in settings.profiles]
+    if metric == "whitened":
+        assert all(0 < share <= 1 for share in shares)
+    else:   # no gradient before the first M-step: the first E-step measures plain distances
+        assert shares[:2] == [None, None] and all(0 < share <= 1 for share in shares[2:])
+
+    bank = FeatureBank.load(infer_profiles(config, settings) / "bank")
+    assert bank.projections is not None and len(bank.projections) == len(settings.profiles)
+    for key, value in (("uip_quantiser_components", -1), ("uip_quantiser_components", 2.5),
+                       ("uip_quantiser_metric", "cosine")):
+        with pytest.raises(UIPConfigError, match=key):
+            UIPSettings.from_config(build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, **{key: value})))
+
+
+def test_fisher_metric_accumulates_each_users_own_likelihood_gradient(trainer_parts):
+    """The Fisher sums of an M-step batch equal sum_u g_u g_u^T with g_u the gradient of user u's own objective
+    with respect to its soft tokens, computed one user at a time (commitment term excluded)."""
+    import dataclasses
+
+    from recbole_uip.inference.prompt import collate
+    from recbole_uip.inference.soft_profiles import behaviour_nll
+    from recbole_uip.inference.trainer import ProfileInferenceTrainer
+
+    config, settings, llm, corpus, logger = trainer_parts
+    settings = dataclasses.replace(settings, quantiser_metric="fisher", quantiser_components=0)
+    trainer = ProfileInferenceTrainer(config, settings, llm, corpus, logger)
+    trainer.fit()                                          # builds the soft tokens and a first codebook
+    users = torch.tensor([0, 3, 5])
+    expected = torch.zeros(len(settings.profiles), llm.hidden_size, llm.hidden_size, dtype=torch.float64)
+    for u in users.tolist():
+        tokens = trainer.soft(torch.tensor([u])).detach().requires_grad_(True)
+        batch = collate(trainer.layout, [corpus.token_ids[u]], llm.tokenizer.pad_token_id)
+        _, objective = behaviour_nll(llm.model, trainer.layout, batch, tokens, weighted=True)
+        (grad,) = torch.autograd.grad(objective.sum(), tokens)
+        g = grad[0].double()                               # (P, D)
+        expected += torch.einsum("pd,pe->pde", g, g)
+    trainer.fisher_sums = torch.zeros_like(expected)
+    encoder_opt, residual_opt = trainer.build_optimisers()
+    trainer.train_batch(users, [1.0] * len(settings.profiles), encoder_opt, residual_opt)
+    torch.testing.assert_close(trainer.fisher_sums, expected, rtol=1e-3, atol=1e-9)
+    # the projection of the full Fisher matrix reproduces its quadratic form
+    codebook = trainer.codebooks[0]
+    codebook.set_fisher(expected[0])
+    v = torch.randn(llm.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert float(((v.float() @ codebook.projection) ** 2).sum()) == pytest.approx(float(v @ expected[0] @ v), rel=1e-3)
+
+
 # --------------------------------------------------------------------------------------- longer summaries
 def test_summary_reads_a_longer_stretch_of_the_same_training_history(tmp_path, tiny_llm_dir):
     """``uip_summary_max_tokens`` lengthens only what the forward-only summary reads: the M-step text is the

@@ -11,6 +11,23 @@ Formulation (compared with the paper and the authors' code, see README "Method")
 * M-step: the soft tokens receive a commitment term ``beta * ||x[u] - sg(c[k(u)])||^2 / sigma^2`` next to the
   LLM's NLL (``sigma^2``: mean squared offset norm, making ``beta`` scale-free). The codes are not trained by
   gradient: Lloyd's mean update is the exact minimiser of the codebook term for fixed assignments.
+* Metric (``uip_quantiser_metric``). ``euclidean`` (the default, the paper's quantiser) measures distances in
+  the embedding space. The other two are departures from the paper, opt-in: every distance of the E-step
+  (assignment, k-means++, dead-code restart) and of the commitment term is measured between projected points
+  ``(x - c) A`` with ``A (D, k)``, refreshed at every E-step:
+
+  - ``whitened``: the offsets' top-``k`` principal directions, each scaled to unit variance over users. The
+    plain codebook splits users along the one or two directions of largest variance between soft tokens;
+    whitening gives the next directions an equal say.
+  - ``fisher``: the top-``k`` eigenvectors of the empirical Fisher matrix ``F = mean_u g_u g_u^T`` of the last
+    M-step (``g_u (D,)``: the gradient of user ``u``'s M-step objective with respect to its soft token), scaled
+    by the square roots of their eigenvalues, so ``||(x - c) A||^2 ~ (x - c)^T F (x - c)``: the second-order
+    change of the behaviour likelihood when a user's soft token is replaced by its code. Two users are then
+    close when the LLM explains their behaviour alike, which is what the paper's E-step asks of a code. The first
+    E-step, before any gradient, uses the plain distance.
+
+  Codes stay in the embedding space as the mean offset of their users (the projection is linear, so Lloyd's
+  update is unchanged).
 """
 
 from __future__ import annotations
@@ -30,46 +47,101 @@ class CodebookHealth:
     perplexity: float         # exp(entropy of usage); K when uniform, 1 when collapsed
     dead_codes: int           # codes below the minimum usage before the first restart
     restarted: int            # codes restarted in this E-step
+    projection_share: float | None = None  # metric directions' share of the variance / Fisher trace (None: plain)
+
+
+METRICS = ("euclidean", "whitened", "fisher")
 
 
 class ProfileCodebook(nn.Module):
-    """``K`` codes of dimension ``D`` for one profile (buffer ``codes (K, D)``)."""
+    """``K`` codes of dimension ``D`` for one profile (buffer ``codes (K, D)``).
 
-    def __init__(self, size: int, dim: int):
+    ``metric`` (see module docstring): ``euclidean`` measures distances in the embedding space; ``whitened`` and
+    ``fisher`` after the projection ``projection (D, k)`` (a buffer; ``components = k``, 0 for every direction).
+    ``whitened`` refits it at every :meth:`fit`; ``fisher`` takes it from :meth:`set_fisher`.
+    """
+
+    def __init__(self, size: int, dim: int, metric: str = "euclidean", components: int = 0):
         super().__init__()
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}.")
+        if components < 0:
+            raise ValueError(f"components must be >= 0 (0: every direction), got {components}.")
+        self.metric, self.components = metric, components
         self.register_buffer("codes", torch.zeros(size, dim))
         self.register_buffer("initialised", torch.tensor(False))
+        self.register_buffer("projection", None)  # (D, k) once fitted; None: plain distances
+        self.projection_share: float | None = None  # share of the variance (or Fisher trace) the k directions hold
 
     @property
     def size(self) -> int:
         return self.codes.shape[0]
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., D)`` in the quantiser's metric: ``x @ A`` ``(..., k)`` once a projection is set, else ``x``."""
+        return x if self.projection is None else x @ self.projection.to(x.dtype)
+
+    def _rank(self, available: int) -> int:
+        return available if self.components == 0 else min(self.components, available)
+
+    @torch.no_grad()
+    def fit_whitening(self, x: torch.Tensor) -> None:
+        """``whitened``: ``A (D, k)`` from ``x (N, D)``, the top-``k`` principal directions of the centred rows
+        divided by their standard deviation over rows, so ``(x - mean) A`` has unit variance per column. ``k`` is
+        capped at ``min(N - 1, D)`` (directions with variance)."""
+        x = x.double()
+        _, singular, directions = torch.linalg.svd(x - x.mean(0), full_matrices=False)  # directions (min(N, D), D)
+        k = self._rank(min(x.shape[0] - 1, x.shape[1]))
+        std = (singular[:k] / max(x.shape[0] - 1, 1) ** 0.5).clamp(min=1e-12)
+        self.projection = (directions[:k].T / std).float()
+        total = float((singular ** 2).sum())
+        self.projection_share = float((singular[:k] ** 2).sum()) / total if total > 0 else 0.0
+
+    @torch.no_grad()
+    def set_fisher(self, fisher: torch.Tensor) -> None:
+        """``fisher``: ``A (D, k)`` from the empirical Fisher matrix ``F (D, D)`` (symmetric, PSD): its top-``k``
+        eigenvectors times the square roots of their eigenvalues, so ``||v A||^2 = v^T F_k v``."""
+        if self.metric != "fisher":
+            raise ValueError(f"set_fisher needs metric 'fisher', this codebook measures {self.metric!r} distances.")
+        values, vectors = torch.linalg.eigh(fisher.double())  # ascending
+        values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+        k = self._rank(fisher.shape[0])
+        self.projection = (vectors[:, :k] * values[:k].sqrt()).float()
+        total = float(values.sum())
+        self.projection_share = float(values[:k].sum()) / total if total > 0 else 0.0
+
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest code of each row of ``x (N, D)``: LongTensor ``(N,)`` (ties go to the lowest index)."""
-        return torch.cdist(x.float(), self.codes).argmin(dim=1)
+        return torch.cdist(self.project(x.float()), self.project(self.codes)).argmin(dim=1)
 
     @torch.no_grad()
     def kmeans_plus_plus(self, x: torch.Tensor, generator: torch.Generator) -> None:
         """Seed the codes from ``x (N, D)`` by k-means++ (deterministic given ``generator``)."""
         x = x.float()
+        y = self.project(x)  # distances in the quantiser's metric; the codes are rows of x
         n = x.shape[0]
         first = int(torch.randint(n, (1,), generator=generator))
         chosen = [first]
-        dist2 = ((x - x[first]) ** 2).sum(dim=1)
+        dist2 = ((y - y[first]) ** 2).sum(dim=1)
         for _ in range(1, self.size):
             if float(dist2.sum()) <= 0:
                 index = int(torch.randint(n, (1,), generator=generator))
             else:
                 index = int(torch.multinomial(dist2 / dist2.sum(), 1, generator=generator))
             chosen.append(index)
-            dist2 = torch.minimum(dist2, ((x - x[index]) ** 2).sum(dim=1))
+            dist2 = torch.minimum(dist2, ((y - y[index]) ** 2).sum(dim=1))
         self.codes.copy_(x[chosen])
         self.initialised.fill_(True)
 
     @torch.no_grad()
     def fit(self, x: torch.Tensor, iterations: int, generator: torch.Generator) -> tuple[torch.Tensor, CodebookHealth]:
-        """One E-step: Lloyd iterations on ``x (N, D)`` with dead-code restart. Returns assignments ``(N,)``."""
+        """One E-step: Lloyd iterations on ``x (N, D)`` with dead-code restart. Returns assignments ``(N,)``.
+
+        With the ``whitened`` metric the projection is refitted to ``x`` first; the codes (in the embedding space)
+        carry over from the previous E-step."""
         x = x.float()
+        if self.metric == "whitened":
+            self.fit_whitening(x)
         if not bool(self.initialised):
             self.kmeans_plus_plus(x, generator)
         dead_before = None
@@ -89,12 +161,13 @@ class ProfileCodebook(nn.Module):
         assignment = self.assign(x)
         counts = torch.bincount(assignment, minlength=self.size)
         return assignment, CodebookHealth(
-            usage=counts.tolist(), perplexity=perplexity(counts), dead_codes=dead_before or 0, restarted=restarted
+            usage=counts.tolist(), perplexity=perplexity(counts), dead_codes=dead_before or 0, restarted=restarted,
+            projection_share=self.projection_share if self.projection is not None else None,
         )
 
     def _restart_dead(self, x, assignment, dead, generator) -> int:
         """Move each dead code onto a user sampled in proportion to its squared distance to its own code."""
-        dist2 = ((x - self.codes[assignment]) ** 2).sum(dim=1)
+        dist2 = ((self.project(x - self.codes[assignment])) ** 2).sum(dim=1)
         indices = dead.nonzero().flatten().tolist()
         for code in indices:
             if float(dist2.sum()) <= 0:
@@ -105,9 +178,14 @@ class ProfileCodebook(nn.Module):
         return len(indices)
 
     def commitment(self, x: torch.Tensor, assignment: torch.Tensor, scale: float) -> torch.Tensor:
-        """``mean_b ||x[b] - sg(codes[assignment[b]])||^2 / scale`` for ``x (B, D)``: a scalar."""
+        """``mean_b ||(x[b] - sg(codes[assignment[b]])) A||^2 / scale`` for ``x (B, D)``: a scalar (``A``: the
+        metric's projection, fixed during the M-step; the identity for plain distances)."""
         target = self.codes[assignment].detach().to(x.dtype)
-        return ((x - target) ** 2).sum(dim=1).mean() / scale
+        return (self.project(x - target) ** 2).sum(dim=1).mean() / scale
+
+    def scale(self, x: torch.Tensor) -> float:
+        """``sigma^2`` of the commitment term: mean squared norm of the projected rows of ``x (N, D)``."""
+        return float((self.project(x.float()) ** 2).sum(1).mean().clamp(min=1e-12))
 
 
 def perplexity(counts: torch.Tensor) -> float:

@@ -41,6 +41,8 @@ class InferenceResult:
         users: raw user tokens, row order of the arrays below.
         codes: int64 ``(U, P)``; the profile ID of each user and profile.
         codebooks: per profile, float32 ``(K_p, D)``.
+        projections: per profile, float32 ``(D, k)``, the projection of the quantiser's metric
+            (``uip_quantiser_metric``), or None when the codebooks measure plain distances.
         offsets: float32 ``(U, P, D)``; the final (continuous) soft-token offsets.
         summaries: float32 ``(U, H)``; the forward-only LLM summary of each user's text (unstandardised).
         history: one dict per EM round with the logged statistics.
@@ -50,6 +52,7 @@ class InferenceResult:
     users: list[str]
     codes: np.ndarray
     codebooks: list[np.ndarray]
+    projections: list[np.ndarray] | None
     offsets: np.ndarray
     summaries: np.ndarray
     history: list[dict]
@@ -80,7 +83,10 @@ class ProfileInferenceTrainer:
         self.layout: PromptLayout = build_layout(llm.tokenizer, list(settings.profiles.values()), settings.behaviour_prefix)
         self.epoch_end_hooks: list[Callable[["ProfileInferenceTrainer", int, dict], None]] = []
         self.soft: SoftProfiles | None = None
-        self.codebooks = [ProfileCodebook(settings.codebook_sizes[name], llm.hidden_size) for name in settings.profiles]
+        self.codebooks = [ProfileCodebook(settings.codebook_sizes[name], llm.hidden_size, settings.quantiser_metric,
+                                          settings.quantiser_components) for name in settings.profiles]
+        # uip_quantiser_metric = fisher: sum over the M-step's users of g g^T per profile, (P, D, D) float64
+        self.fisher_sums: torch.Tensor | None = None
         self.assignments: torch.Tensor | None = None  # (U, P)
         # Departure from the paper (opt-in, uip_rating_weight): the tokens that write a rating weigh more in the
         # M-step loss, so the soft tokens learn how the user rates, not only which titles they watch. The
@@ -174,7 +180,7 @@ class ProfileInferenceTrainer:
             assignment, health = codebook.fit(offsets[:, p], iterations, self.generator)
             codes.append(assignment)
             healths.append(health)
-            scales.append(float((offsets[:, p] ** 2).sum(1).mean().clamp(min=1e-12)))
+            scales.append(codebook.scale(offsets[:, p]))
         return torch.stack(codes, dim=1), healths, scales
 
     def m_step(self, epoch: int, scales: list[float], encoder_opt, residual_opt) -> torch.Tensor:
@@ -183,6 +189,9 @@ class ProfileInferenceTrainer:
         order = torch.randperm(len(self.corpus), generator=self.generator)
         bar = tqdm(total=len(order), desc=f"UIP M-step {epoch:>2}", ncols=100, disable=not self.show_progress)
         self.codebooks = [cb.to(self.device) for cb in self.codebooks]
+        if self.settings.quantiser_metric == "fisher":
+            dim = self.llm.hidden_size
+            self.fisher_sums = torch.zeros(len(self.codebooks), dim, dim, dtype=torch.float64)
         for users in _batches(order, self.settings.batch_size):
             nll = self.train_batch(users, scales, encoder_opt, residual_opt)
             nll_seen[users] = nll.float().cpu()
@@ -190,6 +199,9 @@ class ProfileInferenceTrainer:
             bar.set_postfix(nll=f"{float(nll.mean()):.3f}")
         bar.close()
         self.codebooks = [cb.cpu() for cb in self.codebooks]
+        if self.fisher_sums is not None:
+            for codebook, sums in zip(self.codebooks, self.fisher_sums):
+                codebook.set_fisher(sums / len(order))
         return nll_seen
 
     def train_batch(self, users: torch.Tensor, scales: list[float], encoder_opt, residual_opt) -> torch.Tensor:
@@ -199,6 +211,8 @@ class ProfileInferenceTrainer:
         batch = collate(self.layout, [self.corpus.token_ids[u] for u in rows], self.llm.tokenizer.pad_token_id, weights)
         users_dev = users.to(self.device)
         soft_tokens = self.soft(users_dev)                                   # (B, P, D)
+        if self.fisher_sums is not None:
+            soft_tokens.retain_grad()
         nll, objective = behaviour_nll(self.llm.model, self.layout, batch, soft_tokens, weighted=True)  # (B,) each
         loss = objective.mean()
         beta = self.settings.commitment_weight
@@ -212,6 +226,11 @@ class ProfileInferenceTrainer:
         loss.backward()
         encoder_opt.step()
         residual_opt.step(users_dev, grad_scale=len(users))  # per-user gradient of its own NLL
+        if self.fisher_sums is not None:
+            # Each user's gradient of its own M-step objective (the LLM term only: the commitment term reaches the
+            # parameters through a separate branch), undoing the 1/B of the batch mean.
+            grads = (soft_tokens.grad.detach() * len(users)).double().cpu()          # (B, P, D)
+            self.fisher_sums += torch.einsum("bpd,bpe->pde", grads, grads)
         return nll.detach()
 
     def token_weights(self, user: int) -> list[float]:
@@ -297,6 +316,7 @@ class ProfileInferenceTrainer:
             users=list(self.corpus.users),
             codes=self.assignments.numpy().astype(np.int64),
             codebooks=[cb.codes.numpy().copy() for cb in self.codebooks],
+            projections=None if self.codebooks[0].projection is None else [cb.projection.numpy().copy() for cb in self.codebooks],
             offsets=final_tokens.numpy(),
             summaries=raw_summaries.numpy(),
             history=self.history,
@@ -332,6 +352,10 @@ class ProfileInferenceTrainer:
             record[name] = {"usage": h.usage, "perplexity": round(h.perplexity, 3), "dead_codes": h.dead_codes,
                             "restarted": h.restarted}
             text = f"{name}: perplexity {h.perplexity:.2f}/{len(h.usage)}, dead {h.dead_codes}"
+            if h.projection_share is not None:
+                record[name]["projection_share"] = round(h.projection_share, 4)
+                text += (f", {self.settings.quantiser_metric} metric: {h.projection_share:.0%} of the "
+                         + ("variance" if self.settings.quantiser_metric == "whitened" else "Fisher trace"))
             if stability is not None:
                 record[name]["stability"] = stability[p]
                 text += f", same code as last E-step {100 * stability[p]:.1f}%"
