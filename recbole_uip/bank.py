@@ -6,8 +6,8 @@ A bank is a plain, versioned folder that any tool can read without this package:
   report, and the SHA-256 of ``bank.npz``;
 * ``bank.npz``: ``codes`` int64 ``(U, P)``, ``codebook_<profile>`` float32 ``(K_p, D)``, ``summaries`` float32
   ``(U, H)`` (forward-only LLM summaries, for baselines and fold-in), ``offsets`` float32 ``(U, P, D)`` and,
-  when the codebooks measure distances after a projection (``uip_quantiser_metric``), ``projection_<profile>`` float32 ``(D, k)``
-  (assign a new offset ``x`` to ``argmin_k ||(x - codebook[k]) @ projection||``).
+  when the codebooks measure distances after a projection (``uip_quantiser_metric``), ``projection_<profile>``
+  float32 ``(D, k)`` (a new offset ``x`` goes to ``argmin_k ||(x - codebook[k]) @ projection||``).
 
 Serving looks IDs up here and never runs the LLM.
 """

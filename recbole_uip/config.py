@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from recbole_uip.inference.codebook import METRICS
+
 PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
 DEFAULTS_FILE = PROPERTIES_DIR / "uip.yaml"
 BUNDLED_LLM = "bundled-smollm2"
@@ -135,8 +137,8 @@ class UIPSettings:
         if self.rating_weight != 1.0 and not self.rating_template:
             raise UIPConfigError("'uip_rating_weight' weighs the rating tokens of the behaviour text, but "
                                  "'uip_rating_template' is empty: there are none. Set a template or leave the weight at 1.")
-        if self.quantiser_metric not in ("euclidean", "whitened", "fisher"):
-            raise UIPConfigError(f"'uip_quantiser_metric' must be euclidean, whitened or fisher, got {self.quantiser_metric!r}.")
+        if self.quantiser_metric not in METRICS:
+            raise UIPConfigError(f"'uip_quantiser_metric' must be one of {', '.join(METRICS)}, got {self.quantiser_metric!r}.")
         components = self.quantiser_components
         if not isinstance(components, int) or isinstance(components, bool) or components < 0:
             raise UIPConfigError(f"'uip_quantiser_components' must be an integer >= 0 (0: all), got {components!r}.")
