@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zoo  # noqa: E402  (the zoo's dataset writing, split checks and training loop)
 from informativeness import explained_variance, training_sequences  # noqa: E402
-from recbole_uip.__main__ import parse_value  # noqa: E402
 from recbole_uip.bank import FeatureBank  # noqa: E402
 from recbole_uip.inference.codebook import ProfileCodebook  # noqa: E402
 from recbole_uip.quick_start import build_config, write_augmented_dataset  # noqa: E402
@@ -63,14 +62,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--render", action="store_true", help="only rebuild the markdown from the JSONL")
     for key, value in zoo.TRAINING_DEFAULTS.items():
         parser.add_argument(f"--{key}", type=type(value), default=value, help=f"RecBole {key} (default: {value})")
-    args, rest = parser.parse_known_args(argv)
-    args.argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--render")]
-    overrides = {}
-    for item in rest:
-        if not item.startswith("--") or "=" not in item:
-            parser.error(f"unrecognised argument {item!r}: extra keys are given as --key=value")
-        key, _, value = item[2:].partition("=")
-        overrides[key] = parse_value(value)
+    args, overrides = zoo.parse_known_with_overrides(parser, argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     if unknown := [s for s in args.sources if s not in SOURCES]:

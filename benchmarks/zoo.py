@@ -149,14 +149,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--render", action="store_true", help="only rebuild md/csv/png from the JSONL")
     parser.add_argument("--report_only", action="store_true", help="only write the profile report")
     parser.add_argument("--tag", default="", help="suffix of every output file name (for variants)")
-    args, rest = parser.parse_known_args(argv)
-    args.argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--render")]
-    overrides = {}
-    for item in rest:
-        if not item.startswith("--") or "=" not in item:
-            parser.error(f"unrecognised argument {item!r}: extra keys are given as --key=value")
-        key, _, value = item[2:].partition("=")
-        overrides[key] = parse_value(value)
+    args, overrides = parse_known_with_overrides(parser, argv)
     import yaml
 
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -168,6 +161,21 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     unknown = [f for f in args.feature_sets if f not in FEATURE_SETS] + [s for s in args.settings if s not in SETTINGS]
     if unknown:
         parser.error(f"unknown feature set / setting: {', '.join(unknown)}")
+    return args, overrides
+
+
+def parse_known_with_overrides(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
+    """``(args, overrides)``: the parser's own flags, and every other ``--key=value`` as a RecBole / ``uip_*``
+    override (values read as YAML, like run_recbole_uip.py). ``args.argv`` keeps the command line (for the
+    report), without ``--render``."""
+    args, rest = parser.parse_known_args(argv)
+    args.argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--render")]
+    overrides = {}
+    for item in rest:
+        if not item.startswith("--") or "=" not in item:
+            parser.error(f"unrecognised argument {item!r}: extra keys are given as --key=value")
+        key, _, value = item[2:].partition("=")
+        overrides[key] = parse_value(value)
     return args, overrides
 
 
