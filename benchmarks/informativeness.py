@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from logging import getLogger
@@ -36,12 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from recbole_uip.__main__ import parse_value  # noqa: E402
 from recbole_uip.bank import FeatureBank  # noqa: E402
 from recbole_uip.config import UIPSettings  # noqa: E402
+from recbole_uip.data.behaviour import build_training_split  # noqa: E402
 from recbole_uip.quick_start import (  # noqa: E402
     augmented_config, build_config, check_dataset_files, infer_profiles, run_recbole_with_config, write_augmented_dataset,
 )
 from recbole_uip.report import (  # noqa: E402
     attribute_histogram, attribute_shares, cosine_matrix, group_similarity_test, item_attribute_field, kmeans_ids,
-    normalized_mutual_information, training_histories,
+    normalized_mutual_information,
 )
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -58,17 +58,15 @@ def paired_summary(a: list[float], b: list[float]) -> dict:
             "std_b": b.std(ddof=1) if len(b) > 1 else 0.0, "mean_diff": diff.mean(), "p_paired_t": p}
 
 
-def training_sequences(config, dataset, users: list[str]) -> tuple[list[list[int]], np.ndarray | None]:
-    """One pass over the training split: per user (rows in ``users`` order) the item ids, oldest first, and
-    ``(U,)`` the user's mean rating (``None`` without a rating field)."""
-    from recbole_uip.data.behaviour import build_training_split
-
-    _, train = build_training_split(config)
+def training_sequences(dataset, train, users: list[str]) -> tuple[list[list[int]], np.ndarray | None]:
+    """One pass over the training split ``train`` of ``dataset`` (``build_training_split``): per user (rows in
+    ``users`` order) the item ids, oldest first, and ``(U,)`` the user's mean rating (``None`` without a rating
+    field)."""
     inter = train.inter_feat
     user_tokens = dataset.id2token(dataset.uid_field, inter[dataset.uid_field].numpy())
     items = inter[dataset.iid_field].numpy()
     times = inter[dataset.time_field].numpy() if dataset.time_field in inter else np.arange(len(items))
-    rating_field = config["RATING_FIELD"]
+    rating_field = dataset.config["RATING_FIELD"]
     ratings = inter[rating_field].numpy().astype(np.float64) if rating_field in inter else None
     row_of = {u: r for r, u in enumerate(users)}
     sequences: list[list[int]] = [[] for _ in users]
@@ -160,12 +158,13 @@ def main(argv=None) -> int:
     }
 
     # --- history similarity ------------------------------------------------------------------------------
-    incidence, dataset = training_histories(config, bank.users)
+    dataset, train = build_training_split(config)   # built once: sequences, incidence and mean ratings share it
+    sequences, mean_rating = training_sequences(dataset, train, bank.users)
+    incidence = incidence_of(sequences, dataset.item_num)
     item_sim = cosine_matrix(incidence)
     attr_field = item_attribute_field(dataset, settings.item_text_fields)
     attr_hist = attribute_histogram(incidence, dataset, attr_field) if attr_field else None
     attr_sim = cosine_matrix(attribute_shares(attr_hist)) if attr_hist is not None else None
-    sequences, mean_rating = training_sequences(config, dataset, bank.users)
 
     groupings = {f"UIP {name}": bank.codes[:, p] for p, name in enumerate(bank.profiles)}
     k = max(settings.codebook_sizes.values())

@@ -10,8 +10,8 @@ zoo's ``id_free`` setting: user_id is not a model feature), for each ID source:
   uip          partition 0: the bank's IDs; partitions 1..N-1: the bank's final offsets quantised again with the
                bank's own metric (its stored projection, if any) from other k-means++ starts
   shuffled     the bank's IDs permuted across users, one permutation per partition
-  kmeans-attr  k-means over each user's training item-attribute histogram; partition s uses the seeds 2s and 2s+1
-               for the two columns (partition 0 is the zoo's)
+  kmeans-attr  k-means over each user's training item-attribute histogram; partition s seeds column p with
+               P*s + p for P profiles (partition 0 is the zoo's)
   kmeans-llm   the same over the bank's pooled LLM hidden states (no prompt tuning)
 
 Every partition is trained with every model and model seed. Per partition it also reports the share of the
@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import zoo  # noqa: E402  (the zoo's dataset writing, split checks and training loop)
 from informativeness import explained_variance, training_sequences  # noqa: E402
 from recbole_uip.bank import FeatureBank  # noqa: E402
+from recbole_uip.data.behaviour import build_training_split  # noqa: E402
 from recbole_uip.inference.codebook import ProfileCodebook  # noqa: E402
 from recbole_uip.quick_start import build_config, write_augmented_dataset  # noqa: E402
-from recbole_uip.report import kmeans_ids  # noqa: E402
 from recbole_uip.utils import write_json_atomic  # noqa: E402
 
 SOURCES = ("uip", "shuffled", "kmeans-attr", "kmeans-llm")
@@ -103,7 +103,7 @@ def partition_ids(source: str, partition: int, bank: FeatureBank, sizes: list[in
     vectors = attributes() if source == "kmeans-attr" else bank.summaries
     if vectors is None:
         raise ValueError("The bank holds no LLM summaries: the kmeans-llm baseline cannot be built.")
-    return np.stack([kmeans_ids(vectors, k, seed=2 * partition + column) for column, k in enumerate(sizes)], axis=1)
+    return zoo.kmeans_columns(vectors, sizes, first_seed=len(sizes) * partition)
 
 
 def joint_groups(ids: np.ndarray) -> np.ndarray:
@@ -122,8 +122,8 @@ def run(args, overrides: dict, paths: dict, logger) -> None:
     plain = build_config(args.models[0], args.dataset, None, {**overrides, **zoo.training_keys(args)})
     plain_dataset, plain_loaders = zoo.build_loaders(plain)
     reference = zoo.split_view(plain_dataset, plain_loaders)
-    _, mean_rating = training_sequences(base, plain_dataset, bank.users)
     del plain_dataset, plain_loaders
+    _, mean_rating = training_sequences(*build_training_split(base), bank.users)
     attributes_cache: list[np.ndarray] = []
 
     def attributes() -> np.ndarray:

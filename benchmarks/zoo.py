@@ -48,7 +48,6 @@ import argparse
 import csv
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -218,10 +217,10 @@ def shuffled_ids(bank: FeatureBank, seed: int = SHUFFLE_SEED) -> np.ndarray:
     return bank.codes[np.random.default_rng(seed).permutation(len(bank.users))]
 
 
-def kmeans_columns(vectors: np.ndarray, sizes: list[int]) -> np.ndarray:
-    """``(U, P)``: one k-means per profile over the same per-user vectors, with seed = column index and as many
-    clusters as that profile's codebook (the columns differ by their k-means++ start only)."""
-    return np.stack([kmeans_ids(vectors, k, seed=column) for column, k in enumerate(sizes)], axis=1)
+def kmeans_columns(vectors: np.ndarray, sizes: list[int], first_seed: int = 0) -> np.ndarray:
+    """``(U, P)``: one k-means per profile over the same per-user vectors, with seed = ``first_seed`` + column
+    index and as many clusters as that profile's codebook (the columns differ by their k-means++ start only)."""
+    return np.stack([kmeans_ids(vectors, k, seed=first_seed + column) for column, k in enumerate(sizes)], axis=1)
 
 
 def attribute_vectors(config, settings: UIPSettings, bank: FeatureBank) -> tuple[np.ndarray, str]:
