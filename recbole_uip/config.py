@@ -162,7 +162,7 @@ class UIPSettings:
         """The settings that change the inferred IDs (not where outputs go, nor reuse)."""
         data = dataclasses.asdict(self)
         for key in ("enabled", "output_dir", "reuse", "llm_cache_dir", "num_threads", "diagnostics"):
-            data.pop(key)
+            data.pop(key)  # the thread count that runs enters the fingerprint with the numerics (runtime_numerics)
         if data["summary_max_tokens"] <= data["max_behaviour_tokens"]:
             # The summaries read the behaviour text itself, as before this key existed: leaving the key out
             # keeps the fingerprints of banks inferred then valid.

@@ -117,12 +117,16 @@ def _split_keys(config) -> dict[str, Any]:
 
 
 def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], llm_identity: str) -> tuple[str, dict]:
-    """Hash of everything the IDs depend on: file contents, split settings, LLM weights, ``uip_*`` settings."""
+    """Hash of everything the IDs depend on: file contents, split settings, LLM weights, ``uip_*`` settings, and
+    the numerics of the run (torch version, device type, dtype, CPU threads: see ``runtime_numerics``)."""
+    from recbole_uip.inference.llm import runtime_numerics
+
     inputs = {
         "files": {suffix: sha256_file(path) for suffix, path in sorted(files.items())},
         "split": _split_keys(config),
         "llm": {"name": settings.llm, "identity": llm_identity},
         "uip": settings.fingerprint_dict(),
+        "numerics": runtime_numerics(settings.llm_dtype, config["device"], settings.num_threads),
         "format": 1,
     }
     return sha256_json(inputs), inputs

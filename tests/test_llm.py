@@ -10,7 +10,8 @@ import torch
 
 from conftest import uip_config_dict, write_dataset
 from recbole_uip.inference import llm as llm_module
-from recbole_uip.inference.llm import LLMLoadError, assert_frozen, load_frozen_llm, model_identity, resolve_dtype
+from recbole_uip.inference.llm import (LLMLoadError, assert_frozen, load_frozen_llm, model_identity, resolve_dtype,
+                                     runtime_numerics)
 
 CPU = torch.device("cpu")
 
@@ -78,6 +79,18 @@ def test_resolve_dtype(monkeypatch):
     assert resolve_dtype("float16", CPU) == torch.float16
     assert resolve_dtype("bfloat16", CPU) == torch.bfloat16
     assert resolve_dtype("float32", CPU) == torch.float32
+
+
+def test_runtime_numerics_name_what_decides_the_rounding(monkeypatch):
+    """The fingerprint's numerics: the resolved dtype (auto follows the CPU), and the thread count on CPU only."""
+    monkeypatch.setattr(llm_module, "_cpu_has_native_bf16", lambda: True)
+    assert runtime_numerics("auto", CPU, 3) == {"torch": torch.__version__, "device": "cpu", "dtype": "bfloat16",
+                                                "threads": 3}
+    monkeypatch.setattr(llm_module, "_cpu_has_native_bf16", lambda: False)
+    assert runtime_numerics("auto", CPU, 0)["dtype"] == "float32"
+    assert runtime_numerics("auto", CPU, 0)["threads"] == torch.get_num_threads()  # 0: the count that will run
+    on_gpu = runtime_numerics("float16", torch.device("cuda"), 4)
+    assert on_gpu["device"] == "cuda" and on_gpu["dtype"] == "float16" and on_gpu["threads"] is None
 
 
 # ------------------------------------------------------------------------------------------------ trainer

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import uip_config_dict, write_dataset
@@ -123,7 +124,8 @@ def test_bank_is_reused_for_same_inputs_and_recomputed_on_any_change(tmp_path, t
         return json.loads((target / "uip_manifest.json").read_text())["fingerprint"]
 
     seen = {fingerprint}
-    for overrides in ({"uip_codebook_size": 4}, {"seed": 11}, {"eval_args": {"split": {"RS": [0.7, 0.2, 0.1]},
+    more_threads = {"uip_num_threads": torch.get_num_threads() + 1}  # the rounding of the run changes
+    for overrides in ({"uip_codebook_size": 4}, {"seed": 11}, more_threads, {"eval_args": {"split": {"RS": [0.7, 0.2, 0.1]},
                       "order": "RO", "group_by": None, "mode": "labeled"}}):
         new = fingerprint_after(**overrides)
         assert new not in seen, overrides
@@ -132,6 +134,9 @@ def test_bank_is_reused_for_same_inputs_and_recomputed_on_any_change(tmp_path, t
         f.write("31\tNew Film\tDrama\n")
     assert fingerprint_after() not in seen
     assert _infer(tmp_path, tiny_llm_dir, uip_reuse=False) == target
+    numerics = FeatureBank.load(target / "bank").metadata["inputs"]["numerics"]
+    assert numerics == {"torch": torch.__version__, "device": "cpu", "dtype": "float32",
+                        "threads": torch.get_num_threads()}
 
 
 def test_switching_splits_back_reuses_the_stored_bank_without_the_llm(tmp_path, tiny_llm_dir, monkeypatch):
