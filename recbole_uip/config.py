@@ -134,9 +134,6 @@ class UIPSettings:
             raise UIPConfigError(f"'uip_residual_optimizer' must be sgd or adam, got {self.residual_optimizer!r}.")
         if not self.rating_weight > 0:
             raise UIPConfigError(f"'uip_rating_weight' must be positive, got {self.rating_weight!r}.")
-        if self.rating_weight != 1.0 and not self.rating_template:
-            raise UIPConfigError("'uip_rating_weight' weighs the rating tokens of the behaviour text, but "
-                                 "'uip_rating_template' is empty: there are none. Set a template or leave the weight at 1.")
         if self.quantiser_metric not in METRICS:
             raise UIPConfigError(f"'uip_quantiser_metric' must be one of {', '.join(METRICS)}, got {self.quantiser_metric!r}.")
         components = self.quantiser_components

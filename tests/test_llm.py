@@ -216,7 +216,8 @@ def test_fisher_metric_accumulates_each_users_own_likelihood_gradient(trainer_pa
     expected = torch.zeros(len(settings.profiles), llm.hidden_size, llm.hidden_size, dtype=torch.float64)
     for u in users.tolist():
         tokens = trainer.soft(torch.tensor([u])).detach().requires_grad_(True)
-        batch = collate(trainer.layout, [corpus.token_ids[u]], llm.tokenizer.pad_token_id)
+        weights = None if corpus.rating_mask is None else [trainer.token_weights(u)]  # the M-step's own objective
+        batch = collate(trainer.layout, [corpus.token_ids[u]], llm.tokenizer.pad_token_id, weights)
         _, objective = behaviour_nll(llm.model, trainer.layout, batch, tokens, weighted=True)
         (grad,) = torch.autograd.grad(objective.sum(), tokens)
         g = grad[0].double()                               # (P, D)
@@ -303,7 +304,8 @@ def test_rating_weight_marks_exactly_the_rating_tokens_and_weighs_them_in_the_m_
     settings = UIPSettings.from_config(config)
     assert settings.fingerprint_dict()["rating_weight"] == 5.0
     corpus = build_behaviour_corpus(config, settings, llm.tokenizer, logger)
-    plain_settings = UIPSettings.from_config(build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir)))
+    plain_settings = UIPSettings.from_config(build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir,
+                                                                                         uip_rating_weight=1.0)))
     assert "rating_weight" not in plain_settings.fingerprint_dict()
     plain = build_behaviour_corpus(config, plain_settings, llm.tokenizer, logger)
     assert plain.rating_mask is None and plain.token_ids == corpus.token_ids   # same text either way
@@ -332,15 +334,30 @@ def test_rating_weight_marks_exactly_the_rating_tokens_and_weighs_them_in_the_m_
     assert result.codes.shape == (8, 2)
 
 
-def test_rating_weight_without_ratings_is_refused_clearly(tmp_path, tiny_llm_dir):
+def test_rating_weight_without_rating_tokens_has_no_effect_and_says_so(tmp_path, tiny_llm_dir, caplog):
+    """The default weight (10) must not break datasets whose text writes no ratings: it is logged and ignored."""
     from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.data.behaviour import build_behaviour_corpus
+    from recbole_uip.inference.trainer import ProfileInferenceTrainer
     from recbole_uip.quick_start import build_config
 
-    write_dataset(tmp_path / "data")
-    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_rating_weight=3.0,
-                                                                   uip_rating_template=""))
-    with pytest.raises(UIPConfigError, match="uip_rating_template"):
-        UIPSettings.from_config(config)
+    write_dataset(tmp_path / "data", n_users=8, n_items=12, per_user=6)
+    llm = load_frozen_llm(str(tiny_llm_dir), CPU, "float32")
+    logger = logging.getLogger("test_llm")
+    no_template = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_rating_weight=3.0,
+                                                                        uip_rating_template=""))
+    no_rating_field = build_config("DeepFM", "toy", None, uip_config_dict(
+        tmp_path, tiny_llm_dir, uip_rating_weight=3.0,
+        load_col={"inter": ["user_id", "item_id", "timestamp"], "user": ["user_id", "age", "gender"],
+                  "item": ["item_id", "class"]}, threshold=None))
+    for config, reason in ((no_template, "uip_rating_template' is empty"), (no_rating_field, "no rating field")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="test_llm"):
+            corpus = build_behaviour_corpus(config, UIPSettings.from_config(config), llm.tokenizer, logger)
+        assert corpus.rating_mask is None and " rated " not in corpus.texts[0]
+        assert "has no effect" in caplog.text and reason in caplog.text
+        trainer = ProfileInferenceTrainer(config, UIPSettings.from_config(config), llm, corpus, logger)
+        assert trainer.fit().codes.shape == (8, 2)           # every token weighs 1: the plain NLL
     config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_rating_weight=0))
     with pytest.raises(UIPConfigError, match="uip_rating_weight"):
         UIPSettings.from_config(config)

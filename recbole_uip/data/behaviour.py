@@ -38,7 +38,8 @@ class BehaviourCorpus:
             ``uip_summary_max_tokens`` (a longer stretch of the same training history, ending with
             ``token_ids``); equal to ``token_ids`` when that budget is 0 or not larger.
         rating_mask: per user, aligned with ``token_ids``: whether a token writes the item's rating (the
-            ``uip_rating_template`` part); only built when ``uip_rating_weight`` is not 1, else ``None``.
+            ``uip_rating_template`` part); only built when ``uip_rating_weight`` is not 1 and the text writes
+            ratings (a rating field, a template and a fast tokenizer), else ``None``.
     """
 
     users: list[str]
@@ -167,13 +168,13 @@ def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> Behaviou
     user_tokens = dataset.field2id_token[uid_field]
     piece_cache: dict[tuple[int, float], list[int] | None] = {}
     flag_cache: dict[tuple[int, float], list[bool]] = {}
-    mark_ratings = settings.rating_weight != 1.0
-    if mark_ratings and not has_rating:
-        raise BehaviourTextError(
-            f"'uip_rating_weight' weighs the rating tokens, but the training interactions have no rating field "
-            f"'{rating_field}' (fields: {', '.join(inter.columns)}). Leave uip_rating_weight at 1.")
-    if mark_ratings and not getattr(tokenizer, "is_fast", False):
-        raise BehaviourTextError("'uip_rating_weight' needs a fast tokenizer (character offsets) to find the rating tokens.")
+    mark_ratings = settings.rating_weight != 1.0 and has_rating and getattr(tokenizer, "is_fast", False)
+    if settings.rating_weight != 1.0 and not mark_ratings and logger:
+        reason = ("'uip_rating_template' is empty" if not settings.rating_template else
+                  f"the training interactions have no rating field '{rating_field}'" if not has_rating else
+                  "the tokenizer is not a fast one (no character offsets to find the rating tokens)")
+        logger.warning(f"UIP: uip_rating_weight={settings.rating_weight:g} has no effect: {reason}; every behaviour "
+                       f"token weighs 1 in the M-step.")
 
     def piece_ids(item_id: int, rating: float) -> list[int] | None:
         key = (item_id, rating)

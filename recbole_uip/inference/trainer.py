@@ -88,11 +88,10 @@ class ProfileInferenceTrainer:
         # uip_quantiser_metric = fisher: sum over the M-step's users of g g^T per profile, (P, D, D) float64
         self.fisher_sums: torch.Tensor | None = None
         self.assignments: torch.Tensor | None = None  # (U, P)
-        # Departure from the paper (opt-in, uip_rating_weight): the tokens that write a rating weigh more in the
-        # M-step loss, so the soft tokens learn how the user rates, not only which titles they watch. The
-        # logged NLL stays the plain one, comparable across settings.
-        if settings.rating_weight != 1.0 and corpus.rating_mask is None:
-            raise ValueError("uip_rating_weight needs the rating tokens of the behaviour text (corpus.rating_mask).")
+        # Departure from the paper (uip_rating_weight, 10 by default): the tokens that write a rating weigh more in
+        # the M-step loss, so the soft tokens learn how the user rates, not only which titles they watch. The
+        # logged NLL stays the plain one, comparable across settings. Without rating tokens (corpus.rating_mask
+        # is None: no rating field, no template or a slow tokenizer) every token weighs 1.
         self.history: list[dict] = []
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -207,7 +206,7 @@ class ProfileInferenceTrainer:
     def train_batch(self, users: torch.Tensor, scales: list[float], encoder_opt, residual_opt) -> torch.Tensor:
         """One M-step update for ``users`` (LongTensor ``(B,)``); returns their NLL ``(B,)`` before the update."""
         rows = users.tolist()
-        weights = None if self.settings.rating_weight == 1.0 else [self.token_weights(u) for u in rows]
+        weights = None if self.corpus.rating_mask is None else [self.token_weights(u) for u in rows]
         batch = collate(self.layout, [self.corpus.token_ids[u] for u in rows], self.llm.tokenizer.pad_token_id, weights)
         users_dev = users.to(self.device)
         soft_tokens = self.soft(users_dev)                                   # (B, P, D)
