@@ -88,7 +88,7 @@ def requantised_ids(bank: FeatureBank, sizes: list[int], iterations: int, seed: 
     for p, size in enumerate(sizes):
         codebook = ProfileCodebook(size, bank.offsets.shape[-1])
         if bank.projections is not None:
-            codebook.projection = torch.as_tensor(bank.projections[p])   # the final E-step's metric, fixed
+            codebook.use_projection(torch.as_tensor(bank.projections[p]))   # the final E-step's metric, fixed
         ids, _ = codebook.fit(torch.as_tensor(bank.offsets[:, p]), iterations, torch.Generator().manual_seed(seed * 1000 + p))
         columns.append(ids.numpy())
     return np.stack(columns, axis=1)

@@ -19,7 +19,7 @@ from recbole_uip.bank import BankError, FeatureBank
 from recbole_uip.compat import patch_recbole_checkpoint_loading, resolve_model_class
 from recbole_uip.config import UIPSettings, check_uip_keys, default_config_files
 from recbole_uip.data.atomic import (
-    MANIFEST_NAME, AtomicFileError, dataset_files, publish_directory, read_atomic, validate_atomic, write_user_file,
+    MANIFEST_NAME, dataset_files, publish_directory, read_atomic, validate_atomic, write_user_file,
 )
 from recbole_uip.model.fusion import check_model_supports_profiles, model_class_for_run
 from recbole_uip.utils import sha256_file, sha256_json, write_json_atomic

@@ -197,6 +197,24 @@ def test_fisher_metric_measures_the_quadratic_form_of_its_top_directions():
     assert codebook.assign(torch.tensor([[0.0, 0.1, 100.0], [0.0, 0.9, -100.0]])).tolist() == [0, 1]
 
 
+def test_a_stored_projection_requantises_like_the_quantiser_that_stored_it():
+    """use_projection: a plain codebook given a whitened codebook's final projection keeps it through fit() and
+    finds the same clusters from the same start (what fold-in and benchmarks/partitions.py rely on); a wrong
+    shape is refused."""
+    x, truth = noise_and_two_clusters()
+    whitened = ProfileCodebook(2, 3, metric="whitened", components=2)
+    white_ids, _ = whitened.fit(x, iterations=20, generator=torch.Generator().manual_seed(0))
+    fixed = ProfileCodebook(2, 3)
+    fixed.use_projection(whitened.projection.clone())
+    ids, health = fixed.fit(x, iterations=20, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ids, white_ids) and matches_up_to_permutation(ids, truth, 2)
+    assert fixed.assign(x).tolist() == whitened.assign(x).tolist()
+    torch.testing.assert_close(fixed.projection, whitened.projection)      # not refitted
+    assert health.projection_share is None
+    with pytest.raises(ValueError, match=r"\(D, k\)"):
+        fixed.use_projection(torch.zeros(4, 2))
+
+
 def test_perplexity():
     assert perplexity(torch.tensor([4, 4, 4, 4, 4])) == pytest.approx(5.0)
     assert perplexity(torch.tensor([0, 9, 0, 0])) == pytest.approx(1.0)

@@ -84,6 +84,18 @@ class ProfileCodebook(nn.Module):
         """``x (..., D)`` in the quantiser's metric: ``x @ A`` ``(..., k)`` once a projection is set, else ``x``."""
         return x if self.projection is None else x @ self.projection.to(x.dtype)
 
+    @torch.no_grad()
+    def use_projection(self, projection: torch.Tensor) -> None:
+        """Measure distances after a given ``projection (D, k)``, e.g. the one a feature bank stored for its final
+        E-step, to assign new offsets (fold-in) or quantise stored ones again in the bank's metric. A
+        ``euclidean`` codebook then keeps it through :meth:`fit`; ``whitened`` refits it there, ``fisher`` at
+        :meth:`set_fisher`."""
+        projection = torch.as_tensor(projection, dtype=torch.float32)
+        if projection.dim() != 2 or projection.shape[0] != self.codes.shape[1]:
+            raise ValueError(f"projection must be (D, k) with D = {self.codes.shape[1]}, got {tuple(projection.shape)}.")
+        self.projection = projection.to(self.codes.device)
+        self.projection_share = None
+
     def _rank(self, available: int) -> int:
         return available if self.components == 0 else min(self.components, available)
 
