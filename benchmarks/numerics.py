@@ -1,12 +1,13 @@
 """How much the LLM's floating-point numerics move the inferred profiles: dtype x CPU threads, one process.
 
-    python benchmarks/numerics.py --dataset=ml-100k --users=128 --epochs=2 [--key=value ...]
+    python benchmarks/numerics.py --dataset=ml-100k --users=64 --epochs=2 [--key=value ...]
 
 The same users (the first ``--users`` of the behaviour corpus), the same seed and settings are inferred under each
-(dtype, threads) pair; every run is compared with the float32 run at the lowest thread count (the reference).
-Reported per run: wall time, and the relative difference ``||a - b|| / ||a||`` of the forward-only summaries, the
-shared encoder, the per-user residuals and the quantised offsets, plus the share of (user, profile) IDs that agree
-after matching code labels (Hungarian). Runs alternate in one process, so machine noise hits them alike.
+(dtype, threads) pair, one after the other in one process. Every run is compared with the run of the same dtype at
+the lowest thread count (what the thread count alone changes) and with the float32 run at the lowest thread count
+(the reference: what the dtype changes). Reported per run: wall time, and the relative difference
+``||a - b|| / ||a||`` of the forward-only summaries, the shared encoder, the per-user residuals and the quantised
+offsets, plus the share of (user, profile) IDs that agree after matching code labels (Hungarian).
 
 Writes results/numerics_<dataset>.{md,json}.
 """
@@ -64,10 +65,16 @@ def matched_agreement(a: np.ndarray, b: np.ndarray) -> list[float]:
     return shares
 
 
+def compare(base: dict, run: dict) -> dict:
+    """Relative differences of every array of ``run`` to ``base``, and the matched share of agreeing IDs."""
+    return {**{name: relative_difference(base["arrays"][name], array) for name, array in run["arrays"].items()},
+            "ids_agree": matched_agreement(base["codes"], run["codes"])}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--users", type=int, default=128, help="users inferred (the corpus's first ones)")
+    parser.add_argument("--users", type=int, default=64, help="users inferred (the corpus's first ones)")
     parser.add_argument("--epochs", type=int, default=2, help="EM rounds (uip_epochs)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--threads", default="1,2", help="CPU thread counts")
@@ -102,15 +109,17 @@ def main(argv=None) -> int:
     reference = runs[0]
     rows = []
     for run in runs:
+        same_dtype = next(r for r in runs if r["dtype"] == run["dtype"])  # its dtype at the lowest thread count
         rows.append({
             "dtype": run["dtype"], "threads": run["threads"], "seconds": run["seconds"],
-            **{name: relative_difference(reference["arrays"][name], array) for name, array in run["arrays"].items()},
-            "ids_agree": matched_agreement(reference["codes"], run["codes"]),
+            "against_reference": compare(reference, run),
+            "against_same_dtype": compare(same_dtype, run),
         })
     report = {
         "dataset": args.dataset, "users": args.users, "epochs": args.epochs, "llm": settings.llm,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "reference": f"{reference['dtype']}, {reference['threads']} thread(s)", "overrides": overrides, "runs": rows,
+        "argv": sys.argv[1:] if argv is None else list(argv),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"numerics_{args.dataset}.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -124,20 +133,31 @@ def render(report: dict, profiles: list[str]) -> str:
     lines = [
         f"# Numerics of profile inference: {report['dataset']}",
         "",
-        f"LLM {report['llm']}, torch {report['torch']} on {report['cpu']}; the first {report['users']} users, "
-        f"{report['epochs']} EM rounds, same seed. Overrides: {report['overrides'] or 'none'}.",
-        f"Every run is compared with the reference run ({report['reference']}): relative difference "
-        "||ref - run|| / ||ref||, and the share of IDs that agree after matching code labels.",
+        f"Produced by `python benchmarks/numerics.py {' '.join(report.get('argv', []))}`. LLM {report['llm']}, torch "
+        f"{report['torch']} on {report['cpu']}; the first {report['users']} users, {report['epochs']} EM rounds, same "
+        f"seed, default settings otherwise (overrides: {report['overrides'] or 'none'}). Seconds are wall-clock per run "
+        "(summary pass and EM), one run at a time in one process.",
         "",
-        "| dtype | threads | seconds | summaries | encoder W | residuals r | offsets | "
-        + " | ".join(f"IDs agree: {p}" for p in profiles) + " |",
-        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(profiles),
+        "Relative difference ||base - run|| / ||base|| of the forward-only summaries, the shared encoder W, the "
+        "per-user residuals r and the quantised offsets W z + r, and the share of IDs that agree after matching "
+        "code labels.",
     ]
-    for row in report["runs"]:
-        lines.append(
-            f"| {row['dtype']} | {row['threads']} | {row['seconds']:.0f} | {row['summaries']:.1e} | {row['encoder']:.1e} "
-            f"| {row['residual']:.1e} | {row['offsets']:.1e} | " + " | ".join(f"{s:.3f}" for s in row["ids_agree"]) + " |"
-        )
+    for key, title in (("against_same_dtype", "Against the same dtype at the lowest thread count (what the thread "
+                                              "count alone changes)"),
+                       ("against_reference", f"Against the reference run, {report['reference']} (what the dtype "
+                                             "changes)")):
+        lines += [
+            "", f"## {title}", "",
+            "| dtype | threads | seconds | summaries | encoder W | residuals r | offsets | "
+            + " | ".join(f"IDs agree: {p}" for p in profiles) + " |",
+            "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(profiles),
+        ]
+        for row in report["runs"]:
+            d = row[key]
+            lines.append(
+                f"| {row['dtype']} | {row['threads']} | {row['seconds']:.0f} | {d['summaries']:.1e} | {d['encoder']:.1e} "
+                f"| {d['residual']:.1e} | {d['offsets']:.1e} | " + " | ".join(f"{s:.3f}" for s in d["ids_agree"]) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
