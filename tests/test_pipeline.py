@@ -9,8 +9,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from conftest import uip_config_dict, write_dataset
 from recbole_uip.bank import FeatureBank
