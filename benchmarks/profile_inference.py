@@ -171,12 +171,19 @@ def render(r: dict) -> str:
             lines.append(f"| {h['round']} | {h['seconds']} | {nll} |")
         if f.get("diagnostics_nll"):
             d = f["diagnostics_nll"]
+            weighted = any(k.startswith("nll_weighted_") for k in d)
             lines += ["", "Do the soft tokens carry user information? Mean behaviour NLL (nats/token) after EM, forward only "
-                      "(these four passes are included in the wall time above):", "",
-                      "| soft tokens | NLL |", "|---|---|"]
-            names = {"nll_current": "each user's own", "nll_shuffled": "another user's (shuffled)",
-                     "nll_mean": "the mean token (no user information)", "nll_code": "each user's assigned codes"}
-            lines += [f"| {names.get(k, k)} | {v:.4f} |" for k, v in d.items()]
+                      "(these four passes are included in the wall time above)"
+                      + ("; the rating-weighted NLL is the M-step's objective (`uip_rating_weight`)" if weighted else "")
+                      + ":", "",
+                      "| soft tokens | NLL |" + (" rating-weighted NLL |" if weighted else ""),
+                      "|---|---|" + ("---|" if weighted else "")]
+            names = {"current": "each user's own", "shuffled": "another user's (shuffled)",
+                     "mean": "the mean token (no user information)", "code": "each user's assigned codes"}
+            for mode, name in names.items():
+                if f"nll_{mode}" in d:
+                    extra = f" {d[f'nll_weighted_{mode}']:.4f} |" if weighted else ""
+                    lines.append(f"| {name} | {d[f'nll_{mode}']:.4f} |{extra}")
     return "\n".join(lines) + "\n"
 
 

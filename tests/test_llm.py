@@ -199,6 +199,31 @@ def test_quantiser_metric_assigns_in_the_projected_metric_and_reaches_the_bank(m
             UIPSettings.from_config(build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, **{key: value})))
 
 
+def test_diagnostics_report_the_plain_and_the_rating_weighted_nll_of_each_variant(trainer_parts):
+    """diagnose(): per user, the plain NLL and the M-step's rating-weighted objective for own / shuffled / mean /
+    code tokens, from one pass each; the own-token values equal a direct computation."""
+    from recbole_uip.inference.prompt import collate
+    from recbole_uip.inference.soft_profiles import behaviour_nll
+    from recbole_uip.inference.trainer import ProfileInferenceTrainer
+
+    config, settings, llm, corpus, logger = trainer_parts
+    assert corpus.rating_mask is not None                     # the default rating weight marks rating tokens
+    trainer = ProfileInferenceTrainer(config, settings, llm, corpus, logger)
+    trainer.fit()
+    nll = trainer.diagnose()
+    modes = ("current", "shuffled", "mean", "code")
+    assert set(nll) == {f"nll_{m}" for m in modes} | {f"nll_weighted_{m}" for m in modes}
+    assert all(v.shape == (len(corpus),) and np.isfinite(v).all() for v in nll.values())
+    assert not np.allclose(nll["nll_current"], nll["nll_weighted_current"])
+    assert not np.allclose(nll["nll_current"], nll["nll_shuffled"])
+    u = 3
+    batch = collate(trainer.layout, [corpus.token_ids[u]], llm.tokenizer.pad_token_id, [trainer.token_weights(u)])
+    with torch.no_grad():
+        plain, weighted = behaviour_nll(llm.model, trainer.layout, batch, trainer.soft(torch.tensor([u])), weighted=True)
+    assert nll["nll_current"][u] == pytest.approx(float(plain[0]), rel=1e-4)
+    assert nll["nll_weighted_current"][u] == pytest.approx(float(weighted[0]), rel=1e-4)
+
+
 def test_fisher_metric_accumulates_each_users_own_likelihood_gradient(trainer_parts):
     """The Fisher sums of an M-step batch equal sum_u g_u g_u^T with g_u the gradient of user u's own objective
     with respect to its soft tokens, computed one user at a time (commitment term excluded)."""

@@ -141,20 +141,25 @@ class ProfileInferenceTrainer:
         return torch.stack(anchors)
 
     @torch.inference_mode()
-    def evaluate_nll(self, offsets: str = "current") -> torch.Tensor:
-        """Per-user behaviour NLL ``(U,)`` under fixed soft tokens, forward only.
+    def evaluate_nll(self, offsets: str = "current") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-user behaviour NLL under fixed soft tokens, forward only: ``(plain (U,), weighted (U,) or None)``.
 
         ``offsets``: ``"current"`` (the soft tokens now), ``"anchor"`` (every user gets the phrase anchors),
         ``"mean"`` (every user gets the mean soft token: no user information, but the same shift),
         ``"shuffled"`` (each user gets another user's soft tokens) or ``"code"`` (each user's offset replaced by
         its assigned code). ``current`` well below ``mean`` and ``shuffled`` means the tokens carry user information.
+        ``weighted`` is the rating-weighted NLL the M-step optimises (``uip_rating_weight``), from the same pass;
+        None when the behaviour text has no rating tokens to weigh.
         """
         nll = torch.zeros(len(self.corpus))
+        weighted_nll = None if self.corpus.rating_mask is None else torch.zeros(len(self.corpus))
         order = torch.arange(len(self.corpus))
         permutation = torch.randperm(len(self.corpus), generator=torch.Generator().manual_seed(0))
         mean_offsets = self.soft.offsets().mean(0, keepdim=True)
         for users in _batches(order, self.settings.batch_size * 2):
-            batch = collate(self.layout, [self.corpus.token_ids[u] for u in users.tolist()], self.llm.tokenizer.pad_token_id)
+            rows = users.tolist()
+            weights = None if weighted_nll is None else [self.token_weights(u) for u in rows]
+            batch = collate(self.layout, [self.corpus.token_ids[u] for u in rows], self.llm.tokenizer.pad_token_id, weights)
             users_dev = users.to(self.device)
             tokens = self.soft(users_dev)
             if offsets == "mean":
@@ -166,8 +171,11 @@ class ProfileInferenceTrainer:
             elif offsets == "code":
                 codes = torch.stack([cb.codes[self.assignments[users, p]] for p, cb in enumerate(self.codebooks)], 1)
                 tokens = self.soft.center()[None] + codes.to(self.device)
-            nll[users] = behaviour_nll(self.llm.model, self.layout, batch, tokens).float().cpu()
-        return nll
+            plain, weighted = behaviour_nll(self.llm.model, self.layout, batch, tokens, weighted=True)
+            nll[users] = plain.float().cpu()
+            if weighted_nll is not None:
+                weighted_nll[users] = weighted.float().cpu()
+        return nll, weighted_nll
 
     # ---------------------------------------------------------------------------------------------- EM steps
     @torch.no_grad()
@@ -324,13 +332,22 @@ class ProfileInferenceTrainer:
 
     def diagnose(self) -> dict[str, np.ndarray]:
         """Do the soft tokens carry *user* information? Per-user NLL with the user's own tokens, with another
-        user's (shuffled), with the mean token (no user information), and with the assigned codes. Costs four
+        user's (shuffled), with the mean token (no user information), and with the assigned codes: ``nll_<mode>``
+        (plain) and, where ratings are weighted, ``nll_weighted_<mode>`` (the M-step's objective). Costs four
         forward-only passes; on with ``uip_diagnostics``."""
-        nll = {f"nll_{mode}": self.evaluate_nll(mode).numpy() for mode in ("current", "shuffled", "mean", "code")}
-        self.logger.info(
-            "UIP diagnostics, behaviour NLL (nats/token): own soft tokens {:.4f}, another user's {:.4f}, mean token "
-            "{:.4f}, own codes {:.4f}.".format(*(float(v.mean()) for v in nll.values()))
-        )
+        modes = ("current", "shuffled", "mean", "code")
+        nll = {}
+        for mode in modes:
+            plain, weighted = self.evaluate_nll(mode)
+            nll[f"nll_{mode}"] = plain.numpy()
+            if weighted is not None:
+                nll[f"nll_weighted_{mode}"] = weighted.numpy()
+        for prefix, what in (("nll_", "behaviour NLL"), ("nll_weighted_", "rating-weighted NLL (the M-step's objective)")):
+            if f"{prefix}current" in nll:
+                self.logger.info(
+                    f"UIP diagnostics, {what} (nats/token): own soft tokens {{:.4f}}, another user's {{:.4f}}, mean token "
+                    "{:.4f}, own codes {:.4f}.".format(*(float(nll[f"{prefix}{mode}"].mean()) for mode in modes))
+                )
         return nll
 
     # -------------------------------------------------------------------------------------------- logging
