@@ -29,7 +29,7 @@ from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recbole_uip.__main__ import parse_value  # noqa: E402
+import zoo  # noqa: E402  (its --key=value override parsing)
 from recbole_uip.config import UIPSettings  # noqa: E402
 from recbole_uip.data.behaviour import build_behaviour_corpus  # noqa: E402
 from recbole_uip.inference.llm import load_frozen_llm  # noqa: E402
@@ -78,8 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=2, help="EM rounds (uip_epochs)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--threads", default="1,2", help="CPU thread counts")
-    args, rest = parser.parse_known_args(argv)
-    overrides = {k.lstrip("-"): parse_value(v) for k, _, v in (r.partition("=") for r in rest)}
+    args, overrides = zoo.parse_known_with_overrides(parser, argv)
     dtypes = args.dtypes.split(",")
     thread_counts = sorted(int(t) for t in args.threads.split(","))
 
@@ -119,7 +118,7 @@ def main(argv=None) -> int:
         "dataset": args.dataset, "users": args.users, "epochs": args.epochs, "llm": settings.llm,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "reference": f"{reference['dtype']}, {reference['threads']} thread(s)", "overrides": overrides, "runs": rows,
-        "argv": sys.argv[1:] if argv is None else list(argv),
+        "argv": args.argv,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"numerics_{args.dataset}.json").write_text(json.dumps(report, indent=2) + "\n")

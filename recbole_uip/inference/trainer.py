@@ -157,9 +157,7 @@ class ProfileInferenceTrainer:
         permutation = torch.randperm(len(self.corpus), generator=torch.Generator().manual_seed(0))
         mean_offsets = self.soft.offsets().mean(0, keepdim=True)
         for users in _batches(order, self.settings.batch_size * 2):
-            rows = users.tolist()
-            weights = None if weighted_nll is None else [self.token_weights(u) for u in rows]
-            batch = collate(self.layout, [self.corpus.token_ids[u] for u in rows], self.llm.tokenizer.pad_token_id, weights)
+            batch = self.prompt_batch(users.tolist())
             users_dev = users.to(self.device)
             tokens = self.soft(users_dev)
             if offsets == "mean":
@@ -213,9 +211,7 @@ class ProfileInferenceTrainer:
 
     def train_batch(self, users: torch.Tensor, scales: list[float], encoder_opt, residual_opt) -> torch.Tensor:
         """One M-step update for ``users`` (LongTensor ``(B,)``); returns their NLL ``(B,)`` before the update."""
-        rows = users.tolist()
-        weights = None if self.corpus.rating_mask is None else [self.token_weights(u) for u in rows]
-        batch = collate(self.layout, [self.corpus.token_ids[u] for u in rows], self.llm.tokenizer.pad_token_id, weights)
+        batch = self.prompt_batch(users.tolist())
         users_dev = users.to(self.device)
         soft_tokens = self.soft(users_dev)                                   # (B, P, D)
         if self.fisher_sums is not None:
@@ -239,6 +235,12 @@ class ProfileInferenceTrainer:
             grads = (soft_tokens.grad.detach() * len(users)).double().cpu()          # (B, P, D)
             self.fisher_sums += torch.einsum("bpd,bpe->pde", grads, grads)
         return nll.detach()
+
+    def prompt_batch(self, rows: list[int]):
+        """The prompts of users ``rows``, with each behaviour token's M-step weight where the text has rating tokens
+        (``corpus.rating_mask``; no weights otherwise: every token weighs 1)."""
+        weights = None if self.corpus.rating_mask is None else [self.token_weights(u) for u in rows]
+        return collate(self.layout, [self.corpus.token_ids[u] for u in rows], self.llm.tokenizer.pad_token_id, weights)
 
     def token_weights(self, user: int) -> list[float]:
         """M-step loss weight of each behaviour token of ``user``: ``uip_rating_weight`` on rating tokens, else 1."""
@@ -342,12 +344,11 @@ class ProfileInferenceTrainer:
             nll[f"nll_{mode}"] = plain.numpy()
             if weighted is not None:
                 nll[f"nll_weighted_{mode}"] = weighted.numpy()
+        labels = ("own soft tokens", "another user's", "mean token", "own codes")
         for prefix, what in (("nll_", "behaviour NLL"), ("nll_weighted_", "rating-weighted NLL (the M-step's objective)")):
             if f"{prefix}current" in nll:
-                self.logger.info(
-                    f"UIP diagnostics, {what} (nats/token): own soft tokens {{:.4f}}, another user's {{:.4f}}, mean token "
-                    "{:.4f}, own codes {:.4f}.".format(*(float(nll[f"{prefix}{mode}"].mean()) for mode in modes))
-                )
+                means = ", ".join(f"{label} {float(nll[prefix + mode].mean()):.4f}" for label, mode in zip(labels, modes))
+                self.logger.info(f"UIP diagnostics, {what} (nats/token): {means}.")
         return nll
 
     # -------------------------------------------------------------------------------------------- logging
