@@ -90,15 +90,20 @@ def incidence_of(item_lists: list[list[int]], num_items: int) -> np.ndarray:
 
 
 def behaviour_text_items(config, settings, users: list[str]) -> list[list[str]]:
-    """Per user (rows in ``users`` order), the raw item tokens written in the M-step's behaviour text."""
+    """Per user (rows in ``users`` order), the raw item tokens of their newest training items within
+    ``uip_max_behaviour_tokens`` (the text the paper's setting scores, and the diagnostics' held-out text)."""
     from transformers import AutoTokenizer
 
-    from recbole_uip.data.behaviour import build_behaviour_corpus
+    from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields
+    from recbole_uip.data.behaviour_text import BehaviourText
     from recbole_uip.inference.llm import BUNDLED_LLM, convert_bundled_model
+    from recbole_uip.quick_start import check_dataset_files
 
     folder = convert_bundled_model(settings.llm_cache_dir) if settings.llm == BUNDLED_LLM else settings.llm
-    corpus = build_behaviour_corpus(config, settings, AutoTokenizer.from_pretrained(str(folder)))
-    items_of = dict(zip(corpus.users, corpus.items))
+    histories = collect_training_histories(config, settings, resolve_text_fields(config, settings, check_dataset_files(config)))
+    text = BehaviourText(histories, settings, AutoTokenizer.from_pretrained(str(folder)))
+    items_of = {user: [histories.item_ids[i] for i in histories.items[u][text.newest_target(u, settings.max_behaviour_tokens)]]
+                for u, user in enumerate(histories.users)}
     return [items_of.get(u, []) for u in users]
 
 

@@ -2,12 +2,12 @@
 
     python benchmarks/numerics.py --dataset=ml-100k --users=64 --epochs=2 [--key=value ...]
 
-The same users (the first ``--users`` of the behaviour corpus), the same seed and settings are inferred under each
+The same users (the first ``--users`` of the training histories), the same seed and settings are inferred under each
 (dtype, threads) pair, one after the other in one process. Every run is compared with the run of the same dtype at
 the lowest thread count (what the thread count alone changes) and with the float32 run at the lowest thread count
 (the reference: what the dtype changes). Reported per run: wall time, and the relative difference
-``||a - b|| / ||a||`` of the forward-only summaries, the shared encoder, the per-user residuals and the quantised
-offsets, plus the share of (user, profile) IDs that agree after matching code labels (Hungarian).
+``||a - b|| / ||a||`` of the users' encoder inputs z (from the forward-only item embeddings), the shared encoder
+and the quantised offsets, plus the share of (user, profile) IDs that agree after matching code labels (Hungarian).
 
 Writes results/numerics_<dataset>.{md,json}.
 """
@@ -29,24 +29,22 @@ from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import zoo  # noqa: E402  (its --key=value override parsing)
+from recbole_uip.benchmarking import parse_known_with_overrides  # noqa: E402
 from recbole_uip.config import UIPSettings  # noqa: E402
-from recbole_uip.data.behaviour import build_behaviour_corpus  # noqa: E402
+from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields  # noqa: E402
+from recbole_uip.data.behaviour_text import BehaviourText  # noqa: E402
 from recbole_uip.inference.llm import load_frozen_llm  # noqa: E402
 from recbole_uip.inference.trainer import ProfileInferenceTrainer  # noqa: E402
-from recbole_uip.quick_start import build_config  # noqa: E402
+from recbole_uip.quick_start import build_config, check_dataset_files  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
-def first_users(corpus, count: int):
-    """The corpus restricted to its first ``count`` users (every per-user list cut alike)."""
-    fields = {}
-    for field in dataclasses.fields(corpus):
-        value = getattr(corpus, field.name)
-        per_user = isinstance(value, list) and len(value) == len(corpus) and field.name != "users_without_history"
-        fields[field.name] = value[:count] if per_user else value
-    return type(corpus)(**fields)
+def first_users(histories, count: int):
+    """The histories restricted to their first ``count`` users (every per-user list cut alike)."""
+    return dataclasses.replace(histories, users=histories.users[:count], items=histories.items[:count],
+                               ratings=None if histories.ratings is None else histories.ratings[:count],
+                               interaction_counts=histories.interaction_counts[:count])
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -78,7 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=2, help="EM rounds (uip_epochs)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--threads", default="1,2", help="CPU thread counts")
-    args, overrides = zoo.parse_known_with_overrides(parser, argv)
+    args, overrides = parse_known_with_overrides(parser, argv)
     dtypes = args.dtypes.split(",")
     thread_counts = sorted(int(t) for t in args.threads.split(","))
 
@@ -90,18 +88,19 @@ def main(argv=None) -> int:
     logger = getLogger()
     settings = UIPSettings.from_config(config)
     runs = []
+    histories = first_users(collect_training_histories(
+        config, settings, resolve_text_fields(config, settings, check_dataset_files(config)), logger), args.users)
     for dtype in dtypes:
         llm = load_frozen_llm(settings.llm, config["device"], dtype, settings.llm_cache_dir, logger)
-        corpus = first_users(build_behaviour_corpus(config, settings, llm.tokenizer, logger), args.users)
+        text = BehaviourText(histories, settings, llm.tokenizer)
         for threads in thread_counts:
             run_settings = dataclasses.replace(settings, llm_dtype=dtype, num_threads=threads)
-            trainer = ProfileInferenceTrainer(config, run_settings, llm, corpus, logger)
+            trainer = ProfileInferenceTrainer(config, run_settings, llm, histories, text, logger)
             start = time.perf_counter()
             result = trainer.fit()
             runs.append({
                 "dtype": dtype, "threads": threads, "seconds": round(time.perf_counter() - start, 1),
-                "arrays": {"summaries": result.summaries, "encoder": trainer.soft.encoder.detach().cpu().numpy(),
-                           "residual": trainer.soft.residual.detach().cpu().numpy(), "offsets": result.offsets},
+                "arrays": {"summaries": result.summaries, "encoder": result.encoder, "offsets": result.offsets},
                 "codes": result.codes,
             })
             logger.info(f"numerics: {dtype}, {threads} thread(s): {runs[-1]['seconds']} s")
@@ -135,11 +134,10 @@ def render(report: dict, profiles: list[str]) -> str:
         f"Produced by `python benchmarks/numerics.py {' '.join(report.get('argv', []))}`. LLM {report['llm']}, torch "
         f"{report['torch']} on {report['cpu']}; the first {report['users']} users, {report['epochs']} EM rounds, same "
         f"seed, default settings otherwise (overrides: {report['overrides'] or 'none'}). Seconds are wall-clock per run "
-        "(summary pass and EM), one run at a time in one process.",
+        "(item embeddings and EM), one run at a time in one process.",
         "",
-        "Relative difference ||base - run|| / ||base|| of the forward-only summaries, the shared encoder W, the "
-        "per-user residuals r and the quantised offsets W z + r, and the share of IDs that agree after matching "
-        "code labels.",
+        "Relative difference ||base - run|| / ||base|| of the users' encoder inputs z, the shared encoder A and the "
+        "quantised offsets A z, and the share of IDs that agree after matching code labels.",
     ]
     for key, title in (("against_same_dtype", "Against the same dtype at the lowest thread count (what the thread "
                                               "count alone changes)"),
@@ -147,15 +145,15 @@ def render(report: dict, profiles: list[str]) -> str:
                                              "changes)")):
         lines += [
             "", f"## {title}", "",
-            "| dtype | threads | seconds | summaries | encoder W | residuals r | offsets | "
+            "| dtype | threads | seconds | z | encoder A | offsets | "
             + " | ".join(f"IDs agree: {p}" for p in profiles) + " |",
-            "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(profiles),
+            "|---|---:|---:|---:|---:|---:|" + "---:|" * len(profiles),
         ]
         for row in report["runs"]:
             d = row[key]
             lines.append(
                 f"| {row['dtype']} | {row['threads']} | {row['seconds']:.0f} | {d['summaries']:.1e} | {d['encoder']:.1e} "
-                f"| {d['residual']:.1e} | {d['offsets']:.1e} | " + " | ".join(f"{s:.3f}" for s in d["ids_agree"]) + " |"
+                f"| {d['offsets']:.1e} | " + " | ".join(f"{s:.3f}" for s in d["ids_agree"]) + " |"
             )
     return "\n".join(lines) + "\n"
 

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zoo  # noqa: E402  (the zoo's dataset writing, split checks and training loop)
+from recbole_uip.benchmarking import parse_known_with_overrides  # noqa: E402
 from informativeness import explained_variance, training_sequences  # noqa: E402
 from recbole_uip.bank import FeatureBank  # noqa: E402
 from recbole_uip.data.behaviour import build_training_split  # noqa: E402
@@ -62,7 +63,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--render", action="store_true", help="only rebuild the markdown from the JSONL")
     for key, value in zoo.TRAINING_DEFAULTS.items():
         parser.add_argument(f"--{key}", type=type(value), default=value, help=f"RecBole {key} (default: {value})")
-    args, overrides = zoo.parse_known_with_overrides(parser, argv)
+    args, overrides = parse_known_with_overrides(parser, argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     if unknown := [s for s in args.sources if s not in SOURCES]:

@@ -62,8 +62,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recbole_uip.__main__ import parse_value  # noqa: E402
 from recbole_uip.bank import FeatureBank  # noqa: E402
+from recbole_uip.benchmarking import paired_test, parse_known_with_overrides  # noqa: E402
 from recbole_uip.compat import patch_recbole_checkpoint_loading  # noqa: E402
 from recbole_uip.config import UIPSettings  # noqa: E402
 from recbole_uip.data.atomic import MANIFEST_NAME, publish_directory, read_atomic  # noqa: E402
@@ -118,10 +118,13 @@ FEATURE_SETS = {fs.name: fs for fs in [
     FeatureSet("random", "random", False, True, "control: random IDs, same number of IDs per column"),
     FeatureSet("shuffled", "shuffled", False, True, "control: UIP IDs permuted across users"),
     FeatureSet("kmeans-attr", "kmeans-attr", False, True, "cheap baseline: k-means over item-attribute histograms"),
-    FeatureSet("kmeans-llm", "kmeans-llm", False, True, "cheap baseline: k-means over pooled LLM hidden states"),
+    FeatureSet("kmeans-llm", "kmeans-llm", False, True, "cheap baseline: k-means over the LLM's user vectors z"),
+    FeatureSet("uip-untrained", "uip-untrained", False, True,
+               "control: the same quantiser on the untrained start (the bank's first E-step)"),
 ]}
 # Comparisons reported next to "vs none": (feature set, reference).
-COMPARISONS = [("uip", "shuffled"), ("uip", "random"), ("uip", "kmeans-attr"), ("uip", "kmeans-llm"), ("uip+own", "own")]
+COMPARISONS = [("uip", "shuffled"), ("uip", "random"), ("uip", "kmeans-attr"), ("uip", "kmeans-llm"),
+               ("uip", "uip-untrained"), ("uip+own", "own")]
 
 
 # ============================================================================================ command line
@@ -160,21 +163,6 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     unknown = [f for f in args.feature_sets if f not in FEATURE_SETS] + [s for s in args.settings if s not in SETTINGS]
     if unknown:
         parser.error(f"unknown feature set / setting: {', '.join(unknown)}")
-    return args, overrides
-
-
-def parse_known_with_overrides(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
-    """``(args, overrides)``: the parser's own flags, and every other ``--key=value`` as a RecBole / ``uip_*``
-    override (values read as YAML, like run_recbole_uip.py). ``args.argv`` keeps the command line (for the
-    report), without ``--render``."""
-    args, rest = parser.parse_known_args(argv)
-    args.argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--render")]
-    overrides = {}
-    for item in rest:
-        if not item.startswith("--") or "=" not in item:
-            parser.error(f"unrecognised argument {item!r}: extra keys are given as --key=value")
-        key, _, value = item[2:].partition("=")
-        overrides[key] = parse_value(value)
     return args, overrides
 
 
@@ -280,7 +268,9 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
         "kmeans-attr": lambda: (kmeans_columns(attribute_vectors(config, settings, bank)[0], sizes),
                                 "k-means over item-attribute histograms of the training split, seed = column"),
         "kmeans-llm": lambda: (kmeans_columns(bank.summaries, sizes),
-                               "k-means over the bank's pooled LLM hidden states (no prompt tuning), seed = column"),
+                               "k-means over the bank's user vectors z (LLM item embeddings, no prompt tuning), seed = column"),
+        "uip-untrained": lambda: (bank.initial_codes,
+                                  "the bank's first E-step: the same quantiser on the untrained starting point"),
     }
     for id_set in sorted(needed - {"uip"}):
         folder = target.parent / f"{config['dataset']}-uipzoo-{id_set}"
@@ -288,6 +278,8 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
         if not is_current(folder, fingerprint):
             if id_set == "kmeans-llm" and bank.summaries is None:
                 raise ValueError("The bank holds no LLM summaries: the kmeans-llm baseline cannot be built.")
+            if id_set == "uip-untrained" and bank.initial_codes is None:
+                raise ValueError("The bank holds no initial codes: the untrained control cannot be built.")
             codes, note = builders[id_set]()
             write_augmented_dataset(config, settings, files, alternative_bank(bank, codes, id_set, note), folder)
             logger.info(f"zoo: wrote the {id_set} IDs to {folder}")
@@ -654,17 +646,6 @@ def check_fields(config, dataset, columns: list[str], setting: str) -> None:
 
 
 # ============================================================================================ summaries
-def paired_test(a, b) -> tuple[float, float, float]:
-    """Mean and std of the paired difference a - b and its paired t-test p-value (nan if undefined)."""
-    from scipy import stats
-
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    diff = a - b
-    std = float(diff.std(ddof=1)) if len(diff) > 1 else float("nan")
-    p = float(stats.ttest_rel(a, b).pvalue) if len(diff) > 1 and np.ptp(diff) > 0 else float("nan")
-    return float(diff.mean()), std, p
-
-
 def by_cell(records: list[dict]) -> dict[tuple, dict[int, dict]]:
     """``{(setting, model, feature_set): {seed: record}}``."""
     cells: dict[tuple, dict[int, dict]] = {}

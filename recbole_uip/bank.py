@@ -1,15 +1,22 @@
-"""The feature bank: each user's profile IDs, the codebooks, and what they were computed from.
+"""The feature bank: each user's profile IDs, the codebooks, the encoder that maps a history to IDs, and provenance.
 
 A bank is a plain, versioned folder that any tool can read without this package:
 
 * ``bank.json``: format version, fingerprint of every input, profiles, users, the settings, the inference
-  report, and the SHA-256 of ``bank.npz``;
-* ``bank.npz``: ``codes`` int64 ``(U, P)``, ``codebook_<profile>`` float32 ``(K_p, D)``, ``summaries`` float32
-  ``(U, H)`` (forward-only LLM summaries, for baselines and fold-in), ``offsets`` float32 ``(U, P, D)`` and,
-  when the codebooks measure distances after a projection (``uip_quantiser_metric``), ``projection_<profile>``
-  float32 ``(D, k)`` (a new offset ``x`` goes to ``argmin_k ||(x - codebook[k]) @ projection||``).
+  report, the items the encoder has embedded, and the SHA-256 of ``bank.npz``;
+* ``bank.npz``:
 
-Serving looks IDs up here and never runs the LLM.
+  - ``codes`` int64 ``(U, P)``: the profile IDs; ``initial_codes`` int64 ``(U, P)``: the same quantiser on the
+    untrained start (the control every benchmark compares against);
+  - ``codebook_<profile>`` float32 ``(K_p, D)``; with the whitened metric ``projection_<profile>`` float32
+    ``(D, k)`` (a new offset ``x`` goes to ``argmin_k ||(x - codebook[k]) @ projection||``);
+  - ``summaries`` float32 ``(U, k)``: each user's encoder input ``z``; ``offsets`` float32 ``(U, P, D)``;
+  - the encoder (:class:`EncoderState`): ``encoder_anchors``, ``encoder_shared`` ``(P, D)``, ``encoder_weights``
+    ``(P, D, k)``, ``features_*`` (the history-to-``z`` map) and ``item_embeddings`` ``(I, H)``.
+
+Everything a user who is not in the bank needs is here: their items' embeddings (the LLM runs only for items the
+bank has not embedded), the map to ``z``, the encoder and the codebooks. Serving looks IDs up and never runs
+the LLM.
 """
 
 from __future__ import annotations
@@ -22,13 +29,68 @@ from typing import Any
 
 import numpy as np
 
+from recbole_uip.inference.user_features import UserFeatureMap
 from recbole_uip.utils import atomic_write, sha256_file, write_json_atomic
 
-BANK_FORMAT_VERSION = 1
+BANK_FORMAT_VERSION = 2
 
 
 class BankError(ValueError):
     """A bank folder is missing, incomplete, corrupted or of an unknown version."""
+
+
+@dataclasses.dataclass
+class EncoderState:
+    """The amortised encoder of a bank: from a user's items and ratings to their soft-token offsets.
+
+    Attributes:
+        anchors, shared: float32 ``(P, D)``; a soft token is ``anchors + shared + offset``.
+        weights: float32 ``(P, D, k)``; ``offset[p] = weights[p] @ z``.
+        feature_map: from a history to ``z (k,)``.
+        item_ids: raw tokens of the embedded items; item_embeddings: float32 ``(I, H)`` aligned with them.
+    """
+
+    anchors: np.ndarray
+    shared: np.ndarray
+    weights: np.ndarray
+    feature_map: UserFeatureMap
+    item_ids: list[str]
+    item_embeddings: np.ndarray
+
+    def offsets(self, histories: list[list[str]], ratings: list[list[float]] | None = None) -> np.ndarray:
+        """Offsets ``(B, P, D)`` of ``B`` histories of raw item tokens (oldest first), with their ratings where the
+        bank's text wrote ratings. Every item must be one the bank has embedded (:attr:`item_ids`).
+
+        Raises:
+            KeyError: naming an item the bank has not embedded.
+        """
+        import torch
+
+        row = {item: i for i, item in enumerate(self.item_ids)}
+        unknown = sorted({item for history in histories for item in history if item not in row})
+        if unknown:
+            raise KeyError(f"items not embedded in this bank: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        items = [np.array([row[item] for item in history], dtype=np.int64) for history in histories]
+        rates = None
+        if self.feature_map.rating_mean is not None:
+            if ratings is None:
+                raise ValueError("This bank's behaviour text wrote ratings: give each history its ratings.")
+            rates = [np.asarray(r, dtype=np.float32) for r in ratings]
+        z = self.feature_map(torch.from_numpy(self.item_embeddings), items, rates)
+        return np.einsum("pdk,bk->bpd", self.weights, z.numpy())
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"encoder_anchors": self.anchors, "encoder_shared": self.shared, "encoder_weights": self.weights,
+                "item_embeddings": self.item_embeddings, **self.feature_map.arrays()}
+
+    def meta(self) -> dict:
+        return {"item_ids": self.item_ids, "rating_mean": self.feature_map.rating_mean, "prior": self.feature_map.prior}
+
+    @classmethod
+    def load(cls, arrays, meta: dict) -> "EncoderState":
+        return cls(anchors=arrays["encoder_anchors"], shared=arrays["encoder_shared"], weights=arrays["encoder_weights"],
+                   feature_map=UserFeatureMap.from_arrays(arrays, meta["rating_mean"], meta["prior"]),
+                   item_ids=list(meta["item_ids"]), item_embeddings=arrays["item_embeddings"])
 
 
 @dataclasses.dataclass
@@ -42,9 +104,11 @@ class FeatureBank:
         codes: int64 ``(U, P)``.
         codebooks: per profile float32 ``(K_p, D)``.
         no_history_token: the token of users with no training interaction.
-        summaries: float32 ``(U, H)`` or None.
+        initial_codes: int64 ``(U, P)``, the untrained start's IDs, or None.
+        summaries: float32 ``(U, k)`` or None.
         offsets: float32 ``(U, P, D)`` or None.
-        projections: per profile float32 ``(D, k)`` (the projection of the quantiser's metric) or None.
+        projections: per profile float32 ``(D, k)`` (the whitened metric's projection) or None.
+        encoder: the encoder, or None (the paper's free tokens: no user outside the bank can be assigned).
         metadata: settings, inputs and report (JSON-serialisable).
     """
 
@@ -54,9 +118,11 @@ class FeatureBank:
     codes: np.ndarray
     codebooks: list[np.ndarray]
     no_history_token: str
+    initial_codes: np.ndarray | None = None
     summaries: np.ndarray | None = None
     offsets: np.ndarray | None = None
     projections: list[np.ndarray] | None = None
+    encoder: EncoderState | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -80,6 +146,8 @@ class FeatureBank:
         """Write ``bank.npz`` then ``bank.json`` (which holds the npz checksum), each atomically."""
         folder = Path(folder)
         arrays = {"codes": self.codes.astype(np.int64)}
+        if self.initial_codes is not None:
+            arrays["initial_codes"] = self.initial_codes.astype(np.int64)
         for name, codebook in zip(self.profiles, self.codebooks):
             arrays[f"codebook_{name}"] = codebook.astype(np.float32)
         if self.summaries is not None:
@@ -88,6 +156,8 @@ class FeatureBank:
             arrays["offsets"] = self.offsets.astype(np.float32)
         for name, projection in zip(self.profiles, self.projections or []):
             arrays[f"projection_{name}"] = projection.astype(np.float32)
+        if self.encoder is not None:
+            arrays.update({k: np.asarray(v, dtype=np.float32) for k, v in self.encoder.arrays().items()})
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         with atomic_write(folder / "bank.npz", "wb") as handle:
@@ -98,6 +168,7 @@ class FeatureBank:
             "profiles": self.profiles,
             "users": self.users,
             "no_history_token": self.no_history_token,
+            "encoder": None if self.encoder is None else self.encoder.meta(),
             "npz_sha256": sha256_file(folder / "bank.npz"),
             "metadata": self.metadata,
         })
@@ -114,10 +185,12 @@ class FeatureBank:
         except json.JSONDecodeError as error:
             raise BankError(f"{meta_path} is not valid JSON: {error}") from error
         if meta.get("format_version") != BANK_FORMAT_VERSION:
-            raise BankError(f"{meta_path} has format version {meta.get('format_version')}, expected {BANK_FORMAT_VERSION}.")
+            raise BankError(f"{meta_path} has format version {meta.get('format_version')}, expected {BANK_FORMAT_VERSION} "
+                            f"(a bank of an earlier recbole-uip: infer the profiles again).")
         if sha256_file(npz_path) != meta["npz_sha256"]:
             raise BankError(f"{npz_path} does not match the checksum in bank.json (corrupted or partly written).")
         with np.load(npz_path) as arrays:
+            optional = {key: arrays[key] if key in arrays else None for key in ("initial_codes", "summaries", "offsets")}
             return cls(
                 fingerprint=meta["fingerprint"],
                 profiles=list(meta["profiles"]),
@@ -125,9 +198,9 @@ class FeatureBank:
                 codes=arrays["codes"],
                 codebooks=[arrays[f"codebook_{name}"] for name in meta["profiles"]],
                 no_history_token=meta["no_history_token"],
-                summaries=arrays["summaries"] if "summaries" in arrays else None,
-                offsets=arrays["offsets"] if "offsets" in arrays else None,
                 projections=[arrays[f"projection_{name}"] for name in meta["profiles"]]
                 if f"projection_{meta['profiles'][0]}" in arrays else None,
+                encoder=None if meta.get("encoder") is None else EncoderState.load(arrays, meta["encoder"]),
                 metadata=meta.get("metadata", {}),
+                **optional,
             )

@@ -15,11 +15,13 @@ from typing import Any, Mapping
 
 import yaml
 
-from recbole_uip.inference.codebook import METRICS
 
 PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
 DEFAULTS_FILE = PROPERTIES_DIR / "uip.yaml"
 BUNDLED_LLM = "bundled-smollm2"
+QUANTISER_METRICS = ("euclidean", "whitened")
+ENCODERS = ("linear", "none")
+TARGETS = ("random", "newest")
 
 
 class UIPConfigError(ValueError):
@@ -79,19 +81,23 @@ class UIPSettings:
     behaviour_prefix: str
     item_separator: str
     max_behaviour_tokens: int
-    summary_max_tokens: int
+    target: str
+    encoder: str
+    encoder_dims: int
+    history_prior: float
+    item_embedding_layer: int
+    line_search_users: int
+    free_tokens: bool
+    free_token_optimizer: str
+    free_token_learning_rate: float
     epochs: int
     batch_size: int
-    learning_rate: float
-    residual_optimizer: str
-    encoder_learning_rate: float
     shared_learning_rate: float
     commitment_weight: float
     quantiser_metric: str
     quantiser_components: int
     rating_weight: float
     init_scale: float
-    summary_layer: int
     kmeans_iters: int
     no_history_token: str
     diagnostics: bool
@@ -116,33 +122,32 @@ class UIPSettings:
             "uip_epochs": self.epochs,
             "uip_batch_size": self.batch_size,
             "uip_kmeans_iters": self.kmeans_iters,
+            "uip_encoder_dims": self.encoder_dims,
         }
-        if not isinstance(self.summary_max_tokens, int) or self.summary_max_tokens < 0:
-            raise UIPConfigError(f"'uip_summary_max_tokens' must be an integer >= 0, got {self.summary_max_tokens!r}.")
         for key, value in positive.items():
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UIPConfigError(f"'{key}' must be a positive integer, got {value!r}.")
-        for key, value in {
-            "uip_learning_rate": self.learning_rate,
-            "uip_encoder_learning_rate": self.encoder_learning_rate,
-            "uip_shared_learning_rate": self.shared_learning_rate,
-            "uip_init_scale": self.init_scale,
-        }.items():
+        for key, value in {"uip_line_search_users": self.line_search_users,
+                           "uip_quantiser_components": self.quantiser_components}.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UIPConfigError(f"'{key}' must be an integer >= 0, got {value!r}.")
+        for key, value in {"uip_free_token_learning_rate": self.free_token_learning_rate,
+                           "uip_init_scale": self.init_scale, "uip_rating_weight": self.rating_weight}.items():
             if not value > 0:
                 raise UIPConfigError(f"'{key}' must be positive, got {value!r}.")
-        if self.residual_optimizer not in ("sgd", "adam"):
-            raise UIPConfigError(f"'uip_residual_optimizer' must be sgd or adam, got {self.residual_optimizer!r}.")
-        if not self.rating_weight > 0:
-            raise UIPConfigError(f"'uip_rating_weight' must be positive, got {self.rating_weight!r}.")
-        if self.quantiser_metric not in METRICS:
-            raise UIPConfigError(f"'uip_quantiser_metric' must be one of {', '.join(METRICS)}, got {self.quantiser_metric!r}.")
-        components = self.quantiser_components
-        if not isinstance(components, int) or isinstance(components, bool) or components < 0:
-            raise UIPConfigError(f"'uip_quantiser_components' must be an integer >= 0 (0: all), got {components!r}.")
-        if self.commitment_weight < 0:
-            raise UIPConfigError(f"'uip_commitment_weight' must be >= 0, got {self.commitment_weight!r}.")
-        if self.num_threads < 0:
-            raise UIPConfigError(f"'uip_num_threads' must be >= 0, got {self.num_threads!r}.")
+        for key, value in {"uip_shared_learning_rate": self.shared_learning_rate,
+                           "uip_commitment_weight": self.commitment_weight, "uip_history_prior": self.history_prior,
+                           "uip_num_threads": self.num_threads}.items():
+            if not value >= 0:
+                raise UIPConfigError(f"'{key}' must be >= 0, got {value!r}.")
+        for key, value, allowed in (("uip_quantiser_metric", self.quantiser_metric, QUANTISER_METRICS),
+                                    ("uip_encoder", self.encoder, ENCODERS), ("uip_target", self.target, TARGETS),
+                                    ("uip_free_token_optimizer", self.free_token_optimizer, ("adam", "sgd"))):
+            if value not in allowed:
+                raise UIPConfigError(f"'{key}' must be one of {', '.join(allowed)}, got {value!r}.")
+        if self.encoder == "none" and not self.free_tokens:
+            raise UIPConfigError("'uip_encoder: none' leaves the users nothing of their own: set uip_free_tokens: true "
+                                 "(the paper's free per-user tokens) or use uip_encoder: linear.")
         if not self.no_history_token or any(c.isspace() for c in self.no_history_token):
             raise UIPConfigError("'uip_no_history_token' must be a non-empty token without spaces.")
 
@@ -160,16 +165,6 @@ class UIPSettings:
         data = dataclasses.asdict(self)
         for key in ("enabled", "output_dir", "reuse", "llm_cache_dir", "num_threads", "diagnostics"):
             data.pop(key)  # the thread count that runs enters the fingerprint with the numerics (runtime_numerics)
-        if data["summary_max_tokens"] <= data["max_behaviour_tokens"]:
-            # The summaries read the behaviour text itself, as before this key existed: leaving the key out
-            # keeps the fingerprints of banks inferred then valid.
-            data.pop("summary_max_tokens")
-        if data["rating_weight"] == 1.0:
-            data.pop("rating_weight")  # the plain NLL, as before this key existed
-        if data["quantiser_metric"] == "euclidean":
-            # plain distances, as before these keys existed (the components are unused then)
-            data.pop("quantiser_metric")
-            data.pop("quantiser_components")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
 
     @classmethod
@@ -213,19 +208,23 @@ class UIPSettings:
                 behaviour_prefix=str(get("uip_behaviour_prefix")),
                 item_separator=str(get("uip_item_separator")),
                 max_behaviour_tokens=get("uip_max_behaviour_tokens"),
-                summary_max_tokens=get("uip_summary_max_tokens"),
+                target=str(get("uip_target")),
+                encoder=str(get("uip_encoder")),
+                encoder_dims=get("uip_encoder_dims"),
+                history_prior=float(get("uip_history_prior")),
+                item_embedding_layer=int(get("uip_item_embedding_layer")),
+                line_search_users=get("uip_line_search_users"),
+                free_tokens=_as_bool(get("uip_free_tokens"), "uip_free_tokens"),
+                free_token_optimizer=str(get("uip_free_token_optimizer")),
+                free_token_learning_rate=float(get("uip_free_token_learning_rate")),
                 epochs=get("uip_epochs"),
                 batch_size=get("uip_batch_size"),
-                learning_rate=float(get("uip_learning_rate")),
-                residual_optimizer=str(get("uip_residual_optimizer")),
-                encoder_learning_rate=float(get("uip_encoder_learning_rate")),
                 shared_learning_rate=float(get("uip_shared_learning_rate")),
                 commitment_weight=float(get("uip_commitment_weight")),
                 quantiser_metric=str(get("uip_quantiser_metric")),
                 quantiser_components=get("uip_quantiser_components"),
                 rating_weight=float(get("uip_rating_weight")),
                 init_scale=float(get("uip_init_scale")),
-                summary_layer=int(get("uip_summary_layer")),
                 kmeans_iters=get("uip_kmeans_iters"),
                 no_history_token=str(get("uip_no_history_token")),
                 diagnostics=_as_bool(get("uip_diagnostics"), "uip_diagnostics"),

@@ -15,6 +15,8 @@ from logging import getLogger
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from recbole_uip.bank import BankError, FeatureBank
 from recbole_uip.compat import patch_recbole_checkpoint_loading, resolve_model_class
 from recbole_uip.config import UIPSettings, check_uip_keys, default_config_files
@@ -116,18 +118,21 @@ def _split_keys(config) -> dict[str, Any]:
     return keys
 
 
-def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], llm_identity: str) -> tuple[str, dict]:
-    """Hash of everything the IDs depend on: file contents, split settings, LLM weights, ``uip_*`` settings, and
-    the numerics of the run (torch version, device type, dtype, CPU threads: see ``runtime_numerics``)."""
+def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], llm_identity: str,
+                        text_fields: dict | None = None) -> tuple[str, dict]:
+    """Hash of everything the IDs depend on: file contents, split settings, the fields the text uses, LLM weights,
+    ``uip_*`` settings, and the numerics of the run (torch version, device type, dtype, CPU threads: see
+    ``runtime_numerics``)."""
     from recbole_uip.inference.llm import runtime_numerics
 
     inputs = {
         "files": {suffix: sha256_file(path) for suffix, path in sorted(files.items())},
         "split": _split_keys(config),
+        "text_fields": text_fields,
         "llm": {"name": settings.llm, "identity": llm_identity},
         "uip": settings.fingerprint_dict(),
         "numerics": runtime_numerics(settings.llm_dtype, config["device"], settings.num_threads),
-        "format": 1,
+        "format": 2,
     }
     return sha256_json(inputs), inputs
 
@@ -174,13 +179,18 @@ def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
     Returns the folder of the augmented dataset. It is published in one rename with a manifest, so a run
     killed mid-way leaves either the previous complete folder or none, never a partial one.
     """
-    from recbole_uip.data.behaviour import build_behaviour_corpus
+    from recbole_uip.bank import EncoderState
+    from recbole_uip.data.behaviour import check_text_values, collect_training_histories, resolve_text_fields
+    from recbole_uip.data.behaviour_text import BehaviourText
     from recbole_uip.inference.llm import BUNDLED_LLM, convert_bundled_model, load_frozen_llm, model_identity
     from recbole_uip.inference.trainer import ProfileInferenceTrainer
 
     logger = getLogger()
     settings = settings or UIPSettings.from_config(config)
     files = check_dataset_files(config)
+    # Everything that can be checked without the LLM, before it loads: the text's fields and their values.
+    fields = resolve_text_fields(config, settings, files)
+    check_text_values(files, fields, config["field_separator"], config["encoding"])
     target = augmented_dir(config, settings)
 
     if settings.llm == BUNDLED_LLM:
@@ -188,7 +198,7 @@ def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
     else:
         llm_folder = Path(settings.llm).expanduser()
     identity = model_identity(llm_folder) if llm_folder.is_dir() else settings.llm
-    fingerprint, inputs = compute_fingerprint(config, settings, files, identity)
+    fingerprint, inputs = compute_fingerprint(config, settings, files, identity, fields.as_dict())
     stored = bank_store(settings, config["dataset"]) / fingerprint[:16]
     if settings.reuse:
         bank = _reusable(target, fingerprint)
@@ -198,14 +208,20 @@ def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
         bank = _stored_bank(stored, fingerprint)
         if bank is not None:  # computed earlier for these inputs (e.g. before a run on another split)
             write_augmented_dataset(config, settings, files, bank, target)
-            logger.info(f"UIP: reusing the stored feature bank {stored}; augmented dataset rewritten to {target}.")
+            logger.info(f"UIP: reusing the stored feature bank {stored}; augmented dataset written to {target}.")
             return target
 
     start = time.perf_counter()
+    histories = collect_training_histories(config, settings, fields, logger)
     llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger, identity)
-    corpus = build_behaviour_corpus(config, settings, llm.tokenizer, logger)
-    result = ProfileInferenceTrainer(config, settings, llm, corpus, logger).fit()
+    text = BehaviourText(histories, settings, llm.tokenizer, logger)
+    result = ProfileInferenceTrainer(config, settings, llm, histories, text, logger).fit()
     seconds = time.perf_counter() - start
+    encoder = None
+    if result.encoder is not None:
+        encoder = EncoderState(anchors=result.anchors, shared=result.shared, weights=result.encoder,
+                               feature_map=result.feature_map, item_ids=result.item_ids,
+                               item_embeddings=result.item_embeddings)
     bank = FeatureBank(
         fingerprint=fingerprint,
         profiles=settings.profile_names,
@@ -213,22 +229,32 @@ def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
         codes=result.codes,
         codebooks=result.codebooks,
         no_history_token=settings.no_history_token,
+        initial_codes=result.initial_codes,
         summaries=result.summaries,
         offsets=result.offsets,
         projections=result.projections,
+        encoder=encoder,
         metadata={
             "inputs": inputs,
             "history": result.history,
             "seconds": round(seconds, 1),
-            "tokens_per_pass": corpus.num_tokens,
-            "users_without_history": len(corpus.users_without_history),
-            "convergence": {k: v.tolist() for k, v in result.per_user.items()},
+            "history_tokens": text.num_tokens,
+            "users_without_history": len(histories.users_without_history),
+            "convergence": {k: _json_array(v) for k, v in result.per_user.items()},
         },
     )
     bank.save(stored)
     write_augmented_dataset(config, settings, files, bank, target)
     logger.info(f"UIP: profiles inferred in {seconds:.0f}s; augmented dataset written to {target}, bank kept in {stored}.")
     return target
+
+
+def _json_array(values: np.ndarray) -> list:
+    """An array as JSON lists, NaN (e.g. a user no M-step visited) as null."""
+    values = np.asarray(values)
+    if values.dtype.kind == "f":
+        return np.where(np.isnan(values), None, values.astype(object)).tolist()
+    return values.tolist()
 
 
 def write_augmented_dataset(config, settings: UIPSettings, files: dict[str, Path], bank: FeatureBank, target: Path) -> Path:

@@ -35,19 +35,31 @@ def _tokenizer(folder: Path):
     return fast
 
 
-@pytest.fixture(scope="session")
-def tiny_llm_dir(tmp_path_factory) -> Path:
-    """A folder with a 2-layer, 32-wide random Llama and its tokenizer: loads as any HF causal LM."""
+def _tiny_llm(folder: Path, initializer_range: float = 0.02) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny_llm")
     tokenizer = _tokenizer(folder)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+                         initializer_range=initializer_range)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory) -> Path:
+    """A folder with a 2-layer, 32-wide random Llama and its tokenizer: loads as any HF causal LM."""
+    return _tiny_llm(tmp_path_factory.mktemp("tiny_llm"))
+
+
+@pytest.fixture(scope="session")
+def steerable_llm_dir(tmp_path_factory) -> Path:
+    """The same tiny Llama with 15x larger initial weights: its next-token distributions are peaked and depend on
+    the input, so soft tokens can move them (the default initialisation predicts an almost uniform distribution
+    whatever the prompt, too flat to test what training the soft tokens achieves)."""
+    return _tiny_llm(tmp_path_factory.mktemp("steerable_llm"), initializer_range=0.3)
 
 
 def write_dataset(root: Path, name: str = "toy", n_users: int = 24, n_items: int = 30, per_user: int = 12,

@@ -1,20 +1,17 @@
-"""Atomic files (validation, byte-exact .user rewrite, atomic publish), the feature bank, and behaviour text."""
+"""Atomic files (validation, byte-exact .user rewrite, atomic publish) and the feature bank."""
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import uip_config_dict, write_dataset
-from recbole_uip.bank import BANK_FORMAT_VERSION, BankError, FeatureBank
+from recbole_uip.bank import BANK_FORMAT_VERSION, BankError, EncoderState, FeatureBank
 from recbole_uip.data.atomic import (
     AtomicFileError, publish_directory, read_atomic, validate_atomic, write_user_file,
 )
-from recbole_uip.data.behaviour import BehaviourTextError, ItemTexts
 from recbole_uip.utils import atomic_write
 
 
@@ -166,6 +163,17 @@ def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- bank
+def make_encoder(rng) -> EncoderState:
+    from recbole_uip.inference.user_features import UserFeatureMap
+
+    features = UserFeatureMap(*(rng.normal(size=6).astype(np.float32) for _ in range(2)), 3.5, 5.0,
+                              *(rng.normal(size=15).astype(np.float32) for _ in range(2)),
+                              rng.normal(size=(15, 5)).astype(np.float32))
+    return EncoderState(rng.normal(size=(2, 4)).astype(np.float32), rng.normal(size=(2, 4)).astype(np.float32),
+                        rng.normal(size=(2, 4, 5)).astype(np.float32), features, ["i1", "i2", "i3"],
+                        rng.normal(size=(3, 6)).astype(np.float32))
+
+
 def make_bank(with_extras: bool = True) -> FeatureBank:
     rng = np.random.default_rng(0)
     return FeatureBank(
@@ -178,6 +186,8 @@ def make_bank(with_extras: bool = True) -> FeatureBank:
         summaries=rng.normal(size=(3, 5)).astype(np.float32) if with_extras else None,
         offsets=rng.normal(size=(3, 2, 4)).astype(np.float32) if with_extras else None,
         projections=[rng.normal(size=(4, 2)).astype(np.float32) for _ in range(2)] if with_extras else None,
+        initial_codes=np.array([[1, 0], [1, 2], [0, 0]], dtype=np.int64) if with_extras else None,
+        encoder=make_encoder(rng) if with_extras else None,
         metadata={"history": [{"round": 0}], "seconds": 1.5},
     )
 
@@ -203,8 +213,20 @@ def test_bank_roundtrip(tmp_path, with_extras):
         np.testing.assert_array_equal(loaded.offsets, bank.offsets)
         for a, b in zip(loaded.projections, bank.projections, strict=True):
             np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(loaded.initial_codes, bank.initial_codes)
+        assert loaded.encoder.item_ids == bank.encoder.item_ids
+        for name in ("anchors", "shared", "weights", "item_embeddings"):
+            np.testing.assert_array_equal(getattr(loaded.encoder, name), getattr(bank.encoder, name))
+        for name in ("item_mean", "item_std", "feature_mean", "feature_std", "projection", "rating_mean", "prior"):
+            np.testing.assert_array_equal(getattr(loaded.encoder.feature_map, name), getattr(bank.encoder.feature_map, name))
+        # the stored encoder gives the same offsets as the one that was saved
+        np.testing.assert_allclose(loaded.encoder.offsets([["i3", "i1"]], [[4.0, 2.0]]),
+                                   bank.encoder.offsets([["i3", "i1"]], [[4.0, 2.0]]))
+        with pytest.raises(KeyError, match="i9"):
+            loaded.encoder.offsets([["i9"]], [[1.0]])
     else:
         assert loaded.summaries is None and loaded.offsets is None and loaded.projections is None
+        assert loaded.initial_codes is None and loaded.encoder is None
     assert json.loads((tmp_path / "bank" / "bank.json").read_text())["format_version"] == BANK_FORMAT_VERSION
 
 
@@ -243,88 +265,3 @@ def test_wrong_format_version_and_incomplete_banks_are_refused(tmp_path):
     meta_path.unlink()
     with pytest.raises(BankError, match="no complete feature bank"):
         FeatureBank.load(folder)
-
-
-# -------------------------------------------------------------------------------------------- behaviour
-def test_item_file_without_text_field_names_the_available_fields(tmp_path):
-    path = write(tmp_path / "toy.item", "item_id:token\tprice:float\n1\t2.5\n2\t3.0\n")
-    with pytest.raises(BehaviourTextError) as info:
-        ItemTexts(path, "item_id", None, None)
-    message = str(info.value)
-    assert str(path) in message and "fields: item_id, price" in message and "types: token, float" in message
-    assert "uip_item_text_fields" in message
-
-
-def test_item_texts_rendering_and_errors(tmp_path):
-    path = write(tmp_path / "toy.item",
-                 "item_id:token\ttitle:token_seq\tgenre:token_seq\tprice:float\n1\tStar Night\tAction Drama\t2\n")
-    texts = ItemTexts(path, "item_id", None, None)
-    assert texts.fields == ["title", "genre"] and texts.template == "{title} ({genre})"
-    assert texts.get("1") == "Star Night (Action Drama)"
-    assert texts.get("2") is None
-    custom = ItemTexts(path, "item_id", ["genre", "price"], "{genre} for {price}")
-    assert custom.get("1") == "Action Drama for 2"
-    with pytest.raises(BehaviourTextError, match="names year, not in"):
-        ItemTexts(path, "item_id", ["title", "year"], None)
-    with pytest.raises(BehaviourTextError, match="cannot be filled"):
-        ItemTexts(path, "item_id", ["title"], "{title} {genre}")
-    with pytest.raises(BehaviourTextError, match="does not exist"):
-        ItemTexts(tmp_path / "none.item", "item_id", None, None)
-
-
-def test_pipeline_refuses_an_item_file_without_text(tmp_path, tiny_llm_dir):
-    from recbole_uip.quick_start import build_config, infer_profiles
-
-    folder = write_dataset(tmp_path / "data", n_users=6, n_items=10, per_user=4)
-    lines = ["item_id:token\tprice:float"] + [f"{i}\t{i / 2}" for i in range(1, 11)]
-    (folder / "toy.item").write_text("\n".join(lines) + "\n")
-    load_col = {"inter": ["user_id", "item_id", "rating", "timestamp"], "user": ["user_id", "age", "gender"],
-                "item": ["item_id", "price"]}
-    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, load_col=load_col))
-    with pytest.raises(BehaviourTextError, match="fields: item_id, price"):
-        infer_profiles(config)
-    assert not (tmp_path / "out" / "toy-uip").exists()
-
-
-def test_users_without_training_history_get_the_no_history_token(tmp_path, tiny_llm_dir):
-    """User 50 has interactions only in valid/test (they are the latest, split in time order); user 99 has none."""
-    from recbole.utils import init_logger
-
-    from recbole_uip.config import UIPSettings
-    from recbole_uip.data.behaviour import build_behaviour_corpus, build_training_split
-    from recbole_uip.inference.llm import load_frozen_llm
-    from recbole_uip.quick_start import build_config, infer_profiles
-
-    folder = write_dataset(tmp_path / "data")
-    with open(folder / "toy.inter", "a") as f:
-        f.write("50\t3\t5\t990000000\n50\t4\t4\t990000001\n")
-    with open(folder / "toy.user", "a") as f:
-        f.write("50\t30\tM\n99\t40\tF\n")
-    eval_args = {"split": {"RS": [0.98, 0.01, 0.01]}, "order": "TO", "group_by": None, "mode": "labeled"}
-    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, eval_args=eval_args))
-    init_logger(config)
-
-    dataset, train = build_training_split(config)
-    train_users = set(dataset.id2token(dataset.uid_field, train.inter_feat[dataset.uid_field].numpy()))
-    assert "50" not in train_users and "99" not in train_users and len(train_users) == 24
-
-    settings = UIPSettings.from_config(config)
-    import torch
-
-    llm = load_frozen_llm(str(tiny_llm_dir), torch.device("cpu"), "float32")
-    corpus = build_behaviour_corpus(config, settings, llm.tokenizer, logging.getLogger("test"))
-    assert sorted(corpus.users_without_history) == ["50", "99"]
-    assert "50" not in corpus.users and len(corpus.users) == 24
-
-    target = infer_profiles(config, settings)
-    table = read_atomic(target / "toy-uip.user")
-    assert table.fields == ["user_id", "age", "gender", "uip_hobby", "uip_background"]
-    rows = {row[0]: row for row in table.rows}
-    assert len(rows) == 26
-    for user in ("50", "99"):
-        assert rows[user][3:] == ["none", "none"]
-    for user in map(str, range(1, 25)):
-        assert all(value.isdigit() and int(value) < 3 for value in rows[user][3:])
-    bank = FeatureBank.load(target / "bank")
-    assert bank.metadata["users_without_history"] == 2
-    assert "50" not in bank.users and "99" not in bank.users

@@ -1,5 +1,4 @@
-"""The quantiser (k-means codebooks with dead-code restart, commitment loss, perplexity), the per-row Adam and
-the soft-profile parameterisation."""
+"""The quantiser: k-means codebooks with dead-code restart, the commitment loss, the whitened metric, perplexity."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import pytest
 import torch
 
 from recbole_uip.inference.codebook import ProfileCodebook, perplexity
-from recbole_uip.inference.soft_profiles import RowAdam, SoftProfiles
 
 CENTERS = torch.tensor([[0.0, 0.0, 0.0, 0.0], [10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 10.0, 10.0]])
 
@@ -162,9 +160,7 @@ def test_whitening_projection_gives_unit_covariance_and_is_capped_by_the_data():
     with pytest.raises(ValueError, match="components"):
         ProfileCodebook(2, 6, metric="whitened", components=-1)
     with pytest.raises(ValueError, match="metric"):
-        ProfileCodebook(2, 6, metric="cosine")
-    with pytest.raises(ValueError, match="fisher"):
-        codebook.set_fisher(torch.eye(6))
+        ProfileCodebook(2, 6, metric="fisher")
 
 
 def test_whitened_commitment_measures_the_projected_distance():
@@ -182,19 +178,6 @@ def test_whitened_commitment_measures_the_projected_distance():
     residual = batch.grad - (batch.grad @ a) @ a.T / float(a.T @ a)
     assert float(residual.abs().max()) < 1e-6
     assert codebook.scale(x) == pytest.approx(float(((x @ a) ** 2).sum(1).mean()), rel=1e-5)
-
-
-def test_fisher_metric_measures_the_quadratic_form_of_its_top_directions():
-    fisher = torch.diag(torch.tensor([9.0, 4.0, 0.25]))
-    codebook = ProfileCodebook(2, 3, metric="fisher", components=2)
-    assert codebook.projection is None                     # plain distances until a Fisher matrix is set
-    codebook.set_fisher(fisher)
-    assert codebook.projection_share == pytest.approx(13.0 / 13.25)
-    v = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 5.0]])
-    torch.testing.assert_close((codebook.project(v) ** 2).sum(1), torch.tensor([13.0, 0.0]))
-    # the codes are assigned in that metric: along the third axis everything is one point
-    codebook.codes.copy_(torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
-    assert codebook.assign(torch.tensor([[0.0, 0.1, 100.0], [0.0, 0.9, -100.0]])).tolist() == [0, 1]
 
 
 def test_a_stored_projection_requantises_like_the_quantiser_that_stored_it():
@@ -221,113 +204,3 @@ def test_perplexity():
     assert perplexity(torch.tensor([3, 0, 3, 0])) == pytest.approx(2.0)
     p = torch.tensor([0.75, 0.25])
     assert perplexity(torch.tensor([3, 1])) == pytest.approx(math.exp(float(-(p * p.log()).sum())))
-
-
-# ---------------------------------------------------------------------------------------------- RowAdam
-def _grad(shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def test_row_adam_first_update_of_a_late_row_is_a_full_first_step():
-    lr = 0.1
-    param = torch.zeros(6, 4, requires_grad=True)
-    opt = RowAdam(param, lr=lr)
-    for t in range(50):                                       # global time moves on, rows 0 and 1 only
-        param.grad = _grad((6, 4), t)
-        opt.step(torch.tensor([0, 1]))
-    before = param.detach().clone()
-    grad = _grad((6, 4), 99)
-    grad[4, 2] = 0.0                                          # one coordinate without gradient
-    param.grad = grad
-    opt.step(torch.tensor([4]))
-    update = param.detach()[4] - before[4]
-
-    fresh_param = torch.zeros(6, 4, requires_grad=True)
-    fresh = RowAdam(fresh_param, lr=lr)
-    fresh_param.grad = grad.clone()
-    fresh.step(torch.tensor([4]))
-    torch.testing.assert_close(update, fresh_param.detach()[4], rtol=0, atol=1e-7)
-
-    nonzero = grad[4] != 0
-    torch.testing.assert_close(update[nonzero].abs(), torch.full((int(nonzero.sum()),), lr), rtol=1e-5, atol=0)
-    assert torch.equal(torch.sign(update[nonzero]), -torch.sign(grad[4][nonzero]))
-    assert update[2] == 0
-    assert opt.step_count.tolist() == [50, 50, 0, 0, 1, 0]
-
-
-def test_row_adam_leaves_other_rows_and_their_state_alone():
-    param = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-    opt = RowAdam(param, lr=0.05)
-    param.grad = _grad((5, 3), 1)                             # every row has a gradient
-    opt.step(torch.tensor([1, 3]))
-    before = param.detach().clone()
-    state = {k: v.clone() for k, v in opt.state_dict().items()}
-    param.grad = _grad((5, 3), 2)
-    opt.step(torch.tensor([3, 0]))
-    after = param.detach()
-    for row in (1, 2, 4):
-        assert torch.equal(after[row], before[row])
-        assert torch.equal(opt.exp_avg[row], state["exp_avg"][row])
-        assert torch.equal(opt.exp_avg_sq[row], state["exp_avg_sq"][row])
-    assert not torch.equal(after[0], before[0]) and not torch.equal(after[3], before[3])
-    assert opt.step_count.tolist() == [1, 1, 0, 2, 0]
-
-
-def test_row_adam_matches_torch_adam_on_each_rows_own_steps():
-    """Row 2's updates at global steps 3 and 7 equal torch Adam's steps 1 and 2 with the same gradients."""
-    lr = 0.05
-    param = torch.zeros(4, 3, requires_grad=True)
-    opt = RowAdam(param, lr=lr)
-    reference = torch.zeros(3, requires_grad=True)
-    adam = torch.optim.Adam([reference], lr=lr)
-    for t in range(8):
-        grad = _grad((4, 3), t)
-        param.grad = grad
-        rows = torch.tensor([0, 2]) if t in (3, 7) else torch.tensor([0])
-        opt.step(rows)
-        if t in (3, 7):
-            reference.grad = grad[2].clone()
-            adam.step()
-    # RowAdam forms 1 - beta2**t in float32 (torch.optim.Adam in float64): agreement to ~1e-5 relative
-    torch.testing.assert_close(param.detach()[2], reference.detach(), rtol=1e-4, atol=1e-7)
-    assert not torch.allclose(param.detach()[2], torch.zeros(3))
-
-
-# ------------------------------------------------------------------------------------------ SoftProfiles
-def _soft(num_users=7, num_profiles=2, dim=8, hidden=5, norm=1.5, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    anchors = torch.randn(num_profiles, dim, generator=gen)
-    summaries = torch.randn(num_users, hidden, generator=gen)
-    return SoftProfiles(anchors, summaries, norm, torch.Generator().manual_seed(seed)), anchors, summaries
-
-
-def test_soft_profiles_shapes_and_forward_is_center_plus_offsets():
-    soft, anchors, summaries = _soft()
-    assert [p is q for p, q in zip(soft.parameters(), (soft.shared, soft.encoder, soft.residual))] == [True] * 3
-    assert len(list(soft.parameters())) == 3                # anchors and summaries are buffers
-    assert soft.shared.shape == (2, 8) and soft.encoder.shape == (2, 8, 5) and soft.residual.shape == (7, 2, 8)
-    assert soft.num_users == 7
-    with torch.no_grad():
-        soft.shared.copy_(torch.randn(2, 8, generator=torch.Generator().manual_seed(1)))
-        soft.residual.copy_(torch.randn(7, 2, 8, generator=torch.Generator().manual_seed(2)))
-    users = torch.tensor([4, 0, 4])
-    offsets = soft.offsets(users)
-    assert offsets.shape == (3, 2, 8)
-    assert soft.offsets().shape == (7, 2, 8)
-    for b, u in enumerate(users.tolist()):
-        for p in range(2):
-            expected = soft.encoder[p] @ summaries[u] + soft.residual[u, p]
-            torch.testing.assert_close(offsets[b, p], expected)
-    torch.testing.assert_close(soft.center(), anchors + soft.shared)
-    torch.testing.assert_close(soft(users), soft.center()[None] + offsets)
-    torch.testing.assert_close(soft.offsets()[users], offsets)
-
-
-@pytest.mark.parametrize("dim,hidden", [(16, 6), (6, 16)])
-def test_soft_profiles_initial_offsets_have_the_requested_norm(dim, hidden):
-    soft, _, _ = _soft(num_users=3000, dim=dim, hidden=hidden, norm=2.0)
-    norms = soft.offsets().detach().norm(dim=-1)            # residual starts at zero
-    assert torch.equal(soft.residual, torch.zeros_like(soft.residual))
-    assert float(norms.mean()) == pytest.approx(2.0, rel=0.1)
-    again, _, _ = _soft(num_users=3000, dim=dim, hidden=hidden, norm=2.0)
-    assert torch.equal(soft.encoder, again.encoder)          # seeded

@@ -70,6 +70,13 @@ def parse_header(line: str, path: Path, separator: str = "\t") -> tuple[list[str
 
 def iter_rows(path: Path, n_fields: int, separator: str = "\t", encoding: str = "utf-8") -> Iterable[list[str]]:
     """Yield each data line of an atomic file as a list of raw values, checking the column count."""
+    for _, values in iter_numbered_rows(path, n_fields, separator, encoding):
+        yield values
+
+
+def iter_numbered_rows(path: Path, n_fields: int, separator: str = "\t",
+                       encoding: str = "utf-8") -> Iterable[tuple[int, list[str]]]:
+    """Yield ``(line number, values)`` for each non-empty data line (the header is line 1)."""
     with open(path, encoding=encoding, newline="") as handle:
         handle.readline()
         for line_number, line in enumerate(handle, start=2):
@@ -81,7 +88,7 @@ def iter_rows(path: Path, n_fields: int, separator: str = "\t", encoding: str = 
                 raise AtomicFileError(
                     f"{path}:{line_number}: expected {n_fields} tab-separated values, found {len(values)}."
                 )
-            yield values
+            yield line_number, values
 
 
 def read_header(path: Path, separator: str = "\t", encoding: str = "utf-8") -> tuple[str, list[str], list[str]]:

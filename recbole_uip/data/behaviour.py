@@ -1,9 +1,14 @@
-"""Per-user behaviour text, built from RecBole's own training split only.
+"""Per-user training histories, built from RecBole's own training split only, and the fields that describe them.
 
 The split is made by RecBole with the run's own config, seed and ``eval_args``, so a profile sees exactly the
 interactions the downstream model trains on and nothing from validation or test. Value transforms that do not
 move rows between splits (``threshold``, normalisation, discretisation) are switched off here so the raw rating
 can be written into the text.
+
+The behaviour text needs fields the run may not load: RecBole's default ``load_col`` loads only the user and item
+ids, and only ml-100k's preset widens it. :func:`resolve_text_fields` finds the fields by their role (RecBole's
+``RATING_FIELD`` and ``TIME_FIELD``; the ``.item`` text fields from ``uip_item_text_fields`` or inferred), and the
+split made for the text loads them whatever ``load_col`` says. The downstream run keeps the user's ``load_col``.
 """
 
 from __future__ import annotations
@@ -11,56 +16,128 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from recbole_uip.data.atomic import AtomicFileError, read_atomic
+from recbole_uip.data.atomic import AtomicFileError, iter_numbered_rows, read_atomic, read_header
 
 
 class BehaviourTextError(ValueError):
     """The dataset cannot give a behaviour text (no item text field, unknown field, bad template)."""
 
 
-@dataclasses.dataclass
-class BehaviourCorpus:
-    """Behaviour of every user with training interactions.
+@dataclasses.dataclass(frozen=True)
+class TextFields:
+    """Which atomic-file fields build the behaviour text.
 
     Attributes:
-        users: raw user tokens (as in the atomic files), one per row of every per-user tensor downstream.
-        token_ids: per user, the behaviour token ids (most recent items that fit the budget, oldest first).
-        texts: per user, the behaviour text those ids encode (for reports and debugging).
-        items: per user, the raw item tokens written in the text, oldest first.
-        users_without_history: raw tokens of users known to the dataset with no training interaction.
-        item_count: per user, how many training interactions they have (before the token budget).
-        summary_token_ids: per user, the ids the forward-only summary reads: the most recent items within
-            ``uip_summary_max_tokens`` (a longer stretch of the same training history, ending with
-            ``token_ids``); equal to ``token_ids`` when that budget is 0 or not larger.
-        rating_mask: per user, aligned with ``token_ids``: whether a token writes the item's rating (the
-            ``uip_rating_template`` part); only built when ``uip_rating_weight`` is not 1 and the text writes
-            ratings (a rating field, a template and a fast tokenizer), else ``None``.
+        item_fields: ``.item`` fields written for each item, in template order.
+        rating: the ``.inter`` field written after each item (RecBole's ``RATING_FIELD``), or None.
+        time: the ``.inter`` field that orders each history oldest first (``TIME_FIELD``), or None: then the
+            order of the training split (RecBole's shuffled order for a random split, file order otherwise).
+        notes: why a role has no field (for the log).
     """
 
-    users: list[str]
-    token_ids: list[list[int]]
-    texts: list[str]
-    items: list[list[str]]
-    users_without_history: list[str]
-    item_count: list[int]
-    summary_token_ids: list[list[int]] | None = None
-    rating_mask: list[list[bool]] | None = None
+    item_fields: tuple[str, ...]
+    rating: str | None
+    time: str | None
+    notes: tuple[str, ...] = ()
 
-    def __post_init__(self):
-        if self.summary_token_ids is None:
-            self.summary_token_ids = self.token_ids
+    def describe(self) -> str:
+        """One line for the log: which fields built the text and what is missing."""
+        text = (f"item text from .item {', '.join(self.item_fields)}; rating from .inter "
+                f"{self.rating or '(none)'}; order by .inter {self.time or '(none: split order)'}")
+        return text + (f" ({'; '.join(self.notes)})" if self.notes else "")
 
-    def __len__(self) -> int:
-        return len(self.users)
+    def as_dict(self) -> dict:
+        return {"item_fields": list(self.item_fields), "rating": self.rating, "time": self.time}
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(ids) for ids in self.token_ids)
+
+def default_item_fields(fields: Sequence[str], types: Sequence[str], item_field: str) -> list[str]:
+    """The ``.item`` fields that can describe an item: every token/token_seq field except the item id."""
+    return [f for f, t in zip(fields, types) if f != item_field and t in ("token", "token_seq")]
+
+
+def resolve_text_fields(config, settings, files: dict[str, Path]) -> TextFields:
+    """Resolve the text's fields by role from the atomic files' headers (no data is read).
+
+    Raises:
+        BehaviourTextError: no ``.item`` file, no usable text field, or ``uip_item_text_fields`` names a field the
+            file does not have.
+    """
+    separator, encoding = config["field_separator"], config["encoding"]
+    item_field = config["ITEM_ID_FIELD"]
+    if "item" not in files:
+        raise BehaviourTextError(
+            f"recbole-uip writes behaviour as item text, but {Path(config['data_path']) / (config['dataset'] + '.item')} "
+            f"does not exist. Add a .item file with at least one text field (e.g. title:token_seq)."
+        )
+    _, item_header, item_types = read_header(files["item"], separator, encoding)
+    available = default_item_fields(item_header, item_types, item_field)
+    if settings.item_text_fields is None:
+        if not available:
+            raise BehaviourTextError(
+                f"{files['item']} has no text field to describe items (fields: {', '.join(item_header)}; types: "
+                f"{', '.join(item_types)}). Add a token or token_seq field, or set uip_item_text_fields."
+            )
+        item_fields = tuple(available)
+    else:
+        unknown = [f for f in settings.item_text_fields if f not in item_header]
+        if unknown:
+            raise BehaviourTextError(f"uip_item_text_fields names {', '.join(unknown)}, not in {files['item']} "
+                                     f"(fields: {', '.join(item_header)}).")
+        item_fields = tuple(settings.item_text_fields)
+    _, inter_header, inter_types = read_header(files["inter"], separator, encoding)
+    types = dict(zip(inter_header, inter_types))
+    notes = []
+
+    def numeric(role: str, key: str) -> str | None:
+        name = config[key]
+        if not name:
+            notes.append(f"{key} is not set")
+            return None
+        if name not in types:
+            notes.append(f"{key} '{name}' is not a field of {files['inter'].name}")
+            return None
+        if types[name] != "float":
+            notes.append(f"{key} '{name}' is of type {types[name]}, not float")
+            return None
+        return name
+
+    rating = numeric("rating", "RATING_FIELD")
+    if rating is not None and not settings.rating_template:
+        notes.append("uip_rating_template is empty")
+        rating = None
+    time = numeric("time", "TIME_FIELD")
+    return TextFields(item_fields, rating, time, tuple(notes))
+
+
+def check_text_values(files: dict[str, Path], fields: TextFields, separator: str = "\t", encoding: str = "utf-8") -> None:
+    """Every value of the ``.inter`` fields the text uses is a finite number.
+
+    Raises:
+        AtomicFileError: naming the file, the line, the field and the value, and how to fix it.
+    """
+    numeric = [f for f in (fields.rating, fields.time) if f]
+    if not numeric:
+        return
+    _, header, _ = read_header(files["inter"], separator, encoding)
+    columns = [(name, header.index(name)) for name in numeric]
+    for line_number, values in iter_numbered_rows(files["inter"], len(header), separator, encoding):
+        for name, index in columns:
+            value = values[index]
+            try:
+                ok = math.isfinite(float(value))
+            except ValueError:
+                ok = False
+            if not ok:
+                raise AtomicFileError(
+                    f"{files['inter']}:{line_number}: field '{name}' has the value {value!r}, not a finite number. "
+                    f"The behaviour text writes this field; correct the value or drop the line."
+                )
 
 
 def recbole_dataset_class(config):
@@ -74,54 +151,78 @@ def recbole_dataset_class(config):
     return getattr(module, names.get(config["MODEL_TYPE"], "Dataset"))
 
 
-def build_training_split(config):
+def _split(config):
+    from recbole.utils import init_seed
+
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = recbole_dataset_class(config)(config)
+    return dataset, dataset.build()[0]
+
+
+def build_training_split(config, fields: TextFields | None = None):
     """Run RecBole's own split; return ``(dataset, train_dataset)`` with raw (untransformed) values.
 
     The seed is reset exactly as ``run_recbole`` does before it creates the dataset, so the permutation of an
-    ``RO`` split is the one the downstream run will draw.
+    ``RO`` split is the one the downstream run will draw. With ``fields``, the ``.inter`` fields the text uses are
+    loaded even where the run's ``load_col`` leaves them out; if that changes which interactions are in the training
+    split (RecBole's ``rm_dup_inter`` keeps duplicates by time, for example), :class:`BehaviourTextError` says so
+    rather than let the profiles see other interactions than the model.
     """
-    from recbole.utils import init_seed
-
     split_config = copy.deepcopy(config)
+    final = split_config.final_config_dict
     for key in ("threshold", "normalize_field", "discretization"):
-        split_config.final_config_dict[key] = None
-    split_config.final_config_dict["normalize_all"] = False
-    init_seed(split_config["seed"], split_config["reproducibility"])
-    dataset = recbole_dataset_class(split_config)(split_config)
-    train_dataset = dataset.build()[0]
-    return dataset, train_dataset
+        final[key] = None
+    final["normalize_all"] = False
+    widened = _widen_load_col(final, [f for f in (fields.rating, fields.time) if f] if fields else [])
+    dataset, train = _split(split_config)
+    if widened:
+        final["load_col"], final["unload_col"] = widened
+        plain_dataset, plain_train = _split(split_config)
+        if not _same_rows(dataset, train, plain_dataset, plain_train):
+            raise BehaviourTextError(
+                f"Loading the .inter fields the behaviour text uses ({', '.join(f for f in (fields.rating, fields.time) if f)}) "
+                f"changes which interactions RecBole puts in the training split (e.g. rm_dup_inter keeps duplicates by "
+                f"time). Add them to load_col['inter'] so the model trains on the same split the profiles see."
+            )
+    return dataset, train
 
 
-def default_item_fields(fields: Sequence[str], types: Sequence[str], item_field: str) -> list[str]:
-    return [f for f, t in zip(fields, types) if f != item_field and t in ("token", "token_seq")]
+def _widen_load_col(final: dict, names: list[str]):
+    """Load ``names`` from ``.inter`` in ``final``; return the original ``(load_col, unload_col)`` if that changed
+    anything, else None."""
+    load_col, unload_col = final.get("load_col"), final.get("unload_col")
+    new_load = copy.deepcopy(load_col)
+    if isinstance(new_load, dict) and "inter" in new_load and new_load["inter"] != "*":
+        new_load["inter"] = list(new_load["inter"]) + [n for n in names if n not in new_load["inter"]]
+    new_unload = copy.deepcopy(unload_col)
+    if isinstance(new_unload, dict) and new_unload.get("inter"):
+        new_unload["inter"] = [n for n in new_unload["inter"] if n not in names]
+    if new_load == load_col and new_unload == unload_col:
+        return None
+    final["load_col"], final["unload_col"] = new_load, new_unload
+    return load_col, unload_col
+
+
+def _same_rows(dataset_a, train_a, dataset_b, train_b) -> bool:
+    """Whether two training splits hold the same (user, item) interactions in the same order."""
+    if len(train_a.inter_feat) != len(train_b.inter_feat):
+        return False
+    for field in (dataset_a.uid_field, dataset_a.iid_field):
+        a = dataset_a.field2id_token[field][train_a.inter_feat[field].numpy()]
+        b = dataset_b.field2id_token[field][train_b.inter_feat[field].numpy()]
+        if not np.array_equal(a, b):
+            return False
+    return True
 
 
 class ItemTexts:
     """Renders one item as text from the ``.item`` file, e.g. ``Toy Story (Animation Children's Comedy)``."""
 
-    def __init__(self, item_file: Path, item_field: str, fields: Sequence[str] | None, template: str | None,
+    def __init__(self, item_file: Path, item_field: str, fields: Sequence[str], template: str | None,
                  separator: str = "\t", seq_separator: str = " ", encoding: str = "utf-8"):
-        if not Path(item_file).is_file():
-            raise BehaviourTextError(
-                f"recbole-uip writes behaviour as item text, but {item_file} does not exist. Add a .item file with "
-                f"at least one text field (e.g. title:token_seq)."
-            )
         table = read_atomic(item_file, separator, encoding)
         if item_field not in table.fields:
             raise AtomicFileError(f"{item_file}: no item id field '{item_field}' (fields: {', '.join(table.fields)}).")
-        available = default_item_fields(table.fields, table.types, item_field)
-        if fields is None:
-            fields = available
-            if not fields:
-                raise BehaviourTextError(
-                    f"{item_file} has no text field to describe items (fields: {', '.join(table.fields)}; types: "
-                    f"{', '.join(table.types)}). Add a token or token_seq field, or set uip_item_text_fields."
-                )
-        unknown = [f for f in fields if f not in table.fields]
-        if unknown:
-            raise BehaviourTextError(
-                f"uip_item_text_fields names {', '.join(unknown)}, not in {item_file} (fields: {', '.join(table.fields)})."
-            )
         self.fields = list(fields)
         if template is None:
             template = "{" + self.fields[0] + "}"
@@ -135,128 +236,108 @@ class ItemTexts:
             values = {f: (" ".join(columns[f][row].split(seq_separator)) if f in seq_fields else columns[f][row])
                       for f in self.fields}
             try:
-                self._text[item] = template.format_map(values).strip()
+                text = template.format_map(values).strip()
             except (KeyError, IndexError, ValueError) as error:
                 raise BehaviourTextError(
                     f"uip_item_template {template!r} cannot be filled from fields {self.fields}: {error!r}."
                 ) from error
+            if text:
+                self._text[item] = text
 
     def get(self, item: str) -> str | None:
+        """The item's text, or None for an item missing from ``.item`` or with no text."""
         return self._text.get(item)
 
 
-def build_behaviour_corpus(config, settings, tokenizer, logger=None) -> BehaviourCorpus:
-    """Per-user behaviour token ids from the training split (see module docstring)."""
-    dataset, train = build_training_split(config)
-    uid_field, iid_field = dataset.uid_field, dataset.iid_field
-    time_field = dataset.time_field if dataset.time_field in train.inter_feat else None
-    rating_field = config["RATING_FIELD"]
-    has_rating = bool(settings.rating_template) and rating_field in train.inter_feat
+@dataclasses.dataclass
+class TrainingHistories:
+    """Every user's training interactions with a described item, oldest first.
 
+    Attributes:
+        users: raw user tokens (as in the atomic files); row order of every per-user structure downstream.
+        item_ids: raw item tokens of the items in any history; ``items`` index into it.
+        item_texts: the text of each of those items, aligned with ``item_ids``.
+        items: per user, int64 ``(n_u,)`` indices into ``item_ids``, oldest first.
+        ratings: per user, float32 ``(n_u,)`` raw ratings aligned with ``items``; None without a rating field.
+        users_without_history: raw tokens of users known to the dataset with no described training interaction.
+        interaction_counts: per user, training interactions (items without text included).
+        fields: the fields the text uses.
+        skipped: training interactions whose item has no text (missing from ``.item``, or empty).
+    """
+
+    users: list[str]
+    item_ids: list[str]
+    item_texts: list[str]
+    items: list[np.ndarray]
+    ratings: list[np.ndarray] | None
+    users_without_history: list[str]
+    interaction_counts: list[int]
+    fields: TextFields
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def truncated(self, keep: Sequence[int]) -> "TrainingHistories":
+        """The same histories cut to their oldest ``keep[u]`` interactions (``keep[u] >= 1``), with only the items
+        that remain in some history (so nothing fitted on the items sees the ones cut off)."""
+        cut = [items[:k] for items, k in zip(self.items, keep)]
+        used = np.unique(np.concatenate(cut)) if cut else np.zeros(0, dtype=np.int64)
+        new_row = np.full(len(self.item_ids), -1, dtype=np.int64)
+        new_row[used] = np.arange(len(used))
+        ratings = None if self.ratings is None else [r[:k] for r, k in zip(self.ratings, keep)]
+        return dataclasses.replace(self, items=[new_row[items] for items in cut], ratings=ratings,
+                                   item_ids=[self.item_ids[i] for i in used], item_texts=[self.item_texts[i] for i in used])
+
+
+def collect_training_histories(config, settings, fields: TextFields, logger=None) -> TrainingHistories:
+    """Per-user histories from the training split (see module docstring). Needs no tokenizer and no LLM."""
+    dataset, train = build_training_split(config, fields)
+    uid_field, iid_field = dataset.uid_field, dataset.iid_field
     item_texts = ItemTexts(
-        Path(dataset.dataset_path) / f"{dataset.dataset_name}.item", iid_field, settings.item_text_fields,
+        Path(dataset.dataset_path) / f"{dataset.dataset_name}.item", iid_field, fields.item_fields,
         settings.item_template, config["field_separator"], config["seq_separator"], config["encoding"],
     )
     inter = train.inter_feat
     uids = inter[uid_field].numpy()
     iids = inter[iid_field].numpy()
-    times = inter[time_field].numpy() if time_field else np.arange(len(uids), dtype=np.float64)
-    ratings = inter[rating_field].numpy() if has_rating else None
-    order = np.lexsort((np.arange(len(uids)), times, uids))  # by user, then time, then split order (stable)
-
+    times = inter[fields.time].numpy() if fields.time else np.zeros(len(uids))
+    ratings = inter[fields.rating].numpy().astype(np.float32) if fields.rating else None
+    order = np.lexsort((np.arange(len(uids)), times, uids))   # by user, then time, then split order (stable)
     item_tokens = dataset.field2id_token[iid_field]
     user_tokens = dataset.field2id_token[uid_field]
-    piece_cache: dict[tuple[int, float], list[int] | None] = {}
-    flag_cache: dict[tuple[int, float], list[bool]] = {}
-    mark_ratings = settings.rating_weight != 1.0 and has_rating and getattr(tokenizer, "is_fast", False)
-    if settings.rating_weight != 1.0 and not mark_ratings and logger:
-        reason = ("'uip_rating_template' is empty" if not settings.rating_template else
-                  f"the training interactions have no rating field '{rating_field}'" if not has_rating else
-                  "the tokenizer is not a fast one (no character offsets to find the rating tokens)")
-        logger.warning(f"UIP: uip_rating_weight={settings.rating_weight:g} has no effect: {reason}; every behaviour "
-                       f"token weighs 1 in the M-step.")
 
-    def piece_ids(item_id: int, rating: float) -> list[int] | None:
-        key = (item_id, rating)
-        if key not in piece_cache:
-            text = item_texts.get(str(item_tokens[item_id]))
-            if text is None:
-                piece_cache[key] = None
-            else:
-                head = " " + text
-                if ratings is not None:
-                    text += settings.rating_template.format(rating=rating)
-                encoded = tokenizer(" " + text + settings.item_separator, add_special_tokens=False,
-                                    return_offsets_mapping=mark_ratings)
-                piece_cache[key] = list(encoded["input_ids"])
-                if mark_ratings:  # tokens overlapping the characters the rating template wrote
-                    end = len(" " + text)
-                    flag_cache[key] = [start < end and stop > len(head) for start, stop in encoded["offset_mapping"]]
-        return piece_cache[key]
-
-    summary_budget = max(settings.summary_max_tokens, settings.max_behaviour_tokens)
-    users, token_ids, texts, items, counts, summary_ids, rating_mask = [], [], [], [], [], [], []
-    missing_items = 0
-    boundaries = np.flatnonzero(np.diff(uids[order])) + 1
-    for rows in np.split(order, boundaries) if len(order) else []:
-        budget = settings.max_behaviour_tokens
-        chosen: list[list[int]] = []        # the M-step's text: newest items within the behaviour budget
-        chosen_items: list[str] = []
-        chosen_keys: list[tuple[int, float, int]] = []   # (item, rating, tokens kept): to look up rating flags
-        earlier: list[list[int]] = []       # older items that only the summary reads, newest first
-        summary_left = summary_budget
-        for row in rows[::-1]:                                   # newest first, until the budgets are spent
-            item, rating = int(iids[row]), float(ratings[row]) if ratings is not None else 0.0
-            ids = piece_ids(item, rating)
-            if ids is None:
-                missing_items += 1
-                continue
-            if budget is not None and len(ids) > budget:
-                budget_was, budget = budget, None                # the behaviour text is complete
-                if not chosen:                                   # one long item: keep its first tokens
-                    chosen.append(ids[:budget_was])
-                    chosen_items.append(str(item_tokens[item]))
-                    chosen_keys.append((item, rating, budget_was))
-                    summary_left -= budget_was
-                    continue
-                if summary_budget == settings.max_behaviour_tokens:
-                    break
-            if len(ids) > summary_left:
-                break
-            if budget is not None:
-                chosen.append(ids)
-                chosen_items.append(str(item_tokens[item]))
-                chosen_keys.append((item, rating, len(ids)))
-                budget -= len(ids)
-            else:
-                earlier.append(ids)
-            summary_left -= len(ids)
-        if not chosen:
+    text_of = np.array([item_texts.get(str(token)) is not None for token in item_tokens])
+    row_of_item = np.full(len(item_tokens), -1, dtype=np.int64)
+    described = np.unique(iids[text_of[iids]]) if len(iids) else np.zeros(0, dtype=np.int64)
+    row_of_item[described] = np.arange(len(described))
+    users, items, user_ratings, counts = [], [], [], []
+    skipped = 0
+    for rows in np.split(order, np.flatnonzero(np.diff(uids[order])) + 1) if len(order) else []:
+        keep = rows[text_of[iids[rows]]]
+        skipped += len(rows) - len(keep)
+        if not len(keep):
             continue
-        chosen.reverse()
-        chosen_items.reverse()
-        chosen_keys.reverse()
-        if mark_ratings:
-            rating_mask.append([flag for item, rating, kept in chosen_keys for flag in flag_cache[(item, rating)][:kept]])
-        flat = [t for ids in chosen for t in ids]
         users.append(str(user_tokens[uids[rows[0]]]))
-        token_ids.append(flat)
-        summary_ids.append([t for ids in earlier[::-1] for t in ids] + flat if earlier else flat)
-        texts.append(tokenizer.decode(flat))
-        items.append(chosen_items)
+        items.append(row_of_item[iids[keep]])
+        if ratings is not None:
+            user_ratings.append(ratings[keep])
         counts.append(len(rows))
     with_history = set(users)
     without = [str(t) for t in user_tokens[1:] if str(t) not in with_history]
+    histories = TrainingHistories(
+        users=users, item_ids=[str(item_tokens[i]) for i in described],
+        item_texts=[item_texts.get(str(item_tokens[i])) for i in described], items=items,
+        ratings=user_ratings if ratings is not None else None, users_without_history=without,
+        interaction_counts=counts, fields=fields, skipped=skipped,
+    )
     if logger:
+        logger.info(f"UIP behaviour text: {fields.describe()}.")
         logger.info(
-            f"Behaviour text from the training split: {len(users)} users, {sum(map(len, token_ids))} tokens "
-            f"(mean {np.mean([len(t) for t in token_ids]) if users else 0:.1f}/user, budget "
-            f"{settings.max_behaviour_tokens}), {len(without)} users without training history"
-            + (f"; the summaries read {np.mean([len(t) for t in summary_ids]):.1f} tokens/user (budget "
-               f"{summary_budget})" if summary_budget > settings.max_behaviour_tokens else "")
-            + (f", {missing_items} interactions with items missing from .item skipped" if missing_items else "") + "."
+            f"Training histories: {len(users)} users, {sum(map(len, items))} interactions with "
+            f"{len(described)} described items, {len(without)} users without training history"
+            + (f", {skipped} interactions with items missing from .item skipped" if skipped else "") + "."
         )
     if not users:
         raise BehaviourTextError("No user has a training interaction with a described item: nothing to infer from.")
-    return BehaviourCorpus(users, token_ids, texts, items, without, counts, summary_ids,
-                            rating_mask if mark_ratings else None)
+    return histories

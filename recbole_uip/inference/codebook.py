@@ -12,22 +12,12 @@ Formulation (compared with the paper and the authors' code, see README "Method")
   LLM's NLL (``sigma^2``: mean squared offset norm, making ``beta`` scale-free). The codes are not trained by
   gradient: Lloyd's mean update is the exact minimiser of the codebook term for fixed assignments.
 * Metric (``uip_quantiser_metric``). ``euclidean`` (the default, the paper's quantiser) measures distances in
-  the embedding space. The other two are departures from the paper, opt-in: every distance of the E-step
-  (assignment, k-means++, dead-code restart) and of the commitment term is measured between projected points
-  ``(x - c) A`` with ``A (D, k)``, refreshed at every E-step:
-
-  - ``whitened``: the offsets' top-``k`` principal directions, each scaled to unit variance over users. The
-    plain codebook splits users along the one or two directions of largest variance between soft tokens;
-    whitening gives the next directions an equal say. Measured on ml-100k with the longer summaries and the
-    rating weight, it is the setting whose IDs carry how users rate (README, "One partition is one draw").
-  - ``fisher``: the top-``k`` eigenvectors of the empirical Fisher matrix ``F = mean_u g_u g_u^T`` of the last
-    M-step (``g_u (D,)``: the gradient of user ``u``'s M-step objective with respect to its soft token), scaled
-    by the square roots of their eigenvalues, so ``||(x - c) A||^2 ~ (x - c)^T F (x - c)``: the second-order
-    change of the behaviour likelihood when a user's soft token is replaced by its code. Two users are then
-    close when the LLM explains their behaviour alike, which is what the paper's E-step asks of a code. The first
-    E-step, before any gradient, uses the plain distance. Measured on ml-100k, its IDs were no better than the
-    same IDs shuffled, and the commitment term, pulling hardest where the likelihood is most sensitive, raised
-    the behaviour NLL; kept as a measured option.
+  the embedding space: with the trained encoder, the directions in which the LLM found users to differ usefully
+  are the long ones. ``whitened`` (opt-in) measures every distance of the E-step (assignment, k-means++,
+  dead-code restart) and of the commitment term between projected points ``(x - c) A`` with ``A (D, k)`` the
+  offsets' top-``k`` principal directions, each scaled to unit variance over users, refitted at every E-step.
+  Whitening is blind to any invertible linear map of the offsets, so to what a linear encoder learned: with
+  ``uip_encoder: linear`` its IDs are those of the untrained start (measured: README, "Method").
 
   Codes stay in the embedding space as the mean offset of their users (the projection is linear, so Lloyd's
   update is unchanged).
@@ -41,6 +31,8 @@ import math
 import torch
 from torch import nn
 
+from recbole_uip.config import QUANTISER_METRICS
+
 
 @dataclasses.dataclass(frozen=True)
 class CodebookHealth:
@@ -50,31 +42,28 @@ class CodebookHealth:
     perplexity: float         # exp(entropy of usage); K when uniform, 1 when collapsed
     dead_codes: int           # codes below the minimum usage before the first restart
     restarted: int            # codes restarted in this E-step
-    projection_share: float | None = None  # metric directions' share of the variance / Fisher trace (None: plain)
-
-
-METRICS = ("euclidean", "whitened", "fisher")
+    projection_share: float | None = None  # whitened: the kept directions' share of the variance (None: plain)
 
 
 class ProfileCodebook(nn.Module):
     """``K`` codes of dimension ``D`` for one profile (buffer ``codes (K, D)``).
 
-    ``metric`` (see module docstring): ``euclidean`` measures distances in the embedding space; ``whitened`` and
-    ``fisher`` after the projection ``projection (D, k)`` (a buffer; ``components = k``, 0 for every direction).
-    ``whitened`` refits it at every :meth:`fit`; ``fisher`` takes it from :meth:`set_fisher`.
+    ``metric`` (see module docstring): ``euclidean`` measures distances in the embedding space; ``whitened`` after
+    the projection ``projection (D, k)`` (a buffer; ``components = k``, 0 for every direction), refitted at every
+    :meth:`fit`.
     """
 
     def __init__(self, size: int, dim: int, metric: str = "euclidean", components: int = 0):
         super().__init__()
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}.")
+        if metric not in QUANTISER_METRICS:
+            raise ValueError(f"metric must be one of {', '.join(QUANTISER_METRICS)}, got {metric!r}.")
         if components < 0:
             raise ValueError(f"components must be >= 0 (0: every direction), got {components}.")
         self.metric, self.components = metric, components
         self.register_buffer("codes", torch.zeros(size, dim))
         self.register_buffer("initialised", torch.tensor(False))
         self.register_buffer("projection", None)  # (D, k) once fitted; None: plain distances
-        self.projection_share: float | None = None  # share of the variance (or Fisher trace) the k directions hold
+        self.projection_share: float | None = None  # share of the variance the k directions hold
 
     @property
     def size(self) -> int:
@@ -88,8 +77,7 @@ class ProfileCodebook(nn.Module):
     def use_projection(self, projection: torch.Tensor) -> None:
         """Measure distances after a given ``projection (D, k)``, e.g. the one a feature bank stored for its final
         E-step, to assign new offsets (fold-in) or quantise stored ones again in the bank's metric. A
-        ``euclidean`` codebook then keeps it through :meth:`fit`; ``whitened`` refits it there, ``fisher`` at
-        :meth:`set_fisher`."""
+        ``euclidean`` codebook then keeps it through :meth:`fit`; ``whitened`` refits it there."""
         projection = torch.as_tensor(projection, dtype=torch.float32)
         if projection.dim() != 2 or projection.shape[0] != self.codes.shape[1]:
             raise ValueError(f"projection must be (D, k) with D = {self.codes.shape[1]}, got {tuple(projection.shape)}.")
@@ -111,19 +99,6 @@ class ProfileCodebook(nn.Module):
         self.projection = (directions[:k].T / std).float()
         total = float((singular ** 2).sum())
         self.projection_share = float((singular[:k] ** 2).sum()) / total if total > 0 else 0.0
-
-    @torch.no_grad()
-    def set_fisher(self, fisher: torch.Tensor) -> None:
-        """``fisher``: ``A (D, k)`` from the empirical Fisher matrix ``F (D, D)`` (symmetric, PSD): its top-``k``
-        eigenvectors times the square roots of their eigenvalues, so ``||v A||^2 = v^T F_k v``."""
-        if self.metric != "fisher":
-            raise ValueError(f"set_fisher needs metric 'fisher', this codebook measures {self.metric!r} distances.")
-        values, vectors = torch.linalg.eigh(fisher.double())  # ascending
-        values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
-        k = self._rank(fisher.shape[0])
-        self.projection = (vectors[:, :k] * values[:k].sqrt()).float()
-        total = float(values.sum())
-        self.projection_share = float(values[:k].sum()) / total if total > 0 else 0.0
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest code of each row of ``x (N, D)``: LongTensor ``(N,)`` (ties go to the lowest index)."""

@@ -1,19 +1,29 @@
 """The EM loop that infers latent profiles: a RecBole-style trainer with ``fit()``.
 
+Before the first round: each training item is embedded once by the frozen LLM (forward only), each user's
+history becomes a vector ``z[u]`` (:mod:`user_features`), and the first E-step quantises the untrained starting
+point (its IDs are kept as ``initial_codes``: the untrained control every benchmark compares against).
+
 One EM round (``uip_epochs`` of them):
 
-* **M-step**: one pass over all users in shuffled batches. Loss per batch =
-  ``mean_b NLL(behaviour_b | soft tokens_b)  +  beta * sum_p ||offset[b,p] - sg(code[p, k(b,p)])||^2 / sigma_p^2``.
-  Only the soft-token parameters receive gradient; the LLM is frozen (asserted).
-* **E-step**: over all users, assign each profile offset its nearest code, refit the codebook (Lloyd,
-  warm-started), restart dead codes. The last E-step's assignments are the profile IDs.
+* **M-step.** One pass over the training users in shuffled batches. For each user the step scores a text of
+  some of their items (``uip_target``: a random subset, or the newest items) while the encoder reads the user's
+  *other* items. Loss per batch = ``mean_b NLL_w(text_b | soft tokens_b) + beta * sum_p commitment_p``
+  (``NLL_w``: the rating tokens weigh ``uip_rating_weight``). The shared shift ``b`` takes an Adam step per
+  batch; the free per-user tokens (``uip_free_tokens``) a row step per batch. The encoder ``A`` accumulates its
+  gradient over the whole pass and then takes **one step whose length a line search chooses** on validation
+  users (``uip_line_search_users``, held out of the pass): the objective of each candidate length is measured
+  with the frozen LLM, and a length of zero is always a candidate. A departure from per-batch steps: measured on
+  ml-100k, per-batch Adam steps on ``A`` (or on an MLP) made each user's own tokens explain held-out behaviour
+  *worse* than the mean token (+0.06 nats/token): the user signal in one batch's gradient is far below its
+  noise, and every noisy step costs likelihood. The full-pass gradient averages the noise out, and the line
+  search takes a step only as long as it helps users the pass did not see.
+* **E-step.** Every user's offset (from all their training items) is assigned its nearest code; the codebooks
+  are refitted (Lloyd, warm-started) and dead codes restarted. The last E-step's assignments are the profile IDs.
 
-Before the first round, one forward-only pass of the frozen LLM summarises each user's behaviour text; these
-summaries drive the amortised part of the soft tokens (see :mod:`soft_profiles`) and the first E-step.
-
-Every round logs, through RecBole's logger: mean NLL, the per-user NLL change since round 1, how far the soft
-tokens moved, and per profile the code usage, perplexity, dead codes and the share of users whose code is the
-same as in the previous E-step. ``epoch_end_hooks`` are called after each round (checkpointing, early stop).
+Only the soft-token parameters receive gradient; the LLM is frozen (asserted). Every round logs, through RecBole's
+logger: the NLL, the line search's choice and gain, and per profile the code usage, perplexity, dead codes and
+the share of users whose code is unchanged. ``epoch_end_hooks`` are called after each round.
 """
 
 from __future__ import annotations
@@ -26,11 +36,35 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recbole_uip.data.behaviour import BehaviourCorpus
+from recbole_uip.data.behaviour import TrainingHistories
+from recbole_uip.data.behaviour_text import BehaviourText
 from recbole_uip.inference.codebook import ProfileCodebook
 from recbole_uip.inference.llm import FrozenLLM, assert_frozen
 from recbole_uip.inference.prompt import PromptLayout, build_layout, collate
-from recbole_uip.inference.soft_profiles import RowAdam, RowSGD, SoftProfiles, behaviour_nll
+from recbole_uip.inference.soft_profiles import FreeTokens, SoftProfiles, behaviour_nll
+from recbole_uip.inference.user_features import UserFeatureMap, embed_items
+
+# Candidate lengths of the encoder's step, as the mean change of a validation user's offset relative to the mean
+# norm of the LLM's token embeddings (0, the current encoder, is always a candidate).
+LINE_SEARCH_STEPS = (0.003, 0.01, 0.03, 0.1, 0.3)
+LINE_SEARCH_EXPANSIONS = 6       # while the longest step is the best, try 3x longer ones, at most this many times
+
+
+@dataclasses.dataclass
+class Targets:
+    """What a batch of users is scored on and what their encoder reads.
+
+    Attributes:
+        users: int64 ``(B,)`` rows of the histories.
+        texts: per user, the scored token ids (oldest first).
+        flags: per user, the rating flags of those tokens, or None.
+        inputs: per user, the positions of the items the encoder reads.
+    """
+
+    users: np.ndarray
+    texts: list[list[int]]
+    flags: list[list[bool]] | None
+    inputs: list[np.ndarray]
 
 
 @dataclasses.dataclass
@@ -40,26 +74,36 @@ class InferenceResult:
     Attributes:
         users: raw user tokens, row order of the arrays below.
         codes: int64 ``(U, P)``; the profile ID of each user and profile.
+        initial_codes: int64 ``(U, P)``; the first E-step's IDs: the same quantiser on the untrained start.
         codebooks: per profile, float32 ``(K_p, D)``.
-        projections: per profile, float32 ``(D, k)``, the projection of the quantiser's metric
-            (``uip_quantiser_metric``), or None when the codebooks measure plain distances.
+        projections: per profile, float32 ``(D, k)`` (the whitened metric's projection), or None.
         offsets: float32 ``(U, P, D)``; the final (continuous) soft-token offsets.
-        summaries: float32 ``(U, H)``; the forward-only LLM summary of each user's text (unstandardised).
+        summaries: float32 ``(U, k)``; each user's encoder input ``z`` (None without an encoder).
+        item_ids, item_embeddings: the embedded items and float32 ``(I, H)`` embeddings (None without an encoder).
+        feature_map: the map from a history to ``z`` (None without an encoder).
+        anchors, shared: float32 ``(P, D)``; encoder: float32 ``(P, D, k)`` or None.
         history: one dict per EM round with the logged statistics.
-        per_user: per-user convergence measures (NLL in rounds 1 and last, movement, code changes).
+        per_user: per-user convergence measures.
     """
 
     users: list[str]
     codes: np.ndarray
+    initial_codes: np.ndarray
     codebooks: list[np.ndarray]
     projections: list[np.ndarray] | None
     offsets: np.ndarray
-    summaries: np.ndarray
+    summaries: np.ndarray | None
+    item_ids: list[str] | None
+    item_embeddings: np.ndarray | None
+    feature_map: UserFeatureMap | None
+    anchors: np.ndarray
+    shared: np.ndarray
+    encoder: np.ndarray | None
     history: list[dict]
     per_user: dict[str, np.ndarray]
 
 
-def _batches(order: torch.Tensor, size: int):
+def _batches(order, size: int):
     for start in range(0, len(order), size):
         yield order[start : start + size]
 
@@ -71,65 +115,34 @@ class ProfileInferenceTrainer:
         config: the RecBole ``Config`` of the run (``seed``, ``show_progress``).
         settings: :class:`~recbole_uip.config.UIPSettings`.
         llm: the frozen LLM.
-        corpus: behaviour of every user with training history.
+        histories: every user's training history.
+        text: the histories' tokenised text.
         logger: RecBole's logger (``logging.getLogger()`` after ``init_logger``).
     """
 
-    def __init__(self, config, settings, llm: FrozenLLM, corpus: BehaviourCorpus, logger):
-        self.config, self.settings, self.llm, self.corpus, self.logger = config, settings, llm, corpus, logger
+    def __init__(self, config, settings, llm: FrozenLLM, histories: TrainingHistories, text: BehaviourText, logger):
+        self.config, self.settings, self.llm, self.logger = config, settings, llm, logger
+        self.histories, self.text = histories, text
         self.device = llm.device
         self.show_progress = bool(config["show_progress"]) if "show_progress" in config else True
-        self.generator = torch.Generator().manual_seed(int(config["seed"]))
+        seed = int(config["seed"])
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
         self.layout: PromptLayout = build_layout(llm.tokenizer, list(settings.profiles.values()), settings.behaviour_prefix)
         self.epoch_end_hooks: list[Callable[["ProfileInferenceTrainer", int, dict], None]] = []
-        self.soft: SoftProfiles | None = None
         self.codebooks = [ProfileCodebook(settings.codebook_sizes[name], llm.hidden_size, settings.quantiser_metric,
                                           settings.quantiser_components) for name in settings.profiles]
-        # uip_quantiser_metric = fisher: sum over the M-step's users of g g^T per profile, (P, D, D) float64
-        self.fisher_sums: torch.Tensor | None = None
-        self.assignments: torch.Tensor | None = None  # (U, P)
-        # Departure from the paper (uip_rating_weight, 10 by default): the tokens that write a rating weigh more in
-        # the M-step loss, so the soft tokens learn how the user rates, not only which titles they watch. The
-        # logged NLL stays the plain one, comparable across settings. Without rating tokens (corpus.rating_mask
-        # is None: no rating field, no template or a slow tokenizer) every token weighs 1.
+        self.soft: SoftProfiles | None = None
+        self.free: FreeTokens | None = None
+        self.feature_map: UserFeatureMap | None = None
+        self.item_embeddings: torch.Tensor | None = None
+        self.summaries: torch.Tensor | None = None       # (U, k): z of every user's whole history
+        self.assignments: torch.Tensor | None = None     # (U, P)
+        self.validation: Targets | None = None
+        self.embedding_norm = float(llm.model.get_input_embeddings().weight.detach().float().norm(dim=1).mean())
         self.history: list[dict] = []
 
     # ----------------------------------------------------------------------------------------------- set-up
-    @torch.inference_mode()
-    def summarise(self, batch_size: int = 32, max_batch_tokens: int = 8192) -> torch.Tensor:
-        """Forward-only pass: mean hidden state (layer ``uip_summary_layer``) over each user's summary tokens
-        (``corpus.summary_token_ids``: the behaviour text, or a longer stretch of the training history when
-        ``uip_summary_max_tokens`` asks for one), ``(U, H)`` float32.
-
-        Users are batched longest first, at most ``batch_size`` of them and ``max_batch_tokens`` padded tokens
-        per batch (long histories come a few at a time)."""
-        model, pad = self.llm.model, self.llm.tokenizer.pad_token_id
-        sequences = self.corpus.summary_token_ids
-        lengths = torch.tensor([len(t) for t in sequences])
-        order = torch.argsort(lengths, descending=True).tolist()  # similar lengths together: less padding
-        batches, start = [], 0
-        while start < len(order):
-            width = len(sequences[order[start]])
-            size = max(1, min(batch_size, max_batch_tokens // max(width, 1)))
-            batches.append(order[start : start + size])
-            start += size
-        out = torch.zeros(len(self.corpus), self.llm.hidden_size)
-        bar = tqdm(total=len(order), desc="UIP summarise", ncols=100, disable=not self.show_progress, leave=False)
-        for users in batches:
-            seqs = [sequences[u] for u in users]
-            width = max(map(len, seqs))
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            valid = torch.zeros((len(seqs), width), dtype=torch.long)
-            for row, seq in enumerate(seqs):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                valid[row, : len(seq)] = 1
-            hidden = model(input_ids=ids.to(self.device), attention_mask=valid.to(self.device),
-                           output_hidden_states=True, use_cache=False).hidden_states[self.settings.summary_layer].float().cpu()
-            out[torch.tensor(users)] = (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
-            bar.update(len(users))
-        bar.close()
-        return out
-
     def _anchors(self) -> torch.Tensor:
         """``(P, D)``: mean input embedding of each profile's phrase tokens (its soft token excluded)."""
         weight = self.llm.model.get_input_embeddings().weight.detach().float().cpu()
@@ -140,46 +153,103 @@ class ProfileInferenceTrainer:
             anchors.append(weight[self.layout.prefix_ids[in_block]].mean(0))
         return torch.stack(anchors)
 
-    @torch.inference_mode()
-    def evaluate_nll(self, offsets: str = "current") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-user behaviour NLL under fixed soft tokens, forward only: ``(plain (U,), weighted (U,) or None)``.
+    def setup(self) -> None:
+        """Item embeddings, the feature map and every user's ``z`` (with an encoder); the soft tokens; the free
+        tokens; the validation users of the line search."""
+        settings = self.settings
+        uses_encoder = settings.encoder != "none"
+        if uses_encoder:
+            self.item_embeddings = embed_items(self.llm, self.histories.item_texts, settings.item_embedding_layer,
+                                               show_progress=self.show_progress)
+            self.feature_map = UserFeatureMap.fit(self.item_embeddings, self.histories.items, self.histories.ratings,
+                                                  settings.encoder_dims, settings.history_prior)
+            self.summaries = self.features(np.arange(len(self.histories)))
+        init_norm = settings.init_scale * self.embedding_norm
+        self.soft = SoftProfiles(self._anchors(), self.feature_map.dims if uses_encoder else 0, init_norm,
+                                 self.generator).to(self.device)
+        if settings.free_tokens:
+            num_users, (num_profiles, dim) = len(self.histories), self.soft.anchors.shape
+            start = torch.zeros(num_users, num_profiles, dim)
+            if not uses_encoder:  # the paper's free tokens: users must start apart for the first E-step to mean anything
+                start = torch.randn(num_users, num_profiles, dim, generator=self.generator) * init_norm / dim ** 0.5
+            self.free = FreeTokens(start, settings.free_token_optimizer, settings.free_token_learning_rate)
+        if uses_encoder and settings.line_search_users:
+            count = min(settings.line_search_users, max(len(self.histories) // 4, 1))
+            users = np.sort(np.random.default_rng(int(self.config["seed"]) + 1).permutation(len(self.histories))[:count])
+            self.validation = self.targets(users, np.random.default_rng(int(self.config["seed"]) + 2))
 
-        ``offsets``: ``"current"`` (the soft tokens now), ``"anchor"`` (every user gets the phrase anchors),
-        ``"mean"`` (every user gets the mean soft token: no user information, but the same shift),
-        ``"shuffled"`` (each user gets another user's soft tokens) or ``"code"`` (each user's offset replaced by
-        its assigned code). ``current`` well below ``mean`` and ``shuffled`` means the tokens carry user information.
-        ``weighted`` is the rating-weighted NLL the M-step optimises (``uip_rating_weight``), from the same pass;
-        None when the behaviour text has no rating tokens to weigh.
-        """
-        nll = torch.zeros(len(self.corpus))
-        weighted_nll = None if self.corpus.rating_mask is None else torch.zeros(len(self.corpus))
-        order = torch.arange(len(self.corpus))
-        permutation = torch.randperm(len(self.corpus), generator=torch.Generator().manual_seed(0))
-        mean_offsets = self.soft.offsets().mean(0, keepdim=True)
-        for users in _batches(order, self.settings.batch_size * 2):
-            batch = self.prompt_batch(users.tolist())
-            users_dev = users.to(self.device)
-            tokens = self.soft(users_dev)
-            if offsets == "mean":
-                tokens = (self.soft.center()[None] + mean_offsets).expand_as(tokens)
-            elif offsets == "shuffled":
-                tokens = self.soft(permutation[users].to(self.device))
-            elif offsets == "anchor":
-                tokens = self.soft.anchors[None].expand_as(tokens)
-            elif offsets == "code":
-                codes = torch.stack([cb.codes[self.assignments[users, p]] for p, cb in enumerate(self.codebooks)], 1)
-                tokens = self.soft.center()[None] + codes.to(self.device)
-            plain, weighted = behaviour_nll(self.llm.model, self.layout, batch, tokens, weighted=True)
-            nll[users] = plain.float().cpu()
-            if weighted_nll is not None:
-                weighted_nll[users] = weighted.float().cpu()
-        return nll, weighted_nll
+    def features(self, users: np.ndarray, positions: list[np.ndarray] | None = None) -> torch.Tensor:
+        """``z (B, k)`` of ``users`` from their items at ``positions`` (all their items when None)."""
+        histories = self.histories
+        pick = (lambda u, j: histories.items[u]) if positions is None else (lambda u, j: histories.items[u][positions[j]])
+        items = [pick(u, j) for j, u in enumerate(users)]
+        ratings = None
+        if histories.ratings is not None:
+            ratings = [histories.ratings[u] if positions is None else histories.ratings[u][positions[j]]
+                       for j, u in enumerate(users)]
+        return self.feature_map(self.item_embeddings, items, ratings)
+
+    def targets(self, users: np.ndarray, rng: np.random.Generator) -> Targets:
+        """The texts ``users`` are scored on and the items their encoder reads (``uip_target``)."""
+        budget = self.settings.max_behaviour_tokens
+        texts, flags, inputs = [], [], []
+        for u in users:
+            if self.settings.target == "newest":
+                target = self.text.newest_target(u, budget)
+                rest = np.setdiff1d(np.arange(len(self.histories.items[u])), target)
+            else:
+                target, rest = self.text.random_target(u, budget, rng)
+            ids, rating_flags = self.text.tokens(u, target, budget)
+            texts.append(ids)
+            flags.append(rating_flags)
+            inputs.append(rest)
+        return Targets(np.asarray(users), texts, None if self.text.rating_flags is None else flags, inputs)
+
+    def prompt_batch(self, targets: Targets):
+        """The prompts of a batch, with each behaviour token's M-step weight where the text marks rating tokens."""
+        weights = None
+        if targets.flags is not None:
+            w = self.settings.rating_weight
+            weights = [[w if flag else 1.0 for flag in user_flags] for user_flags in targets.flags]
+        return collate(self.layout, targets.texts, self.llm.tokenizer.pad_token_id, weights)
+
+    # ---------------------------------------------------------------------------------------- the soft tokens
+    def offsets(self, users: np.ndarray, inputs: list[np.ndarray] | None = None, free_rows: torch.Tensor | None = None,
+                encoder: torch.Tensor | None = None, batch_centred: bool = False) -> torch.Tensor:
+        """User offsets ``(B, P, D)``: ``A z`` (z from ``inputs``, or the stored whole-history z) plus the free
+        tokens (``free_rows``, or their current rows). ``encoder`` replaces ``A`` (line search).
+
+        ``batch_centred``: the same values, but ``A`` gets gradient only through ``z - mean_b z``, and ``A mean_b z``
+        is held fixed: the encoder learns how users *differ* (the covariance of their gradients with their ``z``),
+        while what the whole batch needs goes to the shared shift. Without it, ``z`` of partial histories is not
+        centred (fewer items), and ``A`` would learn a second shared shift from the mean gradient."""
+        offsets = torch.zeros(len(users), *self.soft.anchors.shape, device=self.device)
+        if self.soft.encoder is not None:
+            z = self.summaries[torch.as_tensor(users)] if inputs is None else self.features(users, inputs)
+            z = z.to(self.device)
+            weights = self.soft.encoder if encoder is None else encoder
+            if batch_centred:
+                mean = z.mean(0, keepdim=True)
+                offsets = offsets + torch.einsum("pdk,bk->bpd", weights, z - mean) \
+                    + torch.einsum("pdk,bk->bpd", weights.detach(), mean)
+            else:
+                offsets = offsets + torch.einsum("pdk,bk->bpd", weights, z)
+        if self.free is not None:
+            rows = self.free.table[torch.as_tensor(users)] if free_rows is None else free_rows
+            offsets = offsets + rows.to(self.device)
+        return offsets
+
+    def all_offsets(self) -> torch.Tensor:
+        """``(U, P, D)`` on CPU: every user's offset from their whole training history."""
+        with torch.no_grad():
+            parts = [self.offsets(users).cpu() for users in _batches(np.arange(len(self.histories)), 4096)]
+        return torch.cat(parts)
 
     # ---------------------------------------------------------------------------------------------- EM steps
     @torch.no_grad()
     def e_step(self, iterations: int) -> tuple[torch.Tensor, list, list[float]]:
         """Assign every user's offsets to codes and refit the codebooks. Returns ``(U, P)`` ids, healths, sigma^2."""
-        offsets = self.soft.offsets().detach().cpu()                          # (U, P, D)
+        offsets = self.all_offsets()
         codes, healths, scales = [], [], []
         for p, codebook in enumerate(self.codebooks):
             assignment, health = codebook.fit(offsets[:, p], iterations, self.generator)
@@ -188,89 +258,169 @@ class ProfileInferenceTrainer:
             scales.append(codebook.scale(offsets[:, p]))
         return torch.stack(codes, dim=1), healths, scales
 
-    def m_step(self, epoch: int, scales: list[float], encoder_opt, residual_opt) -> torch.Tensor:
-        """One pass over all users; returns each user's NLL ``(U,)`` as measured before its update."""
-        nll_seen = torch.zeros(len(self.corpus))
-        order = torch.randperm(len(self.corpus), generator=self.generator)
+    def m_step(self, epoch: int, scales: list[float], shared_opt) -> torch.Tensor:
+        """One pass over the training users (validation users excluded); returns each user's NLL ``(U,)`` as
+        measured before its update (NaN for users not visited)."""
+        nll_seen = torch.full((len(self.histories),), float("nan"))
+        users = np.arange(len(self.histories))
+        if self.validation is not None:
+            users = np.setdiff1d(users, self.validation.users)
+        order = users[self.rng.permutation(len(users))]
         bar = tqdm(total=len(order), desc=f"UIP M-step {epoch:>2}", ncols=100, disable=not self.show_progress)
         self.codebooks = [cb.to(self.device) for cb in self.codebooks]
-        if self.settings.quantiser_metric == "fisher":
-            dim = self.llm.hidden_size
-            self.fisher_sums = torch.zeros(len(self.codebooks), dim, dim, dtype=torch.float64)
-        for users in _batches(order, self.settings.batch_size):
-            nll = self.train_batch(users, scales, encoder_opt, residual_opt)
-            nll_seen[users] = nll.float().cpu()
-            bar.update(len(users))
+        if self.soft.encoder is not None:
+            self.soft.encoder.grad = None
+        for batch_users in _batches(order, self.settings.batch_size):
+            nll = self.train_batch(self.targets(batch_users, self.rng), scales, shared_opt)
+            nll_seen[torch.as_tensor(batch_users)] = nll.float().cpu()
+            bar.update(len(batch_users))
             bar.set_postfix(nll=f"{float(nll.mean()):.3f}")
         bar.close()
         self.codebooks = [cb.cpu() for cb in self.codebooks]
-        if self.fisher_sums is not None:
-            for codebook, sums in zip(self.codebooks, self.fisher_sums):
-                codebook.set_fisher(sums / len(order))
         return nll_seen
 
-    def train_batch(self, users: torch.Tensor, scales: list[float], encoder_opt, residual_opt) -> torch.Tensor:
-        """One M-step update for ``users`` (LongTensor ``(B,)``); returns their NLL ``(B,)`` before the update."""
-        batch = self.prompt_batch(users.tolist())
-        users_dev = users.to(self.device)
-        soft_tokens = self.soft(users_dev)                                   # (B, P, D)
-        if self.fisher_sums is not None:
-            soft_tokens.retain_grad()
-        nll, objective = behaviour_nll(self.llm.model, self.layout, batch, soft_tokens, weighted=True)  # (B,) each
-        loss = objective.mean()
-        beta = self.settings.commitment_weight
-        if beta > 0:
-            offsets = self.soft.offsets(users_dev)
-            assigned = self.assignments[users].to(self.device)
-            for p, codebook in enumerate(self.codebooks):
-                loss = loss + beta * codebook.commitment(offsets[:, p], assigned[:, p], scales[p])
-        encoder_opt.zero_grad(set_to_none=True)
-        self.soft.residual.grad = None
+    def train_batch(self, targets: Targets, scales: list[float], shared_opt) -> torch.Tensor:
+        """One M-step batch: returns the users' plain NLL ``(B,)`` before the update. The shared shift and the
+        free rows step now; the encoder's gradient accumulates until :meth:`line_search`."""
+        users = targets.users
+        free_rows = self.free.rows(torch.as_tensor(users)) if self.free is not None else None
+        offsets = self.offsets(users, targets.inputs, free_rows, batch_centred=True)         # (B, P, D)
+        nll, objective = behaviour_nll(self.llm.model, self.layout, self.prompt_batch(targets), self.soft(offsets),
+                                       weighted=True)
+        loss = objective.mean() + self.commitment(offsets, users, scales)
+        if shared_opt is not None:
+            shared_opt.zero_grad(set_to_none=True)
         loss.backward()
-        encoder_opt.step()
-        residual_opt.step(users_dev, grad_scale=len(users))  # per-user gradient of its own NLL
-        if self.fisher_sums is not None:
-            # Each user's gradient of its own M-step objective (the LLM term only: the commitment term reaches the
-            # parameters through a separate branch), undoing the 1/B of the batch mean.
-            grads = (soft_tokens.grad.detach() * len(users)).double().cpu()          # (B, P, D)
-            self.fisher_sums += torch.einsum("bpd,bpe->pde", grads, grads)
+        if shared_opt is not None:
+            shared_opt.step()
+        if self.free is not None:
+            self.free.step(torch.as_tensor(users), free_rows, grad_scale=len(users))
         return nll.detach()
 
-    def prompt_batch(self, rows: list[int]):
-        """The prompts of users ``rows``, with each behaviour token's M-step weight where the text has rating tokens
-        (``corpus.rating_mask``; no weights otherwise: every token weighs 1)."""
-        weights = None if self.corpus.rating_mask is None else [self.token_weights(u) for u in rows]
-        return collate(self.layout, [self.corpus.token_ids[u] for u in rows], self.llm.tokenizer.pad_token_id, weights)
+    def commitment(self, offsets: torch.Tensor, users: np.ndarray, scales: list[float]) -> torch.Tensor:
+        """``beta * sum_p ||offset - sg(code)||^2 / sigma_p^2`` (mean over the batch) for the users' assigned codes."""
+        beta = self.settings.commitment_weight
+        if beta <= 0:
+            return offsets.new_zeros(())
+        assigned = self.assignments[torch.as_tensor(users)].to(self.device)
+        return beta * sum(codebook.commitment(offsets[:, p], assigned[:, p], scales[p])
+                          for p, codebook in enumerate(self.codebooks))
 
-    def token_weights(self, user: int) -> list[float]:
-        """M-step loss weight of each behaviour token of ``user``: ``uip_rating_weight`` on rating tokens, else 1."""
-        weight = self.settings.rating_weight
-        return [weight if flag else 1.0 for flag in self.corpus.rating_mask[user]]
+    @torch.no_grad()
+    def line_search(self, scales: list[float]) -> dict:
+        """One step of the encoder along minus its gradient accumulated over the M-step, of the length (possibly
+        zero) that minimises the M-step objective of the validation users. Returns what was tried and chosen."""
+        gradient = self.soft.encoder.grad
+        self.soft.encoder.grad = None
+        if gradient is None or not float(gradient.norm()) > 0:
+            return {"step": 0.0, "gain": 0.0}
+        validation = self.validation
+        z = self.features(validation.users, validation.inputs).to(self.device)
+        z_mean = z.mean(0, keepdim=True)     # a step changes how users differ, not the validation users' mean
+        shift = torch.einsum("pdk,bk->bpd", self.soft.encoder.detach(), z_mean)
+        change_per_unit = float(torch.einsum("pdk,bk->bpd", gradient, z - z_mean).norm(dim=-1).mean())
+        current = self.soft.encoder.detach().clone()
+        batch = self.prompt_batch(validation)
+        self.codebooks = [cb.to(self.device) for cb in self.codebooks]
+        parts: dict[float, dict] = {}
 
-    def build_optimisers(self):
-        """``(encoder_opt, residual_opt)``: Adam on the shared shift and the encoder (their own learning rates),
-        and the per-row optimiser of the user residuals (``uip_residual_optimizer``)."""
-        shared, encoder, residual = self.trainable_parameters()
-        settings = self.settings
-        encoder_opt = torch.optim.Adam([
-            {"params": [shared], "lr": settings.shared_learning_rate},
-            {"params": [encoder], "lr": settings.encoder_learning_rate},
-        ])
-        row_optimiser = RowSGD if settings.residual_optimizer == "sgd" else RowAdam
-        return encoder_opt, row_optimiser(residual, lr=settings.learning_rate)
+        def objective(relative: float) -> float:
+            candidate = current - (relative * self.embedding_norm / change_per_unit) * gradient
+            nll, commitment = [], []
+            for rows in _batches(np.arange(len(validation.users)), self.settings.batch_size * 2):
+                users = validation.users[rows]
+                offsets = torch.einsum("pdk,bk->bpd", candidate, z[rows] - z_mean) + shift
+                if self.free is not None:
+                    offsets = offsets + self.free.table[torch.as_tensor(users)].to(self.device)
+                _, weighted = behaviour_nll(self.llm.model, self.layout, self._sub_batch(batch, rows), self.soft(offsets),
+                                            weighted=True)
+                nll.append(weighted.float())
+                commitment.append(float(self.commitment(offsets, users, scales)) * len(rows))
+            parts[relative] = {"nll": float(torch.cat(nll).mean()), "commitment": sum(commitment) / len(validation.users)}
+            return parts[relative]["nll"] + parts[relative]["commitment"]
+
+        tried = {relative: objective(relative) for relative in (0.0,) + LINE_SEARCH_STEPS}
+        relative = LINE_SEARCH_STEPS[-1]
+        for _ in range(LINE_SEARCH_EXPANSIONS):      # the longest step was best: try longer ones while they help
+            if min(tried, key=lambda r: (tried[r], r)) != relative:
+                break
+            relative *= 3
+            tried[relative] = objective(relative)
+        self.codebooks = [cb.cpu() for cb in self.codebooks]
+        best = min(tried, key=lambda r: (tried[r], r))
+        self.soft.encoder.data = current - (best * self.embedding_norm / change_per_unit) * gradient
+        return {"step": best, "gain": tried[0.0] - tried[best], "tried": tried,
+                "nll_gain": parts[0.0]["nll"] - parts[best]["nll"],
+                "commitment_gain": parts[0.0]["commitment"] - parts[best]["commitment"]}
+
+    @staticmethod
+    def _sub_batch(batch, rows):
+        """Rows of a collated batch (trimmed to their own longest text)."""
+        from recbole_uip.inference.prompt import PromptBatch
+
+        index = torch.as_tensor(rows)
+        width = int(batch.behaviour_lengths[index].max()) + (batch.input_ids.shape[1] - int(batch.behaviour_lengths.max()))
+        return PromptBatch(batch.input_ids[index, :width], batch.labels[index, :width],
+                           batch.allowed[index, :width, :width], batch.behaviour_lengths[index],
+                           None if batch.weights is None else batch.weights[index, :width])
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def score(self, targets: Targets, modes=("own", "mean", "other", "none", "code"), permutation_seed: int = 0) -> dict:
+        """Per-user NLL (plain and, where ratings are marked, weighted) of ``targets``' texts with each user's own
+        soft tokens (their encoder reading ``targets.inputs``), the mean token (no user information), another
+        user's tokens, no profile tokens at all, and their assigned codes. Forward only.
+
+        Returns ``{mode: (B,)}`` and ``{"weighted_" + mode: (B,)}`` float64 arrays."""
+        users = targets.users
+        own = self.offsets(users, targets.inputs if self.soft.encoder is not None else None).cpu()
+        other = own[np.random.default_rng(permutation_seed).permutation(len(users))]
+        mean = own.mean(0, keepdim=True)          # the mean of the very tokens "own" uses: no user information
+        batch = self.prompt_batch(targets)
+        out: dict[str, list] = {}
+        for rows in _batches(np.arange(len(users)), self.settings.batch_size * 2):
+            sub = self._sub_batch(batch, rows)
+            for mode in modes:
+                if mode == "code":
+                    assigned = self.assignments[torch.as_tensor(users[rows])]
+                    offsets = torch.stack([cb.codes[assigned[:, p]] for p, cb in enumerate(self.codebooks)], 1)
+                else:
+                    offsets = {"own": own, "other": other, "none": own}.get(mode, mean.expand(len(users), -1, -1))[rows]
+                plain, weighted = behaviour_nll(self.llm.model, self.layout, sub, self.soft(offsets.to(self.device)),
+                                                weighted=True, hide_profiles=mode == "none")
+                out.setdefault(mode, []).append(plain.double().cpu())
+                if batch.weights is not None:
+                    out.setdefault("weighted_" + mode, []).append(weighted.double().cpu())
+        return {key: torch.cat(values).numpy() for key, values in out.items()}
+
+    def diagnose(self) -> dict[str, np.ndarray]:
+        """Do the soft tokens carry *user* information? Each user's newest items within the budget, scored with the
+        modes of :meth:`score` while the encoder reads their other items. On with ``uip_diagnostics``."""
+        users = np.arange(len(self.histories))
+        texts, flags, inputs = [], [], []
+        for u in users:
+            target = self.text.newest_target(u, self.settings.max_behaviour_tokens)
+            ids, rating_flags = self.text.tokens(u, target, self.settings.max_behaviour_tokens)
+            texts.append(ids)
+            flags.append(rating_flags)
+            inputs.append(np.setdiff1d(np.arange(len(self.histories.items[u])), target))
+        scores = self.score(Targets(users, texts, None if self.text.rating_flags is None else flags, inputs))
+        means = ", ".join(f"{mode} {scores[mode].mean():.4f}" for mode in ("own", "mean", "other", "none", "code"))
+        self.logger.info(f"UIP diagnostics, NLL of each user's newest items (nats/token): {means}.")
+        return {f"nll_{key}": value for key, value in scores.items()}
 
     # ------------------------------------------------------------------------------------------------ fit
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Exactly the soft-token parameters; the LLM is asserted frozen and codebooks are buffers."""
+        """Exactly the shared soft-token parameters (the free tokens are a row-updated table, not parameters);
+        the LLM is asserted frozen and codebooks are buffers."""
         assert_frozen(self.llm.model)
-        return [self.soft.shared, self.soft.encoder, self.soft.residual]
+        return [p for p in (self.soft.shared, self.soft.encoder) if p is not None]
 
     def fit(self) -> InferenceResult:
         """Run the EM loop (see module docstring) with ``uip_num_threads`` torch threads."""
-        settings = self.settings
         threads_before = torch.get_num_threads()
-        if settings.num_threads:
-            torch.set_num_threads(settings.num_threads)
+        if self.settings.num_threads:
+            torch.set_num_threads(self.settings.num_threads)
         try:
             return self._fit()
         finally:
@@ -279,100 +429,88 @@ class ProfileInferenceTrainer:
     def _fit(self) -> InferenceResult:
         settings, logger = self.settings, self.logger
         start = time.perf_counter()
+        assert_frozen(self.llm.model)
         logger.info(
-            f"UIP inference: {len(self.corpus)} users, profiles {settings.profile_names}, codebooks "
-            f"{list(settings.codebook_sizes.values())}, prompt prefix {self.layout.prefix_length} tokens, "
-            f"{torch.get_num_threads()} threads, {self.llm.dtype}, {self.device}."
+            f"UIP inference: {len(self.histories)} users, profiles {settings.profile_names}, codebooks "
+            f"{list(settings.codebook_sizes.values())}, encoder {settings.encoder}, prompt prefix "
+            f"{self.layout.prefix_length} tokens, {torch.get_num_threads()} threads, {self.llm.dtype}, {self.device}."
         )
-        raw_summaries = self.summarise()
-        mean, std = raw_summaries.mean(0), raw_summaries.std(0).clamp(min=1e-6)
-        embedding_norm = float(self.llm.model.get_input_embeddings().weight.detach().float().norm(dim=1).mean())
-        self.soft = SoftProfiles(
-            self._anchors(), (raw_summaries - mean) / std, settings.init_scale * embedding_norm, self.generator
-        ).to(self.device)
-        encoder_opt, residual_opt = self.build_optimisers()
-        initial_tokens = self.soft.offsets().detach().cpu().clone()
+        self.setup()
+        shared_opt = None
+        if settings.shared_learning_rate > 0:
+            shared_opt = torch.optim.Adam([self.soft.shared], lr=settings.shared_learning_rate)
+        initial_offsets = self.all_offsets()
         self.assignments, healths, scales = self.e_step(settings.kmeans_iters)
         initial_assignments = self.assignments.clone()
         self._log_round(0, None, healths, None, start)
         first_nll, last_nll = None, None
-        changes = torch.zeros(len(self.corpus), len(self.codebooks), dtype=torch.long)
+        changes = torch.zeros(len(self.histories), len(self.codebooks), dtype=torch.long)
         for epoch in range(1, settings.epochs + 1):
-            nll = self.m_step(epoch, scales, encoder_opt, residual_opt)
+            nll = self.m_step(epoch, scales, shared_opt)
             first_nll = nll if first_nll is None else first_nll
             last_nll = nll
+            search = self.line_search(scales) if self.validation is not None else None
             previous = self.assignments
             self.assignments, healths, scales = self.e_step(settings.kmeans_iters)
             changed = self.assignments != previous
             changes += changed.long()
             stability = (~changed).float().mean(0).tolist()
-            record = self._log_round(epoch, nll, healths, stability, start, first_nll)
+            record = self._log_round(epoch, nll, healths, stability, start, first_nll, search)
             for hook in self.epoch_end_hooks:
                 hook(self, epoch, record)
-        final_tokens = self.soft.offsets().detach().cpu()
-        movement = (final_tokens - initial_tokens).norm(dim=-1) / initial_tokens.norm(dim=-1).clamp(min=1e-12)
+        final_offsets = self.all_offsets()
+        movement = (final_offsets - initial_offsets).norm(dim=-1) / initial_offsets.norm(dim=-1).clamp(min=1e-12)
         per_user = {
             "nll_first_round": first_nll.numpy(),
             "nll_last_round": last_nll.numpy(),
             "relative_movement": movement.numpy(),                      # (U, P)
             "code_changes": changes.numpy(),                            # (U, P) E-steps where the code moved
-            "initial_codes": initial_assignments.numpy(),
         }
         self._log_convergence(per_user)
         if settings.diagnostics:
             per_user.update(self.diagnose())
+        encoder = self.soft.encoder
         return InferenceResult(
-            users=list(self.corpus.users),
+            users=list(self.histories.users),
             codes=self.assignments.numpy().astype(np.int64),
+            initial_codes=initial_assignments.numpy().astype(np.int64),
             codebooks=[cb.codes.numpy().copy() for cb in self.codebooks],
             projections=None if self.codebooks[0].projection is None else [cb.projection.numpy().copy() for cb in self.codebooks],
-            offsets=final_tokens.numpy(),
-            summaries=raw_summaries.numpy(),
+            offsets=final_offsets.numpy(),
+            summaries=None if self.summaries is None else self.summaries.numpy(),
+            item_ids=None if self.item_embeddings is None else list(self.histories.item_ids),
+            item_embeddings=None if self.item_embeddings is None else self.item_embeddings.numpy(),
+            feature_map=self.feature_map,
+            anchors=self.soft.anchors.detach().cpu().numpy(),
+            shared=self.soft.shared.detach().cpu().numpy(),
+            encoder=None if encoder is None else encoder.detach().cpu().numpy(),
             history=self.history,
             per_user=per_user,
         )
 
-    def diagnose(self) -> dict[str, np.ndarray]:
-        """Do the soft tokens carry *user* information? Per-user NLL with the user's own tokens, with another
-        user's (shuffled), with the mean token (no user information), and with the assigned codes: ``nll_<mode>``
-        (plain) and, where ratings are weighted, ``nll_weighted_<mode>`` (the M-step's objective). Costs four
-        forward-only passes; on with ``uip_diagnostics``."""
-        modes = ("current", "shuffled", "mean", "code")
-        nll = {}
-        for mode in modes:
-            plain, weighted = self.evaluate_nll(mode)
-            nll[f"nll_{mode}"] = plain.numpy()
-            if weighted is not None:
-                nll[f"nll_weighted_{mode}"] = weighted.numpy()
-        labels = ("own soft tokens", "another user's", "mean token", "own codes")
-        for prefix, what in (("nll_", "behaviour NLL"), ("nll_weighted_", "rating-weighted NLL (the M-step's objective)")):
-            if f"{prefix}current" in nll:
-                means = ", ".join(f"{label} {float(nll[prefix + mode].mean()):.4f}" for label, mode in zip(labels, modes))
-                self.logger.info(f"UIP diagnostics, {what} (nats/token): {means}.")
-        return nll
-
     # -------------------------------------------------------------------------------------------- logging
-    def _log_round(self, epoch, nll, healths, stability, start, first_nll=None) -> dict:
+    def _log_round(self, epoch, nll, healths, stability, start, first_nll=None, search=None) -> dict:
         record = {"round": epoch, "seconds": round(time.perf_counter() - start, 1)}
         parts = [f"UIP round {epoch}/{self.settings.epochs}"]
         if nll is not None:
-            record["nll"] = float(nll.mean())
+            seen = ~torch.isnan(nll)
+            record["nll"] = float(nll[seen].mean())
             parts.append(f"NLL {record['nll']:.4f}")
             if epoch > 1:
-                drop = (first_nll - nll).numpy()
+                drop = (first_nll - nll)[seen].numpy()
                 record["nll_drop_median"] = float(np.median(drop))
                 record["users_nll_improved"] = float((drop > 0).mean())
                 parts.append(f"per-user drop since round 1 median {record['nll_drop_median']:.4f} "
                              f"({100 * record['users_nll_improved']:.0f}% improved)")
+        if search is not None:
+            record["line_search"] = search
+            parts.append(f"encoder step {search['step']:g} (validation objective -{search['gain']:.4f}: NLL "
+                         f"-{search.get('nll_gain', 0):.4f}, commitment -{search.get('commitment_gain', 0):.4f})")
         for p, name in enumerate(self.settings.profile_names):
             h = healths[p]
             record[name] = {"usage": h.usage, "perplexity": round(h.perplexity, 3), "dead_codes": h.dead_codes,
                             "restarted": h.restarted}
             text = f"{name}: perplexity {h.perplexity:.2f}/{len(h.usage)}, dead {h.dead_codes}"
-            if h.projection_share is not None:
-                record[name]["projection_share"] = round(h.projection_share, 4)
-                text += (f", {self.settings.quantiser_metric} metric: {h.projection_share:.0%} of the "
-                         + ("variance" if self.settings.quantiser_metric == "whitened" else "Fisher trace"))
             if stability is not None:
                 record[name]["stability"] = stability[p]
                 text += f", same code as last E-step {100 * stability[p]:.1f}%"
@@ -385,7 +523,8 @@ class ProfileInferenceTrainer:
         move = per_user["relative_movement"]
         text = (f"UIP convergence: soft-token offsets moved median {np.median(move):.3f} (p10 {np.quantile(move, 0.1):.3f}, "
                 f"p90 {np.quantile(move, 0.9):.3f}) of their initial norm")
-        if len(self.history) > 2:
-            drop = per_user["nll_first_round"] - per_user["nll_last_round"]
+        drop = per_user["nll_first_round"] - per_user["nll_last_round"]
+        drop = drop[~np.isnan(drop)]
+        if len(self.history) > 2 and len(drop):
             text += f"; NLL drop per user median {np.median(drop):.4f}, p10 {np.quantile(drop, 0.1):.4f}"
         self.logger.info(text + ".")

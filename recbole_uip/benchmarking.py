@@ -1,0 +1,139 @@
+"""What every benchmark under ``benchmarks/`` shares: the command line, statistics, and how results are recorded.
+
+* :func:`parse_known_with_overrides`: a benchmark's own flags, and every other ``--key=value`` as a RecBole or
+  ``uip_*`` override (values read as YAML, like ``run_recbole_uip.py``).
+* :func:`mean_ci`, :func:`paired_test`: the statistics the reports quote.
+* :func:`run_record`: the facts every figure is recorded with (threads, CPU, model, dataset, resolved settings),
+  with no machine paths.
+* :func:`results_dir`, :func:`write_result`: ``results/<dataset>/<setting>/<name>.{json,md}``, written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recbole_uip.utils import atomic_write, write_json_atomic
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def parse_known_with_overrides(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
+    """``(args, overrides)``: the parser's own flags, and every other ``--key=value`` as a RecBole / ``uip_*``
+    override (values read as YAML). ``args.argv`` keeps the command line (for the report), without ``--render``."""
+    from recbole_uip.__main__ import parse_value
+
+    args, rest = parser.parse_known_args(argv)
+    args.argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--render")]
+    overrides = {}
+    for item in rest:
+        if not item.startswith("--") or "=" not in item:
+            parser.error(f"unrecognised argument {item!r}: extra keys are given as --key=value")
+        key, _, value = item[2:].partition("=")
+        overrides[key] = parse_value(value)
+    return args, overrides
+
+
+def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean and its Student-t confidence interval (nan bounds for fewer than 2 values)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return mean, mean - half, mean + half
+
+
+def paired_test(a, b) -> tuple[float, float, float]:
+    """Mean and std of the paired difference ``a - b`` and its paired t-test p-value (nan if undefined)."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = a - b
+    std = float(diff.std(ddof=1)) if len(diff) > 1 else float("nan")
+    p = float(stats.ttest_rel(a, b).pvalue) if len(diff) > 1 and np.ptp(diff) > 0 else float("nan")
+    return float(diff.mean()), std, p
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_record(config, settings, argv: list[str] | None = None) -> dict[str, Any]:
+    """The facts a figure is recorded with: the command (``argv``), date, CPU, torch threads and version, the LLM
+    and its dtype, the dataset and split, and every resolved ``uip_*`` setting. No machine paths."""
+    import torch
+
+    from recbole_uip.inference.llm import runtime_numerics
+
+    numerics = runtime_numerics(settings.llm_dtype, config["device"], settings.num_threads)
+    return {
+        "command": [_without_machine_path(arg) for arg in argv or []],
+        "date": dt.date.today().isoformat(),
+        "cpu": cpu_model(),
+        "cpu_count": _cpu_count(),
+        "threads": numerics["threads"],
+        "torch": torch.__version__,
+        "device": numerics["device"],
+        "llm": settings.llm if not Path(settings.llm).is_absolute() else Path(settings.llm).name,
+        "llm_dtype": numerics["dtype"],
+        "dataset": config["dataset"],
+        "split": {"model": config["model"], "eval_args": config["eval_args"], "seed": config["seed"]},
+        "settings": settings.fingerprint_dict(),
+    }
+
+
+def _without_machine_path(arg: str) -> str:
+    """``--key=/abs/path/name`` as ``--key=.../name``: a record names what was used, not where it lay."""
+    key, sep, value = arg.partition("=")
+    if sep and (value.startswith("/") or value.startswith("~")):
+        return f"{key}=.../{Path(value).name}"
+    return arg
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def results_dir(dataset: str, setting: str, root: Path = RESULTS) -> Path:
+    """``results/<dataset>/<setting>/``: one folder per dataset and setting."""
+    return root / dataset / setting
+
+
+def write_result(folder: Path, name: str, data: dict, markdown: str) -> tuple[Path, Path]:
+    """Write ``<folder>/<name>.json`` and ``<name>.md`` atomically; returns both paths."""
+    json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
+    write_json_atomic(json_path, data)
+    with atomic_write(md_path) as handle:
+        handle.write(markdown.rstrip() + "\n")
+    return json_path, md_path
+
+
+def settings_table(record: dict) -> str:
+    """A Markdown list of a run record (for the end of a report)."""
+    lines = [f"- command: `python {' '.join(record['command'])}`" if record.get("command") else None,
+             f"- date {record['date']}; CPU {record['cpu']} ({record['cpu_count']} cores visible), {record['threads']} "
+             f"torch threads, torch {record['torch']}, {record['device']}",
+             f"- LLM {record['llm']} in {record['llm_dtype']}; dataset {record['dataset']}, split of "
+             f"{record['split']['model']} with eval_args {record['split']['eval_args']}, seed {record['split']['seed']}",
+             "- resolved settings: " + ", ".join(f"`{k}={v}`" for k, v in sorted(record["settings"].items())
+                                                 if k not in ("profiles",))]
+    return "\n".join(line for line in lines if line)

@@ -1,0 +1,117 @@
+"""The benchmarks' shared module (statistics, run records, result files) and the generalisation benchmark run end
+to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_dataset
+from recbole_uip.benchmarking import mean_ci, paired_test, parse_known_with_overrides, results_dir, write_result
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_mean_ci_is_the_student_interval():
+    mean, low, high = mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5
+    # t(0.975, 3) = 3.182; std 1.291; half width 3.182 * 1.291 / 2
+    assert high - mean == pytest.approx(3.1824 * 1.2910 / 2, rel=1e-3) and mean - low == pytest.approx(high - mean)
+    assert np.isnan(mean_ci([1.0])[1])
+
+
+def test_paired_test():
+    diff, std, p = paired_test([1.0, 2.0, 3.5], [0.5, 1.0, 3.0])
+    assert diff == pytest.approx(2 / 3) and std == pytest.approx(np.std([0.5, 1.0, 0.5], ddof=1)) and 0 < p < 0.2
+    assert np.isnan(paired_test([1.0, 2.0], [0.0, 1.0])[2])        # a constant difference has no p-value
+
+
+def test_overrides_are_parsed_as_yaml_and_unknown_arguments_refused():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset")
+    args, overrides = parse_known_with_overrides(parser, ["--dataset=x", "--uip_epochs=2", "--uip_profiles={a: 'A:'}"])
+    assert args.dataset == "x" and overrides == {"uip_epochs": 2, "uip_profiles": {"a": "A:"}}
+    with pytest.raises(SystemExit):
+        parse_known_with_overrides(parser, ["stray"])
+
+
+def test_write_result(tmp_path):
+    folder = results_dir("ml-100k", "default", tmp_path)
+    assert folder == tmp_path / "ml-100k" / "default"
+    json_path, md_path = write_result(folder, "x", {"a": 1}, "# title\n\n")
+    assert json.loads(json_path.read_text()) == {"a": 1} and md_path.read_text() == "# title\n"
+
+
+def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_mode(tmp_path, tiny_llm_dir, monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import generalisation
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    write_dataset(tmp_path / "data")
+    argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--setting=tiny", "--holdout_tokens=20",
+            f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32",
+            "--uip_epochs=1", "--uip_codebook_size=3", "--uip_line_search_users=4", "--show_progress=false",
+            f"--checkpoint_dir={tmp_path / 'saved'}"]
+    assert generalisation.main(argv) == 0
+    data = json.loads((tmp_path / "results" / "toy" / "tiny" / "generalisation.json").read_text())
+    for key in ("own", "mean", "other_user", "no_profile", "codes"):
+        assert np.isfinite(data[key])
+    low, high = data["own_minus_mean_ci"]
+    assert low <= data["own"] - data["mean"] <= high
+    assert data["users_evaluated"] == 24 and 0 < data["held_out_tokens_mean"] <= 20 + 15
+    assert data["record"]["dataset"] == "toy" and data["record"]["settings"]["epochs"] == 1
+    assert str(tmp_path) not in json.dumps(data["record"])               # no machine paths in the record
+    assert "Goal" in (tmp_path / "results" / "toy" / "tiny" / "generalisation.md").read_text()
+
+
+def test_held_out_items_never_reach_inference(tmp_path, tiny_llm_dir):
+    """Changing the held-out items (and their ratings) leaves the inferred offsets bit-identical, and the items only
+    they hold are not even embedded."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import generalisation
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import logging
+
+    import torch
+
+    from conftest import uip_config_dict
+    from recbole_uip.config import UIPSettings
+    from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields
+    from recbole_uip.data.behaviour_text import BehaviourText
+    from recbole_uip.inference.llm import load_frozen_llm
+    from recbole_uip.inference.trainer import ProfileInferenceTrainer
+    from recbole_uip.quick_start import build_config, check_dataset_files
+
+    write_dataset(tmp_path / "data")
+    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_epochs=1, uip_line_search_users=4))
+    settings = UIPSettings.from_config(config)
+    histories = collect_training_histories(config, settings, resolve_text_fields(config, settings, check_dataset_files(config)))
+    llm = load_frozen_llm(str(tiny_llm_dir), torch.device("cpu"), "float32")
+    held = generalisation.held_out_positions(BehaviourText(histories, settings, llm.tokenizer), 20)
+    assert all(0 < len(h) < len(items) for h, items in zip(held, histories.items))
+    keep = [len(items) - len(h) for items, h in zip(histories.items, held)]
+    remaining = histories.truncated(keep)
+    kept_items = {histories.item_ids[i] for items, k in zip(histories.items, keep) for i in items[:k]}
+    assert set(remaining.item_ids) == kept_items and len(kept_items) <= len(histories.item_ids)
+    for before, after, k in zip(histories.items, remaining.items, keep):
+        assert [histories.item_ids[i] for i in before[:k]] == [remaining.item_ids[i] for i in after]
+    offsets = []
+    for variant in range(2):
+        if variant:   # other held-out items and ratings
+            for items, ratings, k in zip(histories.items, histories.ratings, keep):
+                items[k:] = (items[k:] + 1) % len(histories.item_ids)
+                ratings[k:] = 6 - ratings[k:]
+        remaining = histories.truncated(keep)
+        trainer = ProfileInferenceTrainer(config, settings, llm, remaining, BehaviourText(remaining, settings, llm.tokenizer),
+                                          logging.getLogger("test"))
+        offsets.append(trainer.fit().offsets)
+    np.testing.assert_array_equal(offsets[0], offsets[1])

@@ -1,0 +1,236 @@
+"""The EM loop on the tiny model: what trains (and what never does), the row-sparse free tokens, the line-searched
+encoder step, the paper's setting, the encoder a new user needs, and the diagnostics."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import uip_config_dict, write_dataset
+from recbole_uip.inference.llm import load_frozen_llm
+
+CPU = torch.device("cpu")
+
+
+def make_trainer(tmp_path, tiny_llm_dir, n_users=10, n_items=12, per_user=6, **overrides):
+    from recbole_uip.config import UIPSettings
+    from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields
+    from recbole_uip.data.behaviour_text import BehaviourText
+    from recbole_uip.inference.trainer import ProfileInferenceTrainer
+    from recbole_uip.quick_start import build_config, check_dataset_files
+
+    write_dataset(tmp_path / "data", n_users=n_users, n_items=n_items, per_user=per_user)
+    settings_dict = dict(uip_epochs=1, uip_batch_size=4, uip_line_search_users=3)
+    settings_dict.update(overrides)
+    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, **settings_dict))
+    settings = UIPSettings.from_config(config)
+    logger = logging.getLogger("test_trainer")
+    histories = collect_training_histories(config, settings, resolve_text_fields(config, settings, check_dataset_files(config)))
+    llm = load_frozen_llm(str(tiny_llm_dir), CPU, "float32")
+    return ProfileInferenceTrainer(config, settings, llm, histories, BehaviourText(histories, settings, llm.tokenizer), logger)
+
+
+def test_fit_trains_only_the_soft_tokens_and_leaves_the_llm_bit_identical(tmp_path, tiny_llm_dir):
+    trainer = make_trainer(tmp_path, tiny_llm_dir)
+    llm = trainer.llm
+    before = {k: v.clone() for k, v in llm.model.state_dict().items()}
+    rounds = []
+    trainer.epoch_end_hooks.append(lambda t, epoch, record: rounds.append((t is trainer, epoch, record["round"])))
+    result = trainer.fit()
+
+    params = trainer.trainable_parameters()
+    assert params == [trainer.soft.shared, trainer.soft.encoder]
+    assert {id(p) for p in trainer.soft.parameters()} == {id(p) for p in params}
+    after = llm.model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert all(not p.requires_grad and p.grad is None for p in llm.model.parameters())
+    assert trainer.soft.shared.detach().abs().sum() > 0          # the shared shift did train
+    assert all(p.dtype == torch.float32 for p in params)          # trainable parts stay float32
+    assert rounds == [(True, 1, 1)]
+
+    num_profiles, dim, users = 2, llm.hidden_size, len(trainer.histories)
+    assert result.users == trainer.histories.users and users == 10
+    assert result.codes.shape == (users, num_profiles) and result.codes.dtype == np.int64
+    assert ((result.codes >= 0) & (result.codes < 3)).all()
+    assert result.initial_codes.shape == result.codes.shape
+    assert result.offsets.shape == (users, num_profiles, dim)
+    assert result.summaries.shape[0] == users and result.encoder.shape == (num_profiles, dim, result.summaries.shape[1])
+    assert result.item_embeddings.shape == (len(result.item_ids), dim)
+    assert [c.shape for c in result.codebooks] == [(3, dim)] * num_profiles
+    assert [r["round"] for r in result.history] == [0, 1]
+    np.testing.assert_allclose(result.offsets, trainer.all_offsets().numpy())
+
+
+def test_trainable_parameters_refuses_an_unfrozen_llm(tmp_path, tiny_llm_dir):
+    trainer = make_trainer(tmp_path, tiny_llm_dir)
+    next(iter(trainer.llm.model.parameters())).requires_grad_(True)
+    with pytest.raises(AssertionError, match="must stay frozen"):
+        trainer.fit()
+
+
+def test_a_step_touches_only_the_free_token_rows_of_its_batch(tmp_path, tiny_llm_dir):
+    """Structural: no gradient, optimiser state or update for any user outside the batch."""
+    trainer = make_trainer(tmp_path, tiny_llm_dir, uip_free_tokens=True, uip_free_token_learning_rate=0.05)
+    trainer.setup()
+    trainer.assignments, _, scales = trainer.e_step(3)
+    free = trainer.free
+    assert free.table.shape == (10, 2, trainer.llm.hidden_size) and not isinstance(free.table, torch.nn.Parameter)
+    state_before = {name: getattr(free, name).clone() for name in ("table", "exp_avg", "exp_avg_sq", "step_count")}
+    batch = np.array([1, 6, 8])
+    trainer.train_batch(trainer.targets(batch, np.random.default_rng(0)), scales, None)
+    others = np.setdiff1d(np.arange(10), batch)
+    for name, before in state_before.items():
+        after = getattr(free, name)
+        assert torch.equal(after[others], before[others]), name
+        assert not torch.equal(after[batch], before[batch]), name
+    assert free.table.grad is None
+    assert trainer.soft.encoder.grad is not None                    # the encoder accumulates for its line search
+
+
+def test_the_encoder_step_never_worsens_the_validation_objective(tmp_path, tiny_llm_dir):
+    trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_epochs=2, uip_line_search_users=4)
+    result = trainer.fit()
+    validation = set(trainer.validation.users.tolist())
+    assert len(validation) == 4
+    for record in result.history[1:]:
+        search = record["line_search"]
+        tried = search["tried"]
+        assert search["step"] in tried and tried[search["step"]] == min(tried.values())
+        assert search["gain"] == pytest.approx(tried[0.0] - min(tried.values())) and search["gain"] >= 0
+    seen = ~np.isnan(result.per_user["nll_first_round"])
+    assert set(np.flatnonzero(~seen).tolist()) == validation      # validation users are held out of the M-step
+
+
+def test_planted_differences_make_each_users_own_tokens_beat_the_mean_token(tmp_path, steerable_llm_dir):
+    """Two groups of users who prefer different genres and rate them high: after training, users' own tokens
+    explain a held-out text of theirs (their newest items, which their encoder does not read) better than the
+    mean token and than another user's tokens, and far better than at the start."""
+    from recbole_uip.inference.trainer import Targets
+
+    trainer = make_trainer(tmp_path, steerable_llm_dir, n_users=40, n_items=24, per_user=10, uip_epochs=4,
+                           uip_line_search_users=8, uip_max_behaviour_tokens=24, uip_batch_size=8, uip_commitment_weight=0)
+
+    def held_out() -> Targets:
+        users = np.arange(len(trainer.histories))
+        texts, inputs = [], []
+        for u in users:
+            target = trainer.text.newest_target(u, 24)
+            texts.append(trainer.text.tokens(u, target, 24)[0])
+            inputs.append(np.setdiff1d(np.arange(len(trainer.histories.items[u])), target))
+        return Targets(users, texts, None, inputs)
+
+    trainer.setup()
+    trainer.assignments, _, _ = trainer.e_step(3)
+    before = trainer.score(held_out(), modes=("own", "mean"))
+    trainer.fit()
+    after = trainer.score(held_out(), modes=("own", "mean", "other"))
+    gain = after["mean"] - after["own"]
+    # measured: gain 0.015 (60% of users), other - own 0.048, before training -0.004
+    assert gain.mean() > 0.01 and (gain > 0).mean() > 0.5
+    assert (after["other"] - after["own"]).mean() > 0.03
+    assert gain.mean() > (before["mean"] - before["own"]).mean() + 0.01
+
+
+def test_a_bank_gives_a_user_outside_it_their_offsets_from_their_items_alone(tmp_path, tiny_llm_dir):
+    from recbole_uip.bank import FeatureBank
+    from recbole_uip.config import UIPSettings
+    from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields
+    from recbole_uip.quick_start import build_config, check_dataset_files, infer_profiles
+
+    write_dataset(tmp_path / "data")
+    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_line_search_users=4))
+    bank = FeatureBank.load(infer_profiles(config) / "bank")
+    settings = UIPSettings.from_config(config)
+    histories = collect_training_histories(config, settings, resolve_text_fields(config, settings, check_dataset_files(config)))
+    items = [[histories.item_ids[i] for i in history] for history in histories.items]
+    ratings = [list(r) for r in histories.ratings]
+    # every user in the bank: the stored encoder reproduces their offsets, hence (nearest code) their IDs
+    offsets = bank.encoder.offsets(items, ratings)
+    np.testing.assert_allclose(offsets, bank.offsets, rtol=1e-4, atol=1e-5)
+    for p, codebook in enumerate(bank.codebooks):
+        nearest = np.linalg.norm(offsets[:, p, None] - codebook[None], axis=-1).argmin(1)
+        np.testing.assert_array_equal(nearest, bank.codes[:, p])
+    # a new user with two items: deterministic, and the offsets of their own items, not anyone else's
+    new = bank.encoder.offsets([items[0][:2]], [ratings[0][:2]])
+    np.testing.assert_array_equal(new, bank.encoder.offsets([items[0][:2]], [ratings[0][:2]]))
+    assert not np.allclose(new, bank.encoder.offsets([items[1][:2]], [ratings[1][:2]]))
+    with pytest.raises(ValueError, match="ratings"):
+        bank.encoder.offsets([items[0][:2]])
+
+
+def test_the_papers_setting_trains_free_tokens_without_encoder_or_shift(tmp_path, tiny_llm_dir):
+    from recbole_uip.bank import FeatureBank
+    from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.quick_start import build_config, infer_profiles
+
+    write_dataset(tmp_path / "data")
+    paper = dict(uip_encoder="none", uip_free_tokens=True, uip_shared_learning_rate=0, uip_target="newest",
+                 uip_rating_weight=1.0, uip_quantiser_metric="euclidean")
+    trainer = make_trainer(tmp_path, tiny_llm_dir, **paper)
+    result = trainer.fit()
+    assert trainer.soft.encoder is None and trainer.validation is None
+    assert torch.equal(trainer.soft.shared, torch.zeros_like(trainer.soft.shared))     # no shared shift
+    assert result.encoder is None and result.summaries is None
+    assert trainer.free.step_count.min() == 1                                            # every user trained once
+    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, **paper))
+    bank = FeatureBank.load(infer_profiles(config) / "bank")
+    assert bank.encoder is None and bank.codes.shape == (10, 2)
+    with pytest.raises(UIPConfigError, match="uip_free_tokens"):
+        UIPSettings.from_config(build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_encoder="none")))
+
+
+def test_whitened_metric_assigns_in_the_projected_metric_and_reaches_the_bank(tmp_path, tiny_llm_dir):
+    from recbole_uip.bank import FeatureBank
+    from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.quick_start import build_config, infer_profiles
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=12, uip_quantiser_metric="whitened", uip_quantiser_components=4)
+    result = trainer.fit()
+    assert [p.shape for p in result.projections] == [(trainer.llm.hidden_size, 4)] * 2
+    for p, (codebook, projection) in enumerate(zip(result.codebooks, result.projections)):
+        distances = np.linalg.norm((result.offsets[:, p, None, :] - codebook[None]) @ projection, axis=-1)  # (U, K)
+        np.testing.assert_array_equal(result.codes[:, p], distances.argmin(1))
+    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_quantiser_metric="whitened",
+                                                                   uip_quantiser_components=4))
+    assert FeatureBank.load(infer_profiles(config) / "bank").projections is not None
+    for key, value in (("uip_quantiser_components", -1), ("uip_quantiser_components", 2.5),
+                       ("uip_quantiser_metric", "fisher"), ("uip_target", "oldest"), ("uip_encoder_dims", 0)):
+        with pytest.raises(UIPConfigError, match=key):
+            UIPSettings.from_config(build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, **{key: value})))
+
+
+def test_rating_weight_moves_the_objective_not_the_plain_nll(tmp_path, tiny_llm_dir):
+    from recbole_uip.inference.prompt import collate
+    from recbole_uip.inference.soft_profiles import behaviour_nll
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir, uip_rating_weight=5.0)
+    targets = trainer.targets(np.arange(4), np.random.default_rng(0))
+    assert targets.flags is not None and all(any(f) and not all(f) for f in targets.flags)
+    layout, model = trainer.layout, trainer.llm.model
+    soft = torch.randn(4, 2, trainer.llm.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
+    ones = collate(layout, targets.texts, 0, [[1.0] * len(t) for t in targets.texts])
+    p1, w1 = behaviour_nll(model, layout, ones, soft, weighted=True)
+    torch.testing.assert_close(p1, w1)
+    torch.testing.assert_close(p1, behaviour_nll(model, layout, collate(layout, targets.texts, 0), soft))
+    p5, w5 = behaviour_nll(model, layout, trainer.prompt_batch(targets), soft, weighted=True)
+    torch.testing.assert_close(p5, p1)
+    assert not torch.allclose(w5, p1)
+    # by hand: the weighted mean of the per-token NLL with weight 5 on the rating tokens
+    batch = trainer.prompt_batch(targets)
+    weights = batch.weights[:, 1:]
+    assert set(weights[weights > 0].unique().tolist()) == {1.0, 5.0}
+
+
+def test_diagnostics_score_each_users_newest_items_in_every_mode(tmp_path, tiny_llm_dir):
+    trainer = make_trainer(tmp_path, tiny_llm_dir, uip_diagnostics=True)
+    result = trainer.fit()
+    for mode in ("own", "mean", "other", "none", "code"):
+        values = result.per_user[f"nll_{mode}"]
+        assert values.shape == (10,) and np.isfinite(values).all()
+        assert np.isfinite(result.per_user[f"nll_weighted_{mode}"]).all()
+    assert not np.allclose(result.per_user["nll_none"], result.per_user["nll_own"])   # hiding the tokens matters
