@@ -63,7 +63,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from recbole_uip.bank import FeatureBank  # noqa: E402
-from recbole_uip.benchmarking import paired_test, parse_known_with_overrides  # noqa: E402
+from recbole_uip.benchmarking import paired_test, parse_known_with_overrides, results_dir  # noqa: E402
 from recbole_uip.compat import patch_recbole_checkpoint_loading  # noqa: E402
 from recbole_uip.config import UIPSettings  # noqa: E402
 from recbole_uip.data.atomic import MANIFEST_NAME, publish_directory, read_atomic  # noqa: E402
@@ -72,8 +72,8 @@ from recbole_uip.quick_start import (  # noqa: E402
 )
 from recbole_uip.model.fusion import model_class_for_run  # noqa: E402
 from recbole_uip.report import (  # noqa: E402
-    attribute_histogram, attribute_shares, item_attribute_field, kmeans_ids, profile_report, render_profile_report,
-    training_histories,
+    attribute_histogram, attribute_shares, attribute_user_vectors, item_attribute_field, kmeans_ids, profile_report,
+    rating_statistics, render_profile_report, training_histories,
 )
 from recbole_uip.utils import sha256_json, write_json_atomic  # noqa: E402
 
@@ -119,12 +119,16 @@ FEATURE_SETS = {fs.name: fs for fs in [
     FeatureSet("shuffled", "shuffled", False, True, "control: UIP IDs permuted across users"),
     FeatureSet("kmeans-attr", "kmeans-attr", False, True, "cheap baseline: k-means over item-attribute histograms"),
     FeatureSet("kmeans-llm", "kmeans-llm", False, True, "cheap baseline: k-means over the LLM's user vectors z"),
+    FeatureSet("kmeans-nollm", "kmeans-nollm", False, True,
+               "cheap baseline: k-means over the same user vectors built from genre multi-hots instead of LLM item embeddings"),
+    FeatureSet("kmeans-ratings", "kmeans-ratings", False, True,
+               "cheap baseline: k-means over each user's rating statistics alone (generosity, spread, activity)"),
     FeatureSet("uip-untrained", "uip-untrained", False, True,
                "control: the same quantiser on the untrained start (the bank's first E-step)"),
 ]}
 # Comparisons reported next to "vs none": (feature set, reference).
-COMPARISONS = [("uip", "shuffled"), ("uip", "random"), ("uip", "kmeans-attr"), ("uip", "kmeans-llm"),
-               ("uip", "uip-untrained"), ("uip+own", "own")]
+COMPARISONS = [("uip", "shuffled"), ("uip", "random"), ("uip", "kmeans-attr"), ("uip", "kmeans-ratings"), ("uip", "kmeans-nollm"),
+               ("uip", "kmeans-llm"), ("uip", "uip-untrained"), ("uip+own", "own")]
 
 
 # ============================================================================================ command line
@@ -167,11 +171,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
 
 
 def output_paths(dataset: str, tag: str) -> dict[str, Path]:
-    stem = f"zoo_{dataset}{'_' + tag if tag else ''}"
-    paths = {ext: RESULTS / f"{stem}.{ext}" for ext in ("jsonl", "md", "csv", "png")}
-    paths["notes"] = RESULTS / f"{stem}_notes.md"
-    paths["meta"] = RESULTS / f"{stem}.meta.json"  # the command line and the ID sets' granularity
-    paths["profile_report"] = RESULTS / f"profile_report_{dataset}{'_' + tag if tag else ''}.md"
+    """``results/<dataset>/<tag or default>/zoo.*`` (one folder per dataset and setting)."""
+    folder = results_dir(dataset, tag or "default")
+    paths = {ext: folder / f"zoo.{ext}" for ext in ("jsonl", "md", "csv", "png")}
+    paths["notes"] = folder / "zoo_notes.md"
+    paths["meta"] = folder / "zoo.meta.json"  # the command line and the ID sets' granularity
+    paths["profile_report"] = folder / "profile_report.md"
     return paths
 
 
@@ -269,6 +274,10 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
                                 "k-means over item-attribute histograms of the training split, seed = column"),
         "kmeans-llm": lambda: (kmeans_columns(bank.summaries, sizes),
                                "k-means over the bank's user vectors z (LLM item embeddings, no prompt tuning), seed = column"),
+        "kmeans-nollm": lambda: (kmeans_columns(attribute_user_vectors(config, settings, bank.users), sizes),
+                                 "k-means over the encoder's user vectors built from genre multi-hots (no LLM), seed = column"),
+        "kmeans-ratings": lambda: (kmeans_columns(rating_statistics(config, settings, bank.users), sizes),
+                                   "k-means over the users' rating statistics (generosity, spread, activity), seed = column"),
         "uip-untrained": lambda: (bank.initial_codes,
                                   "the bank's first E-step: the same quantiser on the untrained starting point"),
     }
@@ -937,8 +946,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     overrides.setdefault("uip_num_threads", args.threads)
     paths = output_paths(args.dataset, args.tag)
-    RESULTS.mkdir(exist_ok=True)
-    overrides.setdefault("checkpoint_dir", str(ROOT / "saved" / f"zoo-{args.dataset}"))
+    paths["jsonl"].parent.mkdir(parents=True, exist_ok=True)
+    # one folder per process: RecBole names checkpoints by model and second, so two runs would share a file
+    overrides.setdefault("checkpoint_dir", str(ROOT / "saved" / f"zoo-{args.dataset}-{os.getpid()}"))
 
     if not args.render:
         config = build_config(args.models[0], args.dataset, None, {**overrides, "uip": True})

@@ -14,6 +14,7 @@ USAGE = """\
 usage: python run_recbole_uip.py --model=MODEL --dataset=DATASET [--config_files="a.yaml b.yaml"] [--uip=true] [--key=value ...]
        python -m recbole_uip run   (same flags as run_recbole_uip.py)
        python -m recbole_uip infer --dataset=DATASET [--output_dir=DIR] [--model=DeepFM] [--config_files=...] [--key=value ...]
+       python -m recbole_uip keys   (every uip_* key with its default and meaning)
 
 run    Train and test a RecBole model, like RecBole's run_recbole.py. With --uip=true, first infer latent
        user profiles with a frozen LLM from the training split, write <uip_output_dir>/<dataset>-uip/ (the
@@ -24,7 +25,7 @@ infer  Only write the augmented atomic files and print their folder (for dataset
 
 flags  --model, --dataset, --config_files (space-separated YAML files), --output_dir (= uip_output_dir) and
        any RecBole or uip_* key as --key=value (values are YAML: 3, 1e-3, true, [a, b], "{RS: [0.8,0.1,0.1]}").
-       uip_* keys and their defaults: properties/uip.yaml. Common ones:
+       uip_* keys and their defaults: python -m recbole_uip keys. Common ones:
          --uip=true                    infer profiles and use them
          --uip_llm=NAME_OR_PATH        any Hugging Face causal LM (default: bundled SmolLM2-135M-Instruct)
          --uip_profiles="{hobby: 'Hobbies:', job: 'Job:'}"   profile names and phrases
@@ -123,6 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = (argv[0], argv[1:]) if not argv[0].startswith("--") else ("run", argv)
+    if command == "keys":
+        from recbole_uip.config import DEFAULTS_FILE
+
+        print(DEFAULTS_FILE.read_text(encoding="utf-8"), end="")
+        return 0
     if command not in ("run", "infer"):
         print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

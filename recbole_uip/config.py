@@ -1,4 +1,4 @@
-"""The ``uip_*`` configuration keys: defaults from ``properties/``, typed settings, validation.
+"""The ``uip_*`` configuration keys: defaults from ``recbole_uip/properties/``, typed settings, validation.
 
 RecBole's ``Config`` stays the single source of configuration. This module adds our YAML defaults underneath
 the user's own files (lowest precedence) and reads the resolved ``uip_*`` keys into a validated
@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 
-PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
+PROPERTIES_DIR = Path(__file__).resolve().parent / "properties"   # package data: installed with the wheel
 DEFAULTS_FILE = PROPERTIES_DIR / "uip.yaml"
 BUNDLED_LLM = "bundled-smollm2"
 QUANTISER_METRICS = ("euclidean", "whitened")
@@ -31,7 +31,7 @@ class UIPConfigError(ValueError):
 def default_config_files(dataset: str) -> list[str]:
     """Our YAML files, to be placed before the user's ``config_file_list`` (user files win).
 
-    Returns ``properties/uip.yaml`` and, where it exists, ``properties/dataset/<dataset>.yaml``.
+    Returns ``recbole_uip/properties/uip.yaml`` and, where it exists, ``recbole_uip/properties/dataset/<dataset>.yaml``.
     """
     files = [str(DEFAULTS_FILE)]
     dataset_file = PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"
@@ -53,7 +53,7 @@ def check_uip_keys(keys) -> None:
         if (key == "uip" or key.startswith("uip_")) and key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise UIPConfigError(f"Unknown recbole-uip key '{key}'.{hint} Known keys: see properties/uip.yaml.")
+            raise UIPConfigError(f"Unknown recbole-uip key '{key}'.{hint} Known keys: see recbole_uip/properties/uip.yaml.")
 
 
 def _as_bool(value: Any, key: str) -> bool:
@@ -66,7 +66,7 @@ def _as_bool(value: Any, key: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class UIPSettings:
-    """Every ``uip_*`` key, typed and validated. Built with :meth:`from_config`; see ``properties/uip.yaml``."""
+    """Every ``uip_*`` key, typed and validated. Built with :meth:`from_config`; see ``recbole_uip/properties/uip.yaml``."""
 
     enabled: bool
     llm: str
@@ -117,9 +117,10 @@ class UIPSettings:
                 raise UIPConfigError(f"Codebook size of profile '{name}' must be an integer >= 2, got {size!r}.")
         if self.llm_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UIPConfigError(f"'uip_llm_dtype' must be auto, float32, bfloat16 or float16, got {self.llm_dtype!r}.")
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
+            raise UIPConfigError(f"'uip_epochs' must be an integer >= 0 (0: the untrained start's IDs), got {self.epochs!r}.")
         positive = {
             "uip_max_behaviour_tokens": self.max_behaviour_tokens,
-            "uip_epochs": self.epochs,
             "uip_batch_size": self.batch_size,
             "uip_kmeans_iters": self.kmeans_iters,
             "uip_encoder_dims": self.encoder_dims,

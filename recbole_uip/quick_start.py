@@ -132,7 +132,7 @@ def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], l
         "llm": {"name": settings.llm, "identity": llm_identity},
         "uip": settings.fingerprint_dict(),
         "numerics": runtime_numerics(settings.llm_dtype, config["device"], settings.num_threads),
-        "format": 2,
+        "format": 3,
     }
     return sha256_json(inputs), inputs
 

@@ -117,6 +117,58 @@ def attribute_shares(histogram: np.ndarray) -> np.ndarray:
     return histogram / np.clip(histogram.sum(1, keepdims=True), 1, None)
 
 
+def rating_statistics(config, settings, users: list[str]) -> np.ndarray:
+    """The user vector's single statistics alone, no item at all: generosity, spread of ratings and activity
+    (:class:`UserFeatureMap`'s last columns), standardised over the training users. ``(U, 3)`` (``(U, 1)``:
+    activity, where the text has no rating), rows in ``users`` order (zeros for users without history)."""
+    from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields
+    from recbole_uip.inference.user_features import UserFeatureMap
+    from recbole_uip.quick_start import check_dataset_files
+
+    histories = collect_training_histories(config, settings, resolve_text_fields(config, settings, check_dataset_files(config)))
+    items = torch.zeros(len(histories.item_ids), 1)          # no item information
+    feature_map = UserFeatureMap.fit(items, histories.items, histories.ratings, 1, settings.history_prior)
+    x = feature_map.raw(items, histories.items, histories.ratings)[:, -feature_map.num_scalars:]
+    x = ((x - x.mean(0)) / x.std(0).clamp(min=1e-6)).numpy()
+    row_of = {user: r for r, user in enumerate(histories.users)}
+    return np.stack([x[row_of[u]] if u in row_of else np.zeros(x.shape[1], dtype=x.dtype) for u in users])
+
+
+def attribute_user_vectors(config, settings, users: list[str]) -> np.ndarray:
+    """The no-LLM twin of the encoder's input: each user's ``z`` built exactly as :class:`UserFeatureMap` builds
+    it (items, ratings, prior, standardisation, whitening), from multi-hot item-attribute vectors (ml-100k: the
+    genres) instead of the LLM's item embeddings. ``(U, k)``, rows in ``users`` order. Quantised, it isolates what
+    the LLM adds to the profile IDs.
+
+    Raises:
+        ValueError: the dataset has no item attribute field besides the title.
+    """
+    from recbole_uip.data.atomic import read_atomic
+    from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields
+    from recbole_uip.inference.user_features import UserFeatureMap
+    from recbole_uip.quick_start import check_dataset_files
+
+    files = check_dataset_files(config)
+    fields = resolve_text_fields(config, settings, files)
+    table = read_atomic(files["item"], config["field_separator"], config["encoding"])
+    attribute = next((f for f in fields.item_fields[1:] if table.field_type(f).startswith("token")), None)
+    if attribute is None:
+        raise ValueError(f"{config['dataset']}: no item attribute field besides the title for the no-LLM user vectors.")
+    histories = collect_training_histories(config, settings, fields)
+    values_of = dict(zip(table.column(config["ITEM_ID_FIELD"]), table.column(attribute)))
+    tokens = [str(values_of.get(item, "")).split(config["seq_separator"]) for item in histories.item_ids]
+    vocabulary = {v: i for i, v in enumerate(sorted({v for t in tokens for v in t if v}))}
+    items = torch.zeros(len(tokens), len(vocabulary))
+    for row, values in enumerate(tokens):
+        for value in values:
+            if value:
+                items[row, vocabulary[value]] = 1.0
+    feature_map = UserFeatureMap.fit(items, histories.items, histories.ratings, settings.encoder_dims, settings.history_prior)
+    z = feature_map(items, histories.items, histories.ratings).numpy()
+    row_of = {user: r for r, user in enumerate(histories.users)}
+    return np.stack([z[row_of[u]] if u in row_of else np.zeros(z.shape[1], dtype=z.dtype) for u in users])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Profile report: what does each ID mean? (code usage, agreement with user attributes, typical items/attributes)
 # --------------------------------------------------------------------------------------------------------------

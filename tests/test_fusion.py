@@ -192,5 +192,5 @@ def test_user_profile_embedding_shapes_and_padding():
 def test_readme_table_matches_the_code():
     from recbole_uip.model.fusion import support_table_markdown
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    assert support_table_markdown() in readme, "README's model table is out of date: paste support_table_markdown()"
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "models.md").read_text(encoding="utf-8")
+    assert support_table_markdown() in readme, "docs/models.md model table is out of date: paste support_table_markdown()"

@@ -147,3 +147,21 @@ def test_render_profile_report_lists_every_section():
     assert "0.5000 (0.1000, p=0.020)" in text
     assert "zip_code (60 distinct token values)" in text
     assert "Horror (1.80, 30)" in text and "A/B (2.00, 12)" in text   # '|' in a title cannot break the table
+
+
+def test_no_llm_user_vectors_separate_planted_groups_and_align_with_users(tmp_path, tiny_llm_dir):
+    """The genre twin of the encoder input: odd users like genres 0-1, even users 2-3 (conftest's toy data)."""
+    from conftest import uip_config_dict, write_dataset
+    from recbole_uip.config import UIPSettings
+    from recbole_uip.quick_start import build_config
+    from recbole_uip.report import attribute_user_vectors, kmeans_ids, normalized_mutual_information
+
+    write_dataset(tmp_path / "data", n_users=30, n_items=24, per_user=10)
+    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_encoder_dims=1))
+    users = [str(u) for u in range(1, 31)] + ["nobody"]
+    z = attribute_user_vectors(config, UIPSettings.from_config(config), users)
+    # one whitened direction of the genre parts (the planted contrast), then generosity, spread and activity
+    assert z.shape == (31, 4) and (z[-1] == 0).all()
+    np.testing.assert_array_equal(attribute_user_vectors(config, UIPSettings.from_config(config), users[::-1])[::-1], z)
+    ids = kmeans_ids(z[:-1, :1], 2, seed=0)
+    assert normalized_mutual_information(ids, [u % 2 for u in range(1, 31)]) > 0.8

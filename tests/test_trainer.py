@@ -234,3 +234,17 @@ def test_diagnostics_score_each_users_newest_items_in_every_mode(tmp_path, tiny_
         assert values.shape == (10,) and np.isfinite(values).all()
         assert np.isfinite(result.per_user[f"nll_weighted_{mode}"]).all()
     assert not np.allclose(result.per_user["nll_none"], result.per_user["nll_own"])   # hiding the tokens matters
+
+
+def test_zero_rounds_keep_the_untrained_starts_ids_and_train_nothing(tmp_path, tiny_llm_dir):
+    from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.quick_start import build_config
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir, uip_epochs=0)
+    result = trainer.fit()
+    np.testing.assert_array_equal(result.codes, result.initial_codes)
+    assert [r["round"] for r in result.history] == [0]
+    assert torch.equal(trainer.soft.shared, torch.zeros_like(trainer.soft.shared)) and trainer.soft.encoder.grad is None
+    assert np.isnan(result.per_user["nll_first_round"]).all()
+    with pytest.raises(UIPConfigError, match="uip_epochs"):
+        UIPSettings.from_config(build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_epochs=-1)))

@@ -460,13 +460,15 @@ class ProfileInferenceTrainer:
                 hook(self, epoch, record)
         final_offsets = self.all_offsets()
         movement = (final_offsets - initial_offsets).norm(dim=-1) / initial_offsets.norm(dim=-1).clamp(min=1e-12)
+        unvisited = np.full(len(self.histories), np.nan)
         per_user = {
-            "nll_first_round": first_nll.numpy(),
-            "nll_last_round": last_nll.numpy(),
+            "nll_first_round": unvisited if first_nll is None else first_nll.numpy(),
+            "nll_last_round": unvisited if last_nll is None else last_nll.numpy(),
             "relative_movement": movement.numpy(),                      # (U, P)
             "code_changes": changes.numpy(),                            # (U, P) E-steps where the code moved
         }
-        self._log_convergence(per_user)
+        if settings.epochs:
+            self._log_convergence(per_user)
         if settings.diagnostics:
             per_user.update(self.diagnose())
         encoder = self.soft.encoder

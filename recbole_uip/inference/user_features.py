@@ -17,8 +17,12 @@ A departure from the paper (which learns each user's soft token from scratch), m
 
   ``m = uip_history_prior`` pseudo-interactions at the population mean shrink a user with few interactions
   towards the average user instead of letting one item define them (a new user, issue "New users").
-* **Encoder input** ``z[u] (k,)``: ``x[u]`` standardised over the training users, then projected on its top
-  ``k = uip_encoder_dims`` principal directions, each scaled to unit variance (PCA whitening).
+* **Encoder input** ``z[u] (k,)``: ``x[u]`` standardised over the training users; the two vector parts (taste,
+  rated) projected on their top ``uip_encoder_dims - s`` principal directions, each scaled to unit variance (PCA
+  whitening), and the ``s`` single statistics (generosity, spread, activity) kept as their own directions.
+  Measured on ml-100k: a PCA of the whole vector left generosity, one column among 1,155, almost out of the top
+  32 directions, and k-means IDs over it lost to the same construction over genre multi-hots (41 columns)
+  by 0.004-0.005 AUC where user_id is not a feature.
 
 Everything here is fitted on the training split's users and stored in the feature bank, so a user who is not in
 the bank gets ``z`` from their items alone.
@@ -98,12 +102,21 @@ class UserFeatureMap:
         x = partial.raw(item_embeddings, items, ratings).double()                  # (U, F)
         mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
         standard = (x - mean) / std
-        _, singular, directions = torch.linalg.svd(standard - standard.mean(0), full_matrices=False)
-        k = max(1, min(dims, x.shape[0] - 1, x.shape[1]))
+        scalars = partial.num_scalars
+        vectors = standard[:, : x.shape[1] - scalars]                                # (U, F - s): taste, rated
+        _, singular, directions = torch.linalg.svd(vectors - vectors.mean(0), full_matrices=False)
+        k = max(1, min(dims - scalars, x.shape[0] - 1, vectors.shape[1]))
         scale = (singular[:k] / math.sqrt(max(x.shape[0] - 1, 1))).clamp(min=1e-6)
-        projection = directions[:k].T / scale
+        projection = torch.zeros(x.shape[1], k + scalars, dtype=torch.float64)       # (F, k + s), block diagonal
+        projection[: vectors.shape[1], :k] = directions[:k].T / scale
+        projection[vectors.shape[1]:, k:] = torch.eye(scalars, dtype=torch.float64)
         return dataclasses.replace(partial, feature_mean=mean.float().numpy(), feature_std=std.float().numpy(),
                                    projection=projection.float().numpy())
+
+    @property
+    def num_scalars(self) -> int:
+        """The user vector's last columns that are single statistics (generosity, spread, activity)."""
+        return 1 if self.rating_mean is None else 3
 
     def raw(self, item_embeddings: torch.Tensor, items: list[np.ndarray], ratings: list[np.ndarray] | None) -> torch.Tensor:
         """The user vectors ``x (B, F)`` of ``B`` histories (``items[b]``: rows of ``item_embeddings``)."""
