@@ -1,9 +1,9 @@
 """How one EM round scales with the number of users: time and peak memory at 1x, 2x and 4x the users.
 
-    python benchmarks/scale.py --dataset=ml-100k [--multipliers=1,2,4] [--setting=default] [--key=value ...]
+    python benchmarks/scale.py --dataset=ml-100k [--multipliers=1,2,4] [--base_users=N] [--setting=default] [--key=value ...]
 
-The users are the dataset's training histories repeated ``m`` times under new user tokens (synthetic users, the
-same text). Each multiplier runs in its own process, so its peak RSS is its own: set-up (histories, LLM, item
+The users are the dataset's training histories (the first ``--base_users`` of them, default all) repeated ``m``
+times under new user tokens (synthetic users, the same text). Each multiplier runs in its own process, so its peak RSS is its own: set-up (histories, LLM, item
 embeddings, first E-step), then one EM round (M-step pass, encoder line search, E-step), timed. A round should take
 time in proportion to the users and the memory per user should stay constant: no step touches every user's
 state (the free tokens, where on, are updated row by row).
@@ -26,6 +26,16 @@ from pathlib import Path
 from recbole_uip.benchmarking import (
     RESULTS, parse_known_with_overrides, results_dir, run_record, settings_table, write_result,
 )
+
+
+def first_users(histories, count: int):
+    """The histories of the first ``count`` users (all for ``count <= 0``)."""
+    if count <= 0 or count >= len(histories):
+        return histories
+    return dataclasses.replace(
+        histories, users=histories.users[:count], items=histories.items[:count],
+        ratings=None if histories.ratings is None else histories.ratings[:count],
+        interaction_counts=histories.interaction_counts[:count])
 
 
 def repeated(histories, times: int):
@@ -55,8 +65,9 @@ def child(args, overrides: dict) -> dict:
     settings = UIPSettings.from_config(config)
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
-    histories = repeated(collect_training_histories(
-        config, settings, resolve_text_fields(config, settings, check_dataset_files(config))), args.multiplier)
+    histories = repeated(first_users(collect_training_histories(
+        config, settings, resolve_text_fields(config, settings, check_dataset_files(config))), args.base_users),
+        args.multiplier)
     llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir)
     trainer = ProfileInferenceTrainer(config, settings, llm, histories, BehaviourText(histories, settings, llm.tokenizer),
                                       getLogger())
@@ -106,6 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="DeepFM")
     parser.add_argument("--setting", default="default")
     parser.add_argument("--multipliers", default="1,2,4")
+    parser.add_argument("--base_users", type=int, default=0, help="the first N training users are the 1x (default: all)")
     parser.add_argument("--multiplier", type=int, default=None, help=argparse.SUPPRESS)   # one child's share
     parser.add_argument("--results", default=str(RESULTS))
     args, overrides = parse_known_with_overrides(parser, argv)

@@ -25,8 +25,12 @@ Feature sets (user columns loaded; items always bring their own .item features):
   shuffled      the UIP IDs permuted across users (control: same marginals, no link to the user)
   kmeans-attr   k-means over each user's item-attribute histogram of the training split (no LLM); one column
                 per profile, each a k-means with its own seed and as many IDs as that profile's codebook
-  kmeans-llm    k-means over the LLM's pooled hidden states of the same behaviour text (the bank's summaries,
-                no prompt tuning); one column per profile, seeds as above
+  kmeans-llm    k-means over the bank's user vectors z (from the LLM's item embeddings and the ratings; no
+                prompt tuning); one column per profile, seeds as above
+  kmeans-ratings  k-means over each user's rating statistics alone (generosity, spread, activity; no item, no LLM)
+  kmeans-nollm  k-means over user vectors built like z from genre multi-hots instead of LLM item embeddings
+  uip-untrained the bank's first E-step: the same quantiser on the untrained encoder (with uip_epochs: 0, the
+                same IDs as uip)
 Every ID set is written as its own augmented dataset copy through the package's ``write_augmented_dataset``;
 ``load_col`` decides which user columns a run loads.
 
@@ -538,7 +542,7 @@ def write_profile_report(config, settings, files, bank: FeatureBank, path: Path,
     vectors, field = attribute_vectors(config, settings, bank)
     groupings = {f"k-means over {field} histograms (no LLM), seed 0": (kmeans_ids(vectors, sizes[0], seed=0), sizes[0])}
     if bank.summaries is not None:
-        groupings["k-means over pooled LLM hidden states, seed 0"] = (kmeans_ids(bank.summaries, sizes[0], seed=0), sizes[0])
+        groupings["k-means over the bank's user vectors z (no prompt tuning), seed 0"] = (kmeans_ids(bank.summaries, sizes[0], seed=0), sizes[0])
     user_table = read_atomic(files["user"], config["field_separator"], config["encoding"]) if "user" in files else None
     item_table = read_atomic(files["item"], config["field_separator"], config["encoding"]) if "item" in files else None
     report = profile_report(config, settings, bank, user_table, item_table, groupings)
@@ -633,7 +637,7 @@ def check_context_model(config) -> None:
 def run_signature(args, overrides: dict, bank: FeatureBank) -> str:
     """What makes two runs of the same (model, feature set, setting, seed) comparable: the bank, the training keys,
     the thread count (it changes float reductions), the other overrides and this script's format."""
-    kept = {k: v for k, v in overrides.items() if k not in ("checkpoint_dir", "uip_num_threads")}
+    kept = {k: v for k, v in overrides.items() if k not in ("checkpoint_dir", "uip_num_threads", "uip_output_dir")}
     return sha256_json({"format": ZOO_FORMAT, "dataset": args.dataset, "bank": bank.fingerprint, "threads": args.threads,
                         "training": training_keys(args), "model_keys": args.model_keys, "overrides": kept})[:16]
 
@@ -782,8 +786,8 @@ def render_markdown(records: list[dict], args, paths: dict) -> str:
               "Random IDs: uniform, seed 0. Shuffled: UIP rows permuted across users (seed 12345). k-means baselines: "
               "one k-means per profile column with as many clusters as that profile's codebook (seed = column index; "
               "the two columns differ only by their k-means++ start); attribute histograms are the user's genre shares "
-              "in the training split; LLM states are the bank's pooled hidden states of the same behaviour text "
-              "(no prompt tuning).",
+              "in the training split; the LLM vectors are the bank's encoder inputs z; rating statistics are each user's "
+              "generosity, spread of ratings and activity; the no-LLM vectors are z built from genre multi-hots.",
               "- **Settings**: `standard`: user_id embedded as a feature (as in a plain RecBole run); `id_free`: user_id "
               "is not a model feature: the user columns are joined into `.inter` of a dataset variant, user_id is "
               "loaded only to make the (identical) split and dropped by `unused_col` before training.",
@@ -949,6 +953,8 @@ def main(argv=None) -> int:
     paths["jsonl"].parent.mkdir(parents=True, exist_ok=True)
     # one folder per process: RecBole names checkpoints by model and second, so two runs would share a file
     overrides.setdefault("checkpoint_dir", str(ROOT / "saved" / f"zoo-{args.dataset}-{os.getpid()}"))
+    # one profile folder per tag: two grids with other settings must never write the same <dataset>-uip/ copy
+    overrides.setdefault("uip_output_dir", str(Path("dataset") / f"zoo-{args.tag or 'default'}"))
 
     if not args.render:
         config = build_config(args.models[0], args.dataset, None, {**overrides, "uip": True})

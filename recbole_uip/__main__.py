@@ -1,4 +1,4 @@
-"""Command line: ``python -m recbole_uip {run,infer} --key=value ...`` (``run_recbole_uip.py`` = ``run``)."""
+"""Command line: ``python -m recbole_uip {run,infer,assign,keys} --key=value ...`` (``run_recbole_uip.py`` = ``run``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ USAGE = """\
 usage: python run_recbole_uip.py --model=MODEL --dataset=DATASET [--config_files="a.yaml b.yaml"] [--uip=true] [--key=value ...]
        python -m recbole_uip run   (same flags as run_recbole_uip.py)
        python -m recbole_uip infer --dataset=DATASET [--output_dir=DIR] [--model=DeepFM] [--config_files=...] [--key=value ...]
+       python -m recbole_uip assign --bank=DIR --dataset=DATASET [--output_dir=DIR] [--refresh=true] [--key=value ...]
        python -m recbole_uip keys   (every uip_* key with its default and meaning)
 
 run    Train and test a RecBole model, like RecBole's run_recbole.py. With --uip=true, first infer latent
@@ -22,6 +23,10 @@ run    Train and test a RecBole model, like RecBole's run_recbole.py. With --uip
 infer  Only write the augmented atomic files and print their folder (for dataset-conversion pipelines).
        The split that decides what counts as training data follows --model's defaults (DeepFM: random 8:1:1)
        unless eval_args is given.
+assign Give IDs from an existing feature bank (a <dataset>-uip/bank folder) to the users of DATASET that the
+       bank does not hold, from all their interactions in DATASET's files, with the bank's encoder: no LLM,
+       no training. --refresh=true re-assigns every user of DATASET (behaviour that changed). Writes
+       <output_dir>/<DATASET>-uip/ like infer and prints it. Items the bank never embedded are left out.
 
 flags  --model, --dataset, --config_files (space-separated YAML files), --output_dir (= uip_output_dir) and
        any RecBole or uip_* key as --key=value (values are YAML: 3, 1e-3, true, [a, b], "{RS: [0.8,0.1,0.1]}").
@@ -34,7 +39,7 @@ flags  --model, --dataset, --config_files (space-separated YAML files), --output
          --uip_output_dir=dataset      where <dataset>-uip/ is written
 """
 
-_OWN_FLAGS = {"model", "dataset", "config_files", "output_dir"}
+_OWN_FLAGS = {"model", "dataset", "config_files", "output_dir", "bank", "refresh"}
 _RECBOLE_RUNTIME_KEYS = {"local_rank", "nproc", "world_size", "ip", "port", "group_offset", "offset", "benchmark_filename",
                          "encoding", "additional_feat_suffix", "dataset_save_path", "dataloaders_save_path"}
 
@@ -129,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(DEFAULTS_FILE.read_text(encoding="utf-8"), end="")
         return 0
-    if command not in ("run", "infer"):
+    if command not in ("run", "infer", "assign"):
         print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     if any(a in ("-h", "--help") for a in rest):
@@ -143,9 +148,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("--dataset is required")
         if command == "run" and "model" not in own:
             raise UsageError("--model is required")
+        if command == "assign" and "bank" not in own:
+            raise UsageError("--bank is required: the bank folder of an earlier run, e.g. dataset/ml-100k-uip/bank")
+        if command != "assign" and ({"bank", "refresh"} & set(own)):
+            raise UsageError(f"--bank and --refresh belong to the assign command, not {command}")
         files = own.get("config_files", "").split() or None
+        if command == "assign":
+            return _assign(own["dataset"], own["bank"], parse_value(own.get("refresh", "false")) is True, files,
+                           config_dict)
         return _run(command, own.get("model", "DeepFM"), own["dataset"], files, config_dict)
-    except (UsageError, ValueError, FileNotFoundError, RuntimeError) as error:
+    except (UsageError, ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         if isinstance(error, UsageError):
             print("(run with --help for usage)", file=sys.stderr)
@@ -170,6 +182,18 @@ def _run(command: str, model: str, dataset: str, files, config_dict: dict[str, A
     target = infer_profiles(config)
     getLogger().info(f"Augmented dataset: {target}")
     print(target)
+    return 0
+
+
+def _assign(dataset: str, bank: str, refresh: bool, files, config_dict: dict[str, Any]) -> int:
+    from recbole.utils import init_logger
+
+    from recbole_uip.quick_start import build_config
+    from recbole_uip.serving import assign_dataset
+
+    config = build_config("DeepFM", dataset, files, config_dict)
+    init_logger(config)
+    print(assign_dataset(config, bank, refresh))
     return 0
 
 

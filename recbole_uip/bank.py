@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from recbole_uip.data.atomic import OutputWriteError
 from recbole_uip.inference.user_features import UserFeatureMap
 from recbole_uip.utils import atomic_write, sha256_file, write_json_atomic
 
@@ -78,6 +79,19 @@ class EncoderState:
             rates = [np.asarray(r, dtype=np.float32) for r in ratings]
         z = self.feature_map(torch.from_numpy(self.item_embeddings), items, rates)
         return np.einsum("pdk,bk->bpd", self.weights, z.numpy())
+
+    def with_items(self, item_ids: list[str], item_embeddings: np.ndarray) -> "EncoderState":
+        """The same encoder knowing more items: ``item_embeddings (N, H)`` of ``item_ids`` (not yet embedded), made
+        the way the bank made its own (same LLM, layer and item text)."""
+        known = set(self.item_ids)
+        if any(item in known for item in item_ids):
+            raise ValueError("with_items takes only items the bank has not embedded.")
+        embeddings = np.asarray(item_embeddings, dtype=np.float32)
+        if embeddings.shape != (len(item_ids), self.item_embeddings.shape[1]):
+            raise ValueError(f"item_embeddings must be ({len(item_ids)}, {self.item_embeddings.shape[1]}), "
+                             f"got {embeddings.shape}.")
+        return dataclasses.replace(self, item_ids=[*self.item_ids, *item_ids],
+                                   item_embeddings=np.concatenate([self.item_embeddings, embeddings]))
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"encoder_anchors": self.anchors, "encoder_shared": self.shared, "encoder_weights": self.weights,
@@ -142,9 +156,68 @@ class FeatureBank:
         """``{profile: token}`` for one user (see :meth:`token`)."""
         return {profile: self.token(user, profile) for profile in self.profiles}
 
+    def codes_for(self, users: list[str]) -> np.ndarray:
+        """Vectorised lookup: int64 ``(B, P)``, the IDs of ``users``, ``-1`` for a user the bank does not hold.
+
+        Reads only ``codes`` (``P`` int64 = ``8 P`` bytes per user, plus the user's key), never the summaries or
+        offsets."""
+        rows = np.fromiter((self._row.get(str(u), -1) for u in users), dtype=np.int64, count=len(users))
+        out = np.full((len(users), len(self.profiles)), -1, dtype=np.int64)
+        known = rows >= 0
+        out[known] = self.codes[rows[known]]
+        return out
+
+    def quantise(self, offsets: np.ndarray) -> np.ndarray:
+        """Profile IDs int64 ``(B, P)`` of offsets ``(B, P, D)``: each profile's nearest code, in the metric of
+        the bank's last E-step (its projection where the quantiser was whitened). A stored user's stored offsets
+        give back their stored codes."""
+        import torch
+
+        from recbole_uip.inference.codebook import ProfileCodebook
+
+        offsets = np.asarray(offsets, dtype=np.float32)
+        if offsets.ndim != 3 or offsets.shape[1] != len(self.profiles):
+            raise ValueError(f"offsets must be (B, {len(self.profiles)}, D), got {offsets.shape}.")
+        columns = []
+        for p, codes in enumerate(self.codebooks):
+            codebook = ProfileCodebook(codes.shape[0], codes.shape[1])
+            codebook.codes.copy_(torch.from_numpy(np.asarray(codes, dtype=np.float32)))
+            if self.projections is not None:
+                codebook.use_projection(torch.from_numpy(np.asarray(self.projections[p])))
+            columns.append(codebook.assign(torch.from_numpy(offsets[:, p])).numpy())
+        return np.stack(columns, axis=1).astype(np.int64) if columns else np.zeros((len(offsets), 0), np.int64)
+
+    def assign(self, histories: list[list[str]], ratings: list[list[float]] | None = None) -> np.ndarray:
+        """Profile IDs int64 ``(B, P)`` for ``B`` histories of raw item tokens (with their ratings where the bank's
+        text wrote ratings), from the stored encoder and codebooks alone: no LLM, no optimisation. Serves users
+        who are not in the bank, and users whose behaviour changed.
+
+        Every item must be one the bank has embedded. With free per-user tokens on, stored users' codes also
+        hold their trained free token, which a history alone cannot give: ``assign`` then uses the encoder only.
+
+        Raises:
+            BankError: the bank has no encoder (the paper's setting, ``uip_encoder: none``).
+            KeyError: naming an item the bank has not embedded.
+        """
+        if self.encoder is None:
+            raise BankError("This bank has no encoder (uip_encoder: none, the paper's free per-user tokens): only the "
+                            "users it was inferred for have IDs. Infer with uip_encoder: linear to assign new users.")
+        return self.quantise(self.encoder.offsets(histories, ratings))
+
     def save(self, folder: str | Path) -> Path:
-        """Write ``bank.npz`` then ``bank.json`` (which holds the npz checksum), each atomically."""
+        """Write ``bank.npz`` then ``bank.json`` (which holds the npz checksum), each atomically: a failed write
+        (a full disk) leaves no complete-looking bank, and raises :class:`OutputWriteError` saying so."""
         folder = Path(folder)
+        try:
+            return self._save(folder)
+        except OSError as error:
+            if isinstance(error, OutputWriteError):
+                raise
+            raise OutputWriteError(error.errno, f"Writing the feature bank to {folder} failed ({error.strerror or error}); "
+                                                f"nothing was published: the previous complete folder, if any, is "
+                                                f"unchanged. Free some space or choose another uip_output_dir.") from error
+
+    def _save(self, folder: Path) -> Path:
         arrays = {"codes": self.codes.astype(np.int64)}
         if self.initial_codes is not None:
             arrays["initial_codes"] = self.initial_codes.astype(np.int64)

@@ -103,6 +103,8 @@ class UIPSettings:
     diagnostics: bool
     output_dir: Path
     reuse: bool
+    align_to: Path | None = None
+    lock_timeout: float = 0.0
 
     def __post_init__(self):
         if not self.profiles:
@@ -117,6 +119,8 @@ class UIPSettings:
                 raise UIPConfigError(f"Codebook size of profile '{name}' must be an integer >= 2, got {size!r}.")
         if self.llm_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UIPConfigError(f"'uip_llm_dtype' must be auto, float32, bfloat16 or float16, got {self.llm_dtype!r}.")
+        if self.lock_timeout < 0:
+            raise UIPConfigError(f"'uip_lock_timeout' must be >= 0 seconds, got {self.lock_timeout!r}.")
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
             raise UIPConfigError(f"'uip_epochs' must be an integer >= 0 (0: the untrained start's IDs), got {self.epochs!r}.")
         positive = {
@@ -164,7 +168,9 @@ class UIPSettings:
     def fingerprint_dict(self) -> dict[str, Any]:
         """The settings that change the inferred IDs (not where outputs go, nor reuse)."""
         data = dataclasses.asdict(self)
-        for key in ("enabled", "output_dir", "reuse", "llm_cache_dir", "num_threads", "diagnostics"):
+        # align_to enters the fingerprint as the previous bank's fingerprint, not as a path (quick_start)
+        for key in ("enabled", "output_dir", "reuse", "llm_cache_dir", "num_threads", "diagnostics", "align_to",
+                    "lock_timeout"):
             data.pop(key)  # the thread count that runs enters the fingerprint with the numerics (runtime_numerics)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
 
@@ -231,6 +237,8 @@ class UIPSettings:
                 diagnostics=_as_bool(get("uip_diagnostics"), "uip_diagnostics"),
                 output_dir=Path(str(get("uip_output_dir"))),
                 reuse=_as_bool(get("uip_reuse"), "uip_reuse"),
+                align_to=Path(str(get("uip_align_to"))).expanduser() if get("uip_align_to") else None,
+                lock_timeout=float(get("uip_lock_timeout")),
             )
         except (TypeError, ValueError) as error:
             if isinstance(error, UIPConfigError):

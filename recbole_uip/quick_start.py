@@ -19,9 +19,10 @@ import numpy as np
 
 from recbole_uip.bank import BankError, FeatureBank
 from recbole_uip.compat import patch_recbole_checkpoint_loading, resolve_model_class
-from recbole_uip.config import UIPSettings, check_uip_keys, default_config_files
+from recbole_uip.config import UIPConfigError, UIPSettings, check_uip_keys, default_config_files
 from recbole_uip.data.atomic import (
-    MANIFEST_NAME, dataset_files, publish_directory, read_atomic, validate_atomic, write_user_file,
+    MANIFEST_NAME, AtomicFileError, check_writable, dataset_files, iter_numbered_rows, iter_rows, publish_directory,
+    read_atomic, read_header, validate_atomic, write_user_file,
 )
 from recbole_uip.model.fusion import check_model_supports_profiles, model_class_for_run
 from recbole_uip.utils import sha256_file, sha256_json, write_json_atomic
@@ -102,9 +103,25 @@ def check_dataset_files(config) -> dict[str, Path]:
     validate_atomic(files["inter"], [config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]], separator, encoding)
     if "user" in files:
         validate_atomic(files["user"], [config["USER_ID_FIELD"]], separator, encoding)
+        _check_unique(files["user"], config["USER_ID_FIELD"], separator, encoding)
     if "item" in files:
         validate_atomic(files["item"], [config["ITEM_ID_FIELD"]], separator, encoding)
+        _check_unique(files["item"], config["ITEM_ID_FIELD"], separator, encoding)
+    _, inter_fields, _ = read_header(files["inter"], separator, encoding)
+    if next(iter_rows(files["inter"], len(inter_fields), separator, encoding), None) is None:
+        raise AtomicFileError(f"{files['inter']}: no interactions (the file has a header and no data line).")
     return files
+
+
+def _check_unique(path: Path, field: str, separator: str, encoding: str) -> None:
+    """Each id appears on one line of a ``.user`` / ``.item`` file (RecBole would keep one row silently)."""
+    _, fields, _ = read_header(path, separator, encoding)
+    index, seen = fields.index(field), {}
+    for line, values in iter_numbered_rows(path, len(fields), separator, encoding):
+        first = seen.setdefault(values[index], line)
+        if first != line:
+            raise AtomicFileError(f"{path}:{line}: {field} '{values[index]}' appears again (first on line {first}). "
+                                  f"Keep one row per {field}.")
 
 
 def _split_keys(config) -> dict[str, Any]:
@@ -119,10 +136,10 @@ def _split_keys(config) -> dict[str, Any]:
 
 
 def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], llm_identity: str,
-                        text_fields: dict | None = None) -> tuple[str, dict]:
+                        text_fields: dict | None = None, aligned_to: str | None = None) -> tuple[str, dict]:
     """Hash of everything the IDs depend on: file contents, split settings, the fields the text uses, LLM weights,
-    ``uip_*`` settings, and the numerics of the run (torch version, device type, dtype, CPU threads: see
-    ``runtime_numerics``)."""
+    ``uip_*`` settings, the numerics of the run (torch version, device type, dtype, CPU threads: see
+    ``runtime_numerics``), and the fingerprint of the bank whose code numbers it keeps (``uip_align_to``)."""
     from recbole_uip.inference.llm import runtime_numerics
 
     inputs = {
@@ -134,6 +151,8 @@ def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], l
         "numerics": runtime_numerics(settings.llm_dtype, config["device"], settings.num_threads),
         "format": 3,
     }
+    if aligned_to is not None:   # only then: the fingerprints of every other bank stay as they were
+        inputs["aligned_to"] = aligned_to
     return sha256_json(inputs), inputs
 
 
@@ -179,11 +198,9 @@ def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
     Returns the folder of the augmented dataset. It is published in one rename with a manifest, so a run
     killed mid-way leaves either the previous complete folder or none, never a partial one.
     """
-    from recbole_uip.bank import EncoderState
-    from recbole_uip.data.behaviour import check_text_values, collect_training_histories, resolve_text_fields
-    from recbole_uip.data.behaviour_text import BehaviourText
-    from recbole_uip.inference.llm import BUNDLED_LLM, convert_bundled_model, load_frozen_llm, model_identity
-    from recbole_uip.inference.trainer import ProfileInferenceTrainer
+    from recbole_uip.data.behaviour import check_text_values, resolve_text_fields
+    from recbole_uip.inference.llm import check_llm_source
+    from recbole_uip.locking import output_lock
 
     logger = getLogger()
     settings = settings or UIPSettings.from_config(config)
@@ -191,14 +208,35 @@ def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
     # Everything that can be checked without the LLM, before it loads: the text's fields and their values.
     fields = resolve_text_fields(config, settings, files)
     check_text_values(files, fields, config["field_separator"], config["encoding"])
+    check_llm_source(settings.llm)
     target = augmented_dir(config, settings)
+    check_writable(target.parent)
+    with output_lock(target.parent, target.name, settings.lock_timeout):
+        return _infer_unlocked(config, settings, files, fields, target, logger)
+
+
+def _infer_unlocked(config, settings: UIPSettings, files: dict[str, Path], fields, target: Path, logger) -> Path:
+    """:func:`infer_profiles` once its inputs are checked and the output folder's lock is held."""
+    from recbole_uip.bank import EncoderState
+    from recbole_uip.data.behaviour import collect_training_histories
+    from recbole_uip.data.behaviour_text import BehaviourText
+    from recbole_uip.inference.llm import BUNDLED_LLM, convert_bundled_model, load_frozen_llm, model_identity
+    from recbole_uip.inference.trainer import ProfileInferenceTrainer
+
+    previous = None
+    if settings.align_to is not None:
+        try:
+            previous = FeatureBank.load(settings.align_to)
+        except BankError as error:
+            raise BankError(f"uip_align_to: {error}") from error
 
     if settings.llm == BUNDLED_LLM:
         llm_folder = convert_bundled_model(settings.llm_cache_dir, logger)
     else:
         llm_folder = Path(settings.llm).expanduser()
     identity = model_identity(llm_folder) if llm_folder.is_dir() else settings.llm
-    fingerprint, inputs = compute_fingerprint(config, settings, files, identity, fields.as_dict())
+    fingerprint, inputs = compute_fingerprint(config, settings, files, identity, fields.as_dict(),
+                                              None if previous is None else previous.fingerprint)
     stored = bank_store(settings, config["dataset"]) / fingerprint[:16]
     if settings.reuse:
         bank = _reusable(target, fingerprint)
@@ -213,6 +251,10 @@ def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
 
     start = time.perf_counter()
     histories = collect_training_histories(config, settings, fields, logger)
+    largest = max(settings.codebook_sizes.values())
+    if len(histories) < largest:
+        raise UIPConfigError(f"uip_codebook_size: a codebook of {largest} IDs needs at least {largest} users with "
+                             f"training history; the dataset has {len(histories)}. Lower uip_codebook_size.")
     llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger, identity)
     text = BehaviourText(histories, settings, llm.tokenizer, logger)
     result = ProfileInferenceTrainer(config, settings, llm, histories, text, logger).fit()
@@ -243,6 +285,12 @@ def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
             "convergence": {k: _json_array(v) for k, v in result.per_user.items()},
         },
     )
+    if previous is not None:
+        from recbole_uip.serving import align_codes
+
+        bank, kept = align_codes(bank, previous)
+        logger.info("UIP: code numbers aligned to the bank " + previous.fingerprint[:12] + ": users keeping their ID "
+                    + ", ".join(f"{name} {share:.1%}" for name, share in kept.items()) + ".")
     bank.save(stored)
     write_augmented_dataset(config, settings, files, bank, target)
     logger.info(f"UIP: profiles inferred in {seconds:.0f}s; augmented dataset written to {target}, bank kept in {stored}.")

@@ -49,9 +49,9 @@ def test_wrong_column_count_names_the_line(tmp_path):
     for reader in (read_atomic, validate_atomic):
         with pytest.raises(AtomicFileError) as info:
             reader(path)
-        assert str(info.value) == f"{path}:5: expected 2 tab-separated values, found 3."
+        assert str(info.value) == f"{path}:5: expected 2 values separated by '\\t', found 3."
     too_few = write(tmp_path / "y.inter", "user_id:token\titem_id:token\n1\n")
-    with pytest.raises(AtomicFileError, match=r"y\.inter:2: expected 2 tab-separated values, found 1"):
+    with pytest.raises(AtomicFileError, match=r"y\.inter:2: expected 2 values separated by '\\t', found 1\.$"):
         read_atomic(too_few)
 
 

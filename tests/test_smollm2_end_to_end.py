@@ -33,9 +33,9 @@ def test_bundled_smollm2_infers_profiles_on_a_small_slice(tmp_path, tiny_llm_dir
     bank = FeatureBank.load(target / "bank")
     assert len(bank.users) == 16
     assert bank.codes.min() >= 0 and bank.codes.max() < 3
-    assert bank.summaries.shape == (16, 18)    # z: U - 1 whitened directions of the item parts + 3 rating statistics
+    assert bank.summaries.shape == (16, 8)     # z: uip_encoder_dims = 5 whitened item directions + 3 rating statistics
     assert bank.encoder.item_embeddings.shape == (len(bank.encoder.item_ids), 576)
-    assert bank.encoder.weights.shape == (2, 576, 18)
+    assert bank.encoder.weights.shape == (2, 576, 8)
     history = bank.metadata["history"]
     assert [h["round"] for h in history] == [0, 1]
     # a pretrained LM explains ordinary text: a few nats per token, far below uniform guessing (ln 49152 = 10.8)

