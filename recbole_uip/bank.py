@@ -31,7 +31,7 @@ import numpy as np
 
 from recbole_uip.data.atomic import OutputWriteError
 from recbole_uip.inference.user_features import UserFeatureMap
-from recbole_uip.utils import atomic_write, sha256_file, write_json_atomic
+from recbole_uip.utils import atomic_write, fault_point, sha256_file, write_json_atomic
 
 BANK_FORMAT_VERSION = 2
 
@@ -235,6 +235,7 @@ class FeatureBank:
         np.savez(buffer, **arrays)
         with atomic_write(folder / "bank.npz", "wb") as handle:
             handle.write(buffer.getvalue())
+        fault_point("bank_write")
         write_json_atomic(folder / "bank.json", {
             "format_version": BANK_FORMAT_VERSION,
             "fingerprint": self.fingerprint,

@@ -105,6 +105,7 @@ class UIPSettings:
     reuse: bool
     align_to: Path | None = None
     lock_timeout: float = 0.0
+    checkpoint_every: int = 50
 
     def __post_init__(self):
         if not self.profiles:
@@ -119,6 +120,8 @@ class UIPSettings:
                 raise UIPConfigError(f"Codebook size of profile '{name}' must be an integer >= 2, got {size!r}.")
         if self.llm_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UIPConfigError(f"'uip_llm_dtype' must be auto, float32, bfloat16 or float16, got {self.llm_dtype!r}.")
+        if not isinstance(self.checkpoint_every, int) or isinstance(self.checkpoint_every, bool) or self.checkpoint_every < 0:
+            raise UIPConfigError(f"'uip_checkpoint_every' must be an integer >= 0 (batches), got {self.checkpoint_every!r}.")
         if self.lock_timeout < 0:
             raise UIPConfigError(f"'uip_lock_timeout' must be >= 0 seconds, got {self.lock_timeout!r}.")
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
@@ -170,7 +173,7 @@ class UIPSettings:
         data = dataclasses.asdict(self)
         # align_to enters the fingerprint as the previous bank's fingerprint, not as a path (quick_start)
         for key in ("enabled", "output_dir", "reuse", "llm_cache_dir", "num_threads", "diagnostics", "align_to",
-                    "lock_timeout"):
+                    "lock_timeout", "checkpoint_every"):
             data.pop(key)  # the thread count that runs enters the fingerprint with the numerics (runtime_numerics)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
 
@@ -239,6 +242,7 @@ class UIPSettings:
                 reuse=_as_bool(get("uip_reuse"), "uip_reuse"),
                 align_to=Path(str(get("uip_align_to"))).expanduser() if get("uip_align_to") else None,
                 lock_timeout=float(get("uip_lock_timeout")),
+                checkpoint_every=get("uip_checkpoint_every"),
             )
         except (TypeError, ValueError) as error:
             if isinstance(error, UIPConfigError):

@@ -220,6 +220,7 @@ def _infer_unlocked(config, settings: UIPSettings, files: dict[str, Path], field
     from recbole_uip.bank import EncoderState
     from recbole_uip.data.behaviour import collect_training_histories
     from recbole_uip.data.behaviour_text import BehaviourText
+    from recbole_uip.inference.checkpoint import InferenceCheckpoint
     from recbole_uip.inference.llm import BUNDLED_LLM, convert_bundled_model, load_frozen_llm, model_identity
     from recbole_uip.inference.trainer import ProfileInferenceTrainer
 
@@ -238,14 +239,18 @@ def _infer_unlocked(config, settings: UIPSettings, files: dict[str, Path], field
     fingerprint, inputs = compute_fingerprint(config, settings, files, identity, fields.as_dict(),
                                               None if previous is None else previous.fingerprint)
     stored = bank_store(settings, config["dataset"]) / fingerprint[:16]
+    checkpoint = InferenceCheckpoint(settings.output_dir / ".uip_checkpoints" / config["dataset"] / f"{fingerprint[:16]}.pt",
+                                     fingerprint)
     if settings.reuse:
         bank = _reusable(target, fingerprint)
         if bank is not None:
             logger.info(f"UIP: reusing the feature bank in {target} (fingerprint {fingerprint[:12]}).")
+            checkpoint.remove()              # a run killed after publishing may have left one
             return target
         bank = _stored_bank(stored, fingerprint)
         if bank is not None:  # computed earlier for these inputs (e.g. before a run on another split)
             write_augmented_dataset(config, settings, files, bank, target)
+            checkpoint.remove()              # a run killed after saving the bank may have left one
             logger.info(f"UIP: reusing the stored feature bank {stored}; augmented dataset written to {target}.")
             return target
 
@@ -257,7 +262,9 @@ def _infer_unlocked(config, settings: UIPSettings, files: dict[str, Path], field
                              f"training history; the dataset has {len(histories)}. Lower uip_codebook_size.")
     llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger, identity)
     text = BehaviourText(histories, settings, llm.tokenizer, logger)
-    result = ProfileInferenceTrainer(config, settings, llm, histories, text, logger).fit()
+    trainer = ProfileInferenceTrainer(config, settings, llm, histories, text, logger)
+    trainer.checkpoint = checkpoint
+    result = trainer.fit()
     seconds = time.perf_counter() - start
     encoder = None
     if result.encoder is not None:
@@ -293,6 +300,7 @@ def _infer_unlocked(config, settings: UIPSettings, files: dict[str, Path], field
                     + ", ".join(f"{name} {share:.1%}" for name, share in kept.items()) + ".")
     bank.save(stored)
     write_augmented_dataset(config, settings, files, bank, target)
+    checkpoint.remove()                      # the bank is complete: a rerun reuses it
     logger.info(f"UIP: profiles inferred in {seconds:.0f}s; augmented dataset written to {target}, bank kept in {stored}.")
     return target
 

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes and content hashing."""
+"""Small shared helpers: atomic file writes, content hashing, and the kill test's fault points."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,3 +51,20 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 def sha256_json(data: Any) -> str:
     """A stable hash of JSON-serialisable data (keys sorted)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+_passes: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process at ``name`` when ``RECBOLE_UIP_FAULT`` names it (``name`` or ``name:N``, its N-th pass):
+    the kill test's hook, as a crash or an OOM kill would stop the process. No effect otherwise."""
+    wanted = os.environ.get("RECBOLE_UIP_FAULT")
+    if not wanted:
+        return
+    point, _, count = wanted.partition(":")
+    if point != name:
+        return
+    _passes[name] = _passes.get(name, 0) + 1
+    if _passes[name] >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -115,3 +115,25 @@ def test_held_out_items_never_reach_inference(tmp_path, tiny_llm_dir):
                                           logging.getLogger("test"))
         offsets.append(trainer.fit().offsets)
     np.testing.assert_array_equal(offsets[0], offsets[1])
+
+
+def test_cold_start_split_holds_users_out_entirely_and_reveals_their_oldest_rows_only():
+    from recbole_uip.benchmarking import split_cold_start
+
+    rng = np.random.default_rng(3)
+    users = [str(u) for u in rng.integers(0, 50, size=2000)]
+    times = rng.permutation(2000).astype(float).tolist()
+    split = split_cold_start(users, times, holdout=0.2, onboarding=10, valid_share=0.1, seed=0)
+    cold = set(split["cold"].tolist())
+    assert len(cold) == 10
+    every = np.concatenate([split[k] for k in ("train", "valid", "onboarding", "test")])
+    assert sorted(every.tolist()) == list(range(2000))                         # a partition of the rows
+    assert not cold & {users[r] for r in np.concatenate([split["train"], split["valid"]])}   # no cold row trains
+    assert {users[r] for r in split["onboarding"]} == cold == {users[r] for r in split["test"]}
+    for user in cold:
+        revealed = [times[r] for r in split["onboarding"] if users[r] == user]
+        rest = [times[r] for r in split["test"] if users[r] == user]
+        assert len(revealed) == 10 and max(revealed) < min(rest)                # the oldest 10, then the rest
+    assert 0.05 < len(split["valid"]) / (len(split["train"]) + len(split["valid"])) < 0.15
+    again = split_cold_start(users, times, holdout=0.2, onboarding=10, valid_share=0.1, seed=0)
+    assert all(np.array_equal(again[k], split[k]) for k in split)              # deterministic

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+from recbole_uip.utils import fault_point
+
 ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")
 MANIFEST_NAME = "uip_manifest.json"
 
@@ -216,13 +218,18 @@ def publish_directory(build: Callable[[Path], None], target: str | os.PathLike) 
     """Build a directory in a temporary sibling, then move it to ``target`` in one rename.
 
     ``build(tmp_dir)`` writes everything, including the manifest that marks the folder complete. If it
-    fails, the previous ``target`` (if any) is untouched and the temporary folder removed.
+    fails, the previous ``target`` (if any) is untouched and the temporary folder removed; what a killed earlier
+    publication left beside ``target`` is removed first.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # what a killed earlier publication left (the caller holds the folder's lock: no other run is writing them)
+    for stale in list(target.parent.glob(f".{target.name}.*.partial")) + list(target.parent.glob(f".{target.name}.*.old")):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         build(tmp_dir)
+        fault_point("publish")
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, old / target.name)

@@ -1,6 +1,6 @@
 """The quantiser: one codebook per profile, fitted by k-means on all users' soft-token offsets.
 
-Formulation (compared with the paper and the authors' code, see README "Method"):
+Formulation (compared with the paper and the authors' code, see docs/method.md):
 
 * E-step: each user's offset ``x[u] (D,)`` is assigned its nearest code; codes are then moved to the mean of
   their users (Lloyd), warm-started from the previous E-step; the first E-step starts from k-means++.
@@ -17,7 +17,7 @@ Formulation (compared with the paper and the authors' code, see README "Method")
   dead-code restart) and of the commitment term between projected points ``(x - c) A`` with ``A (D, k)`` the
   offsets' top-``k`` principal directions, each scaled to unit variance over users, refitted at every E-step.
   Whitening is blind to any invertible linear map of the offsets, so to what a linear encoder learned: with
-  ``uip_encoder: linear`` its IDs are those of the untrained start (measured: README, "Method").
+  ``uip_encoder: linear`` its IDs are those of the untrained start (measured: docs/method.md).
 
   Codes stay in the embedding space as the mean offset of their users (the projection is linear, so Lloyd's
   update is unchanged).

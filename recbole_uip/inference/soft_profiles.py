@@ -1,6 +1,6 @@
 """Soft profile tokens, the per-user free tokens and their row optimisers, and the loss through the frozen LLM.
 
-Parameterisation (``uip_encoder``; see README, "Method")::
+Parameterisation (``uip_encoder``; see docs/method.md)::
 
     s[u, p] = anchor[p] + b[p] + A[p] @ z[u]  (+ r[u, p] with uip_free_tokens)     linear (default)
     s[u, p] = anchor[p] + b[p] + r[u, p]                                             none (the paper)
@@ -10,7 +10,7 @@ Parameterisation (``uip_encoder``; see README, "Method")::
   quantised: codes describe how users differ.
 * ``A[p] (D, k)`` (shared): the amortised encoder from the user vector ``z[u]`` (:mod:`user_features`) to the
   user's offset. A departure from the paper: the paper learns each user's token from scratch, which, with the few
-  optimiser steps per user a budget allows, learned nothing that generalised (measured: README, "Method"). ``A``
+  optimiser steps per user a budget allows, learned nothing that generalised (measured: docs/method.md). ``A``
   is updated by every user of a round, and a new user needs only ``z``.
 * ``r[u, p]`` (:class:`FreeTokens`): the paper's free per-user token; optional on top of the encoder. Updated
   row by row: a step touches the rows of its batch only, so it costs the same at 1k or 1M users.

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from recbole_uip.data.behaviour import TrainingHistories
 from recbole_uip.data.behaviour_text import BehaviourText
+from recbole_uip.inference.checkpoint import InferenceCheckpoint, fault_point
 from recbole_uip.inference.codebook import ProfileCodebook
 from recbole_uip.inference.llm import FrozenLLM, assert_frozen
 from recbole_uip.inference.prompt import PromptLayout, build_layout, collate
@@ -141,6 +142,9 @@ class ProfileInferenceTrainer:
         self.validation: Targets | None = None
         self.embedding_norm = float(llm.model.get_input_embeddings().weight.detach().float().norm(dim=1).mean())
         self.history: list[dict] = []
+        self.checkpoint: InferenceCheckpoint | None = None   # set by the caller to make the run resumable
+        self.checkpoint_every = settings.checkpoint_every
+        self._loop: dict = {}                                  # what the EM loop carries between rounds
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _anchors(self) -> torch.Tensor:
@@ -156,14 +160,19 @@ class ProfileInferenceTrainer:
     def setup(self) -> None:
         """Item embeddings, the feature map and every user's ``z`` (with an encoder); the soft tokens; the free
         tokens; the validation users of the line search."""
+        if self.settings.encoder != "none":
+            self.item_embeddings = embed_items(self.llm, self.histories.item_texts, self.settings.item_embedding_layer,
+                                               show_progress=self.show_progress)
+            fault_point("item_embeddings")
+            self.feature_map = UserFeatureMap.fit(self.item_embeddings, self.histories.items, self.histories.ratings,
+                                                  self.settings.encoder_dims, self.settings.history_prior)
+            self.summaries = self.features(np.arange(len(self.histories)))
+        self._setup_tokens()
+
+    def _setup_tokens(self) -> None:
+        """The soft tokens, the free tokens and the validation users (the part of :meth:`setup` after ``z``)."""
         settings = self.settings
         uses_encoder = settings.encoder != "none"
-        if uses_encoder:
-            self.item_embeddings = embed_items(self.llm, self.histories.item_texts, settings.item_embedding_layer,
-                                               show_progress=self.show_progress)
-            self.feature_map = UserFeatureMap.fit(self.item_embeddings, self.histories.items, self.histories.ratings,
-                                                  settings.encoder_dims, settings.history_prior)
-            self.summaries = self.features(np.arange(len(self.histories)))
         init_norm = settings.init_scale * self.embedding_norm
         self.soft = SoftProfiles(self._anchors(), self.feature_map.dims if uses_encoder else 0, init_norm,
                                  self.generator).to(self.device)
@@ -258,23 +267,39 @@ class ProfileInferenceTrainer:
             scales.append(codebook.scale(offsets[:, p]))
         return torch.stack(codes, dim=1), healths, scales
 
-    def m_step(self, epoch: int, scales: list[float], shared_opt) -> torch.Tensor:
+    def m_step(self, epoch: int, scales: list[float], shared_opt, progress: dict | None = None) -> torch.Tensor:
         """One pass over the training users (validation users excluded); returns each user's NLL ``(U,)`` as
-        measured before its update (NaN for users not visited)."""
-        nll_seen = torch.full((len(self.histories),), float("nan"))
-        users = np.arange(len(self.histories))
-        if self.validation is not None:
-            users = np.setdiff1d(users, self.validation.users)
-        order = users[self.rng.permutation(len(users))]
-        bar = tqdm(total=len(order), desc=f"UIP M-step {epoch:>2}", ncols=100, disable=not self.show_progress)
+        measured before its update (NaN for users not visited).
+
+        ``progress`` (from a checkpoint): the pass's user order, the batches done and the NLLs so far; the pass goes
+        on from there. With a checkpoint set, the state is saved every ``uip_checkpoint_every`` batches and at the
+        end of the pass."""
+        if progress is None:
+            nll_seen = torch.full((len(self.histories),), float("nan"))
+            users = np.arange(len(self.histories))
+            if self.validation is not None:
+                users = np.setdiff1d(users, self.validation.users)
+            order, done = users[self.rng.permutation(len(users))], 0
+            if self.soft.encoder is not None:
+                self.soft.encoder.grad = None
+        else:
+            nll_seen, order, done = progress["nll_seen"], progress["order"], progress["done"]
+        batches = list(_batches(order, self.settings.batch_size))
+        bar = tqdm(total=len(order), desc=f"UIP M-step {epoch:>2}", ncols=100, disable=not self.show_progress,
+                   initial=sum(len(b) for b in batches[:done]))
         self.codebooks = [cb.to(self.device) for cb in self.codebooks]
-        if self.soft.encoder is not None:
-            self.soft.encoder.grad = None
-        for batch_users in _batches(order, self.settings.batch_size):
+        for index in range(done, len(batches)):
+            batch_users = batches[index]
             nll = self.train_batch(self.targets(batch_users, self.rng), scales, shared_opt)
             nll_seen[torch.as_tensor(batch_users)] = nll.float().cpu()
             bar.update(len(batch_users))
             bar.set_postfix(nll=f"{float(nll.mean()):.3f}")
+            last = index + 1 == len(batches)
+            if self.checkpoint is not None and (last or (self.checkpoint_every and (index + 1) % self.checkpoint_every == 0)):
+                self.codebooks = [cb.cpu() for cb in self.codebooks]
+                self._save("m_step", epoch, shared_opt, {"nll_seen": nll_seen, "order": order, "done": index + 1})
+                self.codebooks = [cb.to(self.device) for cb in self.codebooks]
+            fault_point("m_step_batch")
         bar.close()
         self.codebooks = [cb.cpu() for cb in self.codebooks]
         return nll_seen
@@ -435,29 +460,43 @@ class ProfileInferenceTrainer:
             f"{list(settings.codebook_sizes.values())}, encoder {settings.encoder}, prompt prefix "
             f"{self.layout.prefix_length} tokens, {torch.get_num_threads()} threads, {self.llm.dtype}, {self.device}."
         )
-        self.setup()
+        state = self.checkpoint.load() if self.checkpoint is not None else None
         shared_opt = None
-        if settings.shared_learning_rate > 0:
-            shared_opt = torch.optim.Adam([self.soft.shared], lr=settings.shared_learning_rate)
-        initial_offsets = self.all_offsets()
-        self.assignments, healths, scales = self.e_step(settings.kmeans_iters)
-        initial_assignments = self.assignments.clone()
-        self._log_round(0, None, healths, None, start)
-        first_nll, last_nll = None, None
-        changes = torch.zeros(len(self.histories), len(self.codebooks), dtype=torch.long)
-        for epoch in range(1, settings.epochs + 1):
-            nll = self.m_step(epoch, scales, shared_opt)
-            first_nll = nll if first_nll is None else first_nll
-            last_nll = nll
-            search = self.line_search(scales) if self.validation is not None else None
+        if state is None:
+            self.setup()
+            shared_opt = self._shared_optimizer()
+            self._loop = {"initial_offsets": self.all_offsets(), "first_nll": None, "last_nll": None,
+                          "changes": torch.zeros(len(self.histories), len(self.codebooks), dtype=torch.long)}
+            self.assignments, healths, self._loop["scales"] = self.e_step(settings.kmeans_iters)
+            self._loop["initial_assignments"] = self.assignments.clone()
+            self._log_round(0, None, healths, None, start)
+            self._save("round", 0, shared_opt)
+            epoch, progress = 1, None
+        else:
+            shared_opt = self._restore(state)
+            start -= state["elapsed"]
+            epoch, progress = state["epoch"] + (state["phase"] == "round"), state.get("progress")
+            where = (f"round {state['epoch']}, batch {progress['done']} of its M-step" if progress is not None
+                     else f"the end of round {state['epoch']}")
+            logger.info(f"UIP: resuming from the checkpoint {self.checkpoint.path} at {where}.")
+        loop = self._loop
+        for epoch in range(epoch, settings.epochs + 1):
+            nll = self.m_step(epoch, loop["scales"], shared_opt, progress)
+            progress = None
+            loop["first_nll"] = nll if loop["first_nll"] is None else loop["first_nll"]
+            loop["last_nll"] = nll
+            search = self.line_search(loop["scales"]) if self.validation is not None else None
             previous = self.assignments
-            self.assignments, healths, scales = self.e_step(settings.kmeans_iters)
+            self.assignments, healths, loop["scales"] = self.e_step(settings.kmeans_iters)
             changed = self.assignments != previous
-            changes += changed.long()
+            loop["changes"] += changed.long()
             stability = (~changed).float().mean(0).tolist()
-            record = self._log_round(epoch, nll, healths, stability, start, first_nll, search)
+            record = self._log_round(epoch, nll, healths, stability, start, loop["first_nll"], search)
+            self._save("round", epoch, shared_opt, elapsed=record["seconds"])
             for hook in self.epoch_end_hooks:
                 hook(self, epoch, record)
+        initial_offsets, initial_assignments = loop["initial_offsets"], loop["initial_assignments"]
+        first_nll, last_nll, changes = loop["first_nll"], loop["last_nll"], loop["changes"]
         final_offsets = self.all_offsets()
         movement = (final_offsets - initial_offsets).norm(dim=-1) / initial_offsets.norm(dim=-1).clamp(min=1e-12)
         unvisited = np.full(len(self.histories), np.nan)
@@ -489,6 +528,59 @@ class ProfileInferenceTrainer:
             history=self.history,
             per_user=per_user,
         )
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def _shared_optimizer(self):
+        if self.settings.shared_learning_rate > 0:
+            return torch.optim.Adam([self.soft.shared], lr=self.settings.shared_learning_rate)
+        return None
+
+    def _save(self, phase: str, epoch: int, shared_opt, progress: dict | None = None, elapsed: float | None = None) -> None:
+        """Checkpoint the whole state (see :mod:`recbole_uip.inference.checkpoint`); no-op without a checkpoint.
+
+        ``phase``: ``round`` (round ``epoch`` complete, E-step included) or ``m_step`` (``progress``: the position
+        in round ``epoch``'s M-step pass; the encoder's accumulated gradient is kept)."""
+        if self.checkpoint is None:
+            return
+        free = None if self.free is None else {k: getattr(self.free, k) for k in ("table", "exp_avg", "exp_avg_sq",
+                                                                                   "step_count") if hasattr(self.free, k)}
+        self.checkpoint.save({
+            "phase": phase, "epoch": epoch, "progress": progress,
+            "elapsed": elapsed if elapsed is not None else (self.history[-1]["seconds"] if self.history else 0.0),
+            "item_embeddings": self.item_embeddings, "feature_map": self.feature_map, "summaries": self.summaries,
+            "soft": {k: v.detach().cpu().clone() for k, v in self.soft.state_dict().items()},
+            "encoder_grad": None if self.soft.encoder is None or self.soft.encoder.grad is None
+            else self.soft.encoder.grad.detach().cpu().clone(),
+            "free": free, "shared_opt": None if shared_opt is None else shared_opt.state_dict(),
+            "codebooks": [{"codes": cb.codes.cpu(), "initialised": cb.initialised.cpu(), "projection": cb.projection,
+                           "projection_share": cb.projection_share} for cb in self.codebooks],
+            "assignments": self.assignments, "loop": self._loop, "history": self.history,
+            "generator": self.generator.get_state(), "rng": self.rng.bit_generator.state,
+        })
+
+    def _restore(self, state: dict):
+        """Put a checkpoint's state back (the item embeddings are not recomputed); returns the shared optimiser."""
+        self.item_embeddings, self.feature_map, self.summaries = (state["item_embeddings"], state["feature_map"],
+                                                                 state["summaries"])
+        self._setup_tokens()
+        self.soft.load_state_dict(state["soft"])
+        if state["encoder_grad"] is not None:
+            self.soft.encoder.grad = state["encoder_grad"].to(self.device)
+        if state["free"] is not None:
+            for key, value in state["free"].items():
+                setattr(self.free, key, value)
+        shared_opt = self._shared_optimizer()
+        if shared_opt is not None and state["shared_opt"] is not None:
+            shared_opt.load_state_dict(state["shared_opt"])
+        for codebook, saved in zip(self.codebooks, state["codebooks"]):
+            codebook.codes.copy_(saved["codes"])
+            codebook.initialised.copy_(saved["initialised"])
+            codebook.projection = saved["projection"]
+            codebook.projection_share = saved["projection_share"]
+        self.assignments, self._loop, self.history = state["assignments"], state["loop"], state["history"]
+        self.generator.set_state(state["generator"])
+        self.rng.bit_generator.state = state["rng"]
+        return shared_opt
 
     # -------------------------------------------------------------------------------------------- logging
     def _log_round(self, epoch, nll, healths, stability, start, first_nll=None, search=None) -> dict:

@@ -1,7 +1,7 @@
 """What the profile encoder reads: each user's history as one vector, from item embeddings of the frozen LLM.
 
 A departure from the paper (which learns each user's soft token from scratch), measured before it was chosen
-(README, "Method"):
+(docs/method.md):
 
 * **Item embeddings** ``e[i] (H,)``: one forward-only pass of the frozen LLM over each item's text (the same text
   the behaviour writes, without the rating), mean of the hidden states of layer ``uip_item_embedding_layer``.

@@ -114,7 +114,7 @@ def check_model_supports_profiles(config) -> ModelSupport:
     if support.how == UNSUPPORTED:
         raise ProfilesNotSupportedError(
             f"{config['model']} cannot use the uip_* profiles: {support.note}. Models that can: every context-aware "
-            f"model, DIEN, and the sequential/general models listed in the README (e.g. SASRec, GRU4Rec, BERT4Rec, "
+            f"model, DIEN, and the sequential/general models listed in docs/models.md (e.g. SASRec, GRU4Rec, BERT4Rec, "
             f"NARM, BPR, NeuMF, LightGCN). To only write the augmented files, run: "
             f"python -m recbole_uip infer --dataset={config['dataset']}"
         )
@@ -263,7 +263,7 @@ def model_class_for_run(config) -> type:
 
 
 def support_table_markdown() -> str:
-    """The README's table: every RecBole 1.2.1 sequential and general model and how it consumes the profiles."""
+    """The table of docs/models.md: every RecBole 1.2.1 sequential and general model and how it consumes the profiles."""
     import recbole.model.general_recommender as general
     import recbole.model.sequential_recommender as sequential
 
