@@ -123,6 +123,20 @@ def split_flags(flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return own, config
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input or environment, told in one line. Anything else (a torch crash, a bug)
+    keeps its traceback."""
+    from recbole_uip.data.atomic import OutputWriteError
+    from recbole_uip.inference.llm import LLMLoadError
+    from recbole_uip.inference.trainer import InferenceDivergedError
+    from recbole_uip.locking import OutputLockedError
+
+    # ValueError covers our input errors (UIPConfigError, AtomicFileError, BehaviourTextError, BankError, ...)
+    # and RecBole's own configuration errors
+    return (UsageError, ValueError, FileNotFoundError, OutputWriteError, LLMLoadError, OutputLockedError,
+            InferenceDivergedError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -157,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _assign(own["dataset"], own["bank"], parse_value(own.get("refresh", "false")) is True, files,
                            config_dict)
         return _run(command, own.get("model", "DeepFM"), own["dataset"], files, config_dict)
-    except (UsageError, ValueError, OSError, RuntimeError) as error:
+    except _expected_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         if isinstance(error, UsageError):
             print("(run with --help for usage)", file=sys.stderr)

@@ -98,3 +98,46 @@ def test_a_checkpoint_of_other_inputs_is_never_used(reference, tiny_llm_dir, cap
     assert "belongs to other inputs" in caplog.text
     path.write_bytes(b"not a checkpoint")
     assert InferenceCheckpoint(path, "fingerprint-a").load() is None
+
+
+def _flags(tmp_path: Path, tiny_llm_dir: Path) -> list[str]:
+    return [f"--dataset=toy", f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32",
+            "--uip_codebook_size=3", "--uip_epochs=1", "--uip_batch_size=4", "--uip_checkpoint_every=1",
+            f"--output_dir={tmp_path / 'out'}", "--show_progress=false", "--state=WARNING"]
+
+
+def test_a_nan_loss_stops_the_run_naming_round_and_batch_and_keeps_the_last_checkpoint(tmp_path, tiny_llm_dir,
+                                                                                     monkeypatch, capsys):
+    import torch
+
+    import recbole_uip.inference.trainer as trainer_module
+    from recbole_uip.__main__ import main
+
+    write_dataset(tmp_path / "data", n_users=14, n_items=12, per_user=6)
+    real, calls = trainer_module.behaviour_nll, []
+
+    def nan_on_the_third_batch(*args, **kwargs):
+        plain, weighted = real(*args, **kwargs)
+        calls.append(1)
+        return plain, weighted * (torch.nan if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(trainer_module, "behaviour_nll", nan_on_the_third_batch)
+    assert main(["infer", *_flags(tmp_path, tiny_llm_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "diverged in round 1, batch 3: the M-step loss is nan" in err and "last good checkpoint is kept" in err
+    kept = list((tmp_path / "out" / ".uip_checkpoints").rglob("*.pt"))
+    assert len(kept) == 1 and not (tmp_path / "out" / "toy-uip").exists()
+
+
+def test_an_unexpected_error_keeps_its_traceback(tmp_path, tiny_llm_dir, monkeypatch):
+    import recbole_uip.inference.trainer as trainer_module
+    from recbole_uip.__main__ import main
+
+    write_dataset(tmp_path / "data", n_users=14, n_items=12, per_user=6)
+
+    def crash(self):
+        raise RuntimeError("simulated torch crash")
+
+    monkeypatch.setattr(trainer_module.ProfileInferenceTrainer, "fit", crash)
+    with pytest.raises(RuntimeError, match="simulated torch crash"):
+        main(["infer", *_flags(tmp_path, tiny_llm_dir)])

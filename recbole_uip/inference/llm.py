@@ -231,6 +231,34 @@ def check_llm_source(name: str) -> None:
                                f"reachable. {_WHAT_LLM}")
 
 
+@torch.no_grad()
+def check_mask_honoured(model, name: str = "the LLM") -> None:
+    """The per-profile block mask reaches the model as a 4D additive mask: refuse an attention implementation that
+    ignores it (the soft tokens would then see each other, silently). Two forward passes over 3 tokens: hiding
+    token 0 from token 2 must change token 2's output.
+
+    Raises:
+        LLMLoadError: naming the attention implementation and how to switch it.
+    """
+    from recbole_uip.inference.prompt import additive_mask
+
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 3, model.get_input_embeddings().weight.shape[1], generator=generator).to(device, dtype)
+    embeds = embeds * model.get_input_embeddings().weight.float().std().to(dtype)
+    causal = torch.tril(torch.ones(3, 3, dtype=torch.bool))[None]
+    hidden = causal.clone()
+    hidden[0, 2, 0] = False
+    outputs = [model(inputs_embeds=embeds, attention_mask=additive_mask(allowed, dtype).to(device), use_cache=False)
+               .logits[0, 2].float() for allowed in (causal, hidden)]
+    if torch.allclose(outputs[0], outputs[1]):
+        implementation = getattr(model.config, "_attn_implementation", "?")
+        raise LLMLoadError(f"The causal LM '{name}' ignores a 4D attention mask (attention implementation "
+                           f"'{implementation}'): the per-profile block mask would be lost. Load it with "
+                           f"attn_implementation='eager' or 'sdpa'.")
+
+
 def load_frozen_llm(
     name: str, device: torch.device, dtype: str = "auto", cache_dir: Path | None = None, logger: logging.Logger | None = None,
     identity: str | None = None,
@@ -258,12 +286,15 @@ def load_frozen_llm(
     except (OSError, ValueError) as error:
         raise LLMLoadError(f"Cannot load the causal LM '{name}': {error}. {_WHAT_LLM}") from error
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        # The pad id only fills masked positions (never attended to, never scored): any id does. eos where there
+        # is one, else id 0 (a tokenizer with neither, e.g. some GPT-2 exports, must not crash).
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
     if identity is None:
         identity = model_identity(folder) if folder.is_dir() else sha256_json(
             {"name": name, "revision": getattr(model.config, "_commit_hash", None)}
         )
     model = freeze(model.to(device))
+    check_mask_honoured(model, name)
     if logger:
         n_params = sum(p.numel() for p in model.parameters())
         logger.info(f"Frozen LLM {name}: {type(model).__name__}, {n_params / 1e6:.1f}M parameters, {torch_dtype}, {device}.")

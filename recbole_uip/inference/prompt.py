@@ -8,6 +8,8 @@ Layout of one user's sequence (P profiles, prefix length ``Lp``, behaviour lengt
 * A position inside block ``p`` attends (causally) only to positions of block ``p``: each soft token sees its
   own phrase and itself, never another profile (the paper's per-profile causal mask).
 * Bridge and behaviour positions attend causally to everything before them that is not padding.
+* Where the tokenizer starts every text with a BOS token (Llama-family models expect it), the prompt starts with
+  it, in a block of its own that every position sees (the model's attention sink).
 * The loss is the NLL of the behaviour tokens only; the template (phrases, bridge) is never scored.
 
 Departure from the authors' code: their mask segments were concatenated in a different order from the
@@ -22,6 +24,7 @@ from typing import Sequence
 import torch
 
 SHARED = -1  # block id of bridge and behaviour positions
+SINK = -2    # block id of a leading BOS token: every position sees it
 IGNORE_INDEX = -100
 
 
@@ -32,7 +35,8 @@ class PromptLayout:
     Attributes:
         prefix_ids: LongTensor ``(Lp,)``; template token ids, with ``placeholder_id`` at soft-token slots.
         soft_positions: LongTensor ``(P,)``; index in the prefix of profile ``p``'s soft token.
-        block_of: LongTensor ``(Lp,)``; profile index of each prefix position, ``-1`` for the bridge.
+        block_of: LongTensor ``(Lp,)``; profile index of each prefix position, ``-1`` for the bridge, ``-2`` for
+            a leading BOS token.
         placeholder_id: token id written at soft slots (its embedding is replaced, never seen by the LLM).
     """
 
@@ -54,14 +58,24 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
+def leading_bos(tokenizer) -> list[int]:
+    """``[bos_token_id]`` where the tokenizer starts every text with its BOS token (the model was trained with
+    one, e.g. Llama), else ``[]`` (e.g. SmolLM2, GPT-2 and Qwen2 tokenizers add none)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = list(tokenizer("a")["input_ids"])
+    return [bos] if ids and ids[0] == bos else []
+
+
 def build_layout(tokenizer, phrases: Sequence[str], bridge: str) -> PromptLayout:
     """Tokenise the template: each phrase, then its soft slot; then the bridge text.
 
     Phrases after the first are tokenised with a leading space, as they follow text in the prompt.
     """
     placeholder = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids: list[int] = []
-    block_of: list[int] = []
+    ids: list[int] = leading_bos(tokenizer)
+    block_of: list[int] = [SINK] * len(ids)
     soft_positions: list[int] = []
     for p, phrase in enumerate(phrases):
         phrase_ids = _encode(tokenizer, phrase if p == 0 else " " + phrase.lstrip())
@@ -95,7 +109,8 @@ def allowed_attention(layout: PromptLayout, behaviour_lengths: torch.Tensor, tot
     causal = positions[None, :] <= positions[:, None]                      # (L, L)
     in_profile_block = block[:, None] >= 0                                  # query inside a profile block
     same_block = block[:, None] == block[None, :]
-    pattern = causal & (~in_profile_block | same_block)                     # (L, L)
+    sink = block[None, :] == SINK                                           # a leading BOS: seen by all
+    pattern = causal & (~in_profile_block | same_block | sink)              # (L, L)
     valid = positions[None, :] < (lp + behaviour_lengths)[:, None]          # (B, L): not padding
     allowed = pattern[None] & valid[:, None, :] & valid[:, :, None]         # padded keys (and queries) hidden
     # Padded queries see only themselves, so no softmax row is empty (their outputs are never used).

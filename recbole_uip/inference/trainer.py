@@ -51,6 +51,10 @@ LINE_SEARCH_STEPS = (0.003, 0.01, 0.03, 0.1, 0.3)
 LINE_SEARCH_EXPANSIONS = 6       # while the longest step is the best, try 3x longer ones, at most this many times
 
 
+class InferenceDivergedError(RuntimeError):
+    """The M-step loss became NaN or infinite; the last good checkpoint is kept."""
+
+
 @dataclasses.dataclass
 class Targets:
     """What a batch of users is scored on and what their encoder reads.
@@ -290,7 +294,7 @@ class ProfileInferenceTrainer:
         self.codebooks = [cb.to(self.device) for cb in self.codebooks]
         for index in range(done, len(batches)):
             batch_users = batches[index]
-            nll = self.train_batch(self.targets(batch_users, self.rng), scales, shared_opt)
+            nll = self.train_batch(self.targets(batch_users, self.rng), scales, shared_opt, (epoch, index + 1))
             nll_seen[torch.as_tensor(batch_users)] = nll.float().cpu()
             bar.update(len(batch_users))
             bar.set_postfix(nll=f"{float(nll.mean()):.3f}")
@@ -304,15 +308,26 @@ class ProfileInferenceTrainer:
         self.codebooks = [cb.cpu() for cb in self.codebooks]
         return nll_seen
 
-    def train_batch(self, targets: Targets, scales: list[float], shared_opt) -> torch.Tensor:
+    def train_batch(self, targets: Targets, scales: list[float], shared_opt, where: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """One M-step batch: returns the users' plain NLL ``(B,)`` before the update. The shared shift and the
-        free rows step now; the encoder's gradient accumulates until :meth:`line_search`."""
+        free rows step now; the encoder's gradient accumulates until :meth:`line_search`.
+
+        Raises:
+            InferenceDivergedError: the loss is NaN or infinite (``where``: round and batch, for the message);
+                nothing is updated.
+        """
         users = targets.users
         free_rows = self.free.rows(torch.as_tensor(users)) if self.free is not None else None
         offsets = self.offsets(users, targets.inputs, free_rows, batch_centred=True)         # (B, P, D)
         nll, objective = behaviour_nll(self.llm.model, self.layout, self.prompt_batch(targets), self.soft(offsets),
                                        weighted=True)
         loss = objective.mean() + self.commitment(offsets, users, scales)
+        if not bool(torch.isfinite(loss)):
+            kept = (f" The last good checkpoint is kept: {self.checkpoint.path}." if self.checkpoint is not None
+                    and self.checkpoint.path.exists() else "")
+            raise InferenceDivergedError(
+                f"UIP inference diverged in round {where[0]}, batch {where[1]}: the M-step loss is {float(loss.detach())}. "
+                f"Lower uip_shared_learning_rate or uip_free_token_learning_rate, or use uip_llm_dtype=float32.{kept}")
         if shared_opt is not None:
             shared_opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -43,8 +43,12 @@ def embed_items(llm, texts: list[str], layer: int = -1, batch_size: int = 64, sh
     """Mean hidden state of layer ``layer`` over the tokens of ``" " + text`` for each text: float32 ``(I, H)``.
 
     Texts are batched shortest first (little padding); the result is in the order of ``texts``."""
+    from recbole_uip.inference.prompt import leading_bos
+
     tokenizer, model = llm.tokenizer, llm.model
-    ids = [tokenizer(" " + text, add_special_tokens=False)["input_ids"] or [tokenizer.pad_token_id] for text in texts]
+    lead = leading_bos(tokenizer)           # a model trained with BOS reads it first; its state is not averaged
+    ids = [lead + (tokenizer(" " + text, add_special_tokens=False)["input_ids"] or [tokenizer.pad_token_id])
+           for text in texts]
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
     out = torch.zeros(len(ids), llm.hidden_size)
     bar = tqdm(total=len(ids), desc="UIP item embeddings", ncols=100, disable=not show_progress, leave=False)
@@ -58,7 +62,9 @@ def embed_items(llm, texts: list[str], layer: int = -1, batch_size: int = 64, sh
             valid[r, : len(ids[i])] = 1
         hidden = model(input_ids=batch.to(llm.device), attention_mask=valid.to(llm.device), output_hidden_states=True,
                        use_cache=False).hidden_states[layer].float().cpu()
-        out[torch.tensor(rows)] = (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+        counted = valid.clone()
+        counted[:, : len(lead)] = 0
+        out[torch.tensor(rows)] = (hidden * counted[..., None]).sum(1) / counted.sum(1, keepdim=True)
         bar.update(len(rows))
     bar.close()
     return out
