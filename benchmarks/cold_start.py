@@ -19,7 +19,9 @@ Protocol (``recbole_uip.benchmarking.split_cold_start``, split seed 0):
   k items. ``demographics`` (age, gender, occupation) and ``none`` do not depend on k. Training users keep the
   bank's IDs (and their k-means cluster) in every run.
 
-Every run appends one JSON line (resumable); ``results/<dataset>/<setting>/cold_start.{jsonl,json,md}``.
+Every run appends one JSON line (resumable); ``results/<dataset>/<setting>/cold_start.{jsonl,json,md,csv,png}``.
+The report adds how far the IDs assigned from onboarding agree with those a full run including the held-out users
+gives (code numbers matched; NMI).
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def prepare(args, overrides: dict, logger):
     from recbole_uip.config import UIPSettings
     from recbole_uip.data.atomic import MANIFEST_NAME, read_atomic
     from recbole_uip.quick_start import build_config, check_dataset_files, infer_profiles
-    from recbole_uip.serving import embed_new_items
+    from recbole_uip.report import normalized_mutual_information
+    from recbole_uip.serving import align_codes, embed_new_items
 
     base = build_config(args.models[0], args.dataset, None, {"uip": True, **overrides})
     settings = UIPSettings.from_config(base)
@@ -167,6 +170,11 @@ def prepare(args, overrides: dict, logger):
     warm = bank.users
     warm_shares = genre_shares([train_items.get(u, []) for u in warm], genres_of, vocabulary)
 
+    # "a full run including them": the default bank of the whole dataset (its own 8:1:1 split), held-out users in it
+    full = FeatureBank.load(infer_profiles(build_config(args.models[0], args.dataset, None, {
+        "uip": True, **overrides, "uip_output_dir": str(Path(args.work_dir) / "full")})) / "bank")
+    agreement = {}
+
     values: dict[str, dict[str, str]] = {u: {} for u in user_table.column(user_field)}
     sizes = [c.shape[0] for c in bank.codebooks]
     shuffle = np.random.default_rng(SHUFFLE_SEED).permutation(len(cold))
@@ -178,6 +186,14 @@ def prepare(args, overrides: dict, logger):
         assigned = bank.assign([[h[i] for i in keep] for h, keep in zip(histories, kept)],
                                [[ratings[revealed[u][i]] for i in keep] for u, keep in zip(cold, kept)])
         coverage[k] = float(np.mean([all(item in embedded_before for item in h) for h in histories]))
+        in_full = [u for u in cold if u in full.users]
+        mine = FeatureBank(fingerprint="assigned", profiles=bank.profiles, users=in_full, no_history_token="none",
+                           codes=assigned[[cold.index(u) for u in in_full]], codebooks=bank.codebooks)
+        _, same = align_codes(mine, full)
+        theirs = full.codes[[full.users.index(u) for u in in_full]]
+        agreement[k] = {name: {"same_id_after_matching": same[name],
+                               "nmi": normalized_mutual_information(mine.codes[:, p], theirs[:, p])}
+                        for p, name in enumerate(bank.profiles)}
         cold_shares = genre_shares(histories, genres_of, vocabulary)
         for p, profile in enumerate(bank.profiles):
             for row, user in enumerate(warm):
@@ -199,7 +215,7 @@ def prepare(args, overrides: dict, logger):
     return base, settings, bank, folder, benchmark, {
         "bank": bank.fingerprint[:12], "training_users": len(warm), "held_out_users": len(cold),
         "rows": {k: int(len(v)) for k, v in split.items() if k != "cold"}, "items_embedded_for_onboarding": embedded,
-        "onboarding_items_known_share": coverage}
+        "onboarding_items_known_share": coverage, "agreement_with_full_run": agreement, "full_bank": full.fingerprint[:12]}
 
 
 def run_config(base, settings, folder: Path, benchmark: dict, model: str, load_user: list[str], overrides: dict):
@@ -226,22 +242,53 @@ def read_records(path: Path) -> list[dict]:
 
 
 def summarise(records: list[dict], ks: list[int]) -> dict:
-    """Per k: mean test AUC per feature set, and the paired comparisons over models and seeds."""
-    def auc(feature_set, k):
-        return {(r["model"], r["seed"]): r["auc"] for r in records
+    """Per k: mean test AUC and LogLoss per feature set, and the paired comparisons over models and seeds."""
+    def metric(name, feature_set, k):
+        return {(r["model"], r["seed"]): r[name] for r in records
                 if r["feature_set"] == feature_set and r["k"] in (k, None)}
     out = {}
     for k in ks:
-        sets = {fs: auc(fs, k) for fs in FEATURE_SETS}
-        row = {"mean_auc": {fs: float(np.mean(list(v.values()))) for fs, v in sets.items() if v}, "comparisons": {}}
-        for a, b in COMPARISONS:
-            keys = sorted(set(sets[a]) & set(sets[b]))
-            if len(keys) >= 2:
-                mean, std, p = paired_test([sets[a][x] for x in keys], [sets[b][x] for x in keys])
-                wins = int(sum(sets[a][x] > sets[b][x] for x in keys))
-                row["comparisons"][f"{a} - {b}"] = {"mean": mean, "std": std, "p": p, "wins": wins, "n": len(keys)}
+        row = {"comparisons": {}, "logloss_comparisons": {}}
+        for name, key in (("auc", "comparisons"), ("logloss", "logloss_comparisons")):
+            sets = {fs: metric(name, fs, k) for fs in FEATURE_SETS}
+            row[f"mean_{name}"] = {fs: float(np.mean(list(v.values()))) for fs, v in sets.items() if v}
+            for a, b in COMPARISONS:
+                keys = sorted(set(sets[a]) & set(sets[b]))
+                if len(keys) >= 2:
+                    mean, std, p = paired_test([sets[a][x] for x in keys], [sets[b][x] for x in keys])
+                    wins = int(sum(sets[a][x] > sets[b][x] for x in keys))
+                    row[key][f"{a} - {b}"] = {"mean": mean, "std": std, "p": p, "wins": wins, "n": len(keys)}
         out[str(k)] = row
     return out
+
+
+def write_csv_and_plot(records: list[dict], summary: dict, folder: Path) -> None:
+    """``cold_start.csv`` (one row per run) and ``cold_start.png`` (mean test AUC per feature set and k)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with atomic_write(folder / "cold_start.csv") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["model", "seed", "feature_set", "k", "auc", "logloss", "valid_auc",
+                                                    "epochs", "seconds", "bank"])
+        writer.writeheader()
+        writer.writerows(records)
+    ks = list(summary)
+    figure, axis = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(FEATURE_SETS)
+    for i, fs in enumerate(FEATURE_SETS):
+        axis.bar(np.arange(len(ks)) + i * width, [summary[k]["mean_auc"].get(fs, np.nan) for k in ks], width, label=fs)
+    axis.set_xticks(np.arange(len(ks)) + 0.4 - width / 2, [f"k={k}" for k in ks])
+    values = [v for k in ks for v in summary[k]["mean_auc"].values()]
+    axis.set_ylim(min(values) - 0.01, max(values) + 0.005)
+    axis.set_ylabel("test AUC, held-out users")
+    axis.legend(fontsize=7, ncol=3)
+    figure.tight_layout()
+    figure.savefig(folder / "cold_start.png", dpi=120)
+    plt.close(figure)
 
 
 def render(data: dict) -> str:
@@ -254,8 +301,11 @@ def render(data: dict) -> str:
              f"AUC.", "",
              "| feature set | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for fs in FEATURE_SETS:
-        lines.append(f"| {fs} | " + " | ".join(f"{data['summary'][k]['mean_auc'].get(fs, float('nan')):.4f}" for k in ks) + " |")
-    lines += ["", "Paired differences over models and seeds (mean, t-test p, runs where the first is higher):", "",
+        lines.append(f"| {fs} | " + " | ".join(f"{data['summary'][k]['mean_auc'].get(fs, float('nan')):.4f} (LogLoss "
+                                              f"{data['summary'][k]['mean_logloss'].get(fs, float('nan')):.4f})"
+                                              for k in ks) + " |")
+    lines += ["", "Test AUC (LogLoss) means; paired AUC differences over models and seeds (mean, t-test p, runs where "
+              "the first is higher):", "",
               "| comparison | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for a, b in COMPARISONS:
         cells = []
@@ -267,7 +317,15 @@ def render(data: dict) -> str:
     lines += ["", f"- Onboarding items outside every training history, embedded by the bank's LLM: "
               f"{data['prepared']['items_embedded_for_onboarding']}; share of held-out users whose first k items the "
               f"bank had embedded already: " + ", ".join(f"k={k}: {v:.0%}" for k, v in known.items()) + ".",
-              f"- Rows: {data['prepared']['rows']}.", "", "## Run", "", settings_table(data["record"])]
+              f"- Rows: {data['prepared']['rows']}."]
+    agreement = data["prepared"].get("agreement_with_full_run")
+    if agreement:
+        lines += [f"- Agreement of the held-out users' assigned IDs with those a full run including them gives (bank "
+                  f"{data['prepared']['full_bank']}, the default split of the whole dataset; code numbers matched, "
+                  f"chance is about 1/8): " + "; ".join(
+                      f"k={k}: " + ", ".join(f"{name} {v['same_id_after_matching']:.0%} (NMI {v['nmi']:.2f})"
+                                             for name, v in row.items()) for k, row in agreement.items()) + "."]
+    lines += ["", "## Run", "", settings_table(data["record"])]
     return "\n".join(lines)
 
 
@@ -308,6 +366,7 @@ def main(argv=None) -> int:
             "summary": summarise(records, args.ks), "runs": len(records),
             "record": run_record(base, settings, ["benchmarks/cold_start.py", *args.argv])}
     json_path, md_path = write_result(out, "cold_start", data, render(data))
+    write_csv_and_plot(records, data["summary"], out)
     print(render(data))
     print(f"\nwritten: {json_path}, {md_path}")
     return 0

@@ -21,14 +21,13 @@ differences, the rating-weighted NLL where the text marks ratings, the inference
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    RESULTS, mean_ci, parse_known_with_overrides, results_dir, run_record, settings_table, write_result,
+    RESULTS, configure, mean_ci, parse_known_with_overrides, results_dir, run_record, settings_table, write_result,
 )
 
 MODES = {"own": "own", "mean": "mean", "other_user": "other", "no_profile": "none", "codes": "code"}
@@ -99,20 +98,14 @@ def render(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from recbole.utils import init_logger
-
-    from recbole_uip.config import UIPSettings
     from recbole_uip.data.behaviour import check_text_values, collect_training_histories, resolve_text_fields
     from recbole_uip.data.behaviour_text import BehaviourText
     from recbole_uip.inference.llm import load_frozen_llm
     from recbole_uip.inference.trainer import ProfileInferenceTrainer, Targets
-    from recbole_uip.quick_start import build_config, check_dataset_files
+    from recbole_uip.quick_start import check_dataset_files
 
     args, overrides = parse_args(argv)
-    config = build_config(args.model, args.dataset, None, {"uip": True, **overrides})
-    init_logger(config)
-    logger = logging.getLogger()
-    settings = UIPSettings.from_config(config)
+    config, settings, logger = configure(args.model, args.dataset, overrides)
     files = check_dataset_files(config)
     fields = resolve_text_fields(config, settings, files)
     check_text_values(files, fields, config["field_separator"], config["encoding"])

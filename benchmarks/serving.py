@@ -21,14 +21,13 @@ Each figure is the median of ``--repeats`` runs (the LLM pass: of ``max(1, repea
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-from recbole_uip.benchmarking import RESULTS, parse_known_with_overrides, results_dir, run_record, settings_table, write_result
+from recbole_uip.benchmarking import RESULTS, configure, parse_known_with_overrides, results_dir, run_record, settings_table, write_result
 
 
 def parse_args(argv=None):
@@ -75,20 +74,15 @@ def render(data: dict) -> str:
 
 def main(argv=None) -> int:
     import torch
-    from recbole.utils import init_logger
 
     from recbole_uip.bank import FeatureBank
-    from recbole_uip.config import UIPSettings
     from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields
     from recbole_uip.inference.llm import load_frozen_llm
     from recbole_uip.inference.user_features import embed_items
-    from recbole_uip.quick_start import build_config, check_dataset_files, infer_profiles
+    from recbole_uip.quick_start import check_dataset_files, infer_profiles
 
     args, overrides = parse_args(argv)
-    config = build_config(args.model, args.dataset, None, {"uip": True, **overrides})
-    init_logger(config)
-    logger = logging.getLogger()
-    settings = UIPSettings.from_config(config)
+    config, settings, logger = configure(args.model, args.dataset, overrides)
     torch.set_num_threads(settings.num_threads)
     bank = FeatureBank.load(infer_profiles(config) / "bank")
     if bank.encoder is None:

@@ -67,7 +67,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from recbole_uip.bank import FeatureBank  # noqa: E402
-from recbole_uip.benchmarking import paired_test, parse_known_with_overrides, results_dir  # noqa: E402
+from recbole_uip.benchmarking import paired_test, parse_known_with_overrides, results_dir, run_record  # noqa: E402
 from recbole_uip.compat import patch_recbole_checkpoint_loading  # noqa: E402
 from recbole_uip.config import UIPSettings  # noqa: E402
 from recbole_uip.data.atomic import MANIFEST_NAME, publish_directory, read_atomic  # noqa: E402
@@ -956,8 +956,14 @@ def main(argv=None) -> int:
     # one profile folder per tag: two grids with other settings must never write the same <dataset>-uip/ copy
     overrides.setdefault("uip_output_dir", str(Path("dataset") / f"zoo-{args.tag or 'default'}"))
 
+    config = build_config(args.models[0], args.dataset, None, {**overrides, "uip": True})
+    # the folder's resolved settings and portable command (no machine paths); --render keeps the grid's command
+    command = ["benchmarks/zoo.py", *args.argv]
+    if args.render and paths["meta"].is_file():
+        command = json.loads(paths["meta"].read_text(encoding="utf-8"))["command"].split()[1:]
+    write_json_atomic(paths["jsonl"].parent / "settings.json",
+                      run_record(config, UIPSettings.from_config(config), command))
     if not args.render:
-        config = build_config(args.models[0], args.dataset, None, {**overrides, "uip": True})
         logger = setup_logging(config)
         if args.report_only:
             base, settings, files, _, bank = prepare(args, overrides, logger)

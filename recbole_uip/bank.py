@@ -67,7 +67,10 @@ class EncoderState:
         """
         import torch
 
-        row = {item: i for i, item in enumerate(self.item_ids)}
+        if getattr(self, "_row_count", None) != len(self.item_ids):          # built once per item list
+            self._row = {item: i for i, item in enumerate(self.item_ids)}
+            self._row_count = len(self.item_ids)
+        row = self._row
         unknown = sorted({item for history in histories for item in history if item not in row})
         if unknown:
             raise KeyError(f"items not embedded in this bank: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
@@ -77,7 +80,7 @@ class EncoderState:
             if ratings is None:
                 raise ValueError("This bank's behaviour text wrote ratings: give each history its ratings.")
             rates = [np.asarray(r, dtype=np.float32) for r in ratings]
-        z = self.feature_map(torch.from_numpy(self.item_embeddings), items, rates)
+        z = self.feature_map(torch.from_numpy(np.asarray(self.item_embeddings)), items, rates)
         return np.einsum("pdk,bk->bpd", self.weights, z.numpy())
 
     def with_items(self, item_ids: list[str], item_embeddings: np.ndarray) -> "EncoderState":

@@ -6,6 +6,7 @@
 * :func:`run_record`: the facts every figure is recorded with (threads, CPU, model, dataset, resolved settings),
   with no machine paths.
 * :func:`results_dir`, :func:`write_result`: ``results/<dataset>/<setting>/<name>.{json,md}``, written atomically.
+* :func:`configure`: a benchmark's RecBole config (profiles on), RecBole's logger and the resolved settings.
 """
 
 from __future__ import annotations
@@ -38,6 +39,21 @@ def parse_known_with_overrides(parser: argparse.ArgumentParser, argv=None) -> tu
         key, _, value = item[2:].partition("=")
         overrides[key] = parse_value(value)
     return args, overrides
+
+
+def configure(model: str, dataset: str, overrides: dict):
+    """``(config, settings, logger)`` of a benchmark's run: RecBole's ``Config`` with ``uip`` on and the overrides,
+    RecBole's logger initialised, and the resolved ``uip_*`` settings."""
+    import logging
+
+    from recbole.utils import init_logger
+
+    from recbole_uip.config import UIPSettings
+    from recbole_uip.quick_start import build_config
+
+    config = build_config(model, dataset, None, {"uip": True, **overrides})
+    init_logger(config)
+    return config, UIPSettings.from_config(config), logging.getLogger()
 
 
 def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
