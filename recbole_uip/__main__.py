@@ -24,9 +24,10 @@ infer  Only write the augmented atomic files and print their folder (for dataset
        The split that decides what counts as training data follows --model's defaults (DeepFM: random 8:1:1)
        unless eval_args is given.
 assign Give IDs from an existing feature bank (a <dataset>-uip/bank folder) to the users of DATASET that the
-       bank does not hold, from all their interactions in DATASET's files, with the bank's encoder: no LLM,
-       no training. --refresh=true re-assigns every user of DATASET (behaviour that changed). Writes
-       <output_dir>/<DATASET>-uip/ like infer and prints it. Items the bank never embedded are left out.
+       bank does not hold, from all their interactions in DATASET's files, with the bank's encoder and
+       codebooks: no training. --refresh=true re-assigns every user of DATASET (behaviour that changed). Writes
+       <output_dir>/<DATASET>-uip/ like infer and prints it. Items the bank never embedded are embedded by the
+       bank's own LLM (loaded only then); items without text are left out.
 
 flags  --model, --dataset, --config_files (space-separated YAML files), --output_dir (= uip_output_dir) and
        any RecBole or uip_* key as --key=value (values are YAML: 3, 1e-3, true, [a, b], "{RS: [0.8,0.1,0.1]}").
@@ -35,7 +36,7 @@ flags  --model, --dataset, --config_files (space-separated YAML files), --output
          --uip_llm=NAME_OR_PATH        any Hugging Face causal LM (default: bundled SmolLM2-135M-Instruct)
          --uip_profiles="{hobby: 'Hobbies:', job: 'Job:'}"   profile names and phrases
          --uip_codebook_size=8         IDs per profile
-         --uip_epochs=3                EM rounds
+         --uip_epochs=3                EM rounds of prompt tuning (default 0: the untrained encoder's IDs)
          --uip_output_dir=dataset      where <dataset>-uip/ is written
 """
 
