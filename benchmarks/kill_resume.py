@@ -10,7 +10,6 @@ with the uninterrupted run's, array by array. Writes ``results/<dataset>/<settin
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -23,15 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from recbole_uip.benchmarking import RESULTS, cpu_model, parse_known_with_overrides, results_dir, write_result
+from recbole_uip.benchmarking import benchmark_parser, cpu_model, parse_known_with_overrides, results_dir, write_result
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-100k")
+    parser = benchmark_parser(__doc__, "kill_resume")
     parser.add_argument("--kill_after", type=float, default=120.0, help="seconds before the SIGKILL")
-    parser.add_argument("--setting", default="kill_resume")
-    parser.add_argument("--results", default=str(RESULTS))
     return parse_known_with_overrides(parser, argv)
 
 

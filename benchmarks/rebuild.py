@@ -16,22 +16,20 @@ after the rebuild's codes are matched to the previous bank's (``uip_align_to``);
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from recbole_uip.benchmarking import RESULTS, configure, parse_known_with_overrides, results_dir, run_record, settings_table, write_result
+from recbole_uip.benchmarking import (
+    benchmark_parser, configure, parse_known_with_overrides, results_dir, run_record, settings_table, write_result,
+)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-100k")
+    parser = benchmark_parser(__doc__, "rebuild")
     parser.add_argument("--more", type=float, default=0.1, help="share of newest interactions the earlier bank lacks")
-    parser.add_argument("--setting", default="rebuild")
-    parser.add_argument("--results", default=str(RESULTS))
     return parse_known_with_overrides(parser, argv)
 
 

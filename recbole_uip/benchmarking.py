@@ -6,7 +6,7 @@
 * :func:`run_record`: the facts every figure is recorded with (threads, CPU, model, dataset, resolved settings),
   with no machine paths.
 * :func:`results_dir`, :func:`write_result`: ``results/<dataset>/<setting>/<name>.{json,md}``, written atomically.
-* :func:`configure`: a benchmark's RecBole config (profiles on), RecBole's logger and the resolved settings.
+* :func:`benchmark_parser`: the flags every benchmark has; :func:`configure`: a benchmark's RecBole config (profiles on), RecBole's logger and the resolved settings.
 """
 
 from __future__ import annotations
@@ -39,6 +39,16 @@ def parse_known_with_overrides(parser: argparse.ArgumentParser, argv=None) -> tu
         key, _, value = item[2:].partition("=")
         overrides[key] = parse_value(value)
     return args, overrides
+
+
+def benchmark_parser(doc: str, setting: str) -> argparse.ArgumentParser:
+    """A benchmark's parser with the flags every benchmark has: ``--dataset``, ``--setting`` (the results folder's
+    name) and ``--results``. ``doc``: the script's docstring (its first paragraph is the description)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--setting", default=setting, help="results/<dataset>/<setting>/ (name the overrides)")
+    parser.add_argument("--results", default=str(RESULTS), help="the results folder (default: the repository's)")
+    return parser
 
 
 def configure(model: str, dataset: str, overrides: dict):

@@ -137,3 +137,15 @@ def test_cold_start_split_holds_users_out_entirely_and_reveals_their_oldest_rows
     assert 0.05 < len(split["valid"]) / (len(split["train"]) + len(split["valid"])) < 0.15
     again = split_cold_start(users, times, holdout=0.2, onboarding=10, valid_share=0.1, seed=0)
     assert all(np.array_equal(again[k], split[k]) for k in split)              # deterministic
+
+
+def test_benchmark_parser_has_the_shared_flags_and_passes_overrides_on():
+    from recbole_uip.benchmarking import benchmark_parser
+
+    parser = benchmark_parser("What it measures.\n\nDetails.", "some_setting")
+    parser.add_argument("--extra", type=int, default=1)
+    args, overrides = parse_known_with_overrides(parser, ["--extra=3", "--uip_epochs=2", "--dataset=toy"])
+    assert (args.dataset, args.setting, args.extra, overrides) == ("toy", "some_setting", 3, {"uip_epochs": 2})
+    assert parser.description == "What it measures."
+    with pytest.raises(SystemExit):
+        parse_known_with_overrides(parser, ["stray"])
