@@ -38,12 +38,13 @@ from tqdm import tqdm
 
 from recbole_uip.data.behaviour import TrainingHistories
 from recbole_uip.data.behaviour_text import BehaviourText
-from recbole_uip.inference.checkpoint import InferenceCheckpoint, fault_point
+from recbole_uip.inference.checkpoint import InferenceCheckpoint
 from recbole_uip.inference.codebook import ProfileCodebook
 from recbole_uip.inference.llm import FrozenLLM, assert_frozen
 from recbole_uip.inference.prompt import PromptLayout, build_layout, collate
 from recbole_uip.inference.soft_profiles import FreeTokens, SoftProfiles, behaviour_nll
 from recbole_uip.inference.user_features import UserFeatureMap, embed_items
+from recbole_uip.utils import fault_point
 
 # Candidate lengths of the encoder's step, as the mean change of a validation user's offset relative to the mean
 # norm of the LLM's token embeddings (0, the current encoder, is always a candidate).
