@@ -36,13 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    RESULTS, paired_test, parse_known_with_overrides, results_dir, run_record, settings_table, split_cold_start,
+    CTR_TRAINING, RESULTS, paired_test, parse_known_with_overrides, results_dir, run_record, settings_table, split_cold_start,
     write_result,
 )
 from recbole_uip.utils import atomic_write, sha256_json, write_json_atomic
 
-TRAINING = {"train_batch_size": 4096, "learning_rate": 0.01, "stopping_step": 2, "epochs": 100,
-            "eval_batch_size": 16384, "valid_metric": "AUC", "metric_decimal_place": 6, "show_progress": False}
+TRAINING = CTR_TRAINING
 DEMOGRAPHICS = ["age", "gender", "occupation"]
 FEATURE_SETS = ["none", "demographics", "uip", "shuffled", "kmeans-genre", "uip+demographics"]
 COMPARISONS = [("uip", "none"), ("uip", "shuffled"), ("uip", "kmeans-genre"), ("uip+demographics", "demographics"),

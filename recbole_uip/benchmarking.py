@@ -23,6 +23,10 @@ import numpy as np
 from recbole_uip.utils import atomic_write, write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+# RecBole keys of the CTR runs of the cold-start and rebuild benchmarks: the zoo's training configuration
+# (benchmarks/zoo.py explains the choice), so their figures compare with the zoo's.
+CTR_TRAINING = {"train_batch_size": 4096, "learning_rate": 0.01, "stopping_step": 2, "epochs": 100,
+                "eval_batch_size": 16384, "valid_metric": "AUC", "metric_decimal_place": 6, "show_progress": False}
 
 
 def parse_known_with_overrides(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
