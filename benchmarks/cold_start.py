@@ -12,6 +12,8 @@ Protocol (``recbole_uip.benchmarking.split_cold_start``, split seed 0):
 * Each held-out user reveals their oldest ``max(ks)`` interactions as onboarding history. Every model is tested on
   the rest of their interactions, the same test rows for every k, so that a difference between k comes from the
   IDs alone. Their ``user_id`` is a model feature (a plain RecBole run) whose embedding was never trained.
+* The known users' accuracy is reported from their validation interactions (also used for early stopping; the
+  test file holds the held-out users' interactions only).
 * For k in ``--ks``, a held-out user's features come from their oldest k interactions alone:
   ``uip``: :meth:`FeatureBank.assign` (the bank's encoder and codebooks; items no training history had are embedded
   by the bank's LLM); ``shuffled``: the same IDs permuted among the held-out users; ``kmeans-genre``: a k-means of
@@ -247,8 +249,8 @@ def summarise(records: list[dict], ks: list[int]) -> dict:
                 if r["feature_set"] == feature_set and r["k"] in (k, None)}
     out = {}
     for k in ks:
-        row = {"comparisons": {}, "logloss_comparisons": {}}
-        for name, key in (("auc", "comparisons"), ("logloss", "logloss_comparisons")):
+        row = {"comparisons": {}, "logloss_comparisons": {}, "valid_comparisons": {}}
+        for name, key in (("auc", "comparisons"), ("logloss", "logloss_comparisons"), ("valid_auc", "valid_comparisons")):
             sets = {fs: metric(name, fs, k) for fs in FEATURE_SETS}
             row[f"mean_{name}"] = {fs: float(np.mean(list(v.values()))) for fs, v in sets.items() if v}
             for a, b in COMPARISONS:
@@ -312,6 +314,10 @@ def render(data: dict) -> str:
             c = data["summary"][k]["comparisons"].get(f"{a} - {b}")
             cells.append("-" if c is None else f"{c['mean']:+.4f} (p {c['p']:.2g}, {c['wins']}/{c['n']})")
         lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    lines += ["", "The known users meanwhile (their validation interactions, 10% of theirs, which also chose each run's best "
+              "epoch: not a held-out test): mean AUC " + "; ".join(
+                  f"k={k}: " + ", ".join(f"{fs} {data['summary'][k]['mean_valid_auc'][fs]:.4f}" for fs in FEATURE_SETS
+                                         if fs in data['summary'][k]['mean_valid_auc']) for k in ks) + "."]
     known = data["prepared"]["onboarding_items_known_share"]
     lines += ["", f"- Onboarding items outside every training history, embedded by the bank's LLM: "
               f"{data['prepared']['items_embedded_for_onboarding']}; share of held-out users whose first k items the "
