@@ -314,6 +314,14 @@ def render(data: dict) -> str:
             c = data["summary"][k]["comparisons"].get(f"{a} - {b}")
             cells.append("-" if c is None else f"{c['mean']:+.4f} (p {c['p']:.2g}, {c['wins']}/{c['n']})")
         lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    lines += ["", "The same comparisons on test LogLoss (lower is better):", "",
+              "| comparison | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for a, b in COMPARISONS:
+        cells = []
+        for k in ks:
+            c = data["summary"][k]["logloss_comparisons"].get(f"{a} - {b}")
+            cells.append("-" if c is None else f"{c['mean']:+.4f} (p {c['p']:.2g})")
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
     lines += ["", "The known users meanwhile (their validation interactions, 10% of theirs, which also chose each run's best "
               "epoch: not a held-out test): mean AUC " + "; ".join(
                   f"k={k}: " + ", ".join(f"{fs} {data['summary'][k]['mean_valid_auc'][fs]:.4f}" for fs in FEATURE_SETS

@@ -101,7 +101,7 @@ def test_a_checkpoint_of_other_inputs_is_never_used(reference, tiny_llm_dir, cap
 
 
 def _flags(tmp_path: Path, tiny_llm_dir: Path) -> list[str]:
-    return [f"--dataset=toy", f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32",
+    return ["--dataset=toy", f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32",
             "--uip_codebook_size=3", "--uip_epochs=1", "--uip_batch_size=4", "--uip_checkpoint_every=1",
             f"--output_dir={tmp_path / 'out'}", "--show_progress=false", "--state=WARNING"]
 
