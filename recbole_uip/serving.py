@@ -177,6 +177,7 @@ def assign_dataset(config, bank_dir: str | Path, refresh: bool = False) -> Path:
     does not hold (with ``refresh``: to every user of the dataset, from all their interactions in its files), and
     write ``<uip_output_dir>/<dataset>-uip/`` with the extended bank. Returns that folder."""
     from recbole_uip.config import UIPSettings
+    from recbole_uip.data.atomic import check_writable
     from recbole_uip.data.behaviour import check_text_values, resolve_text_fields
     from recbole_uip.locking import output_lock
     from recbole_uip.quick_start import augmented_dir, check_dataset_files, write_augmented_dataset
@@ -193,6 +194,8 @@ def assign_dataset(config, bank_dir: str | Path, refresh: bool = False) -> Path:
     check_text_values(files, fields, config["field_separator"], config["encoding"])
     histories = read_histories(files["inter"], config["USER_ID_FIELD"], config["ITEM_ID_FIELD"], fields,
                                config["field_separator"], config["encoding"])
+    target = augmented_dir(config, settings)
+    check_writable(target.parent)                    # before the LLM may load for unseen items
     stored = set(bank.users)
     users = [u for u in histories.items if refresh or u not in stored]
     if bank.encoder is not None and "item" in files:
@@ -213,7 +216,6 @@ def assign_dataset(config, bank_dir: str | Path, refresh: bool = False) -> Path:
                 f"bank IDs.")
     source = sha256_json({suffix: sha256_file(path) for suffix, path in sorted(files.items())} | {"refresh": refresh})
     extended = with_assignment(bank, assignment, source)
-    target = augmented_dir(config, settings)
     with output_lock(target.parent, target.name, settings.lock_timeout):
         write_augmented_dataset(config, settings, files, extended, target)
     logger.info(f"UIP assign: augmented dataset written to {target}.")
