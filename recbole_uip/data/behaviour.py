@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import logging
 import math
 from pathlib import Path
 from typing import Sequence
@@ -258,8 +259,6 @@ class ItemTexts:
             if text:
                 self._text[item] = text
         if self.cut:
-            import logging
-
             logging.getLogger().warning(
                 f"{item_file}: {self.cut} item texts are longer than {MAX_ITEM_TEXT_CHARS} characters and were cut "
                 f"(the longest: item '{self.longest[1]}', {self.longest[0]} characters). Pick shorter fields with "
