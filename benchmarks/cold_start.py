@@ -39,7 +39,7 @@ import numpy as np
 
 from recbole_uip.benchmarking import (
     CTR_TRAINING, RESULTS, paired_test, parse_known_with_overrides, results_dir, run_record, settings_table, split_cold_start,
-    write_result,
+    publish_result,
 )
 from recbole_uip.utils import atomic_write, sha256_json, write_json_atomic
 
@@ -292,6 +292,20 @@ def write_csv_and_plot(records: list[dict], summary: dict, folder: Path) -> None
     plt.close(figure)
 
 
+def comparison_table(summary: dict, key: str, wins: bool) -> list[str]:
+    """Markdown rows: one per comparison, one column per k, from ``summary[k][key]``."""
+    ks = list(summary)
+    lines = ["| comparison | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for a, b in COMPARISONS:
+        cells = []
+        for k in ks:
+            c = summary[k][key].get(f"{a} - {b}")
+            tail = f", {c['wins']}/{c['n']}" if c is not None and wins else ""
+            cells.append("-" if c is None else f"{c['mean']:+.4f} (p {c['p']:.2g}{tail})")
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(data: dict) -> str:
     ks = list(data["summary"])
     lines = [f"# Cold start ({data['record']['dataset']}): IDs from a new user's first k interactions", "",
@@ -306,22 +320,9 @@ def render(data: dict) -> str:
                                               f"{data['summary'][k]['mean_logloss'].get(fs, float('nan')):.4f})"
                                               for k in ks) + " |")
     lines += ["", "Test AUC (LogLoss) means; paired AUC differences over models and seeds (mean, t-test p, runs where "
-              "the first is higher):", "",
-              "| comparison | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for a, b in COMPARISONS:
-        cells = []
-        for k in ks:
-            c = data["summary"][k]["comparisons"].get(f"{a} - {b}")
-            cells.append("-" if c is None else f"{c['mean']:+.4f} (p {c['p']:.2g}, {c['wins']}/{c['n']})")
-        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
-    lines += ["", "The same comparisons on test LogLoss (lower is better):", "",
-              "| comparison | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for a, b in COMPARISONS:
-        cells = []
-        for k in ks:
-            c = data["summary"][k]["logloss_comparisons"].get(f"{a} - {b}")
-            cells.append("-" if c is None else f"{c['mean']:+.4f} (p {c['p']:.2g})")
-        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+              "the first is higher):", ""] + comparison_table(data["summary"], "comparisons", wins=True)
+    lines += ["", "The same comparisons on test LogLoss (lower is better):", ""] \
+        + comparison_table(data["summary"], "logloss_comparisons", wins=False)
     lines += ["", "The known users meanwhile (their validation interactions, 10% of theirs, which also chose each run's best "
               "epoch: not a held-out test): mean AUC " + "; ".join(
                   f"k={k}: " + ", ".join(f"{fs} {data['summary'][k]['mean_valid_auc'][fs]:.4f}" for fs in FEATURE_SETS
@@ -378,10 +379,8 @@ def main(argv=None) -> int:
     data = {"models": args.models, "seeds": args.seeds, "ks": args.ks, "threads_per_run": args.threads, "prepared": prepared,
             "summary": summarise(records, args.ks), "runs": len(records),
             "record": run_record(base, settings, ["benchmarks/cold_start.py", *args.argv])}
-    json_path, md_path = write_result(out, "cold_start", data, render(data))
     write_csv_and_plot(records, data["summary"], out)
-    print(render(data))
-    print(f"\nwritten: {json_path}, {md_path}")
+    publish_result(out, "cold_start", data, render(data))
     return 0
 
 

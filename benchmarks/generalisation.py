@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    RESULTS, configure, mean_ci, parse_known_with_overrides, results_dir, run_record, settings_table, write_result,
+    RESULTS, configure, mean_ci, parse_known_with_overrides, results_dir, run_record, settings_table, publish_result,
 )
 
 MODES = {"own": "own", "mean": "mean", "other_user": "other", "no_profile": "none", "codes": "code"}
@@ -136,9 +136,7 @@ def main(argv=None) -> int:
     }
     if "weighted_own" in scores:
         data["rating_weighted"] = summarise(scores, "weighted_")
-    json_path, md_path = write_result(results_dir(args.dataset, args.setting, Path(args.results)), "generalisation", data, render(data))
-    print(render(data))
-    print(f"\nwritten: {json_path}, {md_path}")
+    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "generalisation", data, render(data))
     return 0
 
 

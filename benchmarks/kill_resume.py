@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recbole_uip.benchmarking import benchmark_parser, cpu_model, parse_known_with_overrides, results_dir, write_result
+from recbole_uip.benchmarking import benchmark_parser, cpu_model, parse_known_with_overrides, results_dir, publish_result
 
 
 def parse_args(argv=None):
@@ -80,10 +80,7 @@ def main(argv=None) -> int:
              f"- The rerun resumed from {data['resumed_from'] or 'no checkpoint (it started afresh)'}.",
              "- The resumed bank against the uninterrupted one: " + ", ".join(
                  f"{k} {'identical' if v else 'DIFFERENT'}" for k, v in identical.items()) + "."]
-    json_path, md_path = write_result(results_dir(args.dataset, args.setting, Path(args.results)), "kill_resume", data,
-                                      "\n".join(lines))
-    print("\n".join(lines))
-    print(f"\nwritten: {json_path}, {md_path}")
+    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "kill_resume", data, "\n".join(lines))
     return 0
 
 

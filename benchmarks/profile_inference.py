@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from recbole_uip.benchmarking import (
-    RESULTS, parse_known_with_overrides, results_dir, run_record, settings_table, write_result,
+    RESULTS, parse_known_with_overrides, results_dir, run_record, settings_table, publish_result,
 )
 
 
@@ -119,10 +119,7 @@ def main(argv=None) -> int:
                           "rounds": bank.metadata["history"], "peak_rss_gib": round(peak_rss_gib(), 2)}
     report["peak_rss_gib"] = round(peak_rss_gib(), 2)
     report["record"] = run_record(config, settings, ["benchmarks/profile_inference.py", *args.argv])
-    json_path, md_path = write_result(results_dir(args.dataset, args.setting, Path(args.results)), "profile_inference",
-                                      report, render(report))
-    print(render(report))
-    print(f"\nwritten: {json_path}, {md_path}")
+    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "profile_inference", report, render(report))
     return 0
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    CTR_TRAINING, benchmark_parser, configure, parse_known_with_overrides, results_dir, run_record, settings_table, write_result,
+    CTR_TRAINING, benchmark_parser, configure, parse_known_with_overrides, results_dir, run_record, settings_table, publish_result,
 )
 
 
@@ -166,9 +166,7 @@ def main(argv=None) -> int:
     for name, value in served.items():
         lines.append(f"| {name} | {value['auc']:.4f} | {value['auc'] - reference:+.4f} |")
     lines += ["", "## Run", "", settings_table(data["record"])]
-    json_path, md_path = write_result(results_dir(args.dataset, args.setting, Path(args.results)), "rebuild", data, "\n".join(lines))
-    print("\n".join(lines))
-    print(f"\nwritten: {json_path}, {md_path}")
+    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "rebuild", data, "\n".join(lines))
     return 0
 
 

@@ -24,7 +24,7 @@ from logging import getLogger
 from pathlib import Path
 
 from recbole_uip.benchmarking import (
-    RESULTS, parse_known_with_overrides, results_dir, run_record, settings_table, write_result,
+    RESULTS, parse_known_with_overrides, results_dir, run_record, settings_table, publish_result,
 )
 
 
@@ -132,9 +132,7 @@ def main(argv=None) -> int:
         print(f"{multiplier}x: {runs[-1]['users']} users, round {runs[-1]['round_seconds']} s, peak RSS {runs[-1]['peak_rss_gib']} GiB",
               flush=True)
     data = {"runs": runs}
-    json_path, md_path = write_result(results_dir(args.dataset, args.setting, Path(args.results)), "scale", data, render(data))
-    print(render(data))
-    print(f"\nwritten: {json_path}, {md_path}")
+    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "scale", data, render(data))
     return 0
 
 

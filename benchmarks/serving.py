@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recbole_uip.benchmarking import RESULTS, configure, parse_known_with_overrides, results_dir, run_record, settings_table, write_result
+from recbole_uip.benchmarking import RESULTS, configure, parse_known_with_overrides, results_dir, run_record, settings_table, publish_result
 
 
 def parse_args(argv=None):
@@ -125,9 +125,7 @@ def main(argv=None) -> int:
         "bank": bank.fingerprint[:12], "repeats": repeats,
         "record": run_record(config, settings, ["benchmarks/serving.py", *args.argv]),
     }
-    json_path, md_path = write_result(results_dir(args.dataset, args.setting, Path(args.results)), "serving", data, render(data))
-    print(render(data))
-    print(f"\nwritten: {json_path}, {md_path}")
+    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "serving", data, render(data))
     return 0
 
 

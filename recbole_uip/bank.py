@@ -202,10 +202,14 @@ class FeatureBank:
             BankError: the bank has no encoder (the paper's setting, ``uip_encoder: none``).
             KeyError: naming an item the bank has not embedded.
         """
+        return self.quantise(self.require_encoder().offsets(histories, ratings))
+
+    def require_encoder(self) -> EncoderState:
+        """The encoder, or :class:`BankError` saying why a bank without one (the paper's setting) cannot assign."""
         if self.encoder is None:
             raise BankError("This bank has no encoder (uip_encoder: none, the paper's free per-user tokens): only the "
                             "users it was inferred for have IDs. Infer with uip_encoder: linear to assign new users.")
-        return self.quantise(self.encoder.offsets(histories, ratings))
+        return self.encoder
 
     def save(self, folder: str | Path) -> Path:
         """Write ``bank.npz`` then ``bank.json`` (which holds the npz checksum), each atomically: a failed write

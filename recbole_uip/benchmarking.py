@@ -5,7 +5,8 @@
 * :func:`mean_ci`, :func:`paired_test`: the statistics the reports quote.
 * :func:`run_record`: the facts every figure is recorded with (threads, CPU, model, dataset, resolved settings),
   with no machine paths.
-* :func:`results_dir`, :func:`write_result`: ``results/<dataset>/<setting>/<name>.{json,md}``, written atomically.
+* :func:`results_dir`, :func:`write_result`, :func:`publish_result`: ``results/<dataset>/<setting>/<name>.{json,md}``,
+  written atomically (and, by the latter, printed).
 * :func:`benchmark_parser`: the flags every benchmark has; :func:`configure`: a benchmark's RecBole config (profiles on), RecBole's logger and the resolved settings.
 """
 
@@ -154,6 +155,14 @@ def write_result(folder: Path, name: str, data: dict, markdown: str) -> tuple[Pa
     write_json_atomic(json_path, data)
     with atomic_write(md_path) as handle:
         handle.write(markdown.rstrip() + "\n")
+    return json_path, md_path
+
+
+def publish_result(folder: Path, name: str, data: dict, markdown: str) -> tuple[Path, Path]:
+    """:func:`write_result`, then print the report and where it went (what every benchmark does at its end)."""
+    json_path, md_path = write_result(folder, name, data, markdown)
+    print(markdown)
+    print(f"\nwritten: {json_path}, {md_path}")
     return json_path, md_path
 
 

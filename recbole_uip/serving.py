@@ -80,14 +80,12 @@ class Assignment:
 def assign_histories(bank: FeatureBank, histories: Histories, users: list[str], batch_size: int = 4096,
                      show_progress: bool = False) -> Assignment:
     """IDs for ``users`` from their ``histories`` with the bank's encoder and codebooks (no LLM)."""
-    if bank.encoder is None:
-        raise BankError("This bank has no encoder (uip_encoder: none, the paper's free per-user tokens): only the "
-                        "users it was inferred for have IDs. Infer with uip_encoder: linear to assign new users.")
-    needs_ratings = bank.encoder.feature_map.rating_mean is not None
+    encoder = bank.require_encoder()
+    needs_ratings = encoder.feature_map.rating_mean is not None
     if needs_ratings and histories.ratings is None:
         raise BankError("This bank's behaviour text wrote ratings, but the interactions have no rating field "
                         "(RATING_FIELD): the encoder needs each item's rating.")
-    known = set(bank.encoder.item_ids)
+    known = set(encoder.item_ids)
     kept_items, kept_ratings, assigned, empty, skipped = [], [], [], [], 0
     for user in users:
         items = histories.items.get(user, [])
@@ -104,7 +102,7 @@ def assign_histories(bank: FeatureBank, histories: Histories, users: list[str], 
     codes, offsets = [], []
     for begin in tqdm(range(0, len(assigned), batch_size), desc="UIP assign", ncols=100, disable=not show_progress):
         end = begin + batch_size
-        offset = bank.encoder.offsets(kept_items[begin:end], kept_ratings[begin:end] if needs_ratings else None)
+        offset = encoder.offsets(kept_items[begin:end], kept_ratings[begin:end] if needs_ratings else None)
         offsets.append(offset)
         codes.append(bank.quantise(offset))
     profiles, dim = len(bank.profiles), bank.codebooks[0].shape[1]

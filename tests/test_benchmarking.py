@@ -149,3 +149,12 @@ def test_benchmark_parser_has_the_shared_flags_and_passes_overrides_on():
     assert parser.description == "What it measures."
     with pytest.raises(SystemExit):
         parse_known_with_overrides(parser, ["stray"])
+
+
+def test_publish_result_writes_both_files_and_prints_the_report(tmp_path, capsys):
+    from recbole_uip.benchmarking import publish_result
+
+    json_path, md_path = publish_result(tmp_path / "ml-100k" / "x", "report", {"a": 1}, "# Title\n\nbody")
+    assert json.loads(json_path.read_text()) == {"a": 1} and md_path.read_text() == "# Title\n\nbody\n"
+    out = capsys.readouterr().out
+    assert out.startswith("# Title") and f"written: {json_path}, {md_path}" in out
