@@ -130,8 +130,13 @@ def rating_statistics(config, settings, users: list[str]) -> np.ndarray:
     feature_map = UserFeatureMap.fit(items, histories.items, histories.ratings, 1, settings.history_prior)
     x = feature_map.raw(items, histories.items, histories.ratings)[:, -feature_map.num_scalars:]
     x = ((x - x.mean(0)) / x.std(0).clamp(min=1e-6)).numpy()
-    row_of = {user: r for r, user in enumerate(histories.users)}
-    return np.stack([x[row_of[u]] if u in row_of else np.zeros(x.shape[1], dtype=x.dtype) for u in users])
+    return _in_user_order(x, histories.users, users)
+
+
+def _in_user_order(values: np.ndarray, owners: list[str], users: list[str]) -> np.ndarray:
+    """Rows of ``values (len(owners), F)`` reordered to ``users``; zeros for a user ``owners`` lacks (no history)."""
+    row_of = {user: r for r, user in enumerate(owners)}
+    return np.stack([values[row_of[u]] if u in row_of else np.zeros(values.shape[1], dtype=values.dtype) for u in users])
 
 
 def attribute_user_vectors(config, settings, users: list[str]) -> np.ndarray:
@@ -165,8 +170,7 @@ def attribute_user_vectors(config, settings, users: list[str]) -> np.ndarray:
                 items[row, vocabulary[value]] = 1.0
     feature_map = UserFeatureMap.fit(items, histories.items, histories.ratings, settings.encoder_dims, settings.history_prior)
     z = feature_map(items, histories.items, histories.ratings).numpy()
-    row_of = {user: r for r, user in enumerate(histories.users)}
-    return np.stack([z[row_of[u]] if u in row_of else np.zeros(z.shape[1], dtype=z.dtype) for u in users])
+    return _in_user_order(z, histories.users, users)
 
 
 # --------------------------------------------------------------------------------------------------------------

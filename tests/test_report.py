@@ -165,3 +165,26 @@ def test_no_llm_user_vectors_separate_planted_groups_and_align_with_users(tmp_pa
     np.testing.assert_array_equal(attribute_user_vectors(config, UIPSettings.from_config(config), users[::-1])[::-1], z)
     ids = kmeans_ids(z[:-1, :1], 2, seed=0)
     assert normalized_mutual_information(ids, [u % 2 for u in range(1, 31)]) > 0.8
+
+
+def test_rating_statistics_are_the_users_generosity_spread_and_activity_in_the_order_asked(tmp_path, tiny_llm_dir):
+    """Generosity (the first column) must follow each user's own mean rating; users the histories lack get zeros."""
+    from conftest import uip_config_dict, write_dataset
+    from recbole_uip.config import UIPSettings
+    from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields
+    from recbole_uip.quick_start import build_config, check_dataset_files
+    from recbole_uip.report import rating_statistics
+
+    write_dataset(tmp_path / "data", n_users=30, n_items=24, per_user=10)
+    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir))
+    settings = UIPSettings.from_config(config)
+    users = [str(u) for u in range(1, 31)] + ["nobody"]
+    x = rating_statistics(config, settings, users)
+    assert x.shape == (31, 3) and (x[-1] == 0).all()
+    np.testing.assert_allclose(x[:-1].mean(0), 0, atol=1e-5)                     # standardised over the users
+    np.testing.assert_array_equal(rating_statistics(config, settings, users[::-1])[::-1], x)
+    histories = collect_training_histories(config, settings, resolve_text_fields(config, settings, check_dataset_files(config)))
+    mean_rating = {u: float(r.mean()) for u, r in zip(histories.users, histories.ratings)}
+    order = np.argsort([mean_rating[u] for u in users[:-1]])
+    assert np.corrcoef(x[:-1, 0], [mean_rating[u] for u in users[:-1]])[0, 1] > 0.9    # generosity
+    assert x[order[-1], 0] > x[order[0], 0]
