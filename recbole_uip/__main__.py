@@ -22,7 +22,10 @@ run    Train and test a RecBole model, like RecBole's run_recbole.py. With --uip
        dataset plus uip_<profile> token columns in .user) and train on it. Without it: the plain baseline.
 infer  Only write the augmented atomic files and print their folder (for dataset-conversion pipelines).
        The split that decides what counts as training data follows --model's defaults (DeepFM: random 8:1:1)
-       unless eval_args is given.
+       unless eval_args is given. Sharded over processes with torchrun (gloo on CPU, nccl on GPU), the same flags:
+         torchrun --standalone --nproc_per_node=N -m recbole_uip infer --dataset=...   (one node)
+         torchrun --nnodes=M --node_rank=R --rdzv_endpoint=HOST:PORT --nproc_per_node=N -m recbole_uip infer ...
+       Rank 0 writes the output, once.
 assign Give IDs from an existing feature bank (a <dataset>-uip/bank folder) to the users of DATASET that the
        bank does not hold, from all their interactions in DATASET's files, with the bank's encoder and
        codebooks: no training. --refresh=true re-assigns every user of DATASET (behaviour that changed). Writes
@@ -38,6 +41,8 @@ flags  --model, --dataset, --config_files (space-separated YAML files), --output
          --uip_codebook_size=8         IDs per profile
          --uip_epochs=3                EM rounds of prompt tuning (default 0: the untrained encoder's IDs)
          --uip_output_dir=dataset      where <dataset>-uip/ is written
+         --nproc=N                     (run) RecBole's multi-process training on N GPUs; profiles are inferred
+                                       once, before it starts (RecBole 1.2.1's DDP needs CUDA and NCCL)
 """
 
 _OWN_FLAGS = {"model", "dataset", "config_files", "output_dir", "bank", "refresh"}
@@ -129,13 +134,14 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     keeps its traceback."""
     from recbole_uip.data.atomic import OutputWriteError
     from recbole_uip.inference.llm import LLMLoadError
+    from recbole_uip.inference.distributed import DistributedInferenceError
     from recbole_uip.inference.trainer import InferenceDivergedError
     from recbole_uip.locking import OutputLockedError
 
     # ValueError covers our input errors (UIPConfigError, AtomicFileError, BehaviourTextError, BankError, ...)
     # and RecBole's own configuration errors
     return (UsageError, ValueError, FileNotFoundError, OutputWriteError, LLMLoadError, OutputLockedError,
-            InferenceDivergedError)
+            InferenceDivergedError, DistributedInferenceError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,8 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(command: str, model: str, dataset: str, files, config_dict: dict[str, Any]) -> int:
+    from recbole_uip.inference import distributed
     from recbole_uip.quick_start import build_config, infer_profiles, run_recbole_uip
 
+    if distributed.launched_ranks() > 1 and command == "run":
+        raise UsageError("under torchrun, launch the sharded profile inference: torchrun --nproc_per_node=N -m "
+                         "recbole_uip infer ...; then train with run (RecBole's own multi-process training: --nproc=N)")
     if command == "run":
         result = run_recbole_uip(model, dataset, files, config_dict)
         print(f"test result: {dict(result['test_result'])}")
@@ -193,10 +203,18 @@ def _run(command: str, model: str, dataset: str, files, config_dict: dict[str, A
     from recbole.utils import init_logger
 
     config = build_config(model, dataset, files, config_dict)
-    init_logger(config)
-    target = infer_profiles(config)
-    getLogger().info(f"Augmented dataset: {target}")
-    print(target)
+    comm, device = distributed.init_from_environment(config["device"])
+    try:
+        config["device"] = device
+        if not comm.is_main:            # one log and one progress bar: rank 0's
+            config["show_progress"], config["state"] = False, "warning"
+        init_logger(config)
+        target = infer_profiles(config, comm=comm)
+        if comm.is_main:
+            getLogger().info(f"Augmented dataset: {target}")
+            print(target)
+    finally:
+        distributed.shutdown()
     return 0
 
 

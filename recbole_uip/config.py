@@ -106,6 +106,7 @@ class UIPSettings:
     align_to: Path | None = None
     lock_timeout: float = 0.0
     checkpoint_every: int = 50
+    item_batch_size: int = 64
 
     def __post_init__(self):
         if not self.profiles:
@@ -131,6 +132,7 @@ class UIPSettings:
             "uip_batch_size": self.batch_size,
             "uip_kmeans_iters": self.kmeans_iters,
             "uip_encoder_dims": self.encoder_dims,
+            "uip_item_batch_size": self.item_batch_size,
         }
         for key, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -173,8 +175,9 @@ class UIPSettings:
         data = dataclasses.asdict(self)
         # align_to enters the fingerprint as the previous bank's fingerprint, not as a path (quick_start)
         for key in ("enabled", "output_dir", "reuse", "llm_cache_dir", "num_threads", "diagnostics", "align_to",
-                    "lock_timeout", "checkpoint_every"):
-            data.pop(key)  # the thread count that runs enters the fingerprint with the numerics (runtime_numerics)
+                    "lock_timeout", "checkpoint_every", "item_batch_size"):
+            data.pop(key)  # the thread count that runs enters the fingerprint with the numerics (runtime_numerics),
+            # and so do the item batch size and the number of ranks (quick_start.compute_fingerprint)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
 
     @classmethod
@@ -243,6 +246,7 @@ class UIPSettings:
                 align_to=Path(str(get("uip_align_to"))).expanduser() if get("uip_align_to") else None,
                 lock_timeout=float(get("uip_lock_timeout")),
                 checkpoint_every=get("uip_checkpoint_every"),
+                item_batch_size=get("uip_item_batch_size"),
             )
         except (TypeError, ValueError) as error:
             if isinstance(error, UIPConfigError):

@@ -136,10 +136,12 @@ def _split_keys(config) -> dict[str, Any]:
 
 
 def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], llm_identity: str,
-                        text_fields: dict | None = None, aligned_to: str | None = None) -> tuple[str, dict]:
+                        text_fields: dict | None = None, aligned_to: str | None = None,
+                        world_size: int = 1) -> tuple[str, dict]:
     """Hash of everything the IDs depend on: file contents, split settings, the fields the text uses, LLM weights,
     ``uip_*`` settings, the numerics of the run (torch version, device type, dtype, CPU threads: see
-    ``runtime_numerics``), and the fingerprint of the bank whose code numbers it keeps (``uip_align_to``)."""
+    ``runtime_numerics``; the item batch size and the number of ranks where they are not the defaults), and the
+    fingerprint of the bank whose code numbers it keeps (``uip_align_to``)."""
     from recbole_uip.inference.llm import runtime_numerics
 
     inputs = {
@@ -153,6 +155,8 @@ def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], l
     }
     if aligned_to is not None:   # only then: the fingerprints of every other bank stay as they were
         inputs["aligned_to"] = aligned_to
+    if world_size != 1 or settings.item_batch_size != 64:      # likewise
+        inputs["numerics"] = {**inputs["numerics"], "ranks": world_size, "item_batch_size": settings.item_batch_size}
     return sha256_json(inputs), inputs
 
 
@@ -192,16 +196,22 @@ def _reusable(target: Path, fingerprint: str) -> FeatureBank | None:
     return bank if bank.fingerprint == fingerprint else None
 
 
-def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
+def infer_profiles(config, settings: UIPSettings | None = None, comm=None) -> Path:
     """The preprocessing step: infer (or reuse) the feature bank and write ``<output_dir>/<dataset>-uip``.
 
     Returns the folder of the augmented dataset. It is published in one rename with a manifest, so a run
     killed mid-way leaves either the previous complete folder or none, never a partial one.
+
+    ``comm`` (default: the process group joined under ``torchrun``, else one process): every rank checks the
+    inputs and takes part in the inference; rank 0 alone holds the output folder's lock, decides whether a bank can
+    be reused, and writes the bank and the atomic files, once. The other ranks return when it has published.
     """
     from recbole_uip.data.behaviour import check_text_values, resolve_text_fields
+    from recbole_uip.inference import distributed
     from recbole_uip.inference.llm import check_llm_source
     from recbole_uip.locking import output_lock
 
+    comm = comm or distributed.current()
     logger = getLogger()
     settings = settings or UIPSettings.from_config(config)
     files = check_dataset_files(config)
@@ -211,13 +221,17 @@ def infer_profiles(config, settings: UIPSettings | None = None) -> Path:
     check_llm_source(settings.llm)
     target = augmented_dir(config, settings)
     check_writable(target.parent)
-    with output_lock(target.parent, target.name, settings.lock_timeout):
-        return _infer_unlocked(config, settings, files, fields, target, logger)
+    with contextlib.ExitStack() as held:
+        def lock() -> None:
+            held.enter_context(output_lock(target.parent, target.name, settings.lock_timeout))
+
+        comm.phase = "taking the output folder's lock"
+        comm.on_main(lock)
+        return _infer_unlocked(config, settings, files, fields, target, logger, comm)
 
 
-def _infer_unlocked(config, settings: UIPSettings, files: dict[str, Path], fields, target: Path, logger) -> Path:
-    """:func:`infer_profiles` once its inputs are checked and the output folder's lock is held."""
-    from recbole_uip.bank import EncoderState
+def _infer_unlocked(config, settings: UIPSettings, files: dict[str, Path], fields, target: Path, logger, comm) -> Path:
+    """:func:`infer_profiles` once its inputs are checked and the output folder's lock is held (by rank 0)."""
     from recbole_uip.data.behaviour import collect_training_histories
     from recbole_uip.data.behaviour_text import BehaviourText
     from recbole_uip.inference.checkpoint import InferenceCheckpoint
@@ -232,26 +246,23 @@ def _infer_unlocked(config, settings: UIPSettings, files: dict[str, Path], field
             raise BankError(f"uip_align_to: {error}") from error
 
     if settings.llm == BUNDLED_LLM:
+        comm.phase = "converting the bundled LLM"
+        comm.on_main(lambda: convert_bundled_model(settings.llm_cache_dir, logger))   # once, then cached for all
         llm_folder = convert_bundled_model(settings.llm_cache_dir, logger)
     else:
         llm_folder = Path(settings.llm).expanduser()
     identity = model_identity(llm_folder) if llm_folder.is_dir() else settings.llm
     fingerprint, inputs = compute_fingerprint(config, settings, files, identity, fields.as_dict(),
-                                              None if previous is None else previous.fingerprint)
+                                              None if previous is None else previous.fingerprint, comm.world_size)
     stored = bank_store(settings, config["dataset"]) / fingerprint[:16]
-    checkpoint = InferenceCheckpoint(settings.output_dir / ".uip_checkpoints" / config["dataset"] / f"{fingerprint[:16]}.pt",
-                                     fingerprint)
+    rank_part = f".rank{comm.rank}of{comm.world_size}" if comm.distributed else ""
+    checkpoint = InferenceCheckpoint(settings.output_dir / ".uip_checkpoints" / config["dataset"]
+                                     / f"{fingerprint[:16]}{rank_part}.pt", fingerprint)
     if settings.reuse:
-        bank = _reusable(target, fingerprint)
-        if bank is not None:
-            logger.info(f"UIP: reusing the feature bank in {target} (fingerprint {fingerprint[:12]}).")
-            checkpoint.remove()              # a run killed after publishing may have left one
-            return target
-        bank = _stored_bank(stored, fingerprint)
-        if bank is not None:  # computed earlier for these inputs (e.g. before a run on another split)
-            write_augmented_dataset(config, settings, files, bank, target)
-            checkpoint.remove()              # a run killed after saving the bank may have left one
-            logger.info(f"UIP: reusing the stored feature bank {stored}; augmented dataset written to {target}.")
+        comm.phase = "looking for a bank to reuse"
+        reused = comm.on_main(lambda: _reuse(config, settings, files, target, stored, fingerprint, logger))
+        if reused:
+            checkpoint.remove()              # a run killed after publishing or saving the bank may have left one
             return target
 
     start = time.perf_counter()
@@ -262,10 +273,37 @@ def _infer_unlocked(config, settings: UIPSettings, files: dict[str, Path], field
                              f"training history; the dataset has {len(histories)}. Lower uip_codebook_size.")
     llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger, identity)
     text = BehaviourText(histories, settings, llm.tokenizer, logger)
-    trainer = ProfileInferenceTrainer(config, settings, llm, histories, text, logger)
+    trainer = ProfileInferenceTrainer(config, settings, llm, histories, text, logger, comm)
     trainer.checkpoint = checkpoint
     result = trainer.fit()
     seconds = time.perf_counter() - start
+    comm.phase = "rank 0's writing of the bank and the atomic files"
+    comm.on_main(lambda: _publish(config, settings, files, result, fingerprint, inputs, previous, stored, target,
+                                  seconds, text, histories, logger))
+    checkpoint.remove()                      # the bank is complete: a rerun reuses it
+    return target
+
+
+def _reuse(config, settings: UIPSettings, files: dict[str, Path], target: Path, stored: Path, fingerprint: str,
+           logger) -> bool:
+    """Publish a bank computed earlier for these inputs, if there is one; whether it did."""
+    bank = _reusable(target, fingerprint)
+    if bank is not None:
+        logger.info(f"UIP: reusing the feature bank in {target} (fingerprint {fingerprint[:12]}).")
+        return True
+    bank = _stored_bank(stored, fingerprint)
+    if bank is not None:  # computed earlier for these inputs (e.g. before a run on another split)
+        write_augmented_dataset(config, settings, files, bank, target)
+        logger.info(f"UIP: reusing the stored feature bank {stored}; augmented dataset written to {target}.")
+        return True
+    return False
+
+
+def _publish(config, settings: UIPSettings, files, result, fingerprint: str, inputs: dict, previous, stored: Path,
+             target: Path, seconds: float, text, histories, logger) -> None:
+    """Save the bank of ``result`` and write the augmented atomic files (rank 0's part of the inference)."""
+    from recbole_uip.bank import EncoderState
+
     encoder = None
     if result.encoder is not None:
         encoder = EncoderState(anchors=result.anchors, shared=result.shared, weights=result.encoder,
@@ -300,9 +338,7 @@ def _infer_unlocked(config, settings: UIPSettings, files: dict[str, Path], field
                     + ", ".join(f"{name} {share:.1%}" for name, share in kept.items()) + ".")
     bank.save(stored)
     write_augmented_dataset(config, settings, files, bank, target)
-    checkpoint.remove()                      # the bank is complete: a rerun reuses it
     logger.info(f"UIP: profiles inferred in {seconds:.0f}s; augmented dataset written to {target}, bank kept in {stored}.")
-    return target
 
 
 def _json_array(values: np.ndarray) -> list:
@@ -352,7 +388,13 @@ def _inter_users(path: Path, user_field: str, separator: str, encoding: str) -> 
 
 def augmented_config(config, settings: UIPSettings, target: Path, config_file_list=None, config_dict=None):
     """The ``Config`` of the run on the augmented copy: identical to ``config`` except the dataset name, its
-    folder, the ``uip_*`` columns added to ``load_col``, and RecBole's dataset caches switched off.
+    folder, the ``uip_*`` columns added to ``load_col``, and RecBole's dataset caches switched off."""
+    return build_config(*augmented_config_args(config, settings, target, config_file_list, config_dict))
+
+
+def augmented_config_args(config, settings: UIPSettings, target: Path, config_file_list=None, config_dict=None):
+    """``(model class, dataset name, config_file_list, config_dict)`` of :func:`augmented_config`, for a process
+    that builds the config itself (RecBole's multi-process training).
 
     RecBole ties presets to the dataset *name* (for ml-100k: threshold, load_col, ...); a renamed copy would lose
     them. We build the copy's config once, compare it with the original's, and carry every difference over.
@@ -379,7 +421,7 @@ def augmented_config(config, settings: UIPSettings, target: Path, config_file_li
         dataset_save_path=str(Path(config["checkpoint_dir"]) / f"{name}-{_manifest_fingerprint(target)[:12]}-never-saved.pth"),
     )
     final_dict = {**base_dict, **presets}
-    return build_config(model_class, name, config_file_list, final_dict)
+    return model_class, name, config_file_list, final_dict
 
 
 def _manifest_fingerprint(target: Path) -> str:
@@ -406,18 +448,78 @@ def run_recbole_uip(model, dataset: str, config_file_list=None, config_dict=None
     init_logger(config)
     logger = getLogger()
     settings = UIPSettings.from_config(config)
+    processes = training_processes(config)     # RecBole's --nproc: checked before the (long) inference
     target = None
+    args = (config["model"], config["dataset"], config_file_list, dict(config_dict or {}))
     if settings.enabled:
         check_model_supports_profiles(config)  # before the (long) inference, never a silent no-op
         target = infer_profiles(config, settings)  # validates the dataset's files before any work
-        config = augmented_config(config, settings, target, config_file_list, config_dict)
+        args = augmented_config_args(config, settings, target, config_file_list, config_dict)
+        config = build_config(*args) if processes == 1 else config
     else:
         check_dataset_files(config)
         logger.info("UIP is off (uip=False): plain RecBole run, no profile columns.")
-    result = run_recbole_with_config(config, saved)
+    if processes > 1:
+        result = spawn_training(config, args, processes, saved)
+    else:
+        result = run_recbole_with_config(config, saved)
     result["uip_dataset"] = str(target) if target else None
     result["uip_fields"] = settings.field_names if target else []
     return result
+
+
+def training_processes(config) -> int:
+    """How many processes RecBole's multi-process mode trains with (``nproc``; 1: this process alone).
+
+    Raises:
+        UIPConfigError: ``nproc`` > 1 where RecBole 1.2.1 cannot run it. Its DDP path calls
+            ``init_process_group(backend="nccl")`` and takes one GPU per process (``gpu_id`` lists them), so it
+            needs as many CUDA GPUs as processes; we say so before any inference rather than after it.
+    """
+    import torch
+
+    nproc = int(config["nproc"] or 1) if "nproc" in config else 1
+    if nproc <= 1:
+        return 1
+    gpus = [g for g in str(config["gpu_id"]).split(",") if g.strip()]
+    if not torch.cuda.is_available() or len(gpus) < nproc:
+        found = f"{torch.cuda.device_count()} CUDA GPUs visible" if torch.cuda.is_available() else "no CUDA GPU"
+        raise UIPConfigError(
+            f"nproc={nproc}: RecBole 1.2.1 trains with several processes only on CUDA GPUs, one per process (its DDP "
+            f"uses NCCL), and gpu_id must list {nproc} of them (gpu_id={config['gpu_id']!r}; {found}). On CPU, "
+            f"train with nproc=1; the profile inference itself can be sharded over CPU processes with "
+            f"torchrun --nproc_per_node=N -m recbole_uip infer ... (gloo).")
+    return nproc
+
+
+def spawn_training(config, args: tuple, processes: int, saved: bool = True) -> dict:
+    """Train ``args`` (``(model, dataset, config_file_list, config_dict)``, the augmented copy with profiles) in
+    RecBole's multi-process mode: ``processes`` workers, as RecBole's ``run(nproc=...)`` starts them. The profiles
+    were inferred once, in this process, before; the workers only read the augmented files. Returns rank 0's
+    result."""
+    import torch.multiprocessing as mp
+
+    model, dataset, config_file_list, config_dict = args
+    config_dict = {**config_dict, "nproc": processes,
+                   "world_size": config["world_size"] if (config["world_size"] or 0) > 0 else processes,
+                   "ip": config["ip"] or "localhost", "port": str(config["port"] or 5678), "offset": config["offset"] or 0}
+    queue = mp.get_context("spawn").SimpleQueue()
+    getLogger().info(f"Training in RecBole's multi-process mode: {processes} processes on {dataset}.")
+    mp.spawn(train_rank, args=(model, dataset, config_file_list, config_dict, saved, queue), nprocs=processes, join=True)
+    if queue.empty():
+        raise RuntimeError("RecBole's multi-process training ended without a result from rank 0.")
+    return queue.get()
+
+
+def train_rank(rank: int, model, dataset: str, config_file_list, config_dict: dict, saved: bool, queue) -> None:
+    """One worker of :func:`spawn_training`: RecBole builds the config (joining its NCCL group) and trains."""
+    from recbole.utils import init_logger
+
+    config = build_config(model, dataset, config_file_list, {**config_dict, "local_rank": rank})
+    init_logger(config)
+    result = run_recbole_with_config(config, saved)
+    if config["local_rank"] == 0:
+        queue.put(result)
 
 
 def run_recbole_with_config(config, saved: bool = True, model_seed: int | None = None) -> dict:

@@ -57,10 +57,14 @@ _passes: dict[str, int] = {}
 
 
 def fault_point(name: str) -> None:
-    """SIGKILL this process at ``name`` when ``RECBOLE_UIP_FAULT`` names it (``name`` or ``name:N``, its N-th pass):
-    the kill test's hook, as a crash or an OOM kill would stop the process. No effect otherwise."""
+    """SIGKILL this process at ``name`` when ``RECBOLE_UIP_FAULT`` names it (``name`` or ``name:N``, its N-th pass;
+    ``...@R``: only in the process of rank ``R`` under torchrun): the kill test's hook, as a crash or an OOM kill
+    would stop the process. No effect otherwise."""
     wanted = os.environ.get("RECBOLE_UIP_FAULT")
     if not wanted:
+        return
+    wanted, _, rank = wanted.partition("@")
+    if rank and rank != os.environ.get("RANK", "0"):
         return
     point, _, count = wanted.partition(":")
     if point != name:

@@ -155,12 +155,13 @@ def test_a_rebuild_with_another_seed_keeps_the_previous_banks_numbers_where_it_c
     assert aligned.fingerprint != plain.fingerprint and aligned.metadata["aligned_to"] == first.fingerprint
     assert aligned.users == first.users == plain.users
     kept = aligned.metadata["ids_kept"]
-    # measured: hobby 56% kept with or without alignment, background 31% -> 56%
-    assert sum(kept.values()) > sum((plain.codes[:, p] == first.codes[:, p]).mean() for p in range(len(first.profiles)))
+    # measured over 6 draws (16-32 users, seeds 2021/2022): kept 42-69% per profile after matching, 19-47% by
+    # chance; the two profiles together keep 0.25-0.59 more users' IDs than without matching (this draw: 0.37)
+    by_chance = sum((plain.codes[:, p] == first.codes[:, p]).mean() for p in range(len(first.profiles)))
+    assert sum(kept.values()) > by_chance + 0.2
     for p, name in enumerate(first.profiles):
         same_plain = (plain.codes[:, p] == first.codes[:, p]).mean()
         assert kept[name] == pytest.approx((aligned.codes[:, p] == first.codes[:, p]).mean())
-        assert kept[name] > 0.5                                  # most users keep their ID after matching
         assert kept[name] >= same_plain                          # alignment never loses numbers kept by chance
         # the grouping itself is unchanged by the renumbering
         pairs = {(a, b) for a, b in zip(plain.codes[:, p], aligned.codes[:, p])}

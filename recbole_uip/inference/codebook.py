@@ -28,10 +28,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from recbole_uip.config import QUANTISER_METRICS
+from recbole_uip.inference.distributed import Communicator, row_from_owner, sample_index, uniform_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,83 +90,101 @@ class ProfileCodebook(nn.Module):
         return available if self.components == 0 else min(self.components, available)
 
     @torch.no_grad()
-    def fit_whitening(self, x: torch.Tensor) -> None:
+    def fit_whitening(self, x: torch.Tensor, comm: Communicator | None = None) -> None:
         """``whitened``: ``A (D, k)`` from ``x (N, D)``, the top-``k`` principal directions of the centred rows
         divided by their standard deviation over rows, so ``(x - mean) A`` has unit variance per column. ``k`` is
-        capped at ``min(N - 1, D)`` (directions with variance)."""
+        capped at ``min(N - 1, D)`` (directions with variance). With ``comm``, ``x`` is this rank's block of the
+        rows: the mean and the covariance are summed over the ranks (an eigendecomposition of the ``(D, D)``
+        covariance, not an SVD of the rows, so no rank needs every row)."""
+        comm = comm or Communicator()
         x = x.double()
-        _, singular, directions = torch.linalg.svd(x - x.mean(0), full_matrices=False)  # directions (min(N, D), D)
-        k = self._rank(min(x.shape[0] - 1, x.shape[1]))
-        std = (singular[:k] / max(x.shape[0] - 1, 1) ** 0.5).clamp(min=1e-12)
-        self.projection = (directions[:k].T / std).float()
-        total = float((singular ** 2).sum())
-        self.projection_share = float((singular[:k] ** 2).sum()) / total if total > 0 else 0.0
+        n = int(comm.sum(torch.tensor([float(x.shape[0])], dtype=torch.float64)))
+        mean = comm.sum(x.sum(0)) / max(n, 1)
+        centred = x - mean
+        variance, directions = torch.linalg.eigh(comm.sum(centred.T @ centred))       # ascending, (D,), (D, D)
+        variance, directions = variance.flip(0).clamp(min=0), directions.flip(1)
+        k = self._rank(min(n - 1, x.shape[1]))
+        std = (variance[:k] / max(n - 1, 1)).sqrt().clamp(min=1e-12)
+        self.projection = (directions[:, :k] / std).float()
+        total = float(variance.sum())
+        self.projection_share = float(variance[:k].sum()) / total if total > 0 else 0.0
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest code of each row of ``x (N, D)``: LongTensor ``(N,)`` (ties go to the lowest index)."""
         return torch.cdist(self.project(x.float()), self.project(self.codes)).argmin(dim=1)
 
     @torch.no_grad()
-    def kmeans_plus_plus(self, x: torch.Tensor, generator: torch.Generator) -> None:
-        """Seed the codes from ``x (N, D)`` by k-means++ (deterministic given ``generator``)."""
+    def kmeans_plus_plus(self, x: torch.Tensor, generator: torch.Generator, comm: Communicator | None = None) -> None:
+        """Seed the codes from ``x (N, D)`` by k-means++ (deterministic given ``generator``; with ``comm``, ``x`` is
+        this rank's block and every rank picks the same rows)."""
+        comm = comm or Communicator()
         x = x.float()
         y = self.project(x)  # distances in the quantiser's metric; the codes are rows of x
-        n = x.shape[0]
-        first = int(torch.randint(n, (1,), generator=generator))
-        chosen = [first]
-        dist2 = ((y - y[first]) ** 2).sum(dim=1)
+        n = int(comm.sum(torch.tensor([float(x.shape[0])], dtype=torch.float64)))
+        first = uniform_index(n, generator)
+        owner = int(np.searchsorted(comm.bounds(n), first, side="right")) - 1
+        start = comm.bounds(n)[owner]
+        codes = [row_from_owner(x, owner, first - start if owner == comm.rank else -1, comm)]
+        dist2 = ((y - self.project(codes[0])) ** 2).sum(dim=1)
         for _ in range(1, self.size):
-            if float(dist2.sum()) <= 0:
-                index = int(torch.randint(n, (1,), generator=generator))
-            else:
-                index = int(torch.multinomial(dist2 / dist2.sum(), 1, generator=generator))
-            chosen.append(index)
-            dist2 = torch.minimum(dist2, ((y - y[index]) ** 2).sum(dim=1))
-        self.codes.copy_(x[chosen])
+            owner, row = sample_index(dist2, generator, comm)
+            if owner < 0:                                        # every row sits on a code: any row
+                index = uniform_index(n, generator)
+                owner = int(np.searchsorted(comm.bounds(n), index, side="right")) - 1
+                row = index - comm.bounds(n)[owner]
+            codes.append(row_from_owner(x, owner, row, comm))
+            dist2 = torch.minimum(dist2, ((y - self.project(codes[-1])) ** 2).sum(dim=1))
+        self.codes.copy_(torch.stack(codes))
         self.initialised.fill_(True)
 
     @torch.no_grad()
-    def fit(self, x: torch.Tensor, iterations: int, generator: torch.Generator) -> tuple[torch.Tensor, CodebookHealth]:
+    def fit(self, x: torch.Tensor, iterations: int, generator: torch.Generator,
+            comm: Communicator | None = None) -> tuple[torch.Tensor, CodebookHealth]:
         """One E-step: Lloyd iterations on ``x (N, D)`` with dead-code restart. Returns assignments ``(N,)``.
 
         With the ``whitened`` metric the projection is refitted to ``x`` first; the codes (in the embedding space)
-        carry over from the previous E-step."""
+        carry over from the previous E-step. With ``comm``, ``x`` is this rank's block of the rows and the
+        assignments are this block's; the codes' sums and counts are summed over the ranks, so every rank ends
+        with the same codebook (the health counts every rank's rows)."""
+        comm = comm or Communicator()
         x = x.float()
         if self.metric == "whitened":
-            self.fit_whitening(x)
+            self.fit_whitening(x, comm)
         if not bool(self.initialised):
-            self.kmeans_plus_plus(x, generator)
+            self.kmeans_plus_plus(x, generator, comm)
+        n = int(comm.sum(torch.tensor([float(x.shape[0])], dtype=torch.float64)))
         dead_before = None
         restarted = 0
-        min_usage = max(1, x.shape[0] // (10 * self.size))
+        min_usage = max(1, n // (10 * self.size))
         for iteration in range(iterations):
             assignment = self.assign(x)
-            counts = torch.bincount(assignment, minlength=self.size)
+            counts = comm.sum(torch.bincount(assignment, minlength=self.size))
             if dead_before is None:
                 dead_before = int((counts < min_usage).sum())
-            sums = torch.zeros_like(self.codes).index_add_(0, assignment, x)
+            sums = comm.sum(torch.zeros_like(self.codes).index_add_(0, assignment, x))
             nonempty = counts > 0
             self.codes[nonempty] = sums[nonempty] / counts[nonempty, None].float()
             dead = counts < min_usage
             if dead.any() and iteration < iterations - 1:  # the last iteration only settles the means
-                restarted += self._restart_dead(x, assignment, dead, generator)
+                restarted += self._restart_dead(x, assignment, dead, generator, comm)
         assignment = self.assign(x)
-        counts = torch.bincount(assignment, minlength=self.size)
+        counts = comm.sum(torch.bincount(assignment, minlength=self.size))
         return assignment, CodebookHealth(
             usage=counts.tolist(), perplexity=perplexity(counts), dead_codes=dead_before or 0, restarted=restarted,
             projection_share=self.projection_share if self.projection is not None else None,
         )
 
-    def _restart_dead(self, x, assignment, dead, generator) -> int:
+    def _restart_dead(self, x, assignment, dead, generator, comm: Communicator) -> int:
         """Move each dead code onto a user sampled in proportion to its squared distance to its own code."""
         dist2 = ((self.project(x - self.codes[assignment])) ** 2).sum(dim=1)
         indices = dead.nonzero().flatten().tolist()
         for code in indices:
-            if float(dist2.sum()) <= 0:
+            owner, row = sample_index(dist2, generator, comm)
+            if owner < 0:
                 break
-            user = int(torch.multinomial(dist2 / dist2.sum(), 1, generator=generator))
-            self.codes[code] = x[user]
-            dist2[user] = 0.0
+            self.codes[code] = row_from_owner(x, owner, row, comm)
+            if owner == comm.rank:
+                dist2[row] = 0.0
         return len(indices)
 
     def commitment(self, x: torch.Tensor, assignment: torch.Tensor, scale: float) -> torch.Tensor:
@@ -173,9 +193,13 @@ class ProfileCodebook(nn.Module):
         target = self.codes[assignment].detach().to(x.dtype)
         return (self.project(x - target) ** 2).sum(dim=1).mean() / scale
 
-    def scale(self, x: torch.Tensor) -> float:
-        """``sigma^2`` of the commitment term: mean squared norm of the projected rows of ``x (N, D)``."""
-        return float((self.project(x.float()) ** 2).sum(1).mean().clamp(min=1e-12))
+    def scale(self, x: torch.Tensor, comm: Communicator | None = None) -> float:
+        """``sigma^2`` of the commitment term: mean squared norm of the projected rows of ``x (N, D)`` (with
+        ``comm``: of every rank's rows)."""
+        comm = comm or Communicator()
+        squares = (self.project(x.float()).double() ** 2).sum(1)
+        total = comm.sum(torch.stack([squares.sum(), torch.tensor(float(len(squares)), dtype=torch.float64)]))
+        return max(float(total[0] / total[1].clamp(min=1)), 1e-12)
 
 
 def perplexity(counts: torch.Tensor) -> float:

@@ -136,11 +136,13 @@ def convert_bundled_model(cache_dir: Path, logger: logging.Logger | None = None)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` means bfloat16 where the device computes it natively, else float32."""
+    """``auto`` means bfloat16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX),
+    float16 on CUDA GPUs without bf16 (e.g. V100, T4), else float32. The LLM is frozen, so its weights are cast
+    once; the trainable soft-token parts stay float32 (``soft_profiles``)."""
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and _cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32

@@ -40,6 +40,7 @@ from recbole_uip.data.behaviour import TrainingHistories
 from recbole_uip.data.behaviour_text import BehaviourText
 from recbole_uip.inference.checkpoint import InferenceCheckpoint
 from recbole_uip.inference.codebook import ProfileCodebook
+from recbole_uip.inference.distributed import Communicator
 from recbole_uip.inference.llm import FrozenLLM, assert_frozen
 from recbole_uip.inference.prompt import PromptLayout, build_layout, collate
 from recbole_uip.inference.soft_profiles import FreeTokens, SoftProfiles, behaviour_nll
@@ -124,16 +125,23 @@ class ProfileInferenceTrainer:
         histories: every user's training history.
         text: the histories' tokenised text.
         logger: RecBole's logger (``logging.getLogger()`` after ``init_logger``).
+        comm: the ranks of a distributed run (:mod:`recbole_uip.inference.distributed`); None: one process.
+            Every rank holds every history; this rank embeds its block of the items and works on its block of
+            the users (:attr:`local_users`); the results are gathered, so every rank ends with the same IDs.
     """
 
-    def __init__(self, config, settings, llm: FrozenLLM, histories: TrainingHistories, text: BehaviourText, logger):
+    def __init__(self, config, settings, llm: FrozenLLM, histories: TrainingHistories, text: BehaviourText, logger,
+                 comm: Communicator | None = None):
         self.config, self.settings, self.llm, self.logger = config, settings, llm, logger
         self.histories, self.text = histories, text
+        self.comm = comm or Communicator()
+        self.local_users = self.comm.shard(len(histories))       # (U_r,) rows of this rank's users
         self.device = llm.device
-        self.show_progress = bool(config["show_progress"]) if "show_progress" in config else True
+        self.show_progress = (bool(config["show_progress"]) if "show_progress" in config else True) and self.comm.is_main
         seed = int(config["seed"])
-        self.generator = torch.Generator().manual_seed(seed)
-        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(seed)     # the same draws on every rank (k-means, tokens)
+        # per rank: the M-step's order and targets (rank 0 draws what a single process draws)
+        self.rng = np.random.default_rng(seed if self.comm.rank == 0 else [seed, self.comm.rank])
         self.layout: PromptLayout = build_layout(llm.tokenizer, list(settings.profiles.values()), settings.behaviour_prefix)
         self.epoch_end_hooks: list[Callable[["ProfileInferenceTrainer", int, dict], None]] = []
         self.codebooks = [ProfileCodebook(settings.codebook_sizes[name], llm.hidden_size, settings.quantiser_metric,
@@ -142,8 +150,8 @@ class ProfileInferenceTrainer:
         self.free: FreeTokens | None = None
         self.feature_map: UserFeatureMap | None = None
         self.item_embeddings: torch.Tensor | None = None
-        self.summaries: torch.Tensor | None = None       # (U, k): z of every user's whole history
-        self.assignments: torch.Tensor | None = None     # (U, P)
+        self.summaries: torch.Tensor | None = None       # (U, k): z of every user's whole history (every rank)
+        self.assignments: torch.Tensor | None = None     # (U, P) (every rank)
         self.validation: Targets | None = None
         self.embedding_norm = float(llm.model.get_input_embeddings().weight.detach().float().norm(dim=1).mean())
         self.history: list[dict] = []
@@ -166,12 +174,20 @@ class ProfileInferenceTrainer:
         """Item embeddings, the feature map and every user's ``z`` (with an encoder); the soft tokens; the free
         tokens; the validation users of the line search."""
         if self.settings.encoder != "none":
-            self.item_embeddings = embed_items(self.llm, self.histories.item_texts, self.settings.item_embedding_layer,
-                                               show_progress=self.show_progress)
+            comm, texts = self.comm, self.histories.item_texts
+            comm.phase = "the item embeddings"
+            own = comm.shard(len(texts))
+            local = embed_items(self.llm, [texts[i] for i in own], self.settings.item_embedding_layer,
+                                self.settings.item_batch_size, show_progress=self.show_progress)
+            self.item_embeddings = comm.gather_rows(local, len(texts))                   # (I, H) on every rank
             fault_point("item_embeddings")
-            self.feature_map = UserFeatureMap.fit(self.item_embeddings, self.histories.items, self.histories.ratings,
-                                                  self.settings.encoder_dims, self.settings.history_prior)
-            self.summaries = self.features(np.arange(len(self.histories)))
+            comm.phase = "the feature map"
+            users = self.local_users
+            self.feature_map = UserFeatureMap.fit(
+                self.item_embeddings, [self.histories.items[u] for u in users],
+                None if self.histories.ratings is None else [self.histories.ratings[u] for u in users],
+                self.settings.encoder_dims, self.settings.history_prior, comm)
+            self.summaries = comm.gather_rows(self.features(users), len(self.histories))  # (U, k) on every rank
         self._setup_tokens()
 
     def _setup_tokens(self) -> None:
@@ -253,24 +269,33 @@ class ProfileInferenceTrainer:
             offsets = offsets + rows.to(self.device)
         return offsets
 
-    def all_offsets(self) -> torch.Tensor:
-        """``(U, P, D)`` on CPU: every user's offset from their whole training history."""
+    def local_offsets(self) -> torch.Tensor:
+        """``(U_r, P, D)`` on CPU: the offset of each of this rank's users (all users in one process) from their
+        whole training history."""
         with torch.no_grad():
-            parts = [self.offsets(users).cpu() for users in _batches(np.arange(len(self.histories)), 4096)]
+            parts = [self.offsets(users).cpu() for users in _batches(self.local_users, 4096)]
+        if not parts:
+            return torch.zeros(0, *self.soft.anchors.shape)
         return torch.cat(parts)
+
+    def gather_users(self, local: torch.Tensor) -> torch.Tensor:
+        """``(U, ...)`` on every rank from each rank's ``(U_r, ...)`` rows of its users."""
+        return self.comm.gather_rows(local, len(self.histories))
 
     # ---------------------------------------------------------------------------------------------- EM steps
     @torch.no_grad()
     def e_step(self, iterations: int) -> tuple[torch.Tensor, list, list[float]]:
-        """Assign every user's offsets to codes and refit the codebooks. Returns ``(U, P)`` ids, healths, sigma^2."""
-        offsets = self.all_offsets()
+        """Assign every user's offsets to codes and refit the codebooks. Returns ``(U, P)`` ids (every user's, on
+        every rank), healths, sigma^2."""
+        self.comm.phase = "an E-step"
+        offsets = self.local_offsets()
         codes, healths, scales = [], [], []
         for p, codebook in enumerate(self.codebooks):
-            assignment, health = codebook.fit(offsets[:, p], iterations, self.generator)
+            assignment, health = codebook.fit(offsets[:, p], iterations, self.generator, self.comm)
             codes.append(assignment)
             healths.append(health)
-            scales.append(codebook.scale(offsets[:, p]))
-        return torch.stack(codes, dim=1), healths, scales
+            scales.append(codebook.scale(offsets[:, p], self.comm))
+        return self.gather_users(torch.stack(codes, dim=1)), healths, scales
 
     def m_step(self, epoch: int, scales: list[float], shared_opt, progress: dict | None = None) -> torch.Tensor:
         """One pass over the training users (validation users excluded); returns each user's NLL ``(U,)`` as
@@ -278,10 +303,16 @@ class ProfileInferenceTrainer:
 
         ``progress`` (from a checkpoint): the pass's user order, the batches done and the NLLs so far; the pass goes
         on from there. With a checkpoint set, the state is saved every ``uip_checkpoint_every`` batches and at the
-        end of the pass."""
+        end of the pass.
+
+        Distributed, each rank passes over its own users in batches of ``uip_batch_size``, and the ranks step
+        together: at step ``i`` the shared shift moves by the mean of the ranks' gradients of their ``i``-th batch
+        (a rank whose users are done contributes none). The shift thus sees ``world_size`` batches per step, the
+        usual data-parallel semantics, so with ``uip_epochs`` > 0 the IDs depend on the number of ranks."""
+        self.comm.phase = f"the M-step of round {epoch}"
         if progress is None:
             nll_seen = torch.full((len(self.histories),), float("nan"))
-            users = np.arange(len(self.histories))
+            users = self.local_users
             if self.validation is not None:
                 users = np.setdiff1d(users, self.validation.users)
             order, done = users[self.rng.permutation(len(users))], 0
@@ -290,16 +321,20 @@ class ProfileInferenceTrainer:
         else:
             nll_seen, order, done = progress["nll_seen"], progress["order"], progress["done"]
         batches = list(_batches(order, self.settings.batch_size))
+        steps = self.comm.max_int(len(batches))
         bar = tqdm(total=len(order), desc=f"UIP M-step {epoch:>2}", ncols=100, disable=not self.show_progress,
                    initial=sum(len(b) for b in batches[:done]))
         self.codebooks = [cb.to(self.device) for cb in self.codebooks]
-        for index in range(done, len(batches)):
-            batch_users = batches[index]
-            nll = self.train_batch(self.targets(batch_users, self.rng), scales, shared_opt, (epoch, index + 1))
-            nll_seen[torch.as_tensor(batch_users)] = nll.float().cpu()
-            bar.update(len(batch_users))
-            bar.set_postfix(nll=f"{float(nll.mean()):.3f}")
-            last = index + 1 == len(batches)
+        for index in range(done, steps):
+            if index < len(batches):
+                batch_users = batches[index]
+                nll = self.train_batch(self.targets(batch_users, self.rng), scales, shared_opt, (epoch, index + 1))
+                nll_seen[torch.as_tensor(batch_users)] = nll.float().cpu()
+                bar.update(len(batch_users))
+                bar.set_postfix(nll=f"{float(nll.mean()):.3f}")
+            else:                                         # this rank's users are done; the others' are not
+                self._step_shared(shared_opt, contributed=False)
+            last = index + 1 == steps
             if self.checkpoint is not None and (last or (self.checkpoint_every and (index + 1) % self.checkpoint_every == 0)):
                 self.codebooks = [cb.cpu() for cb in self.codebooks]
                 self._save("m_step", epoch, shared_opt, {"nll_seen": nll_seen, "order": order, "done": index + 1})
@@ -307,6 +342,10 @@ class ProfileInferenceTrainer:
             fault_point("m_step_batch")
         bar.close()
         self.codebooks = [cb.cpu() for cb in self.codebooks]
+        if self.comm.distributed:                         # each rank visited its own users: combine
+            seen = ~torch.isnan(nll_seen)
+            total = self.comm.sum(torch.stack([torch.where(seen, nll_seen, 0.0).double(), seen.double()]))
+            nll_seen = torch.where(total[1] > 0, total[0] / total[1].clamp(min=1), float("nan")).float()
         return nll_seen
 
     def train_batch(self, targets: Targets, scales: list[float], shared_opt, where: tuple[int, int] = (0, 0)) -> torch.Tensor:
@@ -332,11 +371,25 @@ class ProfileInferenceTrainer:
         if shared_opt is not None:
             shared_opt.zero_grad(set_to_none=True)
         loss.backward()
-        if shared_opt is not None:
-            shared_opt.step()
+        self._step_shared(shared_opt, contributed=True)
         if self.free is not None:
             self.free.step(torch.as_tensor(users), free_rows, grad_scale=len(users))
         return nll.detach()
+
+    def _step_shared(self, shared_opt, contributed: bool) -> None:
+        """Step the shared shift with its gradient averaged over the ranks that trained a batch at this step
+        (``contributed``: whether this rank did). One process: the plain step."""
+        if shared_opt is None:
+            return
+        shared = self.soft.shared
+        if self.comm.distributed:
+            local = shared.grad.detach().flatten().double() if contributed and shared.grad is not None \
+                else torch.zeros(shared.numel(), dtype=torch.float64, device=shared.device)
+            total = self.comm.sum(torch.cat([local, torch.tensor([float(contributed)], dtype=torch.float64,
+                                                                 device=shared.device)]))
+            shared.grad = (total[:-1] / total[-1].clamp(min=1)).to(shared.dtype).view_as(shared)
+        if shared.grad is not None:
+            shared_opt.step()
 
     def commitment(self, offsets: torch.Tensor, users: np.ndarray, scales: list[float]) -> torch.Tensor:
         """``beta * sum_p ||offset - sg(code)||^2 / sigma_p^2`` (mean over the batch) for the users' assigned codes."""
@@ -350,9 +403,16 @@ class ProfileInferenceTrainer:
     @torch.no_grad()
     def line_search(self, scales: list[float]) -> dict:
         """One step of the encoder along minus its gradient accumulated over the M-step, of the length (possibly
-        zero) that minimises the M-step objective of the validation users. Returns what was tried and chosen."""
+        zero) that minimises the M-step objective of the validation users. Returns what was tried and chosen.
+
+        Distributed: the gradient is summed over the ranks, and each rank scores its block of the validation users
+        (the objective is summed over the ranks), so every rank takes the same step."""
+        comm = self.comm
+        comm.phase = "the line search"
         gradient = self.soft.encoder.grad
         self.soft.encoder.grad = None
+        if comm.distributed:
+            gradient = comm.sum(gradient if gradient is not None else torch.zeros_like(self.soft.encoder))
         if gradient is None or not float(gradient.norm()) > 0:
             return {"step": 0.0, "gain": 0.0}
         validation = self.validation
@@ -367,17 +427,18 @@ class ProfileInferenceTrainer:
 
         def objective(relative: float) -> float:
             candidate = current - (relative * self.embedding_norm / change_per_unit) * gradient
-            nll, commitment = [], []
-            for rows in _batches(np.arange(len(validation.users)), self.settings.batch_size * 2):
+            nll, commitment = 0.0, 0.0
+            for rows in _batches(comm.shard(len(validation.users)), self.settings.batch_size * 2):
                 users = validation.users[rows]
                 offsets = torch.einsum("pdk,bk->bpd", candidate, z[rows] - z_mean) + shift
                 if self.free is not None:
                     offsets = offsets + self.free.table[torch.as_tensor(users)].to(self.device)
                 _, weighted = behaviour_nll(self.llm.model, self.layout, self._sub_batch(batch, rows), self.soft(offsets),
                                             weighted=True)
-                nll.append(weighted.float())
-                commitment.append(float(self.commitment(offsets, users, scales)) * len(rows))
-            parts[relative] = {"nll": float(torch.cat(nll).mean()), "commitment": sum(commitment) / len(validation.users)}
+                nll += float(weighted.double().sum())
+                commitment += float(self.commitment(offsets, users, scales)) * len(rows)
+            nll, commitment = comm.sum(torch.tensor([nll, commitment], dtype=torch.float64)).tolist()
+            parts[relative] = {"nll": nll / len(validation.users), "commitment": commitment / len(validation.users)}
             return parts[relative]["nll"] + parts[relative]["commitment"]
 
         tried = {relative: objective(relative) for relative in (0.0,) + LINE_SEARCH_STEPS}
@@ -436,8 +497,11 @@ class ProfileInferenceTrainer:
 
     def diagnose(self) -> dict[str, np.ndarray]:
         """Do the soft tokens carry *user* information? Each user's newest items within the budget, scored with the
-        modes of :meth:`score` while the encoder reads their other items. On with ``uip_diagnostics``."""
-        users = np.arange(len(self.histories))
+        modes of :meth:`score` while the encoder reads their other items. On with ``uip_diagnostics``.
+        Distributed, each rank scores its users (the mean and another user's tokens are those of its own users) and
+        the scores are gathered."""
+        self.comm.phase = "the diagnostics"
+        users = self.local_users
         texts, flags, inputs = [], [], []
         for u in users:
             target = self.text.newest_target(u, self.settings.max_behaviour_tokens)
@@ -446,6 +510,7 @@ class ProfileInferenceTrainer:
             flags.append(rating_flags)
             inputs.append(np.setdiff1d(np.arange(len(self.histories.items[u])), target))
         scores = self.score(Targets(users, texts, None if self.text.rating_flags is None else flags, inputs))
+        scores = {key: self.gather_users(torch.from_numpy(value)).numpy() for key, value in scores.items()}
         means = ", ".join(f"{mode} {scores[mode].mean():.4f}" for mode in ("own", "mean", "other", "none", "code"))
         self.logger.info(f"UIP diagnostics, NLL of each user's newest items (nats/token): {means}.")
         return {f"nll_{key}": value for key, value in scores.items()}
@@ -474,14 +539,21 @@ class ProfileInferenceTrainer:
         logger.info(
             f"UIP inference: {len(self.histories)} users, profiles {settings.profile_names}, codebooks "
             f"{list(settings.codebook_sizes.values())}, encoder {settings.encoder}, prompt prefix "
-            f"{self.layout.prefix_length} tokens, {torch.get_num_threads()} threads, {self.llm.dtype}, {self.device}."
+            f"{self.layout.prefix_length} tokens, {torch.get_num_threads()} threads, {self.llm.dtype}, {self.device}"
+            + (f", {self.comm.world_size} ranks ({len(self.local_users)} users on rank 0)." if self.comm.distributed else ".")
         )
         state = self.checkpoint.load() if self.checkpoint is not None else None
+        if self.comm.distributed:
+            where = None if state is None else (state["phase"], state["epoch"], (state.get("progress") or {}).get("done"))
+            if not self.comm.same_on_all(where):       # a kill between two ranks' saves: no common point
+                if state is not None:
+                    logger.warning("UIP: the ranks' checkpoints stop at different points; starting afresh.")
+                state = None
         shared_opt = None
         if state is None:
             self.setup()
             shared_opt = self._shared_optimizer()
-            self._loop = {"initial_offsets": self.all_offsets(), "first_nll": None, "last_nll": None,
+            self._loop = {"initial_offsets": self.local_offsets(), "first_nll": None, "last_nll": None,
                           "changes": torch.zeros(len(self.histories), len(self.codebooks), dtype=torch.long)}
             self.assignments, healths, self._loop["scales"] = self.e_step(settings.kmeans_iters)
             self._loop["initial_assignments"] = self.assignments.clone()
@@ -513,8 +585,11 @@ class ProfileInferenceTrainer:
                 hook(self, epoch, record)
         initial_offsets, initial_assignments = loop["initial_offsets"], loop["initial_assignments"]
         first_nll, last_nll, changes = loop["first_nll"], loop["last_nll"], loop["changes"]
-        final_offsets = self.all_offsets()
-        movement = (final_offsets - initial_offsets).norm(dim=-1) / initial_offsets.norm(dim=-1).clamp(min=1e-12)
+        self.comm.phase = "gathering the results"
+        local_offsets = self.local_offsets()
+        movement = self.gather_users((local_offsets - initial_offsets).norm(dim=-1)
+                                     / initial_offsets.norm(dim=-1).clamp(min=1e-12))             # (U, P)
+        final_offsets = self.gather_users(local_offsets)                                           # (U, P, D)
         unvisited = np.full(len(self.histories), np.nan)
         per_user = {
             "nll_first_round": unvisited if first_nll is None else first_nll.numpy(),

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from recbole_uip.inference.distributed import Communicator
+
 
 @torch.inference_mode()
 def embed_items(llm, texts: list[str], layer: int = -1, batch_size: int = 64, show_progress: bool = False) -> torch.Tensor:
@@ -96,25 +98,39 @@ class UserFeatureMap:
 
     @classmethod
     def fit(cls, item_embeddings: torch.Tensor, items: list[np.ndarray], ratings: list[np.ndarray] | None,
-            dims: int, prior: float) -> "UserFeatureMap":
+            dims: int, prior: float, comm: Communicator | None = None) -> "UserFeatureMap":
         """Fit on the training users' histories (``items[u]`` index rows of ``item_embeddings (I, H)``).
 
-        ``k = min(dims, U - 1, F)``: a direction must have variance over the users."""
+        ``k = min(dims, U - 1, F)``: a direction must have variance over the users. With ``comm``, ``items`` and
+        ``ratings`` are this rank's users: the means, variances and the ``(F, F)`` covariance are summed over the
+        ranks, and the principal directions come from its eigendecomposition (each direction's sign fixed so
+        that its largest entry is positive), so every rank fits the same map from its own users."""
+        comm = comm or Communicator()
         e = item_embeddings.double()
         item_mean, item_std = e.mean(0), e.std(0).clamp(min=1e-6) if e.shape[0] > 1 else torch.ones(e.shape[1])
-        rating_mean = None if ratings is None else float(np.concatenate(ratings).mean())
+        rating_mean = None
+        if ratings is not None:
+            flat = np.concatenate(ratings) if ratings else np.zeros(0)
+            total = comm.sum(torch.tensor([float(flat.astype(np.float64).sum()), float(len(flat))], dtype=torch.float64))
+            rating_mean = float(total[0] / total[1].clamp(min=1))
         partial = cls(item_mean.float().numpy(), item_std.float().numpy(), rating_mean, float(prior),
                       np.zeros(0), np.zeros(0), np.zeros((0, 0)))
-        x = partial.raw(item_embeddings, items, ratings).double()                  # (U, F)
-        mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-        standard = (x - mean) / std
+        x = partial.raw(item_embeddings, items, ratings).double()                  # (U_r, F): this rank's users
+        users = int(comm.sum(torch.tensor([float(x.shape[0])], dtype=torch.float64)))
+        mean = comm.sum(x.sum(0)) / max(users, 1)
+        std = (comm.sum(((x - mean) ** 2).sum(0)) / max(users - 1, 1)).sqrt().clamp(min=1e-6)
+        standard = (x - mean) / std                                                  # mean 0 over all users
         scalars = partial.num_scalars
-        vectors = standard[:, : x.shape[1] - scalars]                                # (U, F - s): taste, rated
-        _, singular, directions = torch.linalg.svd(vectors - vectors.mean(0), full_matrices=False)
-        k = max(1, min(dims - scalars, x.shape[0] - 1, vectors.shape[1]))
-        scale = (singular[:k] / math.sqrt(max(x.shape[0] - 1, 1))).clamp(min=1e-6)
+        vectors = standard[:, : x.shape[1] - scalars]                                # (U_r, F - s): taste, rated
+        variance, directions = torch.linalg.eigh(comm.sum(vectors.T @ vectors))      # ascending
+        variance, directions = variance.flip(0).clamp(min=0), directions.flip(1)     # (F - s,), (F - s, F - s)
+        k = max(1, min(dims - scalars, users - 1, vectors.shape[1]))
+        directions = directions[:, :k]
+        largest = directions.abs().argmax(0)
+        directions = directions * torch.sign(directions[largest, torch.arange(k)])[None, :]
+        scale = (variance[:k] / max(users - 1, 1)).sqrt().clamp(min=1e-6)
         projection = torch.zeros(x.shape[1], k + scalars, dtype=torch.float64)       # (F, k + s), block diagonal
-        projection[: vectors.shape[1], :k] = directions[:k].T / scale
+        projection[: vectors.shape[1], :k] = directions / scale
         projection[vectors.shape[1]:, k:] = torch.eye(scalars, dtype=torch.float64)
         return dataclasses.replace(partial, feature_mean=mean.float().numpy(), feature_std=std.float().numpy(),
                                    projection=projection.float().numpy())
