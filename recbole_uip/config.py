@@ -79,7 +79,7 @@ def preset_path(name: str) -> Path:
 
 
 def preset_misfit(path: Path, data_dir: Path, dataset: str) -> list[str]:
-    """The fields ``path`` names that the dataset's headers lack (empty: the preset fits): the user and item id fields
+    """``data_dir``: the folder holding ``<dataset>.inter`` (RecBole's resolved ``config['data_path']``). The fields ``path`` names that the dataset's headers lack (empty: the preset fits): the user and item id fields
     in ``.inter``, ``uip_item_text_fields`` in ``.item``. Rating, time and ``load_col`` fields may be absent (RecBole
     and the behaviour text do without them)."""
     from recbole_uip.data.atomic import AtomicFileError, dataset_files, read_header
@@ -101,7 +101,8 @@ def preset_misfit(path: Path, data_dir: Path, dataset: str) -> list[str]:
 
 
 def choose_preset(dataset: str, requested: str | None, data_dir: Path) -> PresetChoice:
-    """The preset for ``dataset`` (files in ``data_dir``), per ``uip_preset``.
+    """The preset for ``dataset`` (its files in ``data_dir``, RecBole's resolved ``config['data_path']``), per
+    ``uip_preset``.
 
     ``auto`` (default): nothing more where ``properties/dataset/<dataset>.yaml`` exists (it is already in
     :func:`default_config_files`); else the first preset of the matching :data:`PRESET_PATTERNS` entry whose fields the

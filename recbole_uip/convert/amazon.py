@@ -30,9 +30,9 @@ class _Amazon(Converter):
     fields = InterFields("user_id", "item_id", "rating", "timestamp")
     preset = "amazon"
     has_description = True
-    # record keys: review user, review item, rating, time, time unit (seconds per unit), metadata item
+    # record keys: review user, review item, rating, time, metadata item; time units per second
     user_key = item_key = rating_key = time_key = meta_key = ""
-    time_scale = 1.0
+    time_units = 1
 
     def check_inputs(self) -> None:
         self.reviews = require_file(self.options.input, "--input, the reviews file")
@@ -63,11 +63,11 @@ class _Amazon(Converter):
     def read_interactions(self, report) -> Interactions:
         inter = Interactions()
         label = "reviews"
-        scale = self.time_scale
+        units = self.time_units
         for record in iter_json_lines(self.reviews, report, label, self.options.progress):
             when = as_float(record.get(self.time_key))
             add_interaction(inter, report, label, record.get(self.user_key), self._review_item(record),
-                            as_float(record.get(self.rating_key)), None if when is None else when * scale,
+                            as_float(record.get(self.rating_key)), None if when is None else when / units,
                             user_key=self.user_key, item_key=self.item_key)
         return inter
 
@@ -128,7 +128,7 @@ class Amazon2023(_Amazon):
     example = ("python -m recbole_uip convert amazon2023 --input=Video_Games.jsonl.gz "
                "--meta=meta_Video_Games.jsonl.gz --k_core=5")
     user_key, item_key, rating_key, time_key, meta_key = "user_id", "parent_asin", "rating", "timestamp", "parent_asin"
-    time_scale = 1e-3
+    time_units = 1000
 
     def _review_item(self, record: dict):
         return record.get("parent_asin") or record.get("asin")

@@ -112,7 +112,7 @@ def _preset_flag(result) -> str:
     """`` --uip_preset=NAME`` where the dataset's name would not find the preset that fits its files, else ``''``."""
     from recbole_uip.config import choose_preset
 
-    chosen = choose_preset(result.name, "auto", result.folder.parent)
+    chosen = choose_preset(result.name, "auto", result.folder)
     found = chosen.path.stem if chosen.path is not None else (result.name if "dataset's name" in chosen.note else None)
     return "" if found == result.preset else f" --uip_preset={result.preset}"
 
