@@ -113,7 +113,7 @@ def resolve_text_fields(config, settings, files: dict[str, Path]) -> TextFields:
         notes.append("uip_rating_template is empty")
         rating = None
     time = numeric("time", "TIME_FIELD")
-    if time is None and "oldest first" in settings.behaviour_prefix:
+    if time is None and "oldest first" in getattr(settings, "behaviour_prefix", ""):
         notes.append("without a time field 'oldest first' in uip_behaviour_prefix is not true: each history is in "
                      "the training split's order (docs/datasets.md); consider a prefix without it")
     return TextFields(item_fields, rating, time, tuple(notes))
