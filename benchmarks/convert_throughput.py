@@ -111,9 +111,11 @@ def main(argv=None) -> None:
         "300-character review text) plus metadata for every item; one process, one thread; peak RSS of the converting "
         "process (getrusage of the waited-for child, Python and numpy imports included).", "",
         *table, "",
-        f"Memory grows with the interactions and distinct ids, not with the text: about {per_interaction:.0f} bytes "
-        f"of peak RSS per extra line between the two sizes (compact arrays plus the id dictionaries; review text is "
-        f"never kept).", "",
+        f"Memory grows with the interactions and the distinct ids, not with the text: between the two sizes, "
+        f"{rows[-1]['lines'] - rows[0]['lines']:,} more lines and {rows[-1]['users'] - rows[0]['users']:,} more "
+        f"distinct users cost {rows[-1]['peak_rss_mib'] - rows[0]['peak_rss_mib']:.1f} MiB of peak RSS, about "
+        f"{per_interaction:.0f} bytes per extra line (20 bytes of arrays per interaction plus the id dictionaries; "
+        f"review text is never kept).", "",
         f"- command: `python {' '.join(record['command'])}`",
         f"- date {record['date']}; CPU {record['cpu']} ({record['cpu_count']} cores visible), 1 thread, Python "
         f"{record['python']}; settings {record['settings']}",

@@ -541,3 +541,39 @@ def test_yelp_business_id_without_user_file_trains_deepfm_with_profiles(tmp_path
     bank = json.loads((tmp_path / "out" / "yelp-uip" / "bank" / "bank.json").read_text())
     assert bank["metadata"]["inputs"]["text_fields"] == {"item_fields": ["item_name", "categories", "city"],
                                                          "rating": "stars", "time": "date"}
+
+
+def test_progress_bars_on_a_terminal_follow_the_compressed_bytes(tmp_path, monkeypatch, capsys):
+    reviews, meta = write_amazon2018(tmp_path / "raw", gz=True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    result = convert_dataset("amazon2018", reviews, meta=meta, output_dir=tmp_path / "data", progress=True)
+    err = capsys.readouterr().err
+    assert "reviews" in err and "metadata" in err                     # tqdm's bars, labelled by input
+    assert result.report.interactions == 16 * 7
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    convert_dataset("amazon2018", reviews, meta=meta, output_dir=tmp_path / "data2", progress=True)
+    assert capsys.readouterr().err == ""                               # not a terminal: no bars
+
+
+def test_recsysdatasets_shaped_downloads_run_as_they_are(tmp_path, tiny_llm_dir, capsys):
+    """Files in RecSysDatasets' own shape (Yelp: review_id first, vote counts, title-less token fields; no .user),
+    as users download them: the yelp preset fits their headers and 'infer' runs on them unchanged."""
+    folder = tmp_path / "data" / "yelp2018"
+    rows = interactions(6)
+    write_lines(folder / "yelp2018.inter", ["review_id:token\tuser_id:token\tbusiness_id:token\tstars:float\t"
+                                            "useful:float\tfunny:float\tcool:float\tdate:float"]
+                + [f"R{n}\tU{u}\tB{i}\t{r}\t0\t0\t1\t{t}" for n, (u, i, r, t) in enumerate(rows)])
+    write_lines(folder / "yelp2018.item", ["business_id:token\titem_name:token_seq\taddress:token_seq\tcity:token_seq\t"
+                                           "state:token\tpostal_code:token\tlatitude:float\tlongitude:float\t"
+                                           "item_stars:float\titem_review_count:float\tis_open:float\tcategories:token_seq"]
+                + [f"B{i}\t{WORDS[i]} Grill\t1 Main St\tTucson\tAZ\t857{i:02d}\t32.2\t-110.9\t4\t12\t1\t"
+                   f"'Restaurants', '{WORDS[i]}'" for i in range(12)])
+    choice = choose_preset("yelp2018", "auto", folder)
+    assert choice.path is not None and choice.path.name == "yelp.yaml"
+    code = main(["infer", "--dataset=yelp2018", f"--data_path={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}",
+                 *uip_flags(tmp_path, tiny_llm_dir)])
+    assert code == 0
+    target = tmp_path / "out" / "yelp2018-uip"
+    assert_profiles(target, "yelp2018", {f"U{u}" for u in range(16)})
+    fields = json.loads((target / "bank" / "bank.json").read_text())["metadata"]["inputs"]["text_fields"]
+    assert fields == {"item_fields": ["item_name", "categories", "city"], "rating": "stars", "time": "date"}
