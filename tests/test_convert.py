@@ -416,6 +416,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert "no item description" in capsys.readouterr().err
     assert main(["convert", "amazon2018", f"--input={reviews}", f"--meta={meta}", "--epochs=3"]) == 2
     assert "belong with --uip=true" in capsys.readouterr().err
+    assert main(["convert", "amazon2018", f"--input={reviews}", "--dataset=x"]) == 2
+    assert "--name and --output_dir" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
     with pytest.raises(ConversionError, match="--name"):
         convert_dataset("amazon2018", reviews, meta=meta, output_dir=out, name="../evil")

@@ -61,6 +61,8 @@ def main(argv: Sequence[str]) -> int:
         fmt, flags = argv[0], parse_flags(argv[1:])
         if fmt not in FORMATS:
             raise UsageError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
+        if "dataset" in flags or "data_path" in flags:
+            raise UsageError("convert names its output with --name and --output_dir (not --dataset / --data_path)")
         own = {k: v for k, v in flags.items() if k in CONVERT_FLAGS}
         rest = {k: v for k, v in flags.items() if k not in CONVERT_FLAGS}
         if "input" not in own:
