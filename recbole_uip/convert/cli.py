@@ -76,8 +76,9 @@ def main(argv: Sequence[str]) -> int:
         elif rest:
             raise UsageError(f"unknown flag(s) {', '.join('--' + k for k in rest)} for convert (RecBole and uip_* keys "
                              f"belong with --uip=true)")
-        if "model" in own and not uip:
-            raise UsageError("--model belongs with --uip=true (the split profiles are learned from)")
+        for key in ("model", "config_files"):
+            if key in own and not uip:
+                raise UsageError(f"--{key} belongs with --uip=true (it configures the profile inference)")
         options = {"output_dir": own.get("output_dir", "dataset"), "meta": own.get("meta"), "users": own.get("users"),
                    "name": own.get("name"), "k_core": _int(own, "k_core", 0),
                    "description_chars": _int(own, "description_chars", 0),
