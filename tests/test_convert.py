@@ -347,6 +347,8 @@ def test_amazon2023_parent_asin_milliseconds_and_brand(tmp_path):
     assert items["P0001"] == ['Night Cream "Pro"', "All Beauty Skin Care", "Maker1"]
     assert items["P0000"][1:] == ["All Beauty", "Store0"]               # no Brand in details: the store
     assert result.report.malformed["reviews"] == 1
+    dataset = stock_recbole(tmp_path / "data", "Amazon_All_Beauty")
+    assert dataset.inter_num == 16 * 7 and dataset.user_num == 17 and "brand" in dataset.field2type
 
 
 def test_kcore_and_min_rating_filters(tmp_path):

@@ -71,11 +71,11 @@ class ConversionResult:
 
 
 class Converter:
-    """One raw format. Subclasses set the class attributes and implement the three methods.
+    """One raw format. Subclasses set the class attributes and implement the four methods below.
 
     Attributes:
         format: the name on the command line (``amazon2018``).
-        description: one line for ``--help``.
+        description: one line for ``--help``; ``example``: a command for ``--help``.
         fields: the ``.inter`` header names.
         preset: the ``properties/dataset/<preset>.yaml`` that fits the files written.
         has_description: whether ``--description_chars`` applies.

@@ -127,15 +127,12 @@ def iter_json_lines(path: Path, report: "ConversionReport", label: str, progress
 
 
 def iter_delimited(path: Path, report: "ConversionReport", label: str, separator: str, n_fields: int,
-                   encoding: str = "utf-8", progress: bool = True, skip_header: bool = False,
-                   at_least: bool = False) -> Iterator[list[str]]:
+                   encoding: str = "utf-8", progress: bool = True) -> Iterator[list[str]]:
     """Rows of a delimited text file (``separator`` a plain string such as ``'|'``, ``'::'``, ``'\\t'``) with exactly
-    ``n_fields`` values (at least that many with ``at_least``); other lines are counted as malformed and skipped."""
+    ``n_fields`` values; other lines are counted as malformed and skipped."""
     for number, line in iter_lines(path, report, label, encoding, progress):
-        if skip_header and number == 1:
-            continue
         values = line.split(separator)
-        if len(values) != n_fields and not (at_least and len(values) > n_fields):
+        if len(values) != n_fields:
             report.malformed_line(label, number)
             continue
         yield values
