@@ -189,13 +189,7 @@ def clean_text(value, max_chars: int | None = None) -> str:
     return value
 
 
-def clean_token(value) -> str:
-    """A single-token field (brand, state, ids): :func:`clean_text`, with spaces kept (a ``token`` field is the whole
-    value; only tabs would break the file)."""
-    return clean_text(value)
-
-
-def clean_list(values, max_items: int | None = None) -> str:
+def clean_list(values) -> str:
     """A list of phrases (categories) as one ``token_seq`` text: each cleaned, duplicates and empties dropped, order
     kept, joined by spaces. A plain string is split on commas (Yelp writes ``"Pizza, Italian"``)."""
     if values is None:
@@ -215,8 +209,7 @@ def clean_list(values, max_items: int | None = None) -> str:
         text = clean_text(value)
         if text:
             seen.setdefault(text, None)
-    items = list(seen)[:max_items] if max_items else list(seen)
-    return " ".join(items)
+    return " ".join(seen)
 
 
 def as_float(value) -> float | None:
@@ -374,7 +367,7 @@ def add_interaction(inter: Interactions, report: "ConversionReport", label: str,
         if not text:
             report.missing[f"{label}.{key}"] += 1
             return False
-        ids.append(text if "\t" not in text and "\n" not in text else clean_token(text))
+        ids.append(text if "\t" not in text and "\n" not in text else clean_text(text))
     inter.add(ids[0], ids[1], rating, time, extras)
     return True
 
@@ -400,7 +393,7 @@ def kcore_mask(user: np.ndarray, item: np.ndarray, k: int, keep: np.ndarray | No
 
 @dataclasses.dataclass
 class Column:
-    """One output column: ``name:type`` and where its values come from."""
+    """One column of a written ``.item`` / ``.user`` file: its name and atomic type."""
 
     name: str
     type: str
