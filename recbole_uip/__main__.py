@@ -1,4 +1,4 @@
-"""Command line: ``python -m recbole_uip {run,infer,assign,keys} --key=value ...`` (``run_recbole_uip.py`` = ``run``)."""
+"""Command line: ``python -m recbole_uip {run,infer,assign,keys,convert} --key=value ...`` (``run_recbole_uip.py`` = ``run``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ usage: python run_recbole_uip.py --model=MODEL --dataset=DATASET [--config_files
        python -m recbole_uip infer --dataset=DATASET [--output_dir=DIR] [--model=DeepFM] [--config_files=...] [--key=value ...]
        python -m recbole_uip assign --bank=DIR --dataset=DATASET [--output_dir=DIR] [--refresh=true] [--key=value ...]
        python -m recbole_uip keys   (every uip_* key with its default and meaning)
+       python -m recbole_uip convert FORMAT --input=PATH [--uip=true] (raw MovieLens/Amazon/Yelp to atomic files; convert --help)
 
 run    Train and test a RecBole model, like RecBole's run_recbole.py. With --uip=true, first infer latent
        user profiles with a frozen LLM from the training split, write <uip_output_dir>/<dataset>-uip/ (the
@@ -155,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(DEFAULTS_FILE.read_text(encoding="utf-8"), end="")
         return 0
+    if command == "convert":
+        from recbole_uip.convert.cli import main as convert_main
+
+        return convert_main(rest)
     if command not in ("run", "infer", "assign"):
         print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

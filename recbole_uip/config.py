@@ -40,6 +40,101 @@ def default_config_files(dataset: str) -> list[str]:
     return files
 
 
+# Presets found by name pattern (case-insensitive), each applied only where the dataset's headers have every field it
+# names; the first that fits wins. An exact name (properties/dataset/<dataset>.yaml, e.g. ml-100k) comes first.
+PRESET_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("ml-*", ("movielens", "movielens-csv")),
+    ("amazon*", ("amazon",)),
+    ("yelp*", ("yelp",)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PresetChoice:
+    """The dataset preset a run uses beyond the exact-name one: its file (None: none) and a line for the log."""
+
+    path: Path | None
+    note: str = ""
+
+
+def available_presets() -> list[str]:
+    """Names accepted by ``uip_preset`` (besides ``auto`` and ``none``): the files in ``properties/dataset/``."""
+    return sorted(p.stem for p in (PROPERTIES_DIR / "dataset").glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """A preset by name (``amazon``) or as a path to a YAML file.
+
+    Raises:
+        UIPConfigError: no such preset.
+    """
+    path = PROPERTIES_DIR / "dataset" / f"{name}.yaml"
+    if path.is_file():
+        return path
+    given = Path(str(name)).expanduser()
+    if given.suffix in (".yaml", ".yml") and given.is_file():
+        return given
+    raise UIPConfigError(f"uip_preset: no preset {name!r}; presets: auto, none, {', '.join(available_presets())}, or a "
+                         f"path to a YAML file.")
+
+
+def preset_misfit(path: Path, data_dir: Path, dataset: str) -> list[str]:
+    """``data_dir``: the folder holding ``<dataset>.inter`` (RecBole's resolved ``config['data_path']``). The fields ``path`` names that the dataset's headers lack (empty: the preset fits): the user and item id fields
+    in ``.inter``, ``uip_item_text_fields`` in ``.item``. Rating, time and ``load_col`` fields may be absent (RecBole
+    and the behaviour text do without them)."""
+    from recbole_uip.data.atomic import AtomicFileError, dataset_files, read_header
+
+    with open(path, encoding="utf-8") as handle:
+        preset = yaml.safe_load(handle) or {}
+    files = dataset_files(data_dir, dataset)
+    if "inter" not in files:
+        return [f"{dataset}.inter"]
+    try:
+        _, inter, _ = read_header(files["inter"])
+        item = read_header(files["item"])[1] if "item" in files else []
+    except AtomicFileError as error:
+        return [str(error)]
+    missing = [f"{preset.get(key, default)} in .inter" for key, default in
+               (("USER_ID_FIELD", "user_id"), ("ITEM_ID_FIELD", "item_id")) if preset.get(key, default) not in inter]
+    missing += [f"{field} in .item" for field in preset.get("uip_item_text_fields") or [] if field not in item]
+    return missing
+
+
+def choose_preset(dataset: str, requested: str | None, data_dir: Path) -> PresetChoice:
+    """The preset for ``dataset`` (its files in ``data_dir``, RecBole's resolved ``config['data_path']``), per
+    ``uip_preset``.
+
+    ``auto`` (default): nothing more where ``properties/dataset/<dataset>.yaml`` exists (it is already in
+    :func:`default_config_files`); else the first preset of the matching :data:`PRESET_PATTERNS` entry whose fields the
+    files have; else none, and the note says why (the text fields are then inferred from ``.item``). ``none``: no
+    preset. A name or YAML path: that preset, unchecked.
+    """
+    import fnmatch
+
+    requested = "auto" if requested in (None, "") else str(requested)
+    if requested == "none":
+        return PresetChoice(None, "uip_preset: none (no dataset preset)")
+    if requested != "auto":
+        path = preset_path(requested)
+        return PresetChoice(path, f"dataset preset {path.name} (uip_preset)")
+    if (PROPERTIES_DIR / "dataset" / f"{dataset}.yaml").is_file():
+        return PresetChoice(None, f"dataset preset {dataset}.yaml (the dataset's name)")
+    for pattern, names in PRESET_PATTERNS:
+        if not fnmatch.fnmatch(dataset.lower(), pattern):
+            continue
+        reasons = []
+        for name in names:
+            missing = preset_misfit(preset_path(name), data_dir, dataset)
+            if not missing:
+                return PresetChoice(preset_path(name), f"dataset preset {name}.yaml (name matches '{pattern}', its "
+                                                       f"fields are in the files)")
+            reasons.append(f"{name}.yaml needs {', '.join(missing)}")
+        return PresetChoice(None, f"no dataset preset for '{dataset}' ({'; '.join(reasons)}): item text fields are "
+                                  f"inferred from .item; name them with uip_item_text_fields or pick a preset with "
+                                  f"uip_preset")
+    return PresetChoice(None, "")
+
+
 def default_values() -> dict[str, Any]:
     """The ``uip_*`` defaults as a plain dict (what ``properties/uip.yaml`` says)."""
     with open(DEFAULTS_FILE, encoding="utf-8") as handle:

@@ -19,7 +19,7 @@ import numpy as np
 
 from recbole_uip.bank import BankError, FeatureBank
 from recbole_uip.compat import patch_recbole_checkpoint_loading, resolve_model_class
-from recbole_uip.config import UIPConfigError, UIPSettings, check_uip_keys, default_config_files
+from recbole_uip.config import UIPConfigError, UIPSettings, check_uip_keys, choose_preset, default_config_files
 from recbole_uip.data.atomic import (
     MANIFEST_NAME, AtomicFileError, check_writable, dataset_files, iter_numbered_rows, iter_rows, publish_directory,
     read_atomic, read_header, validate_atomic, write_user_file,
@@ -51,28 +51,42 @@ def _no_command_line() -> Iterator[None]:
 def build_config(model, dataset: str, config_file_list=None, config_dict=None):
     """A RecBole ``Config`` with our ``properties/`` defaults under the user's files.
 
+    The dataset preset beyond the exact-name one (``uip_preset``, :func:`~recbole_uip.config.choose_preset`) is
+    chosen once the data folder is known; the config is then rebuilt with it under the user's files. The choice is
+    kept as ``config.uip_preset_note`` (logged by :func:`infer_profiles`).
+
     Raises:
         ValueError: unknown model name or unknown ``uip_*`` key.
     """
-    from recbole.config import Config
-
     model_class = resolve_model_class(model) if isinstance(model, str) else model
     config_dict = dict(config_dict or {})
     check_uip_keys(config_dict)
-    files = default_config_files(dataset) + list(config_file_list or [])
+    user_files = list(config_file_list or [])
+    config = _make_config(model_class, dataset, default_config_files(dataset) + user_files, config_dict, user_files)
+    choice = choose_preset(dataset, config["uip_preset"], Path(config["data_path"]))
+    if choice.path is not None:
+        files = default_config_files(dataset) + [str(choice.path)] + user_files
+        config = _make_config(model_class, dataset, files, config_dict, user_files)
+    config.uip_preset_note = choice.note
+    check_uip_keys(config.final_config_dict)
+    return config
+
+
+def _make_config(model_class, dataset: str, files: list[str], config_dict: dict, user_files: list[str]):
+    """RecBole's ``Config`` from these files and keys, outside the command line."""
+    from recbole.config import Config
+
     with _no_command_line():
         try:
-            config = Config(model=model_class, dataset=dataset, config_file_list=files, config_dict=config_dict)
+            return Config(model=model_class, dataset=dataset, config_file_list=files, config_dict=config_dict)
         except ValueError as error:
             # RecBole's defaults contradict themselves for sequential models with the CE loss (SASRec, GRU4Rec,
             # ... by default): overall.yaml samples negatives, and Config then refuses the combination. When the
             # user set neither, use the only valid value; a value the user chose still gets RecBole's error.
-            if "when the loss_type is CE" not in str(error) or _sets_key("train_neg_sample_args", config_file_list, config_dict):
+            if "when the loss_type is CE" not in str(error) or _sets_key("train_neg_sample_args", user_files, config_dict):
                 raise
             config_dict["train_neg_sample_args"] = None
-            config = Config(model=model_class, dataset=dataset, config_file_list=files, config_dict=config_dict)
-    check_uip_keys(config.final_config_dict)
-    return config
+            return Config(model=model_class, dataset=dataset, config_file_list=files, config_dict=config_dict)
 
 
 def _sets_key(key: str, config_file_list, config_dict) -> bool:
@@ -214,6 +228,8 @@ def infer_profiles(config, settings: UIPSettings | None = None, comm=None) -> Pa
     comm = comm or distributed.current()
     logger = getLogger()
     settings = settings or UIPSettings.from_config(config)
+    if getattr(config, "uip_preset_note", ""):
+        logger.info(f"UIP: {config.uip_preset_note}.")
     files = check_dataset_files(config)
     # Everything that can be checked without the LLM, before it loads: the text's fields and their values.
     fields = resolve_text_fields(config, settings, files)

@@ -113,6 +113,9 @@ def resolve_text_fields(config, settings, files: dict[str, Path]) -> TextFields:
         notes.append("uip_rating_template is empty")
         rating = None
     time = numeric("time", "TIME_FIELD")
+    if time is None and "oldest first" in getattr(settings, "behaviour_prefix", ""):
+        notes.append("without a time field 'oldest first' in uip_behaviour_prefix is not true: each history is in "
+                     "the training split's order (docs/datasets.md); consider a prefix without it")
     return TextFields(item_fields, rating, time, tuple(notes))
 
 
@@ -232,7 +235,8 @@ class ItemTexts:
         if item_field not in table.fields:
             raise AtomicFileError(f"{item_file}: no item id field '{item_field}' (fields: {', '.join(table.fields)}).")
         self.fields = list(fields)
-        if template is None:
+        default = template is None
+        if default:   # the first field, the others in parentheses; empty fields are left out item by item
             template = "{" + self.fields[0] + "}"
             if len(self.fields) > 1:
                 template += " (" + "; ".join("{" + f + "}" for f in self.fields[1:]) + ")"
@@ -247,7 +251,7 @@ class ItemTexts:
             if not any(value.strip() for value in values.values()):
                 continue                                  # every field empty: no text (not the template's "()")
             try:
-                text = template.format_map(values).strip()
+                text = _default_text(values, self.fields) if default else template.format_map(values).strip()
             except (KeyError, IndexError, ValueError) as error:
                 raise BehaviourTextError(
                     f"uip_item_template {template!r} cannot be filled from fields {self.fields}: {error!r}."
@@ -267,6 +271,13 @@ class ItemTexts:
     def get(self, item: str) -> str | None:
         """The item's text, or None for an item missing from ``.item`` or with no text."""
         return self._text.get(item)
+
+
+def _default_text(values: dict[str, str], fields: Sequence[str]) -> str:
+    """The default rendering: the first non-empty field, then the other non-empty ones in parentheses, ``"; "``
+    between them (``Title (Video Games; Nintendo)``; ``Title (Nintendo)`` where the categories are empty)."""
+    parts = [values[f].strip() for f in fields if values[f].strip()]
+    return parts[0] + (" (" + "; ".join(parts[1:]) + ")" if len(parts) > 1 else "")
 
 
 @dataclasses.dataclass
