@@ -62,12 +62,14 @@ def build_config(model, dataset: str, config_file_list=None, config_dict=None):
     config_dict = dict(config_dict or {})
     check_uip_keys(config_dict)
     user_files = list(config_file_list or [])
-    config = _make_config(model_class, dataset, default_config_files(dataset) + user_files, config_dict, user_files)
+    files = default_config_files(dataset) + user_files
+    config = _make_config(model_class, dataset, files, config_dict, user_files)
     choice = choose_preset(dataset, config["uip_preset"], Path(config["data_path"]))
     if choice.path is not None:
         files = default_config_files(dataset) + [str(choice.path)] + user_files
         config = _make_config(model_class, dataset, files, config_dict, user_files)
     config.uip_preset_note = choice.note
+    config.uip_config_files = files            # what a process that must build it once uses (train_rank)
     check_uip_keys(config.final_config_dict)
     return config
 
@@ -516,6 +518,8 @@ def spawn_training(config, args: tuple, processes: int, saved: bool = True) -> d
     import torch.multiprocessing as mp
 
     model, dataset, config_file_list, config_dict = args
+    # RecBole joins its NCCL group as a Config is built: a worker builds one, from the files resolved here
+    config_file_list = build_config(model, dataset, config_file_list, config_dict).uip_config_files
     config_dict = {**config_dict, "nproc": processes,
                    "world_size": config["world_size"] if (config["world_size"] or 0) > 0 else processes,
                    "ip": config["ip"] or "localhost", "port": str(config["port"] or 5678), "offset": config["offset"] or 0}
@@ -528,10 +532,13 @@ def spawn_training(config, args: tuple, processes: int, saved: bool = True) -> d
 
 
 def train_rank(rank: int, model, dataset: str, config_file_list, config_dict: dict, saved: bool, queue) -> None:
-    """One worker of :func:`spawn_training`: RecBole builds the config (joining its NCCL group) and trains."""
+    """One worker of :func:`spawn_training`: RecBole builds the config once (joining its NCCL group) from the
+    resolved ``config_file_list`` (presets included), and trains."""
     from recbole.utils import init_logger
 
-    config = build_config(model, dataset, config_file_list, {**config_dict, "local_rank": rank})
+    model_class = resolve_model_class(model) if isinstance(model, str) else model
+    config_dict = {**config_dict, "local_rank": rank}
+    config = _make_config(model_class, dataset, list(config_file_list), config_dict, [])
     init_logger(config)
     result = run_recbole_with_config(config, saved)
     if config["local_rank"] == 0:

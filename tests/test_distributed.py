@@ -147,8 +147,9 @@ def test_recbole_multi_process_training_gets_the_profiles_of_one_inference(tmp_p
     def spawn(function, args, nprocs, join):
         model, dataset, files, config_dict, saved, queue = args
         spawned.append((function, nprocs, dataset, config_dict))
-        # what a worker builds, without its local_rank (which would join an NCCL group)
-        config = quick_start.build_config(model, dataset, files, config_dict)
+        # what a worker builds (once: RecBole joins the NCCL group then), without its local_rank
+        config = quick_start._make_config(quick_start.resolve_model_class(model) if isinstance(model, str) else model,
+                                          dataset, list(files), config_dict, [])
         data = create_dataset(config)
         assert {"uip_hobby", "uip_background"} <= set(data.field2type)
         queue.put({"test_result": {"auc": 0.5}})
