@@ -92,12 +92,14 @@ def measure(config, settings, kmeans_users: int) -> dict:
             "item_seconds": item_seconds, "feature_seconds_per_user": feature_seconds,
             "e_step_seconds_per_user": kmeans_seconds, "m_step_seconds_per_user": m_step_seconds,
             "line_search_seconds": line_search_seconds, "threads": torch.get_num_threads(),
+            "device": str(config["device"].type),
             "profiles": len(settings.codebook_sizes), "encoder_dims": settings.encoder_dims}
 
 
 def project(m: dict) -> list[dict]:
-    """The cost of each row of :data:`ROWS` from the measured rates (CPU: core-hours = seconds x threads)."""
-    cores = m["threads"]
+    """The cost of each row of :data:`ROWS` from the measured rates (CPU: core-hours = seconds x threads; on a GPU
+    the measured hours are GPU-hours)."""
+    cores = m["threads"] if m["device"] == "cpu" else 1
     bytes_user = m["profiles"] * 8 * 2 + m["encoder_dims"] * 4 + m["profiles"] * m["hidden_size"] * 4
     bytes_item = m["hidden_size"] * 4
     flops_item = 2 * m["parameters"] * m["tokens_per_item"]
@@ -122,14 +124,15 @@ def project(m: dict) -> list[dict]:
 
 def render(data: dict) -> str:
     m, record = data["measured"], data["record"]
+    hours = "CPU core-hours" if m["device"] == "cpu" else "GPU-hours (measured)"
     lines = [f"# Sizing: profile inference at 10k, 1M and 100M users ({record['dataset']} rates, {record['llm']})", "",
              f"Measured here on {m['threads']} threads: an item embedding {1000 * m['item_seconds']:.2f} ms "
-             f"({m['tokens_per_item']} tokens), a user's encoder input {1e6 * m['feature_seconds_per_user']:.0f} µs, "
+             f"({m['tokens_per_item']} tokens) on {m['device']}, a user's encoder input {1e6 * m['feature_seconds_per_user']:.0f} µs, "
              f"an E-step {1e6 * m['e_step_seconds_per_user']:.0f} µs per user ({m['kmeans_users']} users), an M-step "
              f"user {1000 * m['m_step_seconds_per_user']:.0f} ms ({m['tokens_per_m_step_user']} tokens, forward and "
              f"backward), the line search {m['line_search_seconds']:.0f} s per round.", "",
              "| users | items (assumed) | bank (GB) | of it IDs (GB) | LLM passes, default | LLM passes, 3 rounds | "
-             "CPU core-hours, default | CPU core-hours, 3 rounds | GPU-hours, default (est.) | GPU-hours, 3 rounds (est.) |",
+             f"{hours}, default | {hours}, 3 rounds | GPU-hours, default (est.) | GPU-hours, 3 rounds (est.) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['users']:,} | {r['items']:,} | {r['bank_gb']:.3g} | {r['bank_ids_gb']:.3g} | "
@@ -144,8 +147,9 @@ def render(data: dict) -> str:
               f"dominate: rank 0 gathers them, so at 100M users a run needs the offsets left out of the bank, which "
               f"it does not do yet); per item its embedding ({m['hidden_size']} float32). The served IDs alone are "
               f"the 'of it IDs' column.",
-              f"- **CPU core-hours** = measured seconds x {m['threads']} threads, with the parallel efficiency "
-              f"of 1 (results/ml-100k/default/distributed_scaling.md measures what sharding keeps).",
+              (f"- **CPU core-hours** = measured seconds x {m['threads']} threads" if m["device"] == "cpu" else
+               "- **GPU-hours (measured)** = measured seconds on one GPU") + ", with a parallel efficiency of 1 "
+              "(results/ml-100k/default/distributed_scaling.md measures what sharding keeps).",
               f"- **GPU-hours are estimated, not measured** (no GPU was lent): FLOPs = 2 x {m['parameters'] / 1e6:.0f}M "
               f"parameters x tokens per item pass, 4 x per M-step user (forward, and backward to the inputs only: "
               f"the LLM is frozen), at {GPU_UTILISATION:.0%} of an H200's {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 "

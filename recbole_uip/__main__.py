@@ -179,6 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command != "assign" and ({"bank", "refresh"} & set(own)):
             raise UsageError(f"--bank and --refresh belong to the assign command, not {command}")
         files = own.get("config_files", "").split() or None
+        from recbole_uip.inference.distributed import launched_ranks
+
+        if launched_ranks() > 1 and command != "infer":
+            raise UsageError(f"under torchrun, launch the sharded profile inference: torchrun --nproc_per_node=N -m "
+                             f"recbole_uip infer ...; {command} runs in one process (RecBole's own multi-process "
+                             f"training: run --nproc=N)")
         if command == "assign":
             return _assign(own["dataset"], own["bank"], parse_value(own.get("refresh", "false")) is True, files,
                            config_dict)
@@ -194,9 +200,6 @@ def _run(command: str, model: str, dataset: str, files, config_dict: dict[str, A
     from recbole_uip.inference import distributed
     from recbole_uip.quick_start import build_config, infer_profiles, run_recbole_uip
 
-    if distributed.launched_ranks() > 1 and command == "run":
-        raise UsageError("under torchrun, launch the sharded profile inference: torchrun --nproc_per_node=N -m "
-                         "recbole_uip infer ...; then train with run (RecBole's own multi-process training: --nproc=N)")
     if command == "run":
         result = run_recbole_uip(model, dataset, files, config_dict)
         print(f"test result: {dict(result['test_result'])}")

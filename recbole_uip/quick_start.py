@@ -167,7 +167,10 @@ def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], l
         "llm": {"name": settings.llm, "identity": llm_identity},
         "uip": settings.fingerprint_dict(),
         "numerics": runtime_numerics(settings.llm_dtype, config["device"], settings.num_threads),
-        "format": 3,
+        # 4: the feature map's principal directions from the covariance with fixed signs, k-means++ and restarts by
+        # inverse CDF (the distributed code), the default item text without empty fields: banks of format 3 would
+        # not be what this code computes, so they are not reused
+        "format": 4,
     }
     if aligned_to is not None:   # only then: the fingerprints of every other bank stay as they were
         inputs["aligned_to"] = aligned_to

@@ -118,6 +118,8 @@ def test_run_under_torchrun_is_refused_with_what_to_launch(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["run", "--model=DeepFM", "--dataset=toy"]) == 2
     assert "recbole_uip infer" in capsys.readouterr().err
+    assert main(["assign", "--bank=b", "--dataset=toy"]) == 2          # would write one folder from every rank
+    assert "assign runs in one process" in capsys.readouterr().err
 
 
 def test_recbole_multi_process_training_on_cpu_is_refused_before_any_inference(tmp_path, tiny_llm_dir):

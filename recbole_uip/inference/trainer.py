@@ -135,6 +135,9 @@ class ProfileInferenceTrainer:
         self.config, self.settings, self.llm, self.logger = config, settings, llm, logger
         self.histories, self.text = histories, text
         self.comm = comm or Communicator()
+        if self.comm.world_size > len(histories):
+            raise ValueError(f"UIP inference over {self.comm.world_size} ranks needs at least as many users with "
+                             f"training history; the dataset has {len(histories)}. Launch fewer processes.")
         self.local_users = self.comm.shard(len(histories))       # (U_r,) rows of this rank's users
         self.device = llm.device
         self.show_progress = (bool(config["show_progress"]) if "show_progress" in config else True) and self.comm.is_main
