@@ -216,7 +216,11 @@ def _run(command: str, model: str, dataset: str, files, config_dict: dict[str, A
         config["device"] = device
         if not comm.is_main:            # one log and one progress bar: rank 0's
             config["show_progress"], config["state"] = False, "warning"
-        init_logger(config)
+        # rank 0 first: RecBole's init_logger creates ./log/ unguarded, so two ranks at once can fail on it
+        comm.phase = "setting up the logs"
+        comm.on_main(lambda: init_logger(config))
+        if not comm.is_main:
+            init_logger(config)
         target = infer_profiles(config, comm=comm)
         if comm.is_main:
             getLogger().info(f"Augmented dataset: {target}")

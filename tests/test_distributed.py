@@ -93,7 +93,21 @@ def test_em_rounds_over_two_ranks_start_from_the_same_ids_and_differ_only_by_dat
     assert np.isfinite(two.offsets).all() and two.codes.shape == one.codes.shape
 
 
-def test_a_rank_killed_mid_run_publishes_nothing_stops_the_others_and_the_rerun_resumes(root, tiny_llm_dir):
+@pytest.fixture(scope="module")
+def uninterrupted(root, tiny_llm_dir):
+    """The bank of an uninterrupted 2-rank run with one EM round and a checkpoint every 2 batches."""
+    done = _infer(root, tiny_llm_dir, "uninterrupted", 2, "--uip_epochs=1", "--uip_checkpoint_every=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _bank(root, "uninterrupted")
+
+
+def _assert_same_bank(a, b) -> None:
+    for name in ("codes", "initial_codes", "offsets", "summaries"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_a_rank_killed_mid_run_publishes_nothing_stops_the_others_and_the_rerun_resumes(root, tiny_llm_dir,
+                                                                                      uninterrupted):
     failed = _infer(root, tiny_llm_dir, "killed", 2, "--uip_epochs=1", "--uip_checkpoint_every=2",
                     fault="m_step_batch:3@1")
     assert failed.returncode != 0
@@ -104,12 +118,25 @@ def test_a_rank_killed_mid_run_publishes_nothing_stops_the_others_and_the_rerun_
     resumed = _infer(root, tiny_llm_dir, "killed", 2, "--uip_epochs=1", "--uip_checkpoint_every=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from the checkpoint" in resumed.stdout + resumed.stderr
-    reference = _infer(root, tiny_llm_dir, "uninterrupted", 2, "--uip_epochs=1", "--uip_checkpoint_every=2")
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    a, b = _bank(root, "killed"), _bank(root, "uninterrupted")
-    for name in ("codes", "initial_codes", "offsets", "summaries"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    _assert_same_bank(_bank(root, "killed"), uninterrupted)
     assert not list((root / "killed").rglob("*.pt"))
+
+
+def test_ranks_whose_checkpoints_stop_at_different_points_start_afresh(root, tiny_llm_dir, uninterrupted):
+    """Rank 1 killed while writing its second M-step checkpoint: rank 0 has written its own, rank 1 keeps the one
+    before. Resuming each from its own would mix two points of the run; the rerun must start afresh."""
+    failed = _infer(root, tiny_llm_dir, "torn", 2, "--uip_epochs=1", "--uip_checkpoint_every=2",
+                    fault="checkpoint_write:3@1")
+    assert failed.returncode != 0 and not (root / "torn" / "toy-uip").exists()
+    points = set()
+    for path in (root / "torn").rglob("*.rank*of2.pt"):
+        state = torch.load(path, weights_only=False)["state"]
+        points.add((state["phase"], state["epoch"], (state["progress"] or {}).get("done")))
+    assert len(points) == 2, points                     # the two ranks stopped at different points
+    rerun = _infer(root, tiny_llm_dir, "torn", 2, "--uip_epochs=1", "--uip_checkpoint_every=2")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "stop at different points; starting afresh" in rerun.stdout + rerun.stderr
+    _assert_same_bank(_bank(root, "torn"), uninterrupted)
 
 
 def test_run_under_torchrun_is_refused_with_what_to_launch(monkeypatch, capsys):
