@@ -64,7 +64,7 @@ def configure(model: str, dataset: str, overrides: dict):
     from recbole.utils import init_logger
 
     from recbole_uip.config import UIPSettings
-    from recbole_uip.quick_start import build_config
+    from recbole_uip.recbole_config import build_config
 
     config = build_config(model, dataset, None, {"uip": True, **overrides})
     init_logger(config)

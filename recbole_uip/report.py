@@ -123,7 +123,7 @@ def rating_statistics(config, settings, users: list[str]) -> np.ndarray:
     activity, where the text has no rating), rows in ``users`` order (zeros for users without history)."""
     from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields
     from recbole_uip.inference.user_features import UserFeatureMap
-    from recbole_uip.quick_start import check_dataset_files
+    from recbole_uip.recbole_config import check_dataset_files
 
     histories = collect_training_histories(config, settings, resolve_text_fields(config, settings, check_dataset_files(config)))
     items = torch.zeros(len(histories.item_ids), 1)          # no item information
@@ -151,7 +151,7 @@ def attribute_user_vectors(config, settings, users: list[str]) -> np.ndarray:
     from recbole_uip.data.atomic import read_atomic
     from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields
     from recbole_uip.inference.user_features import UserFeatureMap
-    from recbole_uip.quick_start import check_dataset_files
+    from recbole_uip.recbole_config import check_dataset_files
 
     files = check_dataset_files(config)
     fields = resolve_text_fields(config, settings, files)
