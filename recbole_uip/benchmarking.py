@@ -8,7 +8,8 @@
 * :func:`results_dir`, :func:`write_result`, :func:`publish_result`: ``results/<dataset>/<setting>/<name>.{json,md}``,
   written atomically (and, by the latter, printed and summed up in the folder's ``settings.json``).
 * :func:`write_settings_json`: a results folder's ``settings.json``, from the run records its results hold.
-* :func:`read_records`, :func:`append_record`, :func:`latest_records`: a benchmark's JSONL of finished runs (a restart skips what is done).
+* :func:`read_records`, :func:`append_record`, :func:`latest_records`: a benchmark's JSONL of finished runs (a
+  restart skips what is done).
 * :func:`fmt_p`: a p-value as the reports print it; :func:`progress_logging`: RecBole's logger, quiet on stdout.
 * :func:`benchmark_parser`: the flags every benchmark has; :func:`configure`: a benchmark's RecBole config (profiles on), RecBole's logger and the resolved settings.
 """

@@ -3,8 +3,9 @@
 A benchmark that asks "do the profile IDs help?" needs the same users with *other* IDs: random ones, the bank's
 IDs permuted across users, k-means partitions of cheap per-user representations. Each such ID set is wrapped as a
 :class:`~recbole_uip.bank.FeatureBank` (:func:`alternative_bank`) and written as its own augmented dataset copy
-with :func:`recbole_uip.augmented.write_augmented_dataset` (:func:`write_id_set`). :func:`write_id_free_copy` makes a variant of such a
-copy whose ``.inter`` carries the user columns, so a run can drop user_id and still see the user features.
+with :func:`recbole_uip.augmented.write_augmented_dataset` (:func:`write_id_set`). :func:`write_id_free_copy`
+makes a variant of such a copy whose ``.inter`` carries the user columns, so a run can drop user_id and still see
+the user features.
 
 Shapes: ``U`` users (the bank's rows, in ``bank.users`` order), ``P`` profile columns; every ID array is
 ``(U, P)`` int64 with column ``p`` in ``[0, sizes[p])``.

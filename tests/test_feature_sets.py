@@ -150,7 +150,8 @@ def test_both_settings_reproduce_the_plain_split_and_train(tmp_path, toy):
     write_id_set(config, settings, files, bank, "random", source, lambda: (random_ids(bank, [3, 3]), "random"))
     columns = own_user_fields(config) + list(settings.field_names)
     assert own_user_fields(config) == ["age", "gender"]
-    for setting, folder in [("standard", source), ("id_free", write_id_free_copy(config, source, tmp_path / "out" / "toy-idfree"))]:
+    id_free = write_id_free_copy(config, source, tmp_path / "out" / "toy-idfree")
+    for setting, folder in [("standard", source), ("id_free", id_free)]:
         run = run_config(config, settings, folder, columns, setting, config_dict)
         dataset, loaders = build_loaders(run)
         view = split_view(dataset, loaders)
