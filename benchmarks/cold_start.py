@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    CTR_TRAINING, RESULTS, paired_test, parse_known_with_overrides, results_dir, run_record, settings_table, split_cold_start,
-    publish_result,
+    CTR_TRAINING, RESULTS, paired_test, parse_known_with_overrides, publish_result, read_records, results_dir, run_record,
+    settings_table, split_cold_start,
 )
 from recbole_uip.utils import atomic_write, sha256_json, write_json_atomic
 
@@ -236,10 +236,6 @@ def run_config(base, settings, folder: Path, benchmark: dict, model: str, load_u
         if config[key] != value:
             raise AssertionError(f"cold start: {key} is {config[key]!r} in the run's config, expected {value!r}")
     return config
-
-
-def read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def summarise(records: list[dict], ks: list[int]) -> dict:

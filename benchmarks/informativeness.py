@@ -30,18 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from recbole_uip.__main__ import parse_value  # noqa: E402
-from recbole_uip.bank import FeatureBank  # noqa: E402
-from recbole_uip.config import UIPSettings  # noqa: E402
-from recbole_uip.data.behaviour import build_training_split  # noqa: E402
-from recbole_uip.quick_start import (  # noqa: E402
+from recbole_uip.__main__ import parse_value
+from recbole_uip.bank import FeatureBank
+from recbole_uip.config import UIPSettings
+from recbole_uip.data.behaviour import build_training_split
+from recbole_uip.quick_start import (
     augmented_config, build_config, check_dataset_files, infer_profiles, run_recbole_with_config, write_augmented_dataset,
 )
-from recbole_uip.report import (  # noqa: E402
-    attribute_histogram, attribute_shares, cosine_matrix, group_similarity_test, item_attribute_field, kmeans_ids,
-    normalized_mutual_information,
+from recbole_uip.report import (
+    attribute_histogram, attribute_shares, cosine_matrix, explained_variance, group_similarity_test, item_attribute_field,
+    kmeans_ids, normalized_mutual_information, training_sequences,
 )
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -56,29 +54,6 @@ def paired_summary(a: list[float], b: list[float]) -> dict:
     p = float(stats.ttest_rel(a, b).pvalue) if len(a) > 1 and diff.std() > 0 else float("nan")
     return {"mean_a": a.mean(), "std_a": a.std(ddof=1) if len(a) > 1 else 0.0, "mean_b": b.mean(),
             "std_b": b.std(ddof=1) if len(b) > 1 else 0.0, "mean_diff": diff.mean(), "p_paired_t": p}
-
-
-def training_sequences(dataset, train, users: list[str]) -> tuple[list[list[int]], np.ndarray | None]:
-    """One pass over the training split ``train`` of ``dataset`` (``build_training_split``): per user (rows in
-    ``users`` order) the item ids, oldest first, and ``(U,)`` the user's mean rating (``None`` without a rating
-    field)."""
-    inter = train.inter_feat
-    user_tokens = dataset.id2token(dataset.uid_field, inter[dataset.uid_field].numpy())
-    items = inter[dataset.iid_field].numpy()
-    times = inter[dataset.time_field].numpy() if dataset.time_field in inter else np.arange(len(items))
-    rating_field = dataset.config["RATING_FIELD"]
-    ratings = inter[rating_field].numpy().astype(np.float64) if rating_field in inter else None
-    row_of = {u: r for r, u in enumerate(users)}
-    sequences: list[list[int]] = [[] for _ in users]
-    total, count = np.zeros(len(users)), np.zeros(len(users))
-    for k in np.lexsort((np.arange(len(items)), times, user_tokens)):   # per user, oldest first
-        row = row_of.get(user_tokens[k])
-        if row is not None:
-            sequences[row].append(int(items[k]))
-            count[row] += 1
-            if ratings is not None:
-                total[row] += ratings[k]
-    return sequences, (total / np.clip(count, 1, None) if ratings is not None else None)
 
 
 def incidence_of(item_lists: list[list[int]], num_items: int) -> np.ndarray:
@@ -105,13 +80,6 @@ def behaviour_text_items(config, settings, users: list[str]) -> list[list[str]]:
     items_of = {user: [histories.item_ids[i] for i in histories.items[u][text.newest_target(u, settings.max_behaviour_tokens)]]
                 for u, user in enumerate(histories.users)}
     return [items_of.get(u, []) for u in users]
-
-
-def explained_variance(values: np.ndarray, groups: np.ndarray) -> float:
-    """Share of the variance of ``values (U,)`` explained by the group means of ``groups (U,)`` (eta squared)."""
-    total = ((values - values.mean()) ** 2).sum()
-    within = sum(((values[groups == g] - values[groups == g].mean()) ** 2).sum() for g in np.unique(groups))
-    return float(1 - within / total)
 
 
 def ridge_heldout_r2(vectors: np.ndarray, target: np.ndarray, alpha: float = 100.0, seed: int = 0) -> float:

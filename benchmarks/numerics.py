@@ -27,15 +27,13 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from recbole_uip.benchmarking import parse_known_with_overrides  # noqa: E402
-from recbole_uip.config import UIPSettings  # noqa: E402
-from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields  # noqa: E402
-from recbole_uip.data.behaviour_text import BehaviourText  # noqa: E402
-from recbole_uip.inference.llm import load_frozen_llm  # noqa: E402
-from recbole_uip.inference.trainer import ProfileInferenceTrainer  # noqa: E402
-from recbole_uip.quick_start import build_config, check_dataset_files  # noqa: E402
+from recbole_uip.benchmarking import parse_known_with_overrides
+from recbole_uip.config import UIPSettings
+from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields
+from recbole_uip.data.behaviour_text import BehaviourText
+from recbole_uip.inference.llm import load_frozen_llm
+from recbole_uip.inference.trainer import ProfileInferenceTrainer
+from recbole_uip.quick_start import build_config, check_dataset_files
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 import time
 from pathlib import Path
@@ -34,18 +35,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from recbole_uip.bank import FeatureBank
+from recbole_uip.benchmarking import (
+    RESULTS, append_record, fmt_p, latest_records, parse_known_with_overrides, progress_logging, read_records,
+)
+from recbole_uip.ctr_runs import (
+    FIRST_MODEL_SEED, MODEL_KEYS_DEFAULT, TRAINING_DEFAULTS, assert_same_split, assert_user_features, build_loaders,
+    check_fields, model_dict, prepare_profiles, run_config, run_signature, split_view, train_and_test, training_keys,
+)
+from recbole_uip.data.behaviour import build_training_split
+from recbole_uip.feature_sets import (
+    SHUFFLE_SEED, attribute_vectors, kmeans_columns, shuffled_ids, write_id_free_copy, write_id_set,
+)
+from recbole_uip.inference.codebook import ProfileCodebook
+from recbole_uip.quick_start import build_config
+from recbole_uip.report import explained_variance, training_sequences
+from recbole_uip.utils import write_json_atomic
 
-import zoo  # noqa: E402  (the zoo's dataset writing, split checks and training loop)
-from recbole_uip.benchmarking import parse_known_with_overrides  # noqa: E402
-from informativeness import explained_variance, training_sequences  # noqa: E402
-from recbole_uip.bank import FeatureBank  # noqa: E402
-from recbole_uip.data.behaviour import build_training_split  # noqa: E402
-from recbole_uip.inference.codebook import ProfileCodebook  # noqa: E402
-from recbole_uip.quick_start import build_config, write_augmented_dataset  # noqa: E402
-from recbole_uip.utils import write_json_atomic  # noqa: E402
-
+ROOT = Path(__file__).resolve().parent.parent
+ZOO_FORMAT = 1                 # the zoo's run format: part of the signature, as the zoo's runs have it
 SOURCES = ("uip", "shuffled", "kmeans-attr", "kmeans-llm")
 DEFAULT_MODELS = "DeepFM,FM,WideDeep"
 FORMAT = 1                     # bump when the meaning of a run changes
@@ -61,7 +69,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--tag", default="", help="suffix of the output files")
     parser.add_argument("--render", action="store_true", help="only rebuild the markdown from the JSONL")
-    for key, value in zoo.TRAINING_DEFAULTS.items():
+    for key, value in TRAINING_DEFAULTS.items():
         parser.add_argument(f"--{key}", type=type(value), default=value, help=f"RecBole {key} (default: {value})")
     args, overrides = parse_known_with_overrides(parser, argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -70,13 +78,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
         parser.error(f"unknown ID source(s): {', '.join(unknown)}")
     if args.partitions < 2:
         parser.error("--partitions must be at least 2 (a spread needs two)")
-    args.model_keys = zoo.MODEL_KEYS_DEFAULT
+    args.model_keys = MODEL_KEYS_DEFAULT
     return args, overrides
 
 
 def output_paths(dataset: str, tag: str) -> dict[str, Path]:
     stem = f"partitions_{dataset}{'_' + tag if tag else ''}"
-    return {"jsonl": zoo.RESULTS / f"{stem}.jsonl", "md": zoo.RESULTS / f"{stem}.md", "meta": zoo.RESULTS / f"{stem}.meta.json"}
+    return {"jsonl": RESULTS / f"{stem}.jsonl", "md": RESULTS / f"{stem}.md", "meta": RESULTS / f"{stem}.meta.json"}
 
 
 # ============================================================================================ partitions
@@ -100,11 +108,11 @@ def partition_ids(source: str, partition: int, bank: FeatureBank, sizes: list[in
     if source == "uip":
         return bank.codes if partition == 0 else requantised_ids(bank, sizes, settings.kmeans_iters, partition)
     if source == "shuffled":
-        return zoo.shuffled_ids(bank, seed=zoo.SHUFFLE_SEED + partition)
+        return shuffled_ids(bank, seed=SHUFFLE_SEED + partition)
     vectors = attributes() if source == "kmeans-attr" else bank.summaries
     if vectors is None:
         raise ValueError("The bank holds no LLM summaries: the kmeans-llm baseline cannot be built.")
-    return zoo.kmeans_columns(vectors, sizes, first_seed=len(sizes) * partition)
+    return kmeans_columns(vectors, sizes, first_seed=len(sizes) * partition)
 
 
 def joint_groups(ids: np.ndarray) -> np.ndarray:
@@ -114,22 +122,22 @@ def joint_groups(ids: np.ndarray) -> np.ndarray:
 
 # ============================================================================================ grid
 def run(args, overrides: dict, paths: dict, logger) -> None:
-    base, settings, files, target, bank = zoo.prepare(args, overrides, logger)
+    base, settings, files, target, bank = prepare_profiles(args, overrides, logger)
     sizes = [settings.codebook_sizes[p] for p in bank.profiles]
-    signature = f"{bank.fingerprint[:12]}-p{FORMAT}-{zoo.run_signature(args, overrides, bank)}"
-    done = {(r["source"], r["partition"], r["model"], r["seed"]) for r in zoo.read_records(paths["jsonl"])
+    signature = f"{bank.fingerprint[:12]}-p{FORMAT}-{run_signature(args, overrides, bank, ZOO_FORMAT)}"
+    done = {(r["source"], r["partition"], r["model"], r["seed"]) for r in read_records(paths["jsonl"])
             if r["signature"] == signature}
-    seeds = [zoo.FIRST_MODEL_SEED + i for i in range(args.seeds)]
-    plain = build_config(args.models[0], args.dataset, None, {**overrides, **zoo.training_keys(args)})
-    plain_dataset, plain_loaders = zoo.build_loaders(plain)
-    reference = zoo.split_view(plain_dataset, plain_loaders)
+    seeds = [FIRST_MODEL_SEED + i for i in range(args.seeds)]
+    plain = build_config(args.models[0], args.dataset, None, {**overrides, **training_keys(args)})
+    plain_dataset, plain_loaders = build_loaders(plain)
+    reference = split_view(plain_dataset, plain_loaders)
     del plain_dataset, plain_loaders
     _, mean_rating = training_sequences(*build_training_split(base), bank.users)
     attributes_cache: list[np.ndarray] = []
 
     def attributes() -> np.ndarray:
         if not attributes_cache:
-            attributes_cache.append(zoo.attribute_vectors(base, settings, bank)[0])
+            attributes_cache.append(attribute_vectors(base, settings, bank)[0])
         return attributes_cache[0]
 
     columns = list(settings.field_names)
@@ -145,27 +153,25 @@ def run(args, overrides: dict, paths: dict, logger) -> None:
             eta2 = explained_variance(mean_rating, groups) if mean_rating is not None else None
             name = f"{args.dataset}-uippart-{source}-p{partition}"
             folder = target.parent / name
-            fingerprint = f"{bank.fingerprint}-part{FORMAT}-{source}-{partition}"
-            if not zoo.is_current(folder, fingerprint):
-                alternative = zoo.alternative_bank(bank, ids, f"part{FORMAT}-{source}-{partition}", f"{source}, partition {partition}")
-                write_augmented_dataset(base, settings, files, alternative, folder)
-            folder = zoo.write_id_free_copy(base, folder, target.parent / f"{name}-idfree")
-            data_config = zoo.run_config(base, settings, folder, columns, "id_free", zoo.model_dict(args, args.models[0], overrides))
-            dataset, loaders = zoo.build_loaders(data_config)
-            zoo.assert_same_split(reference, zoo.split_view(dataset, loaders), name)
-            zoo.assert_user_features(reference, dataset, loaders, folder, columns, "id_free", base, name)
+            write_id_set(base, settings, files, bank, f"part{FORMAT}-{source}-{partition}", folder,
+                         lambda: (ids, f"{source}, partition {partition}"))
+            folder = write_id_free_copy(base, folder, target.parent / f"{name}-idfree")
+            data_config = run_config(base, settings, folder, columns, "id_free", model_dict(args, args.models[0], overrides))
+            dataset, loaders = build_loaders(data_config)
+            assert_same_split(reference, split_view(dataset, loaders), name)
+            assert_user_features(reference, dataset, loaders, folder, columns, "id_free", base, name)
             for model in args.models:
-                model_base = build_config(model, args.dataset, None, {**zoo.model_dict(args, model, overrides), "uip": True})
-                config = zoo.run_config(model_base, settings, folder, columns, "id_free", zoo.model_dict(args, model, overrides))
-                zoo.check_fields(config, dataset, columns, "id_free")
+                model_base = build_config(model, args.dataset, None, {**model_dict(args, model, overrides), "uip": True})
+                config = run_config(model_base, settings, folder, columns, "id_free", model_dict(args, model, overrides))
+                check_fields(config, dataset, columns, "id_free")
                 for seed in [s for (m, s) in todo if m == model]:
-                    result = zoo.train_and_test(config, loaders, seed)
-                    zoo.append_record(paths["jsonl"], {
+                    result = train_and_test(config, loaders, seed)
+                    append_record(paths["jsonl"], {
                         "signature": signature, "dataset": args.dataset, "source": source, "partition": partition,
                         "model": model, "seed": seed, "groups": int(groups.max() + 1), "eta2_mean_rating": eta2,
                         "auc": result["auc"], "logloss": result["logloss"], "best_epoch": result["best_epoch"],
                         "seconds": result["seconds"], "threads": torch.get_num_threads(), "bank": bank.fingerprint[:12],
-                        "llm": settings.llm, **zoo.training_keys(args),
+                        "llm": settings.llm, **training_keys(args),
                         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
                     logger.info(f"zoo-partitions {source} p{partition} {model} seed {seed}: AUC {result['auc']:.4f}")
 
@@ -215,7 +221,7 @@ def render_markdown(records: list[dict], meta: dict) -> str:
             xa = [c["auc"] for c in means[a].values()]
             xb = [c["auc"] for c in means[b].values()]
             p = float(stats.ttest_ind(xa, xb, equal_var=False).pvalue)
-            lines.append(f"| {a} − {b} | {np.mean(xa) - np.mean(xb):+.4f} | {zoo.fmt_p(p)} |")
+            lines.append(f"| {a} − {b} | {np.mean(xa) - np.mean(xb):+.4f} | {fmt_p(p)} |")
     lines += ["", "## Every partition", "",
               "| source | partition | groups | eta² of mean rating | " + " | ".join(f"{m} AUC" for m in models) + " | mean AUC | runs |",
               "|---|---|---|---|" + "---|" * len(models) + "---|---|"]
@@ -230,7 +236,7 @@ def render_markdown(records: list[dict], meta: dict) -> str:
     if len(all_cells) > 2:
         r, p = stats.pearsonr([c["eta2"] for c in all_cells], [c["auc"] for c in all_cells])
         lines += ["", f"Across all {len(all_cells)} partitions, the Pearson correlation between the eta² of the users' "
-                  f"mean training rating and the mean test AUC is {r:.2f} (p {zoo.fmt_p(float(p))})."]
+                  f"mean training rating and the mean test AUC is {r:.2f} (p {fmt_p(float(p))})."]
     return "\n".join(lines) + "\n"
 
 
@@ -238,22 +244,19 @@ def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides.setdefault("uip_num_threads", args.threads)
-    overrides.setdefault("checkpoint_dir", str(zoo.ROOT / "saved" / f"partitions-{args.dataset}"))
+    overrides.setdefault("checkpoint_dir", str(ROOT / "saved" / f"partitions-{args.dataset}"))
     paths = output_paths(args.dataset, args.tag)
-    zoo.RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(exist_ok=True)
     if not args.render:
-        logger = zoo.setup_logging(build_config(args.models[0], args.dataset, None, {**overrides, "uip": True}))
+        logger = progress_logging(build_config(args.models[0], args.dataset, None, {**overrides, "uip": True}))
         start = time.perf_counter()
         run(args, overrides, paths, logger)
         logger.info(f"zoo-partitions: finished in {(time.perf_counter() - start) / 60:.1f} min")
-    records = zoo.read_records(paths["jsonl"])
+    records = read_records(paths["jsonl"])
     if not records:
         print(f"No runs in {paths['jsonl']}.")
         return 1
-    latest = records[-1]["signature"]
-    records = [r for r in records if r["signature"] == latest]
-    import json
-
+    records = latest_records(records)
     meta = json.loads(paths["meta"].read_text(encoding="utf-8")) if paths["meta"].is_file() else {}
     paths["md"].write_text(render_markdown(records, meta), encoding="utf-8")
     print(f"Wrote {paths['md']}")

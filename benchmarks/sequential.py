@@ -24,11 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from recbole_uip.__main__ import parse_value  # noqa: E402
-from recbole_uip.config import UIPSettings  # noqa: E402
-from recbole_uip.quick_start import (  # noqa: E402
+from recbole_uip.__main__ import parse_value
+from recbole_uip.config import UIPSettings
+from recbole_uip.quick_start import (
     augmented_config, build_config, check_dataset_files, infer_profiles, run_recbole_with_config, write_augmented_dataset,
 )
 

@@ -53,55 +53,41 @@ import csv
 import dataclasses
 import datetime as dt
 import json
-import logging
 import os
 import platform
 import sys
 import time
-from logging import getLogger
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from recbole_uip.bank import FeatureBank  # noqa: E402
-from recbole_uip.benchmarking import paired_test, parse_known_with_overrides, results_dir, run_record  # noqa: E402
-from recbole_uip.compat import patch_recbole_checkpoint_loading  # noqa: E402
-from recbole_uip.config import UIPSettings  # noqa: E402
-from recbole_uip.data.atomic import MANIFEST_NAME, publish_directory, read_atomic  # noqa: E402
-from recbole_uip.quick_start import (  # noqa: E402
-    augmented_config, build_config, check_dataset_files, infer_profiles, write_augmented_dataset,
+from recbole_uip.bank import FeatureBank
+from recbole_uip.benchmarking import (
+    append_record, fmt_p, latest_records, paired_test, parse_known_with_overrides, progress_logging, read_records,
+    results_dir, run_record, write_settings_json,
 )
-from recbole_uip.model.fusion import model_class_for_run  # noqa: E402
-from recbole_uip.report import (  # noqa: E402
-    attribute_histogram, attribute_shares, attribute_user_vectors, item_attribute_field, kmeans_ids, profile_report,
-    rating_statistics, render_profile_report, training_histories,
+from recbole_uip.config import UIPSettings
+from recbole_uip.ctr_runs import (
+    FIRST_MODEL_SEED, MODEL_KEYS_DEFAULT, TRAINING_DEFAULTS, assert_same_split, assert_user_features, build_loaders,
+    check_fields, model_dict, prepare_profiles, run_config, run_signature, split_view, train_and_test, training_keys,
 )
-from recbole_uip.utils import sha256_json, write_json_atomic  # noqa: E402
+from recbole_uip.data.atomic import read_atomic
+from recbole_uip.feature_sets import (
+    RANDOM_IDS_SEED, SHUFFLE_SEED, attribute_vectors, kmeans_columns, own_user_fields, random_ids, shuffled_ids,
+    write_id_free_copy, write_id_set,
+)
+from recbole_uip.quick_start import build_config
+from recbole_uip.report import (
+    attribute_user_vectors, kmeans_ids, profile_report, rating_statistics, render_profile_report,
+)
+from recbole_uip.utils import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 DEFAULT_MODELS = "DeepFM,DCN,DCNV2,WideDeep,xDeepFM,AutoInt,FM,NFM"
 SETTINGS = ("standard", "id_free")
-FIRST_MODEL_SEED = 2020          # model seeds are 2020, 2021, ...; the split seed stays config['seed']
-RANDOM_IDS_SEED = 0
-SHUFFLE_SEED = 12345             # the permutation benchmarks/informativeness.py uses
 ZOO_FORMAT = 1                   # bump when the meaning of a run changes (resets what counts as done)
-
-# Training configuration, chosen from measured single runs on ml-100k at 1 thread (uip+own, standard): RecBole's
-# defaults (batch 2048, lr 0.001, patience 10, 300 epochs) need 30-50 epochs per run, far beyond a 384-run grid.
-# Batch 4096 with lr 0.01 and patience 2 stopped every model after 6-21 epochs; against lr 0.005 / patience 3 (8-26
-# epochs) test AUC was lower only for DeepFM (0.7891 vs 0.7914) and equal or higher for the other models; lr 0.02
-# cost DeepFM 0.7 AUC points. The epoch cap is never hit (checked per run: cap_hit in the JSONL).
-TRAINING_DEFAULTS = {"train_batch_size": 4096, "learning_rate": 0.01, "stopping_step": 2, "epochs": 100,
-                     "eval_batch_size": 16384}
-# Per-model RecBole keys that replace RecBole's model defaults (--model_keys replaces this mapping). With its default
-# CIN [100, 100, 100] one xDeepFM epoch took 16 s at 1 thread (the other seven models together: 12 s), and DCNV2's
-# default [768, 768] MLP 5 s: the grid would not fit in hours. These two are scaled down; the others keep the defaults.
-MODEL_KEYS_DEFAULT: dict[str, dict] = {"xDeepFM": {"cin_layer_size": [50, 50]}, "DCNV2": {"mlp_hidden_size": [256, 256]}}
-
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSet:
@@ -179,67 +165,12 @@ def output_paths(dataset: str, tag: str) -> dict[str, Path]:
     folder = results_dir(dataset, tag or "default")
     paths = {ext: folder / f"zoo.{ext}" for ext in ("jsonl", "md", "csv", "png")}
     paths["notes"] = folder / "zoo_notes.md"
-    paths["meta"] = folder / "zoo.meta.json"  # the command line and the ID sets' granularity
+    paths["meta"] = folder / "zoo.meta.json"  # the command line, the ID sets' granularity and the run record
     paths["profile_report"] = folder / "profile_report.md"
     return paths
 
 
-def model_dict(args, model: str, overrides: dict) -> dict:
-    """The config_dict of one model's runs: overrides, the training keys, and that model's --model_keys."""
-    return {**overrides, **training_keys(args), **args.model_keys.get(model, {})}
-
-
-def training_keys(args) -> dict:
-    """The RecBole keys this benchmark sets for every run (besides the dataset presets)."""
-    return {key: getattr(args, key) for key in TRAINING_DEFAULTS} | {"valid_metric": "AUC", "show_progress": False,
-                                                                     "metric_decimal_place": 6}
-
-
 # ============================================================================================ ID sets
-def alternative_bank(bank: FeatureBank, codes: np.ndarray, tag: str, note: str, codebooks=None) -> FeatureBank:
-    """A bank with the same users and profiles as ``bank`` but other IDs (a control or a cheap baseline)."""
-    return FeatureBank(fingerprint=f"{bank.fingerprint}-zoo{ZOO_FORMAT}-{tag}", profiles=bank.profiles, users=bank.users,
-                       codes=np.asarray(codes, dtype=np.int64), codebooks=codebooks or bank.codebooks,
-                       no_history_token=bank.no_history_token, metadata={"note": note, "source": bank.fingerprint})
-
-
-def random_ids(bank: FeatureBank, sizes: list[int], seed: int = RANDOM_IDS_SEED) -> np.ndarray:
-    """``(U, P)`` uniform random IDs, as many per column as that profile's codebook."""
-    rng = np.random.default_rng(seed)
-    return np.stack([rng.integers(0, k, size=len(bank.users)) for k in sizes], axis=1)
-
-
-def shuffled_ids(bank: FeatureBank, seed: int = SHUFFLE_SEED) -> np.ndarray:
-    """The UIP IDs with whole rows permuted across users (each profile keeps its usage and the pairs stay)."""
-    return bank.codes[np.random.default_rng(seed).permutation(len(bank.users))]
-
-
-def kmeans_columns(vectors: np.ndarray, sizes: list[int], first_seed: int = 0) -> np.ndarray:
-    """``(U, P)``: one k-means per profile over the same per-user vectors, with seed = ``first_seed`` + column
-    index and as many clusters as that profile's codebook (the columns differ by their k-means++ start only)."""
-    return np.stack([kmeans_ids(vectors, k, seed=first_seed + column) for column, k in enumerate(sizes)], axis=1)
-
-
-def attribute_vectors(config, settings: UIPSettings, bank: FeatureBank) -> tuple[np.ndarray, str]:
-    """Per-user item-attribute histograms of the training split (rows in bank order), as shares of the user's
-    attribute mentions; and the attribute field's name."""
-    incidence, dataset = training_histories(config, bank.users)
-    field = item_attribute_field(dataset, settings.item_text_fields)
-    if field is None:
-        raise ValueError(f"{config['dataset']}: no token item field besides the title for the kmeans-attr baseline.")
-    histogram = attribute_histogram(incidence, dataset, field)
-    return attribute_shares(histogram), field
-
-
-def is_current(folder: Path, fingerprint: str) -> bool:
-    """Whether ``folder`` is a complete dataset copy written for ``fingerprint``."""
-    manifest = folder / MANIFEST_NAME
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
-    except (OSError, ValueError):
-        return False
-
-
 def partition_granularity(columns) -> dict:
     """How finely a user-level feature set splits the users: ``columns`` is ``(U, C)`` (one row per user, any
     hashable values). Returns the number of distinct rows (groups), the entropy of the group sizes in bits, and
@@ -287,237 +218,23 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
     }
     for id_set in sorted(needed - {"uip"}):
         folder = target.parent / f"{config['dataset']}-uipzoo-{id_set}"
-        fingerprint = f"{bank.fingerprint}-zoo{ZOO_FORMAT}-{id_set}"
-        if not is_current(folder, fingerprint):
+
+        def build(id_set=id_set):
             if id_set == "kmeans-llm" and bank.summaries is None:
                 raise ValueError("The bank holds no LLM summaries: the kmeans-llm baseline cannot be built.")
             if id_set == "uip-untrained" and bank.initial_codes is None:
                 raise ValueError("The bank holds no initial codes: the untrained control cannot be built.")
-            codes, note = builders[id_set]()
-            write_augmented_dataset(config, settings, files, alternative_bank(bank, codes, id_set, note), folder)
+            return builders[id_set]()
+
+        if write_id_set(config, settings, files, bank, id_set, folder, build):
             logger.info(f"zoo: wrote the {id_set} IDs to {folder}")
         folders[id_set] = folder
     return folders
 
 
-def write_id_free_copy(config, source: Path, folder: Path) -> Path:
-    """A variant of the dataset copy ``source`` whose ``.inter`` carries every ``.user`` column joined in, and
-    which has no ``.user`` file: a run can then drop user_id (``unused_col``) and still see the user features.
-
-    Rewritten only when ``source``'s manifest changed. Every other atomic file is copied unchanged.
-    """
-    import shutil
-
-    fingerprint = json.loads((source / MANIFEST_NAME).read_text(encoding="utf-8"))["fingerprint"] + "-idfree"
-    if is_current(folder, fingerprint):
-        return folder
-    separator, encoding = config["field_separator"], config["encoding"]
-    user_field = config["USER_ID_FIELD"]
-    name = folder.name
-
-    def build(tmp: Path) -> None:
-        inter = read_atomic(source / f"{source.name}.inter", separator, encoding)
-        users = read_atomic(source / f"{source.name}.user", separator, encoding)
-        extra = [f for f in users.fields if f != user_field and f not in inter.fields]
-        user_index = users.fields.index(user_field)
-        row_of = {row[user_index]: row for row in users.rows}
-        pick = [users.fields.index(f) for f in extra]
-        inter_user = inter.fields.index(user_field)
-        with open(tmp / f"{name}.inter", "w", encoding=encoding, newline="") as handle:
-            handle.write(separator.join([inter.header] + [f"{f}:{users.field_type(f)}" for f in extra]) + "\n")
-            for row in inter.rows:
-                user_row = row_of.get(row[inter_user])
-                handle.write(separator.join(row + [user_row[i] if user_row else "" for i in pick]) + "\n")
-        for path in source.iterdir():
-            suffix = path.name[len(source.name) + 1:]
-            if path.is_file() and path.name.startswith(source.name + ".") and suffix not in ("inter", "user"):
-                shutil.copyfile(path, tmp / f"{name}.{suffix}")
-        write_json_atomic(tmp / MANIFEST_NAME, {"fingerprint": fingerprint, "source": str(source),
-                                                "note": ".user columns joined into .inter; no .user file"})
-
-    return publish_directory(build, folder)
-
-
 # ============================================================================================ configs and data
-def own_user_fields(config) -> list[str]:
-    """The dataset's own user features as its presets load them (ml-100k: age, gender, occupation)."""
-    load_col = config["load_col"] or {}
-    return [f for f in load_col.get("user", []) if f != config["USER_ID_FIELD"]]
-
-
 def user_columns(feature_set: FeatureSet, own: list[str], settings: UIPSettings) -> list[str]:
     return (own if feature_set.own else []) + (list(settings.field_names) if feature_set.profiles else [])
-
-
-def run_config(base_config, settings: UIPSettings, folder: Path, columns: list[str], setting: str, overrides: dict):
-    """The ``Config`` of one (feature set, setting) for the model of ``base_config``.
-
-    Built by the package's ``augmented_config`` (which carries the dataset's presets over to the copy and switches
-    RecBole's dataset cache off); then ``load_col`` is narrowed to the feature set's user columns. In ``id_free``,
-    the columns come from ``.inter`` and user_id is loaded for the split only (``unused_col``).
-    """
-    config = augmented_config(base_config, settings, folder, None, overrides)
-    user_field = base_config["USER_ID_FIELD"]
-    load_col = {key: list(value) for key, value in config["load_col"].items()}
-    if setting == "standard":
-        load_col["user"] = [user_field] + columns
-    else:
-        load_col.pop("user", None)
-        load_col["inter"] = [f for f in load_col["inter"] if f not in columns] + columns
-        config["unused_col"] = {"inter": [user_field]}
-    config["load_col"] = load_col
-    return config
-
-
-def build_loaders(config):
-    """RecBole's dataset and (train, valid, test) dataloaders, seeded as ``run_recbole_with_config`` seeds them."""
-    from recbole.data import create_dataset, data_preparation
-    from recbole.utils import init_seed
-
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
-    return dataset, data_preparation(config, dataset)
-
-
-@dataclasses.dataclass
-class SplitView:
-    """One dataset's split, in raw values, for checking that every run sees the same interactions."""
-
-    items: list[np.ndarray]          # per split: raw item tokens, in order
-    labels: list[np.ndarray]
-    timestamps: list[np.ndarray]
-    users: list[np.ndarray] | None   # raw user tokens (None when user_id was dropped)
-
-
-def split_view(dataset, loaders) -> SplitView:
-    """The raw (item, label, timestamp[, user]) sequences of train, valid and test."""
-    views = SplitView([], [], [], [] if dataset.uid_field in loaders[0]._dataset.inter_feat else None)
-    for loader in loaders:
-        inter = loader._dataset.inter_feat
-        views.items.append(np.asarray(dataset.id2token(dataset.iid_field, inter[dataset.iid_field].numpy())))
-        views.labels.append(inter[dataset.label_field].numpy().copy())
-        views.timestamps.append(inter[dataset.time_field].numpy().copy() if dataset.time_field in inter
-                                else np.zeros(len(inter)))
-        if views.users is not None:
-            views.users.append(np.asarray(dataset.id2token(dataset.uid_field, inter[dataset.uid_field].numpy())))
-    return views
-
-
-def feature_tokens(dataset, loaders, field: str, setting: str) -> list[np.ndarray]:
-    """Per split, the raw value of user feature ``field`` each interaction is given (joined from ``.user`` in
-    ``standard``, read from ``.inter`` in ``id_free``)."""
-    out = []
-    for loader in loaders:
-        inter = loader._dataset.inter_feat
-        if setting == "standard":
-            ids = dataset.user_feat[field][inter[dataset.uid_field]].numpy()
-        else:
-            ids = inter[field].numpy()
-        out.append(np.asarray(dataset.id2token(field, ids)))
-    return out
-
-
-def assert_same_split(reference: SplitView, view: SplitView, label: str) -> None:
-    """Raise if ``view`` is not interaction-for-interaction the reference split (no leakage between settings)."""
-    for part, name in enumerate(("train", "valid", "test")):
-        same = (np.array_equal(reference.items[part], view.items[part])
-                and np.array_equal(reference.labels[part], view.labels[part])
-                and np.array_equal(reference.timestamps[part], view.timestamps[part]))
-        if not same:
-            raise AssertionError(f"{label}: the {name} split differs from the plain run's split (item, label, "
-                                 "timestamp); the profiles were learned on the plain run's training part.")
-        if view.users is not None and not np.array_equal(reference.users[part], view.users[part]):
-            raise AssertionError(f"{label}: the {name} split has other users than the plain run's split.")
-
-
-def assert_user_features(reference: SplitView, dataset, loaders, folder: Path, columns: list[str], setting: str,
-                         config, label: str) -> None:
-    """Raise unless every interaction carries exactly its own user's values of ``columns`` (from the copy's
-    ``.user`` file, or for the id_free variant the ``.user`` of the copy it was joined from)."""
-    source = folder if setting == "standard" else Path(json.loads((folder / MANIFEST_NAME).read_text())["source"])
-    table = read_atomic(source / f"{source.name}.user", config["field_separator"], config["encoding"])
-    user_index = table.fields.index(config["USER_ID_FIELD"])
-    for field in columns:
-        index = table.fields.index(field)
-        value_of = {row[user_index]: row[index] for row in table.rows}
-        for part, actual in enumerate(feature_tokens(dataset, loaders, field, setting)):
-            expected = np.asarray([value_of[u] for u in reference.users[part]])
-            if not np.array_equal(expected, actual):
-                raise AssertionError(f"{label}: interactions do not carry their user's '{field}' values.")
-
-
-# ============================================================================================ one run
-class _NullWriter:
-    """Stands in for RecBole's per-trainer TensorBoard writer: 384 runs would leave 384 event folders and
-    background threads behind. Only logging is affected, never training."""
-
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    def add_hparams(self, *args, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-def train_and_test(config, loaders, model_seed: int) -> dict:
-    """Train ``config['model']`` on prebuilt dataloaders and test its best checkpoint.
-
-    The body of ``recbole_uip.quick_start.run_recbole_with_config`` after ``data_preparation``: the model seed
-    seeds initialisation and dropout; the dataloaders' generators are reset to ``config['seed']`` first, as a
-    freshly built dataloader is, so a run does not depend on which runs came before it.
-    """
-    from recbole.utils import get_trainer, init_seed
-    import recbole.trainer.trainer as recbole_trainer
-
-    patch_recbole_checkpoint_loading()
-    train_data, valid_data, test_data = loaders
-    for loader in loaders:
-        loader.generator.manual_seed(config["seed"])
-    init_seed(model_seed + config["local_rank"], config["reproducibility"])
-    start = time.perf_counter()
-    model = model_class_for_run(config)(config, train_data._dataset).to(config["device"])
-    saved_get_tensorboard = recbole_trainer.get_tensorboard
-    recbole_trainer.get_tensorboard = lambda logger: _NullWriter()
-    try:
-        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    finally:
-        recbole_trainer.get_tensorboard = saved_get_tensorboard
-    _, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
-    test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
-    seconds = time.perf_counter() - start
-    checkpoint = Path(trainer.saved_model_file)
-    best_epoch = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"]) + 1
-    checkpoint.unlink(missing_ok=True)
-    epochs_run = len(trainer.train_loss_dict)
-    return {"auc": float(test_result["auc"]), "logloss": float(test_result["logloss"]),
-            "valid_auc": float(best_valid["auc"]), "valid_logloss": float(best_valid["logloss"]),
-            "best_epoch": best_epoch, "epochs_run": epochs_run, "epochs_cap": int(config["epochs"]),
-            "cap_hit": epochs_run >= int(config["epochs"]), "seconds": round(seconds, 2)}
-
-
-# ============================================================================================ JSONL
-def read_records(path: Path) -> list[dict]:
-    """Every run in the JSONL (a torn last line, from a kill mid-write, is ignored)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def append_record(path: Path, record: dict) -> None:
-    """Append one run and flush it to disk before the next run starts."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def run_key(record: dict) -> tuple:
@@ -525,17 +242,6 @@ def run_key(record: dict) -> tuple:
 
 
 # ============================================================================================ the grid
-def prepare(args, overrides: dict, logger):
-    """Infer or reuse the profiles; return the base config, settings, files, the uip folder and the bank."""
-    config = build_config(args.models[0], args.dataset, None, {**overrides, **training_keys(args), "uip": True})
-    settings = UIPSettings.from_config(config)
-    files = check_dataset_files(config)
-    start = time.perf_counter()
-    target = infer_profiles(config, settings)
-    logger.info(f"zoo: profiles ready in {time.perf_counter() - start:.1f}s ({target})")
-    return config, settings, files, target, FeatureBank.load(target / "bank")
-
-
 def write_profile_report(config, settings, files, bank: FeatureBank, path: Path, header: str) -> None:
     """The profile report of this inference run, with the cheap baselines' IDs alongside for reference."""
     sizes = [settings.codebook_sizes[p] for p in bank.profiles]
@@ -556,8 +262,8 @@ def run_grid(args, overrides: dict, paths: dict, logger) -> None:
                    for m in args.models}
     for model_base in model_bases.values():
         check_context_model(model_base)
-    base, settings, files, target, bank = prepare(args, overrides, logger)
-    signature = run_signature(args, overrides, bank)
+    base, settings, files, target, bank = prepare_profiles(args, overrides, logger)
+    signature = run_signature(args, overrides, bank, ZOO_FORMAT)
     write_profile_report(base, settings, files, bank, paths["profile_report"], report_header(args))
     logger.info(f"zoo: profile report written to {paths['profile_report']}")
     done = {run_key(r) for r in read_records(paths["jsonl"])}
@@ -570,7 +276,7 @@ def run_grid(args, overrides: dict, paths: dict, logger) -> None:
     folders = prepare_id_sets(base, settings, files, target, bank, {fs.id_set for fs in feature_sets}, logger)
     write_json_atomic(paths["meta"], {"signature": signature, "bank": bank.fingerprint[:12],
                                       "command": "python benchmarks/zoo.py " + " ".join(args.argv),
-                                      "granularity": id_set_granularity(base, files, bank, folders)})
+                                      "granularity": id_set_granularity(base, files, bank, folders), "record": args.record})
     if not todo:
         return
 
@@ -634,30 +340,6 @@ def check_context_model(config) -> None:
                          "benchmarks/sequential.py covers sequential models.")
 
 
-def run_signature(args, overrides: dict, bank: FeatureBank) -> str:
-    """What makes two runs of the same (model, feature set, setting, seed) comparable: the bank, the training keys,
-    the thread count (it changes float reductions), the other overrides and this script's format."""
-    kept = {k: v for k, v in overrides.items() if k not in ("checkpoint_dir", "uip_num_threads", "uip_output_dir")}
-    return sha256_json({"format": ZOO_FORMAT, "dataset": args.dataset, "bank": bank.fingerprint, "threads": args.threads,
-                        "training": training_keys(args), "model_keys": args.model_keys, "overrides": kept})[:16]
-
-
-def check_fields(config, dataset, columns: list[str], setting: str) -> None:
-    """Raise unless the model will embed exactly user_id (standard only), the item fields and ``columns``."""
-    from recbole.utils import FeatureSource
-
-    user_sources = [FeatureSource.USER, FeatureSource.USER_ID, FeatureSource.INTERACTION]
-    user_side = set(dataset.fields(source=user_sources)) - {config["LABEL_FIELD"], config["ITEM_ID_FIELD"],
-                                                           config["TIME_FIELD"], config["RATING_FIELD"]}
-    expected = set(columns) | ({config["USER_ID_FIELD"]} if setting == "standard" else set())
-    if setting == "id_free":
-        user_side -= {config["USER_ID_FIELD"]}      # loaded for the split only; unused_col drops it before training
-        if config["USER_ID_FIELD"] not in (config["unused_col"] or {}).get("inter", []):
-            raise AssertionError("id_free run would embed user_id")
-    if user_side != expected:
-        raise AssertionError(f"{setting}: user-side fields {sorted(user_side)} != expected {sorted(expected)}")
-
-
 # ============================================================================================ summaries
 def by_cell(records: list[dict]) -> dict[tuple, dict[int, dict]]:
     """``{(setting, model, feature_set): {seed: record}}``."""
@@ -674,10 +356,6 @@ def compare(cells: dict, setting: str, model: str, a: str, b: str, metric: str):
     if not seeds:
         return None
     return (*paired_test([ra[s][metric] for s in seeds], [rb[s][metric] for s in seeds]), len(seeds))
-
-
-def fmt_p(p: float) -> str:
-    return "n/a" if p != p else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
 def render(records: list[dict], args, paths: dict) -> None:
@@ -928,23 +606,6 @@ def report_header(args) -> str:
 
 
 # ============================================================================================ main
-def setup_logging(config):
-    """RecBole's logger (its file under log/ keeps every epoch); on stdout only our progress lines and warnings."""
-    from recbole.utils import init_logger
-
-    init_logger(config)
-    logger = getLogger()
-    for handler in logger.handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
-    progress = logging.StreamHandler(sys.stdout)
-    progress.setLevel(logging.INFO)
-    progress.addFilter(lambda record: record.getMessage().startswith(("zoo", "UIP")))
-    progress.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    logger.addHandler(progress)
-    return logger
-
-
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -957,16 +618,20 @@ def main(argv=None) -> int:
     overrides.setdefault("uip_output_dir", str(Path("dataset") / f"zoo-{args.tag or 'default'}"))
 
     config = build_config(args.models[0], args.dataset, None, {**overrides, "uip": True})
-    # the folder's resolved settings and portable command (no machine paths); --render keeps the grid's command
+    # the folder's resolved settings and portable command (no machine paths), kept in zoo.meta.json and summed up in
+    # settings.json; --render keeps the grid's record (or, from a meta without one, the grid's command)
+    meta = json.loads(paths["meta"].read_text(encoding="utf-8")) if paths["meta"].is_file() else {}
     command = ["benchmarks/zoo.py", *args.argv]
-    if args.render and paths["meta"].is_file():
-        command = json.loads(paths["meta"].read_text(encoding="utf-8"))["command"].split()[1:]
-    write_json_atomic(paths["jsonl"].parent / "settings.json",
-                      run_record(config, UIPSettings.from_config(config), command))
+    if args.render and meta:
+        command = meta["command"].split()[1:]
+    args.record = (meta.get("record") if args.render else None) or run_record(config, UIPSettings.from_config(config), command)
+    if not args.render or "record" not in meta:
+        write_json_atomic(paths["meta"], {**meta, "record": args.record})
+    write_settings_json(paths["meta"].parent)
     if not args.render:
-        logger = setup_logging(config)
+        logger = progress_logging(config)
         if args.report_only:
-            base, settings, files, _, bank = prepare(args, overrides, logger)
+            base, settings, files, _, bank = prepare_profiles(args, overrides, logger)
             write_profile_report(base, settings, files, bank, paths["profile_report"], report_header(args))
             print(paths["profile_report"])
             return 0
@@ -977,10 +642,10 @@ def main(argv=None) -> int:
     if not records:
         print(f"No runs in {paths['jsonl']}.")
         return 1
-    latest = records[-1]["signature"]
-    current = [r for r in records if r["signature"] == latest]
+    current = latest_records(records)
     if len(current) < len(records):
-        print(f"Rendering the {len(current)} runs of signature {latest}; {len(records) - len(current)} older runs ignored.")
+        print(f"Rendering the {len(current)} runs of signature {current[0]['signature']}; "
+              f"{len(records) - len(current)} older runs ignored.")
     args.profile_line = profile_summary(paths)
     render(current, args, paths)
     print(f"Wrote {paths['md']}, {paths['csv']}, {paths['png']}")

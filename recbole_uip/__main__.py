@@ -233,7 +233,7 @@ def _run(command: str, model: str, dataset: str, files, config_dict: dict[str, A
 def _assign(dataset: str, bank: str, refresh: bool, files, config_dict: dict[str, Any]) -> int:
     from recbole.utils import init_logger
 
-    from recbole_uip.quick_start import build_config
+    from recbole_uip.recbole_config import build_config
     from recbole_uip.serving import assign_dataset
 
     config = build_config("DeepFM", dataset, files, config_dict)

@@ -6,7 +6,11 @@
 * :func:`run_record`: the facts every figure is recorded with (threads, CPU, model, dataset, resolved settings),
   with no machine paths.
 * :func:`results_dir`, :func:`write_result`, :func:`publish_result`: ``results/<dataset>/<setting>/<name>.{json,md}``,
-  written atomically (and, by the latter, printed).
+  written atomically (and, by the latter, printed and summed up in the folder's ``settings.json``).
+* :func:`write_settings_json`: a results folder's ``settings.json``, from the run records its results hold.
+* :func:`read_records`, :func:`append_record`, :func:`latest_records`: a benchmark's JSONL of finished runs (a
+  restart skips what is done).
+* :func:`fmt_p`: a p-value as the reports print it; :func:`progress_logging`: RecBole's logger, quiet on stdout.
 * :func:`benchmark_parser`: the flags every benchmark has; :func:`configure`: a benchmark's RecBole config (profiles on), RecBole's logger and the resolved settings.
 """
 
@@ -14,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
+import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -21,13 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from recbole_uip.ctr_runs import CTR_TRAINING  # noqa: F401  (the cold-start and rebuild benchmarks' RecBole keys)
 from recbole_uip.utils import atomic_write, write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-# RecBole keys of the CTR runs of the cold-start and rebuild benchmarks: the zoo's training configuration
-# (benchmarks/zoo.py explains the choice), so their figures compare with the zoo's.
-CTR_TRAINING = {"train_batch_size": 4096, "learning_rate": 0.01, "stopping_step": 2, "epochs": 100,
-                "eval_batch_size": 16384, "valid_metric": "AUC", "metric_decimal_place": 6, "show_progress": False}
+SETTINGS_NAME = "settings.json"
 
 
 def parse_known_with_overrides(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
@@ -64,7 +69,7 @@ def configure(model: str, dataset: str, overrides: dict):
     from recbole.utils import init_logger
 
     from recbole_uip.config import UIPSettings
-    from recbole_uip.quick_start import build_config
+    from recbole_uip.recbole_config import build_config
 
     config = build_config(model, dataset, None, {"uip": True, **overrides})
     init_logger(config)
@@ -139,8 +144,6 @@ def _without_machine_path(arg: str) -> str:
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
@@ -159,11 +162,113 @@ def write_result(folder: Path, name: str, data: dict, markdown: str) -> tuple[Pa
 
 
 def publish_result(folder: Path, name: str, data: dict, markdown: str) -> tuple[Path, Path]:
-    """:func:`write_result`, then print the report and where it went (what every benchmark does at its end)."""
+    """:func:`write_result` and the folder's :func:`write_settings_json`, then print the report and where it went
+    (what every benchmark does at its end)."""
     json_path, md_path = write_result(folder, name, data, markdown)
+    write_settings_json(folder)
     print(markdown)
     print(f"\nwritten: {json_path}, {md_path}")
     return json_path, md_path
+
+
+def folder_records(folder: Path) -> dict[str, dict]:
+    """``{name: run record}`` of the results in ``folder``: the ``record`` (:func:`run_record`) of every
+    ``<name>.json`` (``<name>.meta.json`` counts as ``<name>``), or of each of its ``runs`` (named ``<name>.runs[i]``).
+    ``settings.json`` and files that are not JSON objects are passed over."""
+    records: dict[str, dict] = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        if path.name == SETTINGS_NAME:
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        name = path.name[: -len(".meta.json")] if path.name.endswith(".meta.json") else path.stem
+        if isinstance(data.get("record"), dict):
+            records[name] = data["record"]
+        elif isinstance(data.get("runs"), list):
+            for i, run in enumerate(data["runs"]):
+                if isinstance(run, dict) and isinstance(run.get("record"), dict):
+                    records[f"{name}.runs[{i}]"] = run["record"]
+    return records
+
+
+def write_settings_json(folder: Path, records: dict[str, dict] | None = None) -> Path | None:
+    """Write ``<folder>/settings.json`` from the run records of its results (default: :func:`folder_records`).
+
+    What every record agrees on (the resolved ``uip_*`` ``settings``, the LLM, the dataset and split, ...) stands
+    at the top level, so a folder of one result gets its record unchanged; where the folder's results differ
+    (their commands, dates, ...), ``results`` holds each result's own values: ``{name: {key: value}}``. Commands
+    are portable: an absolute path in a ``--key=value`` keeps only its last part. Nothing is added that no record
+    holds. Returns the path, or ``None`` (and writes nothing) when the folder holds no record.
+    """
+    records = folder_records(folder) if records is None else records
+    if not records:
+        return None
+    records = {name: {**record, "command": [_without_machine_path(str(a)) for a in record["command"]]}
+               if isinstance(record.get("command"), list) else record for name, record in records.items()}
+    first, *others = records.values()
+    common = {key: value for key, value in first.items() if all(key in r and r[key] == value for r in others)}
+    merged = dict(common)
+    if others:
+        merged["results"] = {name: {k: v for k, v in record.items() if k not in common}
+                             for name, record in sorted(records.items())}
+    path = Path(folder) / SETTINGS_NAME
+    write_json_atomic(path, merged)
+    return path
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every run in a JSONL file, in order (``[]`` without the file; a torn last line, from a kill mid-write, and
+    blank lines are passed over)."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def latest_records(records: list[dict]) -> list[dict]:
+    """The records whose ``signature`` is the last record's (a grid's current runs; older runs are other grids)."""
+    return [r for r in records if r["signature"] == records[-1]["signature"]] if records else []
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one run to a JSONL file (keys sorted) and flush it to disk before the next run starts."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def fmt_p(p: float) -> str:
+    """A p-value as the reports print it: ``n/a`` for nan, 3 decimals, or 2 significant digits below 0.001."""
+    return "n/a" if p != p else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def progress_logging(config, prefixes: tuple[str, ...] = ("zoo", "UIP")) -> logging.Logger:
+    """RecBole's logger for ``config`` (its file under ``log/`` keeps every epoch); on stdout only warnings and the
+    info lines that start with one of ``prefixes`` (a benchmark's progress lines)."""
+    from recbole.utils import init_logger
+
+    init_logger(config)
+    logger = logging.getLogger()
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+    progress = logging.StreamHandler(sys.stdout)
+    progress.setLevel(logging.INFO)
+    progress.addFilter(lambda record: record.getMessage().startswith(prefixes))
+    progress.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(progress)
+    return logger
 
 
 def settings_table(record: dict) -> str:

@@ -272,7 +272,7 @@ class UIPSettings:
         for key in ("enabled", "output_dir", "reuse", "llm_cache_dir", "num_threads", "diagnostics", "align_to",
                     "lock_timeout", "checkpoint_every", "item_batch_size"):
             data.pop(key)  # the thread count that runs enters the fingerprint with the numerics (runtime_numerics),
-            # and so do the item batch size and the number of ranks (quick_start.compute_fingerprint)
+            # and so do the item batch size and the number of ranks (bank_store.compute_fingerprint)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
 
     @classmethod

@@ -1,5 +1,11 @@
 """The pipeline: infer (or reuse) profiles, write the augmented atomic files, run RecBole on them.
 
+This module holds the pipeline (:func:`infer_profiles`) and the RecBole run (:func:`run_recbole_uip`,
+:func:`run_recbole_with_config`, RecBole's multi-process mode). What it builds on lives in one module a job:
+:mod:`recbole_uip.recbole_config` (the ``Config``, the dataset checks), :mod:`recbole_uip.bank_store` (the
+fingerprint, the store of computed banks), :mod:`recbole_uip.augmented` (the augmented copy and its ``Config``).
+Their public names are importable from here too.
+
 ``run_recbole_uip`` mirrors ``recbole.quick_start.run_recbole``; with ``uip=True`` it first runs the
 preprocessing step :func:`infer_profiles`, then trains and evaluates on ``<uip_output_dir>/<dataset>-uip``,
 a copy of the dataset whose ``.user`` file has one extra ``uip_<profile>`` token column per profile.
@@ -8,211 +14,26 @@ a copy of the dataset whose ``.user`` file has one extra ``uip_<profile>`` token
 from __future__ import annotations
 
 import contextlib
-import json
-import sys
 import time
 from logging import getLogger
 from pathlib import Path
-from typing import Any, Iterator
 
 import numpy as np
 
-from recbole_uip.bank import BankError, FeatureBank
-from recbole_uip.compat import patch_recbole_checkpoint_loading, resolve_model_class
-from recbole_uip.config import UIPConfigError, UIPSettings, check_uip_keys, choose_preset, default_config_files
-from recbole_uip.data.atomic import (
-    MANIFEST_NAME, AtomicFileError, check_writable, dataset_files, iter_numbered_rows, iter_rows, publish_directory,
-    read_atomic, read_header, validate_atomic, write_user_file,
+from recbole_uip.augmented import (  # noqa: F401  (re-exported for callers of the pipeline module)
+    AUGMENTED_SUFFIX, augmented_config, augmented_config_args, augmented_dir, write_augmented_dataset,
 )
+from recbole_uip.bank import BankError, FeatureBank
+from recbole_uip.bank_store import (  # noqa: F401  (re-exported for callers of the pipeline module)
+    _reusable, _stored_bank, bank_store, compute_fingerprint,
+)
+from recbole_uip.compat import patch_recbole_checkpoint_loading, resolve_model_class
+from recbole_uip.config import UIPConfigError, UIPSettings
+from recbole_uip.data.atomic import check_writable
 from recbole_uip.model.fusion import check_model_supports_profiles, model_class_for_run
-from recbole_uip.utils import sha256_file, sha256_json, write_json_atomic
-
-AUGMENTED_SUFFIX = "-uip"
-# Keys whose value differs between a dataset and its renamed copy only because of the name.
-_NAME_DEPENDENT_KEYS = {"dataset", "data_path"}
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset's atomic files are not where RecBole will look for them."""
-
-
-@contextlib.contextmanager
-def _no_command_line() -> Iterator[None]:
-    """RecBole's ``Config`` parses ``sys.argv`` itself; our entry points parse it first and pass values as
-    ``config_dict``, so RecBole must not read (and warn about) the same flags again."""
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
-def build_config(model, dataset: str, config_file_list=None, config_dict=None):
-    """A RecBole ``Config`` with our ``properties/`` defaults under the user's files.
-
-    The dataset preset beyond the exact-name one (``uip_preset``, :func:`~recbole_uip.config.choose_preset`) is
-    chosen once the data folder is known; the config is then rebuilt with it under the user's files. The choice is
-    kept as ``config.uip_preset_note`` (logged by :func:`infer_profiles`).
-
-    Raises:
-        ValueError: unknown model name or unknown ``uip_*`` key.
-    """
-    model_class = resolve_model_class(model) if isinstance(model, str) else model
-    config_dict = dict(config_dict or {})
-    check_uip_keys(config_dict)
-    user_files = list(config_file_list or [])
-    files = default_config_files(dataset) + user_files
-    config = _make_config(model_class, dataset, files, config_dict, user_files)
-    choice = choose_preset(dataset, config["uip_preset"], Path(config["data_path"]))
-    if choice.path is not None:
-        files = default_config_files(dataset) + [str(choice.path)] + user_files
-        config = _make_config(model_class, dataset, files, config_dict, user_files)
-    config.uip_preset_note = choice.note
-    config.uip_config_files = files            # what a process that must build it once uses (train_rank)
-    check_uip_keys(config.final_config_dict)
-    return config
-
-
-def _make_config(model_class, dataset: str, files: list[str], config_dict: dict, user_files: list[str]):
-    """RecBole's ``Config`` from these files and keys, outside the command line."""
-    from recbole.config import Config
-
-    with _no_command_line():
-        try:
-            return Config(model=model_class, dataset=dataset, config_file_list=files, config_dict=config_dict)
-        except ValueError as error:
-            # RecBole's defaults contradict themselves for sequential models with the CE loss (SASRec, GRU4Rec,
-            # ... by default): overall.yaml samples negatives, and Config then refuses the combination. When the
-            # user set neither, use the only valid value; a value the user chose still gets RecBole's error.
-            if "when the loss_type is CE" not in str(error) or _sets_key("train_neg_sample_args", user_files, config_dict):
-                raise
-            config_dict["train_neg_sample_args"] = None
-            return Config(model=model_class, dataset=dataset, config_file_list=files, config_dict=config_dict)
-
-
-def _sets_key(key: str, config_file_list, config_dict) -> bool:
-    """Whether the user's own config dict or YAML files set ``key``."""
-    import yaml
-
-    if key in (config_dict or {}):
-        return True
-    for path in config_file_list or []:
-        with open(path, encoding="utf-8") as handle:
-            if key in (yaml.safe_load(handle) or {}):
-                return True
-    return False
-
-
-def check_dataset_files(config) -> dict[str, Path]:
-    """Validate the dataset's atomic files before any work; return them keyed by suffix."""
-    data_dir = Path(config["data_path"])
-    name = config["dataset"]
-    files = dataset_files(data_dir, name)
-    if "inter" not in files:
-        raise DatasetNotFoundError(
-            f"Dataset '{name}' not found: expected {data_dir / (name + '.inter')}. Set data_path to the folder that "
-            f"holds <dataset>/<dataset>.inter (RecBole's download of public datasets needs network access; run "
-            f"stock RecBole once to fetch them)."
-        )
-    separator, encoding = config["field_separator"], config["encoding"]
-    validate_atomic(files["inter"], [config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]], separator, encoding)
-    if "user" in files:
-        validate_atomic(files["user"], [config["USER_ID_FIELD"]], separator, encoding)
-        _check_unique(files["user"], config["USER_ID_FIELD"], separator, encoding)
-    if "item" in files:
-        validate_atomic(files["item"], [config["ITEM_ID_FIELD"]], separator, encoding)
-        _check_unique(files["item"], config["ITEM_ID_FIELD"], separator, encoding)
-    _, inter_fields, _ = read_header(files["inter"], separator, encoding)
-    if next(iter_rows(files["inter"], len(inter_fields), separator, encoding), None) is None:
-        raise AtomicFileError(f"{files['inter']}: no interactions (the file has a header and no data line).")
-    return files
-
-
-def _check_unique(path: Path, field: str, separator: str, encoding: str) -> None:
-    """Each id appears on one line of a ``.user`` / ``.item`` file (RecBole would keep one row silently)."""
-    _, fields, _ = read_header(path, separator, encoding)
-    index, seen = fields.index(field), {}
-    for line, values in iter_numbered_rows(path, len(fields), separator, encoding):
-        first = seen.setdefault(values[index], line)
-        if first != line:
-            raise AtomicFileError(f"{path}:{line}: {field} '{values[index]}' appears again (first on line {first}). "
-                                  f"Keep one row per {field}.")
-
-
-def _split_keys(config) -> dict[str, Any]:
-    """The settings that decide which interactions are in the training split."""
-    from recbole.utils.argument_list import dataset_arguments
-
-    from recbole_uip.data.behaviour import recbole_dataset_class
-
-    keys = {k: config[k] for k in dataset_arguments if k in config}
-    keys.update(seed=config["seed"], eval_args=config["eval_args"], dataset_class=recbole_dataset_class(config).__name__)
-    return keys
-
-
-def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], llm_identity: str,
-                        text_fields: dict | None = None, aligned_to: str | None = None,
-                        world_size: int = 1) -> tuple[str, dict]:
-    """Hash of everything the IDs depend on: file contents, split settings, the fields the text uses, LLM weights,
-    ``uip_*`` settings, the numerics of the run (torch version, device type, dtype, CPU threads: see
-    ``runtime_numerics``; the item batch size and the number of ranks where they are not the defaults), and the
-    fingerprint of the bank whose code numbers it keeps (``uip_align_to``)."""
-    from recbole_uip.inference.llm import runtime_numerics
-
-    inputs = {
-        "files": {suffix: sha256_file(path) for suffix, path in sorted(files.items())},
-        "split": _split_keys(config),
-        "text_fields": text_fields,
-        "llm": {"name": settings.llm, "identity": llm_identity},
-        "uip": settings.fingerprint_dict(),
-        "numerics": runtime_numerics(settings.llm_dtype, config["device"], settings.num_threads),
-        # 4: the feature map's principal directions from the covariance with fixed signs, k-means++ and restarts by
-        # inverse CDF (the distributed code), the default item text without empty fields: banks of format 3 would
-        # not be what this code computes, so they are not reused
-        "format": 4,
-    }
-    if aligned_to is not None:   # only then: the fingerprints of every other bank stay as they were
-        inputs["aligned_to"] = aligned_to
-    if world_size != 1 or settings.item_batch_size != 64:      # likewise
-        inputs["numerics"] = {**inputs["numerics"], "ranks": world_size, "item_batch_size": settings.item_batch_size}
-    return sha256_json(inputs), inputs
-
-
-def augmented_dir(config, settings: UIPSettings) -> Path:
-    name = config["dataset"] + AUGMENTED_SUFFIX
-    return settings.output_dir / name
-
-
-def bank_store(settings: UIPSettings, dataset: str) -> Path:
-    """``<uip_output_dir>/.uip_banks/<dataset>/``: every bank computed for the dataset, one folder per fingerprint.
-
-    ``<dataset>-uip/`` holds the profiles of one split at a time (a CTR model's random split, a sequential model's
-    leave-one-out split, ...); the store keeps the others, so switching back rewrites the files in seconds
-    instead of inferring again.
-    """
-    return settings.output_dir / ".uip_banks" / dataset
-
-
-def _stored_bank(folder: Path, fingerprint: str) -> FeatureBank | None:
-    try:
-        bank = FeatureBank.load(folder)
-    except (BankError, ValueError, OSError):
-        return None
-    return bank if bank.fingerprint == fingerprint else None
-
-
-def _reusable(target: Path, fingerprint: str) -> FeatureBank | None:
-    manifest = target / MANIFEST_NAME
-    if not manifest.is_file():
-        return None
-    try:
-        if json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") != fingerprint:
-            return None
-        bank = FeatureBank.load(target / "bank")
-    except (BankError, ValueError, OSError):
-        return None
-    return bank if bank.fingerprint == fingerprint else None
+from recbole_uip.recbole_config import (  # noqa: F401  (re-exported: build_config, check_dataset_files, ...)
+    DatasetNotFoundError, _make_config, build_config, check_dataset_files,
+)
 
 
 def infer_profiles(config, settings: UIPSettings | None = None, comm=None) -> Path:
@@ -368,85 +189,6 @@ def _json_array(values: np.ndarray) -> list:
     if values.dtype.kind == "f":
         return np.where(np.isnan(values), None, values.astype(object)).tolist()
     return values.tolist()
-
-
-def write_augmented_dataset(config, settings: UIPSettings, files: dict[str, Path], bank: FeatureBank, target: Path) -> Path:
-    """Copy every atomic file to ``target`` under the new name, adding the ``uip_*`` columns to ``.user``."""
-    import shutil
-
-    new_name = target.name
-    separator, encoding = config["field_separator"], config["encoding"]
-    user_field = config["USER_ID_FIELD"]
-
-    def build(folder: Path) -> None:
-        for suffix, path in files.items():
-            if suffix != "user":
-                shutil.copyfile(path, folder / f"{new_name}.{suffix}")
-        source = read_atomic(files["user"], separator, encoding) if "user" in files else None
-        users = [] if source is not None else _inter_users(files["inter"], user_field, separator, encoding)
-        columns = {field: (lambda user, p=profile: bank.token(user, p))
-                   for field, profile in zip(settings.field_names, settings.profile_names)}
-        write_user_file(folder / f"{new_name}.user", source, user_field, users, columns, separator, encoding)
-        bank.save(folder / "bank")
-        write_json_atomic(folder / MANIFEST_NAME, {
-            "fingerprint": bank.fingerprint,
-            "source_dataset": config["dataset"],
-            "fields": settings.field_names,
-            "no_history_token": settings.no_history_token,
-        })
-
-    return publish_directory(build, target)
-
-
-def _inter_users(path: Path, user_field: str, separator: str, encoding: str) -> list[str]:
-    """Distinct users of an ``.inter`` file in first-seen order (for datasets without ``.user``)."""
-    from recbole_uip.data.atomic import iter_rows, read_header
-
-    _, fields, _ = read_header(path, separator, encoding)
-    index = fields.index(user_field)
-    return list(dict.fromkeys(row[index] for row in iter_rows(path, len(fields), separator, encoding)))
-
-
-def augmented_config(config, settings: UIPSettings, target: Path, config_file_list=None, config_dict=None):
-    """The ``Config`` of the run on the augmented copy: identical to ``config`` except the dataset name, its
-    folder, the ``uip_*`` columns added to ``load_col``, and RecBole's dataset caches switched off."""
-    return build_config(*augmented_config_args(config, settings, target, config_file_list, config_dict))
-
-
-def augmented_config_args(config, settings: UIPSettings, target: Path, config_file_list=None, config_dict=None):
-    """``(model class, dataset name, config_file_list, config_dict)`` of :func:`augmented_config`, for a process
-    that builds the config itself (RecBole's multi-process training).
-
-    RecBole ties presets to the dataset *name* (for ml-100k: threshold, load_col, ...); a renamed copy would lose
-    them. We build the copy's config once, compare it with the original's, and carry every difference over.
-    """
-    model_class = config["model"] if not isinstance(config["model"], str) else resolve_model_class(config["model"])
-    name = target.name
-    base_dict = dict(config_dict or {})
-    base_dict["data_path"] = str(target.parent)
-    renamed = build_config(model_class, name, config_file_list, base_dict)
-    presets = {
-        key: value for key, value in config.final_config_dict.items()
-        if key not in _NAME_DEPENDENT_KEYS and renamed.final_config_dict.get(key) != value
-    }
-    load_col = presets.get("load_col", renamed["load_col"])
-    if load_col is not None:
-        load_col = {k: list(v) for k, v in load_col.items()}
-        user_cols = load_col.setdefault("user", [config["USER_ID_FIELD"]])
-        user_cols += [f for f in settings.field_names if f not in user_cols]
-        presets["load_col"] = load_col
-    # RecBole reuses <checkpoint_dir>/<dataset>-<Class>.pth whenever the config matches, without looking at the
-    # files: point it at a path unique to this bank (never written, since saving is off) so it cannot go stale.
-    presets.update(
-        save_dataset=False, save_dataloaders=False, dataloaders_save_path=None,
-        dataset_save_path=str(Path(config["checkpoint_dir"]) / f"{name}-{_manifest_fingerprint(target)[:12]}-never-saved.pth"),
-    )
-    final_dict = {**base_dict, **presets}
-    return model_class, name, config_file_list, final_dict
-
-
-def _manifest_fingerprint(target: Path) -> str:
-    return json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))["fingerprint"]
 
 
 def run_recbole_uip(model, dataset: str, config_file_list=None, config_dict=None, saved: bool = True) -> dict:

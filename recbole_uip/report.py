@@ -3,6 +3,8 @@
 * :func:`group_similarity_test`: do users who share an ID have more similar training histories than random
   groups of the same sizes? (a permutation test over the IDs: group sizes stay fixed).
 * :func:`normalized_mutual_information`: agreement between profile IDs and any other user attribute.
+* :func:`explained_variance`: how much of a per-user quantity (e.g. the mean training rating,
+  :func:`training_sequences`) a grouping explains (eta squared).
 * :func:`kmeans_ids`: the cheap baselines' IDs (k-means over any per-user vectors, e.g. genre histograms or
   the LLM's pooled hidden states without prompt tuning).
 * :func:`profile_report` / :func:`render_profile_report`: what each ID means, per inference run: code usage and
@@ -73,6 +75,13 @@ def normalized_mutual_information(a, b) -> float:
     return float(2 * mi / (ha + hb)) if ha + hb > 0 else 0.0
 
 
+def explained_variance(values: np.ndarray, groups: np.ndarray) -> float:
+    """Share of the variance of ``values (U,)`` explained by the group means of ``groups (U,)`` (eta squared)."""
+    total = ((values - values.mean()) ** 2).sum()
+    within = sum(((values[groups == g] - values[groups == g].mean()) ** 2).sum() for g in np.unique(groups))
+    return float(1 - within / total)
+
+
 def kmeans_ids(vectors: np.ndarray, k: int, iterations: int = 50, seed: int = 0, standardise: bool = True) -> np.ndarray:
     """k-means (k-means++ start, dead-code restart) over ``(U, F)`` vectors; the cheap baselines' IDs ``(U,)``."""
     x = torch.as_tensor(vectors, dtype=torch.float32)
@@ -100,6 +109,29 @@ def training_histories(config, users: list[str]):
     return incidence, dataset
 
 
+def training_sequences(dataset, train, users: list[str]) -> tuple[list[list[int]], np.ndarray | None]:
+    """One pass over the training split ``train`` of ``dataset`` (``build_training_split``): per user (rows in
+    ``users`` order) the item ids, oldest first, and ``(U,)`` the user's mean rating (``None`` without a rating
+    field)."""
+    inter = train.inter_feat
+    user_tokens = dataset.id2token(dataset.uid_field, inter[dataset.uid_field].numpy())
+    items = inter[dataset.iid_field].numpy()
+    times = inter[dataset.time_field].numpy() if dataset.time_field in inter else np.arange(len(items))
+    rating_field = dataset.config["RATING_FIELD"]
+    ratings = inter[rating_field].numpy().astype(np.float64) if rating_field in inter else None
+    row_of = {u: r for r, u in enumerate(users)}
+    sequences: list[list[int]] = [[] for _ in users]
+    total, count = np.zeros(len(users)), np.zeros(len(users))
+    for k in np.lexsort((np.arange(len(items)), times, user_tokens)):   # per user, oldest first
+        row = row_of.get(user_tokens[k])
+        if row is not None:
+            sequences[row].append(int(items[k]))
+            count[row] += 1
+            if ratings is not None:
+                total[row] += ratings[k]
+    return sequences, (total / np.clip(count, 1, None) if ratings is not None else None)
+
+
 def attribute_histogram(incidence: np.ndarray, dataset, field: str) -> np.ndarray:
     """``(U, V)``: how often each value of the item token_seq field ``field`` occurs in a user's history."""
     values = dataset.item_feat[field].numpy()                          # (I, L) padded token ids
@@ -123,7 +155,7 @@ def rating_statistics(config, settings, users: list[str]) -> np.ndarray:
     activity, where the text has no rating), rows in ``users`` order (zeros for users without history)."""
     from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields
     from recbole_uip.inference.user_features import UserFeatureMap
-    from recbole_uip.quick_start import check_dataset_files
+    from recbole_uip.recbole_config import check_dataset_files
 
     histories = collect_training_histories(config, settings, resolve_text_fields(config, settings, check_dataset_files(config)))
     items = torch.zeros(len(histories.item_ids), 1)          # no item information
@@ -151,7 +183,7 @@ def attribute_user_vectors(config, settings, users: list[str]) -> np.ndarray:
     from recbole_uip.data.atomic import read_atomic
     from recbole_uip.data.behaviour import collect_training_histories, resolve_text_fields
     from recbole_uip.inference.user_features import UserFeatureMap
-    from recbole_uip.quick_start import check_dataset_files
+    from recbole_uip.recbole_config import check_dataset_files
 
     files = check_dataset_files(config)
     fields = resolve_text_fields(config, settings, files)

@@ -178,7 +178,8 @@ def assign_dataset(config, bank_dir: str | Path, refresh: bool = False) -> Path:
     from recbole_uip.data.atomic import check_writable
     from recbole_uip.data.behaviour import check_text_values, resolve_text_fields
     from recbole_uip.locking import output_lock
-    from recbole_uip.quick_start import augmented_dir, check_dataset_files, write_augmented_dataset
+    from recbole_uip.augmented import augmented_dir, write_augmented_dataset
+    from recbole_uip.recbole_config import check_dataset_files
     from recbole_uip.utils import sha256_file
 
     logger = getLogger()

@@ -265,3 +265,15 @@ def test_wrong_format_version_and_incomplete_banks_are_refused(tmp_path):
     meta_path.unlink()
     with pytest.raises(BankError, match="no complete feature bank"):
         FeatureBank.load(folder)
+
+
+def test_manifest_fingerprint_reads_a_published_copy_and_nothing_else(tmp_path):
+    from recbole_uip.data.atomic import MANIFEST_NAME, manifest_fingerprint
+
+    assert manifest_fingerprint(tmp_path / "missing") is None
+    (tmp_path / MANIFEST_NAME).write_text('{"fingerprint": "abc", "fields": []}')
+    assert manifest_fingerprint(tmp_path) == "abc"
+    (tmp_path / MANIFEST_NAME).write_text('{"fingerprint": "ab')                  # torn
+    assert manifest_fingerprint(tmp_path) is None
+    (tmp_path / MANIFEST_NAME).write_text('["abc"]')
+    assert manifest_fingerprint(tmp_path) is None

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import write_dataset
 from recbole_uip.benchmarking import mean_ci, paired_test, parse_known_with_overrides, results_dir, write_result
+from recbole_uip.utils import write_json_atomic
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -158,3 +159,85 @@ def test_publish_result_writes_both_files_and_prints_the_report(tmp_path, capsys
     assert json.loads(json_path.read_text()) == {"a": 1} and md_path.read_text() == "# Title\n\nbody\n"
     out = capsys.readouterr().out
     assert out.startswith("# Title") and f"written: {json_path}, {md_path}" in out
+
+
+def _record(command: list[str], date: str = "2026-12-01", epochs: int = 2) -> dict:
+    return {"command": command, "date": date, "cpu": "cpu", "llm": "bundled-smollm2", "dataset": "toy",
+            "settings": {"epochs": epochs, "codebook_sizes": {"hobby": 8}}}
+
+
+def test_settings_json_of_one_result_is_its_record_without_machine_paths(tmp_path):
+    from recbole_uip.benchmarking import publish_result
+
+    folder = tmp_path / "toy" / "one"
+    record = _record(["benchmarks/serving.py", f"--data_path={tmp_path}/data", "--uip_epochs=2"])
+    publish_result(folder, "serving", {"record": record, "value": 1}, "# Serving")
+    written = json.loads((folder / "settings.json").read_text())
+    assert written == {**record, "command": ["benchmarks/serving.py", "--data_path=.../data", "--uip_epochs=2"]}
+    assert str(tmp_path) not in (folder / "settings.json").read_text()
+
+
+def test_settings_json_keeps_what_results_share_at_the_top_and_each_results_own_values(tmp_path):
+    from recbole_uip.benchmarking import folder_records, write_result, write_settings_json
+
+    folder = tmp_path / "toy" / "two"
+    write_result(folder, "serving", {"record": _record(["benchmarks/serving.py"])}, "a")
+    write_result(folder, "scale", {"runs": [{"record": _record(["benchmarks/scale.py"], "2026-12-02")}, {"x": 1}]}, "b")
+    write_json_atomic(folder / "zoo.meta.json", {"command": "python benchmarks/zoo.py", "record": _record(["benchmarks/zoo.py"])})
+    write_json_atomic(folder / "plain.json", {"no": "record"})
+    assert sorted(folder_records(folder)) == ["scale.runs[0]", "serving", "zoo"]
+    written = json.loads(write_settings_json(folder).read_text())
+    assert written["settings"] == {"epochs": 2, "codebook_sizes": {"hobby": 8}} and written["llm"] == "bundled-smollm2"
+    assert "command" not in written and "date" not in written
+    assert written["results"] == {"scale.runs[0]": {"command": ["benchmarks/scale.py"], "date": "2026-12-02"},
+                                  "serving": {"command": ["benchmarks/serving.py"], "date": "2026-12-01"},
+                                  "zoo": {"command": ["benchmarks/zoo.py"], "date": "2026-12-01"}}
+    # differing settings are never merged: each result keeps its own
+    write_result(folder, "serving", {"record": _record(["benchmarks/serving.py"], epochs=5)}, "a")
+    written = json.loads(write_settings_json(folder).read_text())
+    assert "settings" not in written and written["results"]["serving"]["settings"]["epochs"] == 5
+    assert written["results"]["zoo"]["settings"]["epochs"] == 2
+
+
+def test_settings_json_is_not_written_without_a_record(tmp_path):
+    from recbole_uip.benchmarking import publish_result, write_settings_json
+
+    folder = tmp_path / "toy" / "none"
+    publish_result(folder, "kill_resume", {"cpu": "x", "flags": ["--uip_epochs=1"]}, "# K")
+    assert write_settings_json(folder) is None and not (folder / "settings.json").exists()
+
+
+def test_jsonl_records_survive_a_torn_last_line(tmp_path):
+    from recbole_uip.benchmarking import append_record, read_records
+
+    path = tmp_path / "runs" / "grid.jsonl"
+    assert read_records(path) == []
+    append_record(path, {"b": 2, "a": 1})
+    append_record(path, {"a": 3})
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write('{"a": 4, "tor')                # a kill mid-write
+    assert read_records(path) == [{"a": 1, "b": 2}, {"a": 3}]
+    assert path.read_text().splitlines()[0] == '{"a": 1, "b": 2}'
+
+
+def test_fmt_p():
+    from recbole_uip.benchmarking import fmt_p
+
+    assert (fmt_p(float("nan")), fmt_p(0.04321), fmt_p(0.00012345)) == ("n/a", "0.043", "1.2e-04")
+
+
+def test_explained_variance_is_eta_squared():
+    from recbole_uip.report import explained_variance
+
+    values = np.array([1.0, 3.0, 5.0, 7.0])
+    assert explained_variance(values, np.array([0, 0, 1, 1])) == pytest.approx(16 / 20)   # between / total
+    assert explained_variance(values, np.array([0, 1, 2, 3])) == pytest.approx(1.0)
+    assert explained_variance(values, np.zeros(4, dtype=int)) == pytest.approx(0.0)
+
+
+def test_latest_records_keep_the_last_signatures_runs():
+    from recbole_uip.benchmarking import latest_records
+
+    records = [{"signature": "a", "n": 1}, {"signature": "b", "n": 2}, {"signature": "a", "n": 3}]
+    assert latest_records(records) == [{"signature": "a", "n": 1}, {"signature": "a", "n": 3}]
+    assert latest_records([]) == []

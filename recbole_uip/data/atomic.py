@@ -8,6 +8,7 @@ gains one ``uip_<profile>:token`` column per profile.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -250,3 +251,13 @@ def publish_directory(build: Callable[[Path], None], target: str | os.PathLike) 
                                                 f"Free some space or choose another uip_output_dir.") from error
         raise
     return target
+
+
+def manifest_fingerprint(folder: str | os.PathLike) -> str | None:
+    """The ``fingerprint`` in ``folder``'s manifest (:data:`MANIFEST_NAME`), written last when a dataset copy is
+    published; ``None`` when there is no readable manifest (no copy, or one never completed)."""
+    try:
+        value = json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
