@@ -34,26 +34,24 @@ def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], l
                         world_size: int = 1) -> tuple[str, dict]:
     """Hash of everything the IDs depend on: file contents, split settings, the fields the text uses, LLM weights,
     ``uip_*`` settings, the numerics of the run (torch version, device type, dtype, CPU threads: see
-    ``runtime_numerics``; the item batch size and the number of ranks where they are not the defaults), and the
-    fingerprint of the bank whose code numbers it keeps (``uip_align_to``)."""
+    ``runtime_numerics``; the item batch size and the number of ranks), and the fingerprint of the bank whose code
+    numbers it keeps (``uip_align_to``; None without)."""
     from recbole_uip.inference.llm import runtime_numerics
 
+    numerics = runtime_numerics(settings.llm_dtype, config["device"], settings.num_threads)
     inputs = {
         "files": {suffix: sha256_file(path) for suffix, path in sorted(files.items())},
         "split": _split_keys(config),
         "text_fields": text_fields,
         "llm": {"name": settings.llm, "identity": llm_identity},
         "uip": settings.fingerprint_dict(),
-        "numerics": runtime_numerics(settings.llm_dtype, config["device"], settings.num_threads),
+        "numerics": {**numerics, "ranks": world_size, "item_batch_size": settings.item_batch_size},
+        "aligned_to": aligned_to,
         # 4: the feature map's principal directions from the covariance with fixed signs, k-means++ and restarts by
         # inverse CDF (the distributed code), the default item text without empty fields: banks of format 3 would
         # not be what this code computes, so they are not reused
         "format": 4,
     }
-    if aligned_to is not None:   # only then: the fingerprints of every other bank stay as they were
-        inputs["aligned_to"] = aligned_to
-    if world_size != 1 or settings.item_batch_size != 64:      # likewise
-        inputs["numerics"] = {**inputs["numerics"], "ranks": world_size, "item_batch_size": settings.item_batch_size}
     return sha256_json(inputs), inputs
 
 

@@ -125,7 +125,7 @@ def test_bank_is_reused_for_same_inputs_and_recomputed_on_any_change(tmp_path, t
 
     seen = {fingerprint}
     more_threads = {"uip_num_threads": torch.get_num_threads() + 1}  # the rounding of the run changes
-    for overrides in ({"uip_codebook_size": 4}, {"seed": 11}, more_threads, {"eval_args": {"split": {"RS": [0.7, 0.2, 0.1]},
+    for overrides in ({"uip_codebook_size": 4}, {"seed": 11}, more_threads, {"uip_item_batch_size": 7}, {"eval_args": {"split": {"RS": [0.7, 0.2, 0.1]},
                       "order": "RO", "group_by": None, "mode": "labeled"}}):
         new = fingerprint_after(**overrides)
         assert new not in seen, overrides
@@ -136,7 +136,7 @@ def test_bank_is_reused_for_same_inputs_and_recomputed_on_any_change(tmp_path, t
     assert _infer(tmp_path, tiny_llm_dir, uip_reuse=False) == target
     numerics = FeatureBank.load(target / "bank").metadata["inputs"]["numerics"]
     assert numerics == {"torch": torch.__version__, "device": "cpu", "dtype": "float32",
-                        "threads": torch.get_num_threads()}
+                        "threads": torch.get_num_threads(), "ranks": 1, "item_batch_size": 64}
 
 
 def test_switching_splits_back_reuses_the_stored_bank_without_the_llm(tmp_path, tiny_llm_dir, monkeypatch):
