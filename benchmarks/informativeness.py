@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recbole_uip.__main__ import parse_value
+from recbole_uip.cli_flags import parse_value
 from recbole_uip.bank import FeatureBank
 from recbole_uip.config import UIPSettings
 from recbole_uip.data.behaviour import build_training_split

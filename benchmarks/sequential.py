@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recbole_uip.__main__ import parse_value
+from recbole_uip.cli_flags import parse_value
 from recbole_uip.config import UIPSettings
 from recbole_uip.quick_start import (
     augmented_config, build_config, check_dataset_files, infer_profiles, run_recbole_with_config, write_augmented_dataset,

@@ -38,7 +38,7 @@ SETTINGS_NAME = "settings.json"
 def parse_known_with_overrides(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
     """``(args, overrides)``: the parser's own flags, and every other ``--key=value`` as a RecBole / ``uip_*``
     override (values read as YAML). ``args.argv`` keeps the command line (for the report), without ``--render``."""
-    from recbole_uip.__main__ import parse_value
+    from recbole_uip.cli_flags import parse_value
 
     args, rest = parser.parse_known_args(argv)
     args.argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--render")]

@@ -48,7 +48,7 @@ def usage() -> str:
 
 def main(argv: Sequence[str]) -> int:
     """Run the ``convert`` command; returns the exit status (2: a usage or input error, told in one line)."""
-    from recbole_uip.__main__ import UsageError, _expected_errors, parse_flags, parse_value, split_flags
+    from recbole_uip.cli_flags import UsageError, expected_errors, parse_flags, parse_value, split_flags
     from recbole_uip.convert import FORMATS, convert_dataset
 
     argv = list(argv)
@@ -95,7 +95,7 @@ def main(argv: Sequence[str]) -> int:
                   f" --data_path={result.folder.parent} --uip=true{preset}")
             return 0
         return _infer(result, own, config_dict, preset)
-    except _expected_errors() as error:     # ConversionError is a ValueError: told in one line
+    except expected_errors() as error:     # ConversionError is a ValueError: told in one line
         print(f"error: {error}", file=sys.stderr)
         if isinstance(error, UsageError):
             print("(run 'python -m recbole_uip convert --help' for formats and flags)", file=sys.stderr)
@@ -103,7 +103,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _int(flags: dict, key: str, default: int) -> int:
-    from recbole_uip.__main__ import UsageError, parse_value
+    from recbole_uip.cli_flags import UsageError, parse_value
 
     value = parse_value(flags[key]) if key in flags else default
     if not isinstance(value, int) or isinstance(value, bool):
