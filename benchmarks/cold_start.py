@@ -6,14 +6,16 @@ that user?
 
 Protocol (``recbole_uip.benchmarking.split_cold_start``, split seed 0):
 
-* 20% of the users are held out entirely. The other users' interactions are the CTR training data (90%) and the
-  validation data for early stopping (10%); the feature bank is inferred from that training data only (RecBole's
-  ``benchmark_filename``: the bank's training split is the training file), so no held-out user is in it.
+* 20% of the users are held out entirely. The other users' interactions are the CTR training data (80%), the
+  validation data for early stopping (10%) and their own test rows (10%); the feature bank is inferred from that
+  training data only (RecBole's ``benchmark_filename``: the bank's training split is the training file), so no
+  held-out user is in it.
 * Each held-out user reveals their oldest ``max(ks)`` interactions as onboarding history. Every model is tested on
   the rest of their interactions, the same test rows for every k, so that a difference between k comes from the
   IDs alone. Their ``user_id`` is a model feature (a plain RecBole run) whose embedding was never trained.
-* The known users' accuracy is reported from their validation interactions (also used for early stopping; the
-  test file holds the held-out users' interactions only).
+* The test file holds both groups' test rows; every run is scored per group (``ctr_runs.group_metrics``): the
+  held-out users' AUC and LogLoss, and the known users' on their own test rows, so that a gain for new users is
+  seen next to what the known users get meanwhile.
 * For k in ``--ks``, a held-out user's features come from their oldest k interactions alone:
   ``uip``: :meth:`FeatureBank.assign` (the bank's encoder and codebooks; items no training history had are embedded
   by the bank's LLM); ``shuffled``: the same IDs permuted among the held-out users; ``kmeans-genre``: a k-means of
@@ -41,6 +43,7 @@ from recbole_uip.benchmarking import (
     CTR_TRAINING, RESULTS, paired_test, parse_known_with_overrides, publish_result, read_records, results_dir, run_record,
     settings_table, split_cold_start,
 )
+from recbole_uip.ctr_runs import group_metrics
 from recbole_uip.utils import atomic_write, sha256_json, write_json_atomic
 
 TRAINING = CTR_TRAINING
@@ -119,7 +122,7 @@ def prepare(args, overrides: dict, logger):
     times = [float(t) for t in inter.column(base["TIME_FIELD"])]
     ratings = [float(r) for r in inter.column(base["RATING_FIELD"])]
     onboarding = max(args.ks)
-    split = split_cold_start(users, times, args.holdout, onboarding, valid_share=0.1, seed=0)
+    split = split_cold_start(users, times, args.holdout, onboarding, valid_share=0.1, seed=0, test_share=0.1)
 
     name = f"{args.dataset}-cold"
     folder = Path(args.work_dir) / name
@@ -132,7 +135,8 @@ def prepare(args, overrides: dict, logger):
 
     # .inter holds every row (what recbole-uip's checks and fingerprint read); RecBole loads the three split files
     write_inter(folder / f"{name}.inter", range(len(users)))
-    for part, rows in (("train", split["train"]), ("valid", split["valid"]), ("test", split["test"])):
+    tested = np.sort(np.concatenate([split["test"], split["warm_test"]]))      # both groups, scored apart
+    for part, rows in (("train", split["train"]), ("valid", split["valid"]), ("test", tested)):
         write_inter(folder / f"{name}.{part}.inter", rows)
     shutil.copyfile(files["item"], folder / f"{name}.item")
     write_json_atomic(folder / MANIFEST_NAME, {"fingerprint": sha256_json(
@@ -213,7 +217,7 @@ def prepare(args, overrides: dict, logger):
         handle.write(separator.join([user_table.header] + [f"{f}:token" for f in new_fields]) + "\n")
         for row, user in zip(user_table.rows, user_table.column(user_field)):
             handle.write(separator.join(row + [values[user].get(f, "none") for f in new_fields]) + "\n")
-    return base, settings, bank, folder, benchmark, {
+    return base, settings, bank, folder, benchmark, set(cold), {
         "bank": bank.fingerprint[:12], "training_users": len(warm), "held_out_users": len(cold),
         "rows": {k: int(len(v)) for k, v in split.items() if k != "cold"}, "items_embedded_for_onboarding": embedded,
         "onboarding_items_known_share": coverage, "agreement_with_full_run": agreement, "full_bank": full.fingerprint[:12]}
@@ -246,9 +250,14 @@ def summarise(records: list[dict], ks: list[int]) -> dict:
     out = {}
     for k in ks:
         row = {"comparisons": {}, "logloss_comparisons": {}, "valid_comparisons": {}}
-        for name, key in (("auc", "comparisons"), ("logloss", "logloss_comparisons"), ("valid_auc", "valid_comparisons")):
+        row["warm_comparisons"] = {}
+        for name, key in (("auc", "comparisons"), ("logloss", "logloss_comparisons"), ("valid_auc", "valid_comparisons"),
+                          ("warm_auc", "warm_comparisons")):
             sets = {fs: metric(name, fs, k) for fs in FEATURE_SETS}
             row[f"mean_{name}"] = {fs: float(np.mean(list(v.values()))) for fs, v in sets.items() if v}
+            if name == "warm_auc":
+                row["mean_warm_logloss"] = {fs: float(np.mean(list(metric("warm_logloss", fs, k).values())))
+                                            for fs in sets if sets[fs]}
             for a, b in COMPARISONS:
                 keys = sorted(set(sets[a]) & set(sets[b]))
                 if len(keys) >= 2:
@@ -269,8 +278,8 @@ def write_csv_and_plot(records: list[dict], summary: dict, folder: Path) -> None
     import matplotlib.pyplot as plt
 
     with atomic_write(folder / "cold_start.csv") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["model", "seed", "feature_set", "k", "auc", "logloss", "valid_auc",
-                                                    "epochs", "seconds", "bank"])
+        writer = csv.DictWriter(handle, fieldnames=["model", "seed", "feature_set", "k", "auc", "logloss", "warm_auc",
+                                                    "warm_logloss", "valid_auc", "epochs", "seconds", "bank"])
         writer.writeheader()
         writer.writerows(records)
     ks = list(summary)
@@ -319,10 +328,15 @@ def render(data: dict) -> str:
               "the first is higher):", ""] + comparison_table(data["summary"], "comparisons", wins=True)
     lines += ["", "The same comparisons on test LogLoss (lower is better):", ""] \
         + comparison_table(data["summary"], "logloss_comparisons", wins=False)
-    lines += ["", "The known users meanwhile (their validation interactions, 10% of theirs, which also chose each run's best "
-              "epoch: not a held-out test): mean AUC " + "; ".join(
-                  f"k={k}: " + ", ".join(f"{fs} {data['summary'][k]['mean_valid_auc'][fs]:.4f}" for fs in FEATURE_SETS
-                                         if fs in data['summary'][k]['mean_valid_auc']) for k in ks) + "."]
+    lines += ["", "The known users meanwhile, on their own test rows (10% of their interactions, never trained on, "
+              "not used for early stopping): test AUC (LogLoss) means", "",
+              "| feature set | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for fs in FEATURE_SETS:
+        lines.append(f"| {fs} | " + " | ".join(f"{data['summary'][k]['mean_warm_auc'].get(fs, float('nan')):.4f} (LogLoss "
+                                              f"{data['summary'][k]['mean_warm_logloss'].get(fs, float('nan')):.4f})"
+                                              for k in ks) + " |")
+    lines += ["", "and the paired AUC differences on those rows:", ""] \
+        + comparison_table(data["summary"], "warm_comparisons", wins=True)
     known = data["prepared"]["onboarding_items_known_share"]
     lines += ["", f"- Onboarding items outside every training history, embedded by the bank's LLM: "
               f"{data['prepared']['items_embedded_for_onboarding']}; share of held-out users whose first k items the "
@@ -350,7 +364,7 @@ def main(argv=None) -> int:
     jsonl = out / "cold_start.jsonl"
     init_logger(build_config(args.models[0], args.dataset, None, {"uip": True, **overrides}))
     logger = logging.getLogger()
-    base, settings, bank, folder, benchmark, prepared = prepare(args, overrides, logger)
+    base, settings, bank, folder, benchmark, cold, prepared = prepare(args, overrides, logger)
     done = {(r["model"], r["seed"], r["feature_set"], r["k"]) for r in read_records(jsonl) if r["bank"] == prepared["bank"]}
     plan = [(model, 2020 + s, fs, None if fs in ("none", "demographics") else k)
             for model in args.models for s in range(args.seeds) for fs in FEATURE_SETS for k in args.ks]
@@ -363,9 +377,12 @@ def main(argv=None) -> int:
     for n, (model, seed, fs, k) in enumerate(todo if not args.render else [], 1):
         config = run_config(base, settings, folder, benchmark, model, columns(fs, k, bank.profiles), overrides)
         start = time.perf_counter()
-        result = run_recbole_with_config(config, saved=True, model_seed=seed)
+        result = run_recbole_with_config(config, saved=True, model_seed=seed, after_test=lambda trained, data: (
+            group_metrics(trained, data, lambda user: "cold" if user in cold else "warm")))
+        groups = result["after_test"]
         record = {"model": model, "seed": seed, "feature_set": fs, "k": k, "bank": prepared["bank"],
-                  "auc": float(result["test_result"]["auc"]), "logloss": float(result["test_result"]["logloss"]),
+                  "auc": groups["cold"]["auc"], "logloss": groups["cold"]["logloss"],
+                  "warm_auc": groups["warm"]["auc"], "warm_logloss": groups["warm"]["logloss"],
                   "valid_auc": float(result["best_valid_result"]["auc"]), "epochs": result["epochs_trained"],
                   "seconds": round(time.perf_counter() - start, 1)}
         with open(jsonl, "a") as handle:

@@ -22,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from recbole_uip.benchmarking import benchmark_parser, cpu_model, parse_known_with_overrides, results_dir, publish_result
+from recbole_uip.benchmarking import (
+    benchmark_parser, configure, cpu_model, parse_known_with_overrides, publish_result, results_dir, run_record,
+    settings_table,
+)
 
 
 def parse_args(argv=None):
@@ -67,10 +70,12 @@ def main(argv=None) -> int:
                      for name in ("codes", "initial_codes", "offsets", "summaries")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    config, settings, _ = configure("DeepFM", args.dataset, overrides)     # what the runs resolved, for the record
     data = {"dataset": args.dataset, "flags": flags, "kill_after": args.kill_after, "uninterrupted_seconds": round(whole, 1),
             "killed_seconds": round(killed, 1), "resumed_seconds": round(resumed, 1),
             "lost_seconds": round(killed + resumed - whole, 1), "resumed_from": where.group(1) if where else None,
-            "identical": identical, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+            "identical": identical, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+            "record": run_record(config, settings, ["benchmarks/kill_resume.py", *args.argv])}
     lines = [f"# Kill and resume of profile inference ({args.dataset})", "",
              f"`python -m recbole_uip infer {' '.join(flags)}`, killed with SIGKILL after {args.kill_after:.0f} s, then "
              f"run again. {data['cpu']}, {data['cpu_count']} cores, {data['date']}.", "",
@@ -79,7 +84,8 @@ def main(argv=None) -> int:
              f"| **time lost** (killed + again - uninterrupted) | **{killed + resumed - whole:.0f}** |", "",
              f"- The rerun resumed from {data['resumed_from'] or 'no checkpoint (it started afresh)'}.",
              "- The resumed bank against the uninterrupted one: " + ", ".join(
-                 f"{k} {'identical' if v else 'DIFFERENT'}" for k, v in identical.items()) + "."]
+                 f"{k} {'identical' if v else 'DIFFERENT'}" for k, v in identical.items()) + ".",
+             "", "## Run", "", settings_table(data["record"])]
     publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "kill_resume", data, "\n".join(lines))
     return 0
 

@@ -284,16 +284,17 @@ def settings_table(record: dict) -> str:
 
 
 def split_cold_start(users: list[str], times: list[float], holdout: float, onboarding: int, valid_share: float,
-                     seed: int = 0) -> dict[str, np.ndarray]:
+                     seed: int = 0, test_share: float = 0.0) -> dict[str, np.ndarray]:
     """The cold-start protocol's split of interaction rows (``users[r]``, ``times[r]`` for row ``r``).
 
     A share ``holdout`` of the users (drawn with ``seed``) is held out entirely. Each held-out user's interactions,
     oldest first, give their first ``onboarding`` rows (``onboarding``: revealed as onboarding history, never in
-    training) and the rest (``test``). Every other user's rows go to ``train`` or, a random ``valid_share`` of them,
-    to ``valid`` (early stopping). Held-out users with at most ``onboarding`` rows have no test rows.
+    training) and the rest (``test``). Every other user's rows go to ``train``, or, a random ``valid_share`` of them,
+    to ``valid`` (early stopping), or, a random ``test_share``, to ``warm_test`` (the known users' own test rows,
+    never in training nor in early stopping). Held-out users with at most ``onboarding`` rows have no test rows.
 
-    Returns int64 row indices: ``train``, ``valid``, ``onboarding``, ``test``, and the held-out users ``cold``
-    (sorted) as an object array.
+    Returns int64 row indices: ``train``, ``valid``, ``warm_test``, ``onboarding``, ``test``, and the held-out users
+    ``cold`` (sorted) as an object array.
     """
     rng = np.random.default_rng(seed)
     distinct = sorted(set(users))
@@ -301,7 +302,9 @@ def split_cold_start(users: list[str], times: list[float], holdout: float, onboa
     rows = np.arange(len(users))
     is_cold = np.array([u in cold for u in users], dtype=bool)
     warm_rows = rows[~is_cold]
-    to_valid = rng.random(len(warm_rows)) < valid_share
+    draw = rng.random(len(warm_rows))
+    to_valid = draw < valid_share
+    to_test = (draw >= valid_share) & (draw < valid_share + test_share)
     onboarding_rows, test_rows = [], []
     by_user: dict[str, list[int]] = {}
     for r in rows[is_cold]:
@@ -310,6 +313,6 @@ def split_cold_start(users: list[str], times: list[float], holdout: float, onboa
         ordered = sorted(by_user[user], key=lambda r: (times[r], r))
         onboarding_rows += ordered[:onboarding]
         test_rows += ordered[onboarding:]
-    return {"train": warm_rows[~to_valid], "valid": warm_rows[to_valid],
+    return {"train": warm_rows[~to_valid & ~to_test], "valid": warm_rows[to_valid], "warm_test": warm_rows[to_test],
             "onboarding": np.array(sorted(onboarding_rows), dtype=np.int64),
             "test": np.array(sorted(test_rows), dtype=np.int64), "cold": np.array(sorted(cold), dtype=object)}

@@ -242,6 +242,42 @@ def train_and_test(config, loaders, model_seed: int) -> dict:
             "cap_hit": epochs_run >= int(config["epochs"]), "seconds": round(seconds, 2)}
 
 
+def group_metrics(model, eval_data, group_of) -> dict[str, dict]:
+    """AUC and LogLoss of a trained CTR ``model`` on a labeled RecBole eval loader, per group of users.
+
+    ``group_of(raw user token) -> str`` names each user's group (e.g. ``cold``/``warm``). The definitions are
+    RecBole's: AUC by ranks with ties averaged (sklearn's ``roc_auc_score``), LogLoss with predictions clipped to
+    ``[1e-15, 1 - 1e-15]``. A group with one label only gets AUC NaN.
+
+    Returns:
+        ``{group: {"auc": float, "logloss": float, "rows": int}}``.
+    """
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    dataset = eval_data._dataset
+    uid_field, label_field = dataset.uid_field, dataset.label_field
+    tokens = dataset.field2id_token[uid_field]
+    groups = {}
+    scores, labels, users = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for batch in eval_data:
+            interaction = batch[0].to(next(model.parameters()).device)
+            scores.append(model.predict(interaction).float().cpu().numpy())
+            labels.append(interaction[label_field].float().cpu().numpy())
+            users.append(interaction[uid_field].cpu().numpy())
+    scores, labels, users = (np.concatenate(x) if x else np.zeros(0) for x in (scores, labels, users))
+    names = np.array([group_of(str(tokens[u])) for u in users.astype(np.int64)], dtype=object)
+    for group in sorted(set(names.tolist())):
+        rows = names == group
+        y, p = labels[rows], np.clip(scores[rows].astype(np.float64), 1e-15, 1 - 1e-15)
+        auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+        groups[group] = {"auc": auc, "logloss": float(np.mean(-y * np.log(p) - (1 - y) * np.log(1 - p))),
+                         "rows": int(rows.sum())}
+    return groups
+
+
 def check_fields(config, dataset, columns: list[str], setting: str) -> None:
     """Raise unless the model will embed exactly user_id (standard only), the item fields and ``columns``."""
     from recbole.utils import FeatureSource

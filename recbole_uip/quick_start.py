@@ -290,12 +290,13 @@ def train_rank(rank: int, model, dataset: str, config_file_list, config_dict: di
         queue.put(result)
 
 
-def run_recbole_with_config(config, saved: bool = True, model_seed: int | None = None) -> dict:
+def run_recbole_with_config(config, saved: bool = True, model_seed: int | None = None, after_test=None) -> dict:
     """RecBole's ``run_recbole`` body for an already built ``Config`` (so the model class may be external).
 
     ``model_seed`` (default: ``config['seed']``, as RecBole) seeds only the model's initialisation and training
     order, after the split: benchmarks vary it over repeats while the split, and the profiles learned from its
-    training part, stay fixed.
+    training part, stay fixed. ``after_test(model, test_data)``, where given, runs on the tested (best) model and
+    its result is returned as ``after_test`` (e.g. :func:`recbole_uip.ctr_runs.group_metrics`).
     """
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_trainer, init_seed, set_color
@@ -328,6 +329,7 @@ def run_recbole_with_config(config, saved: bool = True, model_seed: int | None =
         "dataset": config["dataset"],
         "saved_model_file": trainer.saved_model_file if saved else None,
         "epochs_trained": len(trainer.train_loss_dict),   # best epoch + stopping_step + 1 when stopped early
+        "after_test": None if after_test is None else after_test(trainer.model, test_data),
     }
 
 

@@ -127,8 +127,8 @@ def test_cold_start_split_holds_users_out_entirely_and_reveals_their_oldest_rows
     split = split_cold_start(users, times, holdout=0.2, onboarding=10, valid_share=0.1, seed=0)
     cold = set(split["cold"].tolist())
     assert len(cold) == 10
-    every = np.concatenate([split[k] for k in ("train", "valid", "onboarding", "test")])
-    assert sorted(every.tolist()) == list(range(2000))                         # a partition of the rows
+    every = np.concatenate([split[k] for k in ("train", "valid", "warm_test", "onboarding", "test")])
+    assert sorted(every.tolist()) == list(range(2000)) and len(split["warm_test"]) == 0   # a partition of the rows
     assert not cold & {users[r] for r in np.concatenate([split["train"], split["valid"]])}   # no cold row trains
     assert {users[r] for r in split["onboarding"]} == cold == {users[r] for r in split["test"]}
     for user in cold:
@@ -138,6 +138,33 @@ def test_cold_start_split_holds_users_out_entirely_and_reveals_their_oldest_rows
     assert 0.05 < len(split["valid"]) / (len(split["train"]) + len(split["valid"])) < 0.15
     again = split_cold_start(users, times, holdout=0.2, onboarding=10, valid_share=0.1, seed=0)
     assert all(np.array_equal(again[k], split[k]) for k in split)              # deterministic
+    # the known users' own test rows: out of training and of early stopping, the held-out users' rows unchanged
+    tested = split_cold_start(users, times, holdout=0.2, onboarding=10, valid_share=0.1, seed=0, test_share=0.1)
+    every = np.concatenate([tested[k] for k in ("train", "valid", "warm_test", "onboarding", "test")])
+    assert sorted(every.tolist()) == list(range(2000))
+    assert not cold & {users[r] for r in tested["warm_test"]}
+    assert 0.05 < len(tested["warm_test"]) / (len(tested["train"]) + len(tested["valid"]) + len(tested["warm_test"])) < 0.15
+    assert all(np.array_equal(tested[k], split[k]) for k in ("valid", "onboarding", "test", "cold"))
+    assert set(tested["train"].tolist()) == set(split["train"].tolist()) - set(tested["warm_test"].tolist())
+
+
+def test_group_metrics_match_recboles_own_test_result_and_split_it_by_user_group(tmp_path, tiny_llm_dir):
+    """One group: AUC and LogLoss as RecBole computes them on the same test data; two groups: each its own rows."""
+    from conftest import uip_config_dict, write_dataset
+
+    from recbole_uip.ctr_runs import group_metrics
+    from recbole_uip.quick_start import build_config, run_recbole_with_config
+
+    write_dataset(tmp_path / "data", n_users=40, per_user=12)
+    config = build_config("FM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip=False, epochs=2,
+                                                               metric_decimal_place=6))
+    result = run_recbole_with_config(config, saved=True, after_test=lambda model, data: (
+        group_metrics(model, data, lambda user: "all"), group_metrics(model, data, lambda user: "even" if int(user) % 2 == 0 else "odd")))
+    one, two = result["after_test"]
+    assert one["all"]["auc"] == pytest.approx(result["test_result"]["auc"], abs=2e-6)
+    assert one["all"]["logloss"] == pytest.approx(result["test_result"]["logloss"], abs=2e-6)
+    assert set(two) == {"even", "odd"} and two["even"]["rows"] + two["odd"]["rows"] == one["all"]["rows"]
+    assert two["even"]["auc"] != two["odd"]["auc"]
 
 
 def test_benchmark_parser_has_the_shared_flags_and_passes_overrides_on():
