@@ -139,30 +139,55 @@ def test_align_codes_gives_a_renumbered_rebuild_its_previous_numbers_and_keeps_t
 
 
 
+def write_three_groups(root, n_users: int = 24, n_items: int = 30, per_user: int = 10, seed: int = 0) -> None:
+    """A planted dataset: three user groups, each liking one genre pair only and rating with its own generosity
+    (1, 3 or 5), so that a rebuild on another split finds the same three groups (no ``.user`` file)."""
+    import random
+
+    from conftest import GENRES, WORDS
+
+    rng = random.Random(seed)
+    folder = root / "toy"
+    folder.mkdir(parents=True)
+    items = [(str(i), f"{rng.choice(WORDS)} {rng.choice(WORDS)}", GENRES[i % len(GENRES)]) for i in range(1, n_items + 1)]
+    with open(folder / "toy.item", "w") as f:
+        f.write("item_id:token\tmovie_title:token_seq\tclass:token_seq\n")
+        f.writelines(f"{item}\t{title}\t{genre}\n" for item, title, genre in items)
+    t = 880000000
+    with open(folder / "toy.inter", "w") as f:
+        f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
+        for u in range(1, n_users + 1):
+            group = u % 3
+            pool = [it for it in items if it[2] in (GENRES[2 * group], GENRES[2 * group + 1])]
+            for item, _, _ in rng.sample(pool, min(per_user, len(pool))):
+                t += rng.randint(1, 1000)
+                f.write(f"{u}\t{item}\t{(1, 3, 5)[group]}\t{t}\n")
+
+
 def test_a_rebuild_with_another_seed_keeps_the_previous_banks_numbers_where_it_can(tmp_path, tiny_llm_dir):
     from recbole_uip.bank import BankError, FeatureBank
     from recbole_uip.quick_start import build_config, infer_profiles
 
-    write_dataset(tmp_path / "data", n_users=16, n_items=12, per_user=6)
-    first = FeatureBank.load(infer_profiles(build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_epochs=0))) / "bank")
+    write_three_groups(tmp_path / "data")
+    # 4 encoder dims: one taste direction and the rating statistics, where the planted groups differ
+    keys = dict(uip_epochs=0, uip_encoder_dims=4, load_col=None, threshold=None)
+    first = FeatureBank.load(infer_profiles(build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, **keys))) / "bank")
     previous = tmp_path / "previous_bank"
     shutil.copytree(tmp_path / "out" / "toy-uip" / "bank", previous)
-    # the same data, another seed (another split and k-means start): similar groups under other numbers
-    rebuild = dict(uip_epochs=0, seed=2021)
+    # the same data, another seed (another split and k-means start): the same groups under other numbers
+    rebuild = dict(keys, seed=2021)
     plain = FeatureBank.load(infer_profiles(build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, **rebuild))) / "bank")
     aligned = FeatureBank.load(infer_profiles(build_config("DeepFM", "toy", None, uip_config_dict(
         tmp_path, tiny_llm_dir, uip_align_to=str(previous), **rebuild))) / "bank")
     assert aligned.fingerprint != plain.fingerprint and aligned.metadata["aligned_to"] == first.fingerprint
     assert aligned.users == first.users == plain.users
     kept = aligned.metadata["ids_kept"]
-    # measured over 6 draws (16-32 users, seeds 2021/2022): kept 42-69% per profile after matching, 19-47% by
-    # chance; the two profiles together keep 0.25-0.59 more users' IDs than without matching (this draw: 0.37)
-    by_chance = sum((plain.codes[:, p] == first.codes[:, p]).mean() for p in range(len(first.profiles)))
-    assert sum(kept.values()) > by_chance + 0.2
+    # measured with seeds 2021, 2022, 2023: background 100% and hobby 67% kept after matching, 8-33% without
     for p, name in enumerate(first.profiles):
         same_plain = (plain.codes[:, p] == first.codes[:, p]).mean()
         assert kept[name] == pytest.approx((aligned.codes[:, p] == first.codes[:, p]).mean())
-        assert kept[name] >= same_plain                          # alignment never loses numbers kept by chance
+        assert kept[name] > 0.5                                  # most users keep their ID after matching
+        assert kept[name] > same_plain                           # more than the numbers k-means gave by chance
         # the grouping itself is unchanged by the renumbering
         pairs = {(a, b) for a, b in zip(plain.codes[:, p], aligned.codes[:, p])}
         assert len(pairs) == len(set(plain.codes[:, p]))
