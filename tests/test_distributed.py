@@ -17,16 +17,18 @@ import torch
 
 from conftest import uip_config_dict, write_dataset
 
-FLAGS = ["--dataset=toy", "--uip_llm_dtype=float32", "--uip_codebook_size=4", "--uip_batch_size=4",
+FLAGS = ["--dataset=toy", "--uip_codebook_size=4", "--uip_batch_size=4",
          "--uip_line_search_users=4", "--uip_kmeans_iters=5", "--uip_max_behaviour_tokens=48", "--uip_num_threads=1",
          "--show_progress=false", "--seed=2020"]
 
 
-def _infer(root: Path, llm: Path, out: str, ranks: int, *extra: str, fault: str | None = None):
+def _infer(root: Path, llm: Path, out: str, ranks: int, *extra: str, fault: str | None = None,
+           dtype: str = "float32"):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 \
         else [sys.executable]
     command = [*launcher, "-m", "recbole_uip", "infer", f"--data_path={root / 'data'}", f"--uip_llm={llm}",
-               f"--output_dir={root / out}", f"--checkpoint_dir={root / 'saved'}", *FLAGS, *extra]
+               f"--output_dir={root / out}", f"--checkpoint_dir={root / 'saved'}", f"--uip_llm_dtype={dtype}", *FLAGS,
+               *extra]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     env.pop("RECBOLE_UIP_FAULT", None)
     if fault:
@@ -50,19 +52,21 @@ def root(tmp_path_factory):
 
 def test_two_ranks_write_one_complete_bank_with_the_single_processs_ids(root, tiny_llm_dir):
     """The default (uip_epochs 0: item embeddings, feature map, k-means) sharded over 2 ranks gives the single
-    process's IDs: the statistics are summed, k-means++ draws the same users, only the summation order differs."""
+    process's IDs, in bfloat16 too: each rank embeds its share of the single process's item batches (the same
+    rounding), the statistics are summed, k-means++ draws the same users; only the summation order differs."""
     from recbole.config import Config
     from recbole.data import create_dataset
 
-    single = _infer(root, tiny_llm_dir, "one", 1, "--uip_epochs=0")
+    single = _infer(root, tiny_llm_dir, "one", 1, "--uip_epochs=0", dtype="bfloat16")
     assert single.returncode == 0, single.stderr[-3000:]
-    done = _infer(root, tiny_llm_dir, "two", 2, "--uip_epochs=0")
+    done = _infer(root, tiny_llm_dir, "two", 2, "--uip_epochs=0", dtype="bfloat16")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count(str(root / "two" / "toy-uip")) == 1          # rank 0 alone prints (and writes)
     one, two = _bank(root, "one"), _bank(root, "two")
     assert two.users == one.users
     np.testing.assert_array_equal(two.codes, one.codes)
     np.testing.assert_array_equal(two.initial_codes, one.initial_codes)
+    np.testing.assert_array_equal(two.encoder.item_embeddings, one.encoder.item_embeddings)
     np.testing.assert_allclose(two.summaries, one.summaries, atol=1e-4)
     np.testing.assert_allclose(two.offsets, one.offsets, rtol=1e-3, atol=1e-6)
     assert two.metadata["inputs"]["numerics"]["ranks"] == 2 and one.metadata["inputs"]["numerics"]["ranks"] == 1

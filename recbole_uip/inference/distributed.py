@@ -2,10 +2,12 @@
 
 Launched with ``torchrun --nproc_per_node=N -m recbole_uip infer ...`` (one node or several), each process (rank)
 holds every user's history but works on a contiguous block of users (:meth:`Communicator.shard`): it embeds its
-block of the items, computes its users' encoder inputs and offsets, and runs the M-step on its users. What must
+share of the items, computes its users' encoder inputs and offsets, and runs the M-step on its users. What must
 be the same on every rank is combined with collectives:
 
-* the item embeddings and the users' encoder inputs ``z (U, k)`` are gathered (small: ``k`` is 8 by default);
+* the item embeddings are summed (each rank computes every ``W``-th of the single process's batches, the other rows
+  zero: bit for bit the single process's, in bfloat16 too), the users' encoder inputs ``z (U, k)`` gathered (small:
+  ``k`` is 8 by default);
 * the feature map's and the quantiser's statistics (means, covariances, k-means sums and counts) are summed, so
   every rank assigns with the same codebooks; k-means++ and dead-code restarts sample a user by inverse CDF over
   the ranks' blocks in user order, with the same random draw on every rank;

@@ -126,8 +126,8 @@ class ProfileInferenceTrainer:
         text: the histories' tokenised text.
         logger: RecBole's logger (``logging.getLogger()`` after ``init_logger``).
         comm: the ranks of a distributed run (:mod:`recbole_uip.inference.distributed`); None: one process.
-            Every rank holds every history; this rank embeds its block of the items and works on its block of
-            the users (:attr:`local_users`); the results are gathered, so every rank ends with the same IDs.
+            Every rank holds every history; this rank embeds its share of the items' batches and works on its
+            block of the users (:attr:`local_users`); the results are combined, so every rank ends with the same IDs.
     """
 
     def __init__(self, config, settings, llm: FrozenLLM, histories: TrainingHistories, text: BehaviourText, logger,
@@ -179,10 +179,11 @@ class ProfileInferenceTrainer:
         if self.settings.encoder != "none":
             comm, texts = self.comm, self.histories.item_texts
             comm.phase = "the item embeddings"
-            own = comm.shard(len(texts))
-            local = embed_items(self.llm, [texts[i] for i in own], self.settings.item_embedding_layer,
-                                self.settings.item_batch_size, show_progress=self.show_progress)
-            self.item_embeddings = comm.gather_rows(local, len(texts))                   # (I, H) on every rank
+            # every rank computes its share of the single process's batches (the other rows zero): the sum over the
+            # ranks is the single process's (I, H), bit for bit
+            local = embed_items(self.llm, texts, self.settings.item_embedding_layer, self.settings.item_batch_size,
+                                show_progress=self.show_progress, part=(comm.rank, comm.world_size))
+            self.item_embeddings = comm.sum(local)                                      # (I, H) on every rank
             fault_point("item_embeddings")
             comm.phase = "the feature map"
             users = self.local_users

@@ -41,10 +41,14 @@ from recbole_uip.inference.distributed import Communicator
 
 
 @torch.inference_mode()
-def embed_items(llm, texts: list[str], layer: int = -1, batch_size: int = 64, show_progress: bool = False) -> torch.Tensor:
+def embed_items(llm, texts: list[str], layer: int = -1, batch_size: int = 64, show_progress: bool = False,
+                part: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Mean hidden state of layer ``layer`` over the tokens of ``" " + text`` for each text: float32 ``(I, H)``.
 
-    Texts are batched shortest first (little padding); the result is in the order of ``texts``."""
+    Texts are batched shortest first (little padding); the result is in the order of ``texts``. ``part = (r, W)``
+    computes only the batches ``b`` with ``b % W == r`` and leaves the other rows zero: rank ``r`` of ``W`` computes
+    its share of exactly the batches one process would, so the ranks' sum is the single process's result bit for
+    bit (in bfloat16 too, where other batches would round differently)."""
     from recbole_uip.inference.prompt import leading_bos
 
     tokenizer, model = llm.tokenizer, llm.model
@@ -53,9 +57,11 @@ def embed_items(llm, texts: list[str], layer: int = -1, batch_size: int = 64, sh
            for text in texts]
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
     out = torch.zeros(len(ids), llm.hidden_size)
-    bar = tqdm(total=len(ids), desc="UIP item embeddings", ncols=100, disable=not show_progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    rank, world = part
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)][rank::world]
+    bar = tqdm(total=sum(map(len, batches)), desc="UIP item embeddings", ncols=100, disable=not show_progress,
+               leave=False)
+    for rows in batches:
         width = max(len(ids[i]) for i in rows)
         batch = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         valid = torch.zeros((len(rows), width), dtype=torch.long)
