@@ -202,9 +202,13 @@ def test_one_rank_collectives_return_their_input_and_shards_cover_every_row():
     one = Communicator()
     x = torch.arange(6.0)
     assert one.sum(x) is x and one.gather_rows(x, 6) is x and one.broadcast("a") == "a" and one.same_on_all(3)
+    assert one.count(5) == 5
     for world in (1, 2, 3, 5):
         rows = np.concatenate([Communicator(r, world).shard(7) for r in range(world)])
         np.testing.assert_array_equal(rows, np.arange(7))
+        for index in range(7):                           # every row is found in the block that holds it
+            owner, row = Communicator(0, world).locate(index, 7)
+            assert Communicator(owner, world).shard(7)[row] == index
     with pytest.raises(ValueError):
         Communicator(2, 2)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -98,7 +97,7 @@ class ProfileCodebook(nn.Module):
         covariance, not an SVD of the rows, so no rank needs every row)."""
         comm = comm or Communicator()
         x = x.double()
-        n = int(comm.sum(torch.tensor([float(x.shape[0])], dtype=torch.float64)))
+        n = comm.count(x.shape[0])
         mean = comm.sum(x.sum(0)) / max(n, 1)
         centred = x - mean
         variance, directions = torch.linalg.eigh(comm.sum(centred.T @ centred))       # ascending, (D,), (D, D)
@@ -120,18 +119,13 @@ class ProfileCodebook(nn.Module):
         comm = comm or Communicator()
         x = x.float()
         y = self.project(x)  # distances in the quantiser's metric; the codes are rows of x
-        n = int(comm.sum(torch.tensor([float(x.shape[0])], dtype=torch.float64)))
-        first = uniform_index(n, generator)
-        owner = int(np.searchsorted(comm.bounds(n), first, side="right")) - 1
-        start = comm.bounds(n)[owner]
-        codes = [row_from_owner(x, owner, first - start if owner == comm.rank else -1, comm)]
+        n = comm.count(x.shape[0])
+        codes = [row_from_owner(x, *comm.locate(uniform_index(n, generator), n), comm)]
         dist2 = ((y - self.project(codes[0])) ** 2).sum(dim=1)
         for _ in range(1, self.size):
             owner, row = sample_index(dist2, generator, comm)
             if owner < 0:                                        # every row sits on a code: any row
-                index = uniform_index(n, generator)
-                owner = int(np.searchsorted(comm.bounds(n), index, side="right")) - 1
-                row = index - comm.bounds(n)[owner]
+                owner, row = comm.locate(uniform_index(n, generator), n)
             codes.append(row_from_owner(x, owner, row, comm))
             dist2 = torch.minimum(dist2, ((y - self.project(codes[-1])) ** 2).sum(dim=1))
         self.codes.copy_(torch.stack(codes))
@@ -152,7 +146,7 @@ class ProfileCodebook(nn.Module):
             self.fit_whitening(x, comm)
         if not bool(self.initialised):
             self.kmeans_plus_plus(x, generator, comm)
-        n = int(comm.sum(torch.tensor([float(x.shape[0])], dtype=torch.float64)))
+        n = comm.count(x.shape[0])
         dead_before = None
         restarted = 0
         min_usage = max(1, n // (10 * self.size))

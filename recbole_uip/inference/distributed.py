@@ -73,6 +73,12 @@ class Communicator:
         b = self.bounds(n)
         return np.arange(b[self.rank], b[self.rank + 1], dtype=np.int64)
 
+    def locate(self, index: int, n: int) -> tuple[int, int]:
+        """``(owner rank, row within its block)`` of row ``index`` of ``n`` under :meth:`bounds`."""
+        b = self.bounds(n)
+        owner = int(np.searchsorted(b, index, side="right")) - 1
+        return owner, index - b[owner]
+
     # ----------------------------------------------------------------------------------------- collectives
     @contextlib.contextmanager
     def _collective(self, what: str) -> Iterator[None]:
@@ -97,6 +103,10 @@ class Communicator:
             work = tensor.detach().to(self.device).clone()
             dist.all_reduce(work)
         return work.to(tensor.device)
+
+    def count(self, local_rows: int) -> int:
+        """Every rank's ``local_rows`` added up (one process: ``local_rows``)."""
+        return int(self.sum(torch.tensor([float(local_rows)], dtype=torch.float64)))
 
     def max_int(self, value: int) -> int:
         """The largest ``value`` over the ranks."""

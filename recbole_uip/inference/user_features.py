@@ -122,7 +122,7 @@ class UserFeatureMap:
         partial = cls(item_mean.float().numpy(), item_std.float().numpy(), rating_mean, float(prior),
                       np.zeros(0), np.zeros(0), np.zeros((0, 0)))
         x = partial.raw(item_embeddings, items, ratings).double()                  # (U_r, F): this rank's users
-        users = int(comm.sum(torch.tensor([float(x.shape[0])], dtype=torch.float64)))
+        users = comm.count(x.shape[0])
         mean = comm.sum(x.sum(0)) / max(users, 1)
         std = (comm.sum(((x - mean) ** 2).sum(0)) / max(users - 1, 1)).sqrt().clamp(min=1e-6)
         standard = (x - mean) / std                                                  # mean 0 over all users
