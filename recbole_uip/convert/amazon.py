@@ -22,7 +22,7 @@ from pathlib import Path
 from recbole_uip.convert.base import Converter
 from recbole_uip.convert.common import (
     Column, ConversionError, InterFields, Interactions, TableWriter, add_interaction, as_float, clean_list, clean_text,
-    iter_json_lines, require_file,
+    count_empty, iter_json_lines, kept_id, require_file,
 )
 
 
@@ -81,18 +81,14 @@ class _Amazon(Converter):
             columns.append(Column("description", "token_seq"))
         writer = TableWriter(folder / f"{name}.item", "item_id:token", columns, inter.items, items)
         for record in iter_json_lines(self.meta, report, "metadata", self.options.progress):
-            item = record.get(self.meta_key)
-            if not isinstance(item, str) or inter.items.get(item.strip()) is None:
-                if not isinstance(item, str):
-                    report.missing[f"metadata.{self.meta_key}"] += 1
+            item = kept_id(record, self.meta_key, inter.items, report, "metadata")
+            if item is None:
                 continue
             values = [clean_text(record.get("title")), self._categories(record), self._brand(record)]
             if chars:
                 values.append(clean_text(_joined(record.get("description")), chars))
-            for key, value in zip(("title", "categories", "brand"), values):
-                if not value:
-                    report.missing[f"metadata.{key}"] += 1
-            writer.write(item.strip(), values)
+            count_empty(report, "metadata", zip(("title", "categories", "brand"), values))
+            writer.write(item, values)
         report.items_without_metadata = writer.finish(fill_missing=True)
 
 

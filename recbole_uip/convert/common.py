@@ -372,6 +372,25 @@ def add_interaction(inter: Interactions, report: "ConversionReport", label: str,
     return True
 
 
+def kept_id(record: dict, key: str, kept: "IdMap", report: "ConversionReport", label: str) -> str | None:
+    """The stripped id ``record[key]`` of a side record (item metadata, a business, a user) if it is one of the
+    ``kept`` ids (those that survived the filters), else None. A missing or non-string id is counted in
+    ``report.missing['<label>.<key>']``; a kept-out id is not (the filters dropped it)."""
+    value = record.get(key)
+    if not isinstance(value, str):
+        report.missing[f"{label}.{key}"] += 1
+        return None
+    value = value.strip()
+    return value if kept.get(value) is not None else None
+
+
+def count_empty(report: "ConversionReport", label: str, values: Iterable[tuple[str, str]]) -> None:
+    """Count each ``(field, value)`` whose value is empty in ``report.missing['<label>.<field>']``."""
+    for field, value in values:
+        if not value:
+            report.missing[f"{label}.{field}"] += 1
+
+
 def kcore_mask(user: np.ndarray, item: np.ndarray, k: int, keep: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Rows of the k-core: repeatedly drop interactions of users or items with fewer than ``k`` (kept) interactions
     until none is left to drop. Returns ``(mask, passes)``. Duplicated (user, item) rows count separately, as in

@@ -54,6 +54,29 @@ class _MovieLens(Converter):
     def default_name(self) -> str:
         return self.release
 
+    def read_delimited_ratings(self, path: Path, separator: str, report: ConversionReport,
+                               encoding: str = "utf-8") -> Interactions:
+        """The interactions of a ``user, item, rating, time`` file without a header (``u.data``, ``ratings.dat``)."""
+        inter = Interactions()
+        for values in iter_delimited(path, report, path.name, separator, 4, encoding=encoding,
+                                     progress=self.options.progress):
+            add_interaction(inter, report, path.name, values[0], values[1], as_float(values[2]), as_float(values[3]))
+        return inter
+
+    def write_user_file(self, path: Path | None, missing_name: str, separator: str, order: tuple[int, ...],
+                        folder: Path, name: str, inter: Interactions, users, report: ConversionReport) -> None:
+        """``<name>.user`` with RecSysDatasets' columns ``age gender occupation zip_code``, taken from the columns
+        ``order`` of each line of the latin-1 user file ``path`` (None: ``missing_name`` is absent, noted)."""
+        if path is None:
+            report.notes.append(f"no {missing_name}: no .user file written")
+            return
+        columns = [Column(c, "token") for c in ("age", "gender", "occupation", "zip_code")]
+        writer = TableWriter(folder / f"{name}.user", "user_id:token", columns, inter.users, users)
+        for values in iter_delimited(path, report, path.name, separator, 5, encoding="latin-1",
+                                     progress=self.options.progress):
+            writer.write(values[0], [clean_text(values[i]) for i in order])
+        writer.finish(fill_missing=True)
+
 
 class MovieLens100K(_MovieLens):
     """ml-100k: ``u.data`` (tab), ``u.item`` and ``u.user`` (``|``, latin-1); reproduces RecBole's bundled files."""
@@ -71,10 +94,7 @@ class MovieLens100K(_MovieLens):
         self.user = self.folder_file("u.user", required=False)
 
     def read_interactions(self, report: ConversionReport) -> Interactions:
-        inter = Interactions()
-        for values in iter_delimited(self.data, report, "u.data", "\t", 4, progress=self.options.progress):
-            add_interaction(inter, report, "u.data", values[0], values[1], as_float(values[2]), as_float(values[3]))
-        return inter
+        return self.read_delimited_ratings(self.data, "\t", report)
 
     def write_sides(self, folder, name, inter, users, items, report) -> None:
         columns = [Column("movie_title", "token_seq"), Column("release_year", "token"), Column("class", "token_seq")]
@@ -87,15 +107,8 @@ class MovieLens100K(_MovieLens):
             genres = " ".join(g for g, flag in zip(ML100K_GENRES, values[5:]) if flag.strip() == "1")
             writer.write(values[0], [title, year, genres])
         report.items_without_metadata = writer.finish(fill_missing=True)
-        if self.user is None:
-            report.notes.append("no u.user: no .user file written")
-            return
-        columns = [Column(c, "token") for c in ("age", "gender", "occupation", "zip_code")]
-        writer = TableWriter(folder / f"{name}.user", "user_id:token", columns, inter.users, users)
-        for values in iter_delimited(self.user, report, "u.user", "|", 5, encoding="latin-1",
-                                     progress=self.options.progress):
-            writer.write(values[0], [clean_text(v) for v in values[1:]])
-        writer.finish(fill_missing=True)
+        # u.user is user id|age|gender|occupation|zip code
+        self.write_user_file(self.user, "u.user", "|", (1, 2, 3, 4), folder, name, inter, users, report)
 
 
 class MovieLensDat(_MovieLens):
@@ -114,11 +127,7 @@ class MovieLensDat(_MovieLens):
         self.user = self.folder_file("users.dat", required=False)
 
     def read_interactions(self, report: ConversionReport) -> Interactions:
-        inter = Interactions()
-        for values in iter_delimited(self.ratings, report, "ratings.dat", "::", 4, encoding="latin-1",
-                                     progress=self.options.progress):
-            add_interaction(inter, report, "ratings.dat", values[0], values[1], as_float(values[2]), as_float(values[3]))
-        return inter
+        return self.read_delimited_ratings(self.ratings, "::", report, encoding="latin-1")
 
     def write_sides(self, folder, name, inter, users, items, report) -> None:
         columns = [Column("movie_title", "token_seq"), Column("release_year", "token"), Column("genre", "token_seq")]
@@ -128,17 +137,8 @@ class MovieLensDat(_MovieLens):
             title, year = split_title(values[1])
             writer.write(values[0], [title, year, _genres(values[2])])
         report.items_without_metadata = writer.finish(fill_missing=True)
-        if self.user is None:
-            report.notes.append("no users.dat: no .user file written")
-            return
         # users.dat is UserID::Gender::Age::Occupation::Zip-code; written under RecSysDatasets' column order
-        columns = [Column(c, "token") for c in ("age", "gender", "occupation", "zip_code")]
-        writer = TableWriter(folder / f"{name}.user", "user_id:token", columns, inter.users, users)
-        for values in iter_delimited(self.user, report, "users.dat", "::", 5, encoding="latin-1",
-                                     progress=self.options.progress):
-            writer.write(values[0], [clean_text(values[2]), clean_text(values[1]), clean_text(values[3]),
-                                     clean_text(values[4])])
-        writer.finish(fill_missing=True)
+        self.write_user_file(self.user, "users.dat", "::", (2, 1, 3, 4), folder, name, inter, users, report)
 
 
 class MovieLens10M(MovieLensDat):

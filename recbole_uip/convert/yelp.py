@@ -19,7 +19,7 @@ from pathlib import Path
 from recbole_uip.convert.base import Converter
 from recbole_uip.convert.common import (
     Column, ConversionError, InterFields, Interactions, TableWriter, add_interaction, as_float, clean_list,
-    clean_text, first_existing, format_number, iter_json_lines, require_file,
+    clean_text, count_empty, first_existing, format_number, iter_json_lines, kept_id, require_file,
 )
 
 REVIEW, BUSINESS, USER = ("yelp_academic_dataset_review.json", "yelp_academic_dataset_business.json",
@@ -95,19 +95,14 @@ class Yelp(Converter):
                    + [Column("categories", "token_seq")])
         writer = TableWriter(folder / f"{name}.item", "business_id:token", columns, inter.items, items)
         for record in iter_json_lines(self.business, report, "business", self.options.progress):
-            business = record.get("business_id")
-            if not isinstance(business, str):
-                report.missing["business.business_id"] += 1
-                continue
-            if inter.items.get(business.strip()) is None:
+            business = kept_id(record, "business_id", inter.items, report, "business")
+            if business is None:
                 continue
             values = [clean_text(record.get(key)) for _, _, key in text]
             values += [_number(record.get(key)) for _, key in numbers]
             values.append(clean_list(record.get("categories")))
-            for key, value in (("name", values[0]), ("categories", values[-1])):
-                if not value:
-                    report.missing[f"business.{key}"] += 1
-            writer.write(business.strip(), values)
+            count_empty(report, "business", (("name", values[0]), ("categories", values[-1])))
+            writer.write(business, values)
         report.items_without_metadata = writer.finish(fill_missing=True)
         if self.user is None:
             report.notes.append("no Yelp user file: no .user file written")
@@ -122,11 +117,8 @@ class Yelp(Converter):
                    + [Column(n, "float") for n, _ in tail])
         writer = TableWriter(path, "user_id:token", columns, inter.users, users)
         for record in iter_json_lines(self.user, report, "users", self.options.progress):
-            user = record.get("user_id")
-            if not isinstance(user, str):
-                report.missing["users.user_id"] += 1
-                continue
-            if inter.users.get(user.strip()) is None:
+            user = kept_id(record, "user_id", inter.users, report, "users")
+            if user is None:
                 continue
             since = parse_date(record.get("yelping_since"))
             values = [_number(record.get("review_count")), "" if since is None else format_number(since)]
@@ -134,5 +126,5 @@ class Yelp(Converter):
             # newer releases write the year 2020 as "20,20" inside the comma-separated list
             values.append(clean_list(str(record.get("elite") or "").replace("20,20", "2020")))
             values += [_number(record.get(key)) for _, key in tail]
-            writer.write(user.strip(), values)
+            writer.write(user, values)
         writer.finish(fill_missing=True)
