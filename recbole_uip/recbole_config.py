@@ -15,7 +15,7 @@ from typing import Iterator
 from recbole_uip.compat import resolve_model_class
 from recbole_uip.config import check_uip_keys, choose_preset, default_config_files
 from recbole_uip.data.atomic import (
-    AtomicFileError, dataset_files, iter_numbered_rows, iter_rows, read_header, validate_atomic,
+    AtomicFileError, dataset_files, validate_atomic,
 )
 
 
@@ -103,25 +103,11 @@ def check_dataset_files(config) -> dict[str, Path]:
             f"stock RecBole once to fetch them)."
         )
     separator, encoding = config["field_separator"], config["encoding"]
-    validate_atomic(files["inter"], [config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]], separator, encoding)
-    if "user" in files:
-        validate_atomic(files["user"], [config["USER_ID_FIELD"]], separator, encoding)
-        _check_unique(files["user"], config["USER_ID_FIELD"], separator, encoding)
-    if "item" in files:
-        validate_atomic(files["item"], [config["ITEM_ID_FIELD"]], separator, encoding)
-        _check_unique(files["item"], config["ITEM_ID_FIELD"], separator, encoding)
-    _, inter_fields, _ = read_header(files["inter"], separator, encoding)
-    if next(iter_rows(files["inter"], len(inter_fields), separator, encoding), None) is None:
+    interactions = validate_atomic(files["inter"], [config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]], separator,
+                                   encoding)
+    for suffix, field in (("user", config["USER_ID_FIELD"]), ("item", config["ITEM_ID_FIELD"])):
+        if suffix in files:
+            validate_atomic(files[suffix], [field], separator, encoding, unique_field=field)
+    if not interactions:
         raise AtomicFileError(f"{files['inter']}: no interactions (the file has a header and no data line).")
     return files
-
-
-def _check_unique(path: Path, field: str, separator: str, encoding: str) -> None:
-    """Each id appears on one line of a ``.user`` / ``.item`` file (RecBole would keep one row silently)."""
-    _, fields, _ = read_header(path, separator, encoding)
-    index, seen = fields.index(field), {}
-    for line, values in iter_numbered_rows(path, len(fields), separator, encoding):
-        first = seen.setdefault(values[index], line)
-        if first != line:
-            raise AtomicFileError(f"{path}:{line}: {field} '{values[index]}' appears again (first on line {first}). "
-                                  f"Keep one row per {field}.")

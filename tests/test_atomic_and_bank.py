@@ -64,9 +64,13 @@ def test_read_atomic_and_required_fields(tmp_path):
     assert table.column("price") == ["1.50", "2"]
     with pytest.raises(AtomicFileError, match="no field 'genre'"):
         table.column("genre")
-    validate_atomic(path, ["item_id"])
+    assert validate_atomic(path, ["item_id"]) == 2 == validate_atomic(path, ["item_id"], unique_field="item_id")
     with pytest.raises(AtomicFileError, match="missing field.*user_id"):
         validate_atomic(path, ["item_id", "user_id"])
+    with open(path, "a") as handle:
+        handle.write("7\tD\t3\n")
+    with pytest.raises(AtomicFileError, match=r":4: item_id '7' appears again \(first on line 2\)"):
+        validate_atomic(path, ["item_id"], unique_field="item_id")
 
 
 # ------------------------------------------------------------------------------------------------ .user

@@ -142,14 +142,26 @@ def read_atomic(path: str | os.PathLike, separator: str = "\t", encoding: str = 
     return AtomicTable(path=path, header=header, fields=fields, types=types, rows=rows)
 
 
-def validate_atomic(path: Path, required_fields: Iterable[str] = (), separator: str = "\t", encoding: str = "utf-8") -> None:
-    """Check a file's header, required fields and every row's column count without keeping it in memory."""
+def validate_atomic(path: Path, required_fields: Iterable[str] = (), separator: str = "\t", encoding: str = "utf-8",
+                    unique_field: str | None = None) -> int:
+    """Check a file's header, required fields and every row's column count in one pass, without keeping it in
+    memory; with ``unique_field``, also that each value of that field is on one line only (RecBole would keep one
+    row of a ``.user``/``.item`` id silently). Returns the number of data rows."""
     _, fields, _ = read_header(path, separator, encoding)
     missing = [f for f in required_fields if f not in fields]
     if missing:
         raise AtomicFileError(f"{path}: missing field(s) {', '.join(missing)} (fields: {', '.join(fields)}).")
-    for _ in iter_rows(path, len(fields), separator, encoding):
-        pass
+    index = None if unique_field is None else fields.index(unique_field)
+    seen: dict[str, int] = {}
+    rows = 0
+    for line, values in iter_numbered_rows(path, len(fields), separator, encoding):
+        rows += 1
+        if index is not None:
+            first = seen.setdefault(values[index], line)
+            if first != line:
+                raise AtomicFileError(f"{path}:{line}: {unique_field} '{values[index]}' appears again (first on line "
+                                      f"{first}). Keep one row per {unique_field}.")
+    return rows
 
 
 def dataset_files(data_dir: str | os.PathLike, name: str) -> dict[str, Path]:
