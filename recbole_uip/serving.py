@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from recbole_uip.bank import BankError, FeatureBank
 from recbole_uip.data.atomic import iter_numbered_rows, read_header
-from recbole_uip.data.behaviour import TextFields
+from recbole_uip.data.behaviour import TextFields, finite_value
 from recbole_uip.utils import sha256_json
 
 
@@ -41,15 +41,20 @@ class Histories:
 def read_histories(inter: Path, user_field: str, item_field: str, fields: TextFields, separator: str = "\t",
                    encoding: str = "utf-8") -> Histories:
     """Every interaction of ``inter`` grouped by user, ordered by ``fields.time`` (file order for ties and without
-    a time field). Values were checked by :func:`recbole_uip.data.behaviour.check_text_values`."""
+    a time field).
+
+    Raises:
+        AtomicFileError: a rating or time that is not a finite number (file, line, field and value), as
+            :func:`recbole_uip.data.behaviour.check_text_values` says it."""
     _, header, _ = read_header(inter, separator, encoding)
     user, item = header.index(user_field), header.index(item_field)
     rating = header.index(fields.rating) if fields.rating else None
     when = header.index(fields.time) if fields.time else None
     rows: dict[str, list[tuple[float, int, str, float]]] = {}
     for line, values in iter_numbered_rows(inter, len(header), separator, encoding):
-        rows.setdefault(values[user], []).append((float(values[when]) if when is not None else 0.0, line, values[item],
-                                                  float(values[rating]) if rating is not None else 0.0))
+        score = finite_value(inter, line, fields.rating, values[rating]) if rating is not None else 0.0
+        time = finite_value(inter, line, fields.time, values[when]) if when is not None else 0.0
+        rows.setdefault(values[user], []).append((time, line, values[item], score))
     for history in rows.values():
         history.sort()
     return Histories(items={u: [r[2] for r in h] for u, h in rows.items()},
@@ -176,7 +181,7 @@ def assign_dataset(config, bank_dir: str | Path, refresh: bool = False) -> Path:
     write ``<uip_output_dir>/<dataset>-uip/`` with the extended bank. Returns that folder."""
     from recbole_uip.config import UIPSettings
     from recbole_uip.data.atomic import check_writable
-    from recbole_uip.data.behaviour import check_text_values, resolve_text_fields
+    from recbole_uip.data.behaviour import resolve_text_fields
     from recbole_uip.locking import output_lock
     from recbole_uip.augmented import augmented_dir, write_augmented_dataset
     from recbole_uip.recbole_config import check_dataset_files
@@ -190,7 +195,7 @@ def assign_dataset(config, bank_dir: str | Path, refresh: bool = False) -> Path:
                         f"give the run the bank's uip_profiles.")
     files = check_dataset_files(config)
     fields = resolve_text_fields(config, settings, files)
-    check_text_values(files, fields, config["field_separator"], config["encoding"])
+    # read_histories refuses non-finite ratings and times with check_text_values' message
     histories = read_histories(files["inter"], config["USER_ID_FIELD"], config["ITEM_ID_FIELD"], fields,
                                config["field_separator"], config["encoding"])
     target = augmented_dir(config, settings)

@@ -91,6 +91,15 @@ def test_assign_refuses_what_it_cannot_serve_with_one_message(tmp_path, tiny_llm
     assert "no complete feature bank" in capsys.readouterr().err
     assert main(["infer", "--dataset=grown", "--bank=x"]) == 2
     assert "belong to the assign command" in capsys.readouterr().err
+    # a rating that is not a number: the file and line, before anything is written
+    inter = tmp_path / "data" / "grown" / "grown.inter"
+    lines = inter.read_text().splitlines(keepends=True)
+    lines[2] = "\t".join(lines[2].split("\t")[:2] + ["four"] + lines[2].split("\t")[3:])
+    inter.write_text("".join(lines))
+    assert main(["assign", f"--bank={tmp_path / 'out' / 'toy-uip' / 'bank'}", "--dataset=grown",
+                 f"--data_path={tmp_path / 'data'}", f"--output_dir={tmp_path / 'served'}"]) == 2
+    assert "grown.inter:3: field 'rating' has the value 'four', not a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "served").exists()
 
 
 def test_vectorised_lookup_reads_codes_only_and_marks_unknown_users():

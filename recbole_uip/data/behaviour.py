@@ -132,16 +132,25 @@ def check_text_values(files: dict[str, Path], fields: TextFields, separator: str
     columns = [(name, header.index(name)) for name in numeric]
     for line_number, values in iter_numbered_rows(files["inter"], len(header), separator, encoding):
         for name, index in columns:
-            value = values[index]
-            try:
-                ok = math.isfinite(float(value))
-            except ValueError:
-                ok = False
-            if not ok:
-                raise AtomicFileError(
-                    f"{files['inter']}:{line_number}: field '{name}' has the value {value!r}, not a finite number. "
-                    f"The behaviour text writes this field; correct the value or drop the line."
-                )
+            finite_value(files["inter"], line_number, name, values[index])
+
+
+def finite_value(path: Path, line_number: int, name: str, value: str) -> float:
+    """``value`` (field ``name`` on line ``line_number`` of ``path``) as a finite float.
+
+    Raises:
+        AtomicFileError: naming the file, the line, the field and the value, and how to fix it.
+    """
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise AtomicFileError(
+            f"{path}:{line_number}: field '{name}' has the value {value!r}, not a finite number. "
+            f"The behaviour text writes this field; correct the value or drop the line."
+        )
+    return number
 
 
 def recbole_dataset_class(config):
