@@ -138,12 +138,6 @@ class Communicator:
             dist.all_gather(parts, padded)
         return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(local.device)
 
-    def gather_array(self, local: np.ndarray, n: int) -> np.ndarray:
-        """:meth:`gather_rows` for a numpy block."""
-        if not self.distributed:
-            return local
-        return self.gather_rows(torch.from_numpy(np.ascontiguousarray(local)), n).numpy()
-
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` (any picklable object) on every rank."""
         if not self.distributed:
@@ -154,15 +148,6 @@ class Communicator:
         with self._collective("broadcast"):
             dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
-
-    def barrier(self) -> None:
-        if not self.distributed:
-            return
-        import torch.distributed as dist
-
-        with self._collective("barrier"):
-            # a barrier as a one-element all-reduce: gloo's barrier and NCCL's behave alike that way
-            dist.all_reduce(torch.zeros(1, device=self.device))
 
     def on_main(self, action: Callable[[], Any]) -> Any:
         """Run ``action`` on rank 0 only and give its result to every rank. If it raises, rank 0 re-raises it and
