@@ -2,7 +2,7 @@
 that user?
 
     python benchmarks/cold_start.py --dataset=ml-100k [--models=DeepFM,DCN,WideDeep,FM] [--seeds=3] [--ks=1,5,10]
-                                    [--holdout=0.2] [--setting=cold_start] [--key=value ...]
+                                    [--holdout=0.2] [--key=value ...]
 
 Protocol (``recbole_uip.benchmarking.split_cold_start``, split seed 0):
 
@@ -23,14 +23,13 @@ Protocol (``recbole_uip.benchmarking.split_cold_start``, split seed 0):
   k items. ``demographics`` (age, gender, occupation) and ``none`` do not depend on k. Training users keep the
   bank's IDs (and their k-means cluster) in every run.
 
-Every run appends one JSON line (resumable); ``results/<dataset>/<setting>/cold_start.{jsonl,json,md,csv,png}``.
+Every run appends one JSON line (resumable); ``results/<dataset>/<settings fingerprint>/cold_start.{jsonl,json,md,csv,png}``.
 The report adds how far the IDs assigned from onboarding agree with those a full run including the held-out users
 gives (code numbers matched; NMI).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    CTR_TRAINING, RESULTS, paired_test, parse_known_with_overrides, publish_result, read_records, results_dir, run_record,
+    CTR_TRAINING, benchmark_parser, paired_test, parse_known_with_overrides, publish_result, read_records, results_dir, run_record,
     settings_table, split_cold_start,
 )
 from recbole_uip.ctr_runs import group_metrics
@@ -55,15 +54,12 @@ SHUFFLE_SEED = 12345
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-100k")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--models", default="DeepFM,DCN,WideDeep,FM")
     parser.add_argument("--seeds", type=int, default=3, help="model seeds 2020, 2021, ...")
     parser.add_argument("--ks", default="1,5,10", help="onboarding interactions revealed")
     parser.add_argument("--holdout", type=float, default=0.2)
-    parser.add_argument("--setting", default="cold_start")
     parser.add_argument("--work_dir", default="dataset/cold_start", help="where the split dataset and bank are written")
-    parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each CTR run (inference: uip_num_threads)")
     parser.add_argument("--render", action="store_true", help="only render the report from the JSONL")
     args, overrides = parse_known_with_overrides(parser, argv)
@@ -358,11 +354,15 @@ def main(argv=None) -> int:
 
     from recbole_uip.quick_start import build_config, run_recbole_with_config
 
+    from recbole_uip.config import UIPSettings
+
     args, overrides = parse_args(argv)
-    out = results_dir(args.dataset, args.setting, Path(args.results))
+    config = build_config(args.models[0], args.dataset, None, {"uip": True, **overrides})
+    out = results_dir({"dataset": args.dataset, "settings": UIPSettings.from_config(config).fingerprint_dict()},
+                      Path(args.results))
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "cold_start.jsonl"
-    init_logger(build_config(args.models[0], args.dataset, None, {"uip": True, **overrides}))
+    init_logger(config)
     logger = logging.getLogger()
     base, settings, bank, folder, benchmark, cold, prepared = prepare(args, overrides, logger)
     done = {(r["model"], r["seed"], r["feature_set"], r["k"]) for r in read_records(jsonl) if r["bank"] == prepared["bank"]}

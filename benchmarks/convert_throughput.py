@@ -72,7 +72,8 @@ def measure(reviews: Path, meta: Path, out: Path, k_core: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = benchmark_parser(__doc__, "convert_throughput")
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--name", default="convert_throughput", help="the result's file name under results/convert/")
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=200_000)
     parser.add_argument("--items", type=int, default=50_000)
@@ -120,7 +121,7 @@ def main(argv=None) -> None:
         f"- date {record['date']}; CPU {record['cpu']} ({record['cpu_count']} cores visible), 1 thread, Python "
         f"{record['python']}; settings {record['settings']}",
     ])
-    publish_result(Path(args.results) / "convert", args.setting, data, markdown)
+    publish_result(Path(args.results) / "convert", args.name, data, markdown)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ command (process start and LLM load included). Speed-up is against ``1x1``; effi
 a round fits a few minutes on 2 cores. The layouts default to 1x1, 1xC and every P x (C / P) for the visible
 cores C. With ``--gpu`` the layouts are ranks x 1 over the visible GPUs (benchmarks/device_check.sh).
 
-Writes ``results/<dataset>/<setting>/distributed_scaling.{json,md}``.
+Writes ``results/<dataset>/<settings fingerprint>/distributed_scaling.{json,md}``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from recbole_uip.benchmarking import (
-    RESULTS, benchmark_parser, parse_known_with_overrides, publish_result, results_dir, run_record, settings_table,
+    benchmark_parser, parse_known_with_overrides, publish_benchmark, run_record, settings_table,
 )
 from recbole_uip.config import PROPERTIES_DIR
 
@@ -128,7 +128,7 @@ def render(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = benchmark_parser(__doc__, "default")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--users", type=int, default=300, help="the first N users of .inter (0: all)")
     parser.add_argument("--layouts", default="", help="PxT,... (default: from the visible cores or GPUs)")
     parser.add_argument("--repeats", type=int, default=2)
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     data = {"source_dataset": args.dataset, "users": runs[0]["users"], "repeats": args.repeats,
             "gpus": [torch.cuda.get_device_name(i) for i in range(gpus)], "runs": runs, "rows": summarise(runs),
             "record": record}
-    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "distributed_scaling", data, render(data))
+    publish_benchmark(args, "distributed_scaling", data, render(data))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Generalisation, not memorisation: do a user's own soft tokens explain behaviour they never showed the model?
 
-    python benchmarks/generalisation.py --dataset=ml-100k [--setting=default] [--holdout_tokens=64] [--key=value ...]
+    python benchmarks/generalisation.py --dataset=ml-100k [--holdout_tokens=64] [--key=value ...]
 
 For every user with two or more training interactions, the newest training items within ``--holdout_tokens``
 tokens (at least one, never all) are held out of everything: no encoder reads them, no M-step scores them, no
@@ -14,20 +14,18 @@ sets any RecBole or ``uip_*`` key, e.g. the paper's setting). The frozen LLM the
 * ``no_profile``: no profile tokens at all (later positions do not see the soft slots);
 * ``codes``: the user's profile IDs, i.e. the codes they are quantised to.
 
-Writes ``results/<dataset>/<setting>/generalisation.{json,md}``: means with 95% intervals across users, the paired
+Writes ``results/<dataset>/<settings fingerprint>/generalisation.{json,md}``: means with 95% intervals across users, the paired
 differences, the rating-weighted NLL where the text marks ratings, the inference log and the resolved settings.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    RESULTS, configure, mean_ci, parse_known_with_overrides, results_dir, run_record, settings_table, publish_result,
+    benchmark_parser, configure, mean_ci, parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
 )
 
 MODES = {"own": "own", "mean": "mean", "other_user": "other", "no_profile": "none", "codes": "code"}
@@ -35,12 +33,9 @@ GOAL = 0.05   # nats/token below the mean token (issue "Profile inference that l
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-100k")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--model", default="DeepFM", help="whose split defines the training data (default DeepFM: random 8:1:1)")
-    parser.add_argument("--setting", default="default", help="results/<dataset>/<setting>/ (name the overrides)")
     parser.add_argument("--holdout_tokens", type=int, default=64, help="held-out text per user, in tokens")
-    parser.add_argument("--results", default=str(RESULTS), help="the results folder (default: the repository's)")
     return parse_known_with_overrides(parser, argv)
 
 
@@ -72,7 +67,7 @@ def summarise(scores: dict[str, np.ndarray], prefix: str = "") -> dict:
 def render(data: dict) -> str:
     plain = data["plain"]
     lines = [f"# Generalisation on {data['record']['dataset']}: held-out behaviour scored with each user's own tokens",
-             "", f"Setting `{data['setting']}`. {data['users_evaluated']} users; each user's newest training items within "
+             "", f"Settings `{settings_fingerprint(data['record']['settings'])}`. {data['users_evaluated']} users; each user's newest training items within "
              f"{data['holdout_tokens']} tokens ({data['held_out_tokens_mean']:.1f} tokens on average) were held out of "
              f"profile inference and scored afterwards by the frozen LLM. Nats per token, mean over users with its 95% "
              f"interval.", "", "| tokens | own | mean token | another user's | no profile tokens | codes |",
@@ -126,7 +121,7 @@ def main(argv=None) -> int:
     scores = trainer.score(targets)
     plain = summarise(scores)
     data = {
-        "setting": args.setting, "holdout_tokens": args.holdout_tokens, "users_evaluated": int(len(users)),
+        "holdout_tokens": args.holdout_tokens, "users_evaluated": int(len(users)),
         "held_out_tokens_mean": float(np.mean([len(t) for t in texts])),
         **{name: plain["modes"][name]["mean"] for name in MODES},
         "own_minus_mean_ci": plain["differences"]["own_minus_mean"]["ci"],
@@ -136,7 +131,7 @@ def main(argv=None) -> int:
     }
     if "weighted_own" in scores:
         data["rating_weighted"] = summarise(scores, "weighted_")
-    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "generalisation", data, render(data))
+    publish_benchmark(args, "generalisation", data, render(data))
     return 0
 
 

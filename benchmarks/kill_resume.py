@@ -1,11 +1,11 @@
 """A real kill and resume of profile inference: what a crash costs, measured.
 
-    python benchmarks/kill_resume.py --dataset=ml-100k --kill_after=120 [--setting=kill_resume] [--key=value ...]
+    python benchmarks/kill_resume.py --dataset=ml-100k --kill_after=120 [--key=value ...]
 
 Three runs of ``python -m recbole_uip infer`` with the same flags, one after the other: an uninterrupted run (time
 ``T``); a run killed with SIGKILL after ``--kill_after`` seconds (time ``t1``); the same command again, which
 resumes from the last checkpoint (time ``t2``). The time lost is ``t1 + t2 - T``. The resumed bank is compared
-with the uninterrupted run's, array by array. Writes ``results/<dataset>/<setting>/kill_resume.{json,md}``.
+with the uninterrupted run's, array by array. Writes ``results/<dataset>/<settings fingerprint>/kill_resume.{json,md}``.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    benchmark_parser, configure, cpu_model, parse_known_with_overrides, publish_result, results_dir, run_record,
-    settings_table,
+    benchmark_parser, configure, cpu_model, parse_known_with_overrides, publish_benchmark, run_record, settings_table,
 )
 
 
 def parse_args(argv=None):
-    parser = benchmark_parser(__doc__, "kill_resume")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--kill_after", type=float, default=120.0, help="seconds before the SIGKILL")
     return parse_known_with_overrides(parser, argv)
 
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
              "- The resumed bank against the uninterrupted one: " + ", ".join(
                  f"{k} {'identical' if v else 'DIFFERENT'}" for k, v in identical.items()) + ".",
              "", "## Run", "", settings_table(data["record"])]
-    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "kill_resume", data, "\n".join(lines))
+    publish_benchmark(args, "kill_resume", data, "\n".join(lines))
     return 0
 
 

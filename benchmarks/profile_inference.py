@@ -1,6 +1,6 @@
 """Profile inference cost on a real dataset with the real LLM: where the time goes, against the bare frozen LLM.
 
-    python benchmarks/profile_inference.py --dataset=ml-100k [--setting=default] [--batches=12] [--key=value ...]
+    python benchmarks/profile_inference.py --dataset=ml-100k [--batches=12] [--key=value ...]
 
 Two measurements, in one process:
 
@@ -11,22 +11,20 @@ Two measurements, in one process:
 2. The whole preprocessing step (``infer_profiles``, bank recomputed) with its phases from the inference log, and
    the process's peak RSS.
 
-Writes ``results/<dataset>/<setting>/profile_inference.{json,md}``.
+Writes ``results/<dataset>/<settings fingerprint>/profile_inference.{json,md}``.
 """
 
 from __future__ import annotations
 
-import argparse
 import resource
 import time
 from logging import getLogger
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from recbole_uip.benchmarking import (
-    RESULTS, parse_known_with_overrides, results_dir, run_record, settings_table, publish_result,
+    benchmark_parser, parse_known_with_overrides, publish_benchmark, run_record, settings_table,
 )
 
 
@@ -87,13 +85,10 @@ def main(argv=None) -> int:
     from recbole_uip.config import UIPSettings
     from recbole_uip.quick_start import build_config, infer_profiles
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-100k")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--model", default="DeepFM")
-    parser.add_argument("--setting", default="default")
     parser.add_argument("--batches", type=int, default=12, help="batches in the side-by-side comparison")
     parser.add_argument("--skip_full", action="store_true", help="only the side-by-side comparison")
-    parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--output_dir", default=None, help="uip_output_dir of the full run (default: a temporary one)")
     args, overrides = parse_known_with_overrides(parser, argv)
     overrides.setdefault("show_progress", False)
@@ -119,7 +114,7 @@ def main(argv=None) -> int:
                           "rounds": bank.metadata["history"], "peak_rss_gib": round(peak_rss_gib(), 2)}
     report["peak_rss_gib"] = round(peak_rss_gib(), 2)
     report["record"] = run_record(config, settings, ["benchmarks/profile_inference.py", *args.argv])
-    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "profile_inference", report, render(report))
+    publish_benchmark(args, "profile_inference", report, render(report))
     return 0
 
 

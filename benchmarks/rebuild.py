@@ -1,7 +1,7 @@
 """IDs that stay put: how many users keep their profile ID when the bank is rebuilt, with and without
 ``uip_align_to``.
 
-    python benchmarks/rebuild.py --dataset=ml-100k [--more=0.1] [--setting=rebuild] [--key=value ...]
+    python benchmarks/rebuild.py --dataset=ml-100k [--more=0.1] [--key=value ...]
 
 Two rebuilds of the default bank:
 
@@ -16,7 +16,7 @@ after the rebuild's codes are matched to the previous bank's (``uip_align_to``);
 **What a model trained on the previous bank loses when served the rebuilt one**: DeepFM (``--seeds`` model seeds,
 the zoo's training keys, user_id embedded as in a plain RecBole run) trains on the previous bank's IDs; its test
 interactions are then scored with the IDs of each rebuilt bank put in place of the previous ones (a user the
-rebuild does not hold gets ``none``). Writes ``results/<dataset>/<setting>/rebuild.{json,md}``.
+rebuild does not hold gets ``none``). Writes ``results/<dataset>/<settings fingerprint>/rebuild.{json,md}``.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    CTR_TRAINING, benchmark_parser, configure, parse_known_with_overrides, results_dir, run_record, settings_table, publish_result,
+    CTR_TRAINING, benchmark_parser, configure, parse_known_with_overrides, publish_benchmark, run_record, settings_table,
 )
 
 
 def parse_args(argv=None):
-    parser = benchmark_parser(__doc__, "rebuild")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--more", type=float, default=0.1, help="share of newest interactions the earlier bank lacks")
     parser.add_argument("--seeds", type=int, default=3, help="DeepFM model seeds for the served-bank test")
     return parse_known_with_overrides(parser, argv)
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     for name, value in served.items():
         lines.append(f"| {name} | {value['auc']:.4f} | {value['auc'] - reference:+.4f} |")
     lines += ["", "## Run", "", settings_table(data["record"])]
-    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "rebuild", data, "\n".join(lines))
+    publish_benchmark(args, "rebuild", data, "\n".join(lines))
     return 0
 
 

@@ -1,6 +1,6 @@
 """How one EM round scales with the number of users: time and peak memory at 1x, 2x and 4x the users.
 
-    python benchmarks/scale.py --dataset=ml-100k [--multipliers=1,2,4] [--base_users=N] [--setting=default] [--key=value ...]
+    python benchmarks/scale.py --dataset=ml-100k [--multipliers=1,2,4] [--base_users=N] [--key=value ...]
 
 The users are the dataset's training histories (the first ``--base_users`` of them, default all) repeated ``m``
 times under new user tokens (synthetic users, the same text). Each multiplier runs in its own process, so its peak RSS is its own: set-up (histories, LLM, item
@@ -8,7 +8,7 @@ embeddings, first E-step), then one EM round (M-step pass, encoder line search, 
 time in proportion to the users and the memory per user should stay constant: no step touches every user's
 state (the free tokens, where on, are updated row by row).
 
-Writes ``results/<dataset>/<setting>/scale.{json,md}``.
+Writes ``results/<dataset>/<settings fingerprint>/scale.{json,md}``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import subprocess
 import sys
 import time
 from logging import getLogger
-from pathlib import Path
 
 from recbole_uip.benchmarking import (
-    RESULTS, parse_known_with_overrides, results_dir, run_record, settings_table, publish_result,
+    benchmark_parser, parse_known_with_overrides, publish_benchmark, run_record, settings_table,
 )
 
 
@@ -112,14 +111,11 @@ def render(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-100k")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--model", default="DeepFM")
-    parser.add_argument("--setting", default="default")
     parser.add_argument("--multipliers", default="1,2,4")
     parser.add_argument("--base_users", type=int, default=0, help="the first N training users are the 1x (default: all)")
     parser.add_argument("--multiplier", type=int, default=None, help=argparse.SUPPRESS)   # one child's share
-    parser.add_argument("--results", default=str(RESULTS))
     args, overrides = parse_known_with_overrides(parser, argv)
     if args.multiplier is not None:
         print("SCALE_RESULT " + json.dumps(child(args, overrides)), flush=True)
@@ -131,8 +127,8 @@ def main(argv=None) -> int:
         runs.append(json.loads(next(line for line in output.splitlines() if line.startswith("SCALE_RESULT "))[13:]))
         print(f"{multiplier}x: {runs[-1]['users']} users, round {runs[-1]['round_seconds']} s, peak RSS {runs[-1]['peak_rss_gib']} GiB",
               flush=True)
-    data = {"runs": runs}
-    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "scale", data, render(data))
+    data = {"runs": runs, "record": runs[0]["record"]}   # the settings' folder; each run keeps its own record
+    publish_benchmark(args, "scale", data, render(data))
     return 0
 
 

@@ -1,10 +1,11 @@
-"""Render how a default was chosen: the zoo grids of ``results/<dataset>/selection/<variant>/`` side by side.
+"""Render how a default was chosen: zoo grids of variants of a setting side by side.
 
-    python benchmarks/selection.py --dataset=ml-100k
+    python benchmarks/selection.py results/ml-100k/<fingerprint A> results/ml-100k/<fingerprint B> ... \
+        --output=results/ml-100k/selection.md
 
-Each variant folder holds a ``benchmarks/zoo.py`` grid (its command in ``zoo.meta.json``). Per variant and feature
-set: mean validation AUC (what a choice may look at) and test AUC over every model and seed, and the paired test
-difference to ``none``. Writes ``results/<dataset>/selection/README.md``.
+Each folder holds a ``benchmarks/zoo.py`` grid (``zoo.jsonl``, and its command in ``zoo.meta.json``). Per variant
+(folder) and feature set: mean validation AUC (what a choice may look at) and test AUC over every model and seed,
+and the paired test difference to ``none``. Writes the table to ``--output``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from recbole_uip.benchmarking import RESULTS, paired_test
+from recbole_uip.benchmarking import paired_test
 from recbole_uip.utils import atomic_write
 
 
 def summarise(folder: Path) -> dict:
     records = [json.loads(line) for line in (folder / "zoo.jsonl").read_text().splitlines() if line.strip()]
     meta = json.loads((folder / "zoo.meta.json").read_text())
+    command = meta["record"]["command"] if "record" in meta else meta["command"].split()[1:]
     by_set: dict[str, dict] = {}
     for record in records:
         by_set.setdefault(record["feature_set"], {})[(record["model"], record["seed"], record["setting"])] = record
@@ -34,14 +36,13 @@ def summarise(folder: Path) -> dict:
         rows[name] = {"valid_auc": float(np.mean([runs[k]["valid_auc"] for k in keys])),
                       "test_auc": float(np.mean([runs[k]["auc"] for k in keys])), "runs": len(keys),
                       "models": sorted({k[0] for k in keys}), "minus_none": diff}
-    return {"command": meta["command"], "bank": meta.get("bank"), "rows": rows}
+    return {"command": "python " + " ".join(command), "bank": meta.get("bank"), "rows": rows}
 
 
 def render(dataset: str, variants: dict[str, dict]) -> str:
     lines = [f"# How the defaults were chosen ({dataset})", "",
              "Each variant is a `benchmarks/zoo.py` grid in its own folder (`zoo.md` has every run). Mean over models "
-             "and model seeds; the choice looks at the validation AUC only, the test AUC is reported beside it. Each "
-             "command wrote to `results/<dataset>/sel_<variant>/`, moved here as `<variant>/`. "
+             "and model seeds; the choice looks at the validation AUC only, the test AUC is reported beside it. "
              "ΔAUC: test AUC minus `none`, paired by model and seed, with its t-test p-value.", "",
              "| variant | feature set | validation AUC | test AUC | test ΔAUC vs none (p) | runs | command |",
              "|---|---|---|---|---|---|---|"]
@@ -55,12 +56,15 @@ def render(dataset: str, variants: dict[str, dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("folders", nargs="+", help="zoo grid folders, one per variant")
+    parser.add_argument("--dataset", default="ml-100k", help="named in the title")
+    parser.add_argument("--output", required=True, help="the Markdown file to write")
     args = parser.parse_args(argv)
-    root = Path(args.results) / args.dataset / "selection"
-    variants = {folder.name: summarise(folder) for folder in sorted(root.iterdir()) if (folder / "zoo.jsonl").is_file()}
-    with atomic_write(root / "README.md") as handle:
+    missing = [f for f in args.folders if not (Path(f) / "zoo.jsonl").is_file()]
+    if missing:
+        parser.error(f"no zoo.jsonl in {', '.join(missing)}")
+    variants = {Path(folder).name: summarise(Path(folder)) for folder in args.folders}
+    with atomic_write(Path(args.output)) as handle:
         handle.write(render(args.dataset, variants))
     print(render(args.dataset, variants))
     return 0

@@ -1,7 +1,7 @@
 """Serving cost: looking IDs up in the bank, assigning them from a history with the stored encoder, and profiling
 the same users with the LLM, measured side by side in one run.
 
-    python benchmarks/serving.py --dataset=ml-100k [--setting=default] [--repeats=5] [--key=value ...]
+    python benchmarks/serving.py --dataset=ml-100k [--repeats=5] [--key=value ...]
 
 The bank is the one ``--uip=true`` infers with the same settings (reused when it exists). For every user the bank
 holds, from their training histories (the same ones inference read):
@@ -15,28 +15,25 @@ holds, from their training histories (the same ones inference read):
   (``benchmarks/profile_inference.py``).
 
 Each figure is the median of ``--repeats`` runs (the LLM pass: of ``max(1, repeats // 2)``). Writes
-``results/<dataset>/<setting>/serving.{json,md}``.
+``results/<dataset>/<settings fingerprint>/serving.{json,md}``.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
-from recbole_uip.benchmarking import RESULTS, configure, parse_known_with_overrides, results_dir, run_record, settings_table, publish_result
+from recbole_uip.benchmarking import (
+    benchmark_parser, configure, parse_known_with_overrides, publish_benchmark, run_record, settings_table,
+)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-100k")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--model", default="DeepFM", help="whose split defines the training data (default DeepFM)")
-    parser.add_argument("--setting", default="default", help="results/<dataset>/<setting>/ (name the overrides)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--results", default=str(RESULTS), help="the results folder (default: the repository's)")
     return parse_known_with_overrides(parser, argv)
 
 
@@ -117,7 +114,7 @@ def main(argv=None) -> int:
 
     encoder_bytes = sum(np.asarray(v).nbytes for v in bank.encoder.arrays().values())
     data = {
-        "setting": args.setting, "users": len(users), "items": len(histories.item_ids), "profiles": len(bank.profiles),
+        "users": len(users), "items": len(histories.item_ids), "profiles": len(bank.profiles),
         "batches": batches, "seconds": {k: round(v, 6) for k, v in seconds.items()},
         "per_user_us": {k: round(v / len(users) * 1e6, 3) for k, v in seconds.items() if k != "llm_load"},
         "bytes_per_user": int(bank.codes.dtype.itemsize * len(bank.profiles)), "encoder_bytes": int(encoder_bytes),
@@ -125,7 +122,7 @@ def main(argv=None) -> int:
         "bank": bank.fingerprint[:12], "repeats": repeats,
         "record": run_record(config, settings, ["benchmarks/serving.py", *args.argv]),
     }
-    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "serving", data, render(data))
+    publish_benchmark(args, "serving", data, render(data))
     return 0
 
 

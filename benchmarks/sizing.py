@@ -1,6 +1,6 @@
 """What profile inference costs at 10k, 1M and 100M users, computed from throughputs measured here.
 
-    python benchmarks/sizing.py [--dataset=ml-100k] [--setting=sizing] [--kmeans_users=50000] [--key=value ...]
+    python benchmarks/sizing.py [--dataset=ml-100k] [--kmeans_users=50000] [--key=value ...]
 
 Measured in one process, with the real LLM on the real dataset, on every visible core:
 
@@ -15,20 +15,19 @@ rounds, with a catalogue size per row (stated: items do not grow with users), an
 and per item. GPU-hours are *estimates*: the LLM's FLOPs per item and per user (2 x parameters x tokens forward, 4 x
 with the backward to the input) at an assumed utilisation of an H200's bf16 peak, stated in the report.
 
-Writes ``results/<dataset>/<setting>/sizing.{json,md}``.
+Writes ``results/<dataset>/<settings fingerprint>/sizing.{json,md}``.
 """
 
 from __future__ import annotations
 
 import time
 from logging import getLogger
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from recbole_uip.benchmarking import (
-    benchmark_parser, configure, parse_known_with_overrides, publish_result, results_dir, run_record, settings_table,
+    benchmark_parser, configure, parse_known_with_overrides, publish_benchmark, run_record, settings_table,
 )
 
 ROWS = ((10_000, 10_000), (1_000_000, 100_000), (100_000_000, 1_000_000))     # (users, items in the catalogue)
@@ -149,7 +148,7 @@ def render(data: dict) -> str:
               f"the 'of it IDs' column.",
               (f"- **CPU core-hours** = measured seconds x {m['threads']} threads" if m["device"] == "cpu" else
                "- **GPU-hours (measured)** = measured seconds on one GPU") + ", with a parallel efficiency of 1 "
-              "(results/ml-100k/default/distributed_scaling.md measures what sharding keeps).",
+              "(results/ml-100k/5802be6014de/distributed_scaling.md measures what sharding keeps).",
               f"- **GPU-hours are estimated, not measured** (no GPU was lent): FLOPs = 2 x {m['parameters'] / 1e6:.0f}M "
               f"parameters x tokens per item pass, 4 x per M-step user (forward, and backward to the inputs only: "
               f"the LLM is frozen), at {GPU_UTILISATION:.0%} of an H200's {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 "
@@ -159,7 +158,7 @@ def render(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = benchmark_parser(__doc__, "sizing")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--kmeans_users", type=int, default=50_000)
     args, overrides = parse_known_with_overrides(parser, argv)
     config, settings, _ = configure("DeepFM", args.dataset, {"show_progress": False, **overrides})
@@ -168,7 +167,7 @@ def main(argv=None) -> int:
     measured = measure(config, settings, args.kmeans_users)
     data = {"measured": measured, "rows": project(measured), "gpu_utilisation_assumed": GPU_UTILISATION,
             "record": run_record(config, settings, ["benchmarks/sizing.py", *args.argv])}
-    publish_result(results_dir(args.dataset, args.setting, Path(args.results)), "sizing", data, render(data))
+    publish_benchmark(args, "sizing", data, render(data))
     return 0
 
 

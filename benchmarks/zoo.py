@@ -4,17 +4,19 @@
     python benchmarks/zoo.py --dataset=ml-100k --render          # rebuild md/csv/png from the JSONL only
     python benchmarks/zoo.py --dataset=ml-100k --report_only     # only the profile report
 
-Runs the grid models x feature sets x settings x model seeds and writes, under results/:
+Runs the grid models x feature sets x settings x model seeds and writes, in the folder of the dataset and the
+resolved ``uip_*`` settings (``results/<dataset>/<settings fingerprint>/``, see ``recbole_uip.benchmarking``):
 
-* ``zoo_<dataset>.jsonl``: one line per finished run (appended as each run ends; a restart skips the runs already
-  there, so a killed benchmark loses at most the run in progress);
-* ``zoo_<dataset>.md``: mean +- std of AUC and LogLoss per model / feature set / setting, the paired difference
-  to the no-profile baseline of the same model and setting with a paired t-test over seeds, UIP against the
-  controls and the cheap baselines, and the configuration;
-* ``zoo_<dataset>.csv``: every run (seconds, best epoch, threads, ...);
-* ``zoo_<dataset>.png``: AUC gain over the baseline per model, feature set and setting (std over seeds as bars);
-* ``profile_report_<dataset>.md``: what the IDs of this inference run mean (usage, NMI with user attributes,
-  typical items and genres per ID).
+* ``zoo.jsonl``: one line per finished run (appended as each run ends; a restart skips the runs already there, so
+  a killed benchmark loses at most the run in progress);
+* ``zoo.md``: mean +- std of AUC and LogLoss per model / feature set / setting, the paired difference to the
+  no-profile baseline of the same model and setting with a paired t-test over seeds, UIP against the controls and
+  the cheap baselines, and the configuration;
+* ``zoo.csv``: every run (seconds, best epoch, threads, ...);
+* ``zoo.png``: AUC gain over the baseline per model, feature set and setting (std over seeds as bars);
+* ``zoo.meta.json`` (the grid's run record, signature and ID-set granularity) and the folder's ``settings.json``;
+* ``profile_report.md``: what the IDs of this inference run mean (usage, NMI with user attributes, typical items
+  and genres per ID).
 
 Feature sets (user columns loaded; items always bring their own .item features):
   none          no user features
@@ -64,7 +66,7 @@ import torch
 
 from recbole_uip.bank import FeatureBank
 from recbole_uip.benchmarking import (
-    append_record, fmt_p, latest_records, paired_test, parse_known_with_overrides, progress_logging, read_records,
+    RESULTS, append_record, fmt_p, latest_records, paired_test, parse_known_with_overrides, progress_logging, read_records,
     results_dir, run_record, write_settings_json,
 )
 from recbole_uip.config import UIPSettings
@@ -84,7 +86,6 @@ from recbole_uip.report import (
 from recbole_uip.utils import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "results"
 DEFAULT_MODELS = "DeepFM,DCN,DCNV2,WideDeep,xDeepFM,AutoInt,FM,NFM"
 SETTINGS = ("standard", "id_free")
 ZOO_FORMAT = 1                   # bump when the meaning of a run changes (resets what counts as done)
@@ -144,7 +145,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
                              "'{xDeepFM: {cin_layer_size: [50, 50]}}' (default: %(default)s)")
     parser.add_argument("--render", action="store_true", help="only rebuild md/csv/png from the JSONL")
     parser.add_argument("--report_only", action="store_true", help="only write the profile report")
-    parser.add_argument("--tag", default="", help="suffix of every output file name (for variants)")
+    parser.add_argument("--results", default=str(RESULTS),
+                        help="the results root (default: the repository's); the grid's folder is "
+                             "<root>/<dataset>/<settings fingerprint>/")
     args, overrides = parse_known_with_overrides(parser, argv)
     import yaml
 
@@ -160,9 +163,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     return args, overrides
 
 
-def output_paths(dataset: str, tag: str) -> dict[str, Path]:
-    """``results/<dataset>/<tag or default>/zoo.*`` (one folder per dataset and setting)."""
-    folder = results_dir(dataset, tag or "default")
+def output_paths(folder: Path) -> dict[str, Path]:
+    """``<folder>/zoo.*``: the grid's files in its results folder (``results_dir`` of its run record)."""
     paths = {ext: folder / f"zoo.{ext}" for ext in ("jsonl", "md", "csv", "png")}
     paths["notes"] = folder / "zoo_notes.md"
     paths["meta"] = folder / "zoo.meta.json"  # the command line, the ID sets' granularity and the run record
@@ -274,8 +276,12 @@ def run_grid(args, overrides: dict, paths: dict, logger) -> None:
     logger.info(f"zoo: {len(todo)} runs to do, {len(args.settings) * len(feature_sets) * len(args.models) * len(seeds) - len(todo)} already done "
                 f"(signature {signature})")
     folders = prepare_id_sets(base, settings, files, target, bank, {fs.id_set for fs in feature_sets}, logger)
+    # every command that added runs of this signature (e.g. the id_free grid, then the standard one), in order
+    meta = grid_meta(paths, [{"signature": signature}])
+    previous = meta.get("commands") or ([meta["command"]] if meta.get("command") else [])
+    command = "python " + " ".join(args.record["command"])          # portable: no machine paths
     write_json_atomic(paths["meta"], {"signature": signature, "bank": bank.fingerprint[:12],
-                                      "command": "python benchmarks/zoo.py " + " ".join(args.argv),
+                                      "commands": previous + [command] * (command not in previous),
                                       "granularity": id_set_granularity(base, files, bank, folders), "record": args.record})
     if not todo:
         return
@@ -437,10 +443,11 @@ def render_markdown(records: list[dict], args, paths: dict) -> str:
     last = max(r["finished_at"] for r in records)
     command = [("dataset", r0["dataset"]), ("models", ",".join(models)), ("seeds", len({r["seed"] for r in records}))]
     command += [(k, r0[k]) for k, v in TRAINING_DEFAULTS.items() if r0.get(k) != v]
-    produced_by = grid_meta(paths, records).get("command") or (
-        "python benchmarks/zoo.py " + " ".join(f"--{k}={v}" for k, v in command))
+    meta = grid_meta(paths, records)
+    produced_by = meta.get("commands") or [meta.get("command") or (
+        "python benchmarks/zoo.py " + " ".join(f"--{k}={v}" for k, v in command))]
     lines = [f"# Model zoo on {r0['dataset']}: profiles vs controls and cheap baselines", "",
-             f"Produced by `{produced_by}` "
+             "Produced by " + " and ".join(f"`{c}`" for c in produced_by) + " "
              f"(`--render` rebuilds this file from `{paths['jsonl'].name}`).", "", "## Configuration", ""]
     lines += [f"- **Dataset and split**: {r0['dataset']}, RecBole 1.2.1 context-aware defaults: labeled mode, rating "
               "threshold from the dataset presets (ml-100k: label = rating >= 4), random 8:1:1 split (RS, RO) with the "
@@ -610,21 +617,20 @@ def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides.setdefault("uip_num_threads", args.threads)
-    paths = output_paths(args.dataset, args.tag)
-    paths["jsonl"].parent.mkdir(parents=True, exist_ok=True)
     # one folder per process: RecBole names checkpoints by model and second, so two runs would share a file
     overrides.setdefault("checkpoint_dir", str(ROOT / "saved" / f"zoo-{args.dataset}-{os.getpid()}"))
-    # one profile folder per tag: two grids with other settings must never write the same <dataset>-uip/ copy
-    overrides.setdefault("uip_output_dir", str(Path("dataset") / f"zoo-{args.tag or 'default'}"))
-
     config = build_config(args.models[0], args.dataset, None, {**overrides, "uip": True})
-    # the folder's resolved settings and portable command (no machine paths), kept in zoo.meta.json and summed up in
-    # settings.json; --render keeps the grid's record (or, from a meta without one, the grid's command)
-    meta = json.loads(paths["meta"].read_text(encoding="utf-8")) if paths["meta"].is_file() else {}
     command = ["benchmarks/zoo.py", *args.argv]
-    if args.render and meta:
-        command = meta["command"].split()[1:]
-    args.record = (meta.get("record") if args.render else None) or run_record(config, UIPSettings.from_config(config), command)
+    record = run_record(config, UIPSettings.from_config(config), command)
+    paths = output_paths(results_dir(record, Path(args.results)))
+    paths["jsonl"].parent.mkdir(parents=True, exist_ok=True)
+    # one profile folder per setting: two grids with other settings must never write the same <dataset>-uip/ copy
+    overrides.setdefault("uip_output_dir", str(Path("dataset") / f"zoo-{paths['jsonl'].parent.name}"))
+
+    # the folder's resolved settings and portable command (no machine paths), kept in zoo.meta.json and summed up in
+    # settings.json; --render keeps the grid's record
+    meta = json.loads(paths["meta"].read_text(encoding="utf-8")) if paths["meta"].is_file() else {}
+    args.record = (meta.get("record") if args.render else None) or record
     if not args.render or "record" not in meta:
         write_json_atomic(paths["meta"], {**meta, "record": args.record})
     write_settings_json(paths["meta"].parent)

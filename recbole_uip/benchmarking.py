@@ -5,7 +5,10 @@
 * :func:`mean_ci`, :func:`paired_test`: the statistics the reports quote.
 * :func:`run_record`: the facts every figure is recorded with (threads, CPU, model, dataset, resolved settings),
   with no machine paths.
-* :func:`results_dir`, :func:`write_result`, :func:`publish_result`: ``results/<dataset>/<setting>/<name>.{json,md}``,
+* :func:`settings_fingerprint`, :func:`results_dir`, :func:`write_result`, :func:`publish_result`,
+  :func:`publish_benchmark`:
+  ``results/<dataset>/<settings fingerprint>/<name>.{json,md}``, one folder per dataset and setting, named by the
+  hash of the resolved ``uip_*`` settings (so a name never depends on what the defaults were when it was made),
   written atomically (and, by the latter, printed and summed up in the folder's ``settings.json``).
 * :func:`write_settings_json`: a results folder's ``settings.json``, from the run records its results hold.
 * :func:`read_records`, :func:`append_record`, :func:`latest_records`: a benchmark's JSONL of finished runs (a
@@ -29,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from recbole_uip.ctr_runs import CTR_TRAINING  # noqa: F401  (the cold-start and rebuild benchmarks' RecBole keys)
-from recbole_uip.utils import atomic_write, write_json_atomic
+from recbole_uip.utils import atomic_write, sha256_json, write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 SETTINGS_NAME = "settings.json"
@@ -51,14 +54,24 @@ def parse_known_with_overrides(parser: argparse.ArgumentParser, argv=None) -> tu
     return args, overrides
 
 
-def benchmark_parser(doc: str, setting: str) -> argparse.ArgumentParser:
-    """A benchmark's parser with the flags every benchmark has: ``--dataset``, ``--setting`` (the results folder's
-    name) and ``--results``. ``doc``: the script's docstring (its first paragraph is the description)."""
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser with the flags every benchmark has: ``--dataset`` and ``--results`` (the results root;
+    the folder under it is :func:`results_dir`'s). ``doc``: the script's docstring (its first paragraph is the
+    description)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--setting", default=setting, help="results/<dataset>/<setting>/ (name the overrides)")
-    parser.add_argument("--results", default=str(RESULTS), help="the results folder (default: the repository's)")
+    parser.add_argument("--results", default=str(RESULTS),
+                        help="the results root (default: the repository's); each result goes to "
+                             "<root>/<dataset>/<settings fingerprint>/")
+    parser.add_argument("--variant", default="", help="a second measurement of the same setting (e.g. gpu, on other "
+                        "hardware) is written as <name>_<variant>.{json,md} beside the first")
     return parser
+
+
+def result_name(name: str, args: argparse.Namespace) -> str:
+    """A result's file name: ``name``, or ``<name>_<variant>`` for a ``--variant`` (:func:`benchmark_parser`)."""
+    variant = getattr(args, "variant", "")
+    return f"{name}_{variant}" if variant else name
 
 
 def configure(model: str, dataset: str, overrides: dict):
@@ -147,9 +160,17 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def results_dir(dataset: str, setting: str, root: Path = RESULTS) -> Path:
-    """``results/<dataset>/<setting>/``: one folder per dataset and setting."""
-    return root / dataset / setting
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    """12 hex digits naming a setting: the hash of the resolved ``uip_*`` settings that change the IDs
+    (``UIPSettings.fingerprint_dict()``, as a run record's ``settings`` holds them). It is the settings part of a
+    bank's fingerprint, which adds the data, the numerics and the code's bank format."""
+    return sha256_json(settings)[:12]
+
+
+def results_dir(record: dict[str, Any], root: Path = RESULTS) -> Path:
+    """``<root>/<dataset>/<settings fingerprint>/``, the folder of a result with this :func:`run_record`: one folder
+    per dataset and setting. ``results/README.md`` says which setting each folder holds."""
+    return Path(root) / record["dataset"] / settings_fingerprint(record["settings"])
 
 
 def write_result(folder: Path, name: str, data: dict, markdown: str) -> tuple[Path, Path]:
@@ -169,6 +190,12 @@ def publish_result(folder: Path, name: str, data: dict, markdown: str) -> tuple[
     print(markdown)
     print(f"\nwritten: {json_path}, {md_path}")
     return json_path, md_path
+
+
+def publish_benchmark(args: argparse.Namespace, name: str, data: dict, markdown: str) -> tuple[Path, Path]:
+    """:func:`publish_result` of a benchmark parsed by :func:`benchmark_parser`: into ``results_dir(data["record"],
+    args.results)``, named :func:`result_name` (``name``, or ``<name>_<variant>``)."""
+    return publish_result(results_dir(data["record"], Path(args.results)), result_name(name, args), data, markdown)
 
 
 def folder_records(folder: Path) -> dict[str, dict]:

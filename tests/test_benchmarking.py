@@ -42,9 +42,38 @@ def test_overrides_are_parsed_as_yaml_and_unknown_arguments_refused():
         parse_known_with_overrides(parser, ["stray"])
 
 
+def test_results_folders_are_named_by_the_settings_fingerprint(tmp_path):
+    from recbole_uip.benchmarking import settings_fingerprint
+
+    settings = {"epochs": 0, "codebook_sizes": {"hobby": 8, "background": 8}}
+    name = settings_fingerprint(settings)
+    assert len(name) == 12 and int(name, 16) >= 0
+    assert settings_fingerprint({"codebook_sizes": {"background": 8, "hobby": 8}, "epochs": 0}) == name  # key order
+    assert settings_fingerprint({**settings, "epochs": 3}) != name
+    record = {"dataset": "ml-100k", "settings": settings, "date": "2026-12-01", "command": ["x"]}
+    assert results_dir(record, tmp_path) == tmp_path / "ml-100k" / name
+    assert results_dir({**record, "date": "2026-12-02", "command": ["y"]}, tmp_path) == tmp_path / "ml-100k" / name
+
+
+def test_the_repositorys_results_are_in_their_settings_folders_and_indexed():
+    """Every folder under results/<dataset>/ (archive/ and convert/ aside) holds run records whose settings hash to
+    its name, has its settings.json, and is listed in results/README.md."""
+    from recbole_uip.benchmarking import RESULTS, folder_records, settings_fingerprint
+
+    index = (RESULTS / "README.md").read_text(encoding="utf-8")
+    folders = [f for d in RESULTS.iterdir() if d.is_dir() and d.name not in ("archive", "convert")
+               for f in d.iterdir() if f.is_dir()]
+    assert folders
+    for folder in folders:
+        records = folder_records(folder)
+        assert records, f"{folder}: no result with a run record"
+        assert {settings_fingerprint(r["settings"]) for r in records.values()} == {folder.name}, folder
+        assert (folder / "settings.json").is_file(), folder
+        assert f"{folder.parent.name}/{folder.name}/" in index, f"{folder} is not in results/README.md"
+
+
 def test_write_result(tmp_path):
-    folder = results_dir("ml-100k", "default", tmp_path)
-    assert folder == tmp_path / "ml-100k" / "default"
+    folder = tmp_path / "ml-100k" / "x"
     json_path, md_path = write_result(folder, "x", {"a": 1}, "# title\n\n")
     assert json.loads(json_path.read_text()) == {"a": 1} and md_path.read_text() == "# title\n"
 
@@ -56,12 +85,15 @@ def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_m
     finally:
         sys.path.remove(str(BENCHMARKS))
     write_dataset(tmp_path / "data")
-    argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--setting=tiny", "--holdout_tokens=20",
+    argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--holdout_tokens=20",
             f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32",
             "--uip_epochs=1", "--uip_codebook_size=3", "--uip_line_search_users=4", "--show_progress=false",
             f"--checkpoint_dir={tmp_path / 'saved'}"]
     assert generalisation.main(argv) == 0
-    data = json.loads((tmp_path / "results" / "toy" / "tiny" / "generalisation.json").read_text())
+    folders = list((tmp_path / "results" / "toy").iterdir())
+    assert len(folders) == 1                                              # named by the settings' fingerprint
+    data = json.loads((folders[0] / "generalisation.json").read_text())
+    assert folders[0] == results_dir(data["record"], tmp_path / "results")
     for key in ("own", "mean", "other_user", "no_profile", "codes"):
         assert np.isfinite(data[key])
     low, high = data["own_minus_mean_ci"]
@@ -69,7 +101,42 @@ def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_m
     assert data["users_evaluated"] == 24 and 0 < data["held_out_tokens_mean"] <= 20 + 15
     assert data["record"]["dataset"] == "toy" and data["record"]["settings"]["epochs"] == 1
     assert str(tmp_path) not in json.dumps(data["record"])               # no machine paths in the record
-    assert "Goal" in (tmp_path / "results" / "toy" / "tiny" / "generalisation.md").read_text()
+    assert "Goal" in (folders[0] / "generalisation.md").read_text()
+    assert json.loads((folders[0] / "settings.json").read_text())["settings"] == data["record"]["settings"]
+
+
+def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_path, tiny_llm_dir):
+    """Two zoo grids (id_free, then standard) of the same settings land in one folder named by the settings'
+    fingerprint; its meta keeps both portable commands, a rerun adds no run and no command, and the report names
+    both commands."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import zoo
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from recbole_uip.benchmarking import read_records
+
+    write_dataset(tmp_path / "data")
+    common = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--models=FM", "--seeds=1", "--epochs=2",
+              f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32",
+              "--uip_codebook_size=3", "--uip_item_text_fields=[movie_title,class]", "--threshold={rating: 4}",
+              "--load_col={inter: [user_id, item_id, rating, timestamp], item: [item_id, movie_title, class]}",
+              f"--checkpoint_dir={tmp_path / 'saved'}", f"--uip_output_dir={tmp_path / 'out'}",
+              "--feature_sets=none,uip"]
+    assert zoo.main(common + ["--settings=id_free"]) == 0
+    assert zoo.main(common + ["--settings=standard"]) == 0
+    assert zoo.main(common + ["--settings=id_free"]) == 0                 # everything done: nothing runs again
+    (folder,) = (tmp_path / "results" / "toy").iterdir()
+    meta = json.loads((folder / "zoo.meta.json").read_text())
+    assert folder == results_dir(meta["record"], tmp_path / "results")
+    assert len(meta["commands"]) == 2 and str(tmp_path) not in json.dumps(meta)
+    assert [c.split()[-1] for c in meta["commands"]] == ["--settings=id_free", "--settings=standard"]
+    runs = read_records(folder / "zoo.jsonl")
+    assert sorted((r["setting"], r["feature_set"]) for r in runs) == [
+        ("id_free", "none"), ("id_free", "uip"), ("standard", "none"), ("standard", "uip")]
+    report = (folder / "zoo.md").read_text()
+    assert all(f"`{c}`" in report for c in meta["commands"])
+    assert json.loads((folder / "settings.json").read_text())["settings"] == meta["record"]["settings"]
 
 
 def test_held_out_items_never_reach_inference(tmp_path, tiny_llm_dir):
@@ -170,10 +237,10 @@ def test_group_metrics_match_recboles_own_test_result_and_split_it_by_user_group
 def test_benchmark_parser_has_the_shared_flags_and_passes_overrides_on():
     from recbole_uip.benchmarking import benchmark_parser
 
-    parser = benchmark_parser("What it measures.\n\nDetails.", "some_setting")
+    parser = benchmark_parser("What it measures.\n\nDetails.")
     parser.add_argument("--extra", type=int, default=1)
     args, overrides = parse_known_with_overrides(parser, ["--extra=3", "--uip_epochs=2", "--dataset=toy"])
-    assert (args.dataset, args.setting, args.extra, overrides) == ("toy", "some_setting", 3, {"uip_epochs": 2})
+    assert (args.dataset, args.extra, overrides) == ("toy", 3, {"uip_epochs": 2}) and Path(args.results).name == "results"
     assert parser.description == "What it measures."
     with pytest.raises(SystemExit):
         parse_known_with_overrides(parser, ["stray"])
