@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    benchmark_parser, configure, mean_ci, parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
+    benchmark_parser, configure, held_out_positions, mean_ci, parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
 )
 
 MODES = {"own": "own", "mean": "mean", "other_user": "other", "no_profile": "none", "codes": "code"}
@@ -37,16 +37,6 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="DeepFM", help="whose split defines the training data (default DeepFM: random 8:1:1)")
     parser.add_argument("--holdout_tokens", type=int, default=64, help="held-out text per user, in tokens")
     return parse_known_with_overrides(parser, argv)
-
-
-def held_out_positions(text, holdout_tokens: int) -> list[np.ndarray]:
-    """Per user, the positions held out: the newest items within the budget, never all of a user's items."""
-    held = []
-    for user in range(len(text)):
-        n = len(text.user_pieces[user])
-        positions = text.newest_target(user, holdout_tokens) if n >= 2 else np.zeros(0, dtype=np.int64)
-        held.append(positions[1:] if len(positions) == n else positions)
-    return held
 
 
 def summarise(scores: dict[str, np.ndarray], prefix: str = "") -> dict:

@@ -14,6 +14,7 @@
 * :func:`read_records`, :func:`append_record`, :func:`latest_records`: a benchmark's JSONL of finished runs (a
   restart skips what is done).
 * :func:`fmt_p`: a p-value as the reports print it; :func:`progress_logging`: RecBole's logger, quiet on stdout.
+* :func:`held_out_positions`: the held-out protocol of the generalisation and in-context benchmarks.
 * :func:`benchmark_parser`: the flags every benchmark has; :func:`configure`: a benchmark's RecBole config (profiles on), RecBole's logger and the resolved settings.
 """
 
@@ -308,6 +309,18 @@ def settings_table(record: dict) -> str:
              "- resolved settings: " + ", ".join(f"`{k}={v}`" for k, v in sorted(record["settings"].items())
                                                  if k not in ("profiles",))]
     return "\n".join(line for line in lines if line)
+
+
+def held_out_positions(text, holdout_tokens: int) -> list[np.ndarray]:
+    """Per user, the positions (in ``text.user_pieces[user]``) held out of profile inference: the newest items whose
+    text fits ``holdout_tokens`` (at least one), never all of a user's items; none for a user with one item.
+    ``text``: a :class:`~recbole_uip.data.behaviour_text.BehaviourText` of the training histories."""
+    held = []
+    for user in range(len(text)):
+        n = len(text.user_pieces[user])
+        positions = text.newest_target(user, holdout_tokens) if n >= 2 else np.zeros(0, dtype=np.int64)
+        held.append(positions[1:] if len(positions) == n else positions)
+    return held
 
 
 def split_cold_start(users: list[str], times: list[float], holdout: float, onboarding: int, valid_share: float,

@@ -29,7 +29,7 @@ from recbole_uip.utils import write_json_atomic
 # changes, so dataset copies written before are rewritten. The "zoo" in the string keeps existing copies valid.
 ID_SET_FORMAT = 1
 RANDOM_IDS_SEED = 0
-SHUFFLE_SEED = 12345             # the permutation benchmarks/informativeness.py uses
+SHUFFLE_SEED = 12345             # the shuffled control's permutation (kept from the first benchmarks, results/archive/)
 
 
 def alternative_bank(bank: FeatureBank, codes: np.ndarray, tag: str, note: str, codebooks=None) -> FeatureBank:

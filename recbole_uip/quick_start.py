@@ -293,9 +293,10 @@ def train_rank(rank: int, model, dataset: str, config_file_list, config_dict: di
 def run_recbole_with_config(config, saved: bool = True, model_seed: int | None = None, after_test=None) -> dict:
     """RecBole's ``run_recbole`` body for an already built ``Config`` (so the model class may be external).
 
-    ``model_seed`` (default: ``config['seed']``, as RecBole) seeds only the model's initialisation and training
-    order, after the split: benchmarks vary it over repeats while the split, and the profiles learned from its
-    training part, stay fixed. ``after_test(model, test_data)``, where given, runs on the tested (best) model and
+    ``model_seed`` (default: ``config['seed']``, as RecBole) seeds the model's initialisation and dropout, after
+    the split: benchmarks vary it over repeats while the split, and the profiles learned from its training part,
+    stay fixed. The batch order does not follow it: RecBole 1.2.1's dataloaders shuffle with their own generator,
+    seeded with ``config['seed']``. ``after_test(model, test_data)``, where given, runs on the tested (best) model and
     its result is returned as ``after_test`` (e.g. :func:`recbole_uip.ctr_runs.group_metrics`).
     """
     from recbole.data import create_dataset, data_preparation

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import write_dataset
-from recbole_uip.benchmarking import mean_ci, paired_test, parse_known_with_overrides, results_dir, write_result
+from recbole_uip.benchmarking import (
+    held_out_positions, mean_ci, paired_test, parse_known_with_overrides, results_dir, write_result,
+)
 from recbole_uip.utils import write_json_atomic
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -139,6 +141,44 @@ def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_pa
     assert json.loads((folder / "settings.json").read_text())["settings"] == meta["record"]["settings"]
 
 
+def test_in_context_scoring_matches_one_unpadded_sequence_at_a_time(tmp_path, tiny_llm_dir):
+    """The in-context benchmark's batched, left-padded scoring gives each sequence the NLL it gets alone, and its
+    rating-token mean covers the flagged tokens only; the benchmark then runs end to end on the toy data."""
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import in_context
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from recbole_uip.inference.llm import load_frozen_llm
+
+    llm = load_frozen_llm(str(tiny_llm_dir), torch.device("cpu"), "float32")
+    rng = np.random.default_rng(0)
+    sequences = [(rng.integers(5, 100, h).tolist(), rng.integers(5, 100, t).tolist(), [i % 3 == 0 for i in range(t)])
+                 for h, t in ((3, 4), (12, 2), (1, 7), (20, 5))]
+    batched = in_context.score(llm, sequences, batch_size=3)
+    for (head, target, flags), (plain, rating) in zip(sequences, batched):
+        ids = torch.tensor([head + target])
+        logp = torch.log_softmax(llm.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        nll = -logp[-len(target):].gather(1, torch.tensor(target).unsqueeze(1)).squeeze(1).numpy()
+        assert plain == pytest.approx(nll.mean(), abs=1e-4)
+        assert rating == pytest.approx(nll[np.array(flags)].mean(), abs=1e-4)
+
+    write_dataset(tmp_path / "data")
+    argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--holdout_tokens=20", "--context_tokens=8,32",
+            "--users=0", f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32",
+            f"--checkpoint_dir={tmp_path / 'saved'}"]
+    assert in_context.main(argv) == 0
+    (folder,) = (tmp_path / "results" / "toy").iterdir()
+    data = json.loads((folder / "in_context.json").read_text())
+    assert data["users_evaluated"] == 24 and [b["budget"] for b in data["budgets"]] == [8, 32]
+    short, long = data["budgets"]
+    assert 0 < short["context_tokens_mean"] <= 8 < long["context_tokens_mean"] <= 32
+    assert short["plain"]["none"] == long["plain"]["none"]               # no context: the same scores
+    assert "own - other" in (folder / "in_context.md").read_text()
+
+
 def test_held_out_items_never_reach_inference(tmp_path, tiny_llm_dir):
     """Changing the held-out items (and their ratings) leaves the inferred offsets bit-identical, and the items only
     they hold are not even embedded."""
@@ -164,7 +204,7 @@ def test_held_out_items_never_reach_inference(tmp_path, tiny_llm_dir):
     settings = UIPSettings.from_config(config)
     histories = collect_training_histories(config, settings, resolve_text_fields(config, settings, check_dataset_files(config)))
     llm = load_frozen_llm(str(tiny_llm_dir), torch.device("cpu"), "float32")
-    held = generalisation.held_out_positions(BehaviourText(histories, settings, llm.tokenizer), 20)
+    held = held_out_positions(BehaviourText(histories, settings, llm.tokenizer), 20)
     assert all(0 < len(h) < len(items) for h, items in zip(held, histories.items))
     keep = [len(items) - len(h) for items, h in zip(histories.items, held)]
     remaining = histories.truncated(keep)
