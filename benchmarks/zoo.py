@@ -56,7 +56,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -449,9 +448,10 @@ def render_markdown(records: list[dict], args, paths: dict) -> str:
     lines = [f"# Model zoo on {r0['dataset']}: profiles vs controls and cheap baselines", "",
              "Produced by " + " and ".join(f"`{c}`" for c in produced_by) + " "
              f"(`--render` rebuilds this file from `{paths['jsonl'].name}`).", "", "## Configuration", ""]
-    lines += [f"- **Dataset and split**: {r0['dataset']}, RecBole 1.2.1 context-aware defaults: labeled mode, rating "
-              "threshold from the dataset presets (ml-100k: label = rating >= 4), random 8:1:1 split (RS, RO) with the "
-              "split seed 2020 fixed for every run; the model seed (initialisation, dropout) varies: "
+    split = args.record["split"]
+    lines += [f"- **Dataset and split**: {r0['dataset']}, RecBole 1.2.1 context-aware defaults: labeled mode, the label "
+              f"from the dataset preset's threshold, `eval_args` {split['eval_args']} (the split of {split['model']}) with "
+              f"the split seed {split['seed']} fixed for every run; the model seed (initialisation, dropout) varies: "
               f"{sorted({r['seed'] for r in records})}. Every dataset is asserted to reproduce the plain run's "
               "train/valid/test split interaction by interaction, and every interaction to carry its own user's "
               "feature values.",
@@ -460,14 +460,14 @@ def render_markdown(records: list[dict], args, paths: dict) -> str:
               f"epochs, at most {r0['epochs_cap']} epochs (cap hit in {sum(r['cap_hit'] for r in records)} of "
               f"{len(records)} runs), the best-validation checkpoint is tested. Model hyper-parameters are RecBole's "
               "defaults for each model (embedding size, MLP sizes, dropout, ...)" + model_keys_text(records) + ".",
-              f"- **Machine**: {r0['threads']} torch thread(s) per run, CPU only ({platform.processor() or platform.machine()}), "
-              f"torch {torch.__version__}; seconds are wall-clock per run (training + validation + test) and depend on "
+              f"- **Machine**: {r0['threads']} torch thread(s) per run, {args.record['device']} ({args.record['cpu']}, "
+              f"{args.record['cpu_count']} cores visible), torch {args.record['torch']}; seconds are wall-clock per run (training + validation + test) and depend on "
               "other load on the machine. "
               f"Sum of run times {seconds / 60:.1f} min; runs finished between {first} and {last} (UTC).",
               f"- **Profiles**: {profile_line(args)}",
               "- **Feature sets**: " + "; ".join(f"`{fs.name}`: {fs.description}" for fs in FEATURE_SETS.values()) + ". "
               "User columns loaded: " + "; ".join(f"`{fs}`: {', '.join(columns_of(records, fs)) or '-'}" for fs in sets)
-              + ". Every run also loads the item features of the dataset presets (ml-100k: release_year, class). "
+              + ". Every run also loads the item features the dataset's `load_col` names. "
               "Random IDs: uniform, seed 0. Shuffled: UIP rows permuted across users (seed 12345). k-means baselines: "
               "one k-means per profile column with as many clusters as that profile's codebook (seed = column index; "
               "the two columns differ only by their k-means++ start); attribute histograms are the user's genre shares "
