@@ -43,6 +43,7 @@ from recbole_uip.benchmarking import (
     settings_table, split_cold_start,
 )
 from recbole_uip.ctr_runs import group_metrics
+from recbole_uip.feature_sets import SHUFFLE_SEED
 from recbole_uip.utils import atomic_write, sha256_json, write_json_atomic
 
 TRAINING = CTR_TRAINING
@@ -50,7 +51,6 @@ DEMOGRAPHICS = ["age", "gender", "occupation"]
 FEATURE_SETS = ["none", "demographics", "uip", "shuffled", "kmeans-genre", "uip+demographics"]
 COMPARISONS = [("uip", "none"), ("uip", "shuffled"), ("uip", "kmeans-genre"), ("uip+demographics", "demographics"),
                ("demographics", "none"), ("kmeans-genre", "none")]
-SHUFFLE_SEED = 12345
 
 
 def parse_args(argv=None):

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    benchmark_parser, configure, held_out_positions, mean_ci, parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
+    benchmark_parser, configure, held_out_positions, interval_summary, parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
 )
 
 MODES = {"own": "own", "mean": "mean", "other_user": "other", "no_profile": "none", "codes": "code"}
@@ -41,17 +41,11 @@ def parse_args(argv=None):
 
 def summarise(scores: dict[str, np.ndarray], prefix: str = "") -> dict:
     """Means with intervals per mode, and the paired differences that matter."""
-    out = {"modes": {}, "differences": {}}
-    for name, mode in MODES.items():
-        if prefix + mode in scores:
-            mean, low, high = mean_ci(scores[prefix + mode])
-            out["modes"][name] = {"mean": mean, "ci": [low, high]}
-    for a, b in (("own", "mean"), ("own", "other_user"), ("own", "no_profile"), ("codes", "mean"), ("mean", "no_profile")):
-        if prefix + MODES[a] in scores and prefix + MODES[b] in scores:
-            diff = scores[prefix + MODES[a]] - scores[prefix + MODES[b]]
-            mean, low, high = mean_ci(diff)
-            out["differences"][f"{a}_minus_{b}"] = {"mean": mean, "ci": [low, high], "share_below_zero": float((diff < 0).mean())}
-    return out
+    values = {name: scores[prefix + mode] for name, mode in MODES.items() if prefix + mode in scores}
+    pairs = [(a, b) for a, b in (("own", "mean"), ("own", "other_user"), ("own", "no_profile"), ("codes", "mean"),
+                                 ("mean", "no_profile")) if a in values and b in values]
+    modes, differences = interval_summary(values, pairs)
+    return {"modes": modes, "differences": differences}
 
 
 def render(data: dict) -> str:

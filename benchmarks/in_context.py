@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from recbole_uip.benchmarking import (
-    benchmark_parser, configure, held_out_positions, mean_ci, parse_known_with_overrides, publish_benchmark,
+    benchmark_parser, configure, held_out_positions, interval_summary, parse_known_with_overrides, publish_benchmark,
     run_record, settings_table,
 )
 
@@ -94,16 +94,8 @@ def score(llm, sequences: list[tuple[list[int], list[int], list[bool] | None]], 
 
 def summarise(values: dict[str, np.ndarray]) -> dict:
     """Means with intervals per condition, and the paired ``own - other`` and ``own - none`` (users with a value)."""
-    out = {}
-    for name, v in values.items():
-        mean, low, high = mean_ci(v[np.isfinite(v)])
-        out[name] = {"mean": mean, "ci": [low, high]}
-    for a, b in (("own", "other"), ("own", "none"), ("other", "none")):
-        diff = values[a] - values[b]
-        diff = diff[np.isfinite(diff)]
-        mean, low, high = mean_ci(diff)
-        out[f"{a}_minus_{b}"] = {"mean": mean, "ci": [low, high], "below_zero": float((diff < 0).mean())}
-    return out
+    means, differences = interval_summary(values, (("own", "other"), ("own", "none"), ("other", "none")))
+    return {**means, **differences}
 
 
 def render(data: dict) -> str:
@@ -124,7 +116,7 @@ def render(data: dict) -> str:
             d = s["own_minus_other"]
             lines.append(f"| {b['budget']} | {b['context_tokens_mean']:.0f} | {s['own']['mean']:.4f} | "
                          f"{s['other']['mean']:.4f} | {s['none']['mean']:.4f} | {d['mean']:+.4f} "
-                         f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] | {d['below_zero']:.0%} |")
+                         f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] | {d['share_below_zero']:.0%} |")
         lines.append("")
     lines += ["## Run", "", settings_table(data["record"])]
     return "\n".join(lines)

@@ -276,7 +276,7 @@ def run_grid(args, overrides: dict, paths: dict, logger) -> None:
                 f"(signature {signature})")
     folders = prepare_id_sets(base, settings, files, target, bank, {fs.id_set for fs in feature_sets}, logger)
     # every command that added runs of this signature (e.g. the id_free grid, then the standard one), in order
-    meta = grid_meta(paths, [{"signature": signature}])
+    meta = grid_meta(paths, signature)
     previous = meta.get("commands") or ([meta["command"]] if meta.get("command") else [])
     command = "python " + " ".join(args.record["command"])          # portable: no machine paths
     write_json_atomic(paths["meta"], {"signature": signature, "bank": bank.fingerprint[:12],
@@ -442,7 +442,7 @@ def render_markdown(records: list[dict], args, paths: dict) -> str:
     last = max(r["finished_at"] for r in records)
     command = [("dataset", r0["dataset"]), ("models", ",".join(models)), ("seeds", len({r["seed"] for r in records}))]
     command += [(k, r0[k]) for k, v in TRAINING_DEFAULTS.items() if r0.get(k) != v]
-    meta = grid_meta(paths, records)
+    meta = grid_meta(paths, records[0]["signature"])
     produced_by = meta.get("commands") or [meta.get("command") or (
         "python benchmarks/zoo.py " + " ".join(f"--{k}={v}" for k, v in command))]
     lines = [f"# Model zoo on {r0['dataset']}: profiles vs controls and cheap baselines", "",
@@ -514,18 +514,19 @@ def render_markdown(records: list[dict], args, paths: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def grid_meta(paths: dict, records: list[dict]) -> dict:
-    """What the grid run wrote beside the JSONL (command line, ID-set granularity), if it matches the records."""
+def grid_meta(paths: dict, signature: str) -> dict:
+    """What the grid run wrote beside the JSONL (commands, ID-set granularity, run record), if it is the grid of
+    ``signature`` (the runs'), else ``{}``."""
     try:
         data = json.loads(paths["meta"].read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return data if data.get("signature") == records[0]["signature"] else {}
+    return data if data.get("signature") == signature else {}
 
 
 def granularity_lines(paths: dict, records: list[dict]) -> list[str]:
     """The table of how finely each ID set splits the users (written by the grid run beside the JSONL)."""
-    data = grid_meta(paths, records)
+    data = grid_meta(paths, records[0]["signature"])
     if not data.get("granularity"):
         return []
     lines = ["", "### How finely each feature set splits the users", "",

@@ -2,7 +2,7 @@
 
 * :func:`parse_known_with_overrides`: a benchmark's own flags, and every other ``--key=value`` as a RecBole or
   ``uip_*`` override (values read as YAML, like ``run_recbole_uip.py``).
-* :func:`mean_ci`, :func:`paired_test`: the statistics the reports quote.
+* :func:`mean_ci`, :func:`paired_test`, :func:`interval_summary`: the statistics the reports quote.
 * :func:`run_record`: the facts every figure is recorded with (threads, CPU, model, dataset, resolved settings),
   with no machine paths.
 * :func:`settings_fingerprint`, :func:`results_dir`, :func:`write_result`, :func:`publish_result`,
@@ -100,6 +100,24 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
         return mean, float("nan"), float("nan")
     half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
     return mean, mean - half, mean + half
+
+
+def interval_summary(values: dict[str, np.ndarray], pairs) -> tuple[dict, dict]:
+    """``(means, differences)`` over users: per condition, ``{"mean", "ci"}`` (the mean and its 95% interval); per
+    pair ``(a, b)``, the key ``"<a>_minus_<b>"`` with the paired difference ``a - b``: ``{"mean", "ci",
+    "share_below_zero"}``. ``values``: ``{condition: (U,)}`` aligned by user; a nan (a user without that value) is
+    left out, pairwise for the differences."""
+    means = {}
+    for name, v in values.items():
+        mean, low, high = mean_ci(v[np.isfinite(v)])
+        means[name] = {"mean": mean, "ci": [low, high]}
+    differences = {}
+    for a, b in pairs:
+        diff = values[a] - values[b]
+        diff = diff[np.isfinite(diff)]
+        mean, low, high = mean_ci(diff)
+        differences[f"{a}_minus_{b}"] = {"mean": mean, "ci": [low, high], "share_below_zero": float((diff < 0).mean())}
+    return means, differences
 
 
 def paired_test(a, b) -> tuple[float, float, float]:

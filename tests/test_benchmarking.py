@@ -33,6 +33,17 @@ def test_paired_test():
     assert np.isnan(paired_test([1.0, 2.0], [0.0, 1.0])[2])        # a constant difference has no p-value
 
 
+def test_interval_summary_leaves_out_missing_values_pairwise():
+    from recbole_uip.benchmarking import interval_summary
+
+    values = {"own": np.array([1.0, 2.0, np.nan, 4.0]), "other": np.array([2.0, 2.5, 3.0, np.nan])}
+    means, differences = interval_summary(values, [("own", "other")])
+    assert means["own"]["mean"] == pytest.approx(7 / 3) and means["other"]["mean"] == pytest.approx(7.5 / 3)
+    diff = differences["own_minus_other"]                          # users 0 and 1 only: -1.0 and -0.5
+    assert diff["mean"] == pytest.approx(-0.75) and diff["share_below_zero"] == 1.0
+    assert diff["ci"][0] < diff["mean"] < diff["ci"][1]
+
+
 def test_overrides_are_parsed_as_yaml_and_unknown_arguments_refused():
     import argparse
 

@@ -152,9 +152,9 @@ def runtime_numerics(dtype_name: str, device: torch.device, num_threads: int) ->
     """What, besides the inputs, decides the floating-point results of inference: torch's version, the device
     type, the resolved dtype and, on CPU, the number of threads (``num_threads``, 0: torch's current count).
 
-    Measured on ml-100k with SmolLM2 by an earlier design's benchmark (``results/archive/numerics_ml-100k.md``): in bfloat16 the per-user residuals differ by
-    ~40% between 1 and 2 CPU threads after two EM rounds (the reduction order changes the rounding) and some
-    IDs change; in float32 they differ by ~1e-4. These enter the fingerprint, so a bank is reused only where a
+    Measured on ml-100k with SmolLM2 by an earlier design's benchmark (``results/archive/numerics_ml-100k.md``): in
+    bfloat16 the per-user residuals differ by ~40% between 1 and 2 CPU threads after two EM rounds (the reduction
+    order changes the rounding) and some IDs change; in float32 they differ by ~1e-4. These enter the fingerprint, so a bank is reused only where a
     fresh run would compute the same bank."""
     return {
         "torch": torch.__version__,
