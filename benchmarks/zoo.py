@@ -31,8 +31,8 @@ Feature sets (user columns loaded; items always bring their own .item features):
                 prompt tuning); one column per profile, seeds as above
   kmeans-ratings  k-means over each user's rating statistics alone (generosity, spread, activity; no item, no LLM)
   kmeans-nollm  k-means over user vectors built like z from genre multi-hots instead of LLM item embeddings
-  uip-untrained the bank's first E-step: the same quantiser on the untrained encoder (with uip_epochs: 0, the
-                same IDs as uip)
+  uip-untrained the bank's untrained control: the same quantiser, with as many E-steps as uip, on the untrained
+                encoder (with uip_epochs: 0, the same IDs as uip)
 Every ID set is written as its own augmented dataset copy through the package's ``write_augmented_dataset``;
 ``load_col`` decides which user columns a run loads.
 
@@ -114,7 +114,7 @@ FEATURE_SETS = {fs.name: fs for fs in [
     FeatureSet("kmeans-ratings", "kmeans-ratings", False, True,
                "cheap baseline: k-means over each user's rating statistics alone (generosity, spread, activity)"),
     FeatureSet("uip-untrained", "uip-untrained", False, True,
-               "control: the same quantiser on the untrained start (the bank's first E-step)"),
+               "control: the same quantiser, with as many E-steps, on the untrained start"),
 ]}
 # Comparisons reported next to "vs none": (feature set, reference).
 COMPARISONS = [("uip", "shuffled"), ("uip", "random"), ("uip", "kmeans-attr"), ("uip", "kmeans-ratings"), ("uip", "kmeans-nollm"),
@@ -215,7 +215,8 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
         "kmeans-ratings": lambda: (kmeans_columns(rating_statistics(config, settings, bank.users), sizes),
                                    "k-means over the users' rating statistics (generosity, spread, activity), seed = column"),
         "uip-untrained": lambda: (bank.initial_codes,
-                                  "the bank's first E-step: the same quantiser on the untrained starting point"),
+                                  "the bank's untrained control: the same quantiser, with as many E-steps, on the "
+                                  "untrained starting point"),
     }
     for id_set in sorted(needed - {"uip"}):
         folder = target.parent / f"{config['dataset']}-uipzoo-{id_set}"

@@ -6,8 +6,8 @@ A bank is a plain, versioned folder that any tool can read without this package:
   report, the items the encoder has embedded, and the SHA-256 of ``bank.npz``;
 * ``bank.npz``:
 
-  - ``codes`` int64 ``(U, P)``: the profile IDs; ``initial_codes`` int64 ``(U, P)``: the same quantiser on the
-    untrained start (the control every benchmark compares against);
+  - ``codes`` int64 ``(U, P)``: the profile IDs; ``initial_codes`` int64 ``(U, P)``: the same quantiser, with as
+    many E-steps, on the untrained start (the control every benchmark compares against);
   - ``codebook_<profile>`` float32 ``(K_p, D)``; with the whitened metric ``projection_<profile>`` float32
     ``(D, k)`` (a new offset ``x`` goes to ``argmin_k ||(x - codebook[k]) @ projection||``);
   - ``summaries`` float32 ``(U, k)``: each user's encoder input ``z``; ``offsets`` float32 ``(U, P, D)``;

@@ -49,8 +49,10 @@ def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], l
         "aligned_to": aligned_to,
         # 4: the feature map's principal directions from the covariance with fixed signs, k-means++ and restarts by
         # inverse CDF (the distributed code), the default item text without empty fields: banks of format 3 would
-        # not be what this code computes, so they are not reused
-        "format": 4,
+        # not be what this code computes, so they are not reused. 5: with EM rounds, initial_codes is the untrained
+        # start after as many E-steps as the trained IDs (it was the first E-step's); without rounds nothing changed,
+        # so those banks keep format 4 and stay valid
+        "format": 4 if settings.epochs == 0 else 5,
     }
     return sha256_json(inputs), inputs
 

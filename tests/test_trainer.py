@@ -260,3 +260,26 @@ def test_zero_rounds_keep_the_untrained_starts_ids_and_train_nothing(tmp_path, t
     assert np.isnan(result.per_user["nll_first_round"]).all()
     with pytest.raises(UIPConfigError, match="uip_epochs"):
         UIPSettings.from_config(build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip_epochs=-1)))
+
+
+def test_the_untrained_control_gets_as_many_e_steps_as_the_trained_ids(tmp_path, tiny_llm_dir, monkeypatch):
+    """With M-steps that move nothing, the trained IDs and the control must be equal: what separates them in a real
+    run is then the likelihood training alone. One Lloyd iteration per E-step, so that the later E-steps do move
+    codes: the first E-step's IDs differ from the final ones (checked), and a control taken from it would fail."""
+    trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=60, uip_epochs=3, uip_kmeans_iters=1, uip_codebook_size=6)
+    users = len(trainer.histories)
+    monkeypatch.setattr(trainer, "m_step", lambda *args, **kwargs: torch.full((users,), float("nan")))
+    monkeypatch.setattr(trainer, "line_search", lambda scales: None)
+    first = {}
+    control = trainer.untrained_control
+
+    def spy():
+        first["ids"] = trainer.assignments.clone()
+        first["offsets"] = trainer.local_offsets().clone()
+        return control()
+
+    monkeypatch.setattr(trainer, "untrained_control", spy)
+    result = trainer.fit()
+    assert torch.equal(trainer.local_offsets(), first["offsets"])       # nothing trained
+    assert not np.array_equal(first["ids"].numpy(), result.codes)        # the later E-steps moved codes
+    np.testing.assert_array_equal(result.initial_codes, result.codes)
