@@ -320,7 +320,7 @@ class ProfileInferenceTrainer:
         if self.settings.epochs == 0:
             return self.assignments.clone()
         codebooks = copy.deepcopy(self.codebooks)
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator()
         generator.set_state(self.generator.get_state())
         for _ in range(self.settings.epochs):
             assignments, _, _ = self.e_step(self.settings.kmeans_iters, codebooks, generator)
