@@ -202,6 +202,7 @@ class UIPSettings:
     lock_timeout: float = 0.0
     checkpoint_every: int = 50
     item_batch_size: int = 64
+    mstep_users: int = 0
 
     def __post_init__(self):
         if not self.profiles:
@@ -233,6 +234,7 @@ class UIPSettings:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UIPConfigError(f"'{key}' must be a positive integer, got {value!r}.")
         for key, value in {"uip_line_search_users": self.line_search_users,
+                           "uip_mstep_users": self.mstep_users,
                            "uip_quantiser_components": self.quantiser_components}.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise UIPConfigError(f"'{key}' must be an integer >= 0, got {value!r}.")
@@ -273,6 +275,8 @@ class UIPSettings:
                     "lock_timeout", "checkpoint_every", "item_batch_size"):
             data.pop(key)  # the thread count that runs enters the fingerprint with the numerics (runtime_numerics),
             # and so do the item batch size and the number of ranks (bank_store.compute_fingerprint)
+        if not self.mstep_users:  # every user, as before the key existed: earlier banks keep their fingerprint
+            data.pop("mstep_users")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
 
     @classmethod
@@ -342,6 +346,7 @@ class UIPSettings:
                 lock_timeout=float(get("uip_lock_timeout")),
                 checkpoint_every=get("uip_checkpoint_every"),
                 item_batch_size=get("uip_item_batch_size"),
+                mstep_users=get("uip_mstep_users"),
             )
         except (TypeError, ValueError) as error:
             if isinstance(error, UIPConfigError):

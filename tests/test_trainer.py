@@ -283,3 +283,36 @@ def test_the_untrained_control_gets_as_many_e_steps_as_the_trained_ids(tmp_path,
     assert torch.equal(trainer.local_offsets(), first["offsets"])       # nothing trained
     assert not np.array_equal(first["ids"].numpy(), result.codes)        # the later E-steps moved codes
     np.testing.assert_array_equal(result.initial_codes, result.codes)
+
+
+def test_mstep_users_visits_that_many_training_users_drawn_anew_each_round(tmp_path, tiny_llm_dir):
+    from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.quick_start import build_config
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_epochs=3, uip_line_search_users=4, uip_mstep_users=5)
+    visited: dict[int, list[int]] = {}
+    train_batch = trainer.train_batch
+
+    def spy(targets, scales, shared_opt, where=(0, 0)):
+        visited.setdefault(where[0], []).extend(targets.users.tolist())
+        return train_batch(targets, scales, shared_opt, where)
+
+    trainer.train_batch = spy
+    result = trainer.fit()
+    validation = set(trainer.validation.users.tolist())
+    assert sorted(visited) == [1, 2, 3]
+    for epoch, users in visited.items():
+        assert len(users) == len(set(users)) == 5 and not validation & set(users)
+        assert sorted(users) == trainer.pass_users(epoch).tolist()        # the draw is reproducible from the round
+    assert len({tuple(sorted(users)) for users in visited.values()}) > 1   # drawn anew each round
+    assert all(record["line_search"]["step"] >= 0 for record in result.history[1:])
+    seen = ~np.isnan(result.per_user["nll_last_round"])
+    assert set(np.flatnonzero(seen).tolist()) == set(visited[3])
+
+    config = uip_config_dict(tmp_path, tiny_llm_dir)
+    default = UIPSettings.from_config(build_config("DeepFM", "toy", None, config)).fingerprint_dict()
+    assert "mstep_users" not in default          # all users, as before the key existed: fingerprints unchanged
+    sampled = UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_mstep_users": 5}))
+    assert sampled.fingerprint_dict()["mstep_users"] == 5
+    with pytest.raises(UIPConfigError, match="uip_mstep_users"):
+        UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_mstep_users": -1}))

@@ -8,7 +8,8 @@ likelihood training alone, not by extra Lloyd iterations.
 
 One EM round (``uip_epochs`` of them):
 
-* **M-step.** One pass over the training users in shuffled batches. For each user the step scores a text of
+* **M-step.** One pass over the training users (or ``uip_mstep_users`` of them, drawn anew each round) in shuffled
+  batches. For each user the step scores a text of
   some of their items (``uip_target``: a random subset, or the newest items) while the encoder reads the user's
   *other* items. Loss per batch = ``mean_b NLL_w(text_b | soft tokens_b) + beta * sum_p commitment_p``
   (``NLL_w``: the rating tokens weigh ``uip_rating_weight``). The shared shift ``b`` takes an Adam step per
@@ -326,8 +327,25 @@ class ProfileInferenceTrainer:
             assignments, _, _ = self.e_step(self.settings.kmeans_iters, codebooks, generator)
         return assignments
 
+    def pass_users(self, epoch: int) -> np.ndarray:
+        """The rows of the users the M-step of round ``epoch`` may visit ``(n,)``, over all ranks: every user but
+        the validation users, or ``uip_mstep_users`` of them drawn anew each round (from the run's seed and the
+        round, so that every rank draws the same set and a resumed run the same as an unbroken one).
+
+        Departs from the paper, which visits every user in every pass: the encoder is shared and takes one step
+        per round, along the gradient summed over the visited users, so a sample estimates it at a fraction of the
+        cost of the backward passes through the LLM (benchmarks/zoo.py measures what the sample's IDs are worth)."""
+        users = np.arange(len(self.histories))
+        if self.validation is not None:
+            users = np.setdiff1d(users, self.validation.users)
+        count = self.settings.mstep_users
+        if not count or count >= len(users):
+            return users
+        draw = np.random.default_rng([int(self.config["seed"]), epoch, 0x55])
+        return np.sort(draw.choice(users, size=count, replace=False))
+
     def m_step(self, epoch: int, scales: list[float], shared_opt, progress: dict | None = None) -> torch.Tensor:
-        """One pass over the training users (validation users excluded); returns each user's NLL ``(U,)`` as
+        """One pass over this rank's share of :meth:`pass_users`; returns each user's NLL ``(U,)`` as
         measured before its update (NaN for users not visited).
 
         ``progress`` (from a checkpoint): the pass's user order, the batches done and the NLLs so far; the pass goes
@@ -344,6 +362,7 @@ class ProfileInferenceTrainer:
             users = self.local_users
             if self.validation is not None:
                 users = np.setdiff1d(users, self.validation.users)
+            users = np.intersect1d(users, self.pass_users(epoch))
             order, done = users[self.rng.permutation(len(users))], 0
             if self.soft.encoder is not None:
                 self.soft.encoder.grad = None
@@ -710,8 +729,9 @@ class ProfileInferenceTrainer:
             seen = ~torch.isnan(nll)
             record["nll"] = float(nll[seen].mean())
             parts.append(f"NLL {record['nll']:.4f}")
-            if epoch > 1:
-                drop = (first_nll - nll)[seen].numpy()
+            both = seen & ~torch.isnan(first_nll) if first_nll is not None else seen & False
+            if epoch > 1 and bool(both.any()):      # users visited in round 1 and now (all without uip_mstep_users)
+                drop = (first_nll - nll)[both].numpy()
                 record["nll_drop_median"] = float(np.median(drop))
                 record["users_nll_improved"] = float((drop > 0).mean())
                 parts.append(f"per-user drop since round 1 median {record['nll_drop_median']:.4f} "
