@@ -121,7 +121,7 @@ class FeatureBank:
         codes: int64 ``(U, P)``.
         codebooks: per profile float32 ``(K_p, D)``.
         no_history_token: the token of users with no training interaction.
-        initial_codes: int64 ``(U, P)``, the untrained start's IDs, or None.
+        initial_codes: int64 ``(U, P)``, the untrained control's IDs (the untrained start with as many E-steps), or None.
         summaries: float32 ``(U, k)`` or None.
         offsets: float32 ``(U, P, D)`` or None.
         projections: per profile float32 ``(D, k)`` (the whitened metric's projection) or None.
