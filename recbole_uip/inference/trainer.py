@@ -359,10 +359,7 @@ class ProfileInferenceTrainer:
         self.comm.phase = f"the M-step of round {epoch}"
         if progress is None:
             nll_seen = torch.full((len(self.histories),), float("nan"))
-            users = self.local_users
-            if self.validation is not None:
-                users = np.setdiff1d(users, self.validation.users)
-            users = np.intersect1d(users, self.pass_users(epoch))
+            users = np.intersect1d(self.local_users, self.pass_users(epoch))
             order, done = users[self.rng.permutation(len(users))], 0
             if self.soft.encoder is not None:
                 self.soft.encoder.grad = None
@@ -729,7 +726,7 @@ class ProfileInferenceTrainer:
             seen = ~torch.isnan(nll)
             record["nll"] = float(nll[seen].mean())
             parts.append(f"NLL {record['nll']:.4f}")
-            both = seen & ~torch.isnan(first_nll) if first_nll is not None else seen & False
+            both = seen & ~torch.isnan(first_nll) if first_nll is not None else torch.zeros_like(seen)
             if epoch > 1 and bool(both.any()):      # users visited in round 1 and now (all without uip_mstep_users)
                 drop = (first_nll - nll)[both].numpy()
                 record["nll_drop_median"] = float(np.median(drop))
