@@ -106,7 +106,7 @@ def render(data: dict) -> str:
         lines.append(f"| {r['users']} | {r['round_seconds']:.0f} | {r['m_step_seconds']:.0f} | {r['line_search_seconds']:.0f} | "
                      f"{r['e_step_seconds']:.1f} | {per_user:.3f} | {per_user / (base['round_seconds'] / base['users']):.2f} | "
                      f"{r['peak_rss_gib']:.2f} | {extra} |")
-    lines += ["", "## Run", "", settings_table(base["record"])]
+    lines += ["", "## Run", "", settings_table(data["record"])]
     return "\n".join(lines)
 
 
@@ -127,7 +127,8 @@ def main(argv=None) -> int:
         runs.append(json.loads(next(line for line in output.splitlines() if line.startswith("SCALE_RESULT "))[13:]))
         print(f"{multiplier}x: {runs[-1]['users']} users, round {runs[-1]['round_seconds']} s, peak RSS {runs[-1]['peak_rss_gib']} GiB",
               flush=True)
-    data = {"runs": runs, "record": runs[0]["record"]}   # the settings' folder; each run keeps its own record
+    # the settings' folder, with the command that was run (each child's own record names its --multiplier)
+    data = {"runs": runs, "record": {**runs[0]["record"], "command": ["benchmarks/scale.py", *args.argv]}}
     publish_benchmark(args, "scale", data, render(data))
     return 0
 

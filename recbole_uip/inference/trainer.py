@@ -525,6 +525,7 @@ class ProfileInferenceTrainer:
         mean = own.mean(0, keepdim=True)          # the mean of the very tokens "own" uses: no user information
         batch = self.prompt_batch(targets)
         out: dict[str, list] = {}
+        bar = tqdm(total=len(users), desc="UIP scoring", ncols=100, disable=not self.show_progress)
         for rows in _batches(np.arange(len(users)), self.settings.batch_size * 2):
             sub = self._sub_batch(batch, rows)
             for mode in modes:
@@ -538,6 +539,8 @@ class ProfileInferenceTrainer:
                 out.setdefault(mode, []).append(plain.double().cpu())
                 if batch.weights is not None:
                     out.setdefault("weighted_" + mode, []).append(weighted.double().cpu())
+            bar.update(len(rows))
+        bar.close()
         return {key: torch.cat(values).numpy() for key, values in out.items()}
 
     def diagnose(self) -> dict[str, np.ndarray]:
