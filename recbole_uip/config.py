@@ -203,6 +203,7 @@ class UIPSettings:
     checkpoint_every: int = 50
     item_batch_size: int = 64
     mstep_users: int = 0
+    seed: int | None = None
 
     def __post_init__(self):
         if not self.profiles:
@@ -221,6 +222,8 @@ class UIPSettings:
             raise UIPConfigError(f"'uip_checkpoint_every' must be an integer >= 0 (batches), got {self.checkpoint_every!r}.")
         if self.lock_timeout < 0:
             raise UIPConfigError(f"'uip_lock_timeout' must be >= 0 seconds, got {self.lock_timeout!r}.")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise UIPConfigError(f"'uip_seed' must be an integer >= 0 or ~ (RecBole's seed), got {self.seed!r}.")
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
             raise UIPConfigError(f"'uip_epochs' must be an integer >= 0 (0: the untrained start's IDs), got {self.epochs!r}.")
         positive = {
@@ -277,6 +280,8 @@ class UIPSettings:
             # and so do the item batch size and the number of ranks (bank_store.compute_fingerprint)
         if not self.mstep_users:  # every user, as before the key existed: earlier banks keep their fingerprint
             data.pop("mstep_users")
+        if self.seed is None:     # RecBole's seed, which the fingerprint holds with the split: earlier banks unchanged
+            data.pop("seed")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
 
     @classmethod
@@ -347,6 +352,7 @@ class UIPSettings:
                 checkpoint_every=get("uip_checkpoint_every"),
                 item_batch_size=get("uip_item_batch_size"),
                 mstep_users=get("uip_mstep_users"),
+                seed=None if get("uip_seed") is None else int(get("uip_seed")),
             )
         except (TypeError, ValueError) as error:
             if isinstance(error, UIPConfigError):

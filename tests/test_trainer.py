@@ -316,3 +316,30 @@ def test_mstep_users_visits_that_many_training_users_drawn_anew_each_round(tmp_p
     assert sampled.fingerprint_dict()["mstep_users"] == 5
     with pytest.raises(UIPConfigError, match="uip_mstep_users"):
         UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_mstep_users": -1}))
+
+
+def test_uip_seed_redraws_the_inference_on_the_same_split(tmp_path, tiny_llm_dir):
+    from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.quick_start import build_config
+
+    def fit(folder, **overrides):
+        trainer = make_trainer(tmp_path / folder, tiny_llm_dir, n_users=24, uip_epochs=1, uip_line_search_users=6,
+                               **overrides)
+        return trainer, trainer.fit()
+
+    default, default_result = fit("default")
+    same, same_result = fit("same", uip_seed=int(default.config["seed"]))
+    other, other_result = fit("other", uip_seed=7)
+    assert default.histories.users == other.histories.users          # the split (RecBole's seed) is unchanged
+    assert np.array_equal(default.histories.items[0], other.histories.items[0])
+    np.testing.assert_array_equal(default_result.codes, same_result.codes)              # ~ means RecBole's seed
+    np.testing.assert_array_equal(default.validation.users, same.validation.users)
+    assert not np.array_equal(default.validation.users, other.validation.users)         # other draws
+    assert not np.array_equal(default_result.offsets, other_result.offsets)
+
+    config = uip_config_dict(tmp_path, tiny_llm_dir)
+    assert "seed" not in UIPSettings.from_config(build_config("DeepFM", "toy", None, config)).fingerprint_dict()
+    seeded = UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_seed": 7}))
+    assert seeded.fingerprint_dict()["seed"] == 7
+    with pytest.raises(UIPConfigError, match="uip_seed"):
+        UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_seed": -1}))

@@ -146,7 +146,9 @@ class ProfileInferenceTrainer:
         self.local_users = self.comm.shard(len(histories))       # (U_r,) rows of this rank's users
         self.device = llm.device
         self.show_progress = (bool(config["show_progress"]) if "show_progress" in config else True) and self.comm.is_main
-        seed = int(config["seed"])
+        # uip_seed: the inference's own draws (k-means, validation users, targets); ~: RecBole's seed, which also
+        # makes the split, so a second seed of the inference alone needs uip_seed
+        seed = self.seed = int(config["seed"]) if settings.seed is None else settings.seed
         self.generator = torch.Generator().manual_seed(seed)     # the same draws on every rank (k-means, tokens)
         # per rank: the M-step's order and targets (rank 0 draws what a single process draws)
         self.rng = np.random.default_rng(seed if self.comm.rank == 0 else [seed, self.comm.rank])
@@ -214,8 +216,8 @@ class ProfileInferenceTrainer:
             self.free = FreeTokens(start, settings.free_token_optimizer, settings.free_token_learning_rate)
         if uses_encoder and settings.line_search_users:
             count = min(settings.line_search_users, max(len(self.histories) // 4, 1))
-            users = np.sort(np.random.default_rng(int(self.config["seed"]) + 1).permutation(len(self.histories))[:count])
-            self.validation = self.targets(users, np.random.default_rng(int(self.config["seed"]) + 2))
+            users = np.sort(np.random.default_rng(self.seed + 1).permutation(len(self.histories))[:count])
+            self.validation = self.targets(users, np.random.default_rng(self.seed + 2))
 
     def features(self, users: np.ndarray, positions: list[np.ndarray] | None = None) -> torch.Tensor:
         """``z (B, k)`` of ``users`` from their items at ``positions`` (all their items when None)."""
@@ -341,7 +343,7 @@ class ProfileInferenceTrainer:
         count = self.settings.mstep_users
         if not count or count >= len(users):
             return users
-        draw = np.random.default_rng([int(self.config["seed"]), epoch, 0x55])
+        draw = np.random.default_rng([self.seed, epoch, 0x55])
         return np.sort(draw.choice(users, size=count, replace=False))
 
     def m_step(self, epoch: int, scales: list[float], shared_opt, progress: dict | None = None) -> torch.Tensor:
