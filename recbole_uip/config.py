@@ -278,10 +278,11 @@ class UIPSettings:
                     "lock_timeout", "checkpoint_every", "item_batch_size"):
             data.pop(key)  # the thread count that runs enters the fingerprint with the numerics (runtime_numerics),
             # and so do the item batch size and the number of ranks (bank_store.compute_fingerprint)
-        if not self.mstep_users:  # every user, as before the key existed: earlier banks keep their fingerprint
-            data.pop("mstep_users")
-        if self.seed is None:     # RecBole's seed, which the fingerprint holds with the split: earlier banks unchanged
-            data.pop("seed")
+        # keys added later, at the value that behaves as before they existed (every user in the M-step; RecBole's
+        # seed, which the fingerprint holds with the split), are left out: earlier banks keep their fingerprint
+        for key, as_before in (("mstep_users", 0), ("seed", None)):
+            if data[key] == as_before:
+                data.pop(key)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
 
     @classmethod
@@ -352,7 +353,7 @@ class UIPSettings:
                 checkpoint_every=get("uip_checkpoint_every"),
                 item_batch_size=get("uip_item_batch_size"),
                 mstep_users=get("uip_mstep_users"),
-                seed=None if get("uip_seed") is None else int(get("uip_seed")),
+                seed=get("uip_seed"),
             )
         except (TypeError, ValueError) as error:
             if isinstance(error, UIPConfigError):

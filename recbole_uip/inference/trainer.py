@@ -731,8 +731,8 @@ class ProfileInferenceTrainer:
             seen = ~torch.isnan(nll)
             record["nll"] = float(nll[seen].mean())
             parts.append(f"NLL {record['nll']:.4f}")
-            both = seen & ~torch.isnan(first_nll) if first_nll is not None else torch.zeros_like(seen)
-            if epoch > 1 and bool(both.any()):      # users visited in round 1 and now (all without uip_mstep_users)
+            both = seen & ~torch.isnan(first_nll)   # users visited in round 1 and now (all without uip_mstep_users)
+            if epoch > 1 and bool(both.any()):
                 drop = (first_nll - nll)[both].numpy()
                 record["nll_drop_median"] = float(np.median(drop))
                 record["users_nll_improved"] = float((drop > 0).mean())
