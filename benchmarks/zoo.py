@@ -33,6 +33,9 @@ Feature sets (user columns loaded; items always bring their own .item features):
   kmeans-nollm  k-means over user vectors built like z from genre multi-hots instead of LLM item embeddings
   uip-untrained the bank's untrained control: the same quantiser, with as many E-steps as uip, on the untrained
                 encoder (with uip_epochs: 0, the same IDs as uip)
+  uip-random-step  the bank's random-direction control: the untrained encoder moved each round by a step as long
+                as the trained encoder's, in a random direction, with as many E-steps (isolates the direction the
+                likelihood chose from the mere movement)
 Every ID set is written as its own augmented dataset copy through the package's ``write_augmented_dataset``;
 ``load_col`` decides which user columns a run loads.
 
@@ -115,10 +118,13 @@ FEATURE_SETS = {fs.name: fs for fs in [
                "cheap baseline: k-means over each user's rating statistics alone (generosity, spread, activity)"),
     FeatureSet("uip-untrained", "uip-untrained", False, True,
                "control: the same quantiser, with as many E-steps, on the untrained start"),
+    FeatureSet("uip-random-step", "uip-random-step", False, True,
+               "control: the untrained encoder moved each round as far as the trained one, in a random direction"),
 ]}
 # Comparisons reported next to "vs none": (feature set, reference).
 COMPARISONS = [("uip", "shuffled"), ("uip", "random"), ("uip", "kmeans-attr"), ("uip", "kmeans-ratings"), ("uip", "kmeans-nollm"),
-               ("uip", "kmeans-llm"), ("uip", "uip-untrained"), ("uip+own", "own")]
+               ("uip", "kmeans-llm"), ("uip", "uip-untrained"), ("uip", "uip-random-step"),
+               ("uip-random-step", "uip-untrained"), ("uip+own", "own")]
 
 
 # ============================================================================================ command line
@@ -217,6 +223,9 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
         "uip-untrained": lambda: (bank.initial_codes,
                                   "the bank's untrained control: the same quantiser, with as many E-steps, on the "
                                   "untrained starting point"),
+        "uip-random-step": lambda: (bank.random_step_codes,
+                                    "the bank's random-direction control: the untrained encoder moved each round by a "
+                                    "step as long as the trained encoder's, in a random direction, as many E-steps"),
     }
     for id_set in sorted(needed - {"uip"}):
         folder = target.parent / f"{config['dataset']}-uipzoo-{id_set}"
@@ -226,6 +235,9 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
                 raise ValueError("The bank holds no LLM summaries: the kmeans-llm baseline cannot be built.")
             if id_set == "uip-untrained" and bank.initial_codes is None:
                 raise ValueError("The bank holds no initial codes: the untrained control cannot be built.")
+            if id_set == "uip-random-step" and bank.random_step_codes is None:
+                raise ValueError("The bank holds no random-direction control (a bank of format 5 or earlier, free "
+                                 "per-user tokens, or no encoder): infer the profiles again with uip_encoder: linear.")
             return builders[id_set]()
 
         if write_id_set(config, settings, files, bank, id_set, folder, build):

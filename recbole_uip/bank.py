@@ -7,7 +7,9 @@ A bank is a plain, versioned folder that any tool can read without this package:
 * ``bank.npz``:
 
   - ``codes`` int64 ``(U, P)``: the profile IDs; ``initial_codes`` int64 ``(U, P)``: the same quantiser, with as
-    many E-steps, on the untrained start (the control every benchmark compares against);
+    many E-steps, on the untrained start (the control every benchmark compares against); ``random_step_codes``
+    int64 ``(U, P)`` (optional): the untrained encoder moved by steps as long as the trained one's, in random
+    directions, quantised the same way (the control for the direction the likelihood chose);
   - ``codebook_<profile>`` float32 ``(K_p, D)``; with the whitened metric ``projection_<profile>`` float32
     ``(D, k)`` (a new offset ``x`` goes to ``argmin_k ||(x - codebook[k]) @ projection||``);
   - ``summaries`` float32 ``(U, k)``: each user's encoder input ``z``; ``offsets`` float32 ``(U, P, D)``;
@@ -122,6 +124,7 @@ class FeatureBank:
         codebooks: per profile float32 ``(K_p, D)``.
         no_history_token: the token of users with no training interaction.
         initial_codes: int64 ``(U, P)``, the untrained control's IDs (the untrained start with as many E-steps), or None.
+        random_step_codes: int64 ``(U, P)``, the random-direction control's IDs, or None.
         summaries: float32 ``(U, k)`` or None.
         offsets: float32 ``(U, P, D)`` or None.
         projections: per profile float32 ``(D, k)`` (the whitened metric's projection) or None.
@@ -136,6 +139,7 @@ class FeatureBank:
     codebooks: list[np.ndarray]
     no_history_token: str
     initial_codes: np.ndarray | None = None
+    random_step_codes: np.ndarray | None = None
     summaries: np.ndarray | None = None
     offsets: np.ndarray | None = None
     projections: list[np.ndarray] | None = None
@@ -226,8 +230,9 @@ class FeatureBank:
 
     def _save(self, folder: Path) -> Path:
         arrays = {"codes": self.codes.astype(np.int64)}
-        if self.initial_codes is not None:
-            arrays["initial_codes"] = self.initial_codes.astype(np.int64)
+        for name in ("initial_codes", "random_step_codes"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name).astype(np.int64)
         for name, codebook in zip(self.profiles, self.codebooks):
             arrays[f"codebook_{name}"] = codebook.astype(np.float32)
         if self.summaries is not None:
@@ -271,7 +276,8 @@ class FeatureBank:
         if sha256_file(npz_path) != meta["npz_sha256"]:
             raise BankError(f"{npz_path} does not match the checksum in bank.json (corrupted or partly written).")
         with np.load(npz_path) as arrays:
-            optional = {key: arrays[key] if key in arrays else None for key in ("initial_codes", "summaries", "offsets")}
+            optional = {key: arrays[key] if key in arrays else None for key in ("initial_codes", "random_step_codes", "summaries",
+                                                                              "offsets")}
             return cls(
                 fingerprint=meta["fingerprint"],
                 profiles=list(meta["profiles"]),

@@ -51,8 +51,9 @@ def compute_fingerprint(config, settings: UIPSettings, files: dict[str, Path], l
         # inverse CDF (the distributed code), the default item text without empty fields: banks of format 3 would
         # not be what this code computes, so they are not reused. 5: with EM rounds, initial_codes is the untrained
         # start after as many E-steps as the trained IDs (it was the first E-step's); without rounds nothing changed,
-        # so those banks keep format 4 and stay valid
-        "format": 4 if settings.epochs == 0 else 5,
+        # so those banks kept format 4. 6: users and items in the order of their raw tokens, not RecBole's
+        # internal ids (the last bits of every bank change), and with EM rounds the random-direction control
+        "format": 6,
     }
     return sha256_json(inputs), inputs
 

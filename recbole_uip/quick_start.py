@@ -159,6 +159,7 @@ def _publish(config, settings: UIPSettings, files, result, fingerprint: str, inp
         codebooks=result.codebooks,
         no_history_token=settings.no_history_token,
         initial_codes=result.initial_codes,
+        random_step_codes=result.random_step_codes,
         summaries=result.summaries,
         offsets=result.offsets,
         projections=result.projections,

@@ -143,7 +143,7 @@ def with_assignment(bank: FeatureBank, assignment: Assignment, source: str) -> F
                                               "refreshed_users": len(replaced)}}
     return dataclasses.replace(
         bank, fingerprint=sha256_json({"assigned_from": bank.fingerprint, "source": source}), users=users,
-        codes=codes, offsets=offsets, initial_codes=None, summaries=None, metadata=metadata)
+        codes=codes, offsets=offsets, initial_codes=None, random_step_codes=None, summaries=None, metadata=metadata)
 
 
 def embed_new_items(bank: FeatureBank, items: list[str], item_file: Path, item_field: str, config,
@@ -231,7 +231,7 @@ def align_codes(bank: FeatureBank, previous: FeatureBank) -> tuple[FeatureBank, 
     maximises the users (held by both banks) who keep their number (Hungarian matching on the contingency table).
 
     A rebuild (another seed, more interactions) otherwise numbers the same profiles arbitrarily, and a model
-    trained on the old bank would read every ID wrong. Codes, initial codes and codebooks are permuted together,
+    trained on the old bank would read every ID wrong. Codes, the controls' codes and codebooks are permuted together,
     so the IDs' meaning is unchanged. Returns the aligned bank and, per profile, the share of shared users whose
     ID stays the same (1.0 where nothing changed; nan without shared users)."""
     from scipy.optimize import linear_sum_assignment
@@ -243,7 +243,8 @@ def align_codes(bank: FeatureBank, previous: FeatureBank) -> tuple[FeatureBank, 
     new_rows = np.array([r for r, _ in shared], dtype=np.int64)
     old_rows = np.array([r for _, r in shared], dtype=np.int64)
     codes = bank.codes.copy()
-    initial = None if bank.initial_codes is None else bank.initial_codes.copy()
+    controls = {key: getattr(bank, key).copy() for key in ("initial_codes", "random_step_codes")
+                if getattr(bank, key) is not None}
     codebooks, kept = [], {}
     for p, name in enumerate(bank.profiles):
         size = bank.codebooks[p].shape[0]
@@ -256,11 +257,11 @@ def align_codes(bank: FeatureBank, previous: FeatureBank) -> tuple[FeatureBank, 
         if number.max() >= size:                              # the previous bank had more codes: renumber densely
             number = np.argsort(np.argsort(number))
         codes[:, p] = number[bank.codes[:, p]]
-        if initial is not None:
-            initial[:, p] = number[bank.initial_codes[:, p]]
+        for key, control in controls.items():
+            control[:, p] = number[getattr(bank, key)[:, p]]
         codebook = np.empty_like(bank.codebooks[p])
         codebook[number] = bank.codebooks[p]
         codebooks.append(codebook)
         kept[name] = float((codes[new_rows, p] == previous.codes[old_rows, p]).mean()) if len(shared) else float("nan")
-    return dataclasses.replace(bank, codes=codes, initial_codes=initial, codebooks=codebooks,
+    return dataclasses.replace(bank, codes=codes, **controls, codebooks=codebooks,
                                metadata={**bank.metadata, "aligned_to": previous.fingerprint, "ids_kept": kept}), kept

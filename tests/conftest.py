@@ -136,3 +136,12 @@ def _isolated_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RECBOLE_UIP_CACHE", str(tmp_path / "cache"))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restored_torch_threads():
+    """A benchmark's ``main()`` sets torch's thread count for its process; a test that calls one must not change
+    the threads (and with them the last bits of float sums) of the tests after it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -191,6 +191,7 @@ def make_bank(with_extras: bool = True) -> FeatureBank:
         offsets=rng.normal(size=(3, 2, 4)).astype(np.float32) if with_extras else None,
         projections=[rng.normal(size=(4, 2)).astype(np.float32) for _ in range(2)] if with_extras else None,
         initial_codes=np.array([[1, 0], [1, 2], [0, 0]], dtype=np.int64) if with_extras else None,
+        random_step_codes=np.array([[2, 0], [0, 2], [1, 1]], dtype=np.int64) if with_extras else None,
         encoder=make_encoder(rng) if with_extras else None,
         metadata={"history": [{"round": 0}], "seconds": 1.5},
     )
@@ -218,6 +219,7 @@ def test_bank_roundtrip(tmp_path, with_extras):
         for a, b in zip(loaded.projections, bank.projections, strict=True):
             np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(loaded.initial_codes, bank.initial_codes)
+        np.testing.assert_array_equal(loaded.random_step_codes, bank.random_step_codes)
         assert loaded.encoder.item_ids == bank.encoder.item_ids
         for name in ("anchors", "shared", "weights", "item_embeddings"):
             np.testing.assert_array_equal(getattr(loaded.encoder, name), getattr(bank.encoder, name))
@@ -230,7 +232,7 @@ def test_bank_roundtrip(tmp_path, with_extras):
             loaded.encoder.offsets([["i9"]], [[1.0]])
     else:
         assert loaded.summaries is None and loaded.offsets is None and loaded.projections is None
-        assert loaded.initial_codes is None and loaded.encoder is None
+        assert loaded.initial_codes is None and loaded.random_step_codes is None and loaded.encoder is None
     assert json.loads((tmp_path / "bank" / "bank.json").read_text())["format_version"] == BANK_FORMAT_VERSION
 
 

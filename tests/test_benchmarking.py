@@ -152,6 +152,46 @@ def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_pa
     assert json.loads((folder / "settings.json").read_text())["settings"] == meta["record"]["settings"]
 
 
+def test_zoo_writes_the_banks_two_controls_and_refuses_a_bank_without_them(tmp_path, tiny_llm_dir):
+    """``uip-untrained`` and ``uip-random-step`` are the bank's ``initial_codes`` and ``random_step_codes``, user by
+    user; a bank without the random-direction control (format 5, free tokens) gets an error that says why."""
+    import dataclasses
+    import logging
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import zoo
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from conftest import uip_config_dict
+    from recbole_uip.bank import FeatureBank
+    from recbole_uip.config import UIPSettings
+    from recbole_uip.data.atomic import read_atomic
+    from recbole_uip.recbole_config import build_config, check_dataset_files
+
+    write_dataset(tmp_path / "data")
+    config = build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir, uip=True))
+    settings = UIPSettings.from_config(config)
+    users = [str(u) for u in range(1, 25)]
+    rng = np.random.default_rng(0)
+    codes = {name: rng.integers(0, 3, size=(24, 2)).astype(np.int64) for name in ("codes", "initial", "random")}
+    bank = FeatureBank(fingerprint="f" * 64, profiles=settings.profile_names, users=users, codes=codes["codes"],
+                       codebooks=[np.zeros((3, 4), np.float32)] * 2, no_history_token="none",
+                       initial_codes=codes["initial"], random_step_codes=codes["random"])
+    folders = zoo.prepare_id_sets(config, settings, check_dataset_files(config), tmp_path / "out" / "toy-uip", bank,
+                                  {"uip", "uip-untrained", "uip-random-step"}, logging.getLogger("test"))
+    for id_set, expected in (("uip-untrained", codes["initial"]), ("uip-random-step", codes["random"])):
+        table = read_atomic(folders[id_set] / f"{folders[id_set].name}.user")
+        row_of = {row[0]: row for row in table.rows}
+        for p, field in enumerate(settings.field_names):
+            column = table.fields.index(field)
+            assert [row_of[u][column] for u in users] == [str(v) for v in expected[:, p]]
+    with pytest.raises(ValueError, match="random-direction control"):
+        zoo.prepare_id_sets(config, settings, check_dataset_files(config), tmp_path / "out2" / "toy-uip",
+                            dataclasses.replace(bank, random_step_codes=None), {"uip", "uip-random-step"},
+                            logging.getLogger("test"))
+
+
 def test_in_context_scoring_matches_one_unpadded_sequence_at_a_time(tmp_path, tiny_llm_dir):
     """The in-context benchmark's batched, left-padded scoring gives each sequence the NLL it gets alone, and its
     rating-token mean covers the flagged tokens only; the benchmark then runs end to end on the toy data."""

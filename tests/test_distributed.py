@@ -106,7 +106,8 @@ def uninterrupted(root, tiny_llm_dir):
 
 
 def _assert_same_bank(a, b) -> None:
-    for name in ("codes", "initial_codes", "offsets", "summaries"):
+    assert a.random_step_codes is not None
+    for name in ("codes", "initial_codes", "random_step_codes", "offsets", "summaries"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
 
 

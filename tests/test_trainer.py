@@ -283,6 +283,70 @@ def test_the_untrained_control_gets_as_many_e_steps_as_the_trained_ids(tmp_path,
     assert torch.equal(trainer.local_offsets(), first["offsets"])       # nothing trained
     assert not np.array_equal(first["ids"].numpy(), result.codes)        # the later E-steps moved codes
     np.testing.assert_array_equal(result.initial_codes, result.codes)
+    np.testing.assert_array_equal(result.random_step_codes, result.codes)   # no step taken: no random step either
+
+
+def test_the_random_direction_control_moves_as_far_as_the_trained_encoder_in_another_direction(tmp_path, tiny_llm_dir,
+                                                                                               monkeypatch):
+    """Each round the control's encoder moves, per profile, exactly as far as the trained encoder did (zero in a round
+    without a step), with the step's singular values (a rank-1 step stays rank 1) along random singular vectors; it
+    has its own codebooks and generator, so the trained IDs are what they would be without it."""
+    def run(with_control: bool):
+        trainer = make_trainer(tmp_path / str(with_control), tiny_llm_dir, n_users=60, uip_epochs=3,
+                               uip_kmeans_iters=2, uip_codebook_size=6)
+        users = len(trainer.histories)
+        monkeypatch.setattr(trainer, "m_step", lambda *args, **kwargs: torch.full((users,), float("nan")))
+        planted = torch.randn(2, *trainer.llm.model.get_input_embeddings().weight.shape[1:2], 1,
+                              generator=torch.Generator().manual_seed(7))
+        steps = []
+
+        def line_search(scales):                  # a planted step in rounds 1 and 3, none in round 2
+            step = planted.expand_as(trainer.soft.encoder) * 0.5 if len(steps) != 1 else torch.zeros_like(planted)
+            steps.append(step.expand_as(trainer.soft.encoder).clone())
+            trainer.soft.encoder.data += steps[-1]
+            return None
+
+        monkeypatch.setattr(trainer, "line_search", line_search)
+        moves = []
+        if not with_control:
+            monkeypatch.setattr(trainer, "start_random_step_control", lambda: None)
+        else:
+            advance = trainer.advance_random_step_control
+
+            def spy(control, step):
+                before = control["encoder"].clone()
+                advance(control, step)
+                moves.append((control["encoder"] - before, step))
+
+            monkeypatch.setattr(trainer, "advance_random_step_control", spy)
+        return trainer, trainer.fit(), steps, moves
+
+    trainer, result, steps, moves = run(True)
+    assert len(moves) == 3
+    for (move, step), planted_step in zip(moves, steps):
+        torch.testing.assert_close(step, planted_step)                 # the control sees the trained step
+        np.testing.assert_allclose(trainer.offset_change(move), trainer.offset_change(step), rtol=1e-5, atol=1e-12)
+        if step.abs().sum() > 0:
+            cosine = float((move * step).sum() / (move.norm() * step.norm()))
+            assert abs(cosine) < 0.5                                   # another direction
+            for p in range(move.shape[0]):
+                singular = torch.linalg.svdvals(move[p].double())
+                assert singular[1] < 1e-6 * singular[0]                  # as concentrated as the planted rank-1 step
+                right = torch.linalg.svd(move[p].double())[2][0].abs()
+                assert not torch.allclose(right, torch.full_like(right, right.shape[0] ** -0.5), atol=0.05)
+        else:
+            assert torch.equal(move, torch.zeros_like(move))
+    assert result.random_step_codes.shape == result.codes.shape
+    assert not np.array_equal(result.random_step_codes, result.initial_codes)   # it moved its users
+    _, without, _, _ = run(False)
+    assert without.random_step_codes is None
+    np.testing.assert_array_equal(without.codes, result.codes)
+    np.testing.assert_array_equal(without.initial_codes, result.initial_codes)
+
+
+def test_no_random_direction_control_with_free_tokens_or_without_an_encoder(tmp_path, tiny_llm_dir):
+    assert make_trainer(tmp_path / "free", tiny_llm_dir, uip_free_tokens=True).fit().random_step_codes is None
+    assert make_trainer(tmp_path / "paper", tiny_llm_dir, uip_encoder="none", uip_free_tokens=True).fit().random_step_codes is None
 
 
 def test_mstep_users_visits_that_many_training_users_drawn_anew_each_round(tmp_path, tiny_llm_dir):

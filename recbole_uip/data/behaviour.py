@@ -294,8 +294,8 @@ class TrainingHistories:
     """Every user's training interactions with a described item, oldest first.
 
     Attributes:
-        users: raw user tokens (as in the atomic files); row order of every per-user structure downstream.
-        item_ids: raw item tokens of the items in any history; ``items`` index into it.
+        users: raw user tokens (as in the atomic files), sorted; row order of every per-user structure downstream.
+        item_ids: raw item tokens of the items in any history, sorted; ``items`` index into it.
         item_texts: the text of each of those items, aligned with ``item_ids``.
         items: per user, int64 ``(n_u,)`` indices into ``item_ids``, oldest first.
         ratings: per user, float32 ``(n_u,)`` raw ratings aligned with ``items``; None without a rating field.
@@ -350,6 +350,10 @@ def collect_training_histories(config, settings, fields: TextFields, logger=None
     text_of = np.array([item_texts.get(str(token)) is not None for token in item_tokens])
     row_of_item = np.full(len(item_tokens), -1, dtype=np.int64)
     described = np.unique(iids[text_of[iids]]) if len(iids) else np.zeros(0, dtype=np.int64)
+    # Users and items are ordered by their raw tokens, not by RecBole's internal ids: those follow the order of first
+    # appearance in the atomic files, validation and test rows included, and the order decides the item embeddings'
+    # batches and every sum over users, so IDs would otherwise vary in the last bits with rows they must not see.
+    described = described[np.argsort(np.asarray([str(item_tokens[i]) for i in described]), kind="stable")]
     row_of_item[described] = np.arange(len(described))
     users, items, user_ratings, counts = [], [], [], []
     skipped = 0
@@ -363,8 +367,12 @@ def collect_training_histories(config, settings, fields: TextFields, logger=None
         if ratings is not None:
             user_ratings.append(ratings[keep])
         counts.append(len(rows))
+    by_token = sorted(range(len(users)), key=users.__getitem__)
+    users, items, counts = [users[i] for i in by_token], [items[i] for i in by_token], [counts[i] for i in by_token]
+    if ratings is not None:
+        user_ratings = [user_ratings[i] for i in by_token]
     with_history = set(users)
-    without = [str(t) for t in user_tokens[1:] if str(t) not in with_history]
+    without = sorted(str(t) for t in user_tokens[1:] if str(t) not in with_history)
     histories = TrainingHistories(
         users=users, item_ids=[str(item_tokens[i]) for i in described],
         item_texts=[item_texts.get(str(item_tokens[i])) for i in described], items=items,
