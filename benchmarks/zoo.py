@@ -33,9 +33,9 @@ Feature sets (user columns loaded; items always bring their own .item features):
   kmeans-nollm  k-means over user vectors built like z from genre multi-hots instead of LLM item embeddings
   uip-untrained the bank's untrained control: the same quantiser, with as many E-steps as uip, on the untrained
                 encoder (with uip_epochs: 0, the same IDs as uip)
-  uip-random-step  the bank's random-direction control: the untrained encoder moved each round by a step as long
-                as the trained encoder's, in a random direction, with as many E-steps (isolates the direction the
-                likelihood chose from the mere movement)
+  uip-random-step  the bank's random-direction control: the untrained encoder moved each round by the trained
+                encoder's step with random singular vectors (its singular values kept, as far for the users), with
+                as many E-steps (isolates the directions the likelihood chose from the mere movement)
 Every ID set is written as its own augmented dataset copy through the package's ``write_augmented_dataset``;
 ``load_col`` decides which user columns a run loads.
 
@@ -119,7 +119,8 @@ FEATURE_SETS = {fs.name: fs for fs in [
     FeatureSet("uip-untrained", "uip-untrained", False, True,
                "control: the same quantiser, with as many E-steps, on the untrained start"),
     FeatureSet("uip-random-step", "uip-random-step", False, True,
-               "control: the untrained encoder moved each round as far as the trained one, in a random direction"),
+               "control: the untrained encoder moved each round by the trained encoder's step with random singular "
+               "vectors (same singular values, as far for the users), as many E-steps"),
 ]}
 # Comparisons reported next to "vs none": (feature set, reference).
 COMPARISONS = [("uip", "shuffled"), ("uip", "random"), ("uip", "kmeans-attr"), ("uip", "kmeans-ratings"), ("uip", "kmeans-nollm"),
@@ -224,8 +225,8 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
                                   "the bank's untrained control: the same quantiser, with as many E-steps, on the "
                                   "untrained starting point"),
         "uip-random-step": lambda: (bank.random_step_codes,
-                                    "the bank's random-direction control: the untrained encoder moved each round by a "
-                                    "step as long as the trained encoder's, in a random direction, as many E-steps"),
+                                    "the bank's random-direction control: the untrained encoder moved each round by the "
+                                    "trained encoder's step with random singular vectors, as many E-steps"),
     }
     for id_set in sorted(needed - {"uip"}):
         folder = target.parent / f"{config['dataset']}-uipzoo-{id_set}"
