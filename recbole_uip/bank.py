@@ -8,8 +8,8 @@ A bank is a plain, versioned folder that any tool can read without this package:
 
   - ``codes`` int64 ``(U, P)``: the profile IDs; ``initial_codes`` int64 ``(U, P)``: the same quantiser, with as
     many E-steps, on the untrained start (the control every benchmark compares against); ``random_step_codes``
-    int64 ``(U, P)`` (optional): the untrained encoder moved by steps as long as the trained one's, in random
-    directions, quantised the same way (the control for the direction the likelihood chose);
+    int64 ``(U, P)`` (optional): the untrained encoder moved each round by the trained encoder's step with random
+    singular vectors, quantised the same way (the control for the directions the likelihood chose);
   - ``codebook_<profile>`` float32 ``(K_p, D)``; with the whitened metric ``projection_<profile>`` float32
     ``(D, k)`` (a new offset ``x`` goes to ``argmin_k ||(x - codebook[k]) @ projection||``);
   - ``summaries`` float32 ``(U, k)``: each user's encoder input ``z``; ``offsets`` float32 ``(U, P, D)``;
@@ -276,8 +276,8 @@ class FeatureBank:
         if sha256_file(npz_path) != meta["npz_sha256"]:
             raise BankError(f"{npz_path} does not match the checksum in bank.json (corrupted or partly written).")
         with np.load(npz_path) as arrays:
-            optional = {key: arrays[key] if key in arrays else None for key in ("initial_codes", "random_step_codes", "summaries",
-                                                                              "offsets")}
+            optional = {key: arrays[key] if key in arrays else None
+                        for key in ("initial_codes", "random_step_codes", "summaries", "offsets")}
             return cls(
                 fingerprint=meta["fingerprint"],
                 profiles=list(meta["profiles"]),
