@@ -36,6 +36,7 @@ from recbole_uip.inference.user_features import UserFeatureMap
 from recbole_uip.utils import atomic_write, fault_point, sha256_file, write_json_atomic
 
 BANK_FORMAT_VERSION = 2
+CONTROL_CODES = ("initial_codes", "random_step_codes")   # the controls' IDs, int64 (U, P), each optional
 
 
 class BankError(ValueError):
@@ -230,7 +231,7 @@ class FeatureBank:
 
     def _save(self, folder: Path) -> Path:
         arrays = {"codes": self.codes.astype(np.int64)}
-        for name in ("initial_codes", "random_step_codes"):
+        for name in CONTROL_CODES:
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name).astype(np.int64)
         for name, codebook in zip(self.profiles, self.codebooks):
@@ -277,7 +278,7 @@ class FeatureBank:
             raise BankError(f"{npz_path} does not match the checksum in bank.json (corrupted or partly written).")
         with np.load(npz_path) as arrays:
             optional = {key: arrays[key] if key in arrays else None
-                        for key in ("initial_codes", "random_step_codes", "summaries", "offsets")}
+                        for key in (*CONTROL_CODES, "summaries", "offsets")}
             return cls(
                 fingerprint=meta["fingerprint"],
                 profiles=list(meta["profiles"]),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from recbole_uip.bank import BankError, FeatureBank
+from recbole_uip.bank import CONTROL_CODES, BankError, FeatureBank
 from recbole_uip.data.atomic import iter_numbered_rows, read_header
 from recbole_uip.data.behaviour import TextFields, finite_value
 from recbole_uip.utils import sha256_json
@@ -243,8 +243,7 @@ def align_codes(bank: FeatureBank, previous: FeatureBank) -> tuple[FeatureBank, 
     new_rows = np.array([r for r, _ in shared], dtype=np.int64)
     old_rows = np.array([r for _, r in shared], dtype=np.int64)
     codes = bank.codes.copy()
-    controls = {key: getattr(bank, key).copy() for key in ("initial_codes", "random_step_codes")
-                if getattr(bank, key) is not None}
+    controls = {key: getattr(bank, key).copy() for key in CONTROL_CODES if getattr(bank, key) is not None}
     codebooks, kept = [], {}
     for p, name in enumerate(bank.profiles):
         size = bank.codebooks[p].shape[0]

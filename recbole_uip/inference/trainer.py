@@ -681,10 +681,11 @@ class ProfileInferenceTrainer:
             progress = None
             loop["first_nll"] = nll if loop["first_nll"] is None else loop["first_nll"]
             loop["last_nll"] = nll
-            before = None if self.soft.encoder is None else self.soft.encoder.detach().cpu().clone()
+            control = loop.get("random_step")
+            before = None if control is None else self.soft.encoder.detach().cpu().clone()
             search = self.line_search(loop["scales"]) if self.validation is not None else None
-            if loop.get("random_step") is not None:
-                self.advance_random_step_control(loop["random_step"], self.soft.encoder.detach().cpu() - before)
+            if control is not None:
+                self.advance_random_step_control(control, self.soft.encoder.detach().cpu() - before)
             previous = self.assignments
             self.assignments, healths, loop["scales"] = self.e_step(settings.kmeans_iters)
             changed = self.assignments != previous
@@ -717,7 +718,8 @@ class ProfileInferenceTrainer:
             users=list(self.histories.users),
             codes=self.assignments.numpy().astype(np.int64),
             initial_codes=initial_assignments.numpy().astype(np.int64),
-            random_step_codes=None if loop.get("random_step") is None else loop["random_step"]["codes"].numpy().astype(np.int64),
+            random_step_codes=None if loop.get("random_step") is None
+            else loop["random_step"]["codes"].numpy().astype(np.int64),
             codebooks=[cb.codes.numpy().copy() for cb in self.codebooks],
             projections=None if self.codebooks[0].projection is None else [cb.projection.numpy().copy() for cb in self.codebooks],
             offsets=final_offsets.numpy(),
