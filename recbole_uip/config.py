@@ -204,6 +204,7 @@ class UIPSettings:
     item_batch_size: int = 64
     mstep_users: int = 0
     seed: int | None = None
+    shift_warmup_batches: int = 0
 
     def __post_init__(self):
         if not self.profiles:
@@ -238,6 +239,7 @@ class UIPSettings:
                 raise UIPConfigError(f"'{key}' must be a positive integer, got {value!r}.")
         for key, value in {"uip_line_search_users": self.line_search_users,
                            "uip_mstep_users": self.mstep_users,
+                           "uip_shift_warmup_batches": self.shift_warmup_batches,
                            "uip_quantiser_components": self.quantiser_components}.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise UIPConfigError(f"'{key}' must be an integer >= 0, got {value!r}.")
@@ -280,7 +282,7 @@ class UIPSettings:
             # and so do the item batch size and the number of ranks (bank_store.compute_fingerprint)
         # keys added later, at the value that behaves as before they existed (every user in the M-step; RecBole's
         # seed, which the fingerprint holds with the split), are left out: earlier banks keep their fingerprint
-        for key, as_before in (("mstep_users", 0), ("seed", None)):
+        for key, as_before in (("mstep_users", 0), ("seed", None), ("shift_warmup_batches", 0)):
             if data[key] == as_before:
                 data.pop(key)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
@@ -354,6 +356,7 @@ class UIPSettings:
                 item_batch_size=get("uip_item_batch_size"),
                 mstep_users=get("uip_mstep_users"),
                 seed=get("uip_seed"),
+                shift_warmup_batches=get("uip_shift_warmup_batches"),
             )
         except (TypeError, ValueError) as error:
             if isinstance(error, UIPConfigError):

@@ -1,9 +1,9 @@
 """A killed inference resumes where it stopped and ends with the same bank as an uninterrupted run.
 
 Each case runs ``python -m recbole_uip infer`` in a real subprocess on the toy dataset and the tiny LLM (2 EM
-rounds, a checkpoint every 2 M-step batches), kills it with SIGKILL at one point (``RECBOLE_UIP_FAULT``, see
-``recbole_uip.utils.fault_point``), reruns the same command, and compares the bank with an uninterrupted run's:
-every array bit for bit.
+rounds after 2 batches of the shift's warm-up, a checkpoint every 2 M-step batches), kills it with SIGKILL at one
+point (``RECBOLE_UIP_FAULT``, see ``recbole_uip.utils.fault_point``), reruns the same command, and compares the bank
+with an uninterrupted run's: every array bit for bit.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _command(tmp_path: Path, tiny_llm_dir: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "recbole_uip", "infer", "--dataset=toy", f"--data_path={tmp_path / 'data'}",
             f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32", "--uip_codebook_size=3", "--uip_epochs=2",
             "--uip_batch_size=4", "--uip_line_search_users=3", "--uip_checkpoint_every=2", "--uip_free_tokens=true",
-            "--uip_kmeans_iters=5", "--uip_max_behaviour_tokens=48", "--uip_num_threads=1", f"--output_dir={out}",
+            "--uip_shift_warmup_batches=2", "--uip_kmeans_iters=5", "--uip_max_behaviour_tokens=48", "--uip_num_threads=1", f"--output_dir={out}",
             "--show_progress=false", f"--checkpoint_dir={tmp_path / 'saved'}", "--seed=2020"]
 
 
@@ -58,8 +58,9 @@ def reference(tmp_path_factory, tiny_llm_dir):
 
 @pytest.mark.parametrize("fault", [
     "item_embeddings",        # in the summary pass, before the first checkpoint
-    "m_step_batch:3",         # mid-round, one batch after a checkpoint
-    "m_step_batch:6",         # the second round, right after its mid-round checkpoint
+    "m_step_batch:1",         # in the shift's warm-up, before its first checkpoint
+    "m_step_batch:3",         # round 1's first batch after the warm-up (the warm-up ends with a checkpoint)
+    "m_step_batch:7",         # the second round, right after its mid-round checkpoint
     "checkpoint_write:2",     # while a checkpoint is being written (its file complete, not yet renamed)
     "bank_write",             # while the bank is being written
     "publish",                # while the augmented folder is being published

@@ -357,9 +357,9 @@ def test_mstep_users_visits_that_many_training_users_drawn_anew_each_round(tmp_p
     visited: dict[int, list[int]] = {}
     train_batch = trainer.train_batch
 
-    def spy(targets, scales, shared_opt, where=(0, 0)):
+    def spy(targets, scales, shared_opt, where=(0, 0), **kwargs):
         visited.setdefault(where[0], []).extend(targets.users.tolist())
-        return train_batch(targets, scales, shared_opt, where)
+        return train_batch(targets, scales, shared_opt, where, **kwargs)
 
     trainer.train_batch = spy
     result = trainer.fit()
@@ -407,3 +407,52 @@ def test_uip_seed_redraws_the_inference_on_the_same_split(tmp_path, tiny_llm_dir
     assert seeded.fingerprint_dict()["seed"] == 7
     with pytest.raises(UIPConfigError, match="uip_seed"):
         UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_seed": -1}))
+
+
+@pytest.mark.parametrize("free_tokens,mstep_users", [(False, 0), (True, 0), (False, 8)])
+def test_the_shift_warmup_trains_the_shift_alone_before_round_ones_pass(tmp_path, tiny_llm_dir, free_tokens, mstep_users):
+    from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.quick_start import build_config
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_epochs=2, uip_line_search_users=4,
+                           uip_shift_warmup_batches=3, uip_free_tokens=free_tokens, uip_mstep_users=mstep_users)
+    calls = []
+    train_batch = trainer.train_batch
+
+    def spy(targets, scales, shared_opt, where=(0, 0), shift_only=False):
+        grad = trainer.soft.encoder.grad
+        before = (None if grad is None else grad.clone(), trainer.soft.shared.detach().clone(),
+                  None if trainer.free is None else trainer.free.table.clone())
+        nll = train_batch(targets, scales, shared_opt, where, shift_only=shift_only)
+        grad = trainer.soft.encoder.grad
+        calls.append({"round": where[0], "shift_only": shift_only, "users": targets.users.tolist(),
+                      "encoder_grad_same": (grad is None and before[0] is None)
+                      or (grad is not None and before[0] is not None and torch.equal(grad, before[0])),
+                      "shift_moved": not torch.equal(trainer.soft.shared.detach(), before[1]),
+                      "free_same": before[2] is None or torch.equal(trainer.free.table, before[2])})
+        return nll
+
+    trainer.train_batch = spy
+    result = trainer.fit()
+    first_round = [c for c in calls if c["round"] == 1]
+    warm, rest = first_round[:3], first_round[3:]
+    assert [c["shift_only"] for c in first_round] == [True] * 3 + [False] * len(rest)
+    assert not any(c["shift_only"] for c in calls if c["round"] == 2)           # round 1 only
+    assert all(c["encoder_grad_same"] and c["shift_moved"] and c["free_same"] for c in warm)
+    assert not any(c["encoder_grad_same"] for c in rest)                       # the pass proper: A's gradient grows
+    if free_tokens:
+        assert not any(c["free_same"] for c in rest)
+    pass_users = trainer.pass_users(1).tolist()
+    assert all(len(c["users"]) == 4 for c in warm)
+    # 3 batches of 4 are exactly one shuffled pass over the 12 training users, also those a sampled pass leaves out
+    assert sorted(u for c in warm for u in c["users"]) == trainer.training_users().tolist()
+    assert sorted(u for c in rest for u in c["users"]) == pass_users           # the pass still visits each once
+    assert result.history[1]["shift_warmup"]["batches"] == 3
+    assert "shift_warmup" not in result.history[2]
+
+    config = uip_config_dict(tmp_path, tiny_llm_dir)
+    assert "shift_warmup_batches" not in UIPSettings.from_config(build_config("DeepFM", "toy", None, config)).fingerprint_dict()
+    warmed = UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_shift_warmup_batches": 3}))
+    assert warmed.fingerprint_dict()["shift_warmup_batches"] == 3
+    with pytest.raises(UIPConfigError, match="uip_shift_warmup_batches"):
+        UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_shift_warmup_batches": -1}))

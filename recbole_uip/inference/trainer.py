@@ -386,6 +386,11 @@ class ProfileInferenceTrainer:
         control["codes"], _, _ = self.e_step(self.settings.kmeans_iters, control["codebooks"], control["generator"],
                                              encoder=control["encoder"])
 
+    def training_users(self) -> np.ndarray:
+        """``(n,)`` rows of the users the M-step may train on, over all ranks: every user but the validation users."""
+        users = np.arange(len(self.histories))
+        return users if self.validation is None else np.setdiff1d(users, self.validation.users)
+
     def pass_users(self, epoch: int) -> np.ndarray:
         """The rows of the users the M-step of round ``epoch`` may visit ``(n,)``, over all ranks: every user but
         the validation users, or ``uip_mstep_users`` of them drawn anew each round (from the run's seed and the
@@ -394,14 +399,26 @@ class ProfileInferenceTrainer:
         Departs from the paper, which visits every user in every pass: the encoder is shared and takes one step
         per round, along the gradient summed over the visited users, so a sample estimates it at a fraction of the
         cost of the backward passes through the LLM (benchmarks/zoo.py measures what the sample's IDs are worth)."""
-        users = np.arange(len(self.histories))
-        if self.validation is not None:
-            users = np.setdiff1d(users, self.validation.users)
+        users = self.training_users()
         count = self.settings.mstep_users
         if not count or count >= len(users):
             return users
         draw = np.random.default_rng([self.seed, epoch, 0x55])
         return np.sort(draw.choice(users, size=count, replace=False))
+
+    def warmup_users(self, users: np.ndarray) -> np.ndarray:
+        """The users of the shift's warm-up before round 1's pass ``(uip_shift_warmup_batches * uip_batch_size,)``:
+        ``users`` (this rank's training users, all of them also under ``uip_mstep_users``) in shuffled passes, as
+        many as it takes (none without a shared shift).
+
+        Departs from the paper, which has no shared shift: the encoder's gradient accumulated while the shift is
+        still learning how the text is written carries mostly that (on ml-100k the line search never stepped after
+        such a round). Every rank warms up for the same number of steps, each step seeing one batch per rank."""
+        count = self.settings.shift_warmup_batches * self.settings.batch_size
+        if not count or not len(users) or self.settings.shared_learning_rate <= 0:
+            return users[:0]
+        passes = -(-count // len(users))
+        return np.concatenate([users[self.rng.permutation(len(users))] for _ in range(passes)])[:count]
 
     def m_step(self, epoch: int, scales: list[float], shared_opt, progress: dict | None = None) -> torch.Tensor:
         """One pass over this rank's share of :meth:`pass_users`; returns each user's NLL ``(U,)`` as
@@ -416,15 +433,21 @@ class ProfileInferenceTrainer:
         (a rank whose users are done contributes none). The shift thus sees ``world_size`` batches per step, the
         usual data-parallel semantics, so with ``uip_epochs`` > 0 the IDs depend on the number of ranks."""
         self.comm.phase = f"the M-step of round {epoch}"
+        batch_size = self.settings.batch_size
         if progress is None:
             nll_seen = torch.full((len(self.histories),), float("nan"))
             users = np.intersect1d(self.local_users, self.pass_users(epoch))
-            order, done = users[self.rng.permutation(len(users))], 0
+            warmup = self.warmup_users(np.intersect1d(self.local_users, self.training_users())) if epoch == 1 else users[:0]
+            order, done = np.concatenate([warmup, users[self.rng.permutation(len(users))]]), 0
+            warmup_batches, warmup_nll = len(warmup) // batch_size, []
             if self.soft.encoder is not None:
                 self.soft.encoder.grad = None
         else:
             nll_seen, order, done = progress["nll_seen"], progress["order"], progress["done"]
-        batches = list(_batches(order, self.settings.batch_size))
+            warmup_batches, warmup_nll = progress.get("warmup_batches", 0), progress.get("warmup_nll", [])
+        # the warm-up's users come first, in whole batches (warmup_users); then the pass proper
+        batches = list(_batches(order[: warmup_batches * batch_size], batch_size)) \
+            + list(_batches(order[warmup_batches * batch_size:], batch_size))
         steps = self.comm.max_int(len(batches))
         bar = tqdm(total=len(order), desc=f"UIP M-step {epoch:>2}", ncols=100, disable=not self.show_progress,
                    initial=sum(len(b) for b in batches[:done]))
@@ -432,16 +455,27 @@ class ProfileInferenceTrainer:
         for index in range(done, steps):
             if index < len(batches):
                 batch_users = batches[index]
-                nll = self.train_batch(self.targets(batch_users, self.rng), scales, shared_opt, (epoch, index + 1))
-                nll_seen[torch.as_tensor(batch_users)] = nll.float().cpu()
+                warming = index < warmup_batches
+                nll = self.train_batch(self.targets(batch_users, self.rng), scales, shared_opt, (epoch, index + 1),
+                                       shift_only=warming)
+                if warming:                               # not the pass's NLL: the users are visited again in it
+                    warmup_nll.append(float(nll.mean()))
+                else:
+                    nll_seen[torch.as_tensor(batch_users)] = nll.float().cpu()
                 bar.update(len(batch_users))
                 bar.set_postfix(nll=f"{float(nll.mean()):.3f}")
             else:                                         # this rank's users are done; the others' are not
                 self._step_shared(shared_opt, contributed=False)
+            if warmup_batches and index + 1 == warmup_batches and warmup_nll:
+                self._loop["shift_warmup"] = {"batches": warmup_batches, "nll_first_batch": warmup_nll[0],
+                                              "nll_last_batches": float(np.mean(warmup_nll[-5:]))}
+                self.logger.info(f"UIP shift warm-up: {warmup_batches} batches, NLL {warmup_nll[0]:.4f} in the first, "
+                                 f"{np.mean(warmup_nll[-5:]):.4f} in the last {min(5, len(warmup_nll))}.")
             last = index + 1 == steps
             if self.checkpoint is not None and (last or (self.checkpoint_every and (index + 1) % self.checkpoint_every == 0)):
                 self.codebooks = [cb.cpu() for cb in self.codebooks]
-                self._save("m_step", epoch, shared_opt, {"nll_seen": nll_seen, "order": order, "done": index + 1})
+                self._save("m_step", epoch, shared_opt, {"nll_seen": nll_seen, "order": order, "done": index + 1,
+                                                         "warmup_batches": warmup_batches, "warmup_nll": warmup_nll})
                 self.codebooks = [cb.to(self.device) for cb in self.codebooks]
             fault_point("m_step_batch")
         bar.close()
@@ -452,17 +486,20 @@ class ProfileInferenceTrainer:
             nll_seen = torch.where(total[1] > 0, total[0] / total[1].clamp(min=1), float("nan")).float()
         return nll_seen
 
-    def train_batch(self, targets: Targets, scales: list[float], shared_opt, where: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    def train_batch(self, targets: Targets, scales: list[float], shared_opt, where: tuple[int, int] = (0, 0),
+                    shift_only: bool = False) -> torch.Tensor:
         """One M-step batch: returns the users' plain NLL ``(B,)`` before the update. The shared shift and the
-        free rows step now; the encoder's gradient accumulates until :meth:`line_search`.
+        free rows step now; the encoder's gradient accumulates until :meth:`line_search`. ``shift_only`` (the
+        shift's warm-up): the shared shift alone learns; the encoder gets no gradient and the free rows no step.
 
         Raises:
             InferenceDivergedError: the loss is NaN or infinite (``where``: round and batch, for the message);
                 nothing is updated.
         """
         users = targets.users
-        free_rows = self.free.rows(torch.as_tensor(users)) if self.free is not None else None
-        offsets = self.offsets(users, targets.inputs, free_rows, batch_centred=True)         # (B, P, D)
+        free_rows = self.free.rows(torch.as_tensor(users)) if self.free is not None and not shift_only else None
+        encoder = None if self.soft.encoder is None or not shift_only else self.soft.encoder.detach()
+        offsets = self.offsets(users, targets.inputs, free_rows, encoder=encoder, batch_centred=True)  # (B, P, D)
         nll, objective = behaviour_nll(self.llm.model, self.layout, self.prompt_batch(targets), self.soft(offsets),
                                        weighted=True)
         loss = objective.mean() + self.commitment(offsets, users, scales)
@@ -476,7 +513,7 @@ class ProfileInferenceTrainer:
             shared_opt.zero_grad(set_to_none=True)
         loss.backward()
         self._step_shared(shared_opt, contributed=True)
-        if self.free is not None:
+        if free_rows is not None:
             self.free.step(torch.as_tensor(users), free_rows, grad_scale=len(users))
         return nll.detach()
 
@@ -790,6 +827,8 @@ class ProfileInferenceTrainer:
     # -------------------------------------------------------------------------------------------- logging
     def _log_round(self, epoch, nll, healths, stability, start, first_nll=None, search=None) -> dict:
         record = {"round": epoch, "seconds": round(time.perf_counter() - start, 1)}
+        if epoch == 1 and "shift_warmup" in self._loop:
+            record["shift_warmup"] = self._loop["shift_warmup"]
         parts = [f"UIP round {epoch}/{self.settings.epochs}"]
         if nll is not None:
             seen = ~torch.isnan(nll)
