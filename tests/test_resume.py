@@ -27,7 +27,8 @@ def _command(tmp_path: Path, tiny_llm_dir: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "recbole_uip", "infer", "--dataset=toy", f"--data_path={tmp_path / 'data'}",
             f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32", "--uip_codebook_size=3", "--uip_epochs=2",
             "--uip_batch_size=4", "--uip_line_search_users=3", "--uip_checkpoint_every=2", "--uip_free_tokens=true",
-            "--uip_shift_warmup_batches=2", "--uip_kmeans_iters=5", "--uip_max_behaviour_tokens=48", "--uip_num_threads=1", f"--output_dir={out}",
+            "--uip_shift_warmup_batches=2", "--uip_kmeans_iters=5", "--uip_max_behaviour_tokens=48",
+            "--uip_num_threads=1", f"--output_dir={out}",
             "--show_progress=false", f"--checkpoint_dir={tmp_path / 'saved'}", "--seed=2020"]
 
 
