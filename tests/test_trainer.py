@@ -33,6 +33,21 @@ def make_trainer(tmp_path, tiny_llm_dir, n_users=10, n_items=12, per_user=6, **o
     return ProfileInferenceTrainer(config, settings, llm, histories, BehaviourText(histories, settings, llm.tokenizer), logger)
 
 
+def assert_key_added_later(tmp_path, tiny_llm_dir, uip_key: str, value) -> None:
+    """A key added after banks existed: absent from the fingerprint at its default (earlier banks keep theirs),
+    present at ``value``, and a negative value refused with the key named."""
+    from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.quick_start import build_config
+
+    field = uip_key.removeprefix("uip_")
+    config = uip_config_dict(tmp_path, tiny_llm_dir)
+    assert field not in UIPSettings.from_config(build_config("DeepFM", "toy", None, config)).fingerprint_dict()
+    changed = UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, uip_key: value}))
+    assert changed.fingerprint_dict()[field] == value
+    with pytest.raises(UIPConfigError, match=uip_key):
+        UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, uip_key: -1}))
+
+
 def test_fit_trains_only_the_soft_tokens_and_leaves_the_llm_bit_identical(tmp_path, tiny_llm_dir):
     trainer = make_trainer(tmp_path, tiny_llm_dir)
     llm = trainer.llm
@@ -350,9 +365,6 @@ def test_no_random_direction_control_with_free_tokens_or_without_an_encoder(tmp_
 
 
 def test_mstep_users_visits_that_many_training_users_drawn_anew_each_round(tmp_path, tiny_llm_dir):
-    from recbole_uip.config import UIPConfigError, UIPSettings
-    from recbole_uip.quick_start import build_config
-
     trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_epochs=3, uip_line_search_users=4, uip_mstep_users=5)
     visited: dict[int, list[int]] = {}
     train_batch = trainer.train_batch
@@ -373,19 +385,10 @@ def test_mstep_users_visits_that_many_training_users_drawn_anew_each_round(tmp_p
     seen = ~np.isnan(result.per_user["nll_last_round"])
     assert set(np.flatnonzero(seen).tolist()) == set(visited[3])
 
-    config = uip_config_dict(tmp_path, tiny_llm_dir)
-    default = UIPSettings.from_config(build_config("DeepFM", "toy", None, config)).fingerprint_dict()
-    assert "mstep_users" not in default          # all users, as before the key existed: fingerprints unchanged
-    sampled = UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_mstep_users": 5}))
-    assert sampled.fingerprint_dict()["mstep_users"] == 5
-    with pytest.raises(UIPConfigError, match="uip_mstep_users"):
-        UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_mstep_users": -1}))
+    assert_key_added_later(tmp_path, tiny_llm_dir, "uip_mstep_users", 5)   # default: all users, as before the key
 
 
 def test_uip_seed_redraws_the_inference_on_the_same_split(tmp_path, tiny_llm_dir):
-    from recbole_uip.config import UIPConfigError, UIPSettings
-    from recbole_uip.quick_start import build_config
-
     def fit(folder, **overrides):
         trainer = make_trainer(tmp_path / folder, tiny_llm_dir, n_users=24, uip_epochs=1, uip_line_search_users=6,
                                **overrides)
@@ -401,19 +404,11 @@ def test_uip_seed_redraws_the_inference_on_the_same_split(tmp_path, tiny_llm_dir
     assert not np.array_equal(default.validation.users, other.validation.users)         # other draws
     assert not np.array_equal(default_result.offsets, other_result.offsets)
 
-    config = uip_config_dict(tmp_path, tiny_llm_dir)
-    assert "seed" not in UIPSettings.from_config(build_config("DeepFM", "toy", None, config)).fingerprint_dict()
-    seeded = UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_seed": 7}))
-    assert seeded.fingerprint_dict()["seed"] == 7
-    with pytest.raises(UIPConfigError, match="uip_seed"):
-        UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_seed": -1}))
+    assert_key_added_later(tmp_path, tiny_llm_dir, "uip_seed", 7)          # default ~: RecBole's seed
 
 
 @pytest.mark.parametrize("free_tokens,mstep_users", [(False, 0), (True, 0), (False, 8)])
 def test_the_shift_warmup_trains_the_shift_alone_before_round_ones_pass(tmp_path, tiny_llm_dir, free_tokens, mstep_users):
-    from recbole_uip.config import UIPConfigError, UIPSettings
-    from recbole_uip.quick_start import build_config
-
     trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_epochs=2, uip_line_search_users=4,
                            uip_shift_warmup_batches=3, uip_free_tokens=free_tokens, uip_mstep_users=mstep_users)
     calls = []
@@ -450,9 +445,4 @@ def test_the_shift_warmup_trains_the_shift_alone_before_round_ones_pass(tmp_path
     assert result.history[1]["shift_warmup"]["batches"] == 3
     assert "shift_warmup" not in result.history[2]
 
-    config = uip_config_dict(tmp_path, tiny_llm_dir)
-    assert "shift_warmup_batches" not in UIPSettings.from_config(build_config("DeepFM", "toy", None, config)).fingerprint_dict()
-    warmed = UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_shift_warmup_batches": 3}))
-    assert warmed.fingerprint_dict()["shift_warmup_batches"] == 3
-    with pytest.raises(UIPConfigError, match="uip_shift_warmup_batches"):
-        UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_shift_warmup_batches": -1}))
+    assert_key_added_later(tmp_path, tiny_llm_dir, "uip_shift_warmup_batches", 3)   # default 0: no warm-up

@@ -406,15 +406,16 @@ class ProfileInferenceTrainer:
         draw = np.random.default_rng([self.seed, epoch, 0x55])
         return np.sort(draw.choice(users, size=count, replace=False))
 
-    def warmup_users(self, users: np.ndarray) -> np.ndarray:
+    def warmup_users(self) -> np.ndarray:
         """The users of the shift's warm-up before round 1's pass ``(uip_shift_warmup_batches * uip_batch_size,)``:
-        ``users`` (this rank's training users, all of them also under ``uip_mstep_users``) in shuffled passes, as
-        many as it takes (none without a shared shift).
+        this rank's training users (all of them, also under ``uip_mstep_users``) in shuffled passes, as many as it
+        takes (none without a shared shift). A whole number of batches, so the pass proper starts a batch.
 
         Departs from the paper, which has no shared shift: the encoder's gradient accumulated while the shift is
         still learning how the text is written carries mostly that (on ml-100k the line search never stepped after
         such a round). Every rank warms up for the same number of steps, each step seeing one batch per rank."""
         count = self.settings.shift_warmup_batches * self.settings.batch_size
+        users = np.intersect1d(self.local_users, self.training_users())
         if not count or not len(users) or self.settings.shared_learning_rate <= 0:
             return users[:0]
         passes = -(-count // len(users))
@@ -437,7 +438,7 @@ class ProfileInferenceTrainer:
         if progress is None:
             nll_seen = torch.full((len(self.histories),), float("nan"))
             users = np.intersect1d(self.local_users, self.pass_users(epoch))
-            warmup = self.warmup_users(np.intersect1d(self.local_users, self.training_users())) if epoch == 1 else users[:0]
+            warmup = self.warmup_users() if epoch == 1 else users[:0]
             order, done = np.concatenate([warmup, users[self.rng.permutation(len(users))]]), 0
             warmup_batches, warmup_nll = len(warmup) // batch_size, []
             if self.soft.encoder is not None:
@@ -445,9 +446,7 @@ class ProfileInferenceTrainer:
         else:
             nll_seen, order, done = progress["nll_seen"], progress["order"], progress["done"]
             warmup_batches, warmup_nll = progress.get("warmup_batches", 0), progress.get("warmup_nll", [])
-        # the warm-up's users come first, in whole batches (warmup_users); then the pass proper
-        batches = list(_batches(order[: warmup_batches * batch_size], batch_size)) \
-            + list(_batches(order[warmup_batches * batch_size:], batch_size))
+        batches = list(_batches(order, batch_size))     # the warm-up's whole batches first, then the pass proper
         steps = self.comm.max_int(len(batches))
         bar = tqdm(total=len(order), desc=f"UIP M-step {epoch:>2}", ncols=100, disable=not self.show_progress,
                    initial=sum(len(b) for b in batches[:done]))
@@ -467,10 +466,10 @@ class ProfileInferenceTrainer:
             else:                                         # this rank's users are done; the others' are not
                 self._step_shared(shared_opt, contributed=False)
             if warmup_batches and index + 1 == warmup_batches and warmup_nll:
-                self._loop["shift_warmup"] = {"batches": warmup_batches, "nll_first_batch": warmup_nll[0],
-                                              "nll_last_batches": float(np.mean(warmup_nll[-5:]))}
-                self.logger.info(f"UIP shift warm-up: {warmup_batches} batches, NLL {warmup_nll[0]:.4f} in the first, "
-                                 f"{np.mean(warmup_nll[-5:]):.4f} in the last {min(5, len(warmup_nll))}.")
+                summary = self._loop["shift_warmup"] = {"batches": warmup_batches, "nll_first_batch": warmup_nll[0],
+                                                        "nll_last_batches": float(np.mean(warmup_nll[-5:]))}
+                self.logger.info(f"UIP shift warm-up: {warmup_batches} batches, NLL {summary['nll_first_batch']:.4f} in "
+                                 f"the first, {summary['nll_last_batches']:.4f} in the last {min(5, len(warmup_nll))}.")
             last = index + 1 == steps
             if self.checkpoint is not None and (last or (self.checkpoint_every and (index + 1) % self.checkpoint_every == 0)):
                 self.codebooks = [cb.cpu() for cb in self.codebooks]
