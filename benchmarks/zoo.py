@@ -295,7 +295,10 @@ def run_grid(args, overrides: dict, paths: dict, logger) -> None:
     command = "python " + " ".join(args.record["command"])          # portable: no machine paths
     write_json_atomic(paths["meta"], {"signature": signature, "bank": bank.fingerprint[:12],
                                       "commands": previous + [command] * (command not in previous),
-                                      "granularity": id_set_granularity(base, files, bank, folders), "record": args.record})
+                                      # every ID set any command of this grid used, not only this command's
+                                      "granularity": {**meta.get("granularity", {}),
+                                                      **id_set_granularity(base, files, bank, folders)},
+                                      "record": args.record})
     if not todo:
         return
 
@@ -551,8 +554,8 @@ def granularity_lines(paths: dict, records: list[dict]) -> list[str]:
              "and is the control that isolates what the IDs say about their users.", "",
              "| feature set | groups (distinct value combinations) | entropy of group sizes (bits) | largest group |",
              "|---|---|---|---|"]
-    order = ["own", "uip", "shuffled", "random", "kmeans-attr", "kmeans-llm"]
-    for name in sorted(data["granularity"], key=lambda n: order.index(n) if n in order else 99):
+    order = list(FEATURE_SETS)
+    for name in sorted(data["granularity"], key=lambda n: order.index(n) if n in order else len(order)):
         g = data["granularity"][name]
         lines.append(f"| {name} | {g['groups']} of {g['users']} users | {g['entropy_bits']:.2f} | "
                      f"{g['largest_share']:.1%} |")

@@ -4,6 +4,7 @@ to end on the tiny model."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -120,8 +121,8 @@ def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_m
 
 def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_path, tiny_llm_dir):
     """Two zoo grids (id_free, then standard) of the same settings land in one folder named by the settings'
-    fingerprint; its meta keeps both portable commands, a rerun adds no run and no command, and the report names
-    both commands."""
+    fingerprint; its meta keeps both portable commands and the granularity of every ID set either used, a rerun
+    adds no run and no command, and the report names both commands."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import zoo
@@ -137,18 +138,20 @@ def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_pa
               f"--checkpoint_dir={tmp_path / 'saved'}", f"--uip_output_dir={tmp_path / 'out'}",
               "--feature_sets=none,uip"]
     assert zoo.main(common + ["--settings=id_free"]) == 0
-    assert zoo.main(common + ["--settings=standard"]) == 0
+    assert zoo.main(common[:-1] + ["--feature_sets=none,uip,shuffled", "--settings=standard"]) == 0
     assert zoo.main(common + ["--settings=id_free"]) == 0                 # everything done: nothing runs again
     (folder,) = (tmp_path / "results" / "toy").iterdir()
     meta = json.loads((folder / "zoo.meta.json").read_text())
     assert folder == results_dir(meta["record"], tmp_path / "results")
     assert len(meta["commands"]) == 2 and str(tmp_path) not in json.dumps(meta)
     assert [c.split()[-1] for c in meta["commands"]] == ["--settings=id_free", "--settings=standard"]
+    assert sorted(meta["granularity"]) == ["shuffled", "uip"]     # the rerun kept the standard grid's set
     runs = read_records(folder / "zoo.jsonl")
     assert sorted((r["setting"], r["feature_set"]) for r in runs) == [
-        ("id_free", "none"), ("id_free", "uip"), ("standard", "none"), ("standard", "uip")]
+        ("id_free", "none"), ("id_free", "uip"), ("standard", "none"), ("standard", "shuffled"), ("standard", "uip")]
     report = (folder / "zoo.md").read_text()
     assert all(f"`{c}`" in report for c in meta["commands"])
+    assert re.search(r"\| shuffled \| \d+ of \d+ users \|", report)     # its row in the granularity table
     assert json.loads((folder / "settings.json").read_text())["settings"] == meta["record"]["settings"]
 
 
