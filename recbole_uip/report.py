@@ -410,6 +410,22 @@ def item_attribute_field(dataset, item_text_fields) -> str | None:
     return next((f for f in fields if f != title), None)
 
 
+def encoder_column_weights(weights: np.ndarray) -> np.ndarray:
+    """How much each column of ``z`` counts in the distances between users' offsets, per profile.
+
+    Args:
+        weights: the encoder ``A`` ``(P, D, k)``; a user's offset is ``A[p] @ z (D,)``.
+
+    Returns:
+        ``(P, k)``: the diagonal of ``A[p]^T A[p]`` over its mean. The Euclidean distance between two users'
+        offsets is ``|A[p] (z - z')|``, so a column with weight 4 counts twice as far as one with weight 1. The
+        untrained encoder's columns are orthonormal (times one scale): every weight is 1.
+    """
+    a = np.asarray(weights, dtype=np.float64)
+    diagonal = np.einsum("pdk,pdk->pk", a, a)                                      # (P, k)
+    return diagonal / diagonal.mean(axis=1, keepdims=True).clip(min=1e-300)
+
+
 def profile_report(config, settings, bank, user_table=None, item_table=None, groupings: dict | None = None,
                    top: int = 8, permutations: int = 200) -> dict:
     """Everything a person needs to read what the profile IDs of one inference run mean.
@@ -439,6 +455,11 @@ def profile_report(config, settings, bank, user_table=None, item_table=None, gro
     for name, (ids, k) in all_groupings.items():
         counts, perplexity = usage_and_perplexity(ids, k)
         report["usage"][name] = {"counts": counts.tolist(), "perplexity": perplexity, "num_codes": k}
+    if bank.encoder is not None and settings.quantiser_metric == "euclidean":    # whitened: every direction alike
+        column_weights = encoder_column_weights(bank.encoder.weights)
+        report["encoder_weights"] = {"columns": bank.encoder.feature_map.column_names,
+                                     "profiles": {name: column_weights[p].tolist()
+                                                  for p, name in enumerate(bank.profiles)}}
     if len(bank.profiles) > 1:
         report["nmi_between_profiles"] = normalized_mutual_information(bank.codes[:, 0], bank.codes[:, 1])
     if user_table is not None:
@@ -494,6 +515,16 @@ def render_profile_report(report: dict, header: str = "") -> str:
             cells = [f"{report['nmi'][f][name]['nmi']:.4f} ({report['nmi'][f][name]['shuffled_mean']:.4f}, "
                      f"p={report['nmi'][f][name]['p_value']:.3f})" for f in fields]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("encoder_weights"):
+        columns = report["encoder_weights"]["columns"]
+        lines += ["", "## What the codebooks weigh", "",
+                  "How much each column of the encoder input `z` counts in the distances the codebooks measure: the "
+                  "diagonal of `A^T A` over its mean, `A` the encoder (`pc1`, ...: the principal directions of the "
+                  "user's item embeddings and rating-weighted item embeddings; then the rating statistics). The "
+                  "untrained encoder weighs every column 1; only the likelihood training's encoder steps change "
+                  "that.", "", "| profile | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for name, values in report["encoder_weights"]["profiles"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     lines += ["", "## What each ID means", "",
               "Per ID, the items and item attribute values (`" + str(report.get("attribute_field")) + "`) most "
               "over-represented in its users' training interactions. lift = the value's share of the group's "

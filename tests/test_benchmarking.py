@@ -152,6 +152,8 @@ def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_pa
     report = (folder / "zoo.md").read_text()
     assert all(f"`{c}`" in report for c in meta["commands"])
     assert re.search(r"\| shuffled \| \d+ of \d+ users \|", report)     # its row in the granularity table
+    profiles = (folder / "profile_report.md").read_text()
+    assert re.search(r"\| hobby( \| 1\.00)+ \|", profiles)      # no EM round: the untrained encoder weighs z alike
     assert json.loads((folder / "settings.json").read_text())["settings"] == meta["record"]["settings"]
 
 

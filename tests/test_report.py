@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from recbole_uip.data.atomic import AtomicTable
+from recbole_uip.inference.soft_profiles import SoftProfiles
 from recbole_uip.report import (
-    bucket_numeric, item_labels, lift_table, nmi_permutation_test, quantile_edges, render_profile_report, usage_and_perplexity,
+    bucket_numeric, encoder_column_weights, item_labels, lift_table, nmi_permutation_test, quantile_edges, render_profile_report, usage_and_perplexity,
     user_attribute_labels,
 )
 
@@ -129,6 +130,20 @@ def test_item_labels_name_items_by_title_from_the_item_file_and_fall_back_to_the
     assert item_labels(dataset, table, "no_such_field") == ["[PAD]", "7", "3", "9"]
 
 
+# ------------------------------------------------------------------------------------------------ encoder
+def test_the_untrained_encoder_weighs_every_column_of_z_alike_and_a_stretched_column_by_its_square():
+    torch = pytest.importorskip("torch")
+    soft = SoftProfiles(torch.zeros(2, 16), 5, 0.3, torch.Generator().manual_seed(0))
+    start = soft.encoder.detach().numpy()                                              # (P, D, k)
+    np.testing.assert_allclose(encoder_column_weights(start), np.ones((2, 5)), rtol=1e-5)
+    stretched = start.copy()
+    stretched[1, :, 3] *= 2.0                                   # profile 1 measures column 3 twice as far
+    weights = encoder_column_weights(stretched)
+    np.testing.assert_allclose(weights[0], np.ones(5), rtol=1e-5)
+    assert weights[1, 3] / weights[1, 0] == pytest.approx(4.0, rel=1e-5)
+    assert weights[1].mean() == pytest.approx(1.0)
+
+
 # ------------------------------------------------------------------------------------------------ render
 def test_render_profile_report_lists_every_section():
     report = {
@@ -138,6 +153,7 @@ def test_render_profile_report_lists_every_section():
         "attributes": {"gender": "as is"}, "attributes_skipped": {"zip_code": "60 distinct token values"},
         "nmi": {"gender": {"UIP hobby": {"nmi": 0.5, "shuffled_mean": 0.1, "shuffled_std": 0.05, "p_value": 0.02}}},
         "attribute_field": "class",
+        "encoder_weights": {"columns": ["pc1", "generosity"], "profiles": {"hobby": [0.5, 1.5]}},
         "typical": {"UIP hobby": {"0": {"users": 2, "items": [{"label": "A|B", "lift": 2.0, "count": 12}],
                                         "attributes": [{"label": "Horror", "lift": 1.8, "count": 30}]}}},
     }
@@ -146,6 +162,7 @@ def test_render_profile_report_lists_every_section():
     assert "| UIP hobby | 2 | [2, 2] | 2.00 |" in text
     assert "0.5000 (0.1000, p=0.020)" in text
     assert "zip_code (60 distinct token values)" in text
+    assert "| profile | pc1 | generosity |" in text and "| hobby | 0.50 | 1.50 |" in text
     assert "Horror (1.80, 30)" in text and "A/B (2.00, 12)" in text   # '|' in a title cannot break the table
 
 

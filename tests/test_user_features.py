@@ -46,9 +46,13 @@ def test_z_whitens_the_vector_parts_and_keeps_the_single_statistics_as_their_own
     x = fm.raw(embeddings, histories, ratings)
     generosity = (x[:, -3] - x[:, -3].mean()) / x[:, -3].std()
     torch.testing.assert_close(z[:, 4], generosity, atol=1e-5, rtol=1e-5)       # column 4: dims - 3
+    assert fm.column_names == ["pc1", "pc2", "pc3", "pc4", "generosity", "spread", "activity"]
+    activity = (x[:, -1] - x[:, -1].mean()) / x[:, -1].std()
+    torch.testing.assert_close(z[:, fm.column_names.index("activity")], activity, atol=1e-5, rtol=1e-5)
     # without ratings: one statistic (activity), and the vector part gets the rest
     no_ratings = UserFeatureMap.fit(embeddings, histories, None, dims=7, prior=5.0)
     assert no_ratings.num_scalars == 1 and no_ratings(embeddings, histories, None).shape == (60, 7)
+    assert no_ratings.column_names == [f"pc{i}" for i in range(1, 7)] + ["activity"]
 
 
 def test_the_prior_pulls_a_one_item_user_towards_the_average_user():

@@ -31,7 +31,6 @@ the bank gets ``z`` from their items alone.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
@@ -145,6 +144,13 @@ class UserFeatureMap:
     def num_scalars(self) -> int:
         """The user vector's last columns that are single statistics (generosity, spread, activity)."""
         return 1 if self.rating_mean is None else 3
+
+    @property
+    def column_names(self) -> list[str]:
+        """Names of the ``k`` columns of ``z``: the principal directions of the item vectors (``pc1``, ...), then
+        the single statistics."""
+        statistics = ["activity"] if self.rating_mean is None else ["generosity", "spread", "activity"]
+        return [f"pc{i + 1}" for i in range(self.dims - len(statistics))] + statistics
 
     def raw(self, item_embeddings: torch.Tensor, items: list[np.ndarray], ratings: list[np.ndarray] | None) -> torch.Tensor:
         """The user vectors ``x (B, F)`` of ``B`` histories (``items[b]``: rows of ``item_embeddings``)."""
