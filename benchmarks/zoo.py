@@ -79,11 +79,12 @@ from recbole_uip.ctr_runs import (
 from recbole_uip.data.atomic import read_atomic
 from recbole_uip.feature_sets import (
     RANDOM_IDS_SEED, SHUFFLE_SEED, attribute_vectors, kmeans_columns, own_user_fields, random_ids, shuffled_ids,
-    write_id_free_copy, write_id_set,
+    weighted_kmeans_columns, write_id_free_copy, write_id_set,
 )
 from recbole_uip.quick_start import build_config
 from recbole_uip.report import (
-    attribute_user_vectors, kmeans_ids, profile_report, rating_statistics, render_profile_report,
+    attribute_user_vectors, encoder_column_weights, kmeans_ids, profile_report, rating_statistics,
+    render_profile_report,
 )
 from recbole_uip.utils import write_json_atomic
 
@@ -112,6 +113,9 @@ FEATURE_SETS = {fs.name: fs for fs in [
     FeatureSet("shuffled", "shuffled", False, True, "control: UIP IDs permuted across users"),
     FeatureSet("kmeans-attr", "kmeans-attr", False, True, "cheap baseline: k-means over item-attribute histograms"),
     FeatureSet("kmeans-llm", "kmeans-llm", False, True, "cheap baseline: k-means over the LLM's user vectors z"),
+    FeatureSet("kmeans-llm-weighted", "kmeans-llm-weighted", False, True,
+               "decomposition: k-means over z with each column weighted as the bank's encoder weighs it (the diagonal "
+               "of A^T A over its mean, per profile): is what the encoder learnt a weight per column of z?"),
     FeatureSet("kmeans-nollm", "kmeans-nollm", False, True,
                "cheap baseline: k-means over the same user vectors built from genre multi-hots instead of LLM item embeddings"),
     FeatureSet("kmeans-ratings", "kmeans-ratings", False, True,
@@ -124,7 +128,8 @@ FEATURE_SETS = {fs.name: fs for fs in [
 ]}
 # Comparisons reported next to "vs none": (feature set, reference).
 COMPARISONS = [("uip", "shuffled"), ("uip", "random"), ("uip", "kmeans-attr"), ("uip", "kmeans-ratings"), ("uip", "kmeans-nollm"),
-               ("uip", "kmeans-llm"), ("uip", "uip-untrained"), ("uip", "uip-random-step"),
+               ("uip", "kmeans-llm"), ("uip", "kmeans-llm-weighted"), ("kmeans-llm-weighted", "kmeans-llm"),
+               ("uip", "uip-untrained"), ("uip", "uip-random-step"),
                ("uip-random-step", "uip-untrained"), ("uip+own", "own")]
 
 
@@ -217,6 +222,9 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
                                 "k-means over item-attribute histograms of the training split, seed = column"),
         "kmeans-llm": lambda: (kmeans_columns(bank.summaries, sizes),
                                "k-means over the bank's user vectors z (LLM item embeddings, no prompt tuning), seed = column"),
+        "kmeans-llm-weighted": lambda: (
+            weighted_kmeans_columns(bank.summaries, encoder_column_weights(bank.encoder.weights), sizes),
+            "k-means over the bank's user vectors z, each column weighted as the bank's encoder weighs it, seed = column"),
         "kmeans-nollm": lambda: (kmeans_columns(attribute_user_vectors(config, settings, bank.users), sizes),
                                  "k-means over the encoder's user vectors built from genre multi-hots (no LLM), seed = column"),
         "kmeans-ratings": lambda: (kmeans_columns(rating_statistics(config, settings, bank.users), sizes),
@@ -232,6 +240,9 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
         folder = target.parent / f"{config['dataset']}-uipzoo-{id_set}"
 
         def build(id_set=id_set):
+            if id_set == "kmeans-llm-weighted" and (bank.summaries is None or bank.encoder is None):
+                raise ValueError("The bank holds no encoder (uip_encoder: none): the kmeans-llm-weighted "
+                                 "decomposition cannot be built.")
             if id_set == "kmeans-llm" and bank.summaries is None:
                 raise ValueError("The bank holds no LLM summaries: the kmeans-llm baseline cannot be built.")
             if id_set == "uip-untrained" and bank.initial_codes is None:

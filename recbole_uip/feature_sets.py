@@ -58,6 +58,18 @@ def kmeans_columns(vectors: np.ndarray, sizes: list[int], first_seed: int = 0) -
     return np.stack([kmeans_ids(vectors, k, seed=first_seed + column) for column, k in enumerate(sizes)], axis=1)
 
 
+def weighted_kmeans_columns(vectors: np.ndarray, column_weights: np.ndarray, sizes: list[int],
+                            first_seed: int = 0) -> np.ndarray:
+    """``(U, P)``: per profile ``p``, a k-means over ``vectors (U, k)`` standardised, then each column scaled by
+    ``sqrt(column_weights[p] (k,))``, so that its squared distances weigh column ``j`` by ``column_weights[p, j]``
+    (seed ``first_seed`` + column). With every weight 1 it is :func:`kmeans_columns`."""
+    x = np.asarray(vectors, dtype=np.float64)
+    standard = (x - x.mean(0)) / x.std(0, ddof=1).clip(min=1e-6)
+    return np.stack([kmeans_ids(standard * np.sqrt(np.asarray(column_weights[column], dtype=np.float64)), k,
+                                seed=first_seed + column, standardise=False)
+                     for column, k in enumerate(sizes)], axis=1)
+
+
 def attribute_vectors(config, settings, bank: FeatureBank) -> tuple[np.ndarray, str]:
     """``((U, A), field)``: each user's item-attribute histogram over the training split (rows in ``bank.users``
     order), as shares of the user's attribute mentions, and the attribute field's name (the first token item field

@@ -19,6 +19,7 @@ from recbole_uip.ctr_runs import (
 from recbole_uip.data.atomic import MANIFEST_NAME, read_atomic
 from recbole_uip.feature_sets import (
     alternative_bank, id_set_fingerprint, is_current, kmeans_columns, own_user_fields, random_ids, shuffled_ids,
+    weighted_kmeans_columns,
     write_id_free_copy, write_id_set,
 )
 from recbole_uip.recbole_config import build_config, check_dataset_files
@@ -58,6 +59,19 @@ def test_kmeans_columns_find_separated_groups_with_each_codebook_size():
         assert len(set(ids[:10, column])) == 1 and len(set(ids[10:, column])) == 1
         assert ids[0, column] != ids[10, column]
     assert len(set(ids[:, 2])) <= 3
+
+
+def test_weighted_kmeans_columns_split_users_along_the_column_each_profile_weighs():
+    rng = np.random.default_rng(1)
+    halves = np.repeat([0.0, 4.0], 20)                    # column 0: the first 20 users against the last 20
+    parity = np.tile([0.0, 4.0], 20)                      # column 1: even users against odd ones
+    vectors = np.stack([halves, parity], axis=1) + rng.normal(0, 0.3, (40, 2))
+    ids = weighted_kmeans_columns(vectors, np.array([[1.98, 0.02], [0.02, 1.98]]), [2, 2])
+    assert ids.shape == (40, 2)
+    assert len(set(ids[:20, 0])) == 1 and len(set(ids[20:, 0])) == 1 and ids[0, 0] != ids[20, 0]
+    assert len(set(ids[0::2, 1])) == 1 and len(set(ids[1::2, 1])) == 1 and ids[0, 1] != ids[1, 1]
+    separated = np.concatenate([rng.normal(0, 0.05, (10, 3)), rng.normal(5, 0.05, (10, 3))])
+    assert np.array_equal(weighted_kmeans_columns(separated, np.ones((2, 3)), [2, 3]), kmeans_columns(separated, [2, 3]))
 
 
 def test_alternative_bank_keeps_users_and_profiles_and_names_its_ids():
