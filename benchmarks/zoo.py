@@ -129,8 +129,9 @@ FEATURE_SETS = {fs.name: fs for fs in [
 # Comparisons reported next to "vs none": (feature set, reference).
 COMPARISONS = [("uip", "shuffled"), ("uip", "random"), ("uip", "kmeans-attr"), ("uip", "kmeans-ratings"), ("uip", "kmeans-nollm"),
                ("uip", "kmeans-llm"), ("uip", "kmeans-llm-weighted"), ("kmeans-llm-weighted", "kmeans-llm"),
-               ("uip", "uip-untrained"), ("uip", "uip-random-step"),
-               ("uip-random-step", "uip-untrained"), ("uip+own", "own")]
+               ("uip", "uip-untrained"), ("uip", "uip-random-step"), ("uip-random-step", "uip-untrained"),
+               ("kmeans-llm", "uip-untrained"),      # two k-means draws over the same z: how much a draw moves AUC
+               ("uip+own", "own")]
 
 
 # ============================================================================================ command line
