@@ -70,12 +70,12 @@ def test_results_folders_are_named_by_the_settings_fingerprint(tmp_path):
 
 
 def test_the_repositorys_results_are_in_their_settings_folders_and_indexed():
-    """Every folder under results/<dataset>/ (archive/ and convert/ aside) holds run records whose settings hash to
-    its name, has its settings.json, and is listed in results/README.md."""
+    """Every folder under results/<dataset>/ (archive/, convert/ and diagnostics/ aside) holds run records whose
+    settings hash to its name, has its settings.json, and is listed in results/README.md."""
     from recbole_uip.benchmarking import RESULTS, folder_records, settings_fingerprint
 
     index = (RESULTS / "README.md").read_text(encoding="utf-8")
-    folders = [f for d in RESULTS.iterdir() if d.is_dir() and d.name not in ("archive", "convert")
+    folders = [f for d in RESULTS.iterdir() if d.is_dir() and d.name not in ("archive", "convert", "diagnostics")
                for f in d.iterdir() if f.is_dir()]
     assert folders
     for folder in folders:
