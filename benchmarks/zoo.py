@@ -241,6 +241,10 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
         folder = target.parent / f"{config['dataset']}-uipzoo-{id_set}"
 
         def build(id_set=id_set):
+            if id_set == "kmeans-llm-weighted" and settings.quantiser_metric != "euclidean":
+                raise ValueError(f"uip_quantiser_metric: {settings.quantiser_metric} measures the offsets along "
+                                 "their own principal directions, so the encoder's column weights are not what the "
+                                 "codebooks weigh: kmeans-llm-weighted needs the euclidean metric.")
             if id_set == "kmeans-llm-weighted" and (bank.summaries is None or bank.encoder is None):
                 raise ValueError("The bank holds no encoder (uip_encoder: none): the kmeans-llm-weighted "
                                  "decomposition cannot be built.")

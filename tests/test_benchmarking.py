@@ -159,8 +159,9 @@ def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_pa
 
 def test_zoo_writes_the_banks_two_controls_and_refuses_a_bank_without_them(tmp_path, tiny_llm_dir):
     """``uip-untrained`` and ``uip-random-step`` are the bank's ``initial_codes`` and ``random_step_codes``, user by
-    user; a bank without the random-direction control (format 5, free tokens), or without the encoder that
-    ``kmeans-llm-weighted`` weighs z by, gets an error that says why."""
+    user; a bank without the random-direction control (format 5, free tokens), without the encoder that
+    ``kmeans-llm-weighted`` weighs z by, or a run whose whitened metric ignores those weights, gets an error that
+    says why."""
     import dataclasses
     import logging
 
@@ -198,6 +199,10 @@ def test_zoo_writes_the_banks_two_controls_and_refuses_a_bank_without_them(tmp_p
                             logging.getLogger("test"))
     with pytest.raises(ValueError, match="no encoder"):                  # nothing to weigh z's columns by
         zoo.prepare_id_sets(config, settings, check_dataset_files(config), tmp_path / "out3" / "toy-uip", bank,
+                            {"uip", "kmeans-llm-weighted"}, logging.getLogger("test"))
+    with pytest.raises(ValueError, match="needs the euclidean metric"):  # whitened: the weights are not the metric
+        zoo.prepare_id_sets(config, dataclasses.replace(settings, quantiser_metric="whitened"),
+                            check_dataset_files(config), tmp_path / "out4" / "toy-uip", bank,
                             {"uip", "kmeans-llm-weighted"}, logging.getLogger("test"))
 
 
