@@ -79,7 +79,7 @@ from recbole_uip.ctr_runs import (
 from recbole_uip.data.atomic import read_atomic
 from recbole_uip.feature_sets import (
     RANDOM_IDS_SEED, SHUFFLE_SEED, attribute_vectors, kmeans_columns, own_user_fields, random_ids, shuffled_ids,
-    weighted_kmeans_columns, write_id_free_copy, write_id_set,
+    offset_kmeans_columns, weighted_kmeans_columns, write_id_free_copy, write_id_set,
 )
 from recbole_uip.quick_start import build_config
 from recbole_uip.report import (
@@ -104,6 +104,8 @@ class FeatureSet:
     description: str
 
 
+KMEANS_DRAWS = 3               # kmeans-llm and kmeans-offsets: draws 2.. use the seeds DRAW_SEED_STEP * (draw - 1) + column
+DRAW_SEED_STEP = 10
 FEATURE_SETS = {fs.name: fs for fs in [
     FeatureSet("none", "uip", False, False, "no user features"),
     FeatureSet("own", "uip", True, False, "the dataset's own .user features"),
@@ -116,6 +118,11 @@ FEATURE_SETS = {fs.name: fs for fs in [
     FeatureSet("kmeans-llm-weighted", "kmeans-llm-weighted", False, True,
                "decomposition: k-means over z with each column weighted as the bank's encoder weighs it (the diagonal "
                "of A^T A over its mean, per profile): is what the encoder learnt a weight per column of z?"),
+    FeatureSet("kmeans-offsets", "kmeans-offsets", False, True,
+               "redraw: k-means over the bank's final offsets A z (the data the bank's IDs were quantised from, "
+               "another draw; with the untrained encoder it is kmeans-llm's construction)"),
+    *(FeatureSet(f"{name}-draw{draw}", f"{name}-draw{draw}", False, True, f"{name} with k-means draw {draw}")
+      for draw in range(2, KMEANS_DRAWS + 1) for name in ("kmeans-llm", "kmeans-offsets")),
     FeatureSet("kmeans-nollm", "kmeans-nollm", False, True,
                "cheap baseline: k-means over the same user vectors built from genre multi-hots instead of LLM item embeddings"),
     FeatureSet("kmeans-ratings", "kmeans-ratings", False, True,
@@ -131,6 +138,9 @@ COMPARISONS = [("uip", "shuffled"), ("uip", "random"), ("uip", "kmeans-attr"), (
                ("uip", "kmeans-llm"), ("uip", "kmeans-llm-weighted"), ("kmeans-llm-weighted", "kmeans-llm"),
                ("uip", "uip-untrained"), ("uip", "uip-random-step"), ("uip-random-step", "uip-untrained"),
                ("kmeans-llm", "uip-untrained"),      # two k-means draws over the same z: how much a draw moves AUC
+               # the trained encoder's metric against z's own, draw by draw (the same k-means seeds)
+               ("kmeans-offsets", "kmeans-llm"),
+               *((f"kmeans-offsets-draw{d}", f"kmeans-llm-draw{d}") for d in range(2, KMEANS_DRAWS + 1)),
                ("uip+own", "own")]
 
 
@@ -145,9 +155,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated context-aware models "
                         f"(default: {DEFAULT_MODELS})")
     parser.add_argument("--seeds", type=int, default=3, help="model seeds per cell: 2020, 2021, ... (default: 3)")
-    parser.add_argument("--feature_sets", default=",".join(FEATURE_SETS),
-                        help=f"comma-separated subset of {', '.join(FEATURE_SETS)} (default: all; none is needed "
-                             "for the differences)")
+    parser.add_argument("--feature_sets", default=",".join(f for f in FEATURE_SETS if "-draw" not in f),
+                        help=f"comma-separated subset of {', '.join(FEATURE_SETS)} (default: all but the further "
+                             "k-means draws; none is needed for the differences)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="standard,id_free (default: both)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     for key, value in TRAINING_DEFAULTS.items():
@@ -226,6 +236,16 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
         "kmeans-llm-weighted": lambda: (
             weighted_kmeans_columns(bank.summaries, encoder_column_weights(bank.encoder.weights), sizes),
             "k-means over the bank's user vectors z, each column weighted as the bank's encoder weighs it, seed = column"),
+        "kmeans-offsets": lambda: (offset_kmeans_columns(bank.offsets, sizes),
+                                   "k-means over the bank's final offsets A z, seed = column"),
+        **{f"kmeans-llm-draw{d}": (lambda d=d: (
+            kmeans_columns(bank.summaries, sizes, first_seed=DRAW_SEED_STEP * (d - 1)),
+            f"k-means over the bank's user vectors z, seed = {DRAW_SEED_STEP * (d - 1)} + column"))
+           for d in range(2, KMEANS_DRAWS + 1)},
+        **{f"kmeans-offsets-draw{d}": (lambda d=d: (
+            offset_kmeans_columns(bank.offsets, sizes, first_seed=DRAW_SEED_STEP * (d - 1)),
+            f"k-means over the bank's final offsets A z, seed = {DRAW_SEED_STEP * (d - 1)} + column"))
+           for d in range(2, KMEANS_DRAWS + 1)},
         "kmeans-nollm": lambda: (kmeans_columns(attribute_user_vectors(config, settings, bank.users), sizes),
                                  "k-means over the encoder's user vectors built from genre multi-hots (no LLM), seed = column"),
         "kmeans-ratings": lambda: (kmeans_columns(rating_statistics(config, settings, bank.users), sizes),
@@ -248,7 +268,9 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
             if id_set == "kmeans-llm-weighted" and (bank.summaries is None or bank.encoder is None):
                 raise ValueError("The bank holds no encoder (uip_encoder: none): the kmeans-llm-weighted "
                                  "decomposition cannot be built.")
-            if id_set == "kmeans-llm" and bank.summaries is None:
+            if id_set.startswith("kmeans-offsets") and bank.offsets is None:
+                raise ValueError("The bank holds no offsets: the kmeans-offsets redraws cannot be built.")
+            if id_set.startswith("kmeans-llm") and bank.summaries is None:
                 raise ValueError("The bank holds no LLM summaries: the kmeans-llm baseline cannot be built.")
             if id_set == "uip-untrained" and bank.initial_codes is None:
                 raise ValueError("The bank holds no initial codes: the untrained control cannot be built.")

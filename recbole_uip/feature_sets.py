@@ -70,6 +70,15 @@ def weighted_kmeans_columns(vectors: np.ndarray, column_weights: np.ndarray, siz
                      for column, k in enumerate(sizes)], axis=1)
 
 
+def offset_kmeans_columns(offsets: np.ndarray, sizes: list[int], first_seed: int = 0) -> np.ndarray:
+    """``(U, P)``: per profile ``p``, a k-means over the users' offsets ``offsets[:, p] (U, D)`` as they are (the
+    Euclidean metric the bank's codebooks use; no standardising, which would reweigh the ``D`` coordinates), with
+    seed ``first_seed`` + column: the bank's own construction, drawn again."""
+    return np.stack([kmeans_ids(np.asarray(offsets[:, column], dtype=np.float32), k, seed=first_seed + column,
+                                standardise=False)
+                     for column, k in enumerate(sizes)], axis=1)
+
+
 def attribute_vectors(config, settings, bank: FeatureBank) -> tuple[np.ndarray, str]:
     """``((U, A), field)``: each user's item-attribute histogram over the training split (rows in ``bank.users``
     order), as shares of the user's attribute mentions, and the attribute field's name (the first token item field

@@ -159,9 +159,9 @@ def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_pa
 
 def test_zoo_writes_the_banks_two_controls_and_refuses_a_bank_without_them(tmp_path, tiny_llm_dir):
     """``uip-untrained`` and ``uip-random-step`` are the bank's ``initial_codes`` and ``random_step_codes``, user by
-    user; a bank without the random-direction control (format 5, free tokens), without the encoder that
-    ``kmeans-llm-weighted`` weighs z by, or a run whose whitened metric ignores those weights, gets an error that
-    says why."""
+    user, and the k-means redraws use their own seeds; a bank without the random-direction control (format 5, free
+    tokens), without the encoder that ``kmeans-llm-weighted`` weighs z by, or a run whose whitened metric ignores
+    those weights, gets an error that says why."""
     import dataclasses
     import logging
 
@@ -193,6 +193,22 @@ def test_zoo_writes_the_banks_two_controls_and_refuses_a_bank_without_them(tmp_p
         for p, field in enumerate(settings.field_names):
             column = table.fields.index(field)
             assert [row_of[u][column] for u in users] == [str(v) for v in expected[:, p]]
+    # the redraws: z and the final offsets k-means'd again, draw d with the seeds 10 (d - 1) + column
+    from recbole_uip.feature_sets import kmeans_columns, offset_kmeans_columns
+    vectors = dataclasses.replace(bank, summaries=rng.normal(size=(24, 3)).astype(np.float32),
+                                  offsets=rng.normal(size=(24, 2, 4)).astype(np.float32))
+    redraws = zoo.prepare_id_sets(config, settings, check_dataset_files(config), tmp_path / "out5" / "toy-uip",
+                                  vectors, {"uip", "kmeans-llm-draw2", "kmeans-offsets", "kmeans-offsets-draw3"},
+                                  logging.getLogger("test"))
+    for id_set, expected in (("kmeans-llm-draw2", kmeans_columns(vectors.summaries, [3, 3], first_seed=10)),
+                             ("kmeans-offsets", offset_kmeans_columns(vectors.offsets, [3, 3])),
+                             ("kmeans-offsets-draw3", offset_kmeans_columns(vectors.offsets, [3, 3], first_seed=20))):
+        table = read_atomic(redraws[id_set] / f"{redraws[id_set].name}.user")
+        row_of = {row[0]: row for row in table.rows}
+        for p, field in enumerate(settings.field_names):
+            assert [row_of[u][table.fields.index(field)] for u in users] == [str(v) for v in expected[:, p]]
+    assert not np.array_equal(offset_kmeans_columns(vectors.offsets, [3, 3]),
+                              offset_kmeans_columns(vectors.offsets, [3, 3], first_seed=20))    # other draws
     with pytest.raises(ValueError, match="random-direction control"):
         zoo.prepare_id_sets(config, settings, check_dataset_files(config), tmp_path / "out2" / "toy-uip",
                             dataclasses.replace(bank, random_step_codes=None), {"uip", "uip-random-step"},

@@ -19,8 +19,7 @@ from recbole_uip.ctr_runs import (
 from recbole_uip.data.atomic import MANIFEST_NAME, read_atomic
 from recbole_uip.feature_sets import (
     alternative_bank, id_set_fingerprint, is_current, kmeans_columns, own_user_fields, random_ids, shuffled_ids,
-    weighted_kmeans_columns,
-    write_id_free_copy, write_id_set,
+    offset_kmeans_columns, weighted_kmeans_columns, write_id_free_copy, write_id_set,
 )
 from recbole_uip.recbole_config import build_config, check_dataset_files
 
@@ -72,6 +71,23 @@ def test_weighted_kmeans_columns_split_users_along_the_column_each_profile_weigh
     assert len(set(ids[0::2, 1])) == 1 and len(set(ids[1::2, 1])) == 1 and ids[0, 1] != ids[1, 1]
     separated = np.concatenate([rng.normal(0, 0.05, (10, 3)), rng.normal(5, 0.05, (10, 3))])
     assert np.array_equal(weighted_kmeans_columns(separated, np.ones((2, 3)), [2, 3]), kmeans_columns(separated, [2, 3]))
+
+
+def test_offset_kmeans_columns_cluster_each_profiles_own_offsets_without_standardising_them():
+    rng = np.random.default_rng(2)
+    halves = np.repeat([0.0, 4.0], 20) + rng.normal(0, 0.3, 40)       # the first 20 users against the last 20
+    parity = np.tile([0.0, 4.0], 20) + rng.normal(0, 0.3, 40)         # even users against odd ones
+    offsets = np.zeros((40, 2, 2))                                     # (U, P, D)
+    offsets[:, 0, 0], offsets[:, 1, 0] = halves, parity
+    ids = offset_kmeans_columns(offsets, [2, 2])
+    assert len(set(ids[:20, 0])) == 1 and len(set(ids[20:, 0])) == 1 and ids[0, 0] != ids[20, 0]
+    assert len(set(ids[0::2, 1])) == 1 and len(set(ids[1::2, 1])) == 1 and ids[0, 1] != ids[1, 1]
+    # the metric as it is: a loud, blurred parity coordinate outweighs the clean halves (standardised, the halves
+    # would win: their groups are the tighter ones in units of their own spread)
+    offsets[:, 0, 1] = np.tile([0.0, 100.0], 20) + rng.normal(0, 30.0, 40)
+    loud = offset_kmeans_columns(offsets, [2, 2])[:, 0]
+    agreement = (loud == np.tile([0, 1], 20)).mean()
+    assert max(agreement, 1 - agreement) >= 0.9
 
 
 def test_alternative_bank_keeps_users_and_profiles_and_names_its_ids():
