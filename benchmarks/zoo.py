@@ -138,9 +138,12 @@ COMPARISONS = [("uip", "shuffled"), ("uip", "random"), ("uip", "kmeans-attr"), (
                ("uip", "kmeans-llm"), ("uip", "kmeans-llm-weighted"), ("kmeans-llm-weighted", "kmeans-llm"),
                ("uip", "uip-untrained"), ("uip", "uip-random-step"), ("uip-random-step", "uip-untrained"),
                ("kmeans-llm", "uip-untrained"),      # two k-means draws over the same z: how much a draw moves AUC
-               # the trained encoder's metric against z's own, draw by draw (the same k-means seeds)
+               # the trained encoder's metric against z's own, draw by draw (the same k-means seeds), then how far
+               # each construction's draws spread
                ("kmeans-offsets", "kmeans-llm"),
                *((f"kmeans-offsets-draw{d}", f"kmeans-llm-draw{d}") for d in range(2, KMEANS_DRAWS + 1)),
+               *((f"{name}-draw{d}", name) for name in ("kmeans-llm", "kmeans-offsets")
+                 for d in range(2, KMEANS_DRAWS + 1)),
                ("uip+own", "own")]
 
 
