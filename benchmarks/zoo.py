@@ -119,8 +119,8 @@ FEATURE_SETS = {fs.name: fs for fs in [
                "decomposition: k-means over z with each column weighted as the bank's encoder weighs it (the diagonal "
                "of A^T A over its mean, per profile): is what the encoder learnt a weight per column of z?"),
     FeatureSet("kmeans-offsets", "kmeans-offsets", False, True,
-               "redraw: k-means over the bank's final offsets A z (the data the bank's IDs were quantised from, "
-               "another draw; with the untrained encoder it is kmeans-llm's construction)"),
+               "redraw: k-means over the bank's final offsets A z (the data and metric the bank's IDs were "
+               "quantised with, another draw; with the untrained encoder, essentially kmeans-llm)"),
     *(FeatureSet(f"{name}-draw{draw}", f"{name}-draw{draw}", False, True, f"{name} with k-means draw {draw}")
       for draw in range(2, KMEANS_DRAWS + 1) for name in ("kmeans-llm", "kmeans-offsets")),
     FeatureSet("kmeans-nollm", "kmeans-nollm", False, True,
@@ -264,10 +264,12 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
         folder = target.parent / f"{config['dataset']}-uipzoo-{id_set}"
 
         def build(id_set=id_set):
-            if id_set == "kmeans-llm-weighted" and settings.quantiser_metric != "euclidean":
+            euclidean_only = id_set == "kmeans-llm-weighted" or id_set.startswith("kmeans-offsets")
+            if euclidean_only and settings.quantiser_metric != "euclidean":
                 raise ValueError(f"uip_quantiser_metric: {settings.quantiser_metric} measures the offsets along "
-                                 "their own principal directions, so the encoder's column weights are not what the "
-                                 "codebooks weigh: kmeans-llm-weighted needs the euclidean metric.")
+                                 "their own principal directions, so neither the encoder's column weights nor the "
+                                 f"offsets' Euclidean distances are what the codebooks weigh: {id_set} needs the "
+                                 "euclidean metric.")
             if id_set == "kmeans-llm-weighted" and (bank.summaries is None or bank.encoder is None):
                 raise ValueError("The bank holds no encoder (uip_encoder: none): the kmeans-llm-weighted "
                                  "decomposition cannot be built.")

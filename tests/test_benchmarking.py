@@ -161,7 +161,7 @@ def test_zoo_writes_the_banks_two_controls_and_refuses_a_bank_without_them(tmp_p
     """``uip-untrained`` and ``uip-random-step`` are the bank's ``initial_codes`` and ``random_step_codes``, user by
     user, and the k-means redraws use their own seeds; a bank without the random-direction control (format 5, free
     tokens), without the encoder that ``kmeans-llm-weighted`` weighs z by, or a run whose whitened metric ignores
-    those weights, gets an error that says why."""
+    those weights and the offsets' Euclidean distances, gets an error that says why."""
     import dataclasses
     import logging
 
@@ -220,6 +220,10 @@ def test_zoo_writes_the_banks_two_controls_and_refuses_a_bank_without_them(tmp_p
         zoo.prepare_id_sets(config, dataclasses.replace(settings, quantiser_metric="whitened"),
                             check_dataset_files(config), tmp_path / "out4" / "toy-uip", bank,
                             {"uip", "kmeans-llm-weighted"}, logging.getLogger("test"))
+    with pytest.raises(ValueError, match="kmeans-offsets-draw2 needs the euclidean metric"):
+        zoo.prepare_id_sets(config, dataclasses.replace(settings, quantiser_metric="whitened"),
+                            check_dataset_files(config), tmp_path / "out6" / "toy-uip", vectors,
+                            {"uip", "kmeans-offsets-draw2"}, logging.getLogger("test"))
 
 
 def test_in_context_scoring_matches_one_unpadded_sequence_at_a_time(tmp_path, tiny_llm_dir):
