@@ -57,6 +57,7 @@ import argparse
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import json
 import os
 import sys
@@ -104,8 +105,22 @@ class FeatureSet:
     description: str
 
 
-KMEANS_DRAWS = 3               # kmeans-llm and kmeans-offsets: draws 2.. use the seeds DRAW_SEED_STEP * (draw - 1) + column
+KMEANS_DRAWS = 3               # kmeans-llm and kmeans-offsets: draw d uses the seeds DRAW_SEED_STEP * (d - 1) + column
 DRAW_SEED_STEP = 10
+
+
+def draw_id_set(base: str, draw: int) -> str:
+    """The ID set of k-means draw ``draw`` (1, 2, ...) of ``base``: ``base`` itself for the first."""
+    return base if draw == 1 else f"{base}-draw{draw}"
+
+
+def kmeans_draw(draw: int, clusters, what: str) -> tuple[np.ndarray, str]:
+    """k-means draw ``draw`` (1, 2, ...): ``clusters(first_seed)`` with the seeds ``DRAW_SEED_STEP * (draw - 1)``
+    + column, and the note that says so."""
+    first_seed = DRAW_SEED_STEP * (draw - 1)
+    return clusters(first_seed), f"k-means over {what}, seed = " + (f"{first_seed} + " if first_seed else "") + "column"
+
+
 FEATURE_SETS = {fs.name: fs for fs in [
     FeatureSet("none", "uip", False, False, "no user features"),
     FeatureSet("own", "uip", True, False, "the dataset's own .user features"),
@@ -121,7 +136,7 @@ FEATURE_SETS = {fs.name: fs for fs in [
     FeatureSet("kmeans-offsets", "kmeans-offsets", False, True,
                "redraw: k-means over the bank's final offsets A z (the data and metric the bank's IDs were "
                "quantised with, another draw; with the untrained encoder, essentially kmeans-llm)"),
-    *(FeatureSet(f"{name}-draw{draw}", f"{name}-draw{draw}", False, True, f"{name} with k-means draw {draw}")
+    *(FeatureSet(draw_id_set(name, draw), draw_id_set(name, draw), False, True, f"{name} with k-means draw {draw}")
       for draw in range(2, KMEANS_DRAWS + 1) for name in ("kmeans-llm", "kmeans-offsets")),
     FeatureSet("kmeans-nollm", "kmeans-nollm", False, True,
                "cheap baseline: k-means over the same user vectors built from genre multi-hots instead of LLM item embeddings"),
@@ -140,9 +155,8 @@ COMPARISONS = [("uip", "shuffled"), ("uip", "random"), ("uip", "kmeans-attr"), (
                ("kmeans-llm", "uip-untrained"),      # two k-means draws over the same z: how much a draw moves AUC
                # the trained encoder's metric against z's own, draw by draw (the same k-means seeds), then how far
                # each construction's draws spread
-               ("kmeans-offsets", "kmeans-llm"),
-               *((f"kmeans-offsets-draw{d}", f"kmeans-llm-draw{d}") for d in range(2, KMEANS_DRAWS + 1)),
-               *((f"{name}-draw{d}", name) for name in ("kmeans-llm", "kmeans-offsets")
+               *((draw_id_set("kmeans-offsets", d), draw_id_set("kmeans-llm", d)) for d in range(1, KMEANS_DRAWS + 1)),
+               *((draw_id_set(name, d), name) for name in ("kmeans-llm", "kmeans-offsets")
                  for d in range(2, KMEANS_DRAWS + 1)),
                ("uip+own", "own")]
 
@@ -234,21 +248,18 @@ def prepare_id_sets(config, settings: UIPSettings, files: dict, target: Path, ba
         "shuffled": lambda: (shuffled_ids(bank), f"UIP IDs permuted across users, seed {SHUFFLE_SEED}"),
         "kmeans-attr": lambda: (kmeans_columns(attribute_vectors(config, settings, bank)[0], sizes),
                                 "k-means over item-attribute histograms of the training split, seed = column"),
-        "kmeans-llm": lambda: (kmeans_columns(bank.summaries, sizes),
-                               "k-means over the bank's user vectors z (LLM item embeddings, no prompt tuning), seed = column"),
         "kmeans-llm-weighted": lambda: (
             weighted_kmeans_columns(bank.summaries, encoder_column_weights(bank.encoder.weights), sizes),
             "k-means over the bank's user vectors z, each column weighted as the bank's encoder weighs it, seed = column"),
-        "kmeans-offsets": lambda: (offset_kmeans_columns(bank.offsets, sizes),
-                                   "k-means over the bank's final offsets A z, seed = column"),
-        **{f"kmeans-llm-draw{d}": (lambda d=d: (
-            kmeans_columns(bank.summaries, sizes, first_seed=DRAW_SEED_STEP * (d - 1)),
-            f"k-means over the bank's user vectors z, seed = {DRAW_SEED_STEP * (d - 1)} + column"))
-           for d in range(2, KMEANS_DRAWS + 1)},
-        **{f"kmeans-offsets-draw{d}": (lambda d=d: (
-            offset_kmeans_columns(bank.offsets, sizes, first_seed=DRAW_SEED_STEP * (d - 1)),
-            f"k-means over the bank's final offsets A z, seed = {DRAW_SEED_STEP * (d - 1)} + column"))
-           for d in range(2, KMEANS_DRAWS + 1)},
+        # every k-means draw of z (no prompt tuning) and of the bank's final offsets A z
+        **{draw_id_set("kmeans-llm", d): functools.partial(
+               kmeans_draw, d, lambda seed: kmeans_columns(bank.summaries, sizes, seed),
+               "the bank's user vectors z (LLM item embeddings, no prompt tuning)")
+           for d in range(1, KMEANS_DRAWS + 1)},
+        **{draw_id_set("kmeans-offsets", d): functools.partial(
+               kmeans_draw, d, lambda seed: offset_kmeans_columns(bank.offsets, sizes, seed),
+               "the bank's final offsets A z")
+           for d in range(1, KMEANS_DRAWS + 1)},
         "kmeans-nollm": lambda: (kmeans_columns(attribute_user_vectors(config, settings, bank.users), sizes),
                                  "k-means over the encoder's user vectors built from genre multi-hots (no LLM), seed = column"),
         "kmeans-ratings": lambda: (kmeans_columns(rating_statistics(config, settings, bank.users), sizes),

@@ -52,10 +52,17 @@ def shuffled_ids(bank: FeatureBank, seed: int = SHUFFLE_SEED) -> np.ndarray:
     return bank.codes[np.random.default_rng(seed).permutation(len(bank.users))]
 
 
+def _kmeans_per_profile(vectors_of, sizes: list[int], first_seed: int, standardise: bool) -> np.ndarray:
+    """``(U, P)``: for each profile column ``p``, :func:`~recbole_uip.report.kmeans_ids` over ``vectors_of(p)
+    (U, F)`` with ``sizes[p]`` clusters and seed ``first_seed + p``."""
+    return np.stack([kmeans_ids(vectors_of(column), k, seed=first_seed + column, standardise=standardise)
+                     for column, k in enumerate(sizes)], axis=1)
+
+
 def kmeans_columns(vectors: np.ndarray, sizes: list[int], first_seed: int = 0) -> np.ndarray:
     """``(U, P)``: one k-means per profile over the same per-user ``vectors (U, D)``, with seed ``first_seed`` +
     column index and ``sizes[p]`` clusters (the columns differ by their k-means++ start only)."""
-    return np.stack([kmeans_ids(vectors, k, seed=first_seed + column) for column, k in enumerate(sizes)], axis=1)
+    return _kmeans_per_profile(lambda column: vectors, sizes, first_seed, standardise=True)
 
 
 def weighted_kmeans_columns(vectors: np.ndarray, column_weights: np.ndarray, sizes: list[int],
@@ -65,18 +72,16 @@ def weighted_kmeans_columns(vectors: np.ndarray, column_weights: np.ndarray, siz
     (seed ``first_seed`` + column). With every weight 1 it is :func:`kmeans_columns`."""
     x = np.asarray(vectors, dtype=np.float64)
     standard = (x - x.mean(0)) / x.std(0, ddof=1).clip(min=1e-6)
-    return np.stack([kmeans_ids(standard * np.sqrt(np.asarray(column_weights[column], dtype=np.float64)), k,
-                                seed=first_seed + column, standardise=False)
-                     for column, k in enumerate(sizes)], axis=1)
+    return _kmeans_per_profile(lambda column: standard * np.sqrt(np.asarray(column_weights[column], dtype=np.float64)),
+                               sizes, first_seed, standardise=False)
 
 
 def offset_kmeans_columns(offsets: np.ndarray, sizes: list[int], first_seed: int = 0) -> np.ndarray:
     """``(U, P)``: per profile ``p``, a k-means over the users' offsets ``offsets[:, p] (U, D)`` as they are (the
     Euclidean metric the bank's codebooks use; no standardising, which would reweigh the ``D`` coordinates), with
     seed ``first_seed`` + column: the bank's own construction, drawn again."""
-    return np.stack([kmeans_ids(np.asarray(offsets[:, column], dtype=np.float32), k, seed=first_seed + column,
-                                standardise=False)
-                     for column, k in enumerate(sizes)], axis=1)
+    return _kmeans_per_profile(lambda column: np.asarray(offsets[:, column], dtype=np.float32), sizes, first_seed,
+                               standardise=False)
 
 
 def attribute_vectors(config, settings, bank: FeatureBank) -> tuple[np.ndarray, str]:
