@@ -460,6 +460,9 @@ def profile_report(config, settings, bank, user_table=None, item_table=None, gro
         report["encoder_weights"] = {"columns": bank.encoder.feature_map.column_names,
                                      "profiles": {name: column_weights[p].tolist()
                                                   for p, name in enumerate(bank.profiles)}}
+    steps = encoder_steps(bank.metadata.get("history", []))
+    if steps:
+        report["encoder_steps"] = steps
     if len(bank.profiles) > 1:
         report["nmi_between_profiles"] = normalized_mutual_information(bank.codes[:, 0], bank.codes[:, 1])
     if user_table is not None:
@@ -484,6 +487,16 @@ def profile_report(config, settings, bank, user_table=None, item_table=None, gro
                         "attributes": [dataclasses.asdict(v) for v in attrs.get(code, [])]}
             for code in range(len(counts)) if counts[code] > 0}
     return report
+
+
+def encoder_steps(history: list[dict]) -> list[dict]:
+    """From an inference's round records (``bank.metadata["history"]``), per round with a line search: the step
+    taken, its validation gain and per profile the split-half agreement of the gradient it followed
+    (:mod:`recbole_uip.inference.gradient_agreement`; empty for banks made before it was recorded)."""
+    return [{"round": h["round"], "step": h["line_search"]["step"], "gain": h["line_search"].get("gain", 0.0),
+             "agreement": {name: {k: a[k] for k in ("cosine", "signal_share")}
+                           for name, a in (h["line_search"].get("gradient_agreement") or {}).items()}}
+            for h in history if h.get("line_search")]
 
 
 def render_profile_report(report: dict, header: str = "") -> str:
@@ -525,6 +538,23 @@ def render_profile_report(report: dict, header: str = "") -> str:
                   "that.", "", "| profile | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
         for name, values in report["encoder_weights"]["profiles"].items():
             lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    if report.get("encoder_steps"):
+        names = report["profiles"]
+        lines += ["", "## The encoder's steps", "",
+                  "Per EM round, the step the line search took along the encoder's gradient accumulated over the "
+                  "M-step (relative to the mean token-embedding norm; 0: none) and what it gained on the validation "
+                  "users' objective; per profile, the cosine between the gradients of the pass's odd and even batches "
+                  "and, in parentheses, the share of the whole gradient that is signal, `2c / (1 + c)` (near 0: the "
+                  "step's direction is mostly noise; `-`: not recorded, banks before 2026-12-03).", "",
+                  "| round | step | validation objective gain | " + " | ".join(names) + " |",
+                  "|---|---|---|" + "---|" * len(names)]
+        for entry in report["encoder_steps"]:
+            cells = []
+            for name in names:
+                a = entry["agreement"].get(name)
+                cells.append("-" if a is None or a["cosine"] is None
+                             else f"{a['cosine']:.3f} ({a['signal_share']:.2f})")
+            lines.append(f"| {entry['round']} | {entry['step']:g} | {entry['gain']:+.4f} | " + " | ".join(cells) + " |")
     lines += ["", "## What each ID means", "",
               "Per ID, the items and item attribute values (`" + str(report.get("attribute_field")) + "`) most "
               "over-represented in its users' training interactions. lift = the value's share of the group's "

@@ -117,6 +117,7 @@ def test_the_encoder_step_never_worsens_the_validation_objective(tmp_path, tiny_
         tried = search["tried"]
         assert search["step"] in tried and tried[search["step"]] == min(tried.values())
         assert search["gain"] == pytest.approx(tried[0.0] - min(tried.values())) and search["gain"] >= 0
+        assert set(search["gradient_agreement"]) == set(trainer.settings.profile_names)
     seen = ~np.isnan(result.per_user["nll_first_round"])
     assert set(np.flatnonzero(~seen).tolist()) == validation      # validation users are held out of the M-step
 

@@ -27,8 +27,9 @@ One EM round (``uip_epochs`` of them):
   are refitted (Lloyd, warm-started) and dead codes restarted. The last E-step's assignments are the profile IDs.
 
 Only the soft-token parameters receive gradient; the LLM is frozen (asserted). Every round logs, through RecBole's
-logger: the NLL, the line search's choice and gain, and per profile the code usage, perplexity, dead codes and
-the share of users whose code is unchanged. ``epoch_end_hooks`` are called after each round.
+logger: the NLL, the line search's choice and gain, how far two halves of the encoder's gradient agree (the odd
+and the even batches; :mod:`recbole_uip.inference.gradient_agreement`), and per profile the code usage, perplexity,
+dead codes and the share of users whose code is unchanged. ``epoch_end_hooks`` are called after each round.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from recbole_uip.data.behaviour_text import BehaviourText
 from recbole_uip.inference.checkpoint import InferenceCheckpoint
 from recbole_uip.inference.codebook import ProfileCodebook
 from recbole_uip.inference.distributed import Communicator
+from recbole_uip.inference.gradient_agreement import split_half_agreement
 from recbole_uip.inference.llm import FrozenLLM, assert_frozen
 from recbole_uip.inference.prompt import PromptLayout, build_layout, collate
 from recbole_uip.inference.soft_profiles import FreeTokens, SoftProfiles, behaviour_nll
@@ -443,6 +445,7 @@ class ProfileInferenceTrainer:
             warmup_batches, warmup_nll = len(warmup) // batch_size, []
             if self.soft.encoder is not None:
                 self.soft.encoder.grad = None
+                self._loop["odd_batches_gradient"] = None
         else:
             nll_seen, order, done = progress["nll_seen"], progress["order"], progress["done"]
             warmup_batches, warmup_nll = progress.get("warmup_batches", 0), progress.get("warmup_nll", [])
@@ -455,8 +458,12 @@ class ProfileInferenceTrainer:
             if index < len(batches):
                 batch_users = batches[index]
                 warming = index < warmup_batches
+                odd = self.soft.encoder is not None and not warming and (index - warmup_batches) % 2 == 1
+                before = self.soft.encoder.grad.detach().clone() if odd and self.soft.encoder.grad is not None else None
                 nll = self.train_batch(self.targets(batch_users, self.rng), scales, shared_opt, (epoch, index + 1),
                                        shift_only=warming)
+                if odd:                                   # the odd batches' share, for the split-half agreement
+                    self._add_to_odd_half(before)
                 if warming:                               # not the pass's NLL: the users are visited again in it
                     warmup_nll.append(float(nll.mean()))
                 else:
@@ -484,6 +491,13 @@ class ProfileInferenceTrainer:
             total = self.comm.sum(torch.stack([torch.where(seen, nll_seen, 0.0).double(), seen.double()]))
             nll_seen = torch.where(total[1] > 0, total[0] / total[1].clamp(min=1), float("nan")).float()
         return nll_seen
+
+    def _add_to_odd_half(self, before: torch.Tensor | None) -> None:
+        """Add what the last batch added to the encoder's gradient (its gradient now minus ``before``, ``(P, D, k)``
+        or None for zero) to the pass's odd-batch half (:mod:`recbole_uip.inference.gradient_agreement`)."""
+        added = self.soft.encoder.grad.detach() - (before if before is not None else 0)
+        half = self._loop.get("odd_batches_gradient")
+        self._loop["odd_batches_gradient"] = added.clone() if half is None else half + added
 
     def train_batch(self, targets: Targets, scales: list[float], shared_opt, where: tuple[int, int] = (0, 0),
                     shift_only: bool = False) -> torch.Tensor:
@@ -551,10 +565,14 @@ class ProfileInferenceTrainer:
         comm.phase = "the line search"
         gradient = self.soft.encoder.grad
         self.soft.encoder.grad = None
+        odd = self._loop.pop("odd_batches_gradient", None)
         if comm.distributed:
             gradient = comm.sum(gradient if gradient is not None else torch.zeros_like(self.soft.encoder))
+            odd = comm.sum(odd if odd is not None else torch.zeros_like(self.soft.encoder))
+        agreement = None if gradient is None or odd is None else \
+            split_half_agreement(gradient - odd, odd, self.settings.profile_names)
         if gradient is None or not float(gradient.norm()) > 0:
-            return {"step": 0.0, "gain": 0.0}
+            return {"step": 0.0, "gain": 0.0, "gradient_agreement": agreement}
         validation = self.validation
         z = self.features(validation.users, validation.inputs).to(self.device)
         z_mean = z.mean(0, keepdim=True)     # a step changes how users differ, not the validation users' mean
@@ -593,7 +611,8 @@ class ProfileInferenceTrainer:
         self.soft.encoder.data = current - (best * self.embedding_norm / change_per_unit) * gradient
         return {"step": best, "gain": tried[0.0] - tried[best], "tried": tried,
                 "nll_gain": parts[0.0]["nll"] - parts[best]["nll"],
-                "commitment_gain": parts[0.0]["commitment"] - parts[best]["commitment"]}
+                "commitment_gain": parts[0.0]["commitment"] - parts[best]["commitment"],
+                "gradient_agreement": agreement}
 
     @staticmethod
     def _sub_batch(batch, rows):
@@ -844,6 +863,10 @@ class ProfileInferenceTrainer:
             record["line_search"] = search
             parts.append(f"encoder step {search['step']:g} (validation objective -{search['gain']:.4f}: NLL "
                          f"-{search.get('nll_gain', 0):.4f}, commitment -{search.get('commitment_gain', 0):.4f})")
+            agreement = search.get("gradient_agreement")
+            if agreement:
+                parts.append("gradient split-half cosine " + ", ".join(
+                    f"{name} {'n/a' if a['cosine'] is None else format(a['cosine'], '.3f')}" for name, a in agreement.items()))
         for p, name in enumerate(self.settings.profile_names):
             h = healths[p]
             record[name] = {"usage": h.usage, "perplexity": round(h.perplexity, 3), "dead_codes": h.dead_codes,

@@ -1,0 +1,55 @@
+"""How much of the encoder's accumulated gradient is signal: the split-half agreement of the M-step's gradient.
+
+The encoder takes one step per round along its gradient accumulated over the whole M-step pass (see
+:mod:`recbole_uip.inference.trainer`). Each user's contribution is their gradient at their soft tokens times their
+batch-centred ``z``; it holds a part that depends on the user (what the likelihood says users like them need) and
+noise (which items were scored this time, where the shared shift stood). The trainer accumulates the pass's odd
+batches separately, so the pass gives two independent halves of the same gradient.
+
+For the whole gradient ``G = S + N`` (signal ``S``, noise ``N`` of expected squared norm ``s2``), the halves are
+``S/2 + N_1`` and ``S/2 + N_2`` with independent noises of ``s2 / 2`` each, so their cosine is
+``c = |S|^2 / (|S|^2 + 2 s2)`` and the share of the whole gradient's squared norm that is signal is
+``2c / (1 + c)`` (the Spearman-Brown correction). A cosine near 0 says the step is mostly noise: its direction would
+change with another draw of the scored items or another user order. Only the direction matters for the IDs, since
+the codebooks quantise ``A z`` up to scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _cosine(first: torch.Tensor, second: torch.Tensor) -> float | None:
+    """Cosine of two tensors flattened; None where either is zero."""
+    a, b = first.double().flatten(), second.double().flatten()
+    norms = float(a.norm()) * float(b.norm())
+    return float(a @ b) / norms if norms > 0 else None
+
+
+def signal_share(cosine: float | None) -> float | None:
+    """``2c / (1 + c)`` clipped below at 0: the estimated share of the whole gradient's squared norm that is signal."""
+    if cosine is None:
+        return None
+    return max(0.0, 2 * cosine / (1 + cosine)) if cosine > -1 else 0.0
+
+
+def split_half_agreement(first: torch.Tensor, second: torch.Tensor, profile_names: list[str]) -> dict[str, dict]:
+    """Per profile, how far two halves of one accumulated encoder gradient agree.
+
+    Args:
+        first, second: ``(P, D, k)``, the gradients accumulated over the pass's even and odd batches.
+        profile_names: ``P`` names.
+
+    Returns:
+        ``{name: {"cosine": c, "signal_share": 2c/(1+c) clipped at 0, "columns": [c_j for each of the k columns of
+        z]}}``; a cosine is None where a half is zero (a pass of one batch has no odd half).
+    """
+    if first.shape != second.shape or first.dim() != 3 or first.shape[0] != len(profile_names):
+        raise ValueError(f"split_half_agreement needs two (P, D, k) gradients for {len(profile_names)} profiles, "
+                         f"got {tuple(first.shape)} and {tuple(second.shape)}")
+    agreement = {}
+    for p, name in enumerate(profile_names):
+        cosine = _cosine(first[p], second[p])
+        agreement[name] = {"cosine": cosine, "signal_share": signal_share(cosine),
+                           "columns": [_cosine(first[p, :, j], second[p, :, j]) for j in range(first.shape[2])]}
+    return agreement
