@@ -22,6 +22,7 @@ BUNDLED_LLM = "bundled-smollm2"
 QUANTISER_METRICS = ("euclidean", "whitened")
 ENCODERS = ("linear", "none")
 TARGETS = ("random", "newest")
+LINE_SEARCHES = ("joint", "per_profile")
 
 
 class UIPConfigError(ValueError):
@@ -205,6 +206,7 @@ class UIPSettings:
     mstep_users: int = 0
     seed: int | None = None
     shift_warmup_batches: int = 0
+    line_search: str = "joint"
 
     def __post_init__(self):
         if not self.profiles:
@@ -254,7 +256,8 @@ class UIPSettings:
                 raise UIPConfigError(f"'{key}' must be >= 0, got {value!r}.")
         for key, value, allowed in (("uip_quantiser_metric", self.quantiser_metric, QUANTISER_METRICS),
                                     ("uip_encoder", self.encoder, ENCODERS), ("uip_target", self.target, TARGETS),
-                                    ("uip_free_token_optimizer", self.free_token_optimizer, ("adam", "sgd"))):
+                                    ("uip_free_token_optimizer", self.free_token_optimizer, ("adam", "sgd")),
+                                    ("uip_line_search", self.line_search, LINE_SEARCHES)):
             if value not in allowed:
                 raise UIPConfigError(f"'{key}' must be one of {', '.join(allowed)}, got {value!r}.")
         if self.encoder == "none" and not self.free_tokens:
@@ -282,7 +285,7 @@ class UIPSettings:
             # and so do the item batch size and the number of ranks (bank_store.compute_fingerprint)
         # keys added later, at the value that behaves as before they existed (every user in the M-step; RecBole's
         # seed, which the fingerprint holds with the split), are left out: earlier banks keep their fingerprint
-        for key, as_before in (("mstep_users", 0), ("seed", None), ("shift_warmup_batches", 0)):
+        for key, as_before in (("mstep_users", 0), ("seed", None), ("shift_warmup_batches", 0), ("line_search", "joint")):
             if data[key] == as_before:
                 data.pop(key)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
@@ -357,6 +360,7 @@ class UIPSettings:
                 mstep_users=get("uip_mstep_users"),
                 seed=get("uip_seed"),
                 shift_warmup_batches=get("uip_shift_warmup_batches"),
+                line_search=str(get("uip_line_search")),
             )
         except (TypeError, ValueError) as error:
             if isinstance(error, UIPConfigError):

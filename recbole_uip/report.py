@@ -489,11 +489,35 @@ def profile_report(config, settings, bank, user_table=None, item_table=None, gro
     return report
 
 
+def best_gain_along_step(tried: dict) -> float | None:
+    """The most the validation objective could fall along a line search's direction, from the quadratic
+    ``f(t) - f(0) = -g t + a t^2`` through its two shortest non-zero candidate lengths: ``g^2 / 4a`` where the
+    direction descends (``g > 0``) and curves up (``a > 0``), else 0; None with fewer than two candidates. On ml-100k
+    the candidates 0.003 and 0.01 sit where the objective is already nearly quadratic, so this says whether a
+    shorter step than any tried could have helped, and by how much."""
+    lengths = sorted(float(t) for t in tried if float(t) > 0)[:2]
+    if len(lengths) < 2:
+        return None
+    values = {float(t): v for t, v in tried.items()}
+    (t1, t2), (f1, f2) = lengths, (values[lengths[0]] - values[0.0], values[lengths[1]] - values[0.0])
+    slope, curvature = np.linalg.solve(np.array([[-t1, t1 * t1], [-t2, t2 * t2]]), np.array([f1, f2]))
+    return float(slope * slope / (4 * curvature)) if slope > 0 and curvature > 0 else 0.0
+
+
 def encoder_steps(history: list[dict]) -> list[dict]:
     """From an inference's round records (``bank.metadata["history"]``), per round with a line search: the step
-    taken, its validation gain and per profile the split-half agreement of the gradient it followed
+    taken (a dict of one per profile with ``uip_line_search: per_profile``), its validation gain and per profile the split-half agreement of the gradient it followed
     (:mod:`recbole_uip.inference.gradient_agreement`; empty for banks made before it was recorded)."""
-    return [{"round": h["round"], "step": h["line_search"]["step"], "gain": h["line_search"].get("gain", 0.0),
+    def best(search: dict):
+        tried = search.get("tried")
+        if not tried:
+            return None
+        if "steps" in search:                              # per profile: each profile's direction in turn
+            return sum(best_gain_along_step(t) or 0.0 for t in tried.values())
+        return best_gain_along_step(tried)
+
+    return [{"round": h["round"], "step": h["line_search"].get("steps", h["line_search"]["step"]),
+             "gain": h["line_search"].get("gain", 0.0), "best_gain": best(h["line_search"]),
              "agreement": {name: {k: a[k] for k in ("cosine", "signal_share")}
                            for name, a in (h["line_search"].get("gradient_agreement") or {}).items()}}
             for h in history if h.get("line_search")]
@@ -543,18 +567,22 @@ def render_profile_report(report: dict, header: str = "") -> str:
         lines += ["", "## The encoder's steps", "",
                   "Per EM round, the step the line search took along the encoder's gradient accumulated over the "
                   "M-step (relative to the mean token-embedding norm; 0: none) and what it gained on the validation "
-                  "users' objective; per profile, the cosine between the gradients of the pass's odd and even batches "
+                  "users' objective, and the most a step along that direction could have gained (a quadratic "
+                  "through the two shortest lengths tried: `g^2 / 4a`); per profile, the cosine between the gradients of the pass's odd and even batches "
                   "and, in parentheses, the share of the whole gradient that is signal, `2c / (1 + c)` (near 0: the "
                   "step's direction is mostly noise; `-`: not recorded, banks before 2026-12-03).", "",
-                  "| round | step | validation objective gain | " + " | ".join(names) + " |",
-                  "|---|---|---|" + "---|" * len(names)]
+                  "| round | step | validation objective gain | at best | " + " | ".join(names) + " |",
+                  "|---|---|---|---|" + "---|" * len(names)]
         for entry in report["encoder_steps"]:
             cells = []
             for name in names:
                 a = entry["agreement"].get(name)
                 cells.append("-" if a is None or a["cosine"] is None
                              else f"{a['cosine']:.3f} ({a['signal_share']:.2f})")
-            lines.append(f"| {entry['round']} | {entry['step']:g} | {entry['gain']:+.4f} | " + " | ".join(cells) + " |")
+            step = entry["step"]                   # one length for every profile, or one per profile
+            step = ", ".join(f"{n} {v:g}" for n, v in step.items()) if isinstance(step, dict) else f"{step:g}"
+            best = "-" if entry.get("best_gain") is None else f"{entry['best_gain']:+.4f}"
+            lines.append(f"| {entry['round']} | {step} | {entry['gain']:+.4f} | {best} | " + " | ".join(cells) + " |")
     lines += ["", "## What each ID means", "",
               "Per ID, the items and item attribute values (`" + str(report.get("attribute_field")) + "`) most "
               "over-represented in its users' training interactions. lift = the value's share of the group's "

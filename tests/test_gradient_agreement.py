@@ -100,4 +100,6 @@ def test_every_round_records_the_agreement_and_the_profile_report_shows_it(tmp_p
               "codebook_sizes": {}, "fingerprint": "0" * 12, "usage": {}, "typical": {}, "encoder_steps": steps}
     text = render_profile_report(report)
     assert "## The encoder's steps" in text
-    assert re.search(r"\| 2 \| [0-9.]+ \| \+[0-9.]+ \| -?[01]\.\d{3} \(\d\.\d\d\) \| -?[01]\.\d{3} \(\d\.\d\d\) \|", text)
+    cell = r"-?[01]\.\d{3} \(\d\.\d\d\)"
+    assert re.search(rf"\| 2 \| [0-9.]+ \| \+[0-9.]+ \| \+[0-9.]+ \| {cell} \| {cell} \|", text)
+    assert all(s["best_gain"] is not None and s["best_gain"] >= 0 for s in steps)

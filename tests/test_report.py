@@ -144,6 +144,18 @@ def test_the_untrained_encoder_weighs_every_column_of_z_alike_and_a_stretched_co
     assert weights[1].mean() == pytest.approx(1.0)
 
 
+def test_the_best_gain_along_a_step_is_the_top_of_the_quadratic_through_the_two_shortest_lengths():
+    from recbole_uip.report import best_gain_along_step
+
+    slope, curvature = 0.5, 300.0
+    tried = {t: 1.2 - slope * t + curvature * t * t for t in (0.0, 0.003, 0.01, 0.03)}
+    tried[0.03] += 5.0                                      # the longer lengths do not enter the fit
+    assert best_gain_along_step(tried) == pytest.approx(slope**2 / (4 * curvature), rel=1e-6)
+    ascent = {t: 1.2 + slope * t + curvature * t * t for t in (0.0, 0.003, 0.01)}
+    assert best_gain_along_step(ascent) == 0.0
+    assert best_gain_along_step({0.0: 1.0, 0.003: 0.9}) is None
+
+
 # ------------------------------------------------------------------------------------------------ render
 def test_render_profile_report_lists_every_section():
     report = {
@@ -166,7 +178,7 @@ def test_render_profile_report_lists_every_section():
     assert "0.5000 (0.1000, p=0.020)" in text
     assert "zip_code (60 distinct token values)" in text
     assert "| profile | pc1 | generosity |" in text and "| hobby | 0.50 | 1.50 |" in text
-    assert "| 1 | 0 | +0.0000 | - |" in text and "| 2 | 0.003 | +0.0012 | 0.250 (0.40) |" in text
+    assert "| 1 | 0 | +0.0000 | - | - |" in text and "| 2 | 0.003 | +0.0012 | - | 0.250 (0.40) |" in text
     assert "Horror (1.80, 30)" in text and "A/B (2.00, 12)" in text   # '|' in a title cannot break the table
 
 

@@ -122,6 +122,50 @@ def test_the_encoder_step_never_worsens_the_validation_objective(tmp_path, tiny_
     assert set(np.flatnonzero(~seen).tolist()) == validation      # validation users are held out of the M-step
 
 
+def test_a_per_profile_line_search_steps_each_profile_along_its_own_gradient_by_its_own_length(tmp_path, tiny_llm_dir):
+    """``uip_line_search: per_profile``: each profile's encoder moves along minus its own part of the gradient, by the
+    length that was best for it given the profiles before it, and the validation objective never worsens."""
+    trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_line_search_users=4, uip_line_search="per_profile")
+    trainer.setup()
+    trainer.assignments, _, scales = trainer.e_step(3)
+    trainer.m_step(1, scales, trainer._shared_optimizer())
+    gradient, before = trainer.soft.encoder.grad.clone(), trainer.soft.encoder.detach().clone()
+    planted = torch.zeros_like(gradient)                 # profile 0: a direction that costs likelihood at any length
+    planted[0] = -gradient[0] * 50
+    planted[1] = gradient[1]
+    trainer.soft.encoder.grad = planted
+    search = trainer.line_search(scales)
+    names = trainer.settings.profile_names
+    assert set(search["steps"]) == set(names) and search["step"] == max(search["steps"].values())
+    for name in names:
+        tried = search["tried"][name]
+        assert tried[search["steps"][name]] == min(tried.values())
+    first, second = (search["tried"][name] for name in names)
+    assert second[0.0] == pytest.approx(min(first.values()), abs=1e-6)   # the second starts where the first ended
+    assert search["gain"] == pytest.approx(first[0.0] - min(second.values())) and search["gain"] >= 0
+    moved = trainer.soft.encoder.detach() - before
+    for p, name in enumerate(names):
+        if search["steps"][name] == 0:
+            assert torch.equal(moved[p], torch.zeros_like(moved[p]))
+        else:                                             # along minus its own part of the gradient only
+            cosine = torch.nn.functional.cosine_similarity(moved[p].flatten(), -planted[p].flatten(), dim=0)
+            assert float(cosine) == pytest.approx(1.0, abs=1e-5)
+    assert search["steps"][names[0]] == 0                 # the planted ascent is refused
+    assert set(search["gradient_agreement"]) == set(names)
+
+
+def test_the_line_search_key_is_checked_and_left_out_of_the_fingerprint_at_joint(tmp_path, tiny_llm_dir):
+    from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.quick_start import build_config
+
+    config = uip_config_dict(tmp_path, tiny_llm_dir)
+    assert "line_search" not in UIPSettings.from_config(build_config("DeepFM", "toy", None, config)).fingerprint_dict()
+    per_profile = UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_line_search": "per_profile"}))
+    assert per_profile.fingerprint_dict()["line_search"] == "per_profile"
+    with pytest.raises(UIPConfigError, match="uip_line_search"):
+        UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_line_search": "each"}))
+
+
 def test_planted_differences_make_each_users_own_tokens_beat_the_mean_token(tmp_path, steerable_llm_dir):
     """Two groups of users who prefer different genres and rate them high: after training, users' own tokens
     explain a held-out text of theirs (their newest items, which their encoder does not read) better than the

@@ -559,6 +559,10 @@ class ProfileInferenceTrainer:
         """One step of the encoder along minus its gradient accumulated over the M-step, of the length (possibly
         zero) that minimises the M-step objective of the validation users. Returns what was tried and chosen.
 
+        ``uip_line_search: joint`` searches one length for every profile's part of the gradient; ``per_profile``
+        searches each profile's length in turn (the profiles before it already stepped), so a profile whose
+        gradient is noise (its split-half agreement near 0) does not hold back one whose gradient carries signal.
+
         Distributed: the gradient is summed over the ranks, and each rank scores its block of the validation users
         (the objective is summed over the ranks), so every rank takes the same step."""
         comm = self.comm
@@ -577,18 +581,52 @@ class ProfileInferenceTrainer:
         z = self.features(validation.users, validation.inputs).to(self.device)
         z_mean = z.mean(0, keepdim=True)     # a step changes how users differ, not the validation users' mean
         shift = torch.einsum("pdk,bk->bpd", self.soft.encoder.detach(), z_mean)
-        change_per_unit = float(torch.einsum("pdk,bk->bpd", gradient, z - z_mean).norm(dim=-1).mean())
         current = self.soft.encoder.detach().clone()
         batch = self.prompt_batch(validation)
         self.codebooks = [cb.to(self.device) for cb in self.codebooks]
+        names = self.settings.profile_names
+        if self.settings.line_search == "joint":
+            search = self._search_length(gradient, None, current, z, z_mean, shift, batch, scales)
+            current = search.pop("encoder")
+        else:
+            searches = {}
+            for p, name in enumerate(names):
+                direction = torch.zeros_like(gradient)
+                direction[p] = gradient[p]
+                searches[name] = self._search_length(direction, p, current, z, z_mean, shift, batch, scales)
+                current = searches[name].pop("encoder")
+            first, last = searches[names[0]]["tried"], searches[names[-1]]["tried"]
+            search = {"step": max(s["step"] for s in searches.values()),
+                      "steps": {name: s["step"] for name, s in searches.items()},
+                      "gain": first[0.0] - min(last.values()),
+                      "tried": {name: s["tried"] for name, s in searches.items()},
+                      "nll_gain": sum(s["nll_gain"] for s in searches.values()),
+                      "commitment_gain": sum(s["commitment_gain"] for s in searches.values())}
+        self.codebooks = [cb.cpu() for cb in self.codebooks]
+        self.soft.encoder.data = current
+        return {**search, "gradient_agreement": agreement}
+
+    def _search_length(self, direction: torch.Tensor, profile: int | None, current: torch.Tensor, z: torch.Tensor,
+                       z_mean: torch.Tensor, shift: torch.Tensor, batch, scales: list[float]) -> dict:
+        """The best of the candidate lengths (0 among them) along minus ``direction`` ``(P, D, k)`` from the encoder
+        ``current``, each scored by the frozen LLM on the validation users (``z`` ``(V, k)``, ``z_mean`` ``(1, k)``,
+        ``shift`` ``(1, P, D)`` the encoder's offset of the mean user, held fixed). A length is the mean change of a
+        validation user's offset, of every profile (``profile`` None) or of that profile alone, relative to the
+        mean token-embedding norm. Returns the step, its gain, what was tried and the moved encoder."""
+        comm, validation = self.comm, self.validation
+        change = torch.einsum("pdk,bk->bpd", direction, z - z_mean).norm(dim=-1)                   # (V, P)
+        change_per_unit = float(change.mean() if profile is None else change[:, profile].mean())
         parts: dict[float, dict] = {}
 
+        def candidate(relative: float) -> torch.Tensor:
+            return current - (relative * self.embedding_norm / change_per_unit) * direction
+
         def objective(relative: float) -> float:
-            candidate = current - (relative * self.embedding_norm / change_per_unit) * gradient
+            encoder = candidate(relative)
             nll, commitment = 0.0, 0.0
             for rows in _batches(comm.shard(len(validation.users)), self.settings.batch_size * 2):
                 users = validation.users[rows]
-                offsets = torch.einsum("pdk,bk->bpd", candidate, z[rows] - z_mean) + shift
+                offsets = torch.einsum("pdk,bk->bpd", encoder, z[rows] - z_mean) + shift
                 if self.free is not None:
                     offsets = offsets + self.free.table[torch.as_tensor(users)].to(self.device)
                 _, weighted = behaviour_nll(self.llm.model, self.layout, self._sub_batch(batch, rows), self.soft(offsets),
@@ -599,6 +637,9 @@ class ProfileInferenceTrainer:
             parts[relative] = {"nll": nll / len(validation.users), "commitment": commitment / len(validation.users)}
             return parts[relative]["nll"] + parts[relative]["commitment"]
 
+        if not change_per_unit > 0:                       # this profile's gradient is zero: nothing to search
+            return {"step": 0.0, "gain": 0.0, "tried": {0.0: objective(0.0)}, "nll_gain": 0.0,
+                    "commitment_gain": 0.0, "encoder": current}
         tried = {relative: objective(relative) for relative in (0.0,) + LINE_SEARCH_STEPS}
         relative = LINE_SEARCH_STEPS[-1]
         for _ in range(LINE_SEARCH_EXPANSIONS):      # the longest step was best: try longer ones while they help
@@ -606,13 +647,10 @@ class ProfileInferenceTrainer:
                 break
             relative *= 3
             tried[relative] = objective(relative)
-        self.codebooks = [cb.cpu() for cb in self.codebooks]
         best = min(tried, key=lambda r: (tried[r], r))
-        self.soft.encoder.data = current - (best * self.embedding_norm / change_per_unit) * gradient
         return {"step": best, "gain": tried[0.0] - tried[best], "tried": tried,
                 "nll_gain": parts[0.0]["nll"] - parts[best]["nll"],
-                "commitment_gain": parts[0.0]["commitment"] - parts[best]["commitment"],
-                "gradient_agreement": agreement}
+                "commitment_gain": parts[0.0]["commitment"] - parts[best]["commitment"], "encoder": candidate(best)}
 
     @staticmethod
     def _sub_batch(batch, rows):
@@ -861,7 +899,9 @@ class ProfileInferenceTrainer:
                              f"({100 * record['users_nll_improved']:.0f}% improved)")
         if search is not None:
             record["line_search"] = search
-            parts.append(f"encoder step {search['step']:g} (validation objective -{search['gain']:.4f}: NLL "
+            step = (f"steps " + ", ".join(f"{name} {value:g}" for name, value in search["steps"].items())
+                    if "steps" in search else f"step {search['step']:g}")
+            parts.append(f"encoder {step} (validation objective -{search['gain']:.4f}: NLL "
                          f"-{search.get('nll_gain', 0):.4f}, commitment -{search.get('commitment_gain', 0):.4f})")
             agreement = search.get("gradient_agreement")
             if agreement:
