@@ -506,8 +506,10 @@ def best_gain_along_step(tried: dict) -> float | None:
 
 def encoder_steps(history: list[dict]) -> list[dict]:
     """From an inference's round records (``bank.metadata["history"]``), per round with a line search: the step
-    taken (a dict of one per profile with ``uip_line_search: per_profile``), its validation gain and per profile the split-half agreement of the gradient it followed
-    (:mod:`recbole_uip.inference.gradient_agreement`; empty for banks made before it was recorded)."""
+    taken (a dict of one per profile with ``uip_line_search: per_profile``), its validation gain, the most a step
+    along its direction could gain (:func:`best_gain_along_step`; per profile, their sum) and per profile the
+    split-half agreement of the gradient it followed (:mod:`recbole_uip.inference.gradient_agreement`; empty for
+    banks made before it was recorded)."""
     def best(search: dict):
         tried = search.get("tried")
         if not tried:
@@ -568,9 +570,11 @@ def render_profile_report(report: dict, header: str = "") -> str:
                   "Per EM round, the step the line search took along the encoder's gradient accumulated over the "
                   "M-step (relative to the mean token-embedding norm; 0: none) and what it gained on the validation "
                   "users' objective, and the most a step along that direction could have gained (a quadratic "
-                  "through the two shortest lengths tried: `g^2 / 4a`); per profile, the cosine between the gradients of the pass's odd and even batches "
-                  "and, in parentheses, the share of the whole gradient that is signal, `2c / (1 + c)` (near 0: the "
-                  "step's direction is mostly noise; `-`: not recorded, banks before 2026-12-03).", "",
+                  "through the two shortest lengths tried: `g^2 / 4a`); per profile, the cosine between the "
+                  "gradients of the pass's odd and even batches and, in parentheses, the share of the whole gradient "
+                  "that is systematic, `2c / (1 + c)` (near 0: the step's direction is mostly noise; `-`: not "
+                  "recorded, banks before 2026-12-03). Agreement is necessary, not sufficient: what both halves "
+                  "share need not help users the pass did not see (the \"at best\" column says whether it did).", "",
                   "| round | step | validation objective gain | at best | " + " | ".join(names) + " |",
                   "|---|---|---|---|" + "---|" * len(names)]
         for entry in report["encoder_steps"]:
@@ -581,7 +585,7 @@ def render_profile_report(report: dict, header: str = "") -> str:
                              else f"{a['cosine']:.3f} ({a['signal_share']:.2f})")
             step = entry["step"]                   # one length for every profile, or one per profile
             step = ", ".join(f"{n} {v:g}" for n, v in step.items()) if isinstance(step, dict) else f"{step:g}"
-            best = "-" if entry.get("best_gain") is None else f"{entry['best_gain']:+.4f}"
+            best = "-" if entry.get("best_gain") is None else f"{entry['best_gain']:.2g}"
             lines.append(f"| {entry['round']} | {step} | {entry['gain']:+.4f} | {best} | " + " | ".join(cells) + " |")
     lines += ["", "## What each ID means", "",
               "Per ID, the items and item attribute values (`" + str(report.get("attribute_field")) + "`) most "

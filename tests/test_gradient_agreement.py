@@ -101,5 +101,5 @@ def test_every_round_records_the_agreement_and_the_profile_report_shows_it(tmp_p
     text = render_profile_report(report)
     assert "## The encoder's steps" in text
     cell = r"-?[01]\.\d{3} \(\d\.\d\d\)"
-    assert re.search(rf"\| 2 \| [0-9.]+ \| \+[0-9.]+ \| \+[0-9.]+ \| {cell} \| {cell} \|", text)
+    assert re.search(rf"\| 2 \| [0-9.]+ \| \+[0-9.]+ \| [0-9.e+-]+ \| {cell} \| {cell} \|", text)
     assert all(s["best_gain"] is not None and s["best_gain"] >= 0 for s in steps)

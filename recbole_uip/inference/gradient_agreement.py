@@ -12,6 +12,11 @@ For the whole gradient ``G = S + N`` (signal ``S``, noise ``N`` of expected squa
 ``2c / (1 + c)`` (the Spearman-Brown correction). A cosine near 0 says the step is mostly noise: its direction would
 change with another draw of the scored items or another user order. Only the direction matters for the IDs, since
 the codebooks quantise ``A z`` up to scale.
+
+Agreement is necessary, not sufficient: whatever both halves share counts as signal, including terms that say
+nothing about the users (both halves see the same random start ``A`` and the same trajectory of the shared shift).
+Whether the direction helps users the pass did not see is the line search's question
+(:func:`recbole_uip.report.best_gain_along_step` says how much it could have at best).
 """
 
 from __future__ import annotations

@@ -899,7 +899,7 @@ class ProfileInferenceTrainer:
                              f"({100 * record['users_nll_improved']:.0f}% improved)")
         if search is not None:
             record["line_search"] = search
-            step = (f"steps " + ", ".join(f"{name} {value:g}" for name, value in search["steps"].items())
+            step = ("steps " + ", ".join(f"{name} {value:g}" for name, value in search["steps"].items())
                     if "steps" in search else f"step {search['step']:g}")
             parts.append(f"encoder {step} (validation objective -{search['gain']:.4f}: NLL "
                          f"-{search.get('nll_gain', 0):.4f}, commitment -{search.get('commitment_gain', 0):.4f})")
