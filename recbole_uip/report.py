@@ -495,10 +495,10 @@ def best_gain_along_step(tried: dict) -> float | None:
     direction descends (``g > 0``) and curves up (``a > 0``), else 0; None with fewer than two candidates. On ml-100k
     the candidates 0.003 and 0.01 sit where the objective is already nearly quadratic, so this says whether a
     shorter step than any tried could have helped, and by how much."""
-    lengths = sorted(float(t) for t in tried if float(t) > 0)[:2]
+    values = {float(t): v for t, v in tried.items()}       # a bank's JSON history keys them by strings
+    lengths = sorted(t for t in values if t > 0)[:2]
     if len(lengths) < 2:
         return None
-    values = {float(t): v for t, v in tried.items()}
     (t1, t2), (f1, f2) = lengths, (values[lengths[0]] - values[0.0], values[lengths[1]] - values[0.0])
     slope, curvature = np.linalg.solve(np.array([[-t1, t1 * t1], [-t2, t2 * t2]]), np.array([f1, f2]))
     return float(slope * slope / (4 * curvature)) if slope > 0 and curvature > 0 else 0.0

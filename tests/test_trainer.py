@@ -158,10 +158,8 @@ def test_the_line_search_key_is_checked_and_left_out_of_the_fingerprint_at_joint
     from recbole_uip.config import UIPConfigError, UIPSettings
     from recbole_uip.quick_start import build_config
 
+    assert_key_added_later(tmp_path, tiny_llm_dir, "uip_line_search", "per_profile")   # default joint: as before
     config = uip_config_dict(tmp_path, tiny_llm_dir)
-    assert "line_search" not in UIPSettings.from_config(build_config("DeepFM", "toy", None, config)).fingerprint_dict()
-    per_profile = UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_line_search": "per_profile"}))
-    assert per_profile.fingerprint_dict()["line_search"] == "per_profile"
     with pytest.raises(UIPConfigError, match="uip_line_search"):
         UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_line_search": "each"}))
 
