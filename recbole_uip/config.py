@@ -207,6 +207,7 @@ class UIPSettings:
     seed: int | None = None
     shift_warmup_batches: int = 0
     line_search: str = "joint"
+    line_search_min_z: float = 0.0
 
     def __post_init__(self):
         if not self.profiles:
@@ -250,6 +251,7 @@ class UIPSettings:
             if not value > 0:
                 raise UIPConfigError(f"'{key}' must be positive, got {value!r}.")
         for key, value in {"uip_shared_learning_rate": self.shared_learning_rate,
+                           "uip_line_search_min_z": self.line_search_min_z,
                            "uip_commitment_weight": self.commitment_weight, "uip_history_prior": self.history_prior,
                            "uip_num_threads": self.num_threads}.items():
             if not value >= 0:
@@ -285,7 +287,8 @@ class UIPSettings:
             # and so do the item batch size and the number of ranks (bank_store.compute_fingerprint)
         # keys added later, at the value that behaves as before they existed (every user in the M-step; RecBole's
         # seed, which the fingerprint holds with the split), are left out: earlier banks keep their fingerprint
-        for key, as_before in (("mstep_users", 0), ("seed", None), ("shift_warmup_batches", 0), ("line_search", "joint")):
+        for key, as_before in (("mstep_users", 0), ("seed", None), ("shift_warmup_batches", 0), ("line_search", "joint"),
+                                 ("line_search_min_z", 0.0)):
             if data[key] == as_before:
                 data.pop(key)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
@@ -361,6 +364,7 @@ class UIPSettings:
                 seed=get("uip_seed"),
                 shift_warmup_batches=get("uip_shift_warmup_batches"),
                 line_search=str(get("uip_line_search")),
+                line_search_min_z=float(get("uip_line_search_min_z")),
             )
         except (TypeError, ValueError) as error:
             if isinstance(error, UIPConfigError):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from recbole_uip.inference.gradient_agreement import signal_share, split_half_agreement
+from recbole_uip.inference.gradient_agreement import paired_gain_z, signal_share, split_half_agreement
 from test_trainer import make_trainer
 
 NAMES = ["hobby", "background"]
@@ -51,6 +51,21 @@ def test_a_zero_half_has_no_cosine_and_a_wrong_shape_is_refused():
     assert agreement["hobby"]["cosine"] is None and agreement["hobby"]["signal_share"] is None
     with pytest.raises(ValueError, match=r"\(P, D, k\)"):
         split_half_agreement(first, first[:1], NAMES)
+
+
+def test_the_gain_z_is_the_paired_t_statistic_and_its_edge_cases_are_defined():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    before = rng.normal(2.0, 0.3, 64)
+    after = before - 0.01 + rng.normal(0, 0.05, 64)
+    assert paired_gain_z(before, after) == pytest.approx(stats.ttest_rel(before, after).statistic)
+    assert paired_gain_z(before, after) > 0 and paired_gain_z(after, before) == pytest.approx(-paired_gain_z(before, after))
+    exact = np.array([2.0, 3.0, 4.0])
+    assert paired_gain_z(exact, exact - 0.5) == np.inf             # every user gains the same: certain
+    assert paired_gain_z(exact, exact + 0.5) == -np.inf
+    assert paired_gain_z(before, before) == 0.0
+    assert paired_gain_z(before[:1], after[:1]) is None            # one user has no standard error
 
 
 def test_the_trainer_splits_the_pass_gradient_into_its_odd_and_even_batches(tmp_path, tiny_llm_dir):
@@ -101,5 +116,6 @@ def test_every_round_records_the_agreement_and_the_profile_report_shows_it(tmp_p
     text = render_profile_report(report)
     assert "## The encoder's steps" in text
     cell = r"-?[01]\.\d{3} \(\d\.\d\d\)"
-    assert re.search(rf"\| 2 \| [0-9.]+ \| \+[0-9.]+ \| [0-9.e+-]+ \| {cell} \| {cell} \|", text)
+    assert re.search(rf"\| 2 \| [0-9.]+ \| \+[0-9.]+ \| (-?[0-9.]+|inf|-) \| [0-9.e+-]+ \| {cell} \| {cell} \|", text)
+    assert all("best_z" in s for s in steps)
     assert all(s["best_gain"] is not None and s["best_gain"] >= 0 for s in steps)

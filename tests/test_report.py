@@ -167,8 +167,10 @@ def test_render_profile_report_lists_every_section():
         "attribute_field": "class",
         "encoder_weights": {"columns": ["pc1", "generosity"], "profiles": {"hobby": [0.5, 1.5]}},
         "encoder_steps": [{"round": 1, "step": 0.0, "gain": 0.0, "agreement": {}},
-                          {"round": 2, "step": 0.003, "gain": 0.0012,
-                           "agreement": {"hobby": {"cosine": 0.25, "signal_share": 0.4}}}],
+                          {"round": 2, "step": 0.003, "gain": 0.0012, "best_z": 2.5,
+                           "agreement": {"hobby": {"cosine": 0.25, "signal_share": 0.4}}},
+                          {"round": 3, "step": {"hobby": 0.0}, "gain": 0.0, "best_z": {"hobby": None},
+                           "agreement": {}}],
         "typical": {"UIP hobby": {"0": {"users": 2, "items": [{"label": "A|B", "lift": 2.0, "count": 12}],
                                         "attributes": [{"label": "Horror", "lift": 1.8, "count": 30}]}}},
     }
@@ -178,7 +180,9 @@ def test_render_profile_report_lists_every_section():
     assert "0.5000 (0.1000, p=0.020)" in text
     assert "zip_code (60 distinct token values)" in text
     assert "| profile | pc1 | generosity |" in text and "| hobby | 0.50 | 1.50 |" in text
-    assert "| 1 | 0 | +0.0000 | - | - |" in text and "| 2 | 0.003 | +0.0012 | - | 0.250 (0.40) |" in text
+    assert "| 1 | 0 | +0.0000 | ? | - | - |" in text                    # a bank from before z was recorded
+    assert "| 2 | 0.003 | +0.0012 | 2.50 | - | 0.250 (0.40) |" in text
+    assert "| 3 | hobby 0 | +0.0000 | hobby - | - | - |" in text
     assert "Horror (1.80, 30)" in text and "A/B (2.00, 12)" in text   # '|' in a title cannot break the table
 
 

@@ -154,6 +154,74 @@ def test_a_per_profile_line_search_steps_each_profile_along_its_own_gradient_by_
     assert set(search["gradient_agreement"]) == set(names)
 
 
+def _searched_twice(trainer, min_z_of):
+    """One M-step, then its line search run twice from the same state: at ``uip_line_search_min_z: 0`` and at
+    ``min_z_of(first search)``. Returns both searches and the encoder before and after the second."""
+    import dataclasses
+
+    trainer.setup()
+    trainer.assignments, _, scales = trainer.e_step(3)
+    trainer.m_step(1, scales, trainer._shared_optimizer())
+    state = (trainer.soft.encoder.detach().clone(), trainer.soft.encoder.grad.clone(),
+             trainer._loop["odd_batches_gradient"].clone())
+    ungated = trainer.line_search(scales)
+    trainer.soft.encoder.data, trainer.soft.encoder.grad = state[0].clone(), state[1].clone()
+    trainer._loop["odd_batches_gradient"] = state[2].clone()
+    trainer.settings = dataclasses.replace(trainer.settings, line_search_min_z=min_z_of(ungated))
+    gated = trainer.line_search(scales)
+    return ungated, gated, state[0], trainer.soft.encoder.detach()
+
+
+def test_the_gain_z_gate_keeps_lengths_whose_gain_is_within_the_validation_users_noise_out(tmp_path, tiny_llm_dir):
+    """``uip_line_search_min_z``: the same candidates are scored, each length's paired z is recorded, and the step is
+    the best of 0 and the lengths at or above the bar; a bar above every z takes no step and leaves the encoder."""
+    trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_line_search_users=6)
+    ungated, gated, before, after = _searched_twice(trainer, lambda search: 1e9)
+    assert gated["tried"] == ungated["tried"] and gated["gain_z"] == ungated["gain_z"]
+    assert set(ungated["gain_z"]) == {r for r in ungated["tried"] if r > 0}
+    assert ungated["step"] > 0, "the tiny fit should step ungated, else this test checks nothing"
+    assert ungated["best_z"] == ungated["gain_z"][ungated["step"]]
+    assert all(np.isfinite(z) for z in ungated["gain_z"].values())
+    assert gated["step"] == 0.0 and gated["gain"] == 0.0 and gated["best_z"] == ungated["best_z"]
+    assert torch.equal(after, before)
+
+    bar = sorted(ungated["gain_z"].values())[-2]          # the best-z length stays out of reach of one below it
+    trainer = make_trainer(tmp_path / "again", tiny_llm_dir, n_users=16, uip_line_search_users=6)
+    ungated, gated, before, after = _searched_twice(trainer, lambda search: bar)
+    tried, z = gated["tried"], gated["gain_z"]
+    eligible = [0.0] + [r for r in tried if r > 0 and z[r] >= bar]
+    assert gated["step"] == min(eligible, key=lambda r: tried[r])
+    assert gated["gain"] == pytest.approx(tried[0.0] - tried[gated["step"]])
+
+
+def test_each_validation_users_objective_is_their_own_whatever_the_batching(tmp_path, tiny_llm_dir):
+    """The per-user terms the gain's z is computed from: the same per user in batches of 1 and of 8, and their mean is
+    the objective the line search compares."""
+    import dataclasses
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_line_search_users=6, uip_commitment_weight=0.5)
+    trainer.setup()
+    trainer.assignments, _, scales = trainer.e_step(3)
+    validation = trainer.validation
+    z = trainer.features(validation.users, validation.inputs)
+    z_mean = z.mean(0, keepdim=True)
+    encoder = trainer.soft.encoder.detach()
+    shift = torch.einsum("pdk,bk->bpd", encoder, z_mean)
+    batch = trainer.prompt_batch(validation)
+    together = trainer._validation_objective(encoder, z, z_mean, shift, batch, scales)
+    trainer.settings = dataclasses.replace(trainer.settings, batch_size=1)      # batches of 2 * 1 users: 1 padded less
+    one_by_one = trainer._validation_objective(encoder, z, z_mean, shift, batch, scales)
+    assert together["per_user"].shape == (len(validation.users),) and len(validation.users) >= 3
+    assert together["commitment"] > 0
+    np.testing.assert_allclose(one_by_one["per_user"], together["per_user"], rtol=1e-5)
+    assert len(set(np.round(together["per_user"], 6))) > 1                       # users differ: rows are not mixed
+    assert together["per_user"].mean() == pytest.approx(together["nll"] + together["commitment"], rel=1e-6)
+
+
+def test_the_gain_z_key_is_checked_and_left_out_of_the_fingerprint_at_0(tmp_path, tiny_llm_dir):
+    assert_key_added_later(tmp_path, tiny_llm_dir, "uip_line_search_min_z", 2.0)
+
+
 def test_the_line_search_key_is_checked_and_left_out_of_the_fingerprint_at_joint(tmp_path, tiny_llm_dir):
     from recbole_uip.config import UIPConfigError, UIPSettings
     from recbole_uip.quick_start import build_config

@@ -1,4 +1,5 @@
-"""How much of the encoder's accumulated gradient is signal: the split-half agreement of the M-step's gradient.
+"""Is the encoder's step signal or noise: the split-half agreement of the M-step's gradient, and how many standard
+errors its validation gain stands above zero.
 
 The encoder takes one step per round along its gradient accumulated over the whole M-step pass (see
 :mod:`recbole_uip.inference.trainer`). Each user's contribution is their gradient at their soft tokens times their
@@ -16,11 +17,13 @@ the codebooks quantise ``A z`` up to scale.
 Agreement is necessary, not sufficient: whatever both halves share counts as signal, including terms that say
 nothing about the users (both halves see the same random start ``A`` and the same trajectory of the shared shift).
 Whether the direction helps users the pass did not see is the line search's question
-(:func:`recbole_uip.report.best_gain_along_step` says how much it could have at best).
+(:func:`recbole_uip.report.best_gain_along_step` says how much it could have at best), and :func:`paired_gain_z`
+says whether what it found is more than the validation users' noise (``uip_line_search_min_z`` gates on it).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -58,3 +61,22 @@ def split_half_agreement(first: torch.Tensor, second: torch.Tensor, profile_name
         agreement[name] = {"cosine": cosine, "signal_share": signal_share(cosine),
                            "columns": [_cosine(first[p, :, j], second[p, :, j]) for j in range(first.shape[2])]}
     return agreement
+
+
+def paired_gain_z(before: np.ndarray, after: np.ndarray) -> float | None:
+    """How many standard errors the mean gain ``before - after`` stands above 0, paired over users.
+
+    Args:
+        before, after: ``(V,)``, each validation user's objective at the length 0 and at a candidate length.
+
+    Returns:
+        ``mean(d) / (std(d, ddof=1) / sqrt(V))`` for ``d = before - after``; +-inf where every user gains (or loses)
+        exactly the same non-zero amount, 0 where no user's objective changed, None for fewer than 2 users.
+    """
+    diff = np.asarray(before, dtype=np.float64) - np.asarray(after, dtype=np.float64)
+    if len(diff) < 2:
+        return None
+    mean, error = float(diff.mean()), float(diff.std(ddof=1)) / np.sqrt(len(diff))
+    if error > 0:
+        return mean / error
+    return 0.0 if mean == 0 else float(np.copysign(np.inf, mean))

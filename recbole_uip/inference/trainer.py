@@ -48,7 +48,7 @@ from recbole_uip.data.behaviour_text import BehaviourText
 from recbole_uip.inference.checkpoint import InferenceCheckpoint
 from recbole_uip.inference.codebook import ProfileCodebook
 from recbole_uip.inference.distributed import Communicator
-from recbole_uip.inference.gradient_agreement import split_half_agreement
+from recbole_uip.inference.gradient_agreement import paired_gain_z, split_half_agreement
 from recbole_uip.inference.llm import FrozenLLM, assert_frozen
 from recbole_uip.inference.prompt import PromptLayout, build_layout, collate
 from recbole_uip.inference.soft_profiles import FreeTokens, SoftProfiles, behaviour_nll
@@ -127,6 +127,11 @@ def _random_orthonormal(rows: int, columns: int, generator: torch.Generator) -> 
     """float64 ``(rows, columns)`` with orthonormal columns, uniformly distributed (QR of a Gaussian, signs fixed)."""
     q, r = torch.linalg.qr(torch.randn(rows, columns, generator=generator, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(())).unsqueeze(0)
+
+
+def _z(value: float | None) -> str:
+    """A gain's z as the round log prints it (``-``: no length beat 0, or too few validation users)."""
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _batches(order, size: int):
@@ -545,13 +550,16 @@ class ProfileInferenceTrainer:
         if shared.grad is not None:
             shared_opt.step()
 
-    def commitment(self, offsets: torch.Tensor, users: np.ndarray, scales: list[float]) -> torch.Tensor:
-        """``beta * sum_p ||offset - sg(code)||^2 / sigma_p^2`` (mean over the batch) for the users' assigned codes."""
+    def commitment(self, offsets: torch.Tensor, users: np.ndarray, scales: list[float],
+                   per_user: bool = False) -> torch.Tensor:
+        """``beta * sum_p ||offset - sg(code)||^2 / sigma_p^2`` for the users' assigned codes: the mean over the batch,
+        or with ``per_user`` each user's term ``(B,)``."""
         beta = self.settings.commitment_weight
         if beta <= 0:
-            return offsets.new_zeros(())
+            return offsets.new_zeros(len(users) if per_user else ())
         assigned = self.assignments[torch.as_tensor(users)].to(self.device)
-        return beta * sum(codebook.commitment(offsets[:, p], assigned[:, p], scales[p])
+        method = "commitment_per_row" if per_user else "commitment"
+        return beta * sum(getattr(codebook, method)(offsets[:, p], assigned[:, p], scales[p])
                           for p, codebook in enumerate(self.codebooks))
 
     @torch.no_grad()
@@ -562,6 +570,8 @@ class ProfileInferenceTrainer:
         ``uip_line_search: joint`` searches one length for every profile's part of the gradient; ``per_profile``
         searches each profile's length in turn (the profiles before it already stepped), so a profile whose
         gradient is noise (its split-half agreement near 0) does not hold back one whose gradient carries signal.
+        ``uip_line_search_min_z`` > 0 keeps a length out unless its gain is that many standard errors above 0 (over
+        the validation users), so a gain the size of the validation users' noise takes no step.
 
         Distributed: the gradient is summed over the ranks, and each rank scores its block of the validation users
         (the objective is summed over the ranks), so every rank takes the same step."""
@@ -598,8 +608,10 @@ class ProfileInferenceTrainer:
             first, last = searches[names[0]]["tried"], searches[names[-1]]["tried"]
             search = {"step": max(s["step"] for s in searches.values()),
                       "steps": {name: s["step"] for name, s in searches.items()},
-                      "gain": first[0.0] - min(last.values()),
+                      "gain": first[0.0] - last[searches[names[-1]]["step"]],
                       "tried": {name: s["tried"] for name, s in searches.items()},
+                      "gain_z": {name: s["gain_z"] for name, s in searches.items()},
+                      "best_z": {name: s["best_z"] for name, s in searches.items()},
                       "nll_gain": sum(s["nll_gain"] for s in searches.values()),
                       "commitment_gain": sum(s["commitment_gain"] for s in searches.values())}
         self.codebooks = [cb.cpu() for cb in self.codebooks]
@@ -612,8 +624,9 @@ class ProfileInferenceTrainer:
         ``current``, each scored by the frozen LLM on the validation users (``z`` ``(V, k)``, ``z_mean`` ``(1, k)``,
         ``shift`` ``(1, P, D)`` the encoder's offset of the mean user, held fixed). A length is the mean change of a
         validation user's offset, of every profile (``profile`` None) or of that profile alone, relative to the
-        mean token-embedding norm. Returns the step, its gain, what was tried and the moved encoder."""
-        comm, validation = self.comm, self.validation
+        mean token-embedding norm. With ``uip_line_search_min_z`` > 0 only lengths whose gain is that many standard
+        errors above 0 (paired over the validation users: :func:`paired_gain_z`) may be chosen. Returns the step,
+        its gain, what was tried, each length's ``gain_z`` and the moved encoder."""
         change = torch.einsum("pdk,bk->bpd", direction, z - z_mean).norm(dim=-1)                   # (V, P)
         change_per_unit = float(change.mean() if profile is None else change[:, profile].mean())
         parts: dict[float, dict] = {}
@@ -622,23 +635,11 @@ class ProfileInferenceTrainer:
             return current - (relative * self.embedding_norm / change_per_unit) * direction
 
         def objective(relative: float) -> float:
-            encoder = candidate(relative)
-            nll, commitment = 0.0, 0.0
-            for rows in _batches(comm.shard(len(validation.users)), self.settings.batch_size * 2):
-                users = validation.users[rows]
-                offsets = torch.einsum("pdk,bk->bpd", encoder, z[rows] - z_mean) + shift
-                if self.free is not None:
-                    offsets = offsets + self.free.table[torch.as_tensor(users)].to(self.device)
-                _, weighted = behaviour_nll(self.llm.model, self.layout, self._sub_batch(batch, rows), self.soft(offsets),
-                                            weighted=True)
-                nll += float(weighted.double().sum())
-                commitment += float(self.commitment(offsets, users, scales)) * len(rows)
-            nll, commitment = comm.sum(torch.tensor([nll, commitment], dtype=torch.float64)).tolist()
-            parts[relative] = {"nll": nll / len(validation.users), "commitment": commitment / len(validation.users)}
+            parts[relative] = self._validation_objective(candidate(relative), z, z_mean, shift, batch, scales)
             return parts[relative]["nll"] + parts[relative]["commitment"]
 
         if not change_per_unit > 0:                       # this profile's gradient is zero: nothing to search
-            return {"step": 0.0, "gain": 0.0, "tried": {0.0: objective(0.0)}, "nll_gain": 0.0,
+            return {"step": 0.0, "gain": 0.0, "tried": {0.0: objective(0.0)}, "gain_z": {}, "best_z": None, "nll_gain": 0.0,
                     "commitment_gain": 0.0, "encoder": current}
         tried = {relative: objective(relative) for relative in (0.0,) + LINE_SEARCH_STEPS}
         relative = LINE_SEARCH_STEPS[-1]
@@ -647,10 +648,39 @@ class ProfileInferenceTrainer:
                 break
             relative *= 3
             tried[relative] = objective(relative)
-        best = min(tried, key=lambda r: (tried[r], r))
-        return {"step": best, "gain": tried[0.0] - tried[best], "tried": tried,
+        gain_z = {r: paired_gain_z(parts[0.0]["per_user"], parts[r]["per_user"]) for r in tried if r > 0}
+        min_z = self.settings.line_search_min_z
+        eligible = [r for r in tried if r == 0 or not min_z > 0 or (gain_z[r] is not None and gain_z[r] >= min_z)]
+        best = min(eligible, key=lambda r: (tried[r], r))
+        best_z = gain_z.get(min(tried, key=lambda r: (tried[r], r)))       # at the best length, gate or not
+        return {"step": best, "gain": tried[0.0] - tried[best], "tried": tried, "gain_z": gain_z, "best_z": best_z,
                 "nll_gain": parts[0.0]["nll"] - parts[best]["nll"],
                 "commitment_gain": parts[0.0]["commitment"] - parts[best]["commitment"], "encoder": candidate(best)}
+
+    @torch.no_grad()
+    def _validation_objective(self, encoder: torch.Tensor, z: torch.Tensor, z_mean: torch.Tensor, shift: torch.Tensor,
+                              batch, scales: list[float]) -> dict:
+        """The M-step objective of the validation users with the encoder ``encoder`` ``(P, D, k)`` (the other
+        arguments as in :meth:`_search_length`; ``batch``: their collated prompts), forward only: ``{"nll",
+        "commitment"}`` (means over the users, summed over the ranks as before the per-user terms existed) and
+        ``"per_user"`` ``(V,)`` float64, each user's weighted NLL plus commitment (every rank's rows)."""
+        comm, validation = self.comm, self.validation
+        n_users = len(validation.users)
+        nll, commitment = 0.0, 0.0
+        per_user = torch.zeros(n_users, dtype=torch.float64)           # this rank's rows; the others' are summed in
+        for rows in _batches(comm.shard(n_users), self.settings.batch_size * 2):
+            users = validation.users[rows]
+            offsets = torch.einsum("pdk,bk->bpd", encoder, z[rows] - z_mean) + shift
+            if self.free is not None:
+                offsets = offsets + self.free.table[torch.as_tensor(users)].to(self.device)
+            _, weighted = behaviour_nll(self.llm.model, self.layout, self._sub_batch(batch, rows), self.soft(offsets),
+                                        weighted=True)
+            nll += float(weighted.double().sum())
+            commitment += float(self.commitment(offsets, users, scales)) * len(rows)
+            per_user[torch.as_tensor(rows)] = (weighted.double()
+                                               + self.commitment(offsets, users, scales, per_user=True).double()).cpu()
+        nll, commitment = comm.sum(torch.tensor([nll, commitment], dtype=torch.float64)).tolist()
+        return {"nll": nll / n_users, "commitment": commitment / n_users, "per_user": comm.sum(per_user).numpy()}
 
     @staticmethod
     def _sub_batch(batch, rows):
@@ -901,8 +931,11 @@ class ProfileInferenceTrainer:
             record["line_search"] = search
             step = ("steps " + ", ".join(f"{name} {value:g}" for name, value in search["steps"].items())
                     if "steps" in search else f"step {search['step']:g}")
+            best_z = search.get("best_z")
+            best_z = ", ".join(f"{name} {_z(z)}" for name, z in best_z.items()) if isinstance(best_z, dict) else _z(best_z)
             parts.append(f"encoder {step} (validation objective -{search['gain']:.4f}: NLL "
-                         f"-{search.get('nll_gain', 0):.4f}, commitment -{search.get('commitment_gain', 0):.4f})")
+                         f"-{search.get('nll_gain', 0):.4f}, commitment -{search.get('commitment_gain', 0):.4f}; "
+                         f"gain/standard error at the best length {best_z})")
             agreement = search.get("gradient_agreement")
             if agreement:
                 parts.append("gradient split-half cosine " + ", ".join(
