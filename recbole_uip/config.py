@@ -23,6 +23,7 @@ QUANTISER_METRICS = ("euclidean", "whitened")
 ENCODERS = ("linear", "none")
 TARGETS = ("random", "newest")
 LINE_SEARCHES = ("joint", "per_profile")
+LINE_SEARCH_LENGTHS = (0.003, 0.01, 0.03, 0.1, 0.3)   # the line search's candidate lengths before the key existed
 
 
 class UIPConfigError(ValueError):
@@ -208,6 +209,7 @@ class UIPSettings:
     shift_warmup_batches: int = 0
     line_search: str = "joint"
     line_search_min_z: float = 0.0
+    line_search_lengths: tuple[float, ...] = LINE_SEARCH_LENGTHS
 
     def __post_init__(self):
         if not self.profiles:
@@ -262,6 +264,10 @@ class UIPSettings:
                                     ("uip_line_search", self.line_search, LINE_SEARCHES)):
             if value not in allowed:
                 raise UIPConfigError(f"'{key}' must be one of {', '.join(allowed)}, got {value!r}.")
+        lengths = self.line_search_lengths
+        if not lengths or not all(0 < a < b for a, b in zip(lengths, lengths[1:] + (float("inf"),))):
+            raise UIPConfigError("'uip_line_search_lengths' must be positive lengths in increasing order, e.g. "
+                                 f"[0.001, 0.003, 0.01], got {list(lengths)!r}.")
         if self.encoder == "none" and not self.free_tokens:
             raise UIPConfigError("'uip_encoder: none' leaves the users nothing of their own: set uip_free_tokens: true "
                                  "(the paper's free per-user tokens) or use uip_encoder: linear.")
@@ -288,7 +294,7 @@ class UIPSettings:
         # keys added later, at the value that behaves as before they existed (every user in the M-step; RecBole's
         # seed, which the fingerprint holds with the split), are left out: earlier banks keep their fingerprint
         for key, as_before in (("mstep_users", 0), ("seed", None), ("shift_warmup_batches", 0), ("line_search", "joint"),
-                                 ("line_search_min_z", 0.0)):
+                                 ("line_search_min_z", 0.0), ("line_search_lengths", LINE_SEARCH_LENGTHS)):
             if data[key] == as_before:
                 data.pop(key)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
@@ -314,6 +320,10 @@ class UIPSettings:
             sizes = {name: sizes.get(name, defaults["uip_codebook_size"]) for name in profiles}
         else:
             sizes = {name: sizes for name in profiles}
+        lengths = get("uip_line_search_lengths")
+        if not isinstance(lengths, (list, tuple)):
+            raise UIPConfigError(f"'uip_line_search_lengths' must be a list of lengths, e.g. [0.001, 0.003, 0.01], "
+                                 f"got {lengths!r}.")
         fields = get("uip_item_text_fields")
         if isinstance(fields, str):
             fields = [fields]
@@ -365,6 +375,7 @@ class UIPSettings:
                 shift_warmup_batches=get("uip_shift_warmup_batches"),
                 line_search=str(get("uip_line_search")),
                 line_search_min_z=float(get("uip_line_search_min_z")),
+                line_search_lengths=tuple(float(length) for length in lengths),
             )
         except (TypeError, ValueError) as error:
             if isinstance(error, UIPConfigError):

@@ -222,6 +222,29 @@ def test_the_gain_z_key_is_checked_and_left_out_of_the_fingerprint_at_0(tmp_path
     assert_key_added_later(tmp_path, tiny_llm_dir, "uip_line_search_min_z", 2.0)
 
 
+def test_the_line_search_tries_the_configured_lengths_and_refuses_unordered_ones(tmp_path, tiny_llm_dir):
+    from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.quick_start import build_config
+
+    config = uip_config_dict(tmp_path, tiny_llm_dir)
+    settings = UIPSettings.from_config(build_config("DeepFM", "toy", None, config))
+    assert "line_search_lengths" not in settings.fingerprint_dict()           # the lengths before the key existed
+    changed = UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_line_search_lengths": [1e-3]}))
+    assert changed.fingerprint_dict()["line_search_lengths"] == [0.001]
+    for bad in ([], [0.01, 0.003], [0.0, 0.1], 0.01):
+        with pytest.raises(UIPConfigError, match="uip_line_search_lengths"):
+            UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_line_search_lengths": bad}))
+
+    trainer = make_trainer(tmp_path / "fit", tiny_llm_dir, n_users=16, uip_line_search_users=4,
+                           uip_line_search_lengths=[0.0001, 0.0005])
+    trainer.setup()
+    trainer.assignments, _, scales = trainer.e_step(3)
+    trainer.m_step(1, scales, trainer._shared_optimizer())
+    tried = sorted(trainer.line_search(scales)["tried"])
+    assert tried[:3] == [0.0, 0.0001, 0.0005]
+    assert all(b == pytest.approx(3 * a) for a, b in zip(tried[2:], tried[3:]))   # longer ones only while they help
+
+
 def test_the_line_search_key_is_checked_and_left_out_of_the_fingerprint_at_joint(tmp_path, tiny_llm_dir):
     from recbole_uip.config import UIPConfigError, UIPSettings
     from recbole_uip.quick_start import build_config

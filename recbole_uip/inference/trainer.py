@@ -55,9 +55,8 @@ from recbole_uip.inference.soft_profiles import FreeTokens, SoftProfiles, behavi
 from recbole_uip.inference.user_features import UserFeatureMap, embed_items
 from recbole_uip.utils import fault_point
 
-# Candidate lengths of the encoder's step, as the mean change of a validation user's offset relative to the mean
-# norm of the LLM's token embeddings (0, the current encoder, is always a candidate).
-LINE_SEARCH_STEPS = (0.003, 0.01, 0.03, 0.1, 0.3)
+# The candidate lengths of the encoder's step (uip_line_search_lengths) are the mean change of a validation user's
+# offset relative to the mean norm of the LLM's token embeddings; 0, the current encoder, is always a candidate.
 LINE_SEARCH_EXPANSIONS = 6       # while the longest step is the best, try 3x longer ones, at most this many times
 
 
@@ -641,8 +640,9 @@ class ProfileInferenceTrainer:
         if not change_per_unit > 0:                       # this profile's gradient is zero: nothing to search
             return {"step": 0.0, "gain": 0.0, "tried": {0.0: objective(0.0)}, "gain_z": {}, "best_z": None, "nll_gain": 0.0,
                     "commitment_gain": 0.0, "encoder": current}
-        tried = {relative: objective(relative) for relative in (0.0,) + LINE_SEARCH_STEPS}
-        relative = LINE_SEARCH_STEPS[-1]
+        lengths = self.settings.line_search_lengths
+        tried = {relative: objective(relative) for relative in (0.0,) + lengths}
+        relative = lengths[-1]
         for _ in range(LINE_SEARCH_EXPANSIONS):      # the longest step was best: try longer ones while they help
             if min(tried, key=lambda r: (tried[r], r)) != relative:
                 break
