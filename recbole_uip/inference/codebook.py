@@ -184,12 +184,16 @@ class ProfileCodebook(nn.Module):
     def commitment(self, x: torch.Tensor, assignment: torch.Tensor, scale: float) -> torch.Tensor:
         """``mean_b ||(x[b] - sg(codes[assignment[b]])) A||^2 / scale`` for ``x (B, D)``: a scalar (``A``: the
         metric's projection, fixed during the M-step; the identity for plain distances)."""
-        return self.commitment_per_row(x, assignment, scale).mean()
+        return self._squared_distances(x, assignment).mean() / scale
 
     def commitment_per_row(self, x: torch.Tensor, assignment: torch.Tensor, scale: float) -> torch.Tensor:
         """The terms ``(B,)`` whose mean is :meth:`commitment`."""
+        return self._squared_distances(x, assignment) / scale
+
+    def _squared_distances(self, x: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+        """``||(x[b] - sg(codes[assignment[b]])) A||^2`` ``(B,)``."""
         target = self.codes[assignment].detach().to(x.dtype)
-        return (self.project(x - target) ** 2).sum(dim=1) / scale
+        return (self.project(x - target) ** 2).sum(dim=1)
 
     def scale(self, x: torch.Tensor, comm: Communicator | None = None) -> float:
         """``sigma^2`` of the commitment term: mean squared norm of the projected rows of ``x (N, D)`` (with
