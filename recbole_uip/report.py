@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from recbole_uip.inference.codebook import ProfileCodebook
+from recbole_uip.inference.gradient_agreement import format_step_z
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,8 +509,8 @@ def encoder_steps(history: list[dict]) -> list[dict]:
     """From an inference's round records (``bank.metadata["history"]``), per round with a line search: the step
     taken (a dict of one per profile with ``uip_line_search: per_profile``), its validation gain, the most a step
     along its direction could gain (:func:`best_gain_along_step`; per profile, their sum), how many standard errors
-    the gain at the best length tried stands above 0 (``best_z``: a number, None where no length beat 0, a dict per
-    profile, or "unrecorded" for banks made before it was) and per profile the
+    its gain stands above 0 (``z``, as :func:`~recbole_uip.inference.gradient_agreement.format_step_z` prints it;
+    ``?`` for banks made before it was recorded) and per profile the
     split-half agreement of the gradient it followed (:mod:`recbole_uip.inference.gradient_agreement`; empty for
     banks made before it was recorded)."""
     def best(search: dict):
@@ -522,15 +523,11 @@ def encoder_steps(history: list[dict]) -> list[dict]:
 
     return [{"round": h["round"], "step": h["line_search"].get("steps", h["line_search"]["step"]),
              "gain": h["line_search"].get("gain", 0.0), "best_gain": best(h["line_search"]),
-             "best_z": h["line_search"].get("best_z", "unrecorded"),
+             "z": format_step_z(h["line_search"].get("steps", h["line_search"]["step"]), h["line_search"]["gain_z"],
+                                h["line_search"]["best_z"]) if "gain_z" in h["line_search"] else "?",
              "agreement": {name: {k: a[k] for k in ("cosine", "signal_share")}
                            for name, a in (h["line_search"].get("gradient_agreement") or {}).items()}}
             for h in history if h.get("line_search")]
-
-
-def _z_cell(z) -> str:
-    """A step's gain z in the report's table: ``-`` where no length beat 0, ``?`` where it was not recorded."""
-    return "?" if z == "unrecorded" else "-" if z is None else f"{z:.2f}"
 
 
 def render_profile_report(report: dict, header: str = "") -> str:
@@ -583,9 +580,9 @@ def render_profile_report(report: dict, header: str = "") -> str:
                   "that is systematic, `2c / (1 + c)` (near 0: the step's direction is mostly noise; `-`: not "
                   "recorded, banks before 2026-12-03). Agreement is necessary, not sufficient: what both halves "
                   "share need not help users the pass did not see (the \"at best\" column says whether it did). "
-                  "z: the gain at the best length tried over its standard error across the validation users (paired; "
-                  "`uip_line_search_min_z` steps only above it; `-`: no length beat 0; `?`: not recorded, banks "
-                  "before 2026-12-04).", "",
+                  "z: the step's gain over its standard error across the validation users (paired; "
+                  "`uip_line_search_min_z` steps only above it); where no step was taken, in parentheses, the z of "
+                  "the best length tried; `-`: no length beat 0; `?`: not recorded, banks before 2026-12-04.", "",
                   "| round | step | validation objective gain | z | at best | " + " | ".join(names) + " |",
                   "|---|---|---|---|---|" + "---|" * len(names)]
         for entry in report["encoder_steps"]:
@@ -597,8 +594,7 @@ def render_profile_report(report: dict, header: str = "") -> str:
             step = entry["step"]                   # one length for every profile, or one per profile
             step = ", ".join(f"{n} {v:g}" for n, v in step.items()) if isinstance(step, dict) else f"{step:g}"
             best = "-" if entry.get("best_gain") is None else f"{entry['best_gain']:.2g}"
-            z = entry.get("best_z", "unrecorded")
-            z = ", ".join(f"{n} {_z_cell(v)}" for n, v in z.items()) if isinstance(z, dict) else _z_cell(z)
+            z = entry.get("z", "?")
             lines.append(f"| {entry['round']} | {step} | {entry['gain']:+.4f} | {z} | {best} | " + " | ".join(cells) + " |")
     lines += ["", "## What each ID means", "",
               "Per ID, the items and item attribute values (`" + str(report.get("attribute_field")) + "`) most "

@@ -116,6 +116,9 @@ def test_every_round_records_the_agreement_and_the_profile_report_shows_it(tmp_p
     text = render_profile_report(report)
     assert "## The encoder's steps" in text
     cell = r"-?[01]\.\d{3} \(\d\.\d\d\)"
-    assert re.search(rf"\| 2 \| [0-9.]+ \| \+[0-9.]+ \| (-?[0-9.]+|inf|-) \| [0-9.e+-]+ \| {cell} \| {cell} \|", text)
-    assert all("best_z" in s for s in steps)
+    assert re.search(rf"\| 2 \| [0-9.]+ \| \+[0-9.]+ \| (\(?-?[0-9.]+\)?|\(?-?inf\)?|-) \| [0-9.e+-]+ \| {cell} \| {cell} \|", text)
+    for entry, record in zip(steps, result.history[1:]):          # the z of the step taken, or of the refused best
+        search = record["line_search"]
+        assert entry["z"] == ("-" if search["best_z"] is None else f"({search['best_z']:.2f})") if search["step"] == 0 \
+            else entry["z"] == f"{search['gain_z'][search['step']]:.2f}"
     assert all(s["best_gain"] is not None and s["best_gain"] >= 0 for s in steps)

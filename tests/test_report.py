@@ -157,6 +157,18 @@ def test_the_best_gain_along_a_step_is_the_top_of_the_quadratic_through_the_two_
 
 
 # ------------------------------------------------------------------------------------------------ render
+def test_a_steps_z_is_the_taken_lengths_or_in_parentheses_the_refused_best_ones():
+    from recbole_uip.inference.gradient_agreement import format_step_z
+
+    gain_z = {0.003: 2.21, 0.01: 1.5}
+    assert format_step_z(0.003, gain_z, 1.5) == "2.21"                 # the step taken, not the best length
+    assert format_step_z(0.0, gain_z, 1.5) == "(1.50)"                 # refused by the gate
+    assert format_step_z(0.0, {0.003: -1.0}, None) == "-"              # no length beat 0
+    assert format_step_z(0.003, {"0.003": 2.21}, 2.21) == "2.21"       # a bank's JSON history keys by strings
+    assert format_step_z({"hobby": 0.003, "background": 0.0}, {"hobby": gain_z, "background": {0.003: 0.2}},
+                         {"hobby": 2.21, "background": 0.2}) == "hobby 2.21, background (0.20)"
+
+
 def test_render_profile_report_lists_every_section():
     report = {
         "dataset": "toy", "users": 4, "llm": "tiny", "profiles": ["hobby"], "codebook_sizes": {"hobby": 2},
@@ -167,10 +179,9 @@ def test_render_profile_report_lists_every_section():
         "attribute_field": "class",
         "encoder_weights": {"columns": ["pc1", "generosity"], "profiles": {"hobby": [0.5, 1.5]}},
         "encoder_steps": [{"round": 1, "step": 0.0, "gain": 0.0, "agreement": {}},
-                          {"round": 2, "step": 0.003, "gain": 0.0012, "best_z": 2.5,
+                          {"round": 2, "step": 0.003, "gain": 0.0012, "z": "2.50",
                            "agreement": {"hobby": {"cosine": 0.25, "signal_share": 0.4}}},
-                          {"round": 3, "step": {"hobby": 0.0}, "gain": 0.0, "best_z": {"hobby": None},
-                           "agreement": {}}],
+                          {"round": 3, "step": {"hobby": 0.0}, "gain": 0.0, "z": "hobby (0.23)", "agreement": {}}],
         "typical": {"UIP hobby": {"0": {"users": 2, "items": [{"label": "A|B", "lift": 2.0, "count": 12}],
                                         "attributes": [{"label": "Horror", "lift": 1.8, "count": 30}]}}},
     }
@@ -182,7 +193,7 @@ def test_render_profile_report_lists_every_section():
     assert "| profile | pc1 | generosity |" in text and "| hobby | 0.50 | 1.50 |" in text
     assert "| 1 | 0 | +0.0000 | ? | - | - |" in text                    # a bank from before z was recorded
     assert "| 2 | 0.003 | +0.0012 | 2.50 | - | 0.250 (0.40) |" in text
-    assert "| 3 | hobby 0 | +0.0000 | hobby - | - | - |" in text
+    assert "| 3 | hobby 0 | +0.0000 | hobby (0.23) | - | - |" in text
     assert "Horror (1.80, 30)" in text and "A/B (2.00, 12)" in text   # '|' in a title cannot break the table
 
 

@@ -80,3 +80,17 @@ def paired_gain_z(before: np.ndarray, after: np.ndarray) -> float | None:
     if error > 0:
         return mean / error
     return 0.0 if mean == 0 else float(np.copysign(np.inf, mean))
+
+
+def format_step_z(step, gain_z: dict, best_z) -> str:
+    """A line search's z as the round log and the profile report print it: the z of the step taken; where none was
+    taken, the z of the best length tried in parentheses (why it was refused); ``-`` where no length beat 0. With
+    ``uip_line_search: per_profile`` (``step``, ``gain_z`` and ``best_z`` dicts by profile), one per profile.
+    ``gain_z``'s keys are lengths, as floats or (from a bank's JSON history) strings."""
+    if isinstance(step, dict):
+        return ", ".join(f"{name} {format_step_z(step[name], gain_z.get(name, {}), (best_z or {}).get(name))}"
+                         for name in step)
+    if step > 0:
+        z = {float(length): value for length, value in gain_z.items()}.get(float(step))
+        return "-" if z is None else f"{z:.2f}"
+    return "-" if best_z is None else f"({best_z:.2f})"

@@ -48,7 +48,7 @@ from recbole_uip.data.behaviour_text import BehaviourText
 from recbole_uip.inference.checkpoint import InferenceCheckpoint
 from recbole_uip.inference.codebook import ProfileCodebook
 from recbole_uip.inference.distributed import Communicator
-from recbole_uip.inference.gradient_agreement import paired_gain_z, split_half_agreement
+from recbole_uip.inference.gradient_agreement import format_step_z, paired_gain_z, split_half_agreement
 from recbole_uip.inference.llm import FrozenLLM, assert_frozen
 from recbole_uip.inference.prompt import PromptLayout, build_layout, collate
 from recbole_uip.inference.soft_profiles import FreeTokens, SoftProfiles, behaviour_nll
@@ -126,11 +126,6 @@ def _random_orthonormal(rows: int, columns: int, generator: torch.Generator) -> 
     """float64 ``(rows, columns)`` with orthonormal columns, uniformly distributed (QR of a Gaussian, signs fixed)."""
     q, r = torch.linalg.qr(torch.randn(rows, columns, generator=generator, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(())).unsqueeze(0)
-
-
-def _z(value: float | None) -> str:
-    """A gain's z as the round log prints it (``-``: no length beat 0, or too few validation users)."""
-    return "-" if value is None else f"{value:.2f}"
 
 
 def _batches(order, size: int):
@@ -931,11 +926,10 @@ class ProfileInferenceTrainer:
             record["line_search"] = search
             step = ("steps " + ", ".join(f"{name} {value:g}" for name, value in search["steps"].items())
                     if "steps" in search else f"step {search['step']:g}")
-            best_z = search.get("best_z")
-            best_z = ", ".join(f"{name} {_z(z)}" for name, z in best_z.items()) if isinstance(best_z, dict) else _z(best_z)
+            z = format_step_z(search.get("steps", search["step"]), search["gain_z"], search["best_z"])
             parts.append(f"encoder {step} (validation objective -{search['gain']:.4f}: NLL "
                          f"-{search.get('nll_gain', 0):.4f}, commitment -{search.get('commitment_gain', 0):.4f}; "
-                         f"gain/standard error at the best length {best_z})")
+                         f"gain/standard error {z})")
             agreement = search.get("gradient_agreement")
             if agreement:
                 parts.append("gradient split-half cosine " + ", ".join(
