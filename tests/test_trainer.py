@@ -185,7 +185,7 @@ def test_the_gain_z_gate_keeps_lengths_whose_gain_is_within_the_validation_users
     assert gated["step"] == 0.0 and gated["gain"] == 0.0 and gated["best_z"] == ungated["best_z"]
     assert torch.equal(after, before)
 
-    bar = sorted(ungated["gain_z"].values())[-2]          # the best-z length stays out of reach of one below it
+    bar = sorted(ungated["gain_z"].values())[-2]          # a bar only the two lengths of highest z reach
     trainer = make_trainer(tmp_path / "again", tiny_llm_dir, n_users=16, uip_line_search_users=6)
     ungated, gated, before, after = _searched_twice(trainer, lambda search: bar)
     tried, z = gated["tried"], gated["gain_z"]
@@ -195,7 +195,7 @@ def test_the_gain_z_gate_keeps_lengths_whose_gain_is_within_the_validation_users
 
 
 def test_each_validation_users_objective_is_their_own_whatever_the_batching(tmp_path, tiny_llm_dir):
-    """The per-user terms the gain's z is computed from: the same per user in batches of 1 and of 8, and their mean is
+    """The per-user terms the gain's z is computed from: the same per user in batches of 2 and of 8, and their mean is
     the objective the line search compares."""
     import dataclasses
 
@@ -209,7 +209,7 @@ def test_each_validation_users_objective_is_their_own_whatever_the_batching(tmp_
     shift = torch.einsum("pdk,bk->bpd", encoder, z_mean)
     batch = trainer.prompt_batch(validation)
     together = trainer._validation_objective(encoder, z, z_mean, shift, batch, scales)
-    trainer.settings = dataclasses.replace(trainer.settings, batch_size=1)      # batches of 2 * 1 users: 1 padded less
+    trainer.settings = dataclasses.replace(trainer.settings, batch_size=1)      # scored in batches of 2 users
     one_by_one = trainer._validation_objective(encoder, z, z_mean, shift, batch, scales)
     assert together["per_user"].shape == (len(validation.users),) and len(validation.users) >= 3
     assert together["commitment"] > 0
