@@ -183,7 +183,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
                         help="YAML/JSON mapping model -> RecBole keys that replace that model's defaults, e.g. "
                              "'{xDeepFM: {cin_layer_size: [50, 50]}}' (default: %(default)s)")
     parser.add_argument("--render", action="store_true", help="only rebuild md/csv/png from the JSONL")
-    parser.add_argument("--report_only", action="store_true", help="only write the profile report")
+    parser.add_argument("--report_only", action="store_true", help="only write the profile report (the folder's record and commands are kept)")
     parser.add_argument("--results", default=str(RESULTS),
                         help="the results root (default: the repository's); the grid's folder is "
                              "<root>/<dataset>/<settings fingerprint>/")
@@ -700,10 +700,11 @@ def main(argv=None) -> int:
     overrides.setdefault("uip_output_dir", str(Path("dataset") / f"zoo-{paths['jsonl'].parent.name}"))
 
     # the folder's resolved settings and portable command (no machine paths), kept in zoo.meta.json and summed up in
-    # settings.json; --render keeps the grid's record
+    # settings.json; --render and --report_only keep the grid's record (they only redraw what it made)
     meta = json.loads(paths["meta"].read_text(encoding="utf-8")) if paths["meta"].is_file() else {}
-    args.record = (meta.get("record") if args.render else None) or record
-    if not args.render or "record" not in meta:
+    redraw = args.render or args.report_only
+    args.record = (meta.get("record") if redraw else None) or record
+    if not redraw or "record" not in meta:
         write_json_atomic(paths["meta"], {**meta, "record": args.record})
     write_settings_json(paths["meta"].parent)
     if not args.render:

@@ -156,6 +156,12 @@ def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_pa
     assert re.search(r"\| hobby( \| 1\.00)+ \|", profiles)      # no EM round: the untrained encoder weighs z alike
     assert json.loads((folder / "settings.json").read_text())["settings"] == meta["record"]["settings"]
 
+    kept = {name: (folder / name).read_bytes() for name in ("settings.json", "zoo.meta.json")}
+    (folder / "profile_report.md").unlink()
+    assert zoo.main(common + ["--settings=id_free", "--report_only"]) == 0   # a redraw of the profile report alone
+    assert (folder / "profile_report.md").is_file()
+    assert {name: (folder / name).read_bytes() for name in kept} == kept     # the grid's record and commands kept
+
 
 def test_zoo_writes_the_banks_two_controls_and_refuses_a_bank_without_them(tmp_path, tiny_llm_dir):
     """``uip-untrained`` and ``uip-random-step`` are the bank's ``initial_codes`` and ``random_step_codes``, user by
