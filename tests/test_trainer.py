@@ -194,6 +194,19 @@ def test_the_gain_z_gate_keeps_lengths_whose_gain_is_within_the_validation_users
     assert gated["gain"] == pytest.approx(tried[0.0] - tried[gated["step"]])
 
 
+def test_a_line_search_without_a_gradient_takes_no_step_and_has_no_z(tmp_path, tiny_llm_dir):
+    from recbole_uip.inference.gradient_agreement import format_step_z
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_line_search_users=4)
+    trainer.setup()
+    trainer.assignments, _, scales = trainer.e_step(3)
+    before = trainer.soft.encoder.detach().clone()
+    search = trainer.line_search(scales)                  # no M-step: the encoder has no gradient
+    assert search["step"] == 0.0 and search["gain_z"] == {} and search["best_z"] is None
+    assert format_step_z(search["step"], search["gain_z"], search["best_z"]) == "-"
+    assert torch.equal(trainer.soft.encoder.detach(), before)
+
+
 def test_each_validation_users_objective_is_their_own_whatever_the_batching(tmp_path, tiny_llm_dir):
     """The per-user terms the gain's z is computed from: the same per user in batches of 2 and of 8, and their mean is
     the objective the line search compares."""

@@ -580,7 +580,7 @@ class ProfileInferenceTrainer:
         agreement = None if gradient is None or odd is None else \
             split_half_agreement(gradient - odd, odd, self.settings.profile_names)
         if gradient is None or not float(gradient.norm()) > 0:
-            return {"step": 0.0, "gain": 0.0, "gradient_agreement": agreement}
+            return {"step": 0.0, "gain": 0.0, "gain_z": {}, "best_z": None, "gradient_agreement": agreement}
         validation = self.validation
         z = self.features(validation.users, validation.inputs).to(self.device)
         z_mean = z.mean(0, keepdim=True)     # a step changes how users differ, not the validation users' mean
@@ -926,7 +926,7 @@ class ProfileInferenceTrainer:
             record["line_search"] = search
             step = ("steps " + ", ".join(f"{name} {value:g}" for name, value in search["steps"].items())
                     if "steps" in search else f"step {search['step']:g}")
-            z = format_step_z(search.get("steps", search["step"]), search["gain_z"], search["best_z"])
+            z = format_step_z(search.get("steps", search["step"]), search.get("gain_z", {}), search.get("best_z"))
             parts.append(f"encoder {step} (validation objective -{search['gain']:.4f}: NLL "
                          f"-{search.get('nll_gain', 0):.4f}, commitment -{search.get('commitment_gain', 0):.4f}; "
                          f"gain/standard error {z})")
