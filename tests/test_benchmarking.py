@@ -273,11 +273,6 @@ def test_in_context_scoring_matches_one_unpadded_sequence_at_a_time(tmp_path, ti
 def test_held_out_items_never_reach_inference(tmp_path, tiny_llm_dir):
     """Changing the held-out items (and their ratings) leaves the inferred offsets bit-identical, and the items only
     they hold are not even embedded."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import generalisation
-    finally:
-        sys.path.remove(str(BENCHMARKS))
     import logging
 
     import torch
