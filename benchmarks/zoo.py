@@ -183,7 +183,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
                         help="YAML/JSON mapping model -> RecBole keys that replace that model's defaults, e.g. "
                              "'{xDeepFM: {cin_layer_size: [50, 50]}}' (default: %(default)s)")
     parser.add_argument("--render", action="store_true", help="only rebuild md/csv/png from the JSONL")
-    parser.add_argument("--report_only", action="store_true", help="only write the profile report (the folder's record and commands are kept)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="only write the profile report (the folder's record and commands are kept)")
     parser.add_argument("--results", default=str(RESULTS),
                         help="the results root (default: the repository's); the grid's folder is "
                              "<root>/<dataset>/<settings fingerprint>/")

@@ -633,21 +633,24 @@ class ProfileInferenceTrainer:
             return parts[relative]["nll"] + parts[relative]["commitment"]
 
         if not change_per_unit > 0:                       # this profile's gradient is zero: nothing to search
-            return {"step": 0.0, "gain": 0.0, "tried": {0.0: objective(0.0)}, "gain_z": {}, "best_z": None, "nll_gain": 0.0,
-                    "commitment_gain": 0.0, "encoder": current}
+            return {"step": 0.0, "gain": 0.0, "tried": {0.0: objective(0.0)}, "gain_z": {}, "best_z": None,
+                    "nll_gain": 0.0, "commitment_gain": 0.0, "encoder": current}
         lengths = self.settings.line_search_lengths
         tried = {relative: objective(relative) for relative in (0.0,) + lengths}
+
+        def lowest(candidates):                       # the lowest objective; among equals, the shortest length
+            return min(candidates, key=lambda r: (tried[r], r))
+
         relative = lengths[-1]
         for _ in range(LINE_SEARCH_EXPANSIONS):      # the longest step was best: try longer ones while they help
-            if min(tried, key=lambda r: (tried[r], r)) != relative:
+            if lowest(tried) != relative:
                 break
             relative *= 3
             tried[relative] = objective(relative)
         gain_z = {r: paired_gain_z(parts[0.0]["per_user"], parts[r]["per_user"]) for r in tried if r > 0}
         min_z = self.settings.line_search_min_z
-        eligible = [r for r in tried if r == 0 or not min_z > 0 or (gain_z[r] is not None and gain_z[r] >= min_z)]
-        best = min(eligible, key=lambda r: (tried[r], r))
-        best_z = gain_z.get(min(tried, key=lambda r: (tried[r], r)))       # at the best length, gate or not
+        best = lowest(r for r in tried if r == 0 or not min_z > 0 or (gain_z[r] is not None and gain_z[r] >= min_z))
+        best_z = gain_z.get(lowest(tried))                                 # at the best length, gate or not
         return {"step": best, "gain": tried[0.0] - tried[best], "tried": tried, "gain_z": gain_z, "best_z": best_z,
                 "nll_gain": parts[0.0]["nll"] - parts[best]["nll"],
                 "commitment_gain": parts[0.0]["commitment"] - parts[best]["commitment"], "encoder": candidate(best)}
