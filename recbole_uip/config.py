@@ -23,6 +23,7 @@ QUANTISER_METRICS = ("euclidean", "whitened")
 ENCODERS = ("linear", "none")
 TARGETS = ("random", "newest")
 LINE_SEARCHES = ("joint", "per_profile")
+LINE_SEARCH_CRITERIA = ("likelihood", "ctr")
 LINE_SEARCH_LENGTHS = (0.003, 0.01, 0.03, 0.1, 0.3)   # the line search's candidate lengths before the key existed
 
 
@@ -210,6 +211,8 @@ class UIPSettings:
     line_search: str = "joint"
     line_search_min_z: float = 0.0
     line_search_lengths: tuple[float, ...] = LINE_SEARCH_LENGTHS
+    line_search_criterion: str = "likelihood"
+    ctr_label_threshold: float | None = None
 
     def __post_init__(self):
         if not self.profiles:
@@ -261,13 +264,24 @@ class UIPSettings:
         for key, value, allowed in (("uip_quantiser_metric", self.quantiser_metric, QUANTISER_METRICS),
                                     ("uip_encoder", self.encoder, ENCODERS), ("uip_target", self.target, TARGETS),
                                     ("uip_free_token_optimizer", self.free_token_optimizer, ("adam", "sgd")),
-                                    ("uip_line_search", self.line_search, LINE_SEARCHES)):
+                                    ("uip_line_search", self.line_search, LINE_SEARCHES),
+                                    ("uip_line_search_criterion", self.line_search_criterion, LINE_SEARCH_CRITERIA)):
             if value not in allowed:
                 raise UIPConfigError(f"'{key}' must be one of {', '.join(allowed)}, got {value!r}.")
         lengths = self.line_search_lengths
         if not lengths or not all(0 < a < b for a, b in zip(lengths, lengths[1:] + (float("inf"),))):
             raise UIPConfigError("'uip_line_search_lengths' must be positive lengths in increasing order, e.g. "
                                  f"[0.001, 0.003, 0.01], got {list(lengths)!r}.")
+        if self.line_search_criterion == "ctr":
+            if self.line_search_min_z > 0:
+                raise UIPConfigError("'uip_line_search_min_z' gates the likelihood's gain; with "
+                                     "uip_line_search_criterion: ctr the step is chosen by the IDs' held-out AUC. Set "
+                                     "one of them back (uip_line_search_min_z: 0 or uip_line_search_criterion: "
+                                     "likelihood).")
+            if self.ctr_label_threshold is None:
+                raise UIPConfigError("uip_line_search_criterion: ctr labels training interactions rating >= threshold; "
+                                     "set uip_ctr_label_threshold (e.g. 4 on a 1-5 scale) or RecBole's threshold on "
+                                     "the rating field (threshold: {rating: 4}).")
         if self.encoder == "none" and not self.free_tokens:
             raise UIPConfigError("'uip_encoder: none' leaves the users nothing of their own: set uip_free_tokens: true "
                                  "(the paper's free per-user tokens) or use uip_encoder: linear.")
@@ -294,7 +308,8 @@ class UIPSettings:
         # keys added later, at the value that behaves as before they existed (every user in the M-step; RecBole's
         # seed, which the fingerprint holds with the split), are left out: earlier banks keep their fingerprint
         for key, as_before in (("mstep_users", 0), ("seed", None), ("shift_warmup_batches", 0), ("line_search", "joint"),
-                                 ("line_search_min_z", 0.0), ("line_search_lengths", LINE_SEARCH_LENGTHS)):
+                                 ("line_search_min_z", 0.0), ("line_search_lengths", LINE_SEARCH_LENGTHS),
+                                 ("line_search_criterion", "likelihood"), ("ctr_label_threshold", None)):
             if data[key] == as_before:
                 data.pop(key)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
@@ -324,6 +339,12 @@ class UIPSettings:
         if not isinstance(lengths, (list, tuple)):
             raise UIPConfigError(f"'uip_line_search_lengths' must be a list of lengths, e.g. [0.001, 0.003, 0.01], "
                                  f"got {lengths!r}.")
+        criterion, threshold = str(get("uip_line_search_criterion")), get("uip_ctr_label_threshold")
+        if criterion == "ctr" and threshold is None:      # RecBole's threshold on the rating field, where it has one
+            recbole_threshold = config["threshold"] if _has(config, "threshold") else None
+            rating_field = config["RATING_FIELD"] if _has(config, "RATING_FIELD") else "rating"
+            if isinstance(recbole_threshold, Mapping) and rating_field in recbole_threshold:
+                threshold = recbole_threshold[rating_field]
         fields = get("uip_item_text_fields")
         if isinstance(fields, str):
             fields = [fields]
@@ -376,6 +397,8 @@ class UIPSettings:
                 line_search=str(get("uip_line_search")),
                 line_search_min_z=float(get("uip_line_search_min_z")),
                 line_search_lengths=tuple(float(length) for length in lengths),
+                line_search_criterion=criterion,
+                ctr_label_threshold=None if criterion != "ctr" or threshold is None else float(threshold),
             )
         except (TypeError, ValueError) as error:
             if isinstance(error, UIPConfigError):

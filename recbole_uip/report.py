@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from recbole_uip.inference.codebook import ProfileCodebook
+from recbole_uip.inference.ctr_proxy import format_ctr_auc
 from recbole_uip.inference.gradient_agreement import format_step_z
 
 
@@ -510,7 +511,8 @@ def encoder_steps(history: list[dict]) -> list[dict]:
     taken (a dict of one per profile with ``uip_line_search: per_profile``), its validation gain, the most a step
     along its direction could gain (:func:`best_gain_along_step`; per profile, their sum), how many standard errors
     its gain stands above 0 (``z``, as :func:`~recbole_uip.inference.gradient_agreement.format_step_z` prints it;
-    ``?`` for banks made before it was recorded) and per profile the
+    ``?`` for banks made before it was recorded), the held-out AUC of the IDs at the step and without one where
+    ``uip_line_search_criterion: ctr`` chose it (``ids_auc``, else None) and per profile the
     split-half agreement of the gradient it followed (:mod:`recbole_uip.inference.gradient_agreement`; empty for
     banks made before it was recorded)."""
     def best(search: dict):
@@ -526,7 +528,9 @@ def encoder_steps(history: list[dict]) -> list[dict]:
              "z": format_step_z(h["line_search"].get("steps", h["line_search"]["step"]), h["line_search"]["gain_z"],
                                 h["line_search"]["best_z"]) if "gain_z" in h["line_search"] else "?",
              "agreement": {name: {k: a[k] for k in ("cosine", "signal_share")}
-                           for name, a in (h["line_search"].get("gradient_agreement") or {}).items()}}
+                           for name, a in (h["line_search"].get("gradient_agreement") or {}).items()},
+             "ids_auc": format_ctr_auc(h["line_search"].get("steps", h["line_search"]["step"]),
+                                       h["line_search"]["ctr_auc"]) if "ctr_auc" in h["line_search"] else None}
             for h in history if h.get("line_search")]
 
 
@@ -582,9 +586,15 @@ def render_profile_report(report: dict, header: str = "") -> str:
                   "share need not help users the pass did not see (the \"at best\" column says whether it did). "
                   "z: the step's gain over its standard error across the validation users (paired; "
                   "`uip_line_search_min_z` steps only above it); where no step was taken, in parentheses, the z of "
-                  "the best length tried; `-`: no length beat 0; `?`: not recorded, banks before 2026-12-04.", "",
-                  "| round | step | validation objective gain | z | at best | " + " | ".join(names) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(names)]
+                  "the best length tried; `-`: no length beat 0; `?`: not recorded, banks before 2026-12-04."]
+        by_ctr = any(entry.get("ids_auc") for entry in report["encoder_steps"])
+        if by_ctr:
+            lines[-1] += (" The step's length was chosen by the held-out AUC of the IDs it gives (`uip_line_search_"
+                          "criterion: ctr`, training split only: IDs from 80% of each user's training interactions "
+                          "predict the rest), shown at the step taken and, in parentheses, without a step.")
+        lines += ["", "| round | step | validation objective gain | z | at best | "
+                  + ("held-out AUC of the IDs | " if by_ctr else "") + " | ".join(names) + " |",
+                  "|---|---|---|---|---|" + "---|" * (len(names) + by_ctr)]
         for entry in report["encoder_steps"]:
             cells = []
             for name in names:
@@ -595,7 +605,9 @@ def render_profile_report(report: dict, header: str = "") -> str:
             step = ", ".join(f"{n} {v:g}" for n, v in step.items()) if isinstance(step, dict) else f"{step:g}"
             best = "-" if entry.get("best_gain") is None else f"{entry['best_gain']:.2g}"
             z = entry.get("z", "?")
-            lines.append(f"| {entry['round']} | {step} | {entry['gain']:+.4f} | {z} | {best} | " + " | ".join(cells) + " |")
+            auc = f"{entry.get('ids_auc') or '-'} | " if by_ctr else ""
+            lines.append(f"| {entry['round']} | {step} | {entry['gain']:+.4f} | {z} | {best} | {auc}"
+                         + " | ".join(cells) + " |")
     lines += ["", "## What each ID means", "",
               "Per ID, the items and item attribute values (`" + str(report.get("attribute_field")) + "`) most "
               "over-represented in its users' training interactions. lift = the value's share of the group's "

@@ -62,16 +62,21 @@ def test_uip_false_is_the_plain_baseline(tmp_path, tiny_llm_dir):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model", ["DeepFM", "SASRec"])
-def test_changing_only_valid_and_test_interactions_leaves_every_id_unchanged(model, tmp_path, tiny_llm_dir):
+@pytest.mark.parametrize("model, overrides", [("DeepFM", {}), ("SASRec", {}),
+                                             ("DeepFM", {"uip_line_search_criterion": "ctr"})])
+def test_changing_only_valid_and_test_interactions_leaves_every_id_unchanged(model, overrides, tmp_path, tiny_llm_dir):
     """The leakage guard: profiles see the training split only (DeepFM: random 8:1:1 split; SASRec: RecBole's
-    leave-one-out split, where each user's last two interactions are valid/test)."""
+    leave-one-out split, where each user's last two interactions are valid/test). With the CTR criterion the encoder's
+    step is chosen on labels: those of training interactions only."""
     from recbole.utils import init_logger
 
     from recbole_uip.data.behaviour import build_training_split
 
     folder = write_dataset(tmp_path / "data")
-    first = FeatureBank.load(_infer(tmp_path, tiny_llm_dir, model) / "bank")
+    first = FeatureBank.load(_infer(tmp_path, tiny_llm_dir, model, **overrides) / "bank")
+    if overrides:
+        assert all("ctr_auc" in h["line_search"] for h in first.metadata["history"] if "line_search" in h)
+        assert any("line_search" in h for h in first.metadata["history"])
 
     # Find the rows RecBole puts in valid/test, with the same config and seed.
     config = build_config(model, "toy", None, uip_config_dict(tmp_path, tiny_llm_dir))
@@ -92,7 +97,7 @@ def test_changing_only_valid_and_test_interactions_leaves_every_id_unchanged(mod
     assert changed > 0
     inter.write_text("\n".join(lines) + "\n")
 
-    second_target = _infer(tmp_path, tiny_llm_dir, model)  # the fingerprint changed: this really recomputes
+    second_target = _infer(tmp_path, tiny_llm_dir, model, **overrides)  # the fingerprint changed: really recomputes
     second = FeatureBank.load(second_target / "bank")
     assert second.fingerprint != first.fingerprint
     assert second.users == first.users

@@ -195,6 +195,23 @@ def test_render_profile_report_lists_every_section():
     assert "| 2 | 0.003 | +0.0012 | 2.50 | - | 0.250 (0.40) |" in text
     assert "| 3 | hobby 0 | +0.0000 | hobby (0.23) | - | - |" in text
     assert "Horror (1.80, 30)" in text and "A/B (2.00, 12)" in text   # '|' in a title cannot break the table
+    assert "held-out AUC of the IDs" not in text                      # no column where no step was chosen by it
+
+    report["encoder_steps"][1]["ids_auc"] = "0.7338 (no step 0.7226)"        # uip_line_search_criterion: ctr
+    text = render_profile_report(report)
+    assert "| round | step | validation objective gain | z | at best | held-out AUC of the IDs | hobby |" in text
+    assert "| 2 | 0.003 | +0.0012 | 2.50 | - | 0.7338 (no step 0.7226) | 0.250 (0.40) |" in text
+    assert "| 1 | 0 | +0.0000 | ? | - | - | - |" in text
+
+
+def test_the_encoder_steps_carry_the_ids_held_out_auc_where_the_ctr_criterion_chose_them():
+    from recbole_uip.report import encoder_steps
+
+    search = {"step": 0.01, "gain": -0.001, "tried": {"0.0": 1.0, "0.01": 1.001}, "gain_z": {"0.01": -0.5},
+              "best_z": -0.5, "ctr_auc": {"0.0": 0.72, "0.01": 0.73}}
+    steps = encoder_steps([{"round": 1, "line_search": search},
+                           {"round": 2, "line_search": {k: v for k, v in search.items() if k != "ctr_auc"}}])
+    assert steps[0]["ids_auc"] == "0.7300 (no step 0.7200)" and steps[1]["ids_auc"] is None
 
 
 def test_no_llm_user_vectors_separate_planted_groups_and_align_with_users(tmp_path, tiny_llm_dir):

@@ -268,6 +268,70 @@ def test_the_line_search_key_is_checked_and_left_out_of_the_fingerprint_at_joint
         UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_line_search": "each"}))
 
 
+def test_the_ctr_criterion_steps_by_the_ids_held_out_auc_and_leaves_the_runs_draws_alone(tmp_path, tiny_llm_dir,
+                                                                                         caplog):
+    """``uip_line_search_criterion: ctr``: every tried length is scored by the held-out AUC of the IDs it gives (and
+    still by the likelihood, for the record); the step is the length of highest AUC, the shortest among equals, and
+    the encoder moves by it. Scoring quantises on copies: the run's codebooks and k-means generator are untouched."""
+    trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_line_search_users=4,
+                           uip_line_search_criterion="ctr", uip_line_search_lengths=[0.01, 0.1, 1.0, 3.0])
+    trainer.setup()
+    trainer.assignments, healths, scales = trainer.e_step(3)
+    trainer.m_step(1, scales, trainer._shared_optimizer())
+    gradient, before = trainer.soft.encoder.grad.clone(), trainer.soft.encoder.detach().clone()
+    codebooks, generator = [cb.codes.clone() for cb in trainer.codebooks], trainer.generator.get_state()
+    search = trainer.line_search(scales)
+    assert torch.equal(trainer.generator.get_state(), generator)
+    assert all(torch.equal(cb.codes, saved) for cb, saved in zip(trainer.codebooks, codebooks))
+    auc, tried = search["ctr_auc"], search["tried"]
+    assert set(auc) == set(tried) and len(set(auc.values())) > 1, "the lengths should give different IDs"
+    assert search["step"] == min(auc, key=lambda r: (-auc[r], r))
+    assert search["gain"] == pytest.approx(tried[0.0] - tried[search["step"]])
+    moved = trainer.soft.encoder.detach() - before
+    if search["step"] == 0:
+        assert torch.equal(moved, torch.zeros_like(moved))
+    else:
+        cosine = torch.nn.functional.cosine_similarity(moved.flatten(), -gradient.flatten(), dim=0)
+        assert float(cosine) == pytest.approx(1.0, abs=1e-5)
+    assert trainer.held_out_auc(trainer.soft.encoder.detach()) == auc[search["step"]]   # scored as it was chosen
+    with caplog.at_level(logging.INFO, logger="test_trainer"):
+        trainer._log_round(1, None, healths, None, 0.0, search=search)
+    assert f"held-out AUC of the IDs {auc[search['step']]:.4f} (no step {auc[0.0]:.4f})" in caplog.text
+    assert f"validation objective {tried[search['step']] - tried[0.0]:+.4f}" in caplog.text and "-0.0000" not in caplog.text
+
+
+def test_the_ctr_criterion_needs_a_label_and_no_likelihood_gate(tmp_path, tiny_llm_dir):
+    from recbole_uip.config import UIPConfigError, UIPSettings
+    from recbole_uip.quick_start import build_config
+
+    assert_key_added_later(tmp_path, tiny_llm_dir, "uip_line_search_criterion", "ctr")    # default likelihood
+    config = uip_config_dict(tmp_path, tiny_llm_dir, uip_line_search_criterion="ctr")
+    settings = UIPSettings.from_config(build_config("DeepFM", "toy", None, config))
+    assert settings.ctr_label_threshold == 4.0                          # RecBole's threshold on the rating field
+    assert settings.fingerprint_dict()["line_search_criterion"] == "ctr"
+    assert settings.fingerprint_dict()["ctr_label_threshold"] == 4.0
+    own = UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_ctr_label_threshold": 3}))
+    assert own.ctr_label_threshold == 3.0
+    with pytest.raises(UIPConfigError, match="uip_ctr_label_threshold"):
+        UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "threshold": None}))
+    with pytest.raises(UIPConfigError, match="uip_line_search_min_z"):
+        UIPSettings.from_config(build_config("DeepFM", "toy", None, {**config, "uip_line_search_min_z": 2}))
+    default = UIPSettings.from_config(build_config("DeepFM", "toy", None, uip_config_dict(tmp_path, tiny_llm_dir)))
+    assert "ctr_label_threshold" not in default.fingerprint_dict() and default.ctr_label_threshold is None
+
+
+def test_the_ctr_criterion_refuses_histories_without_ratings(tmp_path, tiny_llm_dir):
+    import dataclasses
+
+    from recbole_uip.config import UIPConfigError
+    from recbole_uip.inference.trainer import ProfileInferenceTrainer
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir, uip_line_search_criterion="ctr")
+    unrated = dataclasses.replace(trainer.histories, ratings=None)
+    with pytest.raises(UIPConfigError, match="likelihood"):
+        ProfileInferenceTrainer(trainer.config, trainer.settings, trainer.llm, unrated, trainer.text, trainer.logger)
+
+
 def test_planted_differences_make_each_users_own_tokens_beat_the_mean_token(tmp_path, steerable_llm_dir):
     """Two groups of users who prefer different genres and rate them high: after training, users' own tokens
     explain a held-out text of theirs (their newest items, which their encoder does not read) better than the

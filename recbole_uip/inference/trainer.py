@@ -43,10 +43,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from recbole_uip.config import UIPConfigError
 from recbole_uip.data.behaviour import TrainingHistories
 from recbole_uip.data.behaviour_text import BehaviourText
 from recbole_uip.inference.checkpoint import InferenceCheckpoint
 from recbole_uip.inference.codebook import ProfileCodebook
+from recbole_uip.inference.ctr_proxy import HeldOutLabels, format_ctr_auc
 from recbole_uip.inference.distributed import Communicator
 from recbole_uip.inference.gradient_agreement import format_step_z, paired_gain_z, split_half_agreement
 from recbole_uip.inference.llm import FrozenLLM, assert_frozen
@@ -181,6 +183,10 @@ class ProfileInferenceTrainer:
         self.checkpoint: InferenceCheckpoint | None = None   # set by the caller to make the run resumable
         self.checkpoint_every = settings.checkpoint_every
         self._loop: dict = {}                                  # what the EM loop carries between rounds
+        self._held_out: dict | None = None                     # the CTR criterion's labels and kept z (held_out_auc)
+        if settings.line_search_criterion == "ctr" and histories.ratings is None:
+            raise UIPConfigError("uip_line_search_criterion: ctr labels training interactions by their rating, and "
+                                 "this dataset's histories have none. Use uip_line_search_criterion: likelihood.")
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _anchors(self) -> torch.Tensor:
@@ -309,13 +315,13 @@ class ProfileInferenceTrainer:
     # ---------------------------------------------------------------------------------------------- EM steps
     @torch.no_grad()
     def e_step(self, iterations: int, codebooks: list[ProfileCodebook] | None = None,
-               generator: torch.Generator | None = None, encoder: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, list, list[float]]:
+               generator: torch.Generator | None = None, encoder: torch.Tensor | None = None,
+               offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, list, list[float]]:
         """Assign every user's offsets to codes and refit the codebooks (default: the trainer's, drawing from its
-        generator; ``encoder`` ``(P, D, k)`` replaces ``A``). Returns ``(U, P)`` ids (every user's, on every rank),
-        healths, sigma^2."""
+        generator; ``encoder`` ``(P, D, k)`` replaces ``A``; ``offsets`` ``(U_r, P, D)`` of this rank's users replace
+        those of their whole histories). Returns ``(U, P)`` ids (every user's, on every rank), healths, sigma^2."""
         self.comm.phase = "an E-step"
-        offsets = self.local_offsets(encoder)
+        offsets = self.local_offsets(encoder) if offsets is None else offsets
         codes, healths, scales = [], [], []
         for p, codebook in enumerate(self.codebooks if codebooks is None else codebooks):
             assignment, health = codebook.fit(offsets[:, p], iterations, generator or self.generator, self.comm)
@@ -608,6 +614,8 @@ class ProfileInferenceTrainer:
                       "best_z": {name: s["best_z"] for name, s in searches.items()},
                       "nll_gain": sum(s["nll_gain"] for s in searches.values()),
                       "commitment_gain": sum(s["commitment_gain"] for s in searches.values())}
+            if self.settings.line_search_criterion == "ctr":
+                search["ctr_auc"] = {name: s["ctr_auc"] for name, s in searches.items()}
         self.codebooks = [cb.cpu() for cb in self.codebooks]
         self.soft.encoder.data = current
         return {**search, "gradient_agreement": agreement}
@@ -632,28 +640,64 @@ class ProfileInferenceTrainer:
             parts[relative] = self._validation_objective(candidate(relative), z, z_mean, shift, batch, scales)
             return parts[relative]["nll"] + parts[relative]["commitment"]
 
-        if not change_per_unit > 0:                       # this profile's gradient is zero: nothing to search
-            return {"step": 0.0, "gain": 0.0, "tried": {0.0: objective(0.0)}, "gain_z": {}, "best_z": None,
-                    "nll_gain": 0.0, "commitment_gain": 0.0, "encoder": current}
-        lengths = self.settings.line_search_lengths
-        tried = {relative: objective(relative) for relative in (0.0,) + lengths}
+        by_ctr = self.settings.line_search_criterion == "ctr"
+        ctr_auc: dict[float, float] = {}
 
-        def lowest(candidates):                       # the lowest objective; among equals, the shortest length
-            return min(candidates, key=lambda r: (tried[r], r))
+        def score(relative: float) -> float:
+            """The likelihood objective, always recorded; the criterion's value: the objective, or minus the AUC."""
+            value = objective(relative)
+            if by_ctr:
+                ctr_auc[relative] = self.held_out_auc(candidate(relative))
+                return -ctr_auc[relative]
+            return value
+
+        if not change_per_unit > 0:                       # this profile's gradient is zero: nothing to search
+            found = {"step": 0.0, "gain": 0.0, "tried": {0.0: objective(0.0)}, "gain_z": {}, "best_z": None,
+                     "nll_gain": 0.0, "commitment_gain": 0.0, "encoder": current}
+            return {**found, "ctr_auc": {0.0: self.held_out_auc(current)}} if by_ctr else found
+        lengths = self.settings.line_search_lengths
+        criterion = {relative: score(relative) for relative in (0.0,) + lengths}
+
+        def lowest(candidates):                       # the lowest criterion; among equals, the shortest length
+            return min(candidates, key=lambda r: (criterion[r], r))
 
         relative = lengths[-1]
         for _ in range(LINE_SEARCH_EXPANSIONS):      # the longest step was best: try longer ones while they help
-            if lowest(tried) != relative:
+            if lowest(criterion) != relative:
                 break
             relative *= 3
-            tried[relative] = objective(relative)
+            criterion[relative] = score(relative)
+        tried = {r: parts[r]["nll"] + parts[r]["commitment"] for r in criterion}
         gain_z = {r: paired_gain_z(parts[0.0]["per_user"], parts[r]["per_user"]) for r in tried if r > 0}
-        min_z = self.settings.line_search_min_z
+        min_z = self.settings.line_search_min_z      # 0 with the ctr criterion (config)
         best = lowest(r for r in tried if r == 0 or not min_z > 0 or (gain_z[r] is not None and gain_z[r] >= min_z))
         best_z = gain_z.get(lowest(tried))                                 # at the best length, gate or not
-        return {"step": best, "gain": tried[0.0] - tried[best], "tried": tried, "gain_z": gain_z, "best_z": best_z,
-                "nll_gain": parts[0.0]["nll"] - parts[best]["nll"],
-                "commitment_gain": parts[0.0]["commitment"] - parts[best]["commitment"], "encoder": candidate(best)}
+        found = {"step": best, "gain": tried[0.0] - tried[best], "tried": tried, "gain_z": gain_z, "best_z": best_z,
+                 "nll_gain": parts[0.0]["nll"] - parts[best]["nll"],
+                 "commitment_gain": parts[0.0]["commitment"] - parts[best]["commitment"], "encoder": candidate(best)}
+        return {**found, "ctr_auc": ctr_auc} if by_ctr else found
+
+    @torch.no_grad()
+    def held_out_auc(self, encoder: torch.Tensor) -> float:
+        """The CTR criterion's score of the encoder ``encoder`` ``(P, D, k)``: the held-out AUC (:mod:`ctr_proxy`)
+        of the IDs it gives every user from their kept training interactions, quantised like an E-step (as many
+        Lloyd iterations, warm-started) on copies of the codebooks and of the k-means generator, so the run's own
+        draws and codebooks are untouched. The same on every rank."""
+        if self._held_out is None:       # built on first use from the seed alone: a resumed run builds the same
+            labels = HeldOutLabels.split(self.histories, self.settings.ctr_label_threshold, self.seed)
+            users = self.local_users
+            z = [self.features(part, [labels.kept[u] for u in part]) for part in _batches(users, 4096)]
+            self._held_out = {"labels": labels, "z": torch.cat(z) if z else torch.zeros(0, self.feature_map.dims)}
+        z = self._held_out["z"].to(self.device)                                                  # (U_r, k)
+        offsets = torch.einsum("pdk,uk->upd", encoder.to(self.device), z)
+        if self.free is not None:
+            offsets = offsets + self.free.table[torch.as_tensor(self.local_users)].to(self.device)
+        generator = torch.Generator()
+        generator.set_state(self.generator.get_state())
+        codes, _, _ = self.e_step(self.settings.kmeans_iters, copy.deepcopy(self.codebooks), generator,
+                                  offsets=offsets.cpu())
+        self.comm.phase = "the line search"
+        return self._held_out["labels"].auc(codes.numpy())
 
     @torch.no_grad()
     def _validation_objective(self, encoder: torch.Tensor, z: torch.Tensor, z_mean: torch.Tensor, shift: torch.Tensor,
@@ -930,9 +974,13 @@ class ProfileInferenceTrainer:
             step = ("steps " + ", ".join(f"{name} {value:g}" for name, value in search["steps"].items())
                     if "steps" in search else f"step {search['step']:g}")
             z = format_step_z(search.get("steps", search["step"]), search.get("gain_z", {}), search.get("best_z"))
-            parts.append(f"encoder {step} (validation objective -{search['gain']:.4f}: NLL "
-                         f"-{search.get('nll_gain', 0):.4f}, commitment -{search.get('commitment_gain', 0):.4f}; "
+            change = {k: 0.0 - search.get(k, 0.0) for k in ("gain", "nll_gain", "commitment_gain")}  # never -0
+            parts.append(f"encoder {step} (validation objective {change['gain']:+.4f}: NLL "
+                         f"{change['nll_gain']:+.4f}, commitment {change['commitment_gain']:+.4f}; "
                          f"gain/standard error {z})")
+            if "ctr_auc" in search:
+                parts.append("held-out AUC of the IDs " + format_ctr_auc(search.get("steps", search["step"]),
+                                                                          search["ctr_auc"]))
             agreement = search.get("gradient_agreement")
             if agreement:
                 parts.append("gradient split-half cosine " + ", ".join(
