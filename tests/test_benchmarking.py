@@ -461,3 +461,25 @@ def test_latest_records_keep_the_last_signatures_runs():
     records = [{"signature": "a", "n": 1}, {"signature": "b", "n": 2}, {"signature": "a", "n": 3}]
     assert latest_records(records) == [{"signature": "a", "n": 1}, {"signature": "a", "n": 3}]
     assert latest_records([]) == []
+
+
+def test_the_proxy_check_reads_each_id_set_the_grid_used_aligned_with_the_users(tmp_path):
+    """``benchmarks/ctr_proxy_check.py`` scores the ID sets as the grid wrote them: every ``uip_*`` column of each
+    set's ``.user`` file, in the order of the users it is given; sets without a file are left out."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import ctr_proxy_check
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    for stem, rows in (("toy-uip", ["2\t0\ta\t7", "1\t3\tb\t7", "3\t3\ta\t9"]),
+                       ("toy-uipzoo-shuffled", ["1\t5\tx\t7", "2\t5\ty\t7", "3\t6\ty\t7"])):
+        (tmp_path / stem).mkdir()
+        (tmp_path / stem / f"{stem}.user").write_text(
+            "user_id:token\tuip_hobby:token\tuip_background:token\tage:token\n" + "\n".join(rows) + "\n")
+    sets = ctr_proxy_check.id_sets(tmp_path, "toy", ["1", "2", "3"], ["uip", "shuffled", "none"])
+    assert set(sets) == {"uip", "shuffled"}
+    assert sets["uip"].shape == (3, 2)
+    uip = sets["uip"]                                         # users 1, 2, 3: hobby 3, 0, 3; background b, a, a
+    assert uip[0, 0] == uip[2, 0] != uip[1, 0] and uip[1, 1] == uip[2, 1] != uip[0, 1]
+    shuffled = sets["shuffled"]                               # hobby 5, 5, 6; background x, y, y
+    assert shuffled[0, 0] == shuffled[1, 0] != shuffled[2, 0] and shuffled[1, 1] == shuffled[2, 1] != shuffled[0, 1]
