@@ -64,8 +64,8 @@ def check(args, overrides: dict, fingerprint: str) -> tuple[dict, str]:
         sys.exit(f"{folder / 'zoo.jsonl'} holds no id_free runs of a grid.")
     record = json.loads((folder / "zoo.meta.json").read_text(encoding="utf-8"))["record"]
     split = record["split"]
-    config, settings, _ = configure(split["model"], args.dataset, {"seed": split["seed"], "eval_args": split["eval_args"],
-                                                                   "show_progress": False, **overrides})
+    config, settings, _ = configure(split["model"], args.dataset, {
+        "seed": split["seed"], "eval_args": split["eval_args"], "show_progress": False, **overrides})
     threshold = (config["threshold"] or {}).get(config["RATING_FIELD"])
     if threshold is None:
         sys.exit(f"{split['model']} on {args.dataset} has no threshold on the rating field: give one, e.g. "

@@ -19,10 +19,9 @@ whose profile ``p`` has the code ``c``, each shrunk towards the level above it (
 ``rating >= threshold``, RecBole's ``threshold`` semantics). The ``sum_p`` term helps only where users with the same ID
 agree about an item beyond its popularity; IDs that group users at random add noise and score below one ID for all.
 
-Checked on ml-100k's training split (seed 2020, DeepFM's split; 5 draws of the held-out fifth) against the feature
-sets of the 8-model CTR grid results/ml-100k/0fe30299ed31, with the IDs as the bank stores them (from whole training
-histories): trained 0.7314 > kmeans-llm 0.7287 > random-step control 0.7245 > untrained control 0.7215 > one ID for
-all 0.7102 > genre k-means 0.6966 > shuffled 0.6841. The grid's test AUC orders the five profile feature sets it ran the same way.
+Is it a fair stand-in for the CTR models? ``benchmarks/ctr_proxy_check.py`` scores every ID set of a model-zoo grid
+beside the grid's test AUC: on three ml-100k grids (8 CTR models x 3 seeds each; trained IDs, both controls, k-means
+over ``z``, genre k-means, shuffled IDs) the two orders agree exactly (results/ml-100k/*/ctr_proxy_check.md).
 """
 
 from __future__ import annotations

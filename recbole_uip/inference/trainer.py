@@ -18,10 +18,11 @@ One EM round (``uip_epochs`` of them):
   batch; the free per-user tokens (``uip_free_tokens``) a row step per batch. The encoder ``A`` accumulates its
   gradient over the whole pass and then takes **one step whose length a line search chooses** on validation
   users (``uip_line_search_users``, held out of the pass): the objective of each candidate length is measured
-  with the frozen LLM, and a length of zero is always a candidate. A departure from per-batch steps: measured on
-  ml-100k, per-batch Adam steps on ``A`` (or on an MLP) made each user's own tokens explain held-out behaviour
-  *worse* than the mean token (+0.06 nats/token): the user signal in one batch's gradient is far below its
-  noise, and every noisy step costs likelihood. The full-pass gradient averages the noise out, and the line
+  with the frozen LLM (``uip_line_search_criterion: ctr`` chooses by the held-out AUC of the IDs it gives
+  instead: :meth:`ProfileInferenceTrainer.held_out_auc`), and a length of zero is always a candidate. A
+  departure from per-batch steps: measured on ml-100k, per-batch Adam steps on ``A`` (or on an MLP) made each
+  user's own tokens explain held-out behaviour *worse* than the mean token (+0.06 nats/token): the user signal in
+  one batch's gradient is far below its noise, and every noisy step costs likelihood. The full-pass gradient averages the noise out, and the line
   search takes a step only as long as it helps users the pass did not see.
 * **E-step.** Every user's offset (from all their training items) is assigned its nearest code; the codebooks
   are refitted (Lloyd, warm-started) and dead codes restarted. The last E-step's assignments are the profile IDs.
@@ -565,7 +566,8 @@ class ProfileInferenceTrainer:
     @torch.no_grad()
     def line_search(self, scales: list[float]) -> dict:
         """One step of the encoder along minus its gradient accumulated over the M-step, of the length (possibly
-        zero) that minimises the M-step objective of the validation users. Returns what was tried and chosen.
+        zero) that minimises the M-step objective of the validation users (``uip_line_search_criterion: ctr``:
+        that maximises :meth:`held_out_auc`). Returns what was tried and chosen.
 
         ``uip_line_search: joint`` searches one length for every profile's part of the gradient; ``per_profile``
         searches each profile's length in turn (the profiles before it already stepped), so a profile whose
@@ -627,8 +629,10 @@ class ProfileInferenceTrainer:
         ``shift`` ``(1, P, D)`` the encoder's offset of the mean user, held fixed). A length is the mean change of a
         validation user's offset, of every profile (``profile`` None) or of that profile alone, relative to the
         mean token-embedding norm. With ``uip_line_search_min_z`` > 0 only lengths whose gain is that many standard
-        errors above 0 (paired over the validation users: :func:`paired_gain_z`) may be chosen. Returns the step,
-        its gain, what was tried, each length's ``gain_z`` and the moved encoder."""
+        errors above 0 (paired over the validation users: :func:`paired_gain_z`) may be chosen. With
+        ``uip_line_search_criterion: ctr`` the chosen length is the one of highest :meth:`held_out_auc` (the
+        objective is still measured and recorded). Returns the step, its gain, what was tried, each length's
+        ``gain_z`` (and ``ctr_auc``) and the moved encoder."""
         change = torch.einsum("pdk,bk->bpd", direction, z - z_mean).norm(dim=-1)                   # (V, P)
         change_per_unit = float(change.mean() if profile is None else change[:, profile].mean())
         parts: dict[float, dict] = {}
