@@ -272,7 +272,8 @@ def test_the_ctr_criterion_steps_by_the_ids_held_out_auc_and_leaves_the_runs_dra
                                                                                          caplog):
     """``uip_line_search_criterion: ctr``: every tried length is scored by the held-out AUC of the IDs it gives (and
     still by the likelihood, for the record); the step is the length of highest AUC, the shortest among equals, and
-    the encoder moves by it. Scoring quantises on copies: the run's codebooks and k-means generator are untouched."""
+    the encoder it leaves scores that AUC. Scoring quantises on copies: the run's codebooks and k-means generator are
+    untouched."""
     trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_line_search_users=4,
                            uip_line_search_criterion="ctr", uip_line_search_lengths=[0.01, 0.1, 1.0, 3.0])
     trainer.setup()
@@ -287,17 +288,38 @@ def test_the_ctr_criterion_steps_by_the_ids_held_out_auc_and_leaves_the_runs_dra
     assert set(auc) == set(tried) and len(set(auc.values())) > 1, "the lengths should give different IDs"
     assert search["step"] == min(auc, key=lambda r: (-auc[r], r))
     assert search["gain"] == pytest.approx(tried[0.0] - tried[search["step"]])
-    moved = trainer.soft.encoder.detach() - before
-    if search["step"] == 0:
-        assert torch.equal(moved, torch.zeros_like(moved))
-    else:
-        cosine = torch.nn.functional.cosine_similarity(moved.flatten(), -gradient.flatten(), dim=0)
-        assert float(cosine) == pytest.approx(1.0, abs=1e-5)
     assert trainer.held_out_auc(trainer.soft.encoder.detach()) == auc[search["step"]]   # scored as it was chosen
     with caplog.at_level(logging.INFO, logger="test_trainer"):
         trainer._log_round(1, None, healths, None, 0.0, search=search)
     assert f"held-out AUC of the IDs {auc[search['step']]:.4f} (no step {auc[0.0]:.4f})" in caplog.text
-    assert f"validation objective {tried[search['step']] - tried[0.0]:+.4f}" in caplog.text and "-0.0000" not in caplog.text
+    assert f"validation objective {tried[search['step']] - tried[0.0]:+.4f}" in caplog.text
+    assert "-0.0000" not in caplog.text                                # a change of zero is written +0.0000
+
+
+def test_the_ctr_criterion_moves_the_encoder_by_the_length_of_highest_auc_and_tries_longer_ones(tmp_path,
+                                                                                                 tiny_llm_dir):
+    """The search's side of the ctr criterion, with a stand-in score that rises with the step's length: the longest
+    length wins, so longer ones are tried (x3 while the longest is best), and the encoder moves by the winner along
+    minus its gradient. (On the tiny fit the real score chose no step.)"""
+    from recbole_uip.inference.trainer import LINE_SEARCH_EXPANSIONS
+
+    lengths = [0.01, 0.03]
+    trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_line_search_users=4,
+                           uip_line_search_criterion="ctr", uip_line_search_lengths=lengths)
+    trainer.setup()
+    trainer.assignments, _, scales = trainer.e_step(3)
+    trainer.m_step(1, scales, trainer._shared_optimizer())
+    gradient, before = trainer.soft.encoder.grad.clone(), trainer.soft.encoder.detach().clone()
+    trainer.held_out_auc = lambda encoder: float((encoder.cpu() - before).norm())
+    search = trainer.line_search(scales)
+    longest = lengths[-1] * 3 ** LINE_SEARCH_EXPANSIONS
+    assert search["step"] == pytest.approx(longest) == max(search["ctr_auc"])
+    assert len(search["ctr_auc"]) == 1 + len(lengths) + LINE_SEARCH_EXPANSIONS
+    assert set(search["tried"]) == set(search["ctr_auc"])             # the likelihood is still measured at each
+    moved = trainer.soft.encoder.detach() - before
+    assert float(moved.norm()) == pytest.approx(search["ctr_auc"][search["step"]], rel=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(moved.flatten(), -gradient.flatten(), dim=0)
+    assert float(cosine) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_the_ctr_criterion_needs_a_label_and_no_likelihood_gate(tmp_path, tiny_llm_dir):
