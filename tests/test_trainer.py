@@ -322,6 +322,29 @@ def test_the_ctr_criterion_moves_the_encoder_by_the_length_of_highest_auc_and_tr
     assert float(cosine) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_the_ctr_criterion_per_profile_records_each_profiles_scores_and_logs_them(tmp_path, tiny_llm_dir):
+    """``uip_line_search: per_profile`` with the ctr criterion: each profile's search records its own lengths' AUC
+    (the next profile's search starts from where the previous one left the encoder), formatted per profile."""
+    from recbole_uip.inference.ctr_proxy import format_ctr_auc
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_line_search_users=4, uip_line_search="per_profile",
+                           uip_line_search_criterion="ctr")
+    trainer.setup()
+    trainer.assignments, _, scales = trainer.e_step(3)
+    trainer.m_step(1, scales, trainer._shared_optimizer())
+    search = trainer.line_search(scales)
+    names = trainer.settings.profile_names
+    assert set(search["ctr_auc"]) == set(names) == set(search["steps"])
+    for name in names:
+        auc = search["ctr_auc"][name]
+        assert set(auc) == set(search["tried"][name])
+        assert search["steps"][name] == min(auc, key=lambda r: (-auc[r], r))
+    first, second = (search["ctr_auc"][name] for name in names)
+    assert second[0.0] == max(first.values())                # the second starts where the first ended
+    text = format_ctr_auc(search["steps"], search["ctr_auc"])
+    assert text.startswith(f"{names[0]} ") and f", {names[1]} " in text
+
+
 def test_the_ctr_criterion_needs_a_label_and_no_likelihood_gate(tmp_path, tiny_llm_dir):
     from recbole_uip.config import UIPConfigError, UIPSettings
     from recbole_uip.quick_start import build_config
