@@ -64,17 +64,17 @@ def check(args, overrides: dict, fingerprint: str) -> tuple[dict, str]:
         sys.exit(f"{folder / 'zoo.jsonl'} holds no id_free runs of a grid.")
     record = json.loads((folder / "zoo.meta.json").read_text(encoding="utf-8"))["record"]
     split = record["split"]
+    # the criterion's own settings resolve the label threshold (RecBole's on the rating field, or
+    # --uip_ctr_label_threshold), and refuse a run without one with the fix
     config, settings, _ = configure(split["model"], args.dataset, {
-        "seed": split["seed"], "eval_args": split["eval_args"], "show_progress": False, **overrides})
-    threshold = (config["threshold"] or {}).get(config["RATING_FIELD"])
-    if threshold is None:
-        sys.exit(f"{split['model']} on {args.dataset} has no threshold on the rating field: give one, e.g. "
-                 "--threshold=\"{rating: 4}\"")
+        "seed": split["seed"], "eval_args": split["eval_args"], "show_progress": False,
+        "uip_line_search_criterion": "ctr", **overrides})
+    threshold = settings.ctr_label_threshold
     histories = collect_training_histories(config, settings, resolve_text_fields(config, settings,
                                                                                  check_dataset_files(config)))
     grid = pd.DataFrame(runs).groupby("feature_set")["auc"].mean()
     sets = id_sets(Path(args.data_root) / f"zoo-{fingerprint}", args.dataset, histories.users, list(grid.index))
-    draws = [HeldOutLabels.split(histories, float(threshold), seed) for seed in range(args.draws)]
+    draws = [HeldOutLabels.split(histories, threshold, seed) for seed in range(args.draws)]
     rows = {name: {"proxy_auc": [d.auc(codes) for d in draws], "grid_auc": float(grid[name])}
             for name, codes in sets.items()}
     names = sorted(rows, key=lambda n: -np.mean(rows[n]["proxy_auc"]))

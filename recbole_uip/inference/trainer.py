@@ -22,8 +22,8 @@ One EM round (``uip_epochs`` of them):
   instead: :meth:`ProfileInferenceTrainer.held_out_auc`), and a length of zero is always a candidate. A
   departure from per-batch steps: measured on ml-100k, per-batch Adam steps on ``A`` (or on an MLP) made each
   user's own tokens explain held-out behaviour *worse* than the mean token (+0.06 nats/token): the user signal in
-  one batch's gradient is far below its noise, and every noisy step costs likelihood. The full-pass gradient averages the noise out, and the line
-  search takes a step only as long as it helps users the pass did not see.
+  one batch's gradient is far below its noise, and every noisy step costs likelihood. The full-pass gradient
+  averages the noise out, and the line search takes a step only as long as it helps users the pass did not see.
 * **E-step.** Every user's offset (from all their training items) is assigned its nearest code; the codebooks
   are refitted (Lloyd, warm-started) and dead codes restarted. The last E-step's assignments are the profile IDs.
 
