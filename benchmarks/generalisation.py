@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    benchmark_parser, configure, held_out_positions, interval_summary, parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
+    HeldOutInference, benchmark_parser, configure, interval_summary, parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
 )
 
 MODES = {"own": "own", "mean": "mean", "other_user": "other", "no_profile": "none", "codes": "code"}
@@ -77,35 +77,20 @@ def render(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from recbole_uip.data.behaviour import check_text_values, collect_training_histories, resolve_text_fields
-    from recbole_uip.data.behaviour_text import BehaviourText
-    from recbole_uip.inference.llm import load_frozen_llm
-    from recbole_uip.inference.trainer import ProfileInferenceTrainer, Targets
-    from recbole_uip.quick_start import check_dataset_files
-
     args, overrides = parse_args(argv)
     config, settings, logger = configure(args.model, args.dataset, overrides)
-    files = check_dataset_files(config)
-    fields = resolve_text_fields(config, settings, files)
-    check_text_values(files, fields, config["field_separator"], config["encoding"])
-    histories = collect_training_histories(config, settings, fields, logger)
-    llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger)
-    full_text = BehaviourText(histories, settings, llm.tokenizer)
-    held = held_out_positions(full_text, args.holdout_tokens)
-    remaining = histories.truncated([len(items) - len(h) for items, h in zip(histories.items, held)])
+    run = HeldOutInference.build(config, settings, logger, args.holdout_tokens)
     start = time.perf_counter()
-    trainer = ProfileInferenceTrainer(config, settings, llm, remaining, BehaviourText(remaining, settings, llm.tokenizer, logger), logger)
+    trainer = run.trainer
     result = trainer.fit()
     seconds = time.perf_counter() - start
 
-    users = np.array([u for u, h in enumerate(held) if len(h)])
-    texts, flags = zip(*(full_text.tokens(u, held[u]) for u in users))
-    targets = Targets(users, list(texts), None if full_text.rating_flags is None else list(flags),
-                      [np.arange(len(remaining.items[u])) for u in users])
+    targets = run.held_out_targets(run.users())
+    texts = targets.texts
     scores = trainer.score(targets)
     plain = summarise(scores)
     data = {
-        "holdout_tokens": args.holdout_tokens, "users_evaluated": int(len(users)),
+        "holdout_tokens": args.holdout_tokens, "users_evaluated": int(len(targets.users)),
         "held_out_tokens_mean": float(np.mean([len(t) for t in texts])),
         **{name: plain["modes"][name]["mean"] for name in MODES},
         "own_minus_mean_ci": plain["differences"]["own_minus_mean"]["ci"],

@@ -14,13 +14,15 @@
 * :func:`read_records`, :func:`append_record`, :func:`latest_records`: a benchmark's JSONL of finished runs (a
   restart skips what is done).
 * :func:`fmt_p`: a p-value as the reports print it; :func:`progress_logging`: RecBole's logger, quiet on stdout.
-* :func:`held_out_positions`: the held-out protocol of the generalisation and in-context benchmarks.
+* :func:`held_out_positions`: the held-out protocol of the generalisation and in-context benchmarks;
+  :class:`HeldOutInference`: that protocol set up for inference (the generalisation and token-probe benchmarks).
 * :func:`benchmark_parser`: the flags every benchmark has; :func:`configure`: a benchmark's RecBole config (profiles on), RecBole's logger and the resolved settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -339,6 +341,59 @@ def held_out_positions(text, holdout_tokens: int) -> list[np.ndarray]:
         positions = text.newest_target(user, holdout_tokens) if n >= 2 else np.zeros(0, dtype=np.int64)
         held.append(positions[1:] if len(positions) == n else positions)
     return held
+
+
+@dataclasses.dataclass
+class HeldOutInference:
+    """The held-out protocol of the generalisation and token-probe benchmarks, set up for inference.
+
+    Attributes:
+        llm: the frozen LLM.
+        full_text: ``BehaviourText`` of the whole training histories (what the held-out texts are written from).
+        held: per user, the held-out positions (:func:`held_out_positions`).
+        remaining: the histories without them: all that inference and every statistic may see.
+        trainer: a ``ProfileInferenceTrainer`` over ``remaining`` (not set up, not fitted).
+    """
+
+    llm: Any
+    full_text: Any
+    held: list[np.ndarray]
+    remaining: Any
+    trainer: Any
+
+    @classmethod
+    def build(cls, config, settings, logger, holdout_tokens: int) -> "HeldOutInference":
+        """Check the dataset's text, read the training histories, load the LLM and hold out each user's newest
+        ``holdout_tokens`` tokens of items."""
+        from recbole_uip.data.behaviour import check_text_values, collect_training_histories, resolve_text_fields
+        from recbole_uip.data.behaviour_text import BehaviourText
+        from recbole_uip.inference.llm import load_frozen_llm
+        from recbole_uip.inference.trainer import ProfileInferenceTrainer
+        from recbole_uip.quick_start import check_dataset_files
+
+        files = check_dataset_files(config)
+        fields = resolve_text_fields(config, settings, files)
+        check_text_values(files, fields, config["field_separator"], config["encoding"])
+        histories = collect_training_histories(config, settings, fields, logger)
+        llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger)
+        full_text = BehaviourText(histories, settings, llm.tokenizer)
+        held = held_out_positions(full_text, holdout_tokens)
+        remaining = histories.truncated([len(items) - len(h) for items, h in zip(histories.items, held)])
+        trainer = ProfileInferenceTrainer(config, settings, llm, remaining,
+                                          BehaviourText(remaining, settings, llm.tokenizer, logger), logger)
+        return cls(llm, full_text, held, remaining, trainer)
+
+    def users(self) -> np.ndarray:
+        """The users with a held-out text (int64, ascending)."""
+        return np.array([u for u, h in enumerate(self.held) if len(h)], dtype=np.int64)
+
+    def held_out_targets(self, users: np.ndarray):
+        """``Targets``: each user's held-out text, their encoder reading every remaining item."""
+        from recbole_uip.inference.trainer import Targets
+
+        texts, flags = zip(*(self.full_text.tokens(u, self.held[u]) for u in users))
+        return Targets(np.asarray(users), list(texts), None if self.full_text.rating_flags is None else list(flags),
+                       [np.arange(len(self.remaining.items[u])) for u in users])
 
 
 def split_cold_start(users: list[str], times: list[float], holdout: float, onboarding: int, valid_share: float,

@@ -279,7 +279,6 @@ def test_the_ctr_criterion_steps_by_the_ids_held_out_auc_and_leaves_the_runs_dra
     trainer.setup()
     trainer.assignments, healths, scales = trainer.e_step(3)
     trainer.m_step(1, scales, trainer._shared_optimizer())
-    gradient, before = trainer.soft.encoder.grad.clone(), trainer.soft.encoder.detach().clone()
     codebooks, generator = [cb.codes.clone() for cb in trainer.codebooks], trainer.generator.get_state()
     search = trainer.line_search(scales)
     assert torch.equal(trainer.generator.get_state(), generator)
@@ -702,3 +701,25 @@ def test_the_shift_warmup_trains_the_shift_alone_before_round_ones_pass(tmp_path
     assert "shift_warmup" not in result.history[2]
 
     assert_key_added_later(tmp_path, tiny_llm_dir, "uip_shift_warmup_batches", 3)   # default 0: no warm-up
+
+
+def test_fitting_a_users_tokens_to_their_text_lowers_their_nll_and_touches_nothing_shared(tmp_path, tiny_llm_dir):
+    """``fit_user_tokens``: each user's fitted offsets lower that user's NLL on the text they were fitted to (each
+    user's own gradient: the losses are summed), ``score_offsets`` agrees with ``score``'s mean mode, and neither the
+    shared shift, the encoder nor their gradients change."""
+    trainer = make_trainer(tmp_path, tiny_llm_dir)
+    trainer.setup()
+    users = np.arange(6)
+    targets = trainer.targets(users, np.random.default_rng(0))
+    start = torch.zeros(len(users), *trainer.soft.anchors.shape)
+    shared, encoder = trainer.soft.shared.detach().clone(), trainer.soft.encoder.detach().clone()
+    before = trainer.score_offsets(targets, start)
+    fitted = trainer.fit_user_tokens(targets, start, steps=5, learning_rate=0.05)
+    after = trainer.score_offsets(targets, fitted)
+    assert fitted.shape == start.shape and (after < before).all()
+    assert not torch.equal(fitted[0], fitted[1])                       # each user their own tokens
+    assert torch.equal(trainer.soft.shared, shared) and torch.equal(trainer.soft.encoder, encoder)
+    assert trainer.soft.shared.grad is None and trainer.soft.encoder.grad is None
+    mean = trainer.offsets(users, targets.inputs).mean(0, keepdim=True).expand(len(users), -1, -1)
+    np.testing.assert_allclose(trainer.score_offsets(targets, mean), trainer.score(targets, modes=("mean",))["mean"],
+                               rtol=1e-5)

@@ -771,6 +771,38 @@ class ProfileInferenceTrainer:
         bar.close()
         return {key: torch.cat(values).numpy() for key, values in out.items()}
 
+    @torch.no_grad()
+    def score_offsets(self, targets: Targets, offsets: torch.Tensor) -> np.ndarray:
+        """Plain NLL per user ``(B,)`` float64 of ``targets``' texts with the offsets ``(B, P, D)`` (the shared
+        center added). Forward only."""
+        batch, out = self.prompt_batch(targets), []
+        for rows in _batches(np.arange(len(targets.users)), self.settings.batch_size * 2):
+            tokens = self.soft(offsets[torch.as_tensor(rows)].to(self.device))
+            out.append(behaviour_nll(self.llm.model, self.layout, self._sub_batch(batch, rows), tokens).double().cpu())
+        return torch.cat(out).numpy()
+
+    def fit_user_tokens(self, targets: Targets | list[Targets], start: torch.Tensor, steps: int,
+                        learning_rate: float) -> torch.Tensor:
+        """Each user's offsets fitted alone to their own text in ``targets``: ``steps`` Adam steps (one step count
+        per user, :class:`FreeTokens`) on the plain NLL from ``start`` ``(B, P, D)``, the shared shift and the LLM
+        fixed. A list of ``Targets`` (the same users, other texts) is cycled through, one per step. Returns the fitted
+        offsets ``(B, P, D)`` float32 on CPU. ``learning_rate`` is relative to the mean token-embedding norm: an Adam
+        step moves a row by about ``learning_rate * |e|``.
+
+        What the paper's free token can learn about a user when it gets as many steps as it needs (the EM loop gives
+        each row one step per round); ``benchmarks/token_probe.py`` asks whether that carries to text it never saw.
+        Each user's loss term is their own, so their gradient is too (the batch's losses are summed, not averaged)."""
+        batches = [self.prompt_batch(t) for t in (targets if isinstance(targets, list) else [targets])]
+        rows = FreeTokens(start.detach().cpu(), "adam", learning_rate * self.embedding_norm / start.shape[-1] ** 0.5)
+        index = torch.arange(start.shape[0])
+        center = self.soft.center().detach()[None]                  # (1, P, D): no gradient into the shared shift
+        for step in range(steps):
+            leaf = rows.rows(index)
+            nll = behaviour_nll(self.llm.model, self.layout, batches[step % len(batches)], center + leaf.to(self.device))
+            nll.sum().backward()
+            rows.step(index, leaf)
+        return rows.table.clone()
+
     def diagnose(self) -> dict[str, np.ndarray]:
         """Do the soft tokens carry *user* information? Each user's newest items within the budget, scored with the
         modes of :meth:`score` while the encoder reads their other items. On with ``uip_diagnostics``.
