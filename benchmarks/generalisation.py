@@ -25,11 +25,10 @@ import time
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    HeldOutInference, benchmark_parser, configure, interval_summary, parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
+    HeldOutInference, benchmark_parser, configure, goal_verdict, interval_summary, parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
 )
 
 MODES = {"own": "own", "mean": "mean", "other_user": "other", "no_profile": "none", "codes": "code"}
-GOAL = 0.05   # nats/token below the mean token (issue "Profile inference that learns")
 
 
 def parse_args(argv=None):
@@ -65,11 +64,7 @@ def render(data: dict) -> str:
     for name, d in plain["differences"].items():
         lines.append(f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.4f} | [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] | "
                      f"{100 * d['share_below_zero']:.0f}% |")
-    verdict = data["own_minus_mean"]
-    met = verdict["mean"] <= -GOAL and verdict["ci"][1] < 0
-    lines += ["", f"**Goal ({GOAL} nats/token below the mean token, interval excluding zero): "
-                  f"{'met' if met else 'not met'}** (own - mean {verdict['mean']:+.4f}, interval "
-                  f"[{verdict['ci'][0]:+.4f}, {verdict['ci'][1]:+.4f}]).", "",
+    lines += ["", goal_verdict(data["own_minus_mean"]), "",
               f"Inference on the remaining history took {data['inference_seconds']:.0f} s; the encoder's line search "
               f"chose steps {[r.get('line_search', {}).get('step') for r in data['inference_history'][1:]]} (relative to "
               f"the mean token-embedding norm).", "", "## Run", "", settings_table(data["record"])]

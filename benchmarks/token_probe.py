@@ -34,12 +34,11 @@ import torch
 from tqdm import tqdm
 
 from recbole_uip.benchmarking import (
-    HeldOutInference, benchmark_parser, configure, interval_summary, parse_known_with_overrides, publish_benchmark,
+    HeldOutInference, benchmark_parser, configure, goal_verdict, interval_summary, parse_known_with_overrides, publish_benchmark,
     run_record, settings_fingerprint, settings_table,
 )
 
 BATCH = 16          # users fitted together (each alone: their losses are summed); "mean" and "other" are per batch
-GOAL = 0.05         # nats/token below the mean token (issue "Profile inference that learns")
 PAIRS = [("own", "mean"), ("own", "other_user"), ("mean", "shared"), ("oracle", "mean"),
          ("own_on_fitted_text", "mean_on_fitted_text")]
 
@@ -131,11 +130,8 @@ def render(data: dict) -> str:
     for key, summary in differences.items():
         lines.append(f"| {labels.get(key, key)} | {summary['mean']:+.4f} | [{summary['ci'][0]:+.4f}, "
                      f"{summary['ci'][1]:+.4f}] | {summary['share_below_zero']:.0%} |")
-    own = differences["own_minus_mean"]
-    met = own["ci"][1] < 0 and own["mean"] <= -GOAL
-    lines += ["", f"**The issue's goal ({GOAL} nats/token below the mean token, interval excluding zero) for tokens "
-              f"fitted to each user alone: {'met' if met else 'not met'}** (own - mean {own['mean']:+.4f}, interval "
-              f"[{own['ci'][0]:+.4f}, {own['ci'][1]:+.4f}]).", "", "## Run", "", settings_table(data["record"])]
+    lines += ["", goal_verdict(differences["own_minus_mean"], "The issue's goal for tokens fitted to each user alone"), "",
+              "## Run", "", settings_table(data["record"])]
     return "\n".join(lines)
 
 

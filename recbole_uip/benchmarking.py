@@ -15,7 +15,8 @@
   restart skips what is done).
 * :func:`fmt_p`: a p-value as the reports print it; :func:`progress_logging`: RecBole's logger, quiet on stdout.
 * :func:`held_out_positions`: the held-out protocol of the generalisation and in-context benchmarks;
-  :class:`HeldOutInference`: that protocol set up for inference (the generalisation and token-probe benchmarks).
+  :class:`HeldOutInference`: that protocol set up for inference (the generalisation and token-probe benchmarks);
+  :func:`goal_verdict`: their sentence on the generalisation goal.
 * :func:`benchmark_parser`: the flags every benchmark has; :func:`configure`: a benchmark's RecBole config (profiles on), RecBole's logger and the resolved settings.
 """
 
@@ -341,6 +342,18 @@ def held_out_positions(text, holdout_tokens: int) -> list[np.ndarray]:
         positions = text.newest_target(user, holdout_tokens) if n >= 2 else np.zeros(0, dtype=np.int64)
         held.append(positions[1:] if len(positions) == n else positions)
     return held
+
+
+GENERALISATION_GOAL = 0.05   # nats/token below the mean token (issue "Profile inference that learns")
+
+
+def goal_verdict(own_minus_mean: dict, label: str = "Goal") -> str:
+    """The reports' sentence on the generalisation goal: met when ``own - mean`` (``{"mean", "ci"}``, nats/token on
+    held-out text) is at least :data:`GENERALISATION_GOAL` below zero and its 95% interval excludes zero."""
+    mean, (low, high) = own_minus_mean["mean"], own_minus_mean["ci"]
+    met = mean <= -GENERALISATION_GOAL and high < 0
+    return (f"**{label} ({GENERALISATION_GOAL} nats/token below the mean token, interval excluding zero): "
+            f"{'met' if met else 'not met'}** (own - mean {mean:+.4f}, interval [{low:+.4f}, {high:+.4f}]).")
 
 
 @dataclasses.dataclass

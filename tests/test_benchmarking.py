@@ -3,6 +3,7 @@ to end on the tiny model."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
@@ -18,6 +19,15 @@ from recbole_uip.benchmarking import (
 from recbole_uip.utils import write_json_atomic
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def import_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def test_mean_ci_is_the_student_interval():
@@ -93,11 +103,7 @@ def test_write_result(tmp_path):
 
 
 def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_mode(tmp_path, tiny_llm_dir, monkeypatch):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import generalisation
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    generalisation = import_benchmark("generalisation")
     write_dataset(tmp_path / "data")
     argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--holdout_tokens=20",
             f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32",
@@ -121,11 +127,7 @@ def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_m
 
 @pytest.mark.parametrize("resample", [False, True])
 def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_path, tiny_llm_dir, resample):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import token_probe
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    token_probe = import_benchmark("token_probe")
     write_dataset(tmp_path / "data")
     argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--holdout_tokens=20", "--users=5",
             "--fit_steps=3", "--shift_users=6", "--shift_passes=1", f"--data_path={tmp_path / 'data'}",
@@ -152,11 +154,7 @@ def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_pa
     """Two zoo grids (id_free, then standard) of the same settings land in one folder named by the settings'
     fingerprint; its meta keeps both portable commands and the granularity of every ID set either used, a rerun
     adds no run and no command, and the report names both commands."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import zoo
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    zoo = import_benchmark("zoo")
     from recbole_uip.benchmarking import read_records
 
     write_dataset(tmp_path / "data")
@@ -200,11 +198,7 @@ def test_zoo_writes_the_banks_two_controls_and_refuses_a_bank_without_them(tmp_p
     import dataclasses
     import logging
 
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import zoo
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    zoo = import_benchmark("zoo")
     from conftest import uip_config_dict
     from recbole_uip.bank import FeatureBank
     from recbole_uip.config import UIPSettings
@@ -266,11 +260,7 @@ def test_in_context_scoring_matches_one_unpadded_sequence_at_a_time(tmp_path, ti
     rating-token mean covers the flagged tokens only; the benchmark then runs end to end on the toy data."""
     import torch
 
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import in_context
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    in_context = import_benchmark("in_context")
     from recbole_uip.inference.llm import load_frozen_llm
 
     llm = load_frozen_llm(str(tiny_llm_dir), torch.device("cpu"), "float32")
@@ -495,11 +485,7 @@ def test_latest_records_keep_the_last_signatures_runs():
 def test_the_proxy_check_reads_each_id_set_the_grid_used_aligned_with_the_users(tmp_path):
     """``benchmarks/ctr_proxy_check.py`` scores the ID sets as the grid wrote them: every ``uip_*`` column of each
     set's ``.user`` file, in the order of the users it is given; sets without a file are left out."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import ctr_proxy_check
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    ctr_proxy_check = import_benchmark("ctr_proxy_check")
     for stem, rows in (("toy-uip", ["2\t0\ta\t7", "1\t3\tb\t7", "3\t3\ta\t9"]),
                        ("toy-uipzoo-shuffled", ["1\t5\tx\t7", "2\t5\ty\t7", "3\t6\ty\t7"])):
         (tmp_path / stem).mkdir()
