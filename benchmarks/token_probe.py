@@ -64,7 +64,7 @@ def parse_args(argv=None):
 
 def train_shift(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger) -> list[float]:
     """The shared shift alone, ``passes`` passes over ``users`` in M-step batches; the mean NLL of each pass."""
-    shared_opt = trainer._shared_optimizer()
+    shared_opt = trainer.shared_optimizer()
     if shared_opt is None:
         return []
     means = []

@@ -84,7 +84,7 @@ def test_the_trainer_splits_the_pass_gradient_into_its_odd_and_even_batches(tmp_
         return nll
 
     trainer.train_batch = recording_train_batch
-    trainer.m_step(1, scales, trainer._shared_optimizer())
+    trainer.m_step(1, scales, trainer.shared_optimizer())
     assert len(added) == 4
     odd = trainer._loop["odd_batches_gradient"]
     torch.testing.assert_close(odd, added[1] + added[3])

@@ -128,7 +128,7 @@ def test_a_per_profile_line_search_steps_each_profile_along_its_own_gradient_by_
     trainer = make_trainer(tmp_path, tiny_llm_dir, n_users=16, uip_line_search_users=4, uip_line_search="per_profile")
     trainer.setup()
     trainer.assignments, _, scales = trainer.e_step(3)
-    trainer.m_step(1, scales, trainer._shared_optimizer())
+    trainer.m_step(1, scales, trainer.shared_optimizer())
     gradient, before = trainer.soft.encoder.grad.clone(), trainer.soft.encoder.detach().clone()
     planted = torch.zeros_like(gradient)                 # profile 0: a direction that costs likelihood at any length
     planted[0] = -gradient[0] * 50
@@ -161,7 +161,7 @@ def _searched_twice(trainer, min_z_of):
 
     trainer.setup()
     trainer.assignments, _, scales = trainer.e_step(3)
-    trainer.m_step(1, scales, trainer._shared_optimizer())
+    trainer.m_step(1, scales, trainer.shared_optimizer())
     state = (trainer.soft.encoder.detach().clone(), trainer.soft.encoder.grad.clone(),
              trainer._loop["odd_batches_gradient"].clone())
     ungated = trainer.line_search(scales)
@@ -252,7 +252,7 @@ def test_the_line_search_tries_the_configured_lengths_and_refuses_unordered_ones
                            uip_line_search_lengths=[0.0001, 0.0005])
     trainer.setup()
     trainer.assignments, _, scales = trainer.e_step(3)
-    trainer.m_step(1, scales, trainer._shared_optimizer())
+    trainer.m_step(1, scales, trainer.shared_optimizer())
     tried = sorted(trainer.line_search(scales)["tried"])
     assert tried[:3] == [0.0, 0.0001, 0.0005]
     assert all(b == pytest.approx(3 * a) for a, b in zip(tried[2:], tried[3:]))   # longer ones only while they help
@@ -278,7 +278,7 @@ def test_the_ctr_criterion_steps_by_the_ids_held_out_auc_and_leaves_the_runs_dra
                            uip_line_search_criterion="ctr", uip_line_search_lengths=[0.01, 0.1, 1.0, 3.0])
     trainer.setup()
     trainer.assignments, healths, scales = trainer.e_step(3)
-    trainer.m_step(1, scales, trainer._shared_optimizer())
+    trainer.m_step(1, scales, trainer.shared_optimizer())
     codebooks, generator = [cb.codes.clone() for cb in trainer.codebooks], trainer.generator.get_state()
     search = trainer.line_search(scales)
     assert torch.equal(trainer.generator.get_state(), generator)
@@ -307,7 +307,7 @@ def test_the_ctr_criterion_moves_the_encoder_by_the_length_of_highest_auc_and_tr
                            uip_line_search_criterion="ctr", uip_line_search_lengths=lengths)
     trainer.setup()
     trainer.assignments, _, scales = trainer.e_step(3)
-    trainer.m_step(1, scales, trainer._shared_optimizer())
+    trainer.m_step(1, scales, trainer.shared_optimizer())
     gradient, before = trainer.soft.encoder.grad.clone(), trainer.soft.encoder.detach().clone()
     trainer.held_out_auc = lambda encoder: float((encoder.cpu() - before).norm())
     search = trainer.line_search(scales)
@@ -330,7 +330,7 @@ def test_the_ctr_criterion_per_profile_records_each_profiles_scores_and_logs_the
                            uip_line_search_criterion="ctr")
     trainer.setup()
     trainer.assignments, _, scales = trainer.e_step(3)
-    trainer.m_step(1, scales, trainer._shared_optimizer())
+    trainer.m_step(1, scales, trainer.shared_optimizer())
     search = trainer.line_search(scales)
     names = trainer.settings.profile_names
     assert set(search["ctr_auc"]) == set(names) == set(search["steps"])

@@ -860,7 +860,7 @@ class ProfileInferenceTrainer:
         shared_opt = None
         if state is None:
             self.setup()
-            shared_opt = self._shared_optimizer()
+            shared_opt = self.shared_optimizer()
             self._loop = {"initial_offsets": self.local_offsets(), "first_nll": None, "last_nll": None,
                           "changes": torch.zeros(len(self.histories), len(self.codebooks), dtype=torch.long)}
             self.assignments, healths, self._loop["scales"] = self.e_step(settings.kmeans_iters)
@@ -936,7 +936,9 @@ class ProfileInferenceTrainer:
         )
 
     # ---------------------------------------------------------------------------------------- checkpoints
-    def _shared_optimizer(self):
+    def shared_optimizer(self) -> torch.optim.Adam | None:
+        """A fresh Adam on the shared shift ``b (P, D)`` at ``uip_shared_learning_rate``; None when that is 0 (the
+        paper's setting: no shift)."""
         if self.settings.shared_learning_rate > 0:
             return torch.optim.Adam([self.soft.shared], lr=self.settings.shared_learning_rate)
         return None
@@ -975,7 +977,7 @@ class ProfileInferenceTrainer:
         if state["free"] is not None:
             for key, value in state["free"].items():
                 setattr(self.free, key, value)
-        shared_opt = self._shared_optimizer()
+        shared_opt = self.shared_optimizer()
         if shared_opt is not None and state["shared_opt"] is not None:
             shared_opt.load_state_dict(state["shared_opt"])
         for codebook, saved in zip(self.codebooks, state["codebooks"]):
