@@ -752,34 +752,36 @@ class ProfileInferenceTrainer:
         other = own[np.random.default_rng(permutation_seed).permutation(len(users))]
         mean = own.mean(0, keepdim=True)          # the mean of the very tokens "own" uses: no user information
         batch = self.prompt_batch(targets)
-        out: dict[str, list] = {}
-        bar = tqdm(total=len(users), desc="UIP scoring", ncols=100, disable=not self.show_progress)
-        for rows in _batches(np.arange(len(users)), self.settings.batch_size * 2):
-            sub = self._sub_batch(batch, rows)
-            for mode in modes:
-                if mode == "code":
-                    assigned = self.assignments[torch.as_tensor(users[rows])]
-                    offsets = torch.stack([cb.codes[assigned[:, p]] for p, cb in enumerate(self.codebooks)], 1)
-                else:
-                    offsets = {"own": own, "other": other, "none": own}.get(mode, mean.expand(len(users), -1, -1))[rows]
-                plain, weighted = behaviour_nll(self.llm.model, self.layout, sub, self.soft(offsets.to(self.device)),
-                                                weighted=True, hide_profiles=mode == "none")
-                out.setdefault(mode, []).append(plain.double().cpu())
-                if batch.weights is not None:
-                    out.setdefault("weighted_" + mode, []).append(weighted.double().cpu())
-            bar.update(len(rows))
-        bar.close()
-        return {key: torch.cat(values).numpy() for key, values in out.items()}
+        out: dict[str, np.ndarray] = {}
+        for mode in tqdm(modes, desc="UIP scoring", ncols=100, disable=not self.show_progress):
+            if mode == "code":
+                assigned = self.assignments[torch.as_tensor(users)]
+                offsets = torch.stack([cb.codes[assigned[:, p]] for p, cb in enumerate(self.codebooks)], 1)
+            else:
+                offsets = {"own": own, "other": other, "none": own}.get(mode, mean.expand(len(users), -1, -1))
+            out[mode], weighted = self._nll_per_user(batch, offsets, hide_profiles=mode == "none")
+            if weighted is not None:
+                out["weighted_" + mode] = weighted
+        return out
 
-    @torch.no_grad()
     def score_offsets(self, targets: Targets, offsets: torch.Tensor) -> np.ndarray:
         """Plain NLL per user ``(B,)`` float64 of ``targets``' texts with the offsets ``(B, P, D)`` (the shared
         center added). Forward only."""
-        batch, out = self.prompt_batch(targets), []
-        for rows in _batches(np.arange(len(targets.users)), self.settings.batch_size * 2):
+        return self._nll_per_user(self.prompt_batch(targets), offsets)[0]
+
+    @torch.no_grad()
+    def _nll_per_user(self, batch, offsets: torch.Tensor, hide_profiles: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per user of the collated ``batch``, the plain NLL ``(B,)`` and, where it marks rating tokens, the weighted
+        one (else None), float64, with the offsets ``(B, P, D)``; forward only, in sub-batches of twice
+        ``uip_batch_size`` (each trimmed to its own longest text)."""
+        plain, weighted = [], []
+        for rows in _batches(np.arange(len(offsets)), self.settings.batch_size * 2):
             tokens = self.soft(offsets[torch.as_tensor(rows)].to(self.device))
-            out.append(behaviour_nll(self.llm.model, self.layout, self._sub_batch(batch, rows), tokens).double().cpu())
-        return torch.cat(out).numpy()
+            p, w = behaviour_nll(self.llm.model, self.layout, self._sub_batch(batch, rows), tokens, weighted=True,
+                                 hide_profiles=hide_profiles)
+            plain.append(p.double().cpu())
+            weighted.append(w.double().cpu())
+        return torch.cat(plain).numpy(), torch.cat(weighted).numpy() if batch.weights is not None else None
 
     def fit_user_tokens(self, targets: Targets | list[Targets], start: torch.Tensor, steps: int,
                         learning_rate: float) -> torch.Tensor:
