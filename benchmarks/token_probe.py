@@ -1,6 +1,7 @@
 """What can one soft token per profile carry about a user, when it is fitted to that user alone with many steps?
 
     python benchmarks/token_probe.py --dataset=ml-100k [--users=48] [--fit_steps=20] [--fit_learning_rate=0.02]
+        [--resample=false] [--fit_objective=plain] [--oracle=true]
 
 The generalisation benchmark asks whether the trained tokens explain behaviour they never saw; this one asks the
 question beneath it, without the encoder and without the EM loop's one step per user and round. The held-out
@@ -12,11 +13,13 @@ of everything). Then:
 2. for each of ``--users`` other users, their tokens are fitted alone (``--fit_steps`` Adam steps,
    ``ProfileInferenceTrainer.fit_user_tokens``) on a random ``uip_max_behaviour_tokens`` of their remaining
    training text (with ``--resample``, a new random draw at every step, as the EM loop draws anew at every visit),
-   starting from the shared token;
+   starting from the shared token, on the plain NLL or (``--fit_objective=weighted``) the M-step's objective, whose
+   rating tokens weigh ``uip_rating_weight``;
 3. the frozen LLM scores each user's held-out text with their own fitted tokens, the mean of the fitted tokens of
    the users in their batch of 16, another user's fitted tokens (the batch rotated by one) and the shared token
    before any fitting; and their fitted text (the first draw) with their own tokens and the mean of the fitted
-   tokens;
+   tokens; where the text marks rating tokens, the held-out text is also scored on its rating tokens alone
+   (``rating_*``: the part of the text a user's taste should predict best);
 4. with ``--oracle`` (the default), the tokens are also fitted on the held-out text itself: the most one token per
    profile can lower the NLL of that text (an upper bound, not a method).
 
@@ -41,6 +44,8 @@ from recbole_uip.benchmarking import (
 BATCH = 16          # users fitted together (each alone: their losses are summed); "mean" and "other" are per batch
 PAIRS = [("own", "mean"), ("own", "other_user"), ("mean", "shared"), ("oracle", "mean"),
          ("own_on_fitted_text", "mean_on_fitted_text")]
+HELD_OUT_MODES = ("own", "mean", "other_user", "shared", "oracle")        # also scored on the rating tokens alone
+PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 
 
 def parse_args(argv=None):
@@ -58,6 +63,8 @@ def parse_args(argv=None):
     parser.add_argument("--resample", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
                         help="fit each step on a new random draw of the user's remaining training text (true/false; "
                              "default false: one draw for every step)")
+    parser.add_argument("--fit_objective", choices=("plain", "weighted"), default="plain",
+                        help="what the tokens are fitted on: the plain NLL (default) or the M-step's rating-weighted one")
     parser.add_argument("--probe_seed", type=int, default=7, help="draws the probed and the shift's users")
     return parse_known_with_overrides(parser, argv)
 
@@ -79,7 +86,8 @@ def train_shift(trainer, users: np.ndarray, passes: int, rng: np.random.Generato
 
 
 def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool) -> dict:
-    """Per-user plain NLL ``{mode: (n,)}`` of the modes in the module docstring."""
+    """Per-user plain NLL ``{mode: (n,)}`` of the modes in the module docstring, and ``{"rating_" + mode: (n,)}``
+    on the held-out rating tokens alone where the text marks them (nan for a user whose held-out text has none)."""
     trainer = run.trainer
     scores: dict[str, list] = {}
 
@@ -90,15 +98,19 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         draws = [trainer.targets(batch, rng) for _ in range(args.fit_steps if args.resample else 1)]
         fitted_text = draws[0]
         shared = torch.zeros(len(batch), *trainer.soft.anchors.shape)
-        own = trainer.fit_user_tokens(draws, shared, args.fit_steps, args.fit_learning_rate)
+        weighted = args.fit_objective == "weighted"
+        own = trainer.fit_user_tokens(draws, shared, args.fit_steps, args.fit_learning_rate, weighted)
         mean = own.mean(0, keepdim=True).expand_as(own)
         other = own[torch.as_tensor(np.roll(np.arange(len(batch)), 1))]
         modes = {"own": (held, own), "mean": (held, mean), "other_user": (held, other), "shared": (held, shared),
                  "own_on_fitted_text": (fitted_text, own), "mean_on_fitted_text": (fitted_text, mean)}
         if args.oracle:
-            modes["oracle"] = (held, trainer.fit_user_tokens(held, shared, args.fit_steps, args.fit_learning_rate))
+            modes["oracle"] = (held, trainer.fit_user_tokens(held, shared, args.fit_steps, args.fit_learning_rate,
+                                                             weighted))
         for mode, (targets, offsets) in modes.items():
             scores.setdefault(mode, []).append(trainer.score_offsets(targets, offsets))
+            if mode in HELD_OUT_MODES and held.flags is not None:
+                scores.setdefault("rating_" + mode, []).append(trainer.score_offsets(targets, offsets, ratings_only=True))
         bar.update(len(batch))
     bar.close()
     return {mode: np.concatenate(values) for mode, values in scores.items()}
@@ -110,19 +122,27 @@ def render(data: dict) -> str:
               "own_minus_other_user": "own - another user's (held-out text)",
               "mean_minus_shared": "mean of the fitted tokens - the shared token before fitting (held-out text)",
               "oracle_minus_mean": "fitted on the held-out text itself - mean (the most one token can do)",
-              "own_on_fitted_text_minus_mean_on_fitted_text": "own - mean on the text they were fitted to (memorisation)"}
+              "own_on_fitted_text_minus_mean_on_fitted_text": "own - mean on the text they were fitted to (memorisation)",
+              "rating_own_minus_rating_mean": "own - mean (held-out rating tokens)",
+              "rating_own_minus_rating_other_user": "own - another user's (held-out rating tokens)",
+              "rating_mean_minus_rating_shared": "mean of the fitted tokens - the shared token (held-out rating tokens)",
+              "rating_oracle_minus_rating_mean": "fitted on the held-out text itself - mean (its rating tokens)"}
     lines = [f"# What one soft token per profile carries ({data['record']['dataset']})", "",
              f"Produced by `python benchmarks/token_probe.py {' '.join(data['record']['command'][1:])}`. Settings "
              f"`{settings_fingerprint(data['record']['settings'])}`. The shared shift trained alone for "
              f"{data['shift_passes']} passes over {data['shift_users']} users (NLL per pass "
              f"{', '.join(f'{v:.4f}' for v in data['shift_nll'])}); then {data['users']} other users' tokens each "
              f"fitted alone with {data['fit_steps']} Adam steps (step {data['fit_learning_rate']:g} of the mean "
-             f"token-embedding norm) on "
+             f"token-embedding norm) on the "
+             + ("M-step's objective (rating tokens weigh "
+                f"{data['record']['settings']['rating_weight']:g}) of " if data.get("fit_objective") == "weighted"
+                else "plain NLL of ")
              + ("a new random draw at every step of " if data.get("resample") else "a random ")
              + f"{data['record']['settings']['max_behaviour_tokens']} tokens of their "
              f"remaining training text, and scored on their newest training items within {data['holdout_tokens']} "
              f"tokens ({data['held_out_tokens_mean']:.1f} on average), which nothing was fitted on. "
-             f"Plain NLL, nats per token; mean over users with its 95% interval. Took {data['seconds']:.0f} s.", "",
+             f"Plain NLL, nats per token (`rating_*`: over the held-out rating tokens alone); mean over users with its "
+             f"95% interval. Took {data['seconds']:.0f} s.", "",
              "| tokens | NLL |", "|---|---|"]
     for mode, summary in modes.items():
         lines.append(f"| {mode} | {summary['mean']:.4f} [{summary['ci'][0]:.4f}, {summary['ci'][1]:.4f}] |")
@@ -160,12 +180,14 @@ def main(argv=None) -> int:
     data = {
         "users": int(len(users)), "shift_users": int(len(shift_users)), "shift_passes": args.shift_passes,
         "shift_nll": shift_nll, "fit_steps": args.fit_steps, "fit_learning_rate": args.fit_learning_rate, "resample": args.resample,
+        "fit_objective": args.fit_objective,
         "holdout_tokens": args.holdout_tokens,
         "held_out_tokens_mean": float(np.mean([len(t) for t in run.held_out_targets(users).texts])),
         "modes": modes, "differences": differences, "seconds": round(time.perf_counter() - start, 1),
         "record": run_record(config, settings, ["benchmarks/token_probe.py", *args.argv]),
     }
-    publish_benchmark(args, "token_probe_resampled" if args.resample else "token_probe", data, render(data))
+    name = "token_probe" + ("_resampled" if args.resample else "") + ("_weighted" if args.fit_objective == "weighted" else "")
+    publish_benchmark(args, name, data, render(data))
     return 0
 
 

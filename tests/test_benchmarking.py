@@ -125,28 +125,35 @@ def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_m
     assert json.loads((folders[0] / "settings.json").read_text())["settings"] == data["record"]["settings"]
 
 
-@pytest.mark.parametrize("resample", [False, True])
-def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_path, tiny_llm_dir, resample):
+@pytest.mark.parametrize("resample,objective", [(False, "plain"), (True, "weighted")])
+def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_path, tiny_llm_dir, resample, objective):
     token_probe = import_benchmark("token_probe")
     write_dataset(tmp_path / "data")
     argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--holdout_tokens=20", "--users=5",
             "--fit_steps=3", "--shift_users=6", "--shift_passes=1", f"--data_path={tmp_path / 'data'}",
             f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false",
-            f"--checkpoint_dir={tmp_path / 'saved'}", f"--resample={resample}"]
+            f"--checkpoint_dir={tmp_path / 'saved'}", f"--resample={resample}", f"--fit_objective={objective}"]
     assert token_probe.main(argv) == 0
     folder, = (tmp_path / "results" / "toy").iterdir()
-    name = "token_probe_resampled" if resample else "token_probe"
+    name = "token_probe" + ("_resampled" if resample else "") + ("_weighted" if objective == "weighted" else "")
     data = json.loads((folder / f"{name}.json").read_text())
-    assert data["resample"] is resample and data["users"] == 5 and data["shift_users"] == 6 and len(data["shift_nll"]) == 1
+    assert data["resample"] is resample and data["fit_objective"] == objective and data["users"] == 5 and data["shift_users"] == 6 and len(data["shift_nll"]) == 1
     for mode in ("own", "mean", "other_user", "shared", "oracle", "own_on_fitted_text", "mean_on_fitted_text"):
         assert np.isfinite(data["modes"][mode]["mean"])
+    for mode in ("own", "mean", "other_user", "shared", "oracle"):                 # the held-out rating tokens alone
+        assert np.isfinite(data["modes"]["rating_" + mode]["mean"])
+        assert data["modes"]["rating_" + mode]["mean"] != data["modes"][mode]["mean"]
+    assert "rating_own_on_fitted_text" not in data["modes"]
     for key in ("own_minus_mean", "own_minus_other_user", "mean_minus_shared", "oracle_minus_mean",
-                "own_on_fitted_text_minus_mean_on_fitted_text"):
+                "own_on_fitted_text_minus_mean_on_fitted_text", "rating_own_minus_rating_mean", "rating_own_minus_rating_other_user",
+                "rating_mean_minus_rating_shared", "rating_oracle_minus_rating_mean"):
         low, high = data["differences"][key]["ci"]
         assert low <= data["differences"][key]["mean"] <= high
     # fitted on the very text it is scored on, each user's tokens beat the mean of the fitted tokens
     assert data["differences"]["oracle_minus_mean"]["share_below_zero"] == 1.0
-    assert "goal" in (folder / f"{name}.md").read_text()
+    report = (folder / f"{name}.md").read_text()
+    assert "goal" in report and "own - mean (held-out rating tokens)" in report
+    assert ("M-step's objective" in report) is (objective == "weighted")
     assert str(tmp_path) not in json.dumps(data["record"])
 
 

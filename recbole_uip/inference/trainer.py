@@ -266,12 +266,16 @@ class ProfileInferenceTrainer:
             inputs.append(rest)
         return Targets(np.asarray(users), texts, None if self.text.rating_flags is None else flags, inputs)
 
-    def prompt_batch(self, targets: Targets):
-        """The prompts of a batch, with each behaviour token's M-step weight where the text marks rating tokens."""
+    def prompt_batch(self, targets: Targets, ratings_only: bool = False):
+        """The prompts of a batch, with each behaviour token's M-step weight where the text marks rating tokens
+        (``uip_rating_weight`` for a rating token, 1 for any other); with ``ratings_only``, 1 for a rating token and
+        0 for any other, so that the weighted NLL is the mean over the rating tokens alone."""
         weights = None
         if targets.flags is not None:
-            w = self.settings.rating_weight
-            weights = [[w if flag else 1.0 for flag in user_flags] for user_flags in targets.flags]
+            rating, other = (1.0, 0.0) if ratings_only else (self.settings.rating_weight, 1.0)
+            weights = [[rating if flag else other for flag in user_flags] for user_flags in targets.flags]
+        elif ratings_only:
+            raise ValueError("The behaviour text marks no rating tokens (uip_rating_template writes none).")
         return collate(self.layout, targets.texts, self.llm.tokenizer.pad_token_id, weights)
 
     # ---------------------------------------------------------------------------------------- the soft tokens
@@ -764,10 +768,15 @@ class ProfileInferenceTrainer:
                 out["weighted_" + mode] = weighted
         return out
 
-    def score_offsets(self, targets: Targets, offsets: torch.Tensor) -> np.ndarray:
+    def score_offsets(self, targets: Targets, offsets: torch.Tensor, ratings_only: bool = False) -> np.ndarray:
         """Plain NLL per user ``(B,)`` float64 of ``targets``' texts with the offsets ``(B, P, D)`` (the shared
-        center added). Forward only."""
-        return self._nll_per_user(self.prompt_batch(targets), offsets)[0]
+        center added); with ``ratings_only``, the mean over their rating tokens alone (nan for a user whose text
+        has none). Forward only."""
+        if not ratings_only:
+            return self._nll_per_user(self.prompt_batch(targets), offsets)[0]
+        rating_nll = self._nll_per_user(self.prompt_batch(targets, ratings_only=True), offsets)[1]
+        has_ratings = np.array([any(flags) for flags in targets.flags])
+        return np.where(has_ratings, rating_nll, np.nan)
 
     @torch.no_grad()
     def _nll_per_user(self, batch, offsets: torch.Tensor, hide_profiles: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -784,24 +793,28 @@ class ProfileInferenceTrainer:
         return torch.cat(plain).numpy(), torch.cat(weighted).numpy() if batch.weights is not None else None
 
     def fit_user_tokens(self, targets: Targets | list[Targets], start: torch.Tensor, steps: int,
-                        learning_rate: float) -> torch.Tensor:
+                        learning_rate: float, weighted: bool = False) -> torch.Tensor:
         """Each user's offsets fitted alone to their own text in ``targets``: ``steps`` Adam steps (one step count
-        per user, :class:`FreeTokens`) on the plain NLL from ``start`` ``(B, P, D)``, the shared shift and the LLM
-        fixed. A list of ``Targets`` (the same users, other texts) is cycled through, one per step. Returns the fitted
-        offsets ``(B, P, D)`` float32 on CPU. ``learning_rate`` is relative to the mean token-embedding norm: an Adam
+        per user, :class:`FreeTokens`) on the plain NLL (with ``weighted``, the M-step's objective, whose rating
+        tokens weigh ``uip_rating_weight``) from ``start`` ``(B, P, D)``, the shared shift and the LLM fixed. A
+        list of ``Targets`` (the same users, other texts) is cycled through, one per step. Returns the fitted offsets
+        ``(B, P, D)`` float32 on CPU. ``learning_rate`` is relative to the mean token-embedding norm: an Adam
         step moves a row by about ``learning_rate * |e|``.
 
         What the paper's free token can learn about a user when it gets as many steps as it needs (the EM loop gives
         each row one step per round); ``benchmarks/token_probe.py`` asks whether that carries to text it never saw.
         Each user's loss term is their own, so their gradient is too (the batch's losses are summed, not averaged)."""
         batches = [self.prompt_batch(t) for t in (targets if isinstance(targets, list) else [targets])]
+        if weighted and batches[0].weights is None:
+            raise ValueError("The weighted objective needs rating tokens, and the behaviour text marks none.")
         rows = FreeTokens(start.detach().cpu(), "adam", learning_rate * self.embedding_norm / start.shape[-1] ** 0.5)
         index = torch.arange(start.shape[0])
         center = self.soft.center().detach()[None]                  # (1, P, D): no gradient into the shared shift
         for step in range(steps):
             leaf = rows.rows(index)
-            nll = behaviour_nll(self.llm.model, self.layout, batches[step % len(batches)], center + leaf.to(self.device))
-            nll.sum().backward()
+            plain, objective = behaviour_nll(self.llm.model, self.layout, batches[step % len(batches)],
+                                             center + leaf.to(self.device), weighted=True)
+            (objective if weighted else plain).sum().backward()
             rows.step(index, leaf)
         return rows.table.clone()
 
