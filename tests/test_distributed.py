@@ -224,3 +224,22 @@ def test_sampling_by_inverse_cdf_follows_the_weights_and_never_draws_a_zero_weig
     assert counts[0] == 0 and counts[3] == 0
     assert abs(counts[2] - 0.75) < 0.03
     assert sample_index(torch.zeros(3), generator, Communicator()) == (-1, -1)
+
+
+def test_the_ctr_criterion_over_two_ranks_scores_every_users_ids_as_one_process_does(root, tiny_llm_dir):
+    """``uip_line_search_criterion: ctr`` sharded over 2 ranks: each rank computes its own users' held-out offsets,
+    the E-step gathers every user's IDs, and the held-out AUC without a step (the encoder before round 1's step,
+    from the same starting IDs) equals one process's; every tried length is scored and one step is recorded."""
+    extra = ("--uip_epochs=1", "--uip_line_search_criterion=ctr", "--uip_ctr_label_threshold=4",
+             "--uip_line_search_lengths=[0.01,0.1,1.0]")
+    single = _infer(root, tiny_llm_dir, "one_ctr", 1, *extra)
+    assert single.returncode == 0, single.stderr[-3000:]
+    done = _infer(root, tiny_llm_dir, "two_ctr", 2, *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (_bank(root, out).metadata["history"][-1]["line_search"] for out in ("one_ctr", "two_ctr"))
+    for search in (one, two):
+        assert {float(length) for length in search["ctr_auc"]} == {float(length) for length in search["tried"]}
+        assert float(search["step"]) in {float(length) for length in search["ctr_auc"]}
+    no_step = lambda search: {float(k): v for k, v in search["ctr_auc"].items()}[0.0]       # noqa: E731
+    assert 0.5 < no_step(two) < 1.0
+    assert no_step(two) == pytest.approx(no_step(one), abs=1e-6)
