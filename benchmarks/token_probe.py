@@ -16,8 +16,9 @@ of everything). Then:
    starting from the shared token, on the plain NLL or (``--fit_objective=weighted``) the M-step's objective, whose
    rating tokens weigh ``uip_rating_weight``;
 3. the frozen LLM scores each user's held-out text with their own fitted tokens, the mean of the fitted tokens of
-   the users in their batch of 16, another user's fitted tokens (the batch rotated by one) and the shared token
-   before any fitting; and their fitted text (the first draw) with their own tokens and the mean of the fitted
+   the users in their batch of 16, another user's fitted tokens (the batch rotated by one), their own shrunk halfway
+   towards that mean (``own_halfway``: a noisy estimate of a user's token can lose to the mean and still carry
+   something of the user) and the shared token before any fitting; and their fitted text (the first draw) with their own tokens and the mean of the fitted
    tokens; where the text marks rating tokens, the held-out text is also scored on its rating tokens alone
    (``rating_*``: the part of the text a user's taste should predict best);
 4. with ``--oracle`` (the default), the tokens are also fitted on the held-out text itself: the most one token per
@@ -42,9 +43,9 @@ from recbole_uip.benchmarking import (
 )
 
 BATCH = 16          # users fitted together (each alone: their losses are summed); "mean" and "other" are per batch
-PAIRS = [("own", "mean"), ("own", "other_user"), ("mean", "shared"), ("oracle", "mean"),
+PAIRS = [("own", "mean"), ("own", "other_user"), ("own_halfway", "mean"), ("mean", "shared"), ("oracle", "mean"),
          ("own_on_fitted_text", "mean_on_fitted_text")]
-HELD_OUT_MODES = ("own", "mean", "other_user", "shared", "oracle")        # also scored on the rating tokens alone
+HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle")        # also scored on the rating tokens alone
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 
 
@@ -102,7 +103,8 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         own = trainer.fit_user_tokens(draws, shared, args.fit_steps, args.fit_learning_rate, weighted)
         mean = own.mean(0, keepdim=True).expand_as(own)
         other = own[torch.as_tensor(np.roll(np.arange(len(batch)), 1))]
-        modes = {"own": (held, own), "mean": (held, mean), "other_user": (held, other), "shared": (held, shared),
+        modes = {"own": (held, own), "mean": (held, mean), "other_user": (held, other),
+                 "own_halfway": (held, (own + mean) / 2), "shared": (held, shared),
                  "own_on_fitted_text": (fitted_text, own), "mean_on_fitted_text": (fitted_text, mean)}
         if args.oracle:
             modes["oracle"] = (held, trainer.fit_user_tokens(held, shared, args.fit_steps, args.fit_learning_rate,
@@ -120,11 +122,13 @@ def render(data: dict) -> str:
     modes, differences = data["modes"], data["differences"]
     labels = {"own_minus_mean": "own - mean (held-out text: what generalises)",
               "own_minus_other_user": "own - another user's (held-out text)",
+              "own_halfway_minus_mean": "own shrunk halfway to the mean - mean (held-out text)",
               "mean_minus_shared": "mean of the fitted tokens - the shared token before fitting (held-out text)",
               "oracle_minus_mean": "fitted on the held-out text itself - mean (the most one token can do)",
               "own_on_fitted_text_minus_mean_on_fitted_text": "own - mean on the text they were fitted to (memorisation)",
               "rating_own_minus_rating_mean": "own - mean (held-out rating tokens)",
               "rating_own_minus_rating_other_user": "own - another user's (held-out rating tokens)",
+              "rating_own_halfway_minus_rating_mean": "own shrunk halfway to the mean - mean (held-out rating tokens)",
               "rating_mean_minus_rating_shared": "mean of the fitted tokens - the shared token (held-out rating tokens)",
               "rating_oracle_minus_rating_mean": "fitted on the held-out text itself - mean (its rating tokens)"}
     lines = [f"# What one soft token per profile carries ({data['record']['dataset']})", "",
