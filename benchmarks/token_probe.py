@@ -1,7 +1,7 @@
 """What can one soft token per profile carry about a user, when it is fitted to that user alone with many steps?
 
     python benchmarks/token_probe.py --dataset=ml-100k [--users=48] [--fit_steps=20] [--fit_learning_rate=0.02]
-        [--resample=false] [--fit_objective=plain] [--oracle=true]
+        [--shift_passes=2] [--resample=false] [--fit_objective=plain] [--oracle=true]
 
 The generalisation benchmark asks whether the trained tokens explain behaviour they never saw; this one asks the
 question beneath it, without the encoder and without the EM loop's one step per user and round. The held-out
@@ -18,9 +18,9 @@ of everything). Then:
 3. the frozen LLM scores each user's held-out text with their own fitted tokens, the mean of the fitted tokens of
    the users in their batch of 16, another user's fitted tokens (the batch rotated by one), their own shrunk halfway
    towards that mean (``own_halfway``: a noisy estimate of a user's token can lose to the mean and still carry
-   something of the user) and the shared token before any fitting; and their fitted text (the first draw) with their own tokens and the mean of the fitted
-   tokens; where the text marks rating tokens, the held-out text is also scored on its rating tokens alone
-   (``rating_*``: the part of the text a user's taste should predict best);
+   something of the user) and the shared token before any fitting; and their fitted text (the first draw) with
+   their own tokens and the mean of the fitted tokens; where the text marks rating tokens, the held-out text is
+   also scored on its rating tokens alone (``rating_*``: the part of the text a user's taste should predict best);
 4. with ``--oracle`` (the default), the tokens are also fitted on the held-out text itself: the most one token per
    profile can lower the NLL of that text (an upper bound, not a method).
 
@@ -45,7 +45,7 @@ from recbole_uip.benchmarking import (
 BATCH = 16          # users fitted together (each alone: their losses are summed); "mean" and "other" are per batch
 PAIRS = [("own", "mean"), ("own", "other_user"), ("own_halfway", "mean"), ("mean", "shared"), ("oracle", "mean"),
          ("own_on_fitted_text", "mean_on_fitted_text")]
-HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle")        # also scored on the rating tokens alone
+HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle")   # also on the rating tokens alone
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 
 
@@ -92,6 +92,7 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
     trainer = run.trainer
     scores: dict[str, list] = {}
 
+    weighted = args.fit_objective == "weighted"
     bar = tqdm(total=len(users), desc="token probe", ncols=100, disable=not show_progress)
     for start in range(0, len(users), BATCH):
         batch = users[start:start + BATCH]
@@ -99,7 +100,6 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         draws = [trainer.targets(batch, rng) for _ in range(args.fit_steps if args.resample else 1)]
         fitted_text = draws[0]
         shared = torch.zeros(len(batch), *trainer.soft.anchors.shape)
-        weighted = args.fit_objective == "weighted"
         own = trainer.fit_user_tokens(draws, shared, args.fit_steps, args.fit_learning_rate, weighted)
         mean = own.mean(0, keepdim=True).expand_as(own)
         other = own[torch.as_tensor(np.roll(np.arange(len(batch)), 1))]
@@ -190,7 +190,8 @@ def main(argv=None) -> int:
         "modes": modes, "differences": differences, "seconds": round(time.perf_counter() - start, 1),
         "record": run_record(config, settings, ["benchmarks/token_probe.py", *args.argv]),
     }
-    name = "token_probe" + ("_resampled" if args.resample else "") + ("_weighted" if args.fit_objective == "weighted" else "")
+    name = "token_probe" + ("_resampled" if args.resample else "") + ("_weighted" if args.fit_objective == "weighted"
+                                                                      else "")
     publish_benchmark(args, name, data, render(data))
     return 0
 

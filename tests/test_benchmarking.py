@@ -137,7 +137,8 @@ def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_pat
     folder, = (tmp_path / "results" / "toy").iterdir()
     name = "token_probe" + ("_resampled" if resample else "") + ("_weighted" if objective == "weighted" else "")
     data = json.loads((folder / f"{name}.json").read_text())
-    assert data["resample"] is resample and data["fit_objective"] == objective and data["users"] == 5 and data["shift_users"] == 6 and len(data["shift_nll"]) == 1
+    assert data["resample"] is resample and data["fit_objective"] == objective
+    assert data["users"] == 5 and data["shift_users"] == 6 and len(data["shift_nll"]) == 1
     for mode in ("own", "mean", "other_user", "shared", "oracle", "own_on_fitted_text", "mean_on_fitted_text"):
         assert np.isfinite(data["modes"][mode]["mean"])
     for mode in ("own", "mean", "other_user", "own_halfway", "shared", "oracle"):  # the held-out rating tokens alone
@@ -146,7 +147,8 @@ def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_pat
     assert "rating_own_on_fitted_text" not in data["modes"]
     assert data["modes"]["own_halfway"]["mean"] not in (data["modes"]["own"]["mean"], data["modes"]["mean"]["mean"])
     for key in ("own_minus_mean", "own_minus_other_user", "mean_minus_shared", "oracle_minus_mean",
-                "own_on_fitted_text_minus_mean_on_fitted_text", "own_halfway_minus_mean", "rating_own_minus_rating_mean", "rating_own_minus_rating_other_user",
+                "own_on_fitted_text_minus_mean_on_fitted_text", "own_halfway_minus_mean", "rating_own_minus_rating_mean",
+                "rating_own_minus_rating_other_user", "rating_own_halfway_minus_rating_mean",
                 "rating_mean_minus_rating_shared", "rating_oracle_minus_rating_mean"):
         low, high = data["differences"][key]["ci"]
         assert low <= data["differences"][key]["mean"] <= high
