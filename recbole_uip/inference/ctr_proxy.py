@@ -27,6 +27,7 @@ over ``z``, genre k-means, shuffled IDs) the two orders agree exactly (results/m
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 from scipy.stats import rankdata
@@ -82,14 +83,20 @@ class HeldOutLabels:
                              f"{threshold:g} every held-out rating falls on one side. Check uip_ctr_label_threshold.")
         return cls(kept, ku, ki, kl, hu, hi, hl, len(histories.item_ids))
 
-    def auc(self, codes: np.ndarray) -> float:
-        """The held-out AUC of the predictor above for the IDs ``codes`` int ``(U, P)`` (every user's, computed
-        from their kept interactions)."""
+    @functools.cached_property
+    def held_item_means(self) -> np.ndarray:
+        """``(n_h,)`` float64: each held-out interaction's item mean ``m_i`` over the kept labels (shrunk towards
+        their global mean), the same for every candidate's IDs, so computed once."""
         overall = self.kept_labels.mean()
         item_sum = np.bincount(self.kept_items, self.kept_labels, minlength=self.num_items)
         item_count = np.bincount(self.kept_items, minlength=self.num_items)
         item_mean = (item_sum + PRIOR * overall) / (item_count + PRIOR)                           # (I,)
-        base = item_mean[self.held_items]
+        return item_mean[self.held_items]
+
+    def auc(self, codes: np.ndarray) -> float:
+        """The held-out AUC of the predictor above for the IDs ``codes`` int ``(U, P)`` (every user's, computed
+        from their kept interactions)."""
+        base = self.held_item_means
         score = base.copy()
         for p in range(codes.shape[1]):
             code = np.asarray(codes[:, p], dtype=np.int64)
