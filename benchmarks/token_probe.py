@@ -110,9 +110,12 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
             modes["oracle"] = (held, trainer.fit_user_tokens(held, shared, args.fit_steps, args.fit_learning_rate,
                                                              weighted))
         for mode, (targets, offsets) in modes.items():
-            scores.setdefault(mode, []).append(trainer.score_offsets(targets, offsets))
             if mode in HELD_OUT_MODES and held.flags is not None:
-                scores.setdefault("rating_" + mode, []).append(trainer.score_offsets(targets, offsets, ratings_only=True))
+                plain, rating = trainer.score_offsets(targets, offsets, with_ratings=True)
+                scores.setdefault("rating_" + mode, []).append(rating)
+            else:
+                plain = trainer.score_offsets(targets, offsets)
+            scores.setdefault(mode, []).append(plain)
         bar.update(len(batch))
     bar.close()
     return {mode: np.concatenate(values) for mode, values in scores.items()}

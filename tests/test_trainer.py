@@ -726,8 +726,8 @@ def test_fitting_a_users_tokens_to_their_text_lowers_their_nll_and_touches_nothi
 
 
 def test_rating_only_scores_average_the_rating_tokens_and_the_weighted_fit_lowers_the_objective(tmp_path, tiny_llm_dir):
-    """``score_offsets(..., ratings_only=True)`` is each user's mean NLL over their rating tokens alone (checked
-    against what the plain and the rating-weighted means imply: with ``k`` rating tokens of weight ``w`` and ``m``
+    """``score_offsets(..., with_ratings=True)`` gives, beside the plain NLL of the same forward pass, each user's
+    mean NLL over their rating tokens alone (checked against what the plain and the rating-weighted means imply: with ``k`` rating tokens of weight ``w`` and ``m``
     others, their sum is ``(W (w k + m) - P (k + m)) / (w - 1)``), nan for a user whose text has none;
     ``fit_user_tokens(..., weighted=True)`` lowers each user's rating-weighted objective; without marked ratings
     both refuse clearly."""
@@ -739,8 +739,9 @@ def test_rating_only_scores_average_the_rating_tokens_and_the_weighted_fit_lower
     users = np.arange(4)
     targets = trainer.targets(users, np.random.default_rng(0))
     offsets = torch.randn(4, *trainer.soft.anchors.shape, generator=torch.Generator().manual_seed(1)) * 0.05
-    rating = trainer.score_offsets(targets, offsets, ratings_only=True)
+    plain_too, rating = trainer.score_offsets(targets, offsets, with_ratings=True)
     plain, weighted = trainer._nll_per_user(trainer.prompt_batch(targets), offsets)
+    np.testing.assert_array_equal(plain_too, plain)                  # the same forward pass gives both
     for row, flags in enumerate(targets.flags):
         k, m = sum(flags), len(flags) - sum(flags)
         assert k > 0 and m > 0
@@ -748,7 +749,7 @@ def test_rating_only_scores_average_the_rating_tokens_and_the_weighted_fit_lower
         assert rating[row] == pytest.approx(implied, rel=1e-4)
     assert not np.allclose(rating, plain)
     no_ratings = Targets(users, targets.texts, [[False] * len(t) for t in targets.texts], targets.inputs)
-    assert np.isnan(trainer.score_offsets(no_ratings, offsets, ratings_only=True)).all()
+    assert np.isnan(trainer.score_offsets(no_ratings, offsets, with_ratings=True)[1]).all()
 
     start = torch.zeros_like(offsets)
     objective = lambda o: trainer._nll_per_user(trainer.prompt_batch(targets), o)[1]      # noqa: E731
@@ -757,6 +758,6 @@ def test_rating_only_scores_average_the_rating_tokens_and_the_weighted_fit_lower
 
     unmarked = Targets(users, targets.texts, None, targets.inputs)
     with pytest.raises(ValueError, match="rating tokens"):
-        trainer.score_offsets(unmarked, offsets, ratings_only=True)
+        trainer.score_offsets(unmarked, offsets, with_ratings=True)
     with pytest.raises(ValueError, match="rating tokens"):
         trainer.fit_user_tokens(unmarked, start, steps=1, learning_rate=0.05, weighted=True)

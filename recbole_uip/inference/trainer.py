@@ -768,15 +768,16 @@ class ProfileInferenceTrainer:
                 out["weighted_" + mode] = weighted
         return out
 
-    def score_offsets(self, targets: Targets, offsets: torch.Tensor, ratings_only: bool = False) -> np.ndarray:
+    def score_offsets(self, targets: Targets, offsets: torch.Tensor, with_ratings: bool = False):
         """Plain NLL per user ``(B,)`` float64 of ``targets``' texts with the offsets ``(B, P, D)`` (the shared
-        center added); with ``ratings_only``, the mean over their rating tokens alone (nan for a user whose text
-        has none). Forward only."""
-        if not ratings_only:
-            return self._nll_per_user(self.prompt_batch(targets), offsets)[0]
-        rating_nll = self._nll_per_user(self.prompt_batch(targets, ratings_only=True), offsets)[1]
+        center added). With ``with_ratings``, the pair ``(plain, rating)``, ``rating`` the mean over each user's
+        rating tokens alone (nan for a user whose text has none), from the same forward pass: the plain NLL does
+        not depend on the batch's weights. Forward only."""
+        plain, rating = self._nll_per_user(self.prompt_batch(targets, ratings_only=with_ratings), offsets)
+        if not with_ratings:
+            return plain
         has_ratings = np.array([any(flags) for flags in targets.flags])
-        return np.where(has_ratings, rating_nll, np.nan)
+        return plain, np.where(has_ratings, rating, np.nan)
 
     @torch.no_grad()
     def _nll_per_user(self, batch, offsets: torch.Tensor, hide_profiles: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
