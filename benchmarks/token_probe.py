@@ -26,7 +26,7 @@ of everything). Then:
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about. Writes
-``results/<dataset>/<settings fingerprint>/token_probe.{json,md}``.
+``results/<dataset>/<settings fingerprint>/token_probe[_resampled][_weighted][_<variant>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle"
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 
 
+def _true(value: str) -> bool:
+    """A true/false flag's value."""
+    return value.lower() in ("1", "true", "yes")
+
+
 def parse_args(argv=None):
     parser = benchmark_parser(__doc__)
     parser.add_argument("--model", default="DeepFM", help="whose split defines the training data (default DeepFM)")
@@ -59,9 +64,9 @@ def parse_args(argv=None):
                         help="Adam's step, relative to the mean token-embedding norm")
     parser.add_argument("--shift_users", type=int, default=256, help="users the shared shift is trained on")
     parser.add_argument("--shift_passes", type=int, default=2, help="passes of the shift's training")
-    parser.add_argument("--oracle", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+    parser.add_argument("--oracle", type=_true, default=True,
                         help="also fit the tokens on the held-out text itself (true/false; default true)")
-    parser.add_argument("--resample", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+    parser.add_argument("--resample", type=_true, default=False,
                         help="fit each step on a new random draw of the user's remaining training text (true/false; "
                              "default false: one draw for every step)")
     parser.add_argument("--fit_objective", choices=("plain", "weighted"), default="plain",
