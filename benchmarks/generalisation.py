@@ -15,7 +15,8 @@ sets any RecBole or ``uip_*`` key, e.g. the paper's setting). The frozen LLM the
 * ``codes``: the user's profile IDs, i.e. the codes they are quantised to.
 
 Writes ``results/<dataset>/<settings fingerprint>/generalisation.{json,md}``: means with 95% intervals across users, the paired
-differences, the rating-weighted NLL where the text marks ratings, the inference log and the resolved settings.
+differences, where the text marks ratings the rating-weighted NLL and the NLL of the rating tokens alone (``rating_tokens``:
+the part of the text a user's taste should predict best), the inference log and the resolved settings.
 """
 
 from __future__ import annotations
@@ -48,22 +49,25 @@ def summarise(scores: dict[str, np.ndarray], prefix: str = "") -> dict:
 
 
 def render(data: dict) -> str:
-    plain = data["plain"]
     lines = [f"# Generalisation on {data['record']['dataset']}: held-out behaviour scored with each user's own tokens",
              "", f"Settings `{settings_fingerprint(data['record']['settings'])}`. {data['users_evaluated']} users; each user's newest training items within "
              f"{data['holdout_tokens']} tokens ({data['held_out_tokens_mean']:.1f} tokens on average) were held out of "
              f"profile inference and scored afterwards by the frozen LLM. Nats per token, mean over users with its 95% "
              f"interval.", "", "| tokens | own | mean token | another user's | no profile tokens | codes |",
              "|---|---|---|---|---|---|"]
-    for key, label in (("plain", "plain NLL"), ("rating_weighted", "rating-weighted")):
+    for key, label in (("plain", "plain NLL"), ("rating_weighted", "rating-weighted"),
+                       ("rating_tokens", "rating tokens alone")):
         if key in data:
             cells = [f"{data[key]['modes'][m]['mean']:.4f} [{data[key]['modes'][m]['ci'][0]:.4f}, {data[key]['modes'][m]['ci'][1]:.4f}]"
                      if m in data[key]["modes"] else "" for m in MODES]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| paired difference (plain NLL) | mean | 95% interval | users below 0 |", "|---|---|---|---|"]
-    for name, d in plain["differences"].items():
-        lines.append(f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.4f} | [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] | "
-                     f"{100 * d['share_below_zero']:.0f}% |")
+    for key, label in (("plain", "plain NLL"), ("rating_tokens", "the held-out rating tokens alone")):
+        if key not in data:
+            continue
+        lines += ["", f"| paired difference ({label}) | mean | 95% interval | users below 0 |", "|---|---|---|---|"]
+        for name, d in data[key]["differences"].items():
+            lines.append(f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.4f} | [{d['ci'][0]:+.4f}, "
+                         f"{d['ci'][1]:+.4f}] | {100 * d['share_below_zero']:.0f}% |")
     lines += ["", goal_verdict(data["own_minus_mean"]), "",
               f"Inference on the remaining history took {data['inference_seconds']:.0f} s; the encoder's line search "
               f"chose steps {[r.get('line_search', {}).get('step') for r in data['inference_history'][1:]]} (relative to "
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
 
     targets = run.held_out_targets(run.users())
     texts = targets.texts
-    scores = trainer.score(targets)
+    scores = trainer.score(targets, with_ratings=targets.flags is not None)
     plain = summarise(scores)
     data = {
         "holdout_tokens": args.holdout_tokens, "users_evaluated": int(len(targets.users)),
@@ -95,6 +99,8 @@ def main(argv=None) -> int:
     }
     if "weighted_own" in scores:
         data["rating_weighted"] = summarise(scores, "weighted_")
+    if "rating_own" in scores:
+        data["rating_tokens"] = summarise(scores, "rating_")
     publish_benchmark(args, "generalisation", data, render(data))
     return 0
 

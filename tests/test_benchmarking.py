@@ -121,7 +121,11 @@ def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_m
     assert data["users_evaluated"] == 24 and 0 < data["held_out_tokens_mean"] <= 20 + 15
     assert data["record"]["dataset"] == "toy" and data["record"]["settings"]["epochs"] == 1
     assert str(tmp_path) not in json.dumps(data["record"])               # no machine paths in the record
-    assert "Goal" in (folders[0] / "generalisation.md").read_text()
+    rating = data["rating_tokens"]                                        # the toy text marks its ratings
+    assert set(rating["modes"]) == {"own", "mean", "other_user", "no_profile", "codes"}
+    assert rating["modes"]["own"]["mean"] != data["own"] and np.isfinite(rating["modes"]["own"]["mean"])
+    markdown = (folders[0] / "generalisation.md").read_text()
+    assert "Goal" in markdown and "rating tokens alone" in markdown
     assert json.loads((folders[0] / "settings.json").read_text())["settings"] == data["record"]["settings"]
 
 

@@ -729,8 +729,8 @@ def test_rating_only_scores_average_the_rating_tokens_and_the_weighted_fit_lower
     """``score_offsets(..., with_ratings=True)`` gives, beside the plain NLL of the same forward pass, each user's
     mean NLL over their rating tokens alone (checked against what the plain and the rating-weighted means imply: with ``k`` rating tokens of weight ``w`` and ``m``
     others, their sum is ``(W (w k + m) - P (k + m)) / (w - 1)``), nan for a user whose text has none;
-    ``fit_user_tokens(..., weighted=True)`` lowers each user's rating-weighted objective; without marked ratings
-    both refuse clearly."""
+    ``score(..., with_ratings=True)`` gives the same per mode; ``fit_user_tokens(..., weighted=True)`` lowers each
+    user's rating-weighted objective; without marked ratings all three refuse clearly."""
     from recbole_uip.inference.trainer import Targets
 
     w = 5.0
@@ -751,6 +751,14 @@ def test_rating_only_scores_average_the_rating_tokens_and_the_weighted_fit_lower
     no_ratings = Targets(users, targets.texts, [[False] * len(t) for t in targets.texts], targets.inputs)
     assert np.isnan(trainer.score_offsets(no_ratings, offsets, with_ratings=True)[1]).all()
 
+    scores = trainer.score(targets, modes=("own", "none"), with_ratings=True)       # the generalisation benchmark's
+    own = trainer.offsets(users, targets.inputs)
+    np.testing.assert_allclose(scores["rating_own"], trainer.score_offsets(targets, own, with_ratings=True)[1],
+                               rtol=1e-5)
+    assert not np.allclose(scores["rating_own"], scores["rating_none"])           # "none" hides the soft tokens
+    assert "rating_own" not in trainer.score(targets, modes=("own",))
+    assert np.isnan(trainer.score(no_ratings, modes=("own",), with_ratings=True)["rating_own"]).all()
+
     start = torch.zeros_like(offsets)
     objective = lambda o: trainer._nll_per_user(trainer.prompt_batch(targets), o)[1]      # noqa: E731
     fitted = trainer.fit_user_tokens(targets, start, steps=5, learning_rate=0.05, weighted=True)
@@ -761,3 +769,5 @@ def test_rating_only_scores_average_the_rating_tokens_and_the_weighted_fit_lower
         trainer.score_offsets(unmarked, offsets, with_ratings=True)
     with pytest.raises(ValueError, match="rating tokens"):
         trainer.fit_user_tokens(unmarked, start, steps=1, learning_rate=0.05, weighted=True)
+    with pytest.raises(ValueError, match="rating tokens"):
+        trainer.score(unmarked, modes=("own",), with_ratings=True)

@@ -745,17 +745,25 @@ class ProfileInferenceTrainer:
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def score(self, targets: Targets, modes=("own", "mean", "other", "none", "code"), permutation_seed: int = 0) -> dict:
+    def score(self, targets: Targets, modes=("own", "mean", "other", "none", "code"), permutation_seed: int = 0,
+              with_ratings: bool = False) -> dict:
         """Per-user NLL (plain and, where ratings are marked, weighted) of ``targets``' texts with each user's own
         soft tokens (their encoder reading ``targets.inputs``), the mean token (no user information), another
         user's tokens, no profile tokens at all, and their assigned codes. Forward only.
 
-        Returns ``{mode: (B,)}`` and ``{"weighted_" + mode: (B,)}`` float64 arrays."""
+        Returns ``{mode: (B,)}`` and ``{"weighted_" + mode: (B,)}`` float64 arrays; with ``with_ratings`` also
+        ``{"rating_" + mode: (B,)}``, the mean NLL over each user's rating tokens alone (nan for a user whose text
+        has none; a second forward pass per mode).
+
+        Raises:
+            ValueError: ``with_ratings`` while the behaviour text marks no rating tokens."""
         users = targets.users
         own = self.offsets(users, targets.inputs if self.soft.encoder is not None else None).cpu()
         other = own[np.random.default_rng(permutation_seed).permutation(len(users))]
         mean = own.mean(0, keepdim=True)          # the mean of the very tokens "own" uses: no user information
         batch = self.prompt_batch(targets)
+        rating_batch = self.prompt_batch(targets, ratings_only=True) if with_ratings else None
+        has_ratings = np.array([any(flags) for flags in targets.flags]) if with_ratings else None
         out: dict[str, np.ndarray] = {}
         for mode in tqdm(modes, desc="UIP scoring", ncols=100, disable=not self.show_progress):
             if mode == "code":
@@ -766,6 +774,9 @@ class ProfileInferenceTrainer:
             out[mode], weighted = self._nll_per_user(batch, offsets, hide_profiles=mode == "none")
             if weighted is not None:
                 out["weighted_" + mode] = weighted
+            if rating_batch is not None:
+                rating = self._nll_per_user(rating_batch, offsets, hide_profiles=mode == "none")[1]
+                out["rating_" + mode] = np.where(has_ratings, rating, np.nan)
         return out
 
     def score_offsets(self, targets: Targets, offsets: torch.Tensor, with_ratings: bool = False):
