@@ -1,7 +1,7 @@
 """What can one soft token per profile carry about a user, when it is fitted to that user alone with many steps?
 
     python benchmarks/token_probe.py --dataset=ml-100k [--users=48] [--fit_steps=20] [--fit_learning_rate=0.02]
-        [--shift_passes=2] [--resample=false] [--fit_objective=plain] [--oracle=true]
+        [--shift_passes=2] [--resample=false] [--fit_objective=plain] [--oracle=true] [--encoder_passes=0]
 
 The generalisation benchmark asks whether the trained tokens explain behaviour they never saw; this one asks the
 question beneath it, without the encoder and without the EM loop's one step per user and round. The held-out
@@ -22,11 +22,18 @@ of everything). Then:
    their own tokens and the mean of the fitted tokens; where the text marks rating tokens, the held-out text is
    also scored on its rating tokens alone (``rating_*``: the part of the text a user's taste should predict best);
 4. with ``--oracle`` (the default), the tokens are also fitted on the held-out text itself: the most one token per
-   profile can lower the NLL of that text (an upper bound, not a method).
+   profile can lower the NLL of that text (an upper bound, not a method);
+5. with ``--encoder_passes`` > 0, the amortised path gets the steps the EM loop does not give it: after the shift,
+   the linear encoder ``A`` is trained by Adam at every batch (``--encoder_passes`` passes over the shift's users,
+   the M-step's batch-centred objective, the shift training on beside it), where the EM loop takes one
+   line-searched step per round. The probed users' held-out text is then scored with ``A z`` (``encoder``: ``z``
+   from their remaining items), its mean over their batch (``encoder_mean``) and another user's
+   (``encoder_other``). ``--fit_steps=0`` skips the per-user fits (steps 2-4) and scores the encoder alone.
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
-issue's goal (0.05 nats/token below the mean token) is about. Writes
-``results/<dataset>/<settings fingerprint>/token_probe[_resampled][_weighted][_<variant>].{json,md}``.
+issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
+per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled][_weighted][_encoder]
+[_<variant>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ from recbole_uip.benchmarking import (
 BATCH = 16          # users fitted together (each alone: their losses are summed); "mean" and "other" are per batch
 PAIRS = [("own", "mean"), ("own", "other_user"), ("own_halfway", "mean"), ("mean", "shared"), ("oracle", "mean"),
          ("own_on_fitted_text", "mean_on_fitted_text")]
-HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle")   # also on the rating tokens alone
+PAIRS += [("encoder", "encoder_mean"), ("encoder", "encoder_other"), ("encoder_mean", "shared")]
+HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle",   # also on the rating tokens alone
+                  "encoder", "encoder_mean", "encoder_other")
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 
 
@@ -72,6 +81,12 @@ def parse_args(argv=None):
     parser.add_argument("--fit_objective", choices=("plain", "weighted"), default="plain",
                         help="what the tokens are fitted on: the plain NLL (default) or the M-step's rating-weighted one")
     parser.add_argument("--probe_seed", type=int, default=7, help="draws the probed and the shift's users")
+    parser.add_argument("--encoder_passes", type=int, default=0,
+                        help="after the shift, train the linear encoder by Adam at every batch for this many passes "
+                             "over the shift's users, and score it (default 0: no encoder stage)")
+    parser.add_argument("--encoder_learning_rate", type=float, default=0.005,
+                        help="the encoder's Adam step, relative to the mean token-embedding norm per embedding "
+                             "dimension (as --fit_learning_rate)")
     return parse_known_with_overrides(parser, argv)
 
 
@@ -91,6 +106,34 @@ def train_shift(trainer, users: np.ndarray, passes: int, rng: np.random.Generato
     return means
 
 
+def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float, rng: np.random.Generator,
+                  logger) -> list[float]:
+    """The linear encoder ``A (P, D, k)`` trained by Adam at every M-step batch, ``passes`` passes over ``users``,
+    on the M-step's objective with its batch-centred gradient (:meth:`ProfileInferenceTrainer.train_batch`); the
+    shared shift trains beside it. The mean NLL of each pass.
+
+    Departs from the EM loop, which accumulates ``A``'s gradient over a whole pass and takes one line-searched step
+    per round: this gives the amortised path as many steps as it has batches."""
+    if trainer.soft.encoder is None:
+        raise SystemExit("--encoder_passes needs an encoder (uip_encoder: linear).")
+    encoder = trainer.soft.encoder
+    optimizer = torch.optim.Adam([encoder], lr=learning_rate * trainer.embedding_norm / encoder.shape[1] ** 0.5)
+    shared_opt = trainer.shared_optimizer()
+    means = []
+    for index in range(passes):
+        order = users[rng.permutation(len(users))]
+        nll = []
+        for i in range(0, len(order), trainer.settings.batch_size):
+            encoder.grad = None
+            targets = trainer.targets(order[i:i + trainer.settings.batch_size], rng)
+            nll.append(float(trainer.train_batch(targets, [1.0] * len(trainer.codebooks), shared_opt).mean()))
+            optimizer.step()
+        means.append(float(np.mean(nll)))
+        logger.info(f"token probe: encoder pass {index + 1}, NLL {means[-1]:.4f}")
+    encoder.grad = None
+    return means
+
+
 def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool) -> dict:
     """Per-user plain NLL ``{mode: (n,)}`` of the modes in the module docstring, and ``{"rating_" + mode: (n,)}``
     on the held-out rating tokens alone where the text marks them (nan for a user whose held-out text has none)."""
@@ -102,16 +145,23 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
     for start in range(0, len(users), BATCH):
         batch = users[start:start + BATCH]
         held = run.held_out_targets(batch)
-        draws = [trainer.targets(batch, rng) for _ in range(args.fit_steps if args.resample else 1)]
-        fitted_text = draws[0]
+        rotate = torch.as_tensor(np.roll(np.arange(len(batch)), 1))
         shared = torch.zeros(len(batch), *trainer.soft.anchors.shape)
-        own = trainer.fit_user_tokens(draws, shared, args.fit_steps, args.fit_learning_rate, weighted)
-        mean = own.mean(0, keepdim=True).expand_as(own)
-        other = own[torch.as_tensor(np.roll(np.arange(len(batch)), 1))]
-        modes = {"own": (held, own), "mean": (held, mean), "other_user": (held, other),
-                 "own_halfway": (held, (own + mean) / 2), "shared": (held, shared),
-                 "own_on_fitted_text": (fitted_text, own), "mean_on_fitted_text": (fitted_text, mean)}
-        if args.oracle:
+        modes = {"shared": (held, shared)}
+        if args.fit_steps:
+            draws = [trainer.targets(batch, rng) for _ in range(args.fit_steps if args.resample else 1)]
+            fitted_text = draws[0]
+            own = trainer.fit_user_tokens(draws, shared, args.fit_steps, args.fit_learning_rate, weighted)
+            mean = own.mean(0, keepdim=True).expand_as(own)
+            modes.update({"own": (held, own), "mean": (held, mean), "other_user": (held, own[rotate]),
+                          "own_halfway": (held, (own + mean) / 2),
+                          "own_on_fitted_text": (fitted_text, own), "mean_on_fitted_text": (fitted_text, mean)})
+        if args.encoder_passes:
+            with torch.no_grad():
+                encoded = trainer.offsets(batch, held.inputs).cpu()          # A z, z from the remaining items
+            modes.update({"encoder": (held, encoded), "encoder_other": (held, encoded[rotate]),
+                          "encoder_mean": (held, encoded.mean(0, keepdim=True).expand_as(encoded))})
+        if args.oracle and args.fit_steps:
             modes["oracle"] = (held, trainer.fit_user_tokens(held, shared, args.fit_steps, args.fit_learning_rate,
                                                              weighted))
         for mode, (targets, offsets) in modes.items():
@@ -138,21 +188,31 @@ def render(data: dict) -> str:
               "rating_own_minus_rating_other_user": "own - another user's (held-out rating tokens)",
               "rating_own_halfway_minus_rating_mean": "own shrunk halfway to the mean - mean (held-out rating tokens)",
               "rating_mean_minus_rating_shared": "mean of the fitted tokens - the shared token (held-out rating tokens)",
-              "rating_oracle_minus_rating_mean": "fitted on the held-out text itself - mean (its rating tokens)"}
+              "rating_oracle_minus_rating_mean": "fitted on the held-out text itself - mean (its rating tokens)",
+              "encoder_minus_encoder_mean": "encoder's A z - its mean over the batch (held-out text)",
+              "encoder_minus_encoder_other": "encoder's A z - another user's (held-out text)",
+              "encoder_mean_minus_shared": "encoder's mean - the shared token (held-out text)",
+              "rating_encoder_minus_rating_encoder_mean": "encoder's A z - its mean (held-out rating tokens)",
+              "rating_encoder_minus_rating_encoder_other": "encoder's A z - another user's (held-out rating tokens)",
+              "rating_encoder_mean_minus_rating_shared": "encoder's mean - the shared token (held-out rating tokens)"}
+    settings = data["record"]["settings"]
+    fitted = (f" Then {data['users']} other users' tokens each fitted alone with {data['fit_steps']} Adam steps (step "
+              f"{data['fit_learning_rate']:g} of the mean token-embedding norm) on the "
+              + (f"M-step's objective (rating tokens weigh {settings['rating_weight']:g}) of "
+                 if data.get("fit_objective") == "weighted" else "plain NLL of ")
+              + ("a new random draw at every step of " if data.get("resample") else "a random ")
+              + f"{settings['max_behaviour_tokens']} tokens of their remaining training text.") if data["fit_steps"] else ""
+    encoder = (f" Then the linear encoder trained by Adam at every batch (step {data['encoder_learning_rate']:g}) for "
+               f"{data['encoder_passes']} passes over the same {data['shift_users']} users, the shift beside it (NLL "
+               f"per pass {', '.join(f'{v:.4f}' for v in data['encoder_nll'])}); {data['users']} other users scored "
+               f"with `A z` from their remaining items.") if data.get("encoder_passes") else ""
     lines = [f"# What one soft token per profile carries ({data['record']['dataset']})", "",
              f"Produced by `python benchmarks/token_probe.py {' '.join(data['record']['command'][1:])}`. Settings "
-             f"`{settings_fingerprint(data['record']['settings'])}`. The shared shift trained alone for "
+             f"`{settings_fingerprint(settings)}`. The shared shift trained alone for "
              f"{data['shift_passes']} passes over {data['shift_users']} users (NLL per pass "
-             f"{', '.join(f'{v:.4f}' for v in data['shift_nll'])}); then {data['users']} other users' tokens each "
-             f"fitted alone with {data['fit_steps']} Adam steps (step {data['fit_learning_rate']:g} of the mean "
-             f"token-embedding norm) on the "
-             + ("M-step's objective (rating tokens weigh "
-                f"{data['record']['settings']['rating_weight']:g}) of " if data.get("fit_objective") == "weighted"
-                else "plain NLL of ")
-             + ("a new random draw at every step of " if data.get("resample") else "a random ")
-             + f"{data['record']['settings']['max_behaviour_tokens']} tokens of their "
-             f"remaining training text, and scored on their newest training items within {data['holdout_tokens']} "
-             f"tokens ({data['held_out_tokens_mean']:.1f} on average), which nothing was fitted on. "
+             f"{', '.join(f'{v:.4f}' for v in data['shift_nll'])}).{encoder}{fitted} The probed users are scored on "
+             f"their newest training items within {data['holdout_tokens']} tokens ({data['held_out_tokens_mean']:.1f} "
+             f"on average), which nothing was fitted on. "
              f"Plain NLL, nats per token (`rating_*`: over the held-out rating tokens alone); mean over users with its "
              f"95% interval. Took {data['seconds']:.0f} s.", "",
              "| tokens | NLL |", "|---|---|"]
@@ -162,8 +222,12 @@ def render(data: dict) -> str:
     for key, summary in differences.items():
         lines.append(f"| {labels.get(key, key)} | {summary['mean']:+.4f} | [{summary['ci'][0]:+.4f}, "
                      f"{summary['ci'][1]:+.4f}] | {summary['share_below_zero']:.0%} |")
-    lines += ["", goal_verdict(differences["own_minus_mean"], "The issue's goal for tokens fitted to each user alone"), "",
-              "## Run", "", settings_table(data["record"])]
+    if "own_minus_mean" in differences:
+        lines += ["", goal_verdict(differences["own_minus_mean"], "The issue's goal for tokens fitted to each user alone")]
+    if "encoder_minus_encoder_mean" in differences:
+        lines += ["", goal_verdict(differences["encoder_minus_encoder_mean"],
+                                   "The issue's goal for the encoder trained at every batch")]
+    lines += ["", "## Run", "", settings_table(data["record"])]
     return "\n".join(lines)
 
 
@@ -185,6 +249,8 @@ def main(argv=None) -> int:
         shift_users = np.sort(order[:min(args.shift_users, len(order) // 2)])
         users = np.sort(order[len(shift_users):len(shift_users) + args.users])
         shift_nll = train_shift(trainer, shift_users, args.shift_passes, rng, logger)
+        encoder_nll = train_encoder(trainer, shift_users, args.encoder_passes, args.encoder_learning_rate, rng,
+                                    logger) if args.encoder_passes else []
         scores = probe(run, users, args, rng, bool(config["show_progress"]))
     finally:
         torch.set_num_threads(threads_before)
@@ -192,14 +258,15 @@ def main(argv=None) -> int:
     data = {
         "users": int(len(users)), "shift_users": int(len(shift_users)), "shift_passes": args.shift_passes,
         "shift_nll": shift_nll, "fit_steps": args.fit_steps, "fit_learning_rate": args.fit_learning_rate, "resample": args.resample,
-        "fit_objective": args.fit_objective,
+        "fit_objective": args.fit_objective, "encoder_passes": args.encoder_passes,
+        "encoder_learning_rate": args.encoder_learning_rate, "encoder_nll": encoder_nll,
         "holdout_tokens": args.holdout_tokens,
         "held_out_tokens_mean": float(np.mean([len(t) for t in run.held_out_targets(users).texts])),
         "modes": modes, "differences": differences, "seconds": round(time.perf_counter() - start, 1),
         "record": run_record(config, settings, ["benchmarks/token_probe.py", *args.argv]),
     }
-    name = "token_probe" + ("_resampled" if args.resample else "") + ("_weighted" if args.fit_objective == "weighted"
-                                                                      else "")
+    name = ("token_probe" + ("_resampled" if args.resample else "")
+            + ("_weighted" if args.fit_objective == "weighted" else "") + ("_encoder" if args.encoder_passes else ""))
     publish_benchmark(args, name, data, render(data))
     return 0
 

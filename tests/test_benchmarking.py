@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_dataset
 from recbole_uip.benchmarking import (
@@ -162,6 +164,47 @@ def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_pat
     assert "goal" in report and "own - mean (held-out rating tokens)" in report
     assert ("M-step's objective" in report) is (objective == "weighted")
     assert str(tmp_path) not in json.dumps(data["record"])
+
+
+def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per_user_fits(tmp_path, tiny_llm_dir):
+    """``--encoder_passes``: the linear encoder is trained by Adam at every batch (it moves, and the shift beside
+    it), the probed users are scored with ``A z``, its batch mean and another user's, on every held-out token and
+    on the rating tokens; ``--fit_steps=0`` leaves out every per-user fit."""
+    token_probe = import_benchmark("token_probe")
+    write_dataset(tmp_path / "data")
+    argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--holdout_tokens=20", "--users=5",
+            "--fit_steps=0", "--shift_users=6", "--shift_passes=1", "--encoder_passes=2", f"--data_path={tmp_path / 'data'}",
+            f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false",
+            f"--checkpoint_dir={tmp_path / 'saved'}"]
+    assert token_probe.main(argv) == 0
+    folder, = (tmp_path / "results" / "toy").iterdir()
+    data = json.loads((folder / "token_probe_encoder.json").read_text())
+    assert data["encoder_passes"] == 2 and len(data["encoder_nll"]) == 2
+    assert set(data["modes"]) == {prefix + mode for prefix in ("", "rating_")
+                                  for mode in ("shared", "encoder", "encoder_mean", "encoder_other")}
+    for key in ("encoder_minus_encoder_mean", "encoder_minus_encoder_other", "encoder_mean_minus_shared",
+                "rating_encoder_minus_rating_encoder_mean"):
+        low, high = data["differences"][key]["ci"]
+        assert low <= data["differences"][key]["mean"] <= high
+    assert data["differences"]["encoder_minus_encoder_other"]["mean"] != 0        # users get different tokens
+    report = (folder / "token_probe_encoder.md").read_text()
+    assert "encoder trained at every batch" in report and "fitted alone" not in report
+
+
+def test_the_probes_encoder_training_steps_the_encoder_and_the_shift_at_every_batch(tmp_path, tiny_llm_dir):
+    """``train_encoder``: one Adam step of ``A`` per batch (its step count), the shift stepping beside it, and no
+    gradient left behind."""
+    from test_trainer import make_trainer
+
+    token_probe = import_benchmark("token_probe")
+    trainer = make_trainer(tmp_path, tiny_llm_dir)
+    trainer.setup()
+    encoder, shared = trainer.soft.encoder.detach().clone(), trainer.soft.shared.detach().clone()
+    users = trainer.training_users()[:8]
+    nll = token_probe.train_encoder(trainer, users, 2, 0.01, np.random.default_rng(0), logging.getLogger("test"))
+    assert len(nll) == 2 and all(np.isfinite(nll))
+    assert not torch.equal(trainer.soft.encoder, encoder) and not torch.equal(trainer.soft.shared, shared)
+    assert trainer.soft.encoder.grad is None
 
 
 def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_path, tiny_llm_dir):
