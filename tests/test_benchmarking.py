@@ -191,9 +191,9 @@ def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per
     assert "encoder trained at every batch" in report and "fitted alone" not in report
 
 
-def test_the_probes_encoder_training_steps_the_encoder_and_the_shift_at_every_batch(tmp_path, tiny_llm_dir):
-    """``train_encoder``: one Adam step of ``A`` per batch (its step count), the shift stepping beside it, and no
-    gradient left behind."""
+def test_the_probes_encoder_training_moves_the_encoder_and_the_shift(tmp_path, tiny_llm_dir):
+    """``train_encoder``: ``A`` and the shift both move, each pass's NLL is reported, and no gradient is left
+    behind in ``A``."""
     from test_trainer import make_trainer
 
     token_probe = import_benchmark("token_probe")
