@@ -90,20 +90,37 @@ def parse_args(argv=None):
     return parse_known_with_overrides(parser, argv)
 
 
-def train_shift(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger) -> list[float]:
-    """The shared shift alone, ``passes`` passes over ``users`` in M-step batches; the mean NLL of each pass."""
+def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger, encoder_optimizer=None,
+                 ) -> list[float]:
+    """``passes`` passes over ``users`` in M-step batches (:meth:`ProfileInferenceTrainer.train_batch`); the mean
+    NLL of each pass. Without ``encoder_optimizer``, the shared shift alone learns (nothing to train without a
+    shift: ``[]``); with it, the encoder steps at every batch on its batch-centred gradient, the shift beside it."""
     shared_opt = trainer.shared_optimizer()
-    if shared_opt is None:
+    if shared_opt is None and encoder_optimizer is None:
         return []
+    what = "shift" if encoder_optimizer is None else "encoder"
     means = []
     for index in range(passes):
         order = users[rng.permutation(len(users))]
-        nll = [float(trainer.train_batch(trainer.targets(order[i:i + trainer.settings.batch_size], rng), [1.0] * len(
-                   trainer.codebooks), shared_opt, shift_only=True).mean())
-               for i in range(0, len(order), trainer.settings.batch_size)]
+        nll = []
+        for i in range(0, len(order), trainer.settings.batch_size):
+            if encoder_optimizer is not None:
+                encoder_optimizer.zero_grad(set_to_none=True)
+            targets = trainer.targets(order[i:i + trainer.settings.batch_size], rng)
+            nll.append(float(trainer.train_batch(targets, [1.0] * len(trainer.codebooks), shared_opt,
+                                                 shift_only=encoder_optimizer is None).mean()))
+            if encoder_optimizer is not None:
+                encoder_optimizer.step()
         means.append(float(np.mean(nll)))
-        logger.info(f"token probe: shift pass {index + 1}, NLL {means[-1]:.4f}")
+        logger.info(f"token probe: {what} pass {index + 1}, NLL {means[-1]:.4f}")
+    if encoder_optimizer is not None:
+        encoder_optimizer.zero_grad(set_to_none=True)
     return means
+
+
+def train_shift(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger) -> list[float]:
+    """The shared shift alone, ``passes`` passes over ``users`` in M-step batches; the mean NLL of each pass."""
+    return train_passes(trainer, users, passes, rng, logger)
 
 
 def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float, rng: np.random.Generator,
@@ -118,20 +135,7 @@ def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float,
         raise SystemExit("--encoder_passes needs an encoder (uip_encoder: linear).")
     encoder = trainer.soft.encoder
     optimizer = torch.optim.Adam([encoder], lr=learning_rate * trainer.embedding_norm / encoder.shape[1] ** 0.5)
-    shared_opt = trainer.shared_optimizer()
-    means = []
-    for index in range(passes):
-        order = users[rng.permutation(len(users))]
-        nll = []
-        for i in range(0, len(order), trainer.settings.batch_size):
-            encoder.grad = None
-            targets = trainer.targets(order[i:i + trainer.settings.batch_size], rng)
-            nll.append(float(trainer.train_batch(targets, [1.0] * len(trainer.codebooks), shared_opt).mean()))
-            optimizer.step()
-        means.append(float(np.mean(nll)))
-        logger.info(f"token probe: encoder pass {index + 1}, NLL {means[-1]:.4f}")
-    encoder.grad = None
-    return means
+    return train_passes(trainer, users, passes, rng, logger, optimizer)
 
 
 def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool) -> dict:

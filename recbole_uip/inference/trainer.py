@@ -131,6 +131,12 @@ def _random_orthonormal(rows: int, columns: int, generator: torch.Generator) -> 
     return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(())).unsqueeze(0)
 
 
+def _nan_without_ratings(targets: Targets, rating: np.ndarray) -> np.ndarray:
+    """``rating (B,)`` (a ratings-only batch's weighted NLL) with nan for each user whose text marks no rating
+    token (their weights sum to 0, so the weighted mean is no mean)."""
+    return np.where(np.array([any(flags) for flags in targets.flags]), rating, np.nan)
+
+
 def _batches(order, size: int):
     for start in range(0, len(order), size):
         yield order[start : start + size]
@@ -763,7 +769,6 @@ class ProfileInferenceTrainer:
         mean = own.mean(0, keepdim=True)          # the mean of the very tokens "own" uses: no user information
         batch = self.prompt_batch(targets)
         rating_batch = self.prompt_batch(targets, ratings_only=True) if with_ratings else None
-        has_ratings = np.array([any(flags) for flags in targets.flags]) if with_ratings else None
         out: dict[str, np.ndarray] = {}
         for mode in tqdm(modes, desc="UIP scoring", ncols=100, disable=not self.show_progress):
             if mode == "code":
@@ -776,7 +781,7 @@ class ProfileInferenceTrainer:
                 out["weighted_" + mode] = weighted
             if rating_batch is not None:
                 rating = self._nll_per_user(rating_batch, offsets, hide_profiles=mode == "none")[1]
-                out["rating_" + mode] = np.where(has_ratings, rating, np.nan)
+                out["rating_" + mode] = _nan_without_ratings(targets, rating)
         return out
 
     def score_offsets(self, targets: Targets, offsets: torch.Tensor, with_ratings: bool = False):
@@ -785,10 +790,7 @@ class ProfileInferenceTrainer:
         rating tokens alone (nan for a user whose text has none), from the same forward pass: the plain NLL does
         not depend on the batch's weights. Forward only."""
         plain, rating = self._nll_per_user(self.prompt_batch(targets, ratings_only=with_ratings), offsets)
-        if not with_ratings:
-            return plain
-        has_ratings = np.array([any(flags) for flags in targets.flags])
-        return plain, np.where(has_ratings, rating, np.nan)
+        return (plain, _nan_without_ratings(targets, rating)) if with_ratings else plain
 
     @torch.no_grad()
     def _nll_per_user(self, batch, offsets: torch.Tensor, hide_profiles: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
