@@ -740,8 +740,9 @@ def test_rating_only_scores_average_the_rating_tokens_and_the_weighted_fit_lower
     targets = trainer.targets(users, np.random.default_rng(0))
     offsets = torch.randn(4, *trainer.soft.anchors.shape, generator=torch.Generator().manual_seed(1)) * 0.05
     plain_too, rating = trainer.score_offsets(targets, offsets, with_ratings=True)
-    plain, weighted = trainer._nll_per_user(trainer.prompt_batch(targets), offsets)
+    plain, weighted, no_rating = trainer._nll_per_user(trainer.prompt_batch(targets), offsets)
     np.testing.assert_array_equal(plain_too, plain)                  # the same forward pass gives both
+    assert no_rating is None                                         # asked for only with the ratings' weights
     for row, flags in enumerate(targets.flags):
         k, m = sum(flags), len(flags) - sum(flags)
         assert k > 0 and m > 0

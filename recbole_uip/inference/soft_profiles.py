@@ -122,20 +122,19 @@ class FreeTokens:
         self.table[users] = rows.detach() - self.lr * m_hat / (v_hat.sqrt() + self.eps)
 
 
-def behaviour_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor,
-                  weighted: bool = False, hide_profiles: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Per-user mean NLL (nats/token) of the behaviour tokens given the soft tokens.
+def behaviour_token_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor,
+                        hide_profiles: bool = False) -> torch.Tensor:
+    """The NLL of each next token of the behaviour text given the soft tokens: one forward pass of the frozen LLM.
 
     Args:
         llm_model: the frozen causal LM.
         batch: prompts of ``B`` users (input ids ``(B, L)``).
         soft_tokens: ``(B, P, D)`` float; placed at ``layout.soft_positions``.
-        weighted: with ``batch.weights``, also return the weighted mean ``sum_t w_t nll_t / sum_t w_t``.
         hide_profiles: no later position sees the soft tokens (the "no profile tokens" reference).
 
     Returns:
-        ``(B,)`` NLL per user (every behaviour token counts once); with ``weighted``, the pair
-        ``(plain, weighted)``. Differentiable with respect to ``soft_tokens`` only.
+        float32 ``(B, L - 1)``: position ``t`` holds the NLL of ``labels[:, t + 1]`` (0 where that label is ignored).
+        Differentiable with respect to ``soft_tokens`` only.
     """
     embedding = llm_model.get_input_embeddings()
     device, dtype = embedding.weight.device, embedding.weight.dtype
@@ -151,18 +150,47 @@ def behaviour_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch
         allowed[:, layout.soft_positions, layout.soft_positions] = True   # each sees itself: no empty softmax row
     mask = additive_mask(allowed, dtype).to(device)
     logits = llm_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits  # (B, L, V)
-    labels = batch.labels.to(device)
     shifted_logits = logits[:, :-1].float()
-    shifted_labels = labels[:, 1:]
-    token_nll = F.cross_entropy(
+    shifted_labels = batch.labels.to(device)[:, 1:]
+    return F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="none",
     ).view(shifted_labels.shape)
-    counts = (shifted_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    plain = token_nll.sum(dim=1) / counts
+
+
+def weighted_token_mean(token_nll: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` per-user ``sum_t w_t nll_t / sum_t w_t`` of ``token_nll (B, L - 1)`` (from
+    :func:`behaviour_token_nll`) under a batch's token weights ``(B, L)`` (0 where a token does not count)."""
+    weights = weights[:, 1:].to(token_nll.device)
+    return (token_nll * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-12)
+
+
+def token_mean(token_nll: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` per-user mean of ``token_nll (B, L - 1)`` over the behaviour tokens of ``labels (B, L)``, every
+    token counted once (0 for a text without any)."""
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1).to(token_nll.device)
+    return token_nll.sum(dim=1) / counts
+
+
+def behaviour_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor,
+                  weighted: bool = False, hide_profiles: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-user mean NLL (nats/token) of the behaviour tokens given the soft tokens.
+
+    Args:
+        llm_model: the frozen causal LM.
+        batch: prompts of ``B`` users (input ids ``(B, L)``).
+        soft_tokens: ``(B, P, D)`` float; placed at ``layout.soft_positions``.
+        weighted: with ``batch.weights``, also return the weighted mean ``sum_t w_t nll_t / sum_t w_t``.
+        hide_profiles: no later position sees the soft tokens (the "no profile tokens" reference).
+
+    Returns:
+        ``(B,)`` NLL per user (every behaviour token counts once); with ``weighted``, the pair
+        ``(plain, weighted)``. Differentiable with respect to ``soft_tokens`` only.
+    """
+    token_nll = behaviour_token_nll(llm_model, layout, batch, soft_tokens, hide_profiles)
+    plain = token_mean(token_nll, batch.labels)
     if not weighted:
         return plain
     if batch.weights is None:
         return plain, plain
-    weights = batch.weights[:, 1:].to(token_nll.device)
-    return plain, (token_nll * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-12)
+    return plain, weighted_token_mean(token_nll, batch.weights)

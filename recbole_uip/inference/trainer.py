@@ -54,7 +54,9 @@ from recbole_uip.inference.distributed import Communicator
 from recbole_uip.inference.gradient_agreement import format_step_z, paired_gain_z, split_half_agreement
 from recbole_uip.inference.llm import FrozenLLM, assert_frozen
 from recbole_uip.inference.prompt import PromptLayout, build_layout, collate
-from recbole_uip.inference.soft_profiles import FreeTokens, SoftProfiles, behaviour_nll
+from recbole_uip.inference.soft_profiles import (
+    FreeTokens, SoftProfiles, behaviour_nll, behaviour_token_nll, token_mean, weighted_token_mean,
+)
 from recbole_uip.inference.user_features import UserFeatureMap, embed_items
 from recbole_uip.utils import fault_point
 
@@ -759,7 +761,7 @@ class ProfileInferenceTrainer:
 
         Returns ``{mode: (B,)}`` and ``{"weighted_" + mode: (B,)}`` float64 arrays; with ``with_ratings`` also
         ``{"rating_" + mode: (B,)}``, the mean NLL over each user's rating tokens alone (nan for a user whose text
-        has none; a second forward pass per mode).
+        has none; from the same forward pass).
 
         Raises:
             ValueError: ``with_ratings`` while the behaviour text marks no rating tokens."""
@@ -768,7 +770,7 @@ class ProfileInferenceTrainer:
         other = own[np.random.default_rng(permutation_seed).permutation(len(users))]
         mean = own.mean(0, keepdim=True)          # the mean of the very tokens "own" uses: no user information
         batch = self.prompt_batch(targets)
-        rating_batch = self.prompt_batch(targets, ratings_only=True) if with_ratings else None
+        rating_weights = self.prompt_batch(targets, ratings_only=True).weights if with_ratings else None
         out: dict[str, np.ndarray] = {}
         for mode in tqdm(modes, desc="UIP scoring", ncols=100, disable=not self.show_progress):
             if mode == "code":
@@ -776,35 +778,42 @@ class ProfileInferenceTrainer:
                 offsets = torch.stack([cb.codes[assigned[:, p]] for p, cb in enumerate(self.codebooks)], 1)
             else:
                 offsets = {"own": own, "other": other, "none": own}.get(mode, mean.expand(len(users), -1, -1))
-            out[mode], weighted = self._nll_per_user(batch, offsets, hide_profiles=mode == "none")
+            out[mode], weighted, rating = self._nll_per_user(batch, offsets, hide_profiles=mode == "none",
+                                                             rating_weights=rating_weights)
             if weighted is not None:
                 out["weighted_" + mode] = weighted
-            if rating_batch is not None:
-                rating = self._nll_per_user(rating_batch, offsets, hide_profiles=mode == "none")[1]
+            if rating is not None:
                 out["rating_" + mode] = _nan_without_ratings(targets, rating)
         return out
 
     def score_offsets(self, targets: Targets, offsets: torch.Tensor, with_ratings: bool = False):
         """Plain NLL per user ``(B,)`` float64 of ``targets``' texts with the offsets ``(B, P, D)`` (the shared
         center added). With ``with_ratings``, the pair ``(plain, rating)``, ``rating`` the mean over each user's
-        rating tokens alone (nan for a user whose text has none), from the same forward pass: the plain NLL does
-        not depend on the batch's weights. Forward only."""
-        plain, rating = self._nll_per_user(self.prompt_batch(targets, ratings_only=with_ratings), offsets)
+        rating tokens alone (nan for a user whose text has none), from the same forward pass. Forward only."""
+        rating_weights = self.prompt_batch(targets, ratings_only=True).weights if with_ratings else None
+        plain, _, rating = self._nll_per_user(self.prompt_batch(targets), offsets, rating_weights=rating_weights)
         return (plain, _nan_without_ratings(targets, rating)) if with_ratings else plain
 
     @torch.no_grad()
-    def _nll_per_user(self, batch, offsets: torch.Tensor, hide_profiles: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Per user of the collated ``batch``, the plain NLL ``(B,)`` and, where it marks rating tokens, the weighted
-        one (else None), float64, with the offsets ``(B, P, D)``; forward only, in sub-batches of twice
-        ``uip_batch_size`` (each trimmed to its own longest text)."""
-        plain, weighted = [], []
+    def _nll_per_user(self, batch, offsets: torch.Tensor, hide_profiles: bool = False,
+                      rating_weights: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Per user of the collated ``batch``, with the offsets ``(B, P, D)``: the plain NLL ``(B,)``, the weighted one
+        where the batch marks rating tokens (else None) and, given ``rating_weights`` ``(B, L)`` (the ratings-only
+        weights of the same texts), the NLL of the rating tokens alone (else None); float64, all from one forward
+        pass in sub-batches of twice ``uip_batch_size`` (each trimmed to its own longest text)."""
+        plain, weighted, rating = [], [], []
         for rows in _batches(np.arange(len(offsets)), self.settings.batch_size * 2):
             tokens = self.soft(offsets[torch.as_tensor(rows)].to(self.device))
-            p, w = behaviour_nll(self.llm.model, self.layout, self._sub_batch(batch, rows), tokens, weighted=True,
-                                 hide_profiles=hide_profiles)
-            plain.append(p.double().cpu())
-            weighted.append(w.double().cpu())
-        return torch.cat(plain).numpy(), torch.cat(weighted).numpy() if batch.weights is not None else None
+            sub_batch = self._sub_batch(batch, rows)
+            token_nll = behaviour_token_nll(self.llm.model, self.layout, sub_batch, tokens, hide_profiles)
+            plain.append(token_mean(token_nll, sub_batch.labels).double().cpu())
+            if sub_batch.weights is not None:
+                weighted.append(weighted_token_mean(token_nll, sub_batch.weights).double().cpu())
+            if rating_weights is not None:
+                index = torch.as_tensor(rows)
+                rating.append(weighted_token_mean(token_nll, rating_weights[index, :token_nll.shape[1] + 1]).double().cpu())
+        return (torch.cat(plain).numpy(), torch.cat(weighted).numpy() if weighted else None,
+                torch.cat(rating).numpy() if rating else None)
 
     def fit_user_tokens(self, targets: Targets | list[Targets], start: torch.Tensor, steps: int,
                         learning_rate: float, weighted: bool = False) -> torch.Tensor:
