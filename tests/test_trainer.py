@@ -772,3 +772,23 @@ def test_rating_only_scores_average_the_rating_tokens_and_the_weighted_fit_lower
         trainer.fit_user_tokens(unmarked, start, steps=1, learning_rate=0.05, weighted=True)
     with pytest.raises(ValueError, match="rating tokens"):
         trainer.score(unmarked, modes=("own",), with_ratings=True)
+
+
+def test_scoring_the_rating_tokens_costs_no_extra_forward_pass(tmp_path, tiny_llm_dir):
+    """``score(..., with_ratings=True)`` reads the rating tokens' NLL off the forward pass that gives the plain and
+    weighted NLL: the frozen LLM runs as often as without it (once per mode and sub-batch)."""
+    trainer = make_trainer(tmp_path, tiny_llm_dir, uip_rating_weight=5.0)
+    trainer.setup()
+    targets = trainer.targets(np.arange(6), np.random.default_rng(0))
+    calls = []
+    hook = trainer.llm.model.register_forward_hook(lambda module, args, kwargs_or_output: calls.append(1))
+    try:
+        plain = trainer.score(targets, modes=("own", "mean", "none"))
+        without = len(calls)
+        with_ratings = trainer.score(targets, modes=("own", "mean", "none"), with_ratings=True)
+    finally:
+        hook.remove()
+    assert without == 3 and len(calls) == 2 * without                  # 6 users fit one sub-batch: one pass per mode
+    for mode in ("own", "mean", "none"):
+        np.testing.assert_array_equal(with_ratings[mode], plain[mode])
+        assert np.isfinite(with_ratings["rating_" + mode]).all()
