@@ -792,3 +792,28 @@ def test_scoring_the_rating_tokens_costs_no_extra_forward_pass(tmp_path, tiny_ll
     for mode in ("own", "mean", "none"):
         np.testing.assert_array_equal(with_ratings[mode], plain[mode])
         assert np.isfinite(with_ratings["rating_" + mode]).all()
+
+
+def test_with_rating_weight_one_the_rating_tokens_are_marked_for_scoring_and_weigh_nothing_extra(tmp_path, tiny_llm_dir):
+    """The paper's plain NLL (``uip_rating_weight: 1``) still marks which tokens write a rating, as the default
+    weight does: the M-step's batches carry no weights (the objective is the plain NLL), yet the rating tokens can be
+    scored alone, the same as under the default weight for the same offsets."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "heavy").mkdir()
+    plain = make_trainer(tmp_path / "plain", tiny_llm_dir, uip_rating_weight=1.0)
+    heavy = make_trainer(tmp_path / "heavy", tiny_llm_dir, uip_rating_weight=10.0)
+    plain.setup()
+    heavy.setup()
+    targets = plain.targets(np.arange(4), np.random.default_rng(0))
+    assert targets.flags == heavy.targets(np.arange(4), np.random.default_rng(0)).flags
+    assert all(any(flags) for flags in targets.flags)
+    assert plain.prompt_batch(targets).weights is None and heavy.prompt_batch(targets).weights is not None
+    offsets = torch.randn(4, *plain.soft.anchors.shape, generator=torch.Generator().manual_seed(1)) * 0.05
+    nll, rating = plain.score_offsets(targets, offsets, with_ratings=True)
+    np.testing.assert_allclose(rating, heavy.score_offsets(targets, offsets, with_ratings=True)[1], rtol=1e-5)
+    assert np.isfinite(rating).all() and not np.allclose(rating, nll)
+    scores = plain.score(targets, modes=("own",), with_ratings=True)
+    assert "weighted_own" not in scores and np.isfinite(scores["rating_own"]).all()
+    fitted = plain.fit_user_tokens(targets, torch.zeros_like(offsets), steps=2, learning_rate=0.05, weighted=True)
+    np.testing.assert_allclose(fitted, plain.fit_user_tokens(targets, torch.zeros_like(offsets), steps=2,
+                                                             learning_rate=0.05), rtol=1e-6)  # weight 1: the plain fit

@@ -30,8 +30,10 @@ class BehaviourText:
 
     Attributes:
         piece_ids: per piece, int64 token ids.
-        rating_flags: per piece, bool per token: whether it writes the rating (``uip_rating_template``); only where
-            ``uip_rating_weight`` is not 1 and the tokenizer gives character offsets, else None.
+        rating_flags: per piece, bool per token: whether it writes the rating (``uip_rating_template``); wherever
+            the text writes ratings and the tokenizer gives character offsets, else None. Marked even where
+            ``uip_rating_weight`` is 1 (no token weighs more in training), so that the rating tokens can be scored
+            alone (the generalisation benchmark's ``rating_tokens``) in the paper's setting too.
         user_pieces: per user, int64 ``(n_u,)`` piece indices aligned with ``histories.items``.
         piece_lengths: int64 ``(num_pieces,)``.
     """
@@ -39,8 +41,7 @@ class BehaviourText:
     def __init__(self, histories: TrainingHistories, settings, tokenizer, logger=None):
         self.histories = histories
         ratings = histories.ratings
-        self.mark_ratings = (settings.rating_weight != 1.0 and ratings is not None
-                             and bool(getattr(tokenizer, "is_fast", False)))
+        self.mark_ratings = ratings is not None and bool(getattr(tokenizer, "is_fast", False))
         if settings.rating_weight != 1.0 and not self.mark_ratings and logger:
             reason = ("the behaviour text writes no rating (" + "; ".join(histories.fields.notes or ("no rating field",)) + ")"
                       if ratings is None else "the tokenizer is not a fast one (no character offsets to find the rating tokens)")

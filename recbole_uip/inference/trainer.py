@@ -276,10 +276,11 @@ class ProfileInferenceTrainer:
 
     def prompt_batch(self, targets: Targets, ratings_only: bool = False):
         """The prompts of a batch, with each behaviour token's M-step weight where the text marks rating tokens
-        (``uip_rating_weight`` for a rating token, 1 for any other); with ``ratings_only``, 1 for a rating token and
-        0 for any other, so that the weighted NLL is the mean over the rating tokens alone."""
+        and ``uip_rating_weight`` is not 1 (``uip_rating_weight`` for a rating token, 1 for any other; with a weight
+        of 1 the batch has no weights, and the M-step's objective is the plain NLL); with ``ratings_only``, 1 for a
+        rating token and 0 for any other, so that the weighted NLL is the mean over the rating tokens alone."""
         weights = None
-        if targets.flags is not None:
+        if targets.flags is not None and (ratings_only or self.settings.rating_weight != 1.0):
             rating, other = (1.0, 0.0) if ratings_only else (self.settings.rating_weight, 1.0)
             weights = [[rating if flag else other for flag in user_flags] for user_flags in targets.flags]
         elif ratings_only:
@@ -827,8 +828,9 @@ class ProfileInferenceTrainer:
         What the paper's free token can learn about a user when it gets as many steps as it needs (the EM loop gives
         each row one step per round); ``benchmarks/token_probe.py`` asks whether that carries to text it never saw.
         Each user's loss term is their own, so their gradient is too (the batch's losses are summed, not averaged)."""
-        batches = [self.prompt_batch(t) for t in (targets if isinstance(targets, list) else [targets])]
-        if weighted and batches[0].weights is None:
+        targets = targets if isinstance(targets, list) else [targets]
+        batches = [self.prompt_batch(t) for t in targets]
+        if weighted and targets[0].flags is None:
             raise ValueError("The weighted objective needs rating tokens, and the behaviour text marks none.")
         rows = FreeTokens(start.detach().cpu(), "adam", learning_rate * self.embedding_norm / start.shape[-1] ** 0.5)
         index = torch.arange(start.shape[0])
