@@ -790,9 +790,10 @@ class ProfileInferenceTrainer:
     def score_offsets(self, targets: Targets, offsets: torch.Tensor, with_ratings: bool = False):
         """Plain NLL per user ``(B,)`` float64 of ``targets``' texts with the offsets ``(B, P, D)`` (the shared
         center added). With ``with_ratings``, the pair ``(plain, rating)``, ``rating`` the mean over each user's
-        rating tokens alone (nan for a user whose text has none), from the same forward pass. Forward only."""
-        rating_weights = self.prompt_batch(targets, ratings_only=True).weights if with_ratings else None
-        plain, _, rating = self._nll_per_user(self.prompt_batch(targets), offsets, rating_weights=rating_weights)
+        rating tokens alone (nan for a user whose text has none), from the same forward pass: collated with the
+        ratings-only weights, the batch's weighted NLL is that mean, and the plain NLL does not depend on the
+        weights. Forward only."""
+        plain, rating, _ = self._nll_per_user(self.prompt_batch(targets, ratings_only=with_ratings), offsets)
         return (plain, _nan_without_ratings(targets, rating)) if with_ratings else plain
 
     @torch.no_grad()
