@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from recbole_uip.benchmarking import (
-    benchmark_parser, configure, held_out_positions, interval_summary, parse_known_with_overrides, publish_benchmark,
-    run_record, settings_table,
+    benchmark_parser, configure, held_out_positions, interval_summary, matched_contexts, parse_known_with_overrides,
+    publish_benchmark, run_record, settings_table,
 )
 
 CONDITIONS = ("own", "other", "none")
@@ -46,14 +46,6 @@ def parse_args(argv=None):
     if not args.context_tokens or min(args.context_tokens) < 1 or args.holdout_tokens < 1 or args.users < 0:
         parser.error("--context_tokens, --holdout_tokens must be positive and --users >= 0")
     return args, overrides
-
-
-def newest_tokens(text, user: int, positions: np.ndarray, budget: int) -> list[int]:
-    """The last ``budget`` tokens of ``user``'s items at ``positions`` (oldest first): their newest text."""
-    if len(positions) == 0:
-        return []
-    ids, _ = text.tokens(user, positions)
-    return ids[-budget:] if budget > 0 else []
 
 
 @torch.no_grad()
@@ -152,12 +144,7 @@ def main(argv=None) -> int:
             "held_out_tokens_mean": float(np.mean([len(t) for t, _ in targets])), "budgets": []}
     none = score(llm, [(head, t, f) for t, f in targets], args.batch_size)
     for budget in args.context_tokens:
-        own_ctx, other_ctx = [], []
-        for u, o in zip(users, other):
-            mine, theirs = newest_tokens(text, u, rest[u], budget), newest_tokens(text, o, rest[o], budget)
-            length = min(len(mine), len(theirs))
-            own_ctx.append(mine[len(mine) - length:])
-            other_ctx.append(theirs[len(theirs) - length:])
+        own_ctx, other_ctx = matched_contexts(text, users, other, rest, budget)
         own = score(llm, [(head + c, t, f) for c, (t, f) in zip(own_ctx, targets)], args.batch_size)
         theirs = score(llm, [(head + c, t, f) for c, (t, f) in zip(other_ctx, targets)], args.batch_size)
         entry = {"budget": budget, "context_tokens_mean": float(np.mean([len(c) for c in own_ctx])),

@@ -28,16 +28,23 @@ of everything). Then:
    the M-step's batch-centred objective, the shift training on beside it), where the EM loop takes one
    line-searched step per round. The probed users' held-out text is then scored with ``A z`` (``encoder``: ``z``
    from their remaining items), its mean over their batch (``encoder_mean``) and another user's
-   (``encoder_other``). ``--fit_steps=0`` skips the per-user fits (steps 2-4) and scores the encoder alone.
+   (``encoder_other``). ``--fit_steps=0`` skips the per-user fits (steps 2-4) and scores the encoder alone;
+6. with ``--context_tokens=N[,N...]``, the in-context reference beside the shared token: each probed user's
+   held-out text is scored with the shared token after the newest ``L`` tokens of their own remaining training text
+   (``context<N>_own``) and after as many of another user's (``context<N>_other``, the batch rotated by one), ``L``
+   the smaller of ``N`` and what each one has (``benchmarks/in_context.py``'s conditions, with the trained shift in
+   place). ``context<N>_own`` minus ``shared`` is what the user's whole recent history, read verbatim, adds to the
+   mean token: the same question as the goal's own minus mean, asked of the history itself.
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
 per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled][_weighted][_encoder]
-[_<variant>].{json,md}``.
+[_context][_<variant>].{json,md}``.
 """
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -45,8 +52,8 @@ import torch
 from tqdm import tqdm
 
 from recbole_uip.benchmarking import (
-    HeldOutInference, benchmark_parser, configure, goal_verdict, interval_summary, parse_known_with_overrides, publish_benchmark,
-    run_record, settings_fingerprint, settings_table,
+    HeldOutInference, benchmark_parser, configure, goal_verdict, interval_summary, matched_contexts,
+    parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
 )
 
 BATCH = 16          # users fitted together (each alone: their losses are summed); "mean" and "other" are per batch
@@ -56,6 +63,20 @@ PAIRS += [("encoder", "encoder_mean"), ("encoder", "encoder_other"), ("encoder_m
 HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle",   # also on the rating tokens alone
                   "encoder", "encoder_mean", "encoder_other")
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
+
+
+def context_pairs(budgets: list[int]) -> list[tuple[str, str]]:
+    """The in-context stage's paired differences per budget ``N``: own history - the shared token alone, own history
+    - another user's, on every held-out token and on the rating tokens alone."""
+    pairs = [pair for n in budgets for pair in ((f"context{n}_own", "shared"), (f"context{n}_own", f"context{n}_other"))]
+    return pairs + [("rating_" + a, "rating_" + b) for a, b in pairs]
+
+
+def _reading_order(key: str) -> tuple:
+    """Report rows in reading order, whatever order a JSON file kept them in: every held-out token before the
+    rating tokens alone, then by name with context budgets as numbers (``context64`` before ``context128``)."""
+    return key.startswith("rating_"), [int(part) if part.isdigit() else part
+                                       for part in re.split(r"(\d+)", key.removeprefix("rating_"))]
 
 
 def _true(value: str) -> bool:
@@ -87,7 +108,17 @@ def parse_args(argv=None):
     parser.add_argument("--encoder_learning_rate", type=float, default=0.005,
                         help="the encoder's Adam step, relative to the mean token-embedding norm per embedding "
                              "dimension (as --fit_learning_rate)")
-    return parse_known_with_overrides(parser, argv)
+    parser.add_argument("--context_tokens", default="",
+                        help="context budgets N, comma-separated: also score the held-out text with the shared token "
+                             "after N tokens of the user's own recent history and of another user's (default: none)")
+    args, overrides = parse_known_with_overrides(parser, argv)
+    try:
+        args.context_tokens = [int(n) for n in args.context_tokens.split(",") if n.strip()]
+    except ValueError:
+        parser.error(f"--context_tokens takes comma-separated token counts, not {args.context_tokens!r}")
+    if any(n < 1 for n in args.context_tokens):
+        parser.error("--context_tokens must be positive")
+    return args, overrides
 
 
 def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger, encoder_optimizer=None,
@@ -138,13 +169,17 @@ def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float,
     return train_passes(trainer, users, passes, rng, logger, optimizer)
 
 
-def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool) -> dict:
+def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool
+          ) -> tuple[dict, dict]:
     """Per-user plain NLL ``{mode: (n,)}`` of the modes in the module docstring, and ``{"rating_" + mode: (n,)}``
-    on the held-out rating tokens alone where the text marks them (nan for a user whose held-out text has none)."""
+    on the held-out rating tokens alone where the text marks them (nan for a user whose held-out text has none);
+    and per context budget, the mean context length in tokens (``{}`` without ``--context_tokens``)."""
     trainer = run.trainer
     scores: dict[str, list] = {}
 
     weighted = args.fit_objective == "weighted"
+    remaining = {u: np.arange(len(trainer.text.user_pieces[u])) for u in users}   # the trainer's text: no held-out item
+    context_length: dict[int, list[int]] = {}
     bar = tqdm(total=len(users), desc="token probe", ncols=100, disable=not show_progress)
     for start in range(0, len(users), BATCH):
         batch = users[start:start + BATCH]
@@ -165,6 +200,17 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                 encoded = trainer.offsets(batch, held.inputs).cpu()          # A z, z from the remaining items
             modes.update({"encoder": (held, encoded), "encoder_other": (held, encoded[rotate]),
                           "encoder_mean": (held, encoded.mean(0, keepdim=True).expand_as(encoded))})
+        for budget in args.context_tokens:
+            own_context, other_context = matched_contexts(trainer.text, batch, batch[rotate.numpy()], remaining, budget)
+            context_length.setdefault(budget, []).extend(len(c) for c in own_context)
+            for mode, contexts in (("own", own_context), ("other", other_context)):
+                name = f"context{budget}_{mode}"
+                if held.flags is not None:
+                    plain, rating = trainer.score_after(held, contexts, shared, with_ratings=True)
+                    scores.setdefault("rating_" + name, []).append(rating)
+                else:
+                    plain = trainer.score_after(held, contexts, shared)
+                scores.setdefault(name, []).append(plain)
         if args.oracle and args.fit_steps:
             modes["oracle"] = (held, trainer.fit_user_tokens(held, shared, args.fit_steps, args.fit_learning_rate,
                                                              weighted))
@@ -177,7 +223,8 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
             scores.setdefault(mode, []).append(plain)
         bar.update(len(batch))
     bar.close()
-    return {mode: np.concatenate(values) for mode, values in scores.items()}
+    scores = {mode: np.concatenate(values) for mode, values in scores.items()}
+    return scores, {budget: float(np.mean(lengths)) for budget, lengths in context_length.items()}
 
 
 def render(data: dict) -> str:
@@ -199,6 +246,12 @@ def render(data: dict) -> str:
               "rating_encoder_minus_rating_encoder_mean": "encoder's A z - its mean (held-out rating tokens)",
               "rating_encoder_minus_rating_encoder_other": "encoder's A z - another user's (held-out rating tokens)",
               "rating_encoder_mean_minus_rating_shared": "encoder's mean - the shared token (held-out rating tokens)"}
+    for n in data.get("context_tokens", []):
+        for prefix, what in (("", "held-out text"), ("rating_", "held-out rating tokens")):
+            labels[f"{prefix}context{n}_own_minus_{prefix}shared"] = (
+                f"shared token + own history in context (N={n}) - the shared token alone ({what})")
+            labels[f"{prefix}context{n}_own_minus_{prefix}context{n}_other"] = (
+                f"own history - another user's, both in context beside the shared token (N={n}, {what})")
     settings = data["record"]["settings"]
     fitted = (f" Then {data['users']} other users' tokens each fitted alone with {data['fit_steps']} Adam steps (step "
               f"{data['fit_learning_rate']:g} of the mean token-embedding norm) on the "
@@ -210,20 +263,24 @@ def render(data: dict) -> str:
                f"{data['encoder_passes']} passes over the same {data['shift_users']} users, the shift beside it (NLL "
                f"per pass {', '.join(f'{v:.4f}' for v in data['encoder_nll'])}); {data['users']} other users scored "
                f"with `A z` from their remaining items.") if data.get("encoder_passes") else ""
+    context = (" With the shared token in place, the probed users' held-out text also read after the newest N tokens of "
+               "their own remaining training text, or as many of another user's (N = "
+               + ", ".join(f"{n}: {data['context_tokens_mean'][str(n)]:.0f} tokens on average" for n in data["context_tokens"])
+               + ").") if data.get("context_tokens") else ""
     lines = [f"# What one soft token per profile carries ({data['record']['dataset']})", "",
              f"Produced by `python benchmarks/token_probe.py {' '.join(data['record']['command'][1:])}`. Settings "
              f"`{settings_fingerprint(settings)}`. The shared shift trained alone for "
              f"{data['shift_passes']} passes over {data['shift_users']} users (NLL per pass "
-             f"{', '.join(f'{v:.4f}' for v in data['shift_nll'])}).{encoder}{fitted} The probed users are scored on "
+             f"{', '.join(f'{v:.4f}' for v in data['shift_nll'])}).{encoder}{fitted}{context} The probed users are scored on "
              f"their newest training items within {data['holdout_tokens']} tokens ({data['held_out_tokens_mean']:.1f} "
              f"on average), which nothing was fitted on. "
              f"Plain NLL, nats per token (`rating_*`: over the held-out rating tokens alone); mean over users with its "
              f"95% interval. Took {data['seconds']:.0f} s.", "",
              "| tokens | NLL |", "|---|---|"]
-    for mode, summary in modes.items():
+    for mode, summary in sorted(modes.items(), key=lambda item: _reading_order(item[0])):
         lines.append(f"| {mode} | {summary['mean']:.4f} [{summary['ci'][0]:.4f}, {summary['ci'][1]:.4f}] |")
     lines += ["", "| paired difference | mean | 95% interval | users below 0 |", "|---|---|---|---|"]
-    for key, summary in differences.items():
+    for key, summary in sorted(differences.items(), key=lambda item: _reading_order(item[0])):
         lines.append(f"| {labels.get(key, key)} | {summary['mean']:+.4f} | [{summary['ci'][0]:+.4f}, "
                      f"{summary['ci'][1]:+.4f}] | {summary['share_below_zero']:.0%} |")
     if "own_minus_mean" in differences:
@@ -231,6 +288,11 @@ def render(data: dict) -> str:
     if "encoder_minus_encoder_mean" in differences:
         lines += ["", goal_verdict(differences["encoder_minus_encoder_mean"],
                                    "The issue's goal for the encoder trained at every batch")]
+    if data.get("context_tokens"):
+        lines += ["", "In context, own history - the shared token alone is what any such history adds (the kind of "
+                      "text, its time) together with what this user's adds; own - another user's history of the same "
+                      "length is the user's part alone: the most of the user the frozen LLM can use from this history, "
+                      "beside the goal's 0.05 nats/token for two soft tokens."]
     lines += ["", "## Run", "", settings_table(data["record"])]
     return "\n".join(lines)
 
@@ -255,22 +317,24 @@ def main(argv=None) -> int:
         shift_nll = train_shift(trainer, shift_users, args.shift_passes, rng, logger)
         encoder_nll = train_encoder(trainer, shift_users, args.encoder_passes, args.encoder_learning_rate, rng,
                                     logger) if args.encoder_passes else []
-        scores = probe(run, users, args, rng, bool(config["show_progress"]))
+        scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]))
     finally:
         torch.set_num_threads(threads_before)
-    modes, differences = interval_summary(scores, [(a, b) for a, b in PAIRS if a in scores and b in scores])
+    pairs = PAIRS + context_pairs(args.context_tokens)
+    modes, differences = interval_summary(scores, [(a, b) for a, b in pairs if a in scores and b in scores])
     data = {
         "users": int(len(users)), "shift_users": int(len(shift_users)), "shift_passes": args.shift_passes,
         "shift_nll": shift_nll, "fit_steps": args.fit_steps, "fit_learning_rate": args.fit_learning_rate, "resample": args.resample,
         "fit_objective": args.fit_objective, "encoder_passes": args.encoder_passes,
         "encoder_learning_rate": args.encoder_learning_rate, "encoder_nll": encoder_nll,
+        "context_tokens": args.context_tokens, "context_tokens_mean": {str(n): v for n, v in context_length.items()},
         "holdout_tokens": args.holdout_tokens,
         "held_out_tokens_mean": float(np.mean([len(t) for t in run.held_out_targets(users).texts])),
         "modes": modes, "differences": differences, "seconds": round(time.perf_counter() - start, 1),
         "record": run_record(config, settings, ["benchmarks/token_probe.py", *args.argv]),
     }
     name = ("token_probe" + ("_resampled" if args.resample else "")
-            + ("_weighted" if args.fit_objective == "weighted" else "") + ("_encoder" if args.encoder_passes else ""))
+            + ("_weighted" if args.fit_objective == "weighted" else "") + ("_encoder" if args.encoder_passes else "") + ("_context" if args.context_tokens else ""))
     publish_benchmark(args, name, data, render(data))
     return 0
 

@@ -15,6 +15,7 @@
   restart skips what is done).
 * :func:`fmt_p`: a p-value as the reports print it; :func:`progress_logging`: RecBole's logger, quiet on stdout.
 * :func:`held_out_positions`: the held-out protocol of the generalisation and in-context benchmarks;
+  :func:`matched_contexts`: a user's and another user's newest history of the same length, read in context;
   :class:`HeldOutInference`: that protocol set up for inference (the generalisation and token-probe benchmarks);
   :func:`goal_verdict`: their sentence on the generalisation goal.
 * :func:`benchmark_parser`: the flags every benchmark has; :func:`configure`: a benchmark's RecBole config (profiles on), RecBole's logger and the resolved settings.
@@ -342,6 +343,29 @@ def held_out_positions(text, holdout_tokens: int) -> list[np.ndarray]:
         positions = text.newest_target(user, holdout_tokens) if n >= 2 else np.zeros(0, dtype=np.int64)
         held.append(positions[1:] if len(positions) == n else positions)
     return held
+
+
+def newest_tokens(text, user: int, positions: np.ndarray, budget: int) -> list[int]:
+    """The last ``budget`` tokens of ``user``'s items at ``positions`` (oldest first): their newest text (it may
+    start inside an item)."""
+    if len(positions) == 0 or budget <= 0:
+        return []
+    ids, _ = text.tokens(user, positions)
+    return ids[-budget:]
+
+
+def matched_contexts(text, users, others, positions, budget: int) -> tuple[list[list[int]], list[list[int]]]:
+    """For each pair ``(user, other)``, the newest ``L`` tokens of ``user``'s items at ``positions[user]`` and of
+    ``other``'s at ``positions[other]``, with ``L = min(budget, what each one has)``: the user's own recent history
+    and a history of the same length that is not theirs (the in-context conditions ``own`` and ``other``).
+    ``text``: a :class:`~recbole_uip.data.behaviour_text.BehaviourText`; ``positions``: user -> item positions."""
+    own, theirs = [], []
+    for user, other in zip(users, others):
+        mine, foreign = newest_tokens(text, user, positions[user], budget), newest_tokens(text, other, positions[other], budget)
+        length = min(len(mine), len(foreign))
+        own.append(mine[len(mine) - length:])
+        theirs.append(foreign[len(foreign) - length:])
+    return own, theirs
 
 
 GENERALISATION_GOAL = 0.05   # nats/token below the mean token (issue "Profile inference that learns")

@@ -191,6 +191,55 @@ def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per
     assert "encoder trained at every batch" in report and "fitted alone" not in report
 
 
+def test_token_probe_reads_each_users_history_in_context_beside_the_shared_token(tmp_path, tiny_llm_dir):
+    """``--context_tokens``: the shared token alone and beside the user's own newest history or another user's of
+    the same length, per budget, on every held-out token and on the rating tokens; the differences the report
+    compares with the goal; bad budgets refused."""
+    token_probe = import_benchmark("token_probe")
+    write_dataset(tmp_path / "data")
+    argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--holdout_tokens=20", "--users=5",
+            "--fit_steps=0", "--shift_users=6", "--shift_passes=1", "--context_tokens=8,32",
+            f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32",
+            "--uip_batch_size=4", "--show_progress=false", f"--checkpoint_dir={tmp_path / 'saved'}"]
+    assert token_probe.main(argv) == 0
+    folder, = (tmp_path / "results" / "toy").iterdir()
+    data = json.loads((folder / "token_probe_context.json").read_text())
+    assert data["context_tokens"] == [8, 32]
+    assert 0 < data["context_tokens_mean"]["8"] <= 8 < data["context_tokens_mean"]["32"] <= 32
+    assert set(data["modes"]) == {prefix + mode for prefix in ("", "rating_")
+                                  for mode in ("shared", "context8_own", "context8_other", "context32_own",
+                                               "context32_other")}
+    for n in (8, 32):
+        assert data["modes"][f"context{n}_own"]["mean"] != data["modes"]["shared"]["mean"]   # the context is read
+        for key in (f"context{n}_own_minus_shared", f"context{n}_own_minus_context{n}_other",
+                    f"rating_context{n}_own_minus_rating_shared"):
+            low, high = data["differences"][key]["ci"]
+            assert low <= data["differences"][key]["mean"] <= high
+    report = (folder / "token_probe_context.md").read_text()
+    assert "own history in context (N=32)" in report and "the user's part alone" in report
+    for bad in ("--context_tokens=0", "--context_tokens=a,8"):
+        with pytest.raises(SystemExit):
+            token_probe.parse_args(["--dataset=toy", bad])
+
+
+def test_matched_contexts_are_each_users_newest_tokens_cut_to_the_same_length(tmp_path, tiny_llm_dir):
+    """``matched_contexts``: the user's and the other user's newest tokens (the end of their text), both as long as
+    the shorter of the two within the budget; no positions, no context."""
+    from recbole_uip.benchmarking import matched_contexts
+    from test_trainer import make_trainer
+
+    text = make_trainer(tmp_path, tiny_llm_dir).text
+    positions = {u: np.arange(len(text.user_pieces[u])) for u in range(4)}
+    positions[3] = np.arange(1)                                     # a short history: its pair gets its length
+    own, theirs = matched_contexts(text, [0, 1, 2], [1, 3, 0], positions, budget=40)
+    for user, other, mine, foreign in zip([0, 1, 2], [1, 3, 0], own, theirs):
+        full_mine, full_theirs = text.tokens(user, positions[user])[0], text.tokens(other, positions[other])[0]
+        assert len(mine) == len(foreign) == min(40, len(full_mine), len(full_theirs))
+        assert mine == full_mine[len(full_mine) - len(mine):] and foreign == full_theirs[len(full_theirs) - len(foreign):]
+    assert len(own[0]) == 40 and len(own[1]) == len(text.tokens(3, positions[3])[0]) < 40
+    assert matched_contexts(text, [0], [1], {0: np.arange(0), 1: positions[1]}, budget=40) == ([[]], [[]])
+
+
 def test_the_probes_encoder_training_moves_the_encoder_and_the_shift(tmp_path, tiny_llm_dir):
     """``train_encoder``: ``A`` and the shift both move, each pass's NLL is reported, and no gradient is left
     behind in ``A``."""

@@ -11,6 +11,7 @@ import torch
 
 from conftest import uip_config_dict, write_dataset
 from recbole_uip.inference.llm import load_frozen_llm
+from recbole_uip.inference.prompt import collate
 
 CPU = torch.device("cpu")
 
@@ -772,6 +773,37 @@ def test_rating_only_scores_average_the_rating_tokens_and_the_weighted_fit_lower
         trainer.fit_user_tokens(unmarked, start, steps=1, learning_rate=0.05, weighted=True)
     with pytest.raises(ValueError, match="rating tokens"):
         trainer.score(unmarked, modes=("own",), with_ratings=True)
+
+
+def test_a_context_is_read_before_the_behaviour_text_and_never_scored(tmp_path, tiny_llm_dir):
+    """``score_after``: with empty contexts, :meth:`score_offsets`'s numbers; with a context, the mean NLL of the
+    target's tokens alone (plain and rating tokens) in the prompt template + context + target, which the context
+    changes; contexts and texts must pair up."""
+    from recbole_uip.inference.soft_profiles import behaviour_token_nll
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir, uip_rating_weight=5.0)
+    trainer.setup()
+    users = np.arange(4)
+    targets = trainer.targets(users, np.random.default_rng(0))
+    offsets = torch.randn(4, *trainer.soft.anchors.shape, generator=torch.Generator().manual_seed(1)) * 0.05
+    empty = [[] for _ in users]
+    for got, expected in zip(trainer.score_after(targets, empty, offsets, with_ratings=True),
+                             trainer.score_offsets(targets, offsets, with_ratings=True)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+    contexts = [trainer.text.tokens(u, np.arange(2))[0] for u in (3, 0, 1, 2)]        # other users' items
+    plain, rating = trainer.score_after(targets, contexts, offsets, with_ratings=True)
+    for row, (context, text, flags) in enumerate(zip(contexts, targets.texts, targets.flags)):
+        alone = collate(trainer.layout, [context + text], trainer.llm.tokenizer.pad_token_id)
+        with torch.no_grad():
+            nll = behaviour_token_nll(trainer.llm.model, trainer.layout, alone,
+                                      trainer.soft(offsets[row:row + 1]))[0, -len(text):].numpy()
+        assert plain[row] == pytest.approx(nll.mean(), rel=1e-4)
+        assert rating[row] == pytest.approx(nll[np.array(flags)].mean(), rel=1e-4)
+    assert not np.allclose(plain, trainer.score_offsets(targets, offsets))
+    np.testing.assert_array_equal(trainer.score_after(targets, contexts, offsets), plain)
+    with pytest.raises(ValueError, match="3 contexts for 4"):
+        trainer.score_after(targets, contexts[:3], offsets)
 
 
 def test_scoring_the_rating_tokens_costs_no_extra_forward_pass(tmp_path, tiny_llm_dir):

@@ -796,6 +796,32 @@ class ProfileInferenceTrainer:
         plain, rating, _ = self._nll_per_user(self.prompt_batch(targets, ratings_only=with_ratings), offsets)
         return (plain, _nan_without_ratings(targets, rating)) if with_ratings else plain
 
+    def score_after(self, targets: Targets, contexts: list[list[int]], offsets: torch.Tensor,
+                    with_ratings: bool = False):
+        """Like :meth:`score_offsets`, with each user's behaviour text read after a context: the prompt is the
+        template, ``contexts[b]`` (token ids, never scored), then ``targets.texts[b]``, the only tokens scored. Plain
+        NLL per user ``(B,)`` float64 over the target's tokens; with ``with_ratings``, the pair ``(plain, rating)``,
+        ``rating`` over the target's rating tokens alone (nan for a user whose target has none). An empty context
+        gives :meth:`score_offsets`'s numbers. Forward only.
+
+        What the user's history adds when read as plain text beside the soft tokens (``benchmarks/token_probe.py
+        --context_tokens``): the in-context reference for what a profile token could carry."""
+        if len(contexts) != len(targets.texts):
+            raise ValueError(f"{len(contexts)} contexts for {len(targets.texts)} behaviour texts.")
+        if with_ratings and targets.flags is None:
+            raise ValueError("The behaviour text marks no rating tokens (uip_rating_template writes none).")
+        texts = [list(context) + list(text) for context, text in zip(contexts, targets.texts)]
+        scored = [[0.0] * len(context) + [1.0] * len(text) for context, text in zip(contexts, targets.texts)]
+        pad = self.llm.tokenizer.pad_token_id
+        rating_weights = None
+        if with_ratings:
+            flags = [[0.0] * len(context) + [float(f) for f in user_flags]
+                     for context, user_flags in zip(contexts, targets.flags)]
+            rating_weights = collate(self.layout, texts, pad, flags).weights
+        _, plain, rating = self._nll_per_user(collate(self.layout, texts, pad, scored), offsets,
+                                              rating_weights=rating_weights)
+        return (plain, _nan_without_ratings(targets, rating)) if with_ratings else plain
+
     @torch.no_grad()
     def _nll_per_user(self, batch, offsets: torch.Tensor, hide_profiles: bool = False,
                       rating_weights: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
