@@ -14,7 +14,9 @@ of everything). Then:
    ``ProfileInferenceTrainer.fit_user_tokens``) on a random ``uip_max_behaviour_tokens`` of their remaining
    training text (with ``--resample``, a new random draw at every step, as the EM loop draws anew at every visit),
    starting from the shared token, on the plain NLL or (``--fit_objective=weighted``) the M-step's objective, whose
-   rating tokens weigh ``uip_rating_weight``;
+   rating tokens weigh ``uip_rating_weight``, or (``--fit_objective=distil``) to what the frozen LLM predicts for
+   that text, with the shared token, when it reads the user's newest ``--distil_context_tokens`` tokens of their
+   other remaining items before it (distillation: the in-context effect of the history, not the one draw);
 3. the frozen LLM scores each user's held-out text with their own fitted tokens, the mean of the fitted tokens of
    the users in their batch of 16, another user's fitted tokens (the batch rotated by one), their own shrunk halfway
    towards that mean (``own_halfway``: a noisy estimate of a user's token can lose to the mean and still carry
@@ -28,7 +30,8 @@ of everything). Then:
    the M-step's batch-centred objective, the shift training on beside it), where the EM loop takes one
    line-searched step per round. The probed users' held-out text is then scored with ``A z`` (``encoder``: ``z``
    from their remaining items), its mean over their batch (``encoder_mean``) and another user's
-   (``encoder_other``). ``--fit_steps=0`` skips the per-user fits (steps 2-4) and scores the encoder alone;
+   (``encoder_other``). With ``--encoder_objective=distil``, ``A`` (and the shift beside it) learn from the
+   teacher of ``--fit_objective=distil`` at every batch instead of the text drawn. ``--fit_steps=0`` skips the per-user fits (steps 2-4) and scores the encoder alone;
 6. with ``--context_tokens=N[,N...]``, the in-context reference beside the shared token: each probed user's
    held-out text is scored with the shared token after the newest ``L`` tokens of their own remaining training text
    (``context<N>_own``) and after as many of another user's (``context<N>_other``, the batch rotated by one), ``L``
@@ -52,7 +55,7 @@ import torch
 from tqdm import tqdm
 
 from recbole_uip.benchmarking import (
-    HeldOutInference, benchmark_parser, configure, goal_verdict, interval_summary, matched_contexts,
+    HeldOutInference, benchmark_parser, configure, goal_verdict, interval_summary, matched_contexts, newest_tokens,
     parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
 )
 
@@ -99,12 +102,19 @@ def parse_args(argv=None):
     parser.add_argument("--resample", type=_true, default=False,
                         help="fit each step on a new random draw of the user's remaining training text (true/false; "
                              "default false: one draw for every step)")
-    parser.add_argument("--fit_objective", choices=("plain", "weighted"), default="plain",
-                        help="what the tokens are fitted on: the plain NLL (default) or the M-step's rating-weighted one")
+    parser.add_argument("--fit_objective", choices=("plain", "weighted", "distil"), default="plain",
+                        help="what the tokens are fitted on: the plain NLL (default), the M-step's rating-weighted one, "
+                             "or the LLM's predictions given the user's other items in context (distil)")
+    parser.add_argument("--distil_context_tokens", type=int, default=128,
+                        help="with --fit_objective=distil, the teacher's context: the user's newest N tokens of their "
+                             "remaining items outside the fitted text (default 128)")
     parser.add_argument("--probe_seed", type=int, default=7, help="draws the probed and the shift's users")
     parser.add_argument("--encoder_passes", type=int, default=0,
                         help="after the shift, train the linear encoder by Adam at every batch for this many passes "
                              "over the shift's users, and score it (default 0: no encoder stage)")
+    parser.add_argument("--encoder_objective", choices=("nll", "distil"), default="nll",
+                        help="what the encoder stage trains on: the M-step's objective (default) or the LLM's "
+                             "predictions given the user's other items in context (distil, --distil_context_tokens)")
     parser.add_argument("--encoder_learning_rate", type=float, default=0.005,
                         help="the encoder's Adam step, relative to the mean token-embedding norm per embedding "
                              "dimension (as --fit_learning_rate)")
@@ -118,14 +128,27 @@ def parse_args(argv=None):
         parser.error(f"--context_tokens takes comma-separated token counts, not {args.context_tokens!r}")
     if any(n < 1 for n in args.context_tokens):
         parser.error("--context_tokens must be positive")
+    if args.distil_context_tokens < 1:
+        parser.error("--distil_context_tokens must be positive")
+    if args.fit_objective == "distil" and args.resample:
+        parser.error("--fit_objective=distil fits one draw per user to its teacher: --resample=false")
     return args, overrides
 
 
+def distillation_teacher(trainer, targets, context_tokens: int) -> torch.Tensor:
+    """The teacher of ``targets`` ``(B, L - 1, V)``: the frozen LLM's predictions of each user's text, with the
+    shared token, after the user's newest ``context_tokens`` tokens of the items the text leaves out."""
+    contexts = [newest_tokens(trainer.text, u, targets.inputs[j], context_tokens) for j, u in enumerate(targets.users)]
+    return trainer.teacher_probabilities(targets, contexts, torch.zeros(len(targets.users), *trainer.soft.anchors.shape))
+
+
 def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger, encoder_optimizer=None,
-                 ) -> list[float]:
+                 distil_context_tokens: int = 0) -> list[float]:
     """``passes`` passes over ``users`` in M-step batches (:meth:`ProfileInferenceTrainer.train_batch`); the mean
     NLL of each pass. Without ``encoder_optimizer``, the shared shift alone learns (nothing to train without a
-    shift: ``[]``); with it, the encoder steps at every batch on its batch-centred gradient, the shift beside it."""
+    shift: ``[]``); with it, the encoder steps at every batch on its batch-centred gradient, the shift beside it, on
+    the M-step's objective or, given ``distil_context_tokens``, against :func:`distillation_teacher` (the mean
+    cross-entropy of each pass is returned then)."""
     shared_opt = trainer.shared_optimizer()
     if shared_opt is None and encoder_optimizer is None:
         return []
@@ -138,8 +161,9 @@ def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generat
             if encoder_optimizer is not None:
                 encoder_optimizer.zero_grad(set_to_none=True)
             targets = trainer.targets(order[i:i + trainer.settings.batch_size], rng)
+            teacher = distillation_teacher(trainer, targets, distil_context_tokens) if distil_context_tokens else None
             nll.append(float(trainer.train_batch(targets, [1.0] * len(trainer.codebooks), shared_opt,
-                                                 shift_only=encoder_optimizer is None).mean()))
+                                                 shift_only=encoder_optimizer is None, teacher=teacher).mean()))
             if encoder_optimizer is not None:
                 encoder_optimizer.step()
         means.append(float(np.mean(nll)))
@@ -155,7 +179,7 @@ def train_shift(trainer, users: np.ndarray, passes: int, rng: np.random.Generato
 
 
 def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float, rng: np.random.Generator,
-                  logger) -> list[float]:
+                  logger, distil_context_tokens: int = 0) -> list[float]:
     """The linear encoder ``A (P, D, k)`` trained by Adam at every M-step batch, ``passes`` passes over ``users``,
     on the M-step's objective with its batch-centred gradient (:meth:`ProfileInferenceTrainer.train_batch`); the
     shared shift trains beside it. The mean NLL of each pass.
@@ -166,7 +190,7 @@ def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float,
         raise SystemExit("--encoder_passes needs an encoder (uip_encoder: linear).")
     encoder = trainer.soft.encoder
     optimizer = torch.optim.Adam([encoder], lr=learning_rate * trainer.embedding_norm / encoder.shape[1] ** 0.5)
-    return train_passes(trainer, users, passes, rng, logger, optimizer)
+    return train_passes(trainer, users, passes, rng, logger, optimizer, distil_context_tokens)
 
 
 def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool
@@ -190,7 +214,9 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         if args.fit_steps:
             draws = [trainer.targets(batch, rng) for _ in range(args.fit_steps if args.resample else 1)]
             fitted_text = draws[0]
-            own = trainer.fit_user_tokens(draws, shared, args.fit_steps, args.fit_learning_rate, weighted)
+            teacher = distillation_teacher(trainer, fitted_text, args.distil_context_tokens) \
+                if args.fit_objective == "distil" else None
+            own = trainer.fit_user_tokens(draws, shared, args.fit_steps, args.fit_learning_rate, weighted, teacher)
             mean = own.mean(0, keepdim=True).expand_as(own)
             modes.update({"own": (held, own), "mean": (held, mean), "other_user": (held, own[rotate]),
                           "own_halfway": (held, (own + mean) / 2),
@@ -253,15 +279,20 @@ def render(data: dict) -> str:
             labels[f"{prefix}context{n}_own_minus_{prefix}context{n}_other"] = (
                 f"own history - another user's, both in context beside the shared token (N={n}, {what})")
     settings = data["record"]["settings"]
+    teacher = (f"distillation; the teacher reads the user's newest {data.get('distil_context_tokens')} tokens of their "
+               f"other remaining items before the text")
     fitted = (f" Then {data['users']} other users' tokens each fitted alone with {data['fit_steps']} Adam steps (step "
               f"{data['fit_learning_rate']:g} of the mean token-embedding norm) on the "
               + (f"M-step's objective (rating tokens weigh {settings['rating_weight']:g}) of "
-                 if data.get("fit_objective") == "weighted" else "plain NLL of ")
+                 if data.get("fit_objective") == "weighted" else
+                 f"frozen LLM's predictions ({teacher}) for " if data.get("fit_objective") == "distil" else "plain NLL of ")
               + ("a new random draw at every step of " if data.get("resample") else "a random ")
               + f"{settings['max_behaviour_tokens']} tokens of their remaining training text.") if data["fit_steps"] else ""
+    distilled = data.get("encoder_objective") == "distil"
     encoder = (f" Then the linear encoder trained by Adam at every batch (step {data['encoder_learning_rate']:g}) for "
-               f"{data['encoder_passes']} passes over the same {data['shift_users']} users, the shift beside it (NLL "
-               f"per pass {', '.join(f'{v:.4f}' for v in data['encoder_nll'])}); {data['users']} other users scored "
+               f"{data['encoder_passes']} passes over the same {data['shift_users']} users, the shift beside it"
+               + (f", on the frozen LLM's predictions ({teacher}; cross-entropy " if distilled else " (NLL ")
+               + f"per pass {', '.join(f'{v:.4f}' for v in data['encoder_nll'])}); {data['users']} other users scored "
                f"with `A z` from their remaining items.") if data.get("encoder_passes") else ""
     context = (" With the shared token in place, the probed users' held-out text also read after the newest N tokens of "
                "their own remaining training text, or as many of another user's (N = "
@@ -315,8 +346,9 @@ def main(argv=None) -> int:
         shift_users = np.sort(order[:min(args.shift_users, len(order) // 2)])
         users = np.sort(order[len(shift_users):len(shift_users) + args.users])
         shift_nll = train_shift(trainer, shift_users, args.shift_passes, rng, logger)
-        encoder_nll = train_encoder(trainer, shift_users, args.encoder_passes, args.encoder_learning_rate, rng,
-                                    logger) if args.encoder_passes else []
+        encoder_nll = train_encoder(
+            trainer, shift_users, args.encoder_passes, args.encoder_learning_rate, rng, logger,
+            args.distil_context_tokens if args.encoder_objective == "distil" else 0) if args.encoder_passes else []
         scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]))
     finally:
         torch.set_num_threads(threads_before)
@@ -326,6 +358,9 @@ def main(argv=None) -> int:
         "users": int(len(users)), "shift_users": int(len(shift_users)), "shift_passes": args.shift_passes,
         "shift_nll": shift_nll, "fit_steps": args.fit_steps, "fit_learning_rate": args.fit_learning_rate, "resample": args.resample,
         "fit_objective": args.fit_objective, "encoder_passes": args.encoder_passes,
+        "encoder_objective": args.encoder_objective,
+        **({"distil_context_tokens": args.distil_context_tokens}
+           if "distil" in (args.fit_objective, args.encoder_objective) else {}),
         "encoder_learning_rate": args.encoder_learning_rate, "encoder_nll": encoder_nll,
         "context_tokens": args.context_tokens, "context_tokens_mean": {str(n): v for n, v in context_length.items()},
         "holdout_tokens": args.holdout_tokens,
@@ -334,7 +369,8 @@ def main(argv=None) -> int:
         "record": run_record(config, settings, ["benchmarks/token_probe.py", *args.argv]),
     }
     name = ("token_probe" + ("_resampled" if args.resample else "")
-            + ("_weighted" if args.fit_objective == "weighted" else "") + ("_encoder" if args.encoder_passes else "") + ("_context" if args.context_tokens else ""))
+            + ("" if args.fit_objective == "plain" else "_" + args.fit_objective) + ("_encoder" if args.encoder_passes else "")
+            + ("_distil" if args.encoder_passes and args.encoder_objective == "distil" else "") + ("_context" if args.context_tokens else ""))
     publish_benchmark(args, name, data, render(data))
     return 0
 

@@ -131,7 +131,7 @@ def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_m
     assert json.loads((folders[0] / "settings.json").read_text())["settings"] == data["record"]["settings"]
 
 
-@pytest.mark.parametrize("resample,objective", [(False, "plain"), (True, "weighted")])
+@pytest.mark.parametrize("resample,objective", [(False, "plain"), (True, "weighted"), (False, "distil")])
 def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_path, tiny_llm_dir, resample, objective):
     token_probe = import_benchmark("token_probe")
     write_dataset(tmp_path / "data")
@@ -141,7 +141,7 @@ def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_pat
             f"--checkpoint_dir={tmp_path / 'saved'}", f"--resample={resample}", f"--fit_objective={objective}"]
     assert token_probe.main(argv) == 0
     folder, = (tmp_path / "results" / "toy").iterdir()
-    name = "token_probe" + ("_resampled" if resample else "") + ("_weighted" if objective == "weighted" else "")
+    name = "token_probe" + ("_resampled" if resample else "") + ("" if objective == "plain" else "_" + objective)
     data = json.loads((folder / f"{name}.json").read_text())
     assert data["resample"] is resample and data["fit_objective"] == objective
     assert data["users"] == 5 and data["shift_users"] == 6 and len(data["shift_nll"]) == 1
@@ -163,22 +163,30 @@ def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_pat
     report = (folder / f"{name}.md").read_text()
     assert "goal" in report and "own - mean (held-out rating tokens)" in report
     assert ("M-step's objective" in report) is (objective == "weighted")
+    assert ("distillation" in report) is (data.get("distil_context_tokens") == 128) is (objective == "distil")
+    with pytest.raises(SystemExit):                                  # distillation fits one draw to its teacher
+        token_probe.parse_args(["--dataset=toy", "--fit_objective=distil", "--resample=true"])
     assert str(tmp_path) not in json.dumps(data["record"])
 
 
-def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per_user_fits(tmp_path, tiny_llm_dir):
+@pytest.mark.parametrize("objective", ["nll", "distil"])
+def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per_user_fits(tmp_path, tiny_llm_dir,
+                                                                                           objective):
     """``--encoder_passes``: the linear encoder is trained by Adam at every batch (it moves, and the shift beside
-    it), the probed users are scored with ``A z``, its batch mean and another user's, on every held-out token and
-    on the rating tokens; ``--fit_steps=0`` leaves out every per-user fit."""
+    it; on the M-step's objective or by distillation), the probed users are scored with ``A z``, its batch mean and
+    another user's, on every held-out token and on the rating tokens; ``--fit_steps=0`` leaves out every per-user
+    fit."""
     token_probe = import_benchmark("token_probe")
     write_dataset(tmp_path / "data")
     argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--holdout_tokens=20", "--users=5",
             "--fit_steps=0", "--shift_users=6", "--shift_passes=1", "--encoder_passes=2", f"--data_path={tmp_path / 'data'}",
             f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false",
-            f"--checkpoint_dir={tmp_path / 'saved'}"]
+            f"--checkpoint_dir={tmp_path / 'saved'}", f"--encoder_objective={objective}"]
     assert token_probe.main(argv) == 0
     folder, = (tmp_path / "results" / "toy").iterdir()
-    data = json.loads((folder / "token_probe_encoder.json").read_text())
+    name = "token_probe_encoder" + ("_distil" if objective == "distil" else "")
+    data = json.loads((folder / f"{name}.json").read_text())
+    assert data["encoder_objective"] == objective and ("distil_context_tokens" in data) is (objective == "distil")
     assert data["encoder_passes"] == 2 and len(data["encoder_nll"]) == 2
     assert set(data["modes"]) == {prefix + mode for prefix in ("", "rating_")
                                   for mode in ("shared", "encoder", "encoder_mean", "encoder_other")}
@@ -187,8 +195,9 @@ def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per
         low, high = data["differences"][key]["ci"]
         assert low <= data["differences"][key]["mean"] <= high
     assert data["differences"]["encoder_minus_encoder_other"]["mean"] != 0        # users get different tokens
-    report = (folder / "token_probe_encoder.md").read_text()
+    report = (folder / f"{name}.md").read_text()
     assert "encoder trained at every batch" in report and "fitted alone" not in report
+    assert ("distillation" in report) is (objective == "distil")
 
 
 def test_token_probe_reads_each_users_history_in_context_beside_the_shared_token(tmp_path, tiny_llm_dir):
@@ -254,6 +263,35 @@ def test_the_probes_encoder_training_moves_the_encoder_and_the_shift(tmp_path, t
     assert len(nll) == 2 and all(np.isfinite(nll))
     assert not torch.equal(trainer.soft.encoder, encoder) and not torch.equal(trainer.soft.shared, shared)
     assert trainer.soft.encoder.grad is None
+
+
+def test_an_m_step_batch_against_a_teacher_returns_and_lowers_its_cross_entropy(tmp_path, steerable_llm_dir):
+    """``train_batch(..., teacher=...)``: the batch's cross-entropy against the teacher is what it returns (not the
+    NLL of the text) and what the encoder (Adam at every batch) and the shift step on: it falls over steps (on the
+    steerable tiny model, whose predictions the soft tokens can move)."""
+    from recbole_uip.inference.soft_profiles import soft_target_nll
+    from test_trainer import make_trainer
+
+    token_probe = import_benchmark("token_probe")
+    trainer = make_trainer(tmp_path, steerable_llm_dir)
+    trainer.setup()
+    targets = trainer.targets(trainer.training_users()[:4], np.random.default_rng(0))
+    teacher = token_probe.distillation_teacher(trainer, targets, 12)
+    optimizer = torch.optim.Adam([trainer.soft.encoder], lr=0.003)
+    shared_opt = trainer.shared_optimizer()
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            offsets = trainer.offsets(targets.users, targets.inputs)
+            expected = soft_target_nll(trainer.llm.model, trainer.layout, trainer.prompt_batch(targets),
+                                       trainer.soft(offsets), teacher)
+        losses.append(trainer.train_batch(targets, [1.0, 1.0], shared_opt, teacher=teacher))
+        torch.testing.assert_close(losses[-1], expected, rtol=1e-4, atol=1e-5)
+        optimizer.step()
+    means = [float(loss.mean()) for loss in losses]
+    assert all(later < earlier for earlier, later in zip(means, means[1:]))
+    assert not torch.allclose(losses[0], trainer.train_batch(targets, [1.0, 1.0], shared_opt))   # not the NLL
 
 
 def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_path, tiny_llm_dir):

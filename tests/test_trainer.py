@@ -806,6 +806,39 @@ def test_a_context_is_read_before_the_behaviour_text_and_never_scored(tmp_path, 
         trainer.score_after(targets, contexts[:3], offsets)
 
 
+def test_distilled_tokens_fit_the_teachers_predictions_of_the_text_read_after_a_context(tmp_path, tiny_llm_dir):
+    """``teacher_probabilities``: at each token of the text, the LLM's distribution when it read the context before
+    it (its probability of the actual token gives :meth:`score_after`'s NLL), aligned with the text's own prompt
+    and zero elsewhere; ``fit_user_tokens(..., teacher=...)`` lowers each user's cross-entropy against it, gives
+    each user their own tokens, and refuses other objectives or several texts."""
+    from recbole_uip.inference.soft_profiles import soft_target_nll
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir)
+    trainer.setup()
+    users = np.arange(4)
+    targets = trainer.targets(users, np.random.default_rng(0))
+    start = torch.zeros(len(users), *trainer.soft.anchors.shape)
+    contexts = [trainer.text.tokens(u, targets.inputs[j])[0][-12:] for j, u in enumerate(users)]
+    teacher = trainer.teacher_probabilities(targets, contexts, start)
+    batch = trainer.prompt_batch(targets)
+    assert teacher.shape[:2] == (len(users), batch.input_ids.shape[1] - 1)
+    labels = batch.labels[:, 1:]
+    scored = labels != -100
+    torch.testing.assert_close(teacher.sum(-1), scored.float())                      # distributions where scored
+    picked = teacher.gather(2, labels.clamp(min=0)[..., None])[..., 0]
+    nll = -torch.where(scored, picked.log(), 0.0).sum(1) / scored.sum(1)
+    np.testing.assert_allclose(nll.numpy(), trainer.score_after(targets, contexts, start), rtol=1e-4)
+
+    loss = lambda o: soft_target_nll(trainer.llm.model, trainer.layout, batch,            # noqa: E731
+                                     trainer.soft(o), teacher).detach()
+    fitted = trainer.fit_user_tokens(targets, start, steps=5, learning_rate=0.05, teacher=teacher)
+    assert (loss(fitted) < loss(start)).all() and not torch.equal(fitted[0], fitted[1])
+    with pytest.raises(ValueError, match="Distillation"):
+        trainer.fit_user_tokens([targets, targets], start, steps=1, learning_rate=0.05, teacher=teacher)
+    with pytest.raises(ValueError, match="3 contexts for 4"):
+        trainer.teacher_probabilities(targets, contexts[:3], start)
+
+
 def test_scoring_the_rating_tokens_costs_no_extra_forward_pass(tmp_path, tiny_llm_dir):
     """``score(..., with_ratings=True)`` reads the rating tokens' NLL off the forward pass that gives the plain and
     weighted NLL: the frozen LLM runs as often as without it (once per mode and sub-batch)."""

@@ -122,9 +122,9 @@ class FreeTokens:
         self.table[users] = rows.detach() - self.lr * m_hat / (v_hat.sqrt() + self.eps)
 
 
-def behaviour_token_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor,
-                        hide_profiles: bool = False) -> torch.Tensor:
-    """The NLL of each next token of the behaviour text given the soft tokens: one forward pass of the frozen LLM.
+def behaviour_logits(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor,
+                     hide_profiles: bool = False) -> torch.Tensor:
+    """The frozen LLM's next-token logits over the prompts with the soft tokens in place: one forward pass.
 
     Args:
         llm_model: the frozen causal LM.
@@ -133,8 +133,8 @@ def behaviour_token_nll(llm_model: nn.Module, layout: PromptLayout, batch: Promp
         hide_profiles: no later position sees the soft tokens (the "no profile tokens" reference).
 
     Returns:
-        float32 ``(B, L - 1)``: position ``t`` holds the NLL of ``labels[:, t + 1]`` (0 where that label is ignored).
-        Differentiable with respect to ``soft_tokens`` only.
+        ``(B, L, V)`` in the LLM's dtype: position ``t`` predicts token ``t + 1``. Differentiable with respect to
+        ``soft_tokens`` only.
     """
     embedding = llm_model.get_input_embeddings()
     device, dtype = embedding.weight.device, embedding.weight.dtype
@@ -149,13 +149,43 @@ def behaviour_token_nll(llm_model: nn.Module, layout: PromptLayout, batch: Promp
         allowed[:, :, layout.soft_positions] = False
         allowed[:, layout.soft_positions, layout.soft_positions] = True   # each sees itself: no empty softmax row
     mask = additive_mask(allowed, dtype).to(device)
-    logits = llm_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits  # (B, L, V)
-    shifted_logits = logits[:, :-1].float()
-    shifted_labels = batch.labels.to(device)[:, 1:]
+    return llm_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+
+
+def behaviour_token_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor,
+                        hide_profiles: bool = False) -> torch.Tensor:
+    """The NLL of each next token of the behaviour text given the soft tokens: one forward pass of the frozen LLM
+    (:func:`behaviour_logits`, same arguments).
+
+    Returns:
+        float32 ``(B, L - 1)``: position ``t`` holds the NLL of ``labels[:, t + 1]`` (0 where that label is ignored).
+        Differentiable with respect to ``soft_tokens`` only.
+    """
+    shifted_logits = behaviour_logits(llm_model, layout, batch, soft_tokens, hide_profiles)[:, :-1].float()
+    shifted_labels = batch.labels.to(shifted_logits.device)[:, 1:]
     return F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="none",
     ).view(shifted_labels.shape)
+
+
+def soft_target_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor,
+                    teacher: torch.Tensor) -> torch.Tensor:
+    """Per-user mean cross-entropy ``-sum_v q_t(v) log p_t(v)`` of the student's next-token distributions ``p`` (the
+    soft tokens, the behaviour text) against a teacher's ``q`` at each behaviour token: distillation, whose gradient
+    is the KL divergence's (the teacher's entropy is a constant).
+
+    Args:
+        teacher: float ``(B, L - 1, V)`` probabilities aligned with :func:`behaviour_token_nll`'s positions
+            (position ``t`` predicts ``labels[:, t + 1]``; rows where that label is ignored are not counted).
+
+    Returns:
+        float32 ``(B,)``; differentiable with respect to ``soft_tokens`` only.
+    """
+    logp = torch.log_softmax(behaviour_logits(llm_model, layout, batch, soft_tokens)[:, :-1].float(), dim=-1)
+    token_ce = -(teacher.to(logp.device) * logp).sum(-1)                      # (B, L - 1)
+    scored = (batch.labels[:, 1:] != IGNORE_INDEX).to(logp.device)
+    return (token_ce * scored).sum(1) / scored.sum(1).clamp(min=1)
 
 
 def weighted_token_mean(token_nll: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,8 @@ from recbole_uip.inference.gradient_agreement import format_step_z, paired_gain_
 from recbole_uip.inference.llm import FrozenLLM, assert_frozen
 from recbole_uip.inference.prompt import PromptLayout, build_layout, collate
 from recbole_uip.inference.soft_profiles import (
-    FreeTokens, SoftProfiles, behaviour_nll, behaviour_token_nll, token_mean, weighted_token_mean,
+    FreeTokens, SoftProfiles, behaviour_logits, behaviour_nll, behaviour_token_nll, soft_target_nll, token_mean,
+    weighted_token_mean,
 )
 from recbole_uip.inference.user_features import UserFeatureMap, embed_items
 from recbole_uip.utils import fault_point
@@ -519,10 +520,13 @@ class ProfileInferenceTrainer:
         self._loop["odd_batches_gradient"] = added.clone() if half is None else half + added
 
     def train_batch(self, targets: Targets, scales: list[float], shared_opt, where: tuple[int, int] = (0, 0),
-                    shift_only: bool = False) -> torch.Tensor:
+                    shift_only: bool = False, teacher: torch.Tensor | None = None) -> torch.Tensor:
         """One M-step batch: returns the users' plain NLL ``(B,)`` before the update. The shared shift and the
         free rows step now; the encoder's gradient accumulates until :meth:`line_search`. ``shift_only`` (the
         shift's warm-up): the shared shift alone learns; the encoder gets no gradient and the free rows no step.
+        ``teacher`` ``(B, L - 1, V)`` (:meth:`teacher_probabilities` of ``targets``): the objective is the
+        cross-entropy against it (:func:`soft_target_nll`, distillation; not used by the EM loop), which is also
+        what is returned.
 
         Raises:
             InferenceDivergedError: the loss is NaN or infinite (``where``: round and batch, for the message);
@@ -532,8 +536,12 @@ class ProfileInferenceTrainer:
         free_rows = self.free.rows(torch.as_tensor(users)) if self.free is not None and not shift_only else None
         encoder = None if self.soft.encoder is None or not shift_only else self.soft.encoder.detach()
         offsets = self.offsets(users, targets.inputs, free_rows, encoder=encoder, batch_centred=True)  # (B, P, D)
-        nll, objective = behaviour_nll(self.llm.model, self.layout, self.prompt_batch(targets), self.soft(offsets),
-                                       weighted=True)
+        if teacher is None:
+            nll, objective = behaviour_nll(self.llm.model, self.layout, self.prompt_batch(targets), self.soft(offsets),
+                                           weighted=True)
+        else:
+            nll = objective = soft_target_nll(self.llm.model, self.layout, self.prompt_batch(targets),
+                                              self.soft(offsets), teacher)
         loss = objective.mean() + self.commitment(offsets, users, scales)
         if not bool(torch.isfinite(loss)):
             kept = (f" The last good checkpoint is kept: {self.checkpoint.path}." if self.checkpoint is not None
@@ -843,8 +851,32 @@ class ProfileInferenceTrainer:
         return (torch.cat(plain).numpy(), torch.cat(weighted).numpy() if weighted else None,
                 torch.cat(rating).numpy() if rating else None)
 
+    @torch.no_grad()
+    def teacher_probabilities(self, targets: Targets, contexts: list[list[int]], offsets: torch.Tensor) -> torch.Tensor:
+        """The frozen LLM's next-token distributions over ``targets``' texts when it reads ``contexts[b]`` (token
+        ids) between the template (with the offsets ``(B, P, D)``) and the text, as in :meth:`score_after`: float32
+        ``(B, L - 1, V)``, aligned with the positions of ``prompt_batch(targets)`` (position ``t`` predicts that
+        batch's ``labels[:, t + 1]``; zero rows elsewhere). The teacher of :meth:`fit_user_tokens`'s distillation."""
+        if len(contexts) != len(targets.texts):
+            raise ValueError(f"{len(contexts)} contexts for {len(targets.texts)} behaviour texts.")
+        lp = self.layout.prefix_length
+        width = lp + max(len(text) for text in targets.texts)
+        probabilities = None
+        for rows in _batches(np.arange(len(targets.texts)), self.settings.batch_size * 2):
+            batch = collate(self.layout, [list(contexts[r]) + list(targets.texts[r]) for r in rows],
+                            self.llm.tokenizer.pad_token_id)
+            logits = behaviour_logits(self.llm.model, self.layout, batch, self.soft(offsets[torch.as_tensor(rows)]
+                                                                                     .to(self.device)))
+            if probabilities is None:
+                probabilities = torch.zeros(len(targets.texts), width - 1, logits.shape[-1])
+            for i, r in enumerate(rows):
+                n, c = len(targets.texts[r]), len(contexts[r])
+                # the text's token j is predicted at lp + j - 1 here and at lp + c + j - 1 after the context
+                probabilities[r, lp - 1:lp - 1 + n] = torch.softmax(logits[i, lp + c - 1:lp + c - 1 + n].float(), -1).cpu()
+        return probabilities
+
     def fit_user_tokens(self, targets: Targets | list[Targets], start: torch.Tensor, steps: int,
-                        learning_rate: float, weighted: bool = False) -> torch.Tensor:
+                        learning_rate: float, weighted: bool = False, teacher: torch.Tensor | None = None) -> torch.Tensor:
         """Each user's offsets fitted alone to their own text in ``targets``: ``steps`` Adam steps (one step count
         per user, :class:`FreeTokens`) on the plain NLL (with ``weighted``, the M-step's objective, whose rating
         tokens weigh ``uip_rating_weight``) from ``start`` ``(B, P, D)``, the shared shift and the LLM fixed. A
@@ -854,19 +886,30 @@ class ProfileInferenceTrainer:
 
         What the paper's free token can learn about a user when it gets as many steps as it needs (the EM loop gives
         each row one step per round); ``benchmarks/token_probe.py`` asks whether that carries to text it never saw.
-        Each user's loss term is their own, so their gradient is too (the batch's losses are summed, not averaged)."""
+        Each user's loss term is their own, so their gradient is too (the batch's losses are summed, not averaged).
+
+        ``teacher`` ``(B, L - 1, V)`` (:meth:`teacher_probabilities` of one ``Targets``): distillation instead of the
+        NLL, the tokens fitted to what the LLM predicts for the text given the teacher's context
+        (:func:`soft_target_nll`), not to the one text drawn."""
         targets = targets if isinstance(targets, list) else [targets]
         batches = [self.prompt_batch(t) for t in targets]
         if weighted and targets[0].flags is None:
             raise ValueError("The weighted objective needs rating tokens, and the behaviour text marks none.")
+        if teacher is not None and (weighted or len(targets) != 1):
+            raise ValueError("Distillation fits one text per user to its teacher, on no other objective.")
         rows = FreeTokens(start.detach().cpu(), "adam", learning_rate * self.embedding_norm / start.shape[-1] ** 0.5)
         index = torch.arange(start.shape[0])
         center = self.soft.center().detach()[None]                  # (1, P, D): no gradient into the shared shift
         for step in range(steps):
             leaf = rows.rows(index)
-            plain, objective = behaviour_nll(self.llm.model, self.layout, batches[step % len(batches)],
-                                             center + leaf.to(self.device), weighted=True)
-            (objective if weighted else plain).sum().backward()
+            tokens = center + leaf.to(self.device)
+            if teacher is not None:
+                loss = soft_target_nll(self.llm.model, self.layout, batches[0], tokens, teacher)
+            else:
+                plain, objective = behaviour_nll(self.llm.model, self.layout, batches[step % len(batches)], tokens,
+                                                 weighted=True)
+                loss = objective if weighted else plain
+            loss.sum().backward()
             rows.step(index, leaf)
         return rows.table.clone()
 
