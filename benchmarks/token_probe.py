@@ -31,7 +31,8 @@ of everything). Then:
    line-searched step per round. The probed users' held-out text is then scored with ``A z`` (``encoder``: ``z``
    from their remaining items), its mean over their batch (``encoder_mean``) and another user's
    (``encoder_other``). With ``--encoder_objective=distil``, ``A`` (and the shift beside it) learn from the
-   teacher of ``--fit_objective=distil`` at every batch instead of the text drawn. ``--fit_steps=0`` skips the per-user fits (steps 2-4) and scores the encoder alone;
+   teacher of ``--fit_objective=distil`` at every batch instead of the text drawn. ``--fit_steps=0`` skips the
+   per-user fits (steps 2-4) and scores the encoder alone;
 6. with ``--context_tokens=N[,N...]``, the in-context reference beside the shared token: each probed user's
    held-out text is scored with the shared token after the newest ``L`` tokens of their own remaining training text
    (``context<N>_own``) and after as many of another user's (``context<N>_other``, the batch rotated by one), ``L``
@@ -41,8 +42,8 @@ of everything). Then:
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
-per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled][_weighted][_encoder]
-[_context][_<variant>].{json,md}``.
+per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled][_weighted|_distil]
+[_encoder[_distil]][_context][_<variant>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def parse_args(argv=None):
                         help="what the tokens are fitted on: the plain NLL (default), the M-step's rating-weighted one, "
                              "or the LLM's predictions given the user's other items in context (distil)")
     parser.add_argument("--distil_context_tokens", type=int, default=128,
-                        help="with --fit_objective=distil, the teacher's context: the user's newest N tokens of their "
-                             "remaining items outside the fitted text (default 128)")
+                        help="the teacher's context for --fit_objective=distil and --encoder_objective=distil: the "
+                             "user's newest N tokens of their remaining items outside the fitted text (default 128)")
     parser.add_argument("--probe_seed", type=int, default=7, help="draws the probed and the shift's users")
     parser.add_argument("--encoder_passes", type=int, default=0,
                         help="after the shift, train the linear encoder by Adam at every batch for this many passes "
@@ -369,8 +370,10 @@ def main(argv=None) -> int:
         "record": run_record(config, settings, ["benchmarks/token_probe.py", *args.argv]),
     }
     name = ("token_probe" + ("_resampled" if args.resample else "")
-            + ("" if args.fit_objective == "plain" else "_" + args.fit_objective) + ("_encoder" if args.encoder_passes else "")
-            + ("_distil" if args.encoder_passes and args.encoder_objective == "distil" else "") + ("_context" if args.context_tokens else ""))
+            + ("" if args.fit_objective == "plain" else "_" + args.fit_objective)
+            + ("_encoder" if args.encoder_passes else "")
+            + ("_distil" if args.encoder_passes and args.encoder_objective == "distil" else "")
+            + ("_context" if args.context_tokens else ""))
     publish_benchmark(args, name, data, render(data))
     return 0
 
