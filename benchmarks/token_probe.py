@@ -233,10 +233,10 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
             for mode, contexts in (("own", own_context), ("other", other_context)):
                 name = f"context{budget}_{mode}"
                 if held.flags is not None:
-                    plain, rating = trainer.score_after(held, contexts, shared, with_ratings=True)
+                    plain, rating = trainer.score_offsets(held, shared, with_ratings=True, contexts=contexts)
                     scores.setdefault("rating_" + name, []).append(rating)
                 else:
-                    plain = trainer.score_after(held, contexts, shared)
+                    plain = trainer.score_offsets(held, shared, contexts=contexts)
                 scores.setdefault(name, []).append(plain)
         if args.oracle and args.fit_steps:
             modes["oracle"] = (held, trainer.fit_user_tokens(held, shared, args.fit_steps, args.fit_learning_rate,

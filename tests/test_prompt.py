@@ -132,6 +132,19 @@ def test_collate_builds_ids_labels_and_the_same_mask(tokenizer):
         collate(layout, [[5], []], pad_id=0)
 
 
+def test_collate_reads_an_unscored_context_without_labels_or_weight(tokenizer):
+    """``unscored``: the leading tokens are in the input and seen by what follows (the same mask), but carry no
+    label and no weight."""
+    layout = small_layout(tokenizer)
+    behaviour = [[11, 12, 13], [21]]
+    batch = collate(layout, behaviour, pad_id=0, behaviour_weights=[[2.0, 3.0, 4.0], [5.0]], unscored=[2, 0])
+    plain = collate(layout, behaviour, pad_id=0)
+    assert torch.equal(batch.input_ids, plain.input_ids) and torch.equal(batch.allowed, plain.allowed)
+    ignore = [IGNORE_INDEX] * 7
+    assert batch.labels.tolist() == [ignore + [IGNORE_INDEX, IGNORE_INDEX, 13], ignore + [21, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch.weights.tolist() == [[0.0] * 7 + [0.0, 0.0, 4.0], [0.0] * 7 + [5.0, 0.0, 0.0]]
+
+
 def test_additive_mask_is_zero_where_allowed_and_min_elsewhere(tokenizer):
     allowed = allowed_attention(small_layout(tokenizer), torch.tensor([3, 1]), 10)
     mask = additive_mask(allowed, torch.float32)

@@ -776,8 +776,8 @@ def test_rating_only_scores_average_the_rating_tokens_and_the_weighted_fit_lower
 
 
 def test_a_context_is_read_before_the_behaviour_text_and_never_scored(tmp_path, tiny_llm_dir):
-    """``score_after``: with empty contexts, :meth:`score_offsets`'s numbers; with a context, the mean NLL of the
-    target's tokens alone (plain and rating tokens) in the prompt template + context + target, which the context
+    """``score_offsets(..., contexts=...)``: with empty contexts, the numbers without; with a context, the mean NLL
+    of the target's tokens alone (plain and rating tokens) in the prompt template + context + target, which the context
     changes; contexts and texts must pair up."""
     from recbole_uip.inference.soft_profiles import behaviour_token_nll
 
@@ -787,12 +787,12 @@ def test_a_context_is_read_before_the_behaviour_text_and_never_scored(tmp_path, 
     targets = trainer.targets(users, np.random.default_rng(0))
     offsets = torch.randn(4, *trainer.soft.anchors.shape, generator=torch.Generator().manual_seed(1)) * 0.05
     empty = [[] for _ in users]
-    for got, expected in zip(trainer.score_after(targets, empty, offsets, with_ratings=True),
+    for got, expected in zip(trainer.score_offsets(targets, offsets, with_ratings=True, contexts=empty),
                              trainer.score_offsets(targets, offsets, with_ratings=True)):
         np.testing.assert_allclose(got, expected, rtol=1e-5)
 
     contexts = [trainer.text.tokens(u, np.arange(2))[0] for u in (3, 0, 1, 2)]        # other users' items
-    plain, rating = trainer.score_after(targets, contexts, offsets, with_ratings=True)
+    plain, rating = trainer.score_offsets(targets, offsets, with_ratings=True, contexts=contexts)
     for row, (context, text, flags) in enumerate(zip(contexts, targets.texts, targets.flags)):
         alone = collate(trainer.layout, [context + text], trainer.llm.tokenizer.pad_token_id)
         with torch.no_grad():
@@ -801,14 +801,14 @@ def test_a_context_is_read_before_the_behaviour_text_and_never_scored(tmp_path, 
         assert plain[row] == pytest.approx(nll.mean(), rel=1e-4)
         assert rating[row] == pytest.approx(nll[np.array(flags)].mean(), rel=1e-4)
     assert not np.allclose(plain, trainer.score_offsets(targets, offsets))
-    np.testing.assert_array_equal(trainer.score_after(targets, contexts, offsets), plain)
+    np.testing.assert_array_equal(trainer.score_offsets(targets, offsets, contexts=contexts), plain)
     with pytest.raises(ValueError, match="3 contexts for 4"):
-        trainer.score_after(targets, contexts[:3], offsets)
+        trainer.score_offsets(targets, offsets, contexts=contexts[:3])
 
 
 def test_distilled_tokens_fit_the_teachers_predictions_of_the_text_read_after_a_context(tmp_path, tiny_llm_dir):
     """``teacher_probabilities``: at each token of the text, the LLM's distribution when it read the context before
-    it (its probability of the actual token gives :meth:`score_after`'s NLL), aligned with the text's own prompt
+    it (its probability of the actual token gives :meth:`score_offsets`'s NLL with that context), aligned with the text's own prompt
     and zero elsewhere; ``fit_user_tokens(..., teacher=...)`` lowers each user's cross-entropy against it, gives
     each user their own tokens, and refuses other objectives or several texts."""
     from recbole_uip.inference.soft_profiles import soft_target_nll
@@ -827,7 +827,7 @@ def test_distilled_tokens_fit_the_teachers_predictions_of_the_text_read_after_a_
     torch.testing.assert_close(teacher.sum(-1), scored.float())                      # distributions where scored
     picked = teacher.gather(2, labels.clamp(min=0)[..., None])[..., 0]
     nll = -torch.where(scored, picked.log(), 0.0).sum(1) / scored.sum(1)
-    np.testing.assert_allclose(nll.numpy(), trainer.score_after(targets, contexts, start), rtol=1e-4)
+    np.testing.assert_allclose(nll.numpy(), trainer.score_offsets(targets, start, contexts=contexts), rtol=1e-4)
 
     loss = lambda o: soft_target_nll(trainer.llm.model, trainer.layout, batch,            # noqa: E731
                                      trainer.soft(o), teacher).detach()

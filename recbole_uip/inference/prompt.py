@@ -147,9 +147,11 @@ class PromptBatch:
 
 
 def collate(layout: PromptLayout, behaviour_ids: Sequence[Sequence[int]], pad_id: int,
-            behaviour_weights: Sequence[Sequence[float]] | None = None) -> PromptBatch:
+            behaviour_weights: Sequence[Sequence[float]] | None = None,
+            unscored: Sequence[int] | None = None) -> PromptBatch:
     """Assemble prompts for a batch of users from their behaviour token ids (and, optionally, per-token loss
-    weights aligned with them)."""
+    weights aligned with them). ``unscored[b]``: the first that many behaviour tokens of row ``b`` are read but
+    never scored (a context before the scored text: label ``-100``, weight 0)."""
     lengths = torch.tensor([len(ids) for ids in behaviour_ids], dtype=torch.long)
     if (lengths == 0).any():
         raise ValueError("Every user in a batch needs at least one behaviour token.")
@@ -161,7 +163,8 @@ def collate(layout: PromptLayout, behaviour_ids: Sequence[Sequence[int]], pad_id
     for row, ids in enumerate(behaviour_ids):
         ids = torch.as_tensor(list(ids), dtype=torch.long)
         input_ids[row, lp : lp + len(ids)] = ids
-        labels[row, lp : lp + len(ids)] = ids
+        skip = 0 if unscored is None else int(unscored[row])
+        labels[row, lp + skip : lp + len(ids)] = ids[skip:]
     weights = None
     if behaviour_weights is not None:
         weights = torch.zeros(input_ids.shape, dtype=torch.float32)
@@ -169,4 +172,6 @@ def collate(layout: PromptLayout, behaviour_ids: Sequence[Sequence[int]], pad_id
             if len(w) != len(ids):
                 raise ValueError(f"User {row}: {len(w)} weights for {len(ids)} behaviour tokens.")
             weights[row, lp : lp + len(ids)] = torch.as_tensor(list(w), dtype=torch.float32)
+            if unscored is not None:
+                weights[row, lp : lp + int(unscored[row])] = 0.0
     return PromptBatch(input_ids, labels, allowed_attention(layout, lengths, total), lengths, weights)

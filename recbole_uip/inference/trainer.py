@@ -140,6 +140,14 @@ def _nan_without_ratings(targets: Targets, rating: np.ndarray) -> np.ndarray:
     return np.where(np.array([any(flags) for flags in targets.flags]), rating, np.nan)
 
 
+def _after_contexts(targets: Targets, contexts: list[list[int]]) -> Targets:
+    """``targets`` with each user's text preceded by their context (token ids; their rating flags False)."""
+    if len(contexts) != len(targets.texts):
+        raise ValueError(f"{len(contexts)} contexts for {len(targets.texts)} behaviour texts.")
+    flags = None if targets.flags is None else [[False] * len(c) + list(f) for c, f in zip(contexts, targets.flags)]
+    return Targets(targets.users, [list(c) + list(t) for c, t in zip(contexts, targets.texts)], flags, targets.inputs)
+
+
 def _batches(order, size: int):
     for start in range(0, len(order), size):
         yield order[start : start + size]
@@ -275,8 +283,9 @@ class ProfileInferenceTrainer:
             inputs.append(rest)
         return Targets(np.asarray(users), texts, None if self.text.rating_flags is None else flags, inputs)
 
-    def prompt_batch(self, targets: Targets, ratings_only: bool = False):
-        """The prompts of a batch, with each behaviour token's M-step weight where the text marks rating tokens
+    def prompt_batch(self, targets: Targets, ratings_only: bool = False, unscored: list[int] | None = None):
+        """The prompts of a batch (``unscored``: per user, leading text tokens read but not scored, see
+        :func:`collate`), with each behaviour token's M-step weight where the text marks rating tokens
         and ``uip_rating_weight`` is not 1 (``uip_rating_weight`` for a rating token, 1 for any other; with a weight
         of 1 the batch has no weights, and the M-step's objective is the plain NLL); with ``ratings_only``, 1 for a
         rating token and 0 for any other, so that the weighted NLL is the mean over the rating tokens alone."""
@@ -286,7 +295,7 @@ class ProfileInferenceTrainer:
             weights = [[rating if flag else other for flag in user_flags] for user_flags in targets.flags]
         elif ratings_only:
             raise ValueError("The behaviour text marks no rating tokens (uip_rating_template writes none).")
-        return collate(self.layout, targets.texts, self.llm.tokenizer.pad_token_id, weights)
+        return collate(self.layout, targets.texts, self.llm.tokenizer.pad_token_id, weights, unscored)
 
     # ---------------------------------------------------------------------------------------- the soft tokens
     def offsets(self, users: np.ndarray, inputs: list[np.ndarray] | None = None, free_rows: torch.Tensor | None = None,
@@ -795,39 +804,23 @@ class ProfileInferenceTrainer:
                 out["rating_" + mode] = _nan_without_ratings(targets, rating)
         return out
 
-    def score_offsets(self, targets: Targets, offsets: torch.Tensor, with_ratings: bool = False):
+    def score_offsets(self, targets: Targets, offsets: torch.Tensor, with_ratings: bool = False,
+                      contexts: list[list[int]] | None = None):
         """Plain NLL per user ``(B,)`` float64 of ``targets``' texts with the offsets ``(B, P, D)`` (the shared
         center added). With ``with_ratings``, the pair ``(plain, rating)``, ``rating`` the mean over each user's
         rating tokens alone (nan for a user whose text has none), from the same forward pass: collated with the
         ratings-only weights, the batch's weighted NLL is that mean, and the plain NLL does not depend on the
-        weights. Forward only."""
-        plain, rating, _ = self._nll_per_user(self.prompt_batch(targets, ratings_only=with_ratings), offsets)
-        return (plain, _nan_without_ratings(targets, rating)) if with_ratings else plain
+        weights. Forward only.
 
-    def score_after(self, targets: Targets, contexts: list[list[int]], offsets: torch.Tensor,
-                    with_ratings: bool = False):
-        """Like :meth:`score_offsets`, with each user's behaviour text read after a context: the prompt is the
-        template, ``contexts[b]`` (token ids, never scored), then ``targets.texts[b]``, the only tokens scored. Plain
-        NLL per user ``(B,)`` float64 over the target's tokens; with ``with_ratings``, the pair ``(plain, rating)``,
-        ``rating`` over the target's rating tokens alone (nan for a user whose target has none). An empty context
-        gives :meth:`score_offsets`'s numbers. Forward only.
-
-        What the user's history adds when read as plain text beside the soft tokens (``benchmarks/token_probe.py
-        --context_tokens``): the in-context reference for what a profile token could carry."""
-        if len(contexts) != len(targets.texts):
-            raise ValueError(f"{len(contexts)} contexts for {len(targets.texts)} behaviour texts.")
-        if with_ratings and targets.flags is None:
-            raise ValueError("The behaviour text marks no rating tokens (uip_rating_template writes none).")
-        texts = [list(context) + list(text) for context, text in zip(contexts, targets.texts)]
-        scored = [[0.0] * len(context) + [1.0] * len(text) for context, text in zip(contexts, targets.texts)]
-        pad = self.llm.tokenizer.pad_token_id
-        rating_weights = None
-        if with_ratings:
-            flags = [[0.0] * len(context) + [float(f) for f in user_flags]
-                     for context, user_flags in zip(contexts, targets.flags)]
-            rating_weights = collate(self.layout, texts, pad, flags).weights
-        _, plain, rating = self._nll_per_user(collate(self.layout, texts, pad, scored), offsets,
-                                              rating_weights=rating_weights)
+        ``contexts``: per user, token ids read between the template and the text and never scored (the in-context
+        reference of ``benchmarks/token_probe.py --context_tokens``: what the user's history adds when read as plain
+        text beside the soft tokens); empty contexts give the numbers without."""
+        if contexts is not None:
+            batch = self.prompt_batch(_after_contexts(targets, contexts), ratings_only=with_ratings,
+                                      unscored=[len(c) for c in contexts])
+        else:
+            batch = self.prompt_batch(targets, ratings_only=with_ratings)
+        plain, rating, _ = self._nll_per_user(batch, offsets)
         return (plain, _nan_without_ratings(targets, rating)) if with_ratings else plain
 
     @torch.no_grad()
@@ -854,17 +847,16 @@ class ProfileInferenceTrainer:
     @torch.no_grad()
     def teacher_probabilities(self, targets: Targets, contexts: list[list[int]], offsets: torch.Tensor) -> torch.Tensor:
         """The frozen LLM's next-token distributions over ``targets``' texts when it reads ``contexts[b]`` (token
-        ids) between the template (with the offsets ``(B, P, D)``) and the text, as in :meth:`score_after`: float32
+        ids) between the template (with the offsets ``(B, P, D)``) and the text, as :meth:`score_offsets` reads
+        ``contexts``: float32
         ``(B, L - 1, V)``, aligned with the positions of ``prompt_batch(targets)`` (position ``t`` predicts that
         batch's ``labels[:, t + 1]``; zero rows elsewhere). The teacher of :meth:`fit_user_tokens`'s distillation."""
-        if len(contexts) != len(targets.texts):
-            raise ValueError(f"{len(contexts)} contexts for {len(targets.texts)} behaviour texts.")
+        read = _after_contexts(targets, contexts)
         lp = self.layout.prefix_length
         width = lp + max(len(text) for text in targets.texts)
         probabilities = None
         for rows in _batches(np.arange(len(targets.texts)), self.settings.batch_size * 2):
-            batch = collate(self.layout, [list(contexts[r]) + list(targets.texts[r]) for r in rows],
-                            self.llm.tokenizer.pad_token_id)
+            batch = collate(self.layout, [read.texts[r] for r in rows], self.llm.tokenizer.pad_token_id)
             logits = behaviour_logits(self.llm.model, self.layout, batch, self.soft(offsets[torch.as_tensor(rows)]
                                                                                      .to(self.device)))
             if probabilities is None:
