@@ -16,7 +16,12 @@ of everything). Then:
    starting from the shared token, on the plain NLL or (``--fit_objective=weighted``) the M-step's objective, whose
    rating tokens weigh ``uip_rating_weight``, or (``--fit_objective=distil``) to what the frozen LLM predicts for
    that text, with the shared token, when it reads the user's newest ``--distil_context_tokens`` tokens of their
-   other remaining items before it (distillation: the in-context effect of the history, not the one draw);
+   other remaining items before it (distillation: the in-context effect of the history, not the one draw), or
+   (``--fit_objective=teacher_text``) on the plain NLL of the teacher's whole text, those newest tokens followed by
+   the draw (what distillation reads, fitted without a teacher: the control that tells distillation from the
+   recency and length of the teacher's text). ``--also_fit=OBJECTIVE[,...]`` fits the same users' tokens again
+   from the same start, draws and steps on each further objective (modes ``<objective>_own`` and so on) and reports
+   ``own`` minus ``<objective>_own``, a paired comparison of the objectives;
 3. the frozen LLM scores each user's held-out text with their own fitted tokens, the mean of the fitted tokens of
    the users in their batch of 16, another user's fitted tokens (the batch rotated by one), their own shrunk halfway
    towards that mean (``own_halfway``: a noisy estimate of a user's token can lose to the mean and still carry
@@ -42,7 +47,7 @@ of everything). Then:
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
-per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled][_weighted|_distil]
+per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled][_<objective>][_vs_<objective>...]
 [_encoder[_distil]][_context][_<variant>].{json,md}``.
 """
 
@@ -55,6 +60,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from recbole_uip.inference.trainer import after_contexts
 from recbole_uip.benchmarking import (
     HeldOutInference, benchmark_parser, configure, goal_verdict, interval_summary, matched_contexts, newest_tokens,
     parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
@@ -67,6 +73,24 @@ PAIRS += [("encoder", "encoder_mean"), ("encoder", "encoder_other"), ("encoder_m
 HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle",   # also on the rating tokens alone
                   "encoder", "encoder_mean", "encoder_other")
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
+
+
+OBJECTIVES = ("plain", "weighted", "distil", "teacher_text")
+FITTED_MODES = ("own", "mean", "other_user", "own_halfway", "own_on_fitted_text", "mean_on_fitted_text")
+
+
+def objective_pairs(objectives: list[str]) -> list[tuple[str, str]]:
+    """The paired differences of the tokens fitted on each ``--also_fit`` objective (modes ``<objective>_*``): the
+    main objective's own tokens - these (the same users, draws and steps), and within the objective what ``PAIRS``
+    asks of the main one; on every held-out token and, but for the fitted text, on the rating tokens alone."""
+    pairs, rating = [], []
+    for objective in objectives:
+        p = objective + "_"
+        within = [(p + "own", p + "mean"), (p + "own", p + "other_user"), (p + "own_halfway", p + "mean"),
+                  (p + "mean", "shared"), ("own", p + "own")]
+        pairs += within + [(p + "own_on_fitted_text", p + "mean_on_fitted_text")]
+        rating += [("rating_" + a, "rating_" + b) for a, b in within]
+    return pairs + rating
 
 
 def context_pairs(budgets: list[int]) -> list[tuple[str, str]]:
@@ -103,9 +127,13 @@ def parse_args(argv=None):
     parser.add_argument("--resample", type=_true, default=False,
                         help="fit each step on a new random draw of the user's remaining training text (true/false; "
                              "default false: one draw for every step)")
-    parser.add_argument("--fit_objective", choices=("plain", "weighted", "distil"), default="plain",
-                        help="what the tokens are fitted on: the plain NLL (default), the M-step's rating-weighted one, "
-                             "or the LLM's predictions given the user's other items in context (distil)")
+    parser.add_argument("--fit_objective", choices=OBJECTIVES, default="plain",
+                        help="what the tokens are fitted on: the plain NLL of the draw (default), the M-step's "
+                             "rating-weighted one, the LLM's predictions of the draw given the user's other items in "
+                             "context (distil), or the plain NLL of that context followed by the draw (teacher_text)")
+    parser.add_argument("--also_fit", default="",
+                        help="further objectives, comma-separated: the same users' tokens fitted again from the same "
+                             "draws on each, and compared with the --fit_objective's user by user (default: none)")
     parser.add_argument("--distil_context_tokens", type=int, default=128,
                         help="the teacher's context for --fit_objective=distil and --encoder_objective=distil: the "
                              "user's newest N tokens of their remaining items outside the fitted text (default 128)")
@@ -131,16 +159,41 @@ def parse_args(argv=None):
         parser.error("--context_tokens must be positive")
     if args.distil_context_tokens < 1:
         parser.error("--distil_context_tokens must be positive")
-    if args.fit_objective == "distil" and args.resample:
-        parser.error("--fit_objective=distil fits one draw per user to its teacher: --resample=false")
+    args.also_fit = [o.strip() for o in args.also_fit.split(",") if o.strip()]
+    if unknown := [o for o in args.also_fit if o not in OBJECTIVES]:
+        parser.error(f"--also_fit takes objectives among {', '.join(OBJECTIVES)}, not {', '.join(unknown)}")
+    if args.fit_objective in args.also_fit or len(set(args.also_fit)) < len(args.also_fit):
+        parser.error("--also_fit names each objective once, and not the --fit_objective")
+    if args.also_fit and not args.fit_steps:
+        parser.error("--also_fit fits per-user tokens: --fit_steps must be positive")
+    if args.resample and {"distil", "teacher_text"} & {args.fit_objective, *args.also_fit}:
+        parser.error("distil and teacher_text fit one draw per user with its teacher's context: --resample=false")
     return args, overrides
+
+
+def teacher_contexts(trainer, targets, context_tokens: int) -> list[list[int]]:
+    """What the teacher reads before each user's text in ``targets``: the user's newest ``context_tokens`` tokens
+    of the items the text leaves out (token ids)."""
+    return [newest_tokens(trainer.text, u, targets.inputs[j], context_tokens) for j, u in enumerate(targets.users)]
 
 
 def distillation_teacher(trainer, targets, context_tokens: int) -> torch.Tensor:
     """The teacher of ``targets`` ``(B, L - 1, V)``: the frozen LLM's predictions of each user's text, with the
-    shared token, after the user's newest ``context_tokens`` tokens of the items the text leaves out."""
-    contexts = [newest_tokens(trainer.text, u, targets.inputs[j], context_tokens) for j, u in enumerate(targets.users)]
-    return trainer.teacher_probabilities(targets, contexts, torch.zeros(len(targets.users), *trainer.soft.anchors.shape))
+    shared token, after :func:`teacher_contexts`."""
+    return trainer.teacher_probabilities(targets, teacher_contexts(trainer, targets, context_tokens),
+                                         torch.zeros(len(targets.users), *trainer.soft.anchors.shape))
+
+
+def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args) -> tuple[torch.Tensor, object]:
+    """Each user's tokens ``(B, P, D)`` fitted on ``objective`` (``--fit_objective``'s choices) from ``start``, and
+    the text they were fitted to (``Targets``): ``draws[0]`` (``draws``, one per step, with ``--resample``), or for
+    ``teacher_text`` the teacher's context followed by it."""
+    if objective == "teacher_text":
+        text = after_contexts(draws[0], teacher_contexts(trainer, draws[0], args.distil_context_tokens))
+        return trainer.fit_user_tokens(text, start, args.fit_steps, args.fit_learning_rate), text
+    teacher = distillation_teacher(trainer, draws[0], args.distil_context_tokens) if objective == "distil" else None
+    return trainer.fit_user_tokens(draws, start, args.fit_steps, args.fit_learning_rate, objective == "weighted",
+                                   teacher), draws[0]
 
 
 def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger, encoder_optimizer=None,
@@ -202,7 +255,6 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
     trainer = run.trainer
     scores: dict[str, list] = {}
 
-    weighted = args.fit_objective == "weighted"
     remaining = {u: np.arange(len(trainer.text.user_pieces[u])) for u in users}   # the trainer's text: no held-out item
     context_length: dict[int, list[int]] = {}
     bar = tqdm(total=len(users), desc="token probe", ncols=100, disable=not show_progress)
@@ -214,14 +266,13 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         modes = {"shared": (held, shared)}
         if args.fit_steps:
             draws = [trainer.targets(batch, rng) for _ in range(args.fit_steps if args.resample else 1)]
-            fitted_text = draws[0]
-            teacher = distillation_teacher(trainer, fitted_text, args.distil_context_tokens) \
-                if args.fit_objective == "distil" else None
-            own = trainer.fit_user_tokens(draws, shared, args.fit_steps, args.fit_learning_rate, weighted, teacher)
-            mean = own.mean(0, keepdim=True).expand_as(own)
-            modes.update({"own": (held, own), "mean": (held, mean), "other_user": (held, own[rotate]),
-                          "own_halfway": (held, (own + mean) / 2),
-                          "own_on_fitted_text": (fitted_text, own), "mean_on_fitted_text": (fitted_text, mean)})
+            for objective in (args.fit_objective, *args.also_fit):
+                p = "" if objective == args.fit_objective else objective + "_"
+                own, fitted_text = fit_tokens(trainer, objective, draws, shared, args)
+                mean = own.mean(0, keepdim=True).expand_as(own)
+                modes.update({p + "own": (held, own), p + "mean": (held, mean), p + "other_user": (held, own[rotate]),
+                              p + "own_halfway": (held, (own + mean) / 2), p + "own_on_fitted_text": (fitted_text, own),
+                              p + "mean_on_fitted_text": (fitted_text, mean)})
         if args.encoder_passes:
             with torch.no_grad():
                 encoded = trainer.offsets(batch, held.inputs).cpu()          # A z, z from the remaining items
@@ -240,9 +291,9 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                 scores.setdefault(name, []).append(plain)
         if args.oracle and args.fit_steps:
             modes["oracle"] = (held, trainer.fit_user_tokens(held, shared, args.fit_steps, args.fit_learning_rate,
-                                                             weighted))
+                                                             args.fit_objective == "weighted"))
         for mode, (targets, offsets) in modes.items():
-            if mode in HELD_OUT_MODES and held.flags is not None:
+            if targets is held and held.flags is not None:          # the held-out modes, also on their rating tokens
                 plain, rating = trainer.score_offsets(targets, offsets, with_ratings=True)
                 scores.setdefault("rating_" + mode, []).append(rating)
             else:
@@ -252,6 +303,18 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
     bar.close()
     scores = {mode: np.concatenate(values) for mode, values in scores.items()}
     return scores, {budget: float(np.mean(lengths)) for budget, lengths in context_length.items()}
+
+
+def describe_objective(objective: str, data: dict) -> str:
+    """What tokens fitted on ``objective`` were fitted to, for the report: "plain NLL of a random 64 tokens of ..."."""
+    settings = data["record"]["settings"]
+    draw = (("a new random draw at every step of " if data.get("resample") else "a random ")
+            + f"{settings['max_behaviour_tokens']} tokens of their remaining training text")
+    context = (f"the user's newest {data.get('distil_context_tokens')} tokens of their other remaining items")
+    return {"weighted": f"M-step's objective (rating tokens weigh {settings['rating_weight']:g}) of {draw}",
+            "distil": f"frozen LLM's predictions (distillation; the teacher reads {context} before the text) for {draw}",
+            "teacher_text": f"plain NLL of the teacher's whole text ({context}, then {draw}; no teacher)",
+            }.get(objective, f"plain NLL of {draw}")
 
 
 def render(data: dict) -> str:
@@ -279,16 +342,21 @@ def render(data: dict) -> str:
                 f"shared token + own history in context (N={n}) - the shared token alone ({what})")
             labels[f"{prefix}context{n}_own_minus_{prefix}context{n}_other"] = (
                 f"own history - another user's, both in context beside the shared token (N={n}, {what})")
+    for objective in data.get("also_fit", []):
+        for a, b in objective_pairs([objective]):
+            plain_a, plain_b = (x.replace(objective + "_", "") for x in (a, b))
+            labels[f"{a}_minus_{b}"] = (f"own ({data['fit_objective']}) - own fitted on {objective}" + (
+                " (held-out rating tokens)" if a.startswith("rating_") else " (held-out text)")
+                if plain_a == plain_b else f"{objective}: {labels.get(f'{plain_a}_minus_{plain_b}', f'{a} - {b}')}")
     settings = data["record"]["settings"]
-    teacher = (f"distillation; the teacher reads the user's newest {data.get('distil_context_tokens')} tokens of their "
-               f"other remaining items before the text")
     fitted = (f" Then {data['users']} other users' tokens each fitted alone with {data['fit_steps']} Adam steps (step "
               f"{data['fit_learning_rate']:g} of the mean token-embedding norm) on the "
-              + (f"M-step's objective (rating tokens weigh {settings['rating_weight']:g}) of "
-                 if data.get("fit_objective") == "weighted" else
-                 f"frozen LLM's predictions ({teacher}) for " if data.get("fit_objective") == "distil" else "plain NLL of ")
-              + ("a new random draw at every step of " if data.get("resample") else "a random ")
-              + f"{settings['max_behaviour_tokens']} tokens of their remaining training text.") if data["fit_steps"] else ""
+              + describe_objective(data["fit_objective"], data) + "."
+              + "".join(f" The same users' tokens also fitted from the same start, draws and steps on the "
+                        f"{describe_objective(objective, data)} (`{objective}_*`)." for objective in data.get("also_fit", []))
+              ) if data["fit_steps"] else ""
+    teacher = (f"distillation; the teacher reads the user's newest {data.get('distil_context_tokens')} tokens of their "
+               f"other remaining items before the text")
     distilled = data.get("encoder_objective") == "distil"
     encoder = (f" Then the linear encoder trained by Adam at every batch (step {data['encoder_learning_rate']:g}) for "
                f"{data['encoder_passes']} passes over the same {data['shift_users']} users, the shift beside it"
@@ -317,6 +385,10 @@ def render(data: dict) -> str:
                      f"{summary['ci'][1]:+.4f}] | {summary['share_below_zero']:.0%} |")
     if "own_minus_mean" in differences:
         lines += ["", goal_verdict(differences["own_minus_mean"], "The issue's goal for tokens fitted to each user alone")]
+    for objective in data.get("also_fit", []):
+        if f"{objective}_own_minus_{objective}_mean" in differences:
+            lines += ["", goal_verdict(differences[f"{objective}_own_minus_{objective}_mean"],
+                                       f"The issue's goal for tokens fitted on {objective}")]
     if "encoder_minus_encoder_mean" in differences:
         lines += ["", goal_verdict(differences["encoder_minus_encoder_mean"],
                                    "The issue's goal for the encoder trained at every batch")]
@@ -353,15 +425,15 @@ def main(argv=None) -> int:
         scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]))
     finally:
         torch.set_num_threads(threads_before)
-    pairs = PAIRS + context_pairs(args.context_tokens)
+    pairs = PAIRS + objective_pairs(args.also_fit) + context_pairs(args.context_tokens)
     modes, differences = interval_summary(scores, [(a, b) for a, b in pairs if a in scores and b in scores])
     data = {
         "users": int(len(users)), "shift_users": int(len(shift_users)), "shift_passes": args.shift_passes,
         "shift_nll": shift_nll, "fit_steps": args.fit_steps, "fit_learning_rate": args.fit_learning_rate, "resample": args.resample,
-        "fit_objective": args.fit_objective, "encoder_passes": args.encoder_passes,
+        "fit_objective": args.fit_objective, "also_fit": args.also_fit, "encoder_passes": args.encoder_passes,
         "encoder_objective": args.encoder_objective,
         **({"distil_context_tokens": args.distil_context_tokens}
-           if "distil" in (args.fit_objective, args.encoder_objective) else {}),
+           if {"distil", "teacher_text"} & {args.fit_objective, args.encoder_objective, *args.also_fit} else {}),
         "encoder_learning_rate": args.encoder_learning_rate, "encoder_nll": encoder_nll,
         "context_tokens": args.context_tokens, "context_tokens_mean": {str(n): v for n, v in context_length.items()},
         "holdout_tokens": args.holdout_tokens,
@@ -371,6 +443,7 @@ def main(argv=None) -> int:
     }
     name = ("token_probe" + ("_resampled" if args.resample else "")
             + ("" if args.fit_objective == "plain" else "_" + args.fit_objective)
+            + "".join("_vs_" + objective for objective in args.also_fit)
             + ("_encoder" if args.encoder_passes else "")
             + ("_distil" if args.encoder_passes and args.encoder_objective == "distil" else "")
             + ("_context" if args.context_tokens else ""))

@@ -169,6 +169,41 @@ def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_pat
     assert str(tmp_path) not in json.dumps(data["record"])
 
 
+def test_token_probe_compares_fit_objectives_user_by_user_from_the_same_draws(tmp_path, tiny_llm_dir):
+    token_probe = import_benchmark("token_probe")
+    write_dataset(tmp_path / "data")
+    base = ["--dataset=toy", "--holdout_tokens=20", "--users=5", "--fit_steps=3", "--shift_users=6",
+            "--shift_passes=1", f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}",
+            "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false", "--oracle=false",
+            f"--checkpoint_dir={tmp_path / 'saved'}", "--fit_objective=distil", "--distil_context_tokens=8"]
+    assert token_probe.main(base + [f"--results={tmp_path / 'alone'}"]) == 0
+    assert token_probe.main(base + [f"--results={tmp_path / 'both'}", "--also_fit=teacher_text,plain"]) == 0
+    alone = json.loads(next((tmp_path / "alone" / "toy").glob("*/token_probe_distil.json")).read_text())
+    both = json.loads(next((tmp_path / "both" / "toy").glob("*/token_probe_distil_vs_teacher_text_vs_plain.json")).read_text())
+    assert both["also_fit"] == ["teacher_text", "plain"] and both["distil_context_tokens"] == 8
+    for mode in ("own", "mean", "other_user", "own_on_fitted_text", "rating_own"):  # the further fits draw nothing
+        assert both["modes"][mode] == alone["modes"][mode]
+    modes = both["modes"]
+    for objective in ("teacher_text", "plain"):
+        for mode in (f"{objective}_{m}" for m in ("own", "mean", "other_user", "own_halfway", "own_on_fitted_text")):
+            assert np.isfinite(modes[mode]["mean"]) and (mode.endswith("_text") or np.isfinite(modes["rating_" + mode]["mean"]))
+        for key in (f"own_minus_{objective}_own", f"{objective}_own_minus_{objective}_mean",
+                    f"{objective}_mean_minus_shared", f"rating_own_minus_rating_{objective}_own"):
+            low, high = both["differences"][key]["ci"]
+            assert low <= both["differences"][key]["mean"] <= high
+    # the plain fit on the draw alone is the memoriser: it beats the others on the draw it was fitted to
+    assert modes["plain_own"]["mean"] != modes["own"]["mean"] != modes["teacher_text_own"]["mean"]
+    assert "rating_teacher_text_own_on_fitted_text" not in modes
+    assert both["record"]["settings"] == alone["record"]["settings"]
+    report = next((tmp_path / "both" / "toy").glob("*/token_probe_distil_vs_teacher_text_vs_plain.md")).read_text()
+    assert "own (distil) - own fitted on teacher_text (held-out text)" in report
+    assert "teacher's whole text" in report and "tokens fitted on plain" in report
+    for bad in (["--also_fit=distil"], ["--also_fit=plain,plain"], ["--also_fit=nll"], ["--also_fit=plain", "--fit_steps=0"],
+                ["--also_fit=teacher_text", "--fit_objective=plain", "--resample=true"]):
+        with pytest.raises(SystemExit):
+            token_probe.parse_args(base + bad)
+
+
 @pytest.mark.parametrize("objective", ["nll", "distil"])
 def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per_user_fits(tmp_path, tiny_llm_dir,
                                                                                            objective):

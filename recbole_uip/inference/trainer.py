@@ -140,7 +140,7 @@ def _nan_without_ratings(targets: Targets, rating: np.ndarray) -> np.ndarray:
     return np.where(np.array([any(flags) for flags in targets.flags]), rating, np.nan)
 
 
-def _after_contexts(targets: Targets, contexts: list[list[int]]) -> Targets:
+def after_contexts(targets: Targets, contexts: list[list[int]]) -> Targets:
     """``targets`` with each user's text preceded by their context (token ids; their rating flags False)."""
     if len(contexts) != len(targets.texts):
         raise ValueError(f"{len(contexts)} contexts for {len(targets.texts)} behaviour texts.")
@@ -816,7 +816,7 @@ class ProfileInferenceTrainer:
         reference of ``benchmarks/token_probe.py --context_tokens``: what the user's history adds when read as plain
         text beside the soft tokens); empty contexts give the numbers without."""
         if contexts is not None:
-            batch = self.prompt_batch(_after_contexts(targets, contexts), ratings_only=with_ratings,
+            batch = self.prompt_batch(after_contexts(targets, contexts), ratings_only=with_ratings,
                                       unscored=[len(c) for c in contexts])
         else:
             batch = self.prompt_batch(targets, ratings_only=with_ratings)
@@ -851,7 +851,7 @@ class ProfileInferenceTrainer:
         ``contexts``: float32
         ``(B, L - 1, V)``, aligned with the positions of ``prompt_batch(targets)`` (position ``t`` predicts that
         batch's ``labels[:, t + 1]``; zero rows elsewhere). The teacher of :meth:`fit_user_tokens`'s distillation."""
-        read = _after_contexts(targets, contexts)
+        read = after_contexts(targets, contexts)
         lp = self.layout.prefix_length
         width = lp + max(len(text) for text in targets.texts)
         probabilities = None
