@@ -12,7 +12,8 @@ of everything). Then:
    not probed), so that the tokens below start from a token that already writes this kind of text;
 2. for each of ``--users`` other users, their tokens are fitted alone (``--fit_steps`` Adam steps,
    ``ProfileInferenceTrainer.fit_user_tokens``) on a random ``uip_max_behaviour_tokens`` of their remaining
-   training text (with ``--resample``, a new random draw at every step, as the EM loop draws anew at every visit),
+   training text (with ``--draws=K``, K draws, one per step in turn; with ``--resample``, a new random draw at every
+   step, as the EM loop draws anew at every visit),
    starting from the shared token, on the plain NLL or (``--fit_objective=weighted``) the M-step's objective, whose
    rating tokens weigh ``uip_rating_weight``, or (``--fit_objective=distil``) to what the frozen LLM predicts for
    that text, with the shared token, when it reads the user's newest ``--distil_context_tokens`` tokens of their
@@ -47,7 +48,7 @@ of everything). Then:
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
-per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled][_<objective>][_vs_<objective>...]
+per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled|_draws<K>][_<objective>][_vs_<objective>...]
 [_encoder[_distil]][_context][_<variant>].{json,md}``.
 """
 
@@ -127,6 +128,10 @@ def parse_args(argv=None):
     parser.add_argument("--resample", type=_true, default=False,
                         help="fit each step on a new random draw of the user's remaining training text (true/false; "
                              "default false: one draw for every step)")
+    parser.add_argument("--draws", type=int, default=1,
+                        help="fit each user's tokens on this many random draws of their remaining training text, one "
+                             "per step in turn, each with its own teacher under distil (default 1; --resample=true is "
+                             "a new draw at every step)")
     parser.add_argument("--fit_objective", choices=OBJECTIVES, default="plain",
                         help="what the tokens are fitted on: the plain NLL of the draw (default), the M-step's "
                              "rating-weighted one, the LLM's predictions of the draw given the user's other items in "
@@ -166,8 +171,11 @@ def parse_args(argv=None):
         parser.error("--also_fit names each objective once, and not the --fit_objective")
     if args.also_fit and not args.fit_steps:
         parser.error("--also_fit fits per-user tokens: --fit_steps must be positive")
+    if args.draws < 1 or (args.resample and args.draws != 1):
+        parser.error("--draws must be positive, and --resample=true already draws anew at every step")
     if args.resample and {"distil", "teacher_text"} & {args.fit_objective, *args.also_fit}:
-        parser.error("distil and teacher_text fit one draw per user with its teacher's context: --resample=false")
+        parser.error("distil and teacher_text keep a teacher per draw: give them a few with --draws, not --resample")
+    args.draws = args.fit_steps if args.resample else args.draws
     return args, overrides
 
 
@@ -185,15 +193,16 @@ def distillation_teacher(trainer, targets, context_tokens: int) -> torch.Tensor:
 
 
 def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args) -> tuple[torch.Tensor, object]:
-    """Each user's tokens ``(B, P, D)`` fitted on ``objective`` (``--fit_objective``'s choices) from ``start``, and
-    the text they were fitted to (``Targets``): ``draws[0]`` (``draws``, one per step, with ``--resample``), or for
+    """Each user's tokens ``(B, P, D)`` fitted on ``objective`` (``--fit_objective``'s choices) from ``start``, one
+    of ``draws`` per step in turn, and the first text they were fitted to (``Targets``): ``draws[0]``, or for
     ``teacher_text`` the teacher's context followed by it."""
     if objective == "teacher_text":
-        text = after_contexts(draws[0], teacher_contexts(trainer, draws[0], args.distil_context_tokens))
-        return trainer.fit_user_tokens(text, start, args.fit_steps, args.fit_learning_rate), text
-    teacher = distillation_teacher(trainer, draws[0], args.distil_context_tokens) if objective == "distil" else None
+        texts = [after_contexts(d, teacher_contexts(trainer, d, args.distil_context_tokens)) for d in draws]
+        return trainer.fit_user_tokens(texts, start, args.fit_steps, args.fit_learning_rate), texts[0]
+    teachers = [distillation_teacher(trainer, d, args.distil_context_tokens) for d in draws] \
+        if objective == "distil" else None
     return trainer.fit_user_tokens(draws, start, args.fit_steps, args.fit_learning_rate, objective == "weighted",
-                                   teacher), draws[0]
+                                   teachers), draws[0]
 
 
 def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger, encoder_optimizer=None,
@@ -265,7 +274,7 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         shared = torch.zeros(len(batch), *trainer.soft.anchors.shape)
         modes = {"shared": (held, shared)}
         if args.fit_steps:
-            draws = [trainer.targets(batch, rng) for _ in range(args.fit_steps if args.resample else 1)]
+            draws = [trainer.targets(batch, rng) for _ in range(args.draws)]
             for objective in (args.fit_objective, *args.also_fit):
                 p = "" if objective == args.fit_objective else objective + "_"
                 own, fitted_text = fit_tokens(trainer, objective, draws, shared, args)
@@ -308,7 +317,9 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
 def describe_objective(objective: str, data: dict) -> str:
     """What tokens fitted on ``objective`` were fitted to, for the report: "plain NLL of a random 64 tokens of ..."."""
     settings = data["record"]["settings"]
-    draw = (("a new random draw at every step of " if data.get("resample") else "a random ")
+    draws = data.get("draws", 1)
+    draw = (("a new random draw at every step of " if data.get("resample") else
+             f"{draws} random draws, one per step in turn, each of " if draws > 1 else "a random ")
             + f"{settings['max_behaviour_tokens']} tokens of their remaining training text")
     context = (f"the user's newest {data.get('distil_context_tokens')} tokens of their other remaining items")
     return {"weighted": f"M-step's objective (rating tokens weigh {settings['rating_weight']:g}) of {draw}",
@@ -430,6 +441,7 @@ def main(argv=None) -> int:
     data = {
         "users": int(len(users)), "shift_users": int(len(shift_users)), "shift_passes": args.shift_passes,
         "shift_nll": shift_nll, "fit_steps": args.fit_steps, "fit_learning_rate": args.fit_learning_rate, "resample": args.resample,
+        "draws": args.draws,
         "fit_objective": args.fit_objective, "also_fit": args.also_fit, "encoder_passes": args.encoder_passes,
         "encoder_objective": args.encoder_objective,
         **({"distil_context_tokens": args.distil_context_tokens}
@@ -441,7 +453,7 @@ def main(argv=None) -> int:
         "modes": modes, "differences": differences, "seconds": round(time.perf_counter() - start, 1),
         "record": run_record(config, settings, ["benchmarks/token_probe.py", *args.argv]),
     }
-    name = ("token_probe" + ("_resampled" if args.resample else "")
+    name = ("token_probe" + ("_resampled" if args.resample else f"_draws{args.draws}" if args.draws > 1 else "")
             + ("" if args.fit_objective == "plain" else "_" + args.fit_objective)
             + "".join("_vs_" + objective for objective in args.also_fit)
             + ("_encoder" if args.encoder_passes else "")

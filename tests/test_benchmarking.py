@@ -198,8 +198,15 @@ def test_token_probe_compares_fit_objectives_user_by_user_from_the_same_draws(tm
     report = next((tmp_path / "both" / "toy").glob("*/token_probe_distil_vs_teacher_text_vs_plain.md")).read_text()
     assert "own (distil) - own fitted on teacher_text (held-out text)" in report
     assert "teacher's whole text" in report and "tokens fitted on plain" in report
+    # two draws, one per step in turn, each with its own teacher (and its own teacher's text)
+    assert token_probe.main(base + [f"--results={tmp_path / 'draws'}", "--also_fit=teacher_text", "--draws=2"]) == 0
+    two = json.loads(next((tmp_path / "draws" / "toy").glob("*/token_probe_draws2_distil_vs_teacher_text.json")).read_text())
+    assert two["draws"] == 2 and two["modes"]["own"] != alone["modes"]["own"]
+    assert two["modes"]["own_on_fitted_text"] != alone["modes"]["own_on_fitted_text"]  # half the steps on draws[0]
+    assert "2 random draws, one per step in turn" in next((tmp_path / "draws" / "toy").glob("*/*.md")).read_text()
     for bad in (["--also_fit=distil"], ["--also_fit=plain,plain"], ["--also_fit=nll"], ["--also_fit=plain", "--fit_steps=0"],
-                ["--also_fit=teacher_text", "--fit_objective=plain", "--resample=true"]):
+                ["--also_fit=teacher_text", "--fit_objective=plain", "--resample=true"], ["--draws=0"],
+                ["--fit_objective=plain", "--draws=2", "--resample=true"]):
         with pytest.raises(SystemExit):
             token_probe.parse_args(base + bad)
 

@@ -810,7 +810,8 @@ def test_distilled_tokens_fit_the_teachers_predictions_of_the_text_read_after_a_
     """``teacher_probabilities``: at each token of the text, the LLM's distribution when it read the context before
     it (its probability of the actual token gives :meth:`score_offsets`'s NLL with that context), aligned with the text's own prompt
     and zero elsewhere; ``fit_user_tokens(..., teacher=...)`` lowers each user's cross-entropy against it, gives
-    each user their own tokens, and refuses other objectives or several texts."""
+    each user their own tokens, cycles through several texts each with its own teacher, and refuses other
+    objectives or a text without its teacher."""
     from recbole_uip.inference.soft_profiles import soft_target_nll
 
     trainer = make_trainer(tmp_path, tiny_llm_dir)
@@ -833,8 +834,15 @@ def test_distilled_tokens_fit_the_teachers_predictions_of_the_text_read_after_a_
                                      trainer.soft(o), teacher).detach()
     fitted = trainer.fit_user_tokens(targets, start, steps=5, learning_rate=0.05, teacher=teacher)
     assert (loss(fitted) < loss(start)).all() and not torch.equal(fitted[0], fitted[1])
-    with pytest.raises(ValueError, match="Distillation"):
+    other = trainer.targets(users, np.random.default_rng(1))                           # a second draw, its teacher
+    other_teacher = trainer.teacher_probabilities(other, contexts, start)
+    two = trainer.fit_user_tokens([targets, other], start, steps=2, learning_rate=0.05, teacher=[teacher, other_teacher])
+    first_twice = trainer.fit_user_tokens(targets, start, steps=2, learning_rate=0.05, teacher=teacher)
+    assert not torch.equal(two, first_twice)                                          # the second step read the second
+    with pytest.raises(ValueError, match="2 texts, 1 teachers"):
         trainer.fit_user_tokens([targets, targets], start, steps=1, learning_rate=0.05, teacher=teacher)
+    with pytest.raises(ValueError, match="Distillation"):
+        trainer.fit_user_tokens(targets, start, steps=1, learning_rate=0.05, teacher=teacher, weighted=True)
     with pytest.raises(ValueError, match="3 contexts for 4"):
         trainer.teacher_probabilities(targets, contexts[:3], start)
 

@@ -868,7 +868,8 @@ class ProfileInferenceTrainer:
         return probabilities
 
     def fit_user_tokens(self, targets: Targets | list[Targets], start: torch.Tensor, steps: int,
-                        learning_rate: float, weighted: bool = False, teacher: torch.Tensor | None = None) -> torch.Tensor:
+                        learning_rate: float, weighted: bool = False,
+                        teacher: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
         """Each user's offsets fitted alone to their own text in ``targets``: ``steps`` Adam steps (one step count
         per user, :class:`FreeTokens`) on the plain NLL (with ``weighted``, the M-step's objective, whose rating
         tokens weigh ``uip_rating_weight``) from ``start`` ``(B, P, D)``, the shared shift and the LLM fixed. A
@@ -880,23 +881,26 @@ class ProfileInferenceTrainer:
         each row one step per round); ``benchmarks/token_probe.py`` asks whether that carries to text it never saw.
         Each user's loss term is their own, so their gradient is too (the batch's losses are summed, not averaged).
 
-        ``teacher`` ``(B, L - 1, V)`` (:meth:`teacher_probabilities` of one ``Targets``): distillation instead of the
-        NLL, the tokens fitted to what the LLM predicts for the text given the teacher's context
-        (:func:`soft_target_nll`), not to the one text drawn."""
+        ``teacher`` ``(B, L - 1, V)`` (:meth:`teacher_probabilities` of ``targets``), or one per ``Targets`` of a
+        list: distillation instead of the NLL, the tokens fitted to what the LLM predicts for each text given the
+        teacher's context (:func:`soft_target_nll`), not to the one text drawn."""
         targets = targets if isinstance(targets, list) else [targets]
         batches = [self.prompt_batch(t) for t in targets]
         if weighted and targets[0].flags is None:
             raise ValueError("The weighted objective needs rating tokens, and the behaviour text marks none.")
-        if teacher is not None and (weighted or len(targets) != 1):
-            raise ValueError("Distillation fits one text per user to its teacher, on no other objective.")
+        teachers = None if teacher is None else teacher if isinstance(teacher, list) else [teacher]
+        if teachers is not None and (weighted or len(teachers) != len(targets)):
+            raise ValueError(f"Distillation fits each text to its own teacher, on no other objective: {len(targets)} "
+                             f"texts, {len(teachers)} teachers{', weighted' if weighted else ''}.")
         rows = FreeTokens(start.detach().cpu(), "adam", learning_rate * self.embedding_norm / start.shape[-1] ** 0.5)
         index = torch.arange(start.shape[0])
         center = self.soft.center().detach()[None]                  # (1, P, D): no gradient into the shared shift
         for step in range(steps):
             leaf = rows.rows(index)
             tokens = center + leaf.to(self.device)
-            if teacher is not None:
-                loss = soft_target_nll(self.llm.model, self.layout, batches[0], tokens, teacher)
+            if teachers is not None:
+                k = step % len(batches)
+                loss = soft_target_nll(self.llm.model, self.layout, batches[k], tokens, teachers[k])
             else:
                 plain, objective = behaviour_nll(self.llm.model, self.layout, batches[step % len(batches)], tokens,
                                                  weighted=True)
