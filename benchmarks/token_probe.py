@@ -61,11 +61,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recbole_uip.inference.trainer import after_contexts
 from recbole_uip.benchmarking import (
     HeldOutInference, benchmark_parser, configure, goal_verdict, interval_summary, matched_contexts, newest_tokens,
     parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
 )
+from recbole_uip.inference.trainer import after_contexts
 
 BATCH = 16          # users fitted together (each alone: their losses are summed); "mean" and "other" are per batch
 PAIRS = [("own", "mean"), ("own", "other_user"), ("own_halfway", "mean"), ("mean", "shared"), ("oracle", "mean"),
@@ -77,7 +77,6 @@ PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODE
 
 
 OBJECTIVES = ("plain", "weighted", "distil", "teacher_text")
-FITTED_MODES = ("own", "mean", "other_user", "own_halfway", "own_on_fitted_text", "mean_on_fitted_text")
 
 
 def objective_pairs(objectives: list[str]) -> list[tuple[str, str]]:
