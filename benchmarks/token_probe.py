@@ -394,14 +394,17 @@ def render(data: dict) -> str:
         lines.append(f"| {labels.get(key, key)} | {summary['mean']:+.4f} | [{summary['ci'][0]:+.4f}, "
                      f"{summary['ci'][1]:+.4f}] | {summary['share_below_zero']:.0%} |")
     if "own_minus_mean" in differences:
-        lines += ["", goal_verdict(differences["own_minus_mean"], "The issue's goal for tokens fitted to each user alone")]
+        lines += ["", goal_verdict(differences["own_minus_mean"], "The issue's goal for tokens fitted to each user alone",
+                                   differences.get("own_minus_other_user"))]
     for objective in data.get("also_fit", []):
         if f"{objective}_own_minus_{objective}_mean" in differences:
             lines += ["", goal_verdict(differences[f"{objective}_own_minus_{objective}_mean"],
-                                       f"The issue's goal for tokens fitted on {objective}")]
+                                       f"The issue's goal for tokens fitted on {objective}",
+                                       differences.get(f"{objective}_own_minus_{objective}_other_user"))]
     if "encoder_minus_encoder_mean" in differences:
         lines += ["", goal_verdict(differences["encoder_minus_encoder_mean"],
-                                   "The issue's goal for the encoder trained at every batch")]
+                                   "The issue's goal for the encoder trained at every batch",
+                                   differences.get("encoder_minus_encoder_other"))]
     if data.get("context_tokens"):
         lines += ["", "In context, own history - the shared token alone is what any such history adds (the kind of "
                       "text, its time) together with what this user's adds; own - another user's history of the same "

@@ -371,13 +371,24 @@ def matched_contexts(text, users, others, positions, budget: int) -> tuple[list[
 GENERALISATION_GOAL = 0.05   # nats/token below the mean token (issue "Profile inference that learns")
 
 
-def goal_verdict(own_minus_mean: dict, label: str = "Goal") -> str:
+def goal_verdict(own_minus_mean: dict, label: str = "Goal", own_minus_other: dict | None = None) -> str:
     """The reports' sentence on the generalisation goal: met when ``own - mean`` (``{"mean", "ci"}``, nats/token on
-    held-out text) is at least :data:`GENERALISATION_GOAL` below zero and its 95% interval excludes zero."""
+    held-out text) is at least :data:`GENERALISATION_GOAL` below zero and its 95% interval excludes zero.
+
+    With ``own_minus_other`` (own - another user's tokens, the same form), the sentence also says whether the gap
+    is the user's: the mean of fitted tokens can be a worse token than any one of them, so own - mean can be met
+    while another user's tokens do as well as the user's own (``token_probe_draws4_distil_shift8.md``)."""
     mean, (low, high) = own_minus_mean["mean"], own_minus_mean["ci"]
     met = mean <= -GENERALISATION_GOAL and high < 0
-    return (f"**{label} ({GENERALISATION_GOAL} nats/token below the mean token, interval excluding zero): "
-            f"{'met' if met else 'not met'}** (own - mean {mean:+.4f}, interval [{low:+.4f}, {high:+.4f}]).")
+    sentence = (f"**{label} ({GENERALISATION_GOAL} nats/token below the mean token, interval excluding zero): "
+                f"{'met' if met else 'not met'}** (own - mean {mean:+.4f}, interval [{low:+.4f}, {high:+.4f}]).")
+    if own_minus_other is None:
+        return sentence
+    other, (other_low, other_high) = own_minus_other["mean"], own_minus_other["ci"]
+    users = ("the gap is the user's" if other_high < 0 else
+             "not shown to be the user's: another user's tokens do as well as their own")
+    return (sentence[:-1] + f"; own - another user's {other:+.4f}, interval [{other_low:+.4f}, {other_high:+.4f}]: "
+            f"{users}.")
 
 
 @dataclasses.dataclass

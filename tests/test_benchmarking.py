@@ -16,7 +16,7 @@ import torch
 
 from conftest import write_dataset
 from recbole_uip.benchmarking import (
-    held_out_positions, mean_ci, paired_test, parse_known_with_overrides, results_dir, write_result,
+    goal_verdict, held_out_positions, mean_ci, paired_test, parse_known_with_overrides, results_dir, write_result,
 )
 from recbole_uip.utils import write_json_atomic
 
@@ -128,6 +128,7 @@ def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_m
     assert rating["modes"]["own"]["mean"] != data["own"] and np.isfinite(rating["modes"]["own"]["mean"])
     markdown = (folders[0] / "generalisation.md").read_text()
     assert "Goal" in markdown and "rating tokens alone" in markdown
+    assert "the gap is the user's" in markdown or "not shown to be the user's" in markdown   # own - another user's
     assert json.loads((folders[0] / "settings.json").read_text())["settings"] == data["record"]["settings"]
 
 
@@ -162,6 +163,7 @@ def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_pat
     assert data["differences"]["oracle_minus_mean"]["share_below_zero"] == 1.0
     report = (folder / f"{name}.md").read_text()
     assert "goal" in report and "own - mean (held-out rating tokens)" in report
+    assert "the gap is the user's" in report or "not shown to be the user's" in report
     assert ("M-step's objective" in report) is (objective == "weighted")
     assert ("distillation" in report) is (data.get("distil_context_tokens") == 128) is (objective == "distil")
     with pytest.raises(SystemExit):                                  # distillation fits one draw to its teacher
@@ -643,6 +645,19 @@ def test_jsonl_records_survive_a_torn_last_line(tmp_path):
         handle.write('{"a": 4, "tor')                # a kill mid-write
     assert read_records(path) == [{"a": 1, "b": 2}, {"a": 3}]
     assert path.read_text().splitlines()[0] == '{"a": 1, "b": 2}'
+
+
+def test_goal_verdict_says_whether_a_met_gap_to_the_mean_is_the_users():
+    """own - mean is the issue's goal; beside it, own - another user's says whether the gap is the user's (the mean
+    of fitted tokens can be a worse token than any one of them)."""
+    met = {"mean": -0.06, "ci": [-0.08, -0.04]}
+    assert "met**" in goal_verdict(met) and "not met" not in goal_verdict(met)
+    assert "not met" in goal_verdict({"mean": -0.03, "ci": [-0.045, -0.015]})     # below zero, short of 0.05
+    assert "not met" in goal_verdict({"mean": -0.06, "ci": [-0.12, +0.001]})      # interval reaching zero
+    theirs = goal_verdict(met, own_minus_other={"mean": -0.02, "ci": [-0.03, -0.01]})
+    anyones = goal_verdict(met, own_minus_other={"mean": -0.0015, "ci": [-0.018, 0.016]})
+    assert "the gap is the user's" in theirs and "met**" in theirs
+    assert "not shown to be the user's" in anyones and "-0.0015" in anyones and "met**" in anyones
 
 
 def test_fmt_p():
