@@ -381,14 +381,13 @@ def goal_verdict(own_minus_mean: dict, label: str = "Goal", own_minus_other: dic
     mean, (low, high) = own_minus_mean["mean"], own_minus_mean["ci"]
     met = mean <= -GENERALISATION_GOAL and high < 0
     sentence = (f"**{label} ({GENERALISATION_GOAL} nats/token below the mean token, interval excluding zero): "
-                f"{'met' if met else 'not met'}** (own - mean {mean:+.4f}, interval [{low:+.4f}, {high:+.4f}]).")
-    if own_minus_other is None:
-        return sentence
-    other, (other_low, other_high) = own_minus_other["mean"], own_minus_other["ci"]
-    users = ("the gap is the user's" if other_high < 0 else
-             "not shown to be the user's: another user's tokens do as well as their own")
-    return (sentence[:-1] + f"; own - another user's {other:+.4f}, interval [{other_low:+.4f}, {other_high:+.4f}]: "
-            f"{users}.")
+                f"{'met' if met else 'not met'}** (own - mean {mean:+.4f}, interval [{low:+.4f}, {high:+.4f}])")
+    if own_minus_other is not None:
+        other, (other_low, other_high) = own_minus_other["mean"], own_minus_other["ci"]
+        users = ("the gap is the user's" if other_high < 0 else
+                 "not shown to be the user's: another user's tokens do as well as their own")
+        sentence += f"; own - another user's {other:+.4f}, interval [{other_low:+.4f}, {other_high:+.4f}]: {users}"
+    return sentence + "."
 
 
 @dataclasses.dataclass

@@ -898,12 +898,11 @@ class ProfileInferenceTrainer:
         for step in range(steps):
             leaf = rows.rows(index)
             tokens = center + leaf.to(self.device)
+            k = step % len(batches)                                 # this step's text (and its teacher)
             if teachers is not None:
-                k = step % len(batches)
                 loss = soft_target_nll(self.llm.model, self.layout, batches[k], tokens, teachers[k])
             else:
-                plain, objective = behaviour_nll(self.llm.model, self.layout, batches[step % len(batches)], tokens,
-                                                 weighted=True)
+                plain, objective = behaviour_nll(self.llm.model, self.layout, batches[k], tokens, weighted=True)
                 loss = objective if weighted else plain
             loss.sum().backward()
             rows.step(index, leaf)
