@@ -9,7 +9,10 @@ protocol is the generalisation benchmark's (each user's newest training items wi
 of everything). Then:
 
 1. the shared shift ``b`` is trained alone (``--shift_passes`` M-step passes over ``--shift_users`` users who are
-   not probed), so that the tokens below start from a token that already writes this kind of text;
+   not probed), so that the tokens below start from a token that already writes this kind of text; with
+   ``--shift_objective=distil``, on the teacher of ``--fit_objective=distil`` instead of the text drawn, so that
+   the start already holds what reading any user's history in context does for everyone, and the per-user fits
+   are left with what sets the user apart;
 2. for each of ``--users`` other users, their tokens are fitted alone (``--fit_steps`` Adam steps,
    ``ProfileInferenceTrainer.fit_user_tokens``) on a random ``uip_max_behaviour_tokens`` of their remaining
    training text (with ``--draws=K``, K draws, one per step in turn; with ``--resample``, a new random draw at every
@@ -49,7 +52,7 @@ of everything). Then:
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
 per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled|_draws<K>][_<objective>][_vs_<objective>...]
-[_encoder[_distil]][_context][_<variant>].{json,md}``.
+[_encoder[_distil]][_shiftdistil][_context][_<variant>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -122,6 +125,9 @@ def parse_args(argv=None):
                         help="Adam's step, relative to the mean token-embedding norm")
     parser.add_argument("--shift_users", type=int, default=256, help="users the shared shift is trained on")
     parser.add_argument("--shift_passes", type=int, default=2, help="passes of the shift's training")
+    parser.add_argument("--shift_objective", choices=("nll", "distil"), default="nll",
+                        help="what the shift trains on: the M-step's objective (default) or the LLM's predictions "
+                             "given each user's other items in context (distil, --distil_context_tokens)")
     parser.add_argument("--oracle", type=_true, default=True,
                         help="also fit the tokens on the held-out text itself (true/false; default true)")
     parser.add_argument("--resample", type=_true, default=False,
@@ -235,9 +241,12 @@ def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generat
     return means
 
 
-def train_shift(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger) -> list[float]:
-    """The shared shift alone, ``passes`` passes over ``users`` in M-step batches; the mean NLL of each pass."""
-    return train_passes(trainer, users, passes, rng, logger)
+def train_shift(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger,
+                distil_context_tokens: int = 0) -> list[float]:
+    """The shared shift alone, ``passes`` passes over ``users`` in M-step batches, on the M-step's objective or,
+    given ``distil_context_tokens``, against :func:`distillation_teacher`; the mean NLL (cross-entropy) of each
+    pass."""
+    return train_passes(trainer, users, passes, rng, logger, distil_context_tokens=distil_context_tokens)
 
 
 def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float, rng: np.random.Generator,
@@ -380,8 +389,10 @@ def render(data: dict) -> str:
     lines = [f"# What one soft token per profile carries ({data['record']['dataset']})", "",
              f"Produced by `python benchmarks/token_probe.py {' '.join(data['record']['command'][1:])}`. Settings "
              f"`{settings_fingerprint(settings)}`. The shared shift trained alone for "
-             f"{data['shift_passes']} passes over {data['shift_users']} users (NLL per pass "
-             f"{', '.join(f'{v:.4f}' for v in data['shift_nll'])}).{encoder}{fitted}{context} The probed users are scored on "
+             f"{data['shift_passes']} passes over {data['shift_users']} users ("
+             + (f"on the frozen LLM's predictions ({teacher}; cross-entropy " if data.get("shift_objective") == "distil"
+                else "NLL ")
+             + f"per pass {', '.join(f'{v:.4f}' for v in data['shift_nll'])}).{encoder}{fitted}{context} The probed users are scored on "
              f"their newest training items within {data['holdout_tokens']} tokens ({data['held_out_tokens_mean']:.1f} "
              f"on average), which nothing was fitted on. "
              f"Plain NLL, nats per token (`rating_*`: over the held-out rating tokens alone); mean over users with its "
@@ -431,7 +442,8 @@ def main(argv=None) -> int:
             raise SystemExit("The token probe needs at least two users with a held-out text.")
         shift_users = np.sort(order[:min(args.shift_users, len(order) // 2)])
         users = np.sort(order[len(shift_users):len(shift_users) + args.users])
-        shift_nll = train_shift(trainer, shift_users, args.shift_passes, rng, logger)
+        shift_nll = train_shift(trainer, shift_users, args.shift_passes, rng, logger,
+                                args.distil_context_tokens if args.shift_objective == "distil" else 0)
         encoder_nll = train_encoder(
             trainer, shift_users, args.encoder_passes, args.encoder_learning_rate, rng, logger,
             args.distil_context_tokens if args.encoder_objective == "distil" else 0) if args.encoder_passes else []
@@ -442,12 +454,14 @@ def main(argv=None) -> int:
     modes, differences = interval_summary(scores, [(a, b) for a, b in pairs if a in scores and b in scores])
     data = {
         "users": int(len(users)), "shift_users": int(len(shift_users)), "shift_passes": args.shift_passes,
-        "shift_nll": shift_nll, "fit_steps": args.fit_steps, "fit_learning_rate": args.fit_learning_rate, "resample": args.resample,
+        "shift_objective": args.shift_objective, "shift_nll": shift_nll, "fit_steps": args.fit_steps,
+        "fit_learning_rate": args.fit_learning_rate, "resample": args.resample,
         "draws": args.draws,
         "fit_objective": args.fit_objective, "also_fit": args.also_fit, "encoder_passes": args.encoder_passes,
         "encoder_objective": args.encoder_objective,
         **({"distil_context_tokens": args.distil_context_tokens}
-           if {"distil", "teacher_text"} & {args.fit_objective, args.encoder_objective, *args.also_fit} else {}),
+           if {"distil", "teacher_text"} & {args.fit_objective, args.encoder_objective, args.shift_objective,
+                                            *args.also_fit} else {}),
         "encoder_learning_rate": args.encoder_learning_rate, "encoder_nll": encoder_nll,
         "context_tokens": args.context_tokens, "context_tokens_mean": {str(n): v for n, v in context_length.items()},
         "holdout_tokens": args.holdout_tokens,
@@ -460,6 +474,7 @@ def main(argv=None) -> int:
             + "".join("_vs_" + objective for objective in args.also_fit)
             + ("_encoder" if args.encoder_passes else "")
             + ("_distil" if args.encoder_passes and args.encoder_objective == "distil" else "")
+            + ("_shiftdistil" if args.shift_objective == "distil" else "")
             + ("_context" if args.context_tokens else ""))
     publish_benchmark(args, name, data, render(data))
     return 0

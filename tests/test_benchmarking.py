@@ -206,7 +206,15 @@ def test_token_probe_compares_fit_objectives_user_by_user_from_the_same_draws(tm
     assert two["draws"] == 2 and two["modes"]["own"] != alone["modes"]["own"]
     assert two["modes"]["own_on_fitted_text"] != alone["modes"]["own_on_fitted_text"]  # half the steps on draws[0]
     assert "2 random draws, one per step in turn" in next((tmp_path / "draws" / "toy").glob("*/*.md")).read_text()
-    for bad in (["--also_fit=distil"], ["--also_fit=plain,plain"], ["--also_fit=nll"], ["--also_fit=plain", "--fit_steps=0"],
+    # the shift distilled from the same teacher before the per-user fits: another start, so other fitted tokens
+    assert token_probe.main(base + [f"--results={tmp_path / 'shift'}", "--shift_objective=distil"]) == 0
+    shifted = json.loads(next((tmp_path / "shift" / "toy").glob("*/token_probe_distil_shiftdistil.json")).read_text())
+    assert shifted["shift_objective"] == "distil" and alone["shift_objective"] == "nll"
+    assert len(shifted["shift_nll"]) == 1 and shifted["shift_nll"] != alone["shift_nll"]
+    assert shifted["modes"]["shared"] != alone["modes"]["shared"] and shifted["modes"]["own"] != alone["modes"]["own"]
+    assert "shift trained alone for 1 passes over 6 users (on the frozen LLM's predictions" in next(
+        (tmp_path / "shift" / "toy").glob("*/*.md")).read_text()
+    for bad in (["--also_fit=distil"], ["--also_fit=plain,plain"], ["--shift_objective=weighted"], ["--also_fit=nll"], ["--also_fit=plain", "--fit_steps=0"],
                 ["--also_fit=teacher_text", "--fit_objective=plain", "--resample=true"], ["--draws=0"],
                 ["--fit_objective=plain", "--draws=2", "--resample=true"]):
         with pytest.raises(SystemExit):
