@@ -377,15 +377,18 @@ def goal_verdict(own_minus_mean: dict, label: str = "Goal", own_minus_other: dic
 
     With ``own_minus_other`` (own - another user's tokens, the same form), the sentence also says whether the gap
     is the user's: the mean of fitted tokens can be a worse token than any one of them, so own - mean can be met
-    while another user's tokens do as well as the user's own (``token_probe_draws4_distil_shift8.md``)."""
+    while another user's tokens do as well as the user's own (``token_probe_draws4_distil_shift8.md``), and own can
+    beat another user's while losing to the mean (something of the user, outweighed by the noise of a per-user fit:
+    ``token_probe_distil_shift8_profiles8.md``)."""
     mean, (low, high) = own_minus_mean["mean"], own_minus_mean["ci"]
     met = mean <= -GENERALISATION_GOAL and high < 0
     sentence = (f"**{label} ({GENERALISATION_GOAL} nats/token below the mean token, interval excluding zero): "
                 f"{'met' if met else 'not met'}** (own - mean {mean:+.4f}, interval [{low:+.4f}, {high:+.4f}])")
     if own_minus_other is not None:
         other, (other_low, other_high) = own_minus_other["mean"], own_minus_other["ci"]
-        users = ("the gap is the user's" if other_high < 0 else
-                 "not shown to be the user's: another user's tokens do as well as their own")
+        users = ("not shown to be the user's: another user's tokens do as well as their own" if other_high >= 0 else
+                 "the gap is the user's" if high < 0 else
+                 "the tokens carry something of the user (they beat another user's), yet do not beat the mean token")
         sentence += f"; own - another user's {other:+.4f}, interval [{other_low:+.4f}, {other_high:+.4f}]: {users}"
     return sentence + "."
 

@@ -666,6 +666,9 @@ def test_goal_verdict_says_whether_a_met_gap_to_the_mean_is_the_users():
     anyones = goal_verdict(met, own_minus_other={"mean": -0.0015, "ci": [-0.018, 0.016]})
     assert "the gap is the user's" in theirs and "met**" in theirs
     assert "not shown to be the user's" in anyones and "-0.0015" in anyones and "met**" in anyones
+    # own beats another user's, loses to the mean: something of the user, no gap to call theirs
+    worse = goal_verdict({"mean": 0.019, "ci": [0.001, 0.037]}, own_minus_other={"mean": -0.02, "ci": [-0.04, -0.001]})
+    assert "not met" in worse and "carry something of the user" in worse and "the gap is the user's" not in worse
 
 
 def test_fmt_p():
