@@ -376,6 +376,9 @@ def render(data: dict) -> str:
               ) if data["fit_steps"] else ""
     teacher = (f"distillation; the teacher reads the user's newest {data.get('distil_context_tokens')} tokens of their "
                f"other remaining items before the text")
+    shift_losses = ", ".join(f"{v:.4f}" for v in data["shift_nll"])
+    shift_loss = (f", on the frozen LLM's predictions ({teacher}; cross-entropy per pass {shift_losses})"
+                  if data.get("shift_objective") == "distil" else f" (NLL per pass {shift_losses})")
     distilled = data.get("encoder_objective") == "distil"
     encoder = (f" Then the linear encoder trained by Adam at every batch (step {data['encoder_learning_rate']:g}) for "
                f"{data['encoder_passes']} passes over the same {data['shift_users']} users, the shift beside it"
@@ -389,10 +392,7 @@ def render(data: dict) -> str:
     lines = [f"# What one soft token per profile carries ({data['record']['dataset']})", "",
              f"Produced by `python benchmarks/token_probe.py {' '.join(data['record']['command'][1:])}`. Settings "
              f"`{settings_fingerprint(settings)}`. The shared shift trained alone for "
-             f"{data['shift_passes']} passes over {data['shift_users']} users ("
-             + (f"on the frozen LLM's predictions ({teacher}; cross-entropy " if data.get("shift_objective") == "distil"
-                else "NLL ")
-             + f"per pass {', '.join(f'{v:.4f}' for v in data['shift_nll'])}).{encoder}{fitted}{context} The probed users are scored on "
+             f"{data['shift_passes']} passes over {data['shift_users']} users{shift_loss}.{encoder}{fitted}{context} The probed users are scored on "
              f"their newest training items within {data['holdout_tokens']} tokens ({data['held_out_tokens_mean']:.1f} "
              f"on average), which nothing was fitted on. "
              f"Plain NLL, nats per token (`rating_*`: over the held-out rating tokens alone); mean over users with its "
