@@ -10,9 +10,8 @@ of everything). Then:
 
 1. the shared shift ``b`` is trained alone (``--shift_passes`` M-step passes over ``--shift_users`` users who are
    not probed), so that the tokens below start from a token that already writes this kind of text; with
-   ``--shift_objective=distil``, on the teacher of ``--fit_objective=distil`` instead of the text drawn, so that
-   the start already holds what reading any user's history in context does for everyone, and the per-user fits
-   are left with what sets the user apart;
+   ``--shift_objective=distil``, on the teacher of ``--fit_objective=distil`` instead of the text drawn (the start
+   learns, before any per-user fit, what reading a history in context does for every user);
 2. for each of ``--users`` other users, their tokens are fitted alone (``--fit_steps`` Adam steps,
    ``ProfileInferenceTrainer.fit_user_tokens``) on a random ``uip_max_behaviour_tokens`` of their remaining
    training text (with ``--draws=K``, K draws, one per step in turn; with ``--resample``, a new random draw at every
@@ -392,7 +391,8 @@ def render(data: dict) -> str:
     lines = [f"# What one soft token per profile carries ({data['record']['dataset']})", "",
              f"Produced by `python benchmarks/token_probe.py {' '.join(data['record']['command'][1:])}`. Settings "
              f"`{settings_fingerprint(settings)}`. The shared shift trained alone for "
-             f"{data['shift_passes']} passes over {data['shift_users']} users{shift_loss}.{encoder}{fitted}{context} The probed users are scored on "
+             f"{data['shift_passes']} passes over {data['shift_users']} users{shift_loss}.{encoder}{fitted}{context} "
+             f"The probed users are scored on "
              f"their newest training items within {data['holdout_tokens']} tokens ({data['held_out_tokens_mean']:.1f} "
              f"on average), which nothing was fitted on. "
              f"Plain NLL, nats per token (`rating_*`: over the held-out rating tokens alone); mean over users with its "

@@ -214,7 +214,8 @@ def test_token_probe_compares_fit_objectives_user_by_user_from_the_same_draws(tm
     assert shifted["modes"]["shared"] != alone["modes"]["shared"] and shifted["modes"]["own"] != alone["modes"]["own"]
     assert "shift trained alone for 1 passes over 6 users, on the frozen LLM's predictions (distillation" in next(
         (tmp_path / "shift" / "toy").glob("*/*.md")).read_text()
-    for bad in (["--also_fit=distil"], ["--also_fit=plain,plain"], ["--shift_objective=weighted"], ["--also_fit=nll"], ["--also_fit=plain", "--fit_steps=0"],
+    for bad in (["--also_fit=distil"], ["--also_fit=plain,plain"], ["--shift_objective=weighted"], ["--also_fit=nll"],
+                ["--also_fit=plain", "--fit_steps=0"],
                 ["--also_fit=teacher_text", "--fit_objective=plain", "--resample=true"], ["--draws=0"],
                 ["--fit_objective=plain", "--draws=2", "--resample=true"]):
         with pytest.raises(SystemExit):
