@@ -51,7 +51,9 @@ of everything). Then:
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
 per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled|_draws<K>][_<objective>][_vs_<objective>...]
-[_encoder[_distil]][_shiftdistil][_context][_<variant>].{json,md}``.
+[_encoder[_distil]][_shiftdistil][_context][_<variant>].{json,md}``. The JSON also keeps each probed user's score in
+every mode (``per_user``, in the order of its ``users``, the trainer's user indices), so that two runs over the same
+users (the same dataset, split, ``--probe_seed`` and ``--users``) can be compared user by user.
 """
 
 from __future__ import annotations
@@ -466,7 +468,10 @@ def main(argv=None) -> int:
         "context_tokens": args.context_tokens, "context_tokens_mean": {str(n): v for n, v in context_length.items()},
         "holdout_tokens": args.holdout_tokens,
         "held_out_tokens_mean": float(np.mean([len(t) for t in run.held_out_targets(users).texts])),
-        "modes": modes, "differences": differences, "seconds": round(time.perf_counter() - start, 1),
+        "modes": modes, "differences": differences,
+        "per_user": {"users": [int(u) for u in users],          # each mode's scores in this order; null: no value
+                     **{mode: [float(v) if np.isfinite(v) else None for v in values] for mode, values in scores.items()}},
+        "seconds": round(time.perf_counter() - start, 1),
         "record": run_record(config, settings, ["benchmarks/token_probe.py", *args.argv]),
     }
     name = ("token_probe" + ("_resampled" if args.resample else f"_draws{args.draws}" if args.draws > 1 else "")

@@ -161,6 +161,10 @@ def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_pat
         assert low <= data["differences"][key]["mean"] <= high
     # fitted on the very text it is scored on, each user's tokens beat the mean of the fitted tokens
     assert data["differences"]["oracle_minus_mean"]["share_below_zero"] == 1.0
+    per_user = data["per_user"]                     # every user's score per mode, for pairing runs user by user
+    assert len(set(per_user["users"])) == 5 and set(per_user) == {"users", *data["modes"]}
+    own, mean = np.array(per_user["own"]), np.array(per_user["mean"])
+    assert len(own) == 5 and np.mean(own - mean) == pytest.approx(data["differences"]["own_minus_mean"]["mean"])
     report = (folder / f"{name}.md").read_text()
     assert "goal" in report and "own - mean (held-out rating tokens)" in report
     assert "the gap is the user's" in report or "not shown to be the user's" in report
