@@ -45,13 +45,14 @@ of everything). Then:
    held-out text is scored with the shared token after the newest ``L`` tokens of their own remaining training text
    (``context<N>_own``) and after as many of another user's (``context<N>_other``, the batch rotated by one), ``L``
    the smaller of ``N`` and what each one has (``benchmarks/in_context.py``'s conditions, with the trained shift in
-   place). ``context<N>_own`` minus ``shared`` is what the user's whole recent history, read verbatim, adds to the
+   place; with ``--context_from=oldest``, their oldest N tokens instead, and another user's oldest: the user's
+   history away from the held-out items' time). ``context<N>_own`` minus ``shared`` is what the user's whole recent history, read verbatim, adds to the
    mean token: the same question as the goal's own minus mean, asked of the history itself.
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
 per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled|_draws<K>][_<objective>][_vs_<objective>...]
-[_encoder[_distil]][_shiftdistil][_context][_<variant>].{json,md}``. The JSON also keeps each probed user's score in
+[_encoder[_distil]][_shiftdistil][_context[_oldest]][_<variant>].{json,md}``. The JSON also keeps each probed user's score in
 every mode (``per_user``, in the order of its ``users``, the trainer's user indices), so that two runs over the same
 users (the same dataset, split, ``--probe_seed`` and ``--users``) can be compared user by user.
 """
@@ -161,6 +162,9 @@ def parse_args(argv=None):
     parser.add_argument("--context_tokens", default="",
                         help="context budgets N, comma-separated: also score the held-out text with the shared token "
                              "after N tokens of the user's own recent history and of another user's (default: none)")
+    parser.add_argument("--context_from", choices=("newest", "oldest"), default="newest",
+                        help="which end of each history --context_tokens reads: the newest tokens (default), next to "
+                             "the held-out items in time, or the oldest")
     args, overrides = parse_known_with_overrides(parser, argv)
     try:
         args.context_tokens = [int(n) for n in args.context_tokens.split(",") if n.strip()]
@@ -183,6 +187,13 @@ def parse_args(argv=None):
         parser.error("distil and teacher_text keep a teacher per draw: give them a few with --draws, not --resample")
     args.draws = args.fit_steps if args.resample else args.draws
     return args, overrides
+
+
+def oldest_positions(text, user: int, budget: int) -> np.ndarray:
+    """Positions of ``user``'s oldest items in ``text`` that hold at least ``budget`` tokens (all of them where
+    fewer): with :func:`matched_contexts`, whose newest ``budget`` tokens of these are the oldest history."""
+    lengths = text.piece_lengths[text.user_pieces[user]]
+    return np.arange(min(len(lengths), int(np.searchsorted(np.cumsum(lengths), budget)) + 1))
 
 
 def teacher_contexts(trainer, targets, context_tokens: int) -> list[list[int]]:
@@ -297,7 +308,9 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
             modes.update({"encoder": (held, encoded), "encoder_other": (held, encoded[rotate]),
                           "encoder_mean": (held, encoded.mean(0, keepdim=True).expand_as(encoded))})
         for budget in args.context_tokens:
-            own_context, other_context = matched_contexts(trainer.text, batch, batch[rotate.numpy()], remaining, budget)
+            positions = remaining if args.context_from == "newest" else \
+                {u: oldest_positions(trainer.text, u, budget) for u in batch}
+            own_context, other_context = matched_contexts(trainer.text, batch, batch[rotate.numpy()], positions, budget)
             context_length.setdefault(budget, []).extend(len(c) for c in own_context)
             for mode, contexts in (("own", own_context), ("other", other_context)):
                 name = f"context{budget}_{mode}"
@@ -386,7 +399,8 @@ def render(data: dict) -> str:
                + (f", on the frozen LLM's predictions ({teacher}; cross-entropy " if distilled else " (NLL ")
                + f"per pass {', '.join(f'{v:.4f}' for v in data['encoder_nll'])}); {data['users']} other users scored "
                f"with `A z` from their remaining items.") if data.get("encoder_passes") else ""
-    context = (" With the shared token in place, the probed users' held-out text also read after the newest N tokens of "
+    context = (f" With the shared token in place, the probed users' held-out text also read after the "
+               f"{data.get('context_from', 'newest')} N tokens of "
                "their own remaining training text, or as many of another user's (N = "
                + ", ".join(f"{n}: {data['context_tokens_mean'][str(n)]:.0f} tokens on average" for n in data["context_tokens"])
                + ").") if data.get("context_tokens") else ""
@@ -465,7 +479,7 @@ def main(argv=None) -> int:
            if {"distil", "teacher_text"} & {args.fit_objective, args.encoder_objective, args.shift_objective,
                                             *args.also_fit} else {}),
         "encoder_learning_rate": args.encoder_learning_rate, "encoder_nll": encoder_nll,
-        "context_tokens": args.context_tokens, "context_tokens_mean": {str(n): v for n, v in context_length.items()},
+        "context_tokens": args.context_tokens, "context_from": args.context_from, "context_tokens_mean": {str(n): v for n, v in context_length.items()},
         "holdout_tokens": args.holdout_tokens,
         "held_out_tokens_mean": float(np.mean([len(t) for t in run.held_out_targets(users).texts])),
         "modes": modes, "differences": differences,
@@ -480,7 +494,8 @@ def main(argv=None) -> int:
             + ("_encoder" if args.encoder_passes else "")
             + ("_distil" if args.encoder_passes and args.encoder_objective == "distil" else "")
             + ("_shiftdistil" if args.shift_objective == "distil" else "")
-            + ("_context" if args.context_tokens else ""))
+            + ("_context" if args.context_tokens else "")
+            + ("_oldest" if args.context_tokens and args.context_from == "oldest" else ""))
     publish_benchmark(args, name, data, render(data))
     return 0
 

@@ -283,7 +283,16 @@ def test_token_probe_reads_each_users_history_in_context_beside_the_shared_token
             assert low <= data["differences"][key]["mean"] <= high
     report = (folder / "token_probe_context.md").read_text()
     assert "own history in context (N=32)" in report and "the user's part alone" in report
-    for bad in ("--context_tokens=0", "--context_tokens=a,8"):
+    # the oldest end of each history instead: the same shift and held-out text, other contexts
+    argv = [a for a in argv if not a.startswith("--results")] + [f"--results={tmp_path / 'oldest'}"]
+    assert token_probe.main(argv + ["--context_from=oldest"]) == 0
+    oldest = json.loads(next((tmp_path / "oldest" / "toy").glob("*/token_probe_context_oldest.json")).read_text())
+    assert oldest["context_from"] == "oldest" and data["context_from"] == "newest"
+    assert oldest["modes"]["shared"] == data["modes"]["shared"]
+    assert oldest["modes"]["context8_own"] != data["modes"]["context8_own"]
+    assert oldest["context_tokens_mean"]["8"] <= 8
+    assert "read after the oldest N tokens" in next((tmp_path / "oldest" / "toy").glob("*/*.md")).read_text()
+    for bad in ("--context_tokens=0", "--context_tokens=a,8", "--context_from=random"):
         with pytest.raises(SystemExit):
             token_probe.parse_args(["--dataset=toy", bad])
 
