@@ -46,15 +46,15 @@ of everything). Then:
    (``context<N>_own``) and after as many of another user's (``context<N>_other``, the batch rotated by one), ``L``
    the smaller of ``N`` and what each one has (``benchmarks/in_context.py``'s conditions, with the trained shift in
    place; with ``--context_from=oldest``, their oldest N tokens instead, and another user's oldest: the user's
-   history away from the held-out items' time). ``context<N>_own`` minus ``shared`` is what the user's whole recent history, read verbatim, adds to the
-   mean token: the same question as the goal's own minus mean, asked of the history itself.
+   history away from the held-out items' time). ``context<N>_own`` minus ``shared`` is what the user's whole recent
+   history, read verbatim, adds to the mean token: the same question as the goal's own minus mean, asked of the history itself.
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
 per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled|_draws<K>][_<objective>][_vs_<objective>...]
-[_encoder[_distil]][_shiftdistil][_context[_oldest]][_<variant>].{json,md}``. The JSON also keeps each probed user's score in
-every mode (``per_user``, in the order of its ``users``, the trainer's user indices), so that two runs over the same
-users (the same dataset, split, ``--probe_seed`` and ``--users``) can be compared user by user.
+[_encoder[_distil]][_shiftdistil][_context[_oldest]][_<variant>].{json,md}``. The JSON also keeps each probed
+user's score in every mode (``per_user``, in the order of its ``users``, the trainer's user indices), so that two
+runs over the same users (the same dataset, split, ``--probe_seed`` and ``--users``) can be compared user by user.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def parse_args(argv=None):
 
 def oldest_positions(text, user: int, budget: int) -> np.ndarray:
     """Positions of ``user``'s oldest items in ``text`` that hold at least ``budget`` tokens (all of them where
-    fewer): with :func:`matched_contexts`, whose newest ``budget`` tokens of these are the oldest history."""
+    fewer). :func:`matched_contexts` reads the last ``budget`` tokens of these: the oldest end of the history."""
     lengths = text.piece_lengths[text.user_pieces[user]]
     return np.arange(min(len(lengths), int(np.searchsorted(np.cumsum(lengths), budget)) + 1))
 
@@ -479,7 +479,8 @@ def main(argv=None) -> int:
            if {"distil", "teacher_text"} & {args.fit_objective, args.encoder_objective, args.shift_objective,
                                             *args.also_fit} else {}),
         "encoder_learning_rate": args.encoder_learning_rate, "encoder_nll": encoder_nll,
-        "context_tokens": args.context_tokens, "context_from": args.context_from, "context_tokens_mean": {str(n): v for n, v in context_length.items()},
+        "context_tokens": args.context_tokens, "context_from": args.context_from,
+        "context_tokens_mean": {str(n): v for n, v in context_length.items()},
         "holdout_tokens": args.holdout_tokens,
         "held_out_tokens_mean": float(np.mean([len(t) for t in run.held_out_targets(users).texts])),
         "modes": modes, "differences": differences,
