@@ -68,8 +68,8 @@ def render(data: dict) -> str:
         for name, d in data[key]["differences"].items():
             lines.append(f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.4f} | [{d['ci'][0]:+.4f}, "
                          f"{d['ci'][1]:+.4f}] | {100 * d['share_below_zero']:.0f}% |")
-    lines += ["", goal_verdict(data["own_minus_mean"], own_minus_other=data["plain"]["differences"].get("own_minus_other_user")),
-              "",
+    own_minus_other = data["plain"]["differences"].get("own_minus_other_user")
+    lines += ["", goal_verdict(data["own_minus_mean"], own_minus_other=own_minus_other), "",
               f"Inference on the remaining history took {data['inference_seconds']:.0f} s; the encoder's line search "
               f"chose steps {[r.get('line_search', {}).get('step') for r in data['inference_history'][1:]]} (relative to "
               f"the mean token-embedding norm).", "", "## Run", "", settings_table(data["record"])]

@@ -390,15 +390,17 @@ def render(data: dict) -> str:
               ) if data["fit_steps"] else ""
     teacher = (f"distillation; the teacher reads the user's newest {data.get('distil_context_tokens')} tokens of their "
                f"other remaining items before the text")
-    shift_losses = ", ".join(f"{v:.4f}" for v in data["shift_nll"])
-    shift_loss = (f", on the frozen LLM's predictions ({teacher}; cross-entropy per pass {shift_losses})"
-                  if data.get("shift_objective") == "distil" else f" (NLL per pass {shift_losses})")
-    distilled = data.get("encoder_objective") == "distil"
+    def trained_on(objective: str, losses: list[float]) -> str:
+        """What a stage (the shift, the encoder) trained on and its loss per pass, for the report."""
+        per_pass = ", ".join(f"{v:.4f}" for v in losses)
+        return (f", on the frozen LLM's predictions ({teacher}; cross-entropy per pass {per_pass})"
+                if objective == "distil" else f" (NLL per pass {per_pass})")
+
     encoder = (f" Then the linear encoder trained by Adam at every batch (step {data['encoder_learning_rate']:g}) for "
                f"{data['encoder_passes']} passes over the same {data['shift_users']} users, the shift beside it"
-               + (f", on the frozen LLM's predictions ({teacher}; cross-entropy " if distilled else " (NLL ")
-               + f"per pass {', '.join(f'{v:.4f}' for v in data['encoder_nll'])}); {data['users']} other users scored "
-               f"with `A z` from their remaining items.") if data.get("encoder_passes") else ""
+               + trained_on(data.get("encoder_objective"), data["encoder_nll"])
+               + f"; {data['users']} other users scored with `A z` from their remaining items."
+               ) if data.get("encoder_passes") else ""
     context = (f" With the shared token in place, the probed users' held-out text also read after the "
                f"{data.get('context_from', 'newest')} N tokens of "
                "their own remaining training text, or as many of another user's (N = "
@@ -407,7 +409,8 @@ def render(data: dict) -> str:
     lines = [f"# What one soft token per profile carries ({data['record']['dataset']})", "",
              f"Produced by `python benchmarks/token_probe.py {' '.join(data['record']['command'][1:])}`. Settings "
              f"`{settings_fingerprint(settings)}`. The shared shift trained alone for "
-             f"{data['shift_passes']} passes over {data['shift_users']} users{shift_loss}.{encoder}{fitted}{context} "
+             f"{data['shift_passes']} passes over {data['shift_users']} users"
+             f"{trained_on(data.get('shift_objective'), data['shift_nll'])}.{encoder}{fitted}{context} "
              f"The probed users are scored on "
              f"their newest training items within {data['holdout_tokens']} tokens ({data['held_out_tokens_mean']:.1f} "
              f"on average), which nothing was fitted on. "
