@@ -1,7 +1,8 @@
 """The in-context ceiling: how much does a user's own history, read as plain text, help the frozen LLM predict that
 user's held-out behaviour, against another user's history of the same length?
 
-    python benchmarks/in_context.py --dataset=ml-100k [--users=300] [--context_tokens=64,128,256,512] [--key=value ...]
+    python benchmarks/in_context.py --dataset=ml-100k [--users=300] [--context_tokens=64,128,256,512]
+        [--context_from=newest,oldest] [--key=value ...]
 
 The held-out items are the generalisation benchmark's (``held_out_positions``: each user's newest training items
 within ``--holdout_tokens``). For each context budget N the frozen LLM reads ``[BOS] <behaviour prefix> <context>
@@ -11,12 +12,17 @@ within ``--holdout_tokens``). For each context budget N the frozen LLM reads ``[
 * ``other``: the same budget L of another user's remaining items (a fixed random permutation of the users);
 * ``none``: no context at all (the prefix, then the held-out items).
 
+``--context_from=oldest`` reads the oldest N tokens of both remaining histories instead (the user's history furthest
+in time from the held-out items, and another user's oldest); ``--context_from=newest,oldest`` reads both ends in one
+run, the same users and held-out text, and compares them user by user: how much of the ``own - other`` gap from the
+newest end is left from the oldest. Every user's score per condition is kept in the JSON (``per_user``).
+
 A profile squeezes a user into one soft token per profile; what the same LLM gains from the user's whole recent
 history, read in context, bounds what such a profile can carry on this text. Reported per N: nats per token (every
 held-out token, and the rating tokens alone where the text marks them), means with 95% intervals across users, and
 the paired ``own - other`` difference. No training, forward passes only.
 
-Writes ``results/<dataset>/<settings fingerprint>/in_context.{json,md}``.
+Writes ``results/<dataset>/<settings fingerprint>/in_context[_oldest | _newest_oldest][_<variant>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ import numpy as np
 import torch
 
 from recbole_uip.benchmarking import (
-    benchmark_parser, configure, held_out_positions, interval_summary, matched_contexts, parse_known_with_overrides,
-    publish_benchmark, run_record, settings_table,
+    CONTEXT_ENDS, benchmark_parser, configure, context_positions, held_out_positions, interval_summary,
+    matched_contexts, parse_known_with_overrides, publish_benchmark, run_record, settings_table,
 )
 
 CONDITIONS = ("own", "other", "none")
@@ -40,11 +46,22 @@ def parse_args(argv=None):
     parser.add_argument("--holdout_tokens", type=int, default=64, help="held-out text per user, in tokens")
     parser.add_argument("--context_tokens", default="64,128,256,512", help="context budgets N, in tokens")
     parser.add_argument("--users", type=int, default=300, help="users scored (the first N with held-out items; 0: all)")
+    parser.add_argument("--context_from", default="newest",
+                        help="which end of each remaining history the context is read from: newest, oldest, or "
+                             "newest,oldest (both, compared user by user; default newest)")
     parser.add_argument("--batch_size", type=int, default=8)
     args, overrides = parse_known_with_overrides(parser, argv)
-    args.context_tokens = [int(n) for n in args.context_tokens.split(",") if n.strip()]
+    try:
+        args.context_tokens = [int(n) for n in args.context_tokens.split(",") if n.strip()]
+    except ValueError:
+        parser.error(f"--context_tokens must be comma-separated integers, got {args.context_tokens!r}")
     if not args.context_tokens or min(args.context_tokens) < 1 or args.holdout_tokens < 1 or args.users < 0:
         parser.error("--context_tokens, --holdout_tokens must be positive and --users >= 0")
+    args.context_from = [e.strip() for e in args.context_from.split(",") if e.strip()]
+    if not args.context_from or len(set(args.context_from)) < len(args.context_from) \
+            or not set(args.context_from) <= set(CONTEXT_ENDS):
+        parser.error(f"--context_from must name one or both of {', '.join(CONTEXT_ENDS)}, e.g. newest,oldest")
+    args.context_from = [e for e in CONTEXT_ENDS if e in args.context_from]      # newest first
     return args, overrides
 
 
@@ -90,28 +107,76 @@ def summarise(values: dict[str, np.ndarray]) -> dict:
     return {**means, **differences}
 
 
+def compare_ends(newest: tuple[np.ndarray, np.ndarray], oldest: tuple[np.ndarray, np.ndarray]) -> dict:
+    """The two ends of the history compared user by user at one budget: ``own``, ``other`` and the gap ``own -
+    other``, each newest minus oldest. ``newest``, ``oldest``: the ``(own, other)`` scores, ``(U, 2)`` each
+    (:func:`score`'s columns). Returns ``{"plain": ..., "rating": ...}``, each the paired differences of
+    :func:`~recbole_uip.benchmarking.interval_summary` (``rating`` only where there are rating tokens)."""
+    out = {}
+    for column, key in ((0, "plain"), (1, "rating")):
+        own_n, other_n, own_o, other_o = newest[0][:, column], newest[1][:, column], oldest[0][:, column], oldest[1][:, column]
+        if not np.isfinite(own_n).any():
+            continue
+        values = {"own_newest": own_n, "own_oldest": own_o, "other_newest": other_n, "other_oldest": other_o,
+                  "gap_newest": own_n - other_n, "gap_oldest": own_o - other_o}
+        _, out[key] = interval_summary(values, (("own_newest", "own_oldest"), ("other_newest", "other_oldest"),
+                                                ("gap_newest", "gap_oldest")))
+    return out
+
+
+def _interval(d: dict) -> str:
+    return f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
+
+
 def render(data: dict) -> str:
+    ends = data.get("context_from", ["newest"])
+    described = " or ".join(ends)
     lines = [f"# The in-context ceiling on {data['record']['dataset']}: a user's own history as text, against another "
              f"user's", "",
              f"{data['users_evaluated']} users; each user's newest training items within {data['holdout_tokens']} tokens "
              f"({data['held_out_tokens_mean']:.1f} on average) are scored by the frozen LLM after `[BOS] <behaviour "
-             f"prefix> <context>`, the context being the user's own newest remaining items, the same number of tokens "
-             f"of another user's, or nothing. Nats per token, mean over users with its 95% interval.", ""]
+             f"prefix> <context>`, the context being the {described} N tokens of the user's own remaining items, the "
+             f"same number of tokens of another user's (from the same end), or nothing. Nats per token, mean over "
+             f"users with its 95% interval.", ""]
+    end_column = ends != ["newest"]
     for key, label in (("plain", "every held-out token"), ("rating", "the rating tokens alone")):
         if not data["budgets"] or key not in data["budgets"][0]:
             continue
         lines += [f"## {label.capitalize()}", "",
-                  "| context budget N | mean context tokens | own | another user's | none | own - other (95% interval) "
-                  "| users below 0 |", "|---|---|---|---|---|---|---|"]
+                  "| context budget N |" + (" history end |" if end_column else "") + " mean context tokens | own | "
+                  "another user's | none | own - other (95% interval) | users below 0 |",
+                  "|---|---|---|---|---|---|---|" + ("---|" if end_column else "")]
         for b in data["budgets"]:
             s = b[key]
             d = s["own_minus_other"]
-            lines.append(f"| {b['budget']} | {b['context_tokens_mean']:.0f} | {s['own']['mean']:.4f} | "
-                         f"{s['other']['mean']:.4f} | {s['none']['mean']:.4f} | {d['mean']:+.4f} "
-                         f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] | {d['share_below_zero']:.0%} |")
+            lines.append(f"| {b['budget']} |" + (f" {b.get('context_from', 'newest')} |" if end_column else "") +
+                         f" {b['context_tokens_mean']:.0f} | {s['own']['mean']:.4f} | "
+                         f"{s['other']['mean']:.4f} | {s['none']['mean']:.4f} | {_interval(d)} | "
+                         f"{d['share_below_zero']:.0%} |")
+        lines.append("")
+    if data.get("ends"):
+        lines += ["## The newest end against the oldest, user by user", "",
+                  "Each user's score with the newest N tokens in context minus their score with the oldest N (negative: "
+                  "the newest end predicts the held-out items better), for their own history and for another user's, "
+                  "and the gap own - other from the newest end minus the same gap from the oldest: the part of the "
+                  "newest end's gap that the oldest end does not have. Means over users with 95% intervals.", "",
+                  "| tokens | context budget N | own: newest - oldest | another user's: newest - oldest | "
+                  "(own - other) newest - (own - other) oldest |", "|---|---|---|---|---|"]
+        for key, label in (("plain", "every held-out token"), ("rating", "the rating tokens")):
+            for e in data["ends"]:
+                if key in e:
+                    d = e[key]
+                    lines.append(f"| {label} | {e['budget']} | {_interval(d['own_newest_minus_own_oldest'])} | "
+                                 f"{_interval(d['other_newest_minus_other_oldest'])} | "
+                                 f"{_interval(d['gap_newest_minus_gap_oldest'])} |")
         lines.append("")
     lines += ["## Run", "", settings_table(data["record"])]
     return "\n".join(lines)
+
+
+def _listed(values: np.ndarray) -> list:
+    """A per-user score column as JSON: floats, ``None`` where a user has no value."""
+    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 def main(argv=None) -> int:
@@ -141,21 +206,37 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     data = {"holdout_tokens": args.holdout_tokens, "users_evaluated": int(len(users)),
-            "held_out_tokens_mean": float(np.mean([len(t) for t, _ in targets])), "budgets": []}
+            "held_out_tokens_mean": float(np.mean([len(t) for t, _ in targets])), "context_from": args.context_from,
+            "budgets": []}
     none = score(llm, [(head, t, f) for t, f in targets], args.batch_size)
+    per_user = {"users": users.tolist(), "none": _listed(none[:, 0]), "rating_none": _listed(none[:, 1])}
+    scores = {}                                                          # (end, budget) -> (own, other), (U, 2) each
     for budget in args.context_tokens:
-        own_ctx, other_ctx = matched_contexts(text, users, other, rest, budget)
-        own = score(llm, [(head + c, t, f) for c, (t, f) in zip(own_ctx, targets)], args.batch_size)
-        theirs = score(llm, [(head + c, t, f) for c, (t, f) in zip(other_ctx, targets)], args.batch_size)
-        entry = {"budget": budget, "context_tokens_mean": float(np.mean([len(c) for c in own_ctx])),
-                 "plain": summarise({"own": own[:, 0], "other": theirs[:, 0], "none": none[:, 0]})}
-        if np.isfinite(own[:, 1]).any():
-            entry["rating"] = summarise({"own": own[:, 1], "other": theirs[:, 1], "none": none[:, 1]})
-        data["budgets"].append(entry)
-        logger.info(f"in context: N={budget}: own - other {entry['plain']['own_minus_other']['mean']:+.4f} nats/token")
+        for end in args.context_from:
+            positions = context_positions(text, np.union1d(users, other), rest, budget, end)
+            own_ctx, other_ctx = matched_contexts(text, users, other, positions, budget)
+            own = score(llm, [(head + c, t, f) for c, (t, f) in zip(own_ctx, targets)], args.batch_size)
+            theirs = score(llm, [(head + c, t, f) for c, (t, f) in zip(other_ctx, targets)], args.batch_size)
+            scores[end, budget] = (own, theirs)
+            entry = {"budget": budget, "context_from": end,
+                     "context_tokens_mean": float(np.mean([len(c) for c in own_ctx])),
+                     "plain": summarise({"own": own[:, 0], "other": theirs[:, 0], "none": none[:, 0]})}
+            if np.isfinite(own[:, 1]).any():
+                entry["rating"] = summarise({"own": own[:, 1], "other": theirs[:, 1], "none": none[:, 1]})
+            data["budgets"].append(entry)
+            for mode, values in (("own", own), ("other", theirs)):
+                per_user[f"{end}{budget}_{mode}"] = _listed(values[:, 0])
+                per_user[f"rating_{end}{budget}_{mode}"] = _listed(values[:, 1])
+            logger.info(f"in context: N={budget}, {end} end: own - other "
+                        f"{entry['plain']['own_minus_other']['mean']:+.4f} nats/token")
+    if len(args.context_from) == 2:
+        data["ends"] = [{"budget": budget, **compare_ends(scores["newest", budget], scores["oldest", budget])}
+                        for budget in args.context_tokens]
+    data["per_user"] = per_user
     data["seconds"] = round(time.perf_counter() - start, 1)
     data["record"] = run_record(config, settings, ["benchmarks/in_context.py", *args.argv])
-    publish_benchmark(args, "in_context", data, render(data))
+    name = "in_context" + "".join(f"_{end}" for end in args.context_from if args.context_from != ["newest"])
+    publish_benchmark(args, name, data, render(data))
     return 0
 
 

@@ -67,8 +67,9 @@ import torch
 from tqdm import tqdm
 
 from recbole_uip.benchmarking import (
-    HeldOutInference, benchmark_parser, configure, goal_verdict, interval_summary, matched_contexts, newest_tokens,
-    parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
+    CONTEXT_ENDS, HeldOutInference, benchmark_parser, configure, context_positions, goal_verdict, interval_summary,
+    matched_contexts, newest_tokens, parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint,
+    settings_table,
 )
 from recbole_uip.inference.trainer import after_contexts
 
@@ -162,7 +163,7 @@ def parse_args(argv=None):
     parser.add_argument("--context_tokens", default="",
                         help="context budgets N, comma-separated: also score the held-out text with the shared token "
                              "after N tokens of the user's own recent history and of another user's (default: none)")
-    parser.add_argument("--context_from", choices=("newest", "oldest"), default="newest",
+    parser.add_argument("--context_from", choices=CONTEXT_ENDS, default="newest",
                         help="which end of each history --context_tokens reads: the newest tokens (default), next to "
                              "the held-out items in time, or the oldest")
     args, overrides = parse_known_with_overrides(parser, argv)
@@ -187,13 +188,6 @@ def parse_args(argv=None):
         parser.error("distil and teacher_text keep a teacher per draw: give them a few with --draws, not --resample")
     args.draws = args.fit_steps if args.resample else args.draws
     return args, overrides
-
-
-def oldest_positions(text, user: int, budget: int) -> np.ndarray:
-    """Positions of ``user``'s oldest items in ``text`` that hold at least ``budget`` tokens (all of them where
-    fewer). :func:`matched_contexts` reads the last ``budget`` tokens of these: the oldest end of the history."""
-    lengths = text.piece_lengths[text.user_pieces[user]]
-    return np.arange(min(len(lengths), int(np.searchsorted(np.cumsum(lengths), budget)) + 1))
 
 
 def teacher_contexts(trainer, targets, context_tokens: int) -> list[list[int]]:
@@ -308,8 +302,7 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
             modes.update({"encoder": (held, encoded), "encoder_other": (held, encoded[rotate]),
                           "encoder_mean": (held, encoded.mean(0, keepdim=True).expand_as(encoded))})
         for budget in args.context_tokens:
-            positions = remaining if args.context_from == "newest" else \
-                {u: oldest_positions(trainer.text, u, budget) for u in batch}
+            positions = context_positions(trainer.text, batch, remaining, budget, args.context_from)
             own_context, other_context = matched_contexts(trainer.text, batch, batch[rotate.numpy()], positions, budget)
             context_length.setdefault(budget, []).extend(len(c) for c in own_context)
             for mode, contexts in (("own", own_context), ("other", other_context)):

@@ -15,7 +15,8 @@
   restart skips what is done).
 * :func:`fmt_p`: a p-value as the reports print it; :func:`progress_logging`: RecBole's logger, quiet on stdout.
 * :func:`held_out_positions`: the held-out protocol of the generalisation and in-context benchmarks;
-  :func:`matched_contexts`: a user's and another user's newest history of the same length, read in context;
+  :func:`matched_contexts`: a user's and another user's newest history of the same length, read in context
+  (:func:`context_positions`: or their oldest);
   :class:`HeldOutInference`: that protocol set up for inference (the generalisation and token-probe benchmarks);
   :func:`goal_verdict`: their sentence on the generalisation goal.
 * :func:`benchmark_parser`: the flags every benchmark has; :func:`configure`: a benchmark's RecBole config (profiles on), RecBole's logger and the resolved settings.
@@ -352,6 +353,28 @@ def newest_tokens(text, user: int, positions: np.ndarray, budget: int) -> list[i
         return []
     ids, _ = text.tokens(user, positions)
     return ids[-budget:]
+
+
+def oldest_positions(text, user: int, positions: np.ndarray, budget: int) -> np.ndarray:
+    """The oldest of ``positions`` (``user``'s item positions in ``text``, ascending) that hold at least ``budget``
+    tokens (all of them where they hold fewer): :func:`newest_tokens` of these reads the oldest end of the history,
+    ``budget`` tokens ending inside or at the end of the item that crosses the budget."""
+    positions = np.asarray(positions)
+    lengths = text.piece_lengths[np.asarray(text.user_pieces[user])[positions]] if len(positions) else []
+    return positions[:min(len(positions), int(np.searchsorted(np.cumsum(lengths), budget)) + 1)]
+
+
+CONTEXT_ENDS = ("newest", "oldest")
+
+
+def context_positions(text, users, positions: dict, budget: int, end: str) -> dict:
+    """``positions`` (user -> item positions) as they are (``end="newest"``: :func:`matched_contexts` reads their
+    newest ``budget`` tokens), or cut to their :func:`oldest_positions` (``"oldest"``: it reads the oldest end)."""
+    if end not in CONTEXT_ENDS:
+        raise ValueError(f"context end must be one of {CONTEXT_ENDS}, got {end!r}")
+    if end == "newest":
+        return positions
+    return {u: oldest_positions(text, u, positions[u], budget) for u in users}
 
 
 def matched_contexts(text, users, others, positions, budget: int) -> tuple[list[list[int]], list[list[int]]]:

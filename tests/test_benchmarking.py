@@ -315,6 +315,31 @@ def test_matched_contexts_are_each_users_newest_tokens_cut_to_the_same_length(tm
     assert matched_contexts(text, [0], [1], {0: np.arange(0), 1: positions[1]}, budget=40) == ([[]], [[]])
 
 
+def test_context_positions_read_the_oldest_items_that_hold_the_budget(tmp_path, tiny_llm_dir):
+    """``oldest_positions``: the oldest of the given positions whose text reaches the budget (the item that crosses
+    it included), all of them when they hold fewer; only the given positions (never a held-out item);
+    ``context_positions`` leaves the newest end's positions as they are and refuses an unknown end."""
+    from recbole_uip.benchmarking import context_positions, matched_contexts, oldest_positions
+    from test_trainer import make_trainer
+
+    text = make_trainer(tmp_path, tiny_llm_dir).text
+    user = max(range(len(text.user_pieces)), key=lambda u: len(text.user_pieces[u]))
+    allowed = np.arange(1, len(text.user_pieces[user]) - 1)          # not the oldest item, not the newest
+    lengths = text.piece_lengths[np.asarray(text.user_pieces[user])[allowed]]
+    budget = int(lengths[:2].sum()) + 1                                # crosses into the third allowed item
+    oldest = oldest_positions(text, user, allowed, budget)
+    assert oldest.tolist() == allowed[:3].tolist()
+    assert oldest_positions(text, user, allowed, 10 ** 6).tolist() == allowed.tolist()
+    assert oldest_positions(text, user, allowed[:0], budget).tolist() == []
+    positions = {user: allowed}
+    assert context_positions(text, [user], positions, budget, "newest") is positions
+    cut = context_positions(text, [user], positions, budget, "oldest")
+    (own,), _ = matched_contexts(text, [user], [user], cut, budget)
+    assert own == text.tokens(user, allowed[:3])[0][-budget:]
+    with pytest.raises(ValueError, match="context end"):
+        context_positions(text, [user], positions, budget, "middle")
+
+
 def test_the_probes_encoder_training_moves_the_encoder_and_the_shift(tmp_path, tiny_llm_dir):
     """``train_encoder``: ``A`` and the shift both move, each pass's NLL is reported, and no gradient is left
     behind in ``A``."""
@@ -497,6 +522,30 @@ def test_in_context_scoring_matches_one_unpadded_sequence_at_a_time(tmp_path, ti
     assert 0 < short["context_tokens_mean"] <= 8 < long["context_tokens_mean"] <= 32
     assert short["plain"]["none"] == long["plain"]["none"]               # no context: the same scores
     assert "own - other" in (folder / "in_context.md").read_text()
+    assert data["per_user"]["newest8_own"] and "oldest8_own" not in data["per_user"]
+    # both ends of the history in one run: the newest end's scores are the run's above, user by user
+    argv = [a for a in argv if not a.startswith("--results")] + [f"--results={tmp_path / 'ends'}"]
+    assert in_context.main(argv + ["--context_from=oldest,newest"]) == 0
+    ends = json.loads(next((tmp_path / "ends" / "toy").glob("*/in_context_newest_oldest.json")).read_text())
+    assert ends["context_from"] == ["newest", "oldest"]
+    assert [(b["budget"], b["context_from"]) for b in ends["budgets"]] == [(8, "newest"), (8, "oldest"),
+                                                                          (32, "newest"), (32, "oldest")]
+    per_user = ends["per_user"]
+    assert per_user["users"] == data["per_user"]["users"] and len(per_user["users"]) == 24
+    for n in (8, 32):
+        assert per_user[f"newest{n}_own"] == data["per_user"][f"newest{n}_own"]
+        assert per_user[f"oldest{n}_own"] != per_user[f"newest{n}_own"]            # another context is read
+    own_n, own_o = np.array(per_user["newest32_own"]), np.array(per_user["oldest32_own"])
+    other_n, other_o = np.array(per_user["newest32_other"]), np.array(per_user["oldest32_other"])
+    (compared,) = [e for e in ends["ends"] if e["budget"] == 32]
+    assert compared["plain"]["own_newest_minus_own_oldest"]["mean"] == pytest.approx((own_n - own_o).mean())
+    assert compared["plain"]["gap_newest_minus_gap_oldest"]["mean"] == pytest.approx(
+        ((own_n - other_n) - (own_o - other_o)).mean())
+    report = next((tmp_path / "ends" / "toy").glob("*/in_context_newest_oldest.md")).read_text()
+    assert "| oldest |" in report and "The newest end against the oldest, user by user" in report
+    for bad in ("--context_from=random", "--context_from=newest,newest", "--context_from=", "--context_tokens=a"):
+        with pytest.raises(SystemExit):
+            in_context.parse_args(["--dataset=toy", bad])
 
 
 def test_held_out_items_never_reach_inference(tmp_path, tiny_llm_dir):
