@@ -330,12 +330,16 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
 
 
 def describe_objective(objective: str, data: dict) -> str:
-    """What tokens fitted on ``objective`` were fitted to, for the report: "plain NLL of a random 64 tokens of ..."."""
+    """What tokens fitted on ``objective`` were fitted to, for the report: "plain NLL of a random 64 tokens of ..."
+    (of the newest 64 tokens where the settings say ``uip_target: newest``)."""
     settings = data["record"]["settings"]
     draws = data.get("draws", 1)
-    draw = (("a new random draw at every step of " if data.get("resample") else
-             f"{draws} random draws, one per step in turn, each of " if draws > 1 else "a random ")
-            + f"{settings['max_behaviour_tokens']} tokens of their remaining training text")
+    if settings.get("target") == "newest":                  # uip_target: newest draws the same text every time
+        draw = f"the newest {settings['max_behaviour_tokens']} tokens of their remaining training text (`uip_target: newest`)"
+    else:
+        draw = (("a new random draw at every step of " if data.get("resample") else
+                 f"{draws} random draws, one per step in turn, each of " if draws > 1 else "a random ")
+                + f"{settings['max_behaviour_tokens']} tokens of their remaining training text")
     context = (f"the user's newest {data.get('distil_context_tokens')} tokens of their other remaining items")
     return {"weighted": f"M-step's objective (rating tokens weigh {settings['rating_weight']:g}) of {draw}",
             "distil": f"frozen LLM's predictions (distillation; the teacher reads {context} before the text) for {draw}",

@@ -175,6 +175,19 @@ def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_pat
     assert str(tmp_path) not in json.dumps(data["record"])
 
 
+def test_token_probe_report_names_the_text_the_tokens_were_fitted_to():
+    """``describe_objective``: a random draw under ``uip_target: random``, the newest tokens under ``newest`` (every
+    draw the same text), whatever the number of draws."""
+    token_probe = import_benchmark("token_probe")
+    record = {"settings": {"max_behaviour_tokens": 64, "rating_weight": 10.0, "target": "random"}}
+    data = {"record": record, "draws": 4, "distil_context_tokens": 128}
+    assert "4 random draws, one per step in turn, each of 64 tokens" in token_probe.describe_objective("distil", data)
+    record["settings"]["target"] = "newest"
+    described = token_probe.describe_objective("distil", data)
+    assert "the newest 64 tokens of their remaining training text" in described and "random" not in described
+    assert "newest 128 tokens of their other remaining items" in described
+
+
 def test_token_probe_compares_fit_objectives_user_by_user_from_the_same_draws(tmp_path, tiny_llm_dir):
     token_probe = import_benchmark("token_probe")
     write_dataset(tmp_path / "data")
