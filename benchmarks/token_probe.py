@@ -335,7 +335,8 @@ def describe_objective(objective: str, data: dict) -> str:
     settings = data["record"]["settings"]
     draws = data.get("draws", 1)
     if settings.get("target") == "newest":                  # uip_target: newest draws the same text every time
-        draw = f"the newest {settings['max_behaviour_tokens']} tokens of their remaining training text (`uip_target: newest`)"
+        draw = (f"the newest {settings['max_behaviour_tokens']} tokens of their remaining training text "
+                "(`uip_target: newest`)")
     else:
         draw = (("a new random draw at every step of " if data.get("resample") else
                  f"{draws} random draws, one per step in turn, each of " if draws > 1 else "a random ")
