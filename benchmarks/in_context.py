@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from recbole_uip.benchmarking import (
-    CONTEXT_ENDS, benchmark_parser, configure, context_positions, held_out_positions, interval_summary,
-    matched_contexts, parse_known_with_overrides, publish_benchmark, run_record, settings_table,
+    CONTEXT_ENDS, benchmark_parser, configure, context_positions, finite_or_none, held_out_positions,
+    interval_summary, matched_contexts, parse_known_with_overrides, publish_benchmark, run_record, settings_table,
 )
 
 CONDITIONS = ("own", "other", "none")
@@ -174,11 +174,6 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
-def _listed(values: np.ndarray) -> list:
-    """A per-user score column as JSON: floats, ``None`` where a user has no value."""
-    return [float(v) if np.isfinite(v) else None for v in values]
-
-
 def main(argv=None) -> int:
     from recbole_uip.data.behaviour import check_text_values, collect_training_histories, resolve_text_fields
     from recbole_uip.data.behaviour_text import BehaviourText
@@ -209,7 +204,8 @@ def main(argv=None) -> int:
             "held_out_tokens_mean": float(np.mean([len(t) for t, _ in targets])), "context_from": args.context_from,
             "budgets": []}
     none = score(llm, [(head, t, f) for t, f in targets], args.batch_size)
-    per_user = {"users": users.tolist(), "none": _listed(none[:, 0]), "rating_none": _listed(none[:, 1])}
+    per_user = {"users": users.tolist(), "none": finite_or_none(none[:, 0]),
+                "rating_none": finite_or_none(none[:, 1])}
     scores = {}                                                          # (end, budget) -> (own, other), (U, 2) each
     for budget in args.context_tokens:
         for end in args.context_from:
@@ -225,8 +221,8 @@ def main(argv=None) -> int:
                 entry["rating"] = summarise({"own": own[:, 1], "other": theirs[:, 1], "none": none[:, 1]})
             data["budgets"].append(entry)
             for mode, values in (("own", own), ("other", theirs)):
-                per_user[f"{end}{budget}_{mode}"] = _listed(values[:, 0])
-                per_user[f"rating_{end}{budget}_{mode}"] = _listed(values[:, 1])
+                per_user[f"{end}{budget}_{mode}"] = finite_or_none(values[:, 0])
+                per_user[f"rating_{end}{budget}_{mode}"] = finite_or_none(values[:, 1])
             logger.info(f"in context: N={budget}, {end} end: own - other "
                         f"{entry['plain']['own_minus_other']['mean']:+.4f} nats/token")
     if len(args.context_from) == 2:

@@ -67,9 +67,9 @@ import torch
 from tqdm import tqdm
 
 from recbole_uip.benchmarking import (
-    CONTEXT_ENDS, HeldOutInference, benchmark_parser, configure, context_positions, goal_verdict, interval_summary,
-    matched_contexts, newest_tokens, parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint,
-    settings_table,
+    CONTEXT_ENDS, HeldOutInference, benchmark_parser, configure, context_positions, finite_or_none, goal_verdict,
+    interval_summary, matched_contexts, newest_tokens, parse_known_with_overrides, publish_benchmark, run_record,
+    settings_fingerprint, settings_table,
 )
 from recbole_uip.inference.trainer import after_contexts
 
@@ -486,7 +486,7 @@ def main(argv=None) -> int:
         "held_out_tokens_mean": float(np.mean([len(t) for t in run.held_out_targets(users).texts])),
         "modes": modes, "differences": differences,
         "per_user": {"users": [int(u) for u in users],          # each mode's scores in this order; null: no value
-                     **{mode: [float(v) if np.isfinite(v) else None for v in values] for mode, values in scores.items()}},
+                     **{mode: finite_or_none(values) for mode, values in scores.items()}},
         "seconds": round(time.perf_counter() - start, 1),
         "record": run_record(config, settings, ["benchmarks/token_probe.py", *args.argv]),
     }

@@ -2,7 +2,8 @@
 
 * :func:`parse_known_with_overrides`: a benchmark's own flags, and every other ``--key=value`` as a RecBole or
   ``uip_*`` override (values read as YAML, like ``run_recbole_uip.py``).
-* :func:`mean_ci`, :func:`paired_test`, :func:`interval_summary`: the statistics the reports quote.
+* :func:`mean_ci`, :func:`paired_test`, :func:`interval_summary`: the statistics the reports quote;
+  :func:`finite_or_none`: a per-user score column as the JSON keeps it.
 * :func:`run_record`: the facts every figure is recorded with (threads, CPU, model, dataset, resolved settings),
   with no machine paths.
 * :func:`settings_fingerprint`, :func:`results_dir`, :func:`write_result`, :func:`publish_result`,
@@ -123,6 +124,11 @@ def interval_summary(values: dict[str, np.ndarray], pairs) -> tuple[dict, dict]:
         mean, low, high = mean_ci(diff)
         differences[f"{a}_minus_{b}"] = {"mean": mean, "ci": [low, high], "share_below_zero": float((diff < 0).mean())}
     return means, differences
+
+
+def finite_or_none(values) -> list:
+    """A per-user score column ``(U,)`` as JSON keeps it: floats, ``None`` where a user has no value (nan)."""
+    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 def paired_test(a, b) -> tuple[float, float, float]:
