@@ -114,7 +114,8 @@ def compare_ends(newest: tuple[np.ndarray, np.ndarray], oldest: tuple[np.ndarray
     :func:`~recbole_uip.benchmarking.interval_summary` (``rating`` only where there are rating tokens)."""
     out = {}
     for column, key in ((0, "plain"), (1, "rating")):
-        (own_n, other_n), (own_o, other_o) = ((scores[:, column] for scores in pair) for pair in (newest, oldest))
+        own_n, other_n = (scores[:, column] for scores in newest)
+        own_o, other_o = (scores[:, column] for scores in oldest)
         if not np.isfinite(own_n).any():
             continue
         values = {"own_newest": own_n, "own_oldest": own_o, "other_newest": other_n, "other_oldest": other_o,
@@ -158,8 +159,9 @@ def render(data: dict) -> str:
         lines += ["## The newest end against the oldest, user by user", "",
                   "Each user's score with the newest N tokens in context minus their score with the oldest N "
                   "(negative: the newest end predicts the held-out items better), for their own history and for "
-                  "another user's, and the gap own - other from the newest end minus the same gap from the oldest: the part of the "
-                  "newest end's gap that the oldest end does not have. Means over users with 95% intervals.", "",
+                  "another user's, and the gap own - other from the newest end minus the same gap from the oldest: "
+                  "the part of the newest end's gap that the oldest end does not have. Means over users with 95% "
+                  "intervals.", "",
                   "| tokens | context budget N | own: newest - oldest | another user's: newest - oldest | "
                   "(own - other) newest - (own - other) oldest |", "|---|---|---|---|---|"]
         for key, label in (("plain", "every held-out token"), ("rating", "the rating tokens")):
