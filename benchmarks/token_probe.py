@@ -247,6 +247,19 @@ def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generat
     return means
 
 
+STILL_LEARNING = 0.01   # a last pass that lowers a stage's loss by more than this share of it: not converged
+
+
+def still_learning(losses: list[float], tolerance: float = STILL_LEARNING) -> float | None:
+    """The last pass's drop in loss, ``losses[-2] - losses[-1]``, where it exceeds ``tolerance`` times the last
+    loss (the stage stopped while still learning); None otherwise, or with fewer than two passes. ``losses``: the
+    mean loss of each pass (:func:`train_shift`, :func:`train_encoder`)."""
+    if len(losses) < 2:
+        return None
+    drop = losses[-2] - losses[-1]
+    return float(drop) if drop > tolerance * abs(losses[-1]) else None
+
+
 def train_shift(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger,
                 distil_context_tokens: int = 0) -> list[float]:
     """The shared shift alone, ``passes`` passes over ``users`` in M-step batches, on the M-step's objective or,
@@ -391,6 +404,11 @@ def render(data: dict) -> str:
     def trained_on(objective: str, losses: list[float]) -> str:
         """What a stage (the shift, the encoder) trained on and its loss per pass, for the report."""
         per_pass = ", ".join(f"{v:.4f}" for v in losses)
+        drop = still_learning(losses)
+        # A shift stopped while still learning leaves part of what every user's text needs to the per-user fits,
+        # each learning it alone in its few steps (seen with the genre-only text, results/ml-100k/5068856ecb02/).
+        per_pass += (f"; **still falling**: the last pass lowered it by {drop:.4f} ({drop / abs(losses[-1]):.1%}), "
+                     f"so more passes would give another start" if drop is not None else "")
         return (f", on the frozen LLM's predictions ({teacher}; cross-entropy per pass {per_pass})"
                 if objective == "distil" else f" (NLL per pass {per_pass})")
 
@@ -461,6 +479,9 @@ def main(argv=None) -> int:
         users = np.sort(order[len(shift_users):len(shift_users) + args.users])
         shift_nll = train_shift(trainer, shift_users, args.shift_passes, rng, logger,
                                 args.distil_context_tokens if args.shift_objective == "distil" else 0)
+        if still_learning(shift_nll) is not None:
+            logger.warning(f"token probe: the shared shift was still learning after {args.shift_passes} passes (NLL "
+                           f"{shift_nll[-2]:.4f} -> {shift_nll[-1]:.4f}); more --shift_passes would give another start")
         encoder_nll = train_encoder(
             trainer, shift_users, args.encoder_passes, args.encoder_learning_rate, rng, logger,
             args.distil_context_tokens if args.encoder_objective == "distil" else 0) if args.encoder_passes else []

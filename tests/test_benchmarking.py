@@ -16,7 +16,8 @@ import torch
 
 from conftest import write_dataset
 from recbole_uip.benchmarking import (
-    goal_verdict, held_out_positions, mean_ci, paired_test, parse_known_with_overrides, results_dir, write_result,
+    RESULTS, goal_verdict, held_out_positions, mean_ci, paired_test, parse_known_with_overrides, results_dir,
+    write_result,
 )
 from recbole_uip.utils import write_json_atomic
 
@@ -173,6 +174,22 @@ def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_pat
     with pytest.raises(SystemExit):                                  # distillation fits one draw to its teacher
         token_probe.parse_args(["--dataset=toy", "--fit_objective=distil", "--resample=true"])
     assert str(tmp_path) not in json.dumps(data["record"])
+
+
+def test_token_probe_says_when_a_stage_stopped_while_still_learning():
+    """``still_learning``: the last pass's drop where it exceeds 1% of the loss; the report flags such a shift."""
+    token_probe = import_benchmark("token_probe")
+    assert token_probe.still_learning([2.2707, 2.2080]) == pytest.approx(0.0627)
+    assert token_probe.still_learning([2.65, 2.64]) is None                     # 0.4%: converged enough
+    assert token_probe.still_learning([2.0, 2.1]) is None and token_probe.still_learning([2.0]) is None
+    # a real record: the genre-only text's probe, whose shift was still falling after 16 passes (1.9361 -> 1.8892)
+    data = json.loads((RESULTS / "ml-100k" / "5068856ecb02" /
+                       "token_probe_resampled_context_oldest_shift16.json").read_text())
+    assert token_probe.still_learning(data["shift_nll"]) == pytest.approx(1.9361 - 1.8892, abs=1e-4)
+    falling = token_probe.render({**data, "shift_nll": [2.2707, 2.2080]})
+    flat = token_probe.render({**data, "shift_nll": [2.65, 2.64]})
+    assert "**still falling**: the last pass lowered it by 0.0627 (2.8%)" in falling
+    assert "still falling" not in flat and "NLL per pass 2.6500, 2.6400" in flat
 
 
 def test_token_probe_report_names_the_text_the_tokens_were_fitted_to():
