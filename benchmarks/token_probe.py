@@ -406,9 +406,10 @@ def render(data: dict) -> str:
         per_pass = ", ".join(f"{v:.4f}" for v in losses)
         drop = still_learning(losses)
         # A shift stopped while still learning leaves part of what every user's text needs to the per-user fits,
-        # each learning it alone in its few steps (seen with the genre-only text, results/ml-100k/5068856ecb02/).
+        # each learning it alone in its few steps (seen with the genre-only text, results/ml-100k/5068856ecb02/);
+        # an encoder stopped so is scored before it has learnt what it can.
         per_pass += (f"; **still falling**: the last pass lowered it by {drop:.4f} ({drop / abs(losses[-1]):.1%}), "
-                     f"so more passes would give another start" if drop is not None else "")
+                     f"so more passes would still change it" if drop is not None else "")
         return (f", on the frozen LLM's predictions ({teacher}; cross-entropy per pass {per_pass})"
                 if objective == "distil" else f" (NLL per pass {per_pass})")
 
