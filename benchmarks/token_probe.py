@@ -28,7 +28,8 @@ of everything). Then:
 3. the frozen LLM scores each user's held-out text with their own fitted tokens, the mean of the fitted tokens of
    the users in their batch of 16, another user's fitted tokens (the batch rotated by one), their own shrunk halfway
    towards that mean (``own_halfway``: a noisy estimate of a user's token can lose to the mean and still carry
-   something of the user) and the shared token before any fitting; and their fitted text (the first draw) with
+   something of the user; with ``--keep=K[,K...]``, also shrunk keeping the share K of their own part,
+   ``own_keep<percent>``) and the shared token before any fitting; and their fitted text (the first draw) with
    their own tokens and the mean of the fitted tokens; where the text marks rating tokens, the held-out text is
    also scored on its rating tokens alone (``rating_*``: the part of the text a user's taste should predict best);
 4. with ``--oracle`` (the default), the tokens are also fitted on the held-out text itself: the most one token per
@@ -52,7 +53,7 @@ of everything). Then:
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
 per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled|_draws<K>][_<objective>][_vs_<objective>...]
-[_encoder[_distil]][_shiftdistil][_context[_oldest]][_<variant>].{json,md}``. The JSON also keeps each probed
+[_encoder[_distil]][_shiftdistil][_keep][_context[_oldest]][_<variant>].{json,md}``. The JSON also keeps each probed
 user's score in every mode (``per_user``, in the order of its ``users``, the trainer's user indices), so that two
 runs over the same users (the same dataset, split, ``--probe_seed`` and ``--users``) can be compared user by user.
 """
@@ -103,6 +104,18 @@ def context_pairs(budgets: list[int]) -> list[tuple[str, str]]:
     """The in-context stage's paired differences per budget ``N``: own history - the shared token alone, own history
     - another user's, on every held-out token and on the rating tokens alone."""
     pairs = [pair for n in budgets for pair in ((f"context{n}_own", "shared"), (f"context{n}_own", f"context{n}_other"))]
+    return pairs + [("rating_" + a, "rating_" + b) for a, b in pairs]
+
+
+def keep_mode(keep: float) -> str:
+    """The mode of own tokens shrunk towards the mean, keeping the share ``keep`` of their own part:
+    ``keep * own + (1 - keep) * mean``, named by its percentage (``own_keep25``)."""
+    return f"own_keep{round(100 * keep):g}"
+
+
+def keep_pairs(keeps: list[float]) -> list[tuple[str, str]]:
+    """``--keep``'s paired differences: each shrunk token - the mean, on every held-out token and its rating tokens."""
+    pairs = [(keep_mode(k), "mean") for k in keeps]
     return pairs + [("rating_" + a, "rating_" + b) for a, b in pairs]
 
 
@@ -166,7 +179,17 @@ def parse_args(argv=None):
     parser.add_argument("--context_from", choices=CONTEXT_ENDS, default="newest",
                         help="which end of each history --context_tokens reads: the newest tokens (default), next to "
                              "the held-out items in time, or the oldest")
+    parser.add_argument("--keep", default="",
+                        help="shares of each user's own fitted token kept when shrinking it towards the mean of the "
+                             "fitted tokens, comma-separated in (0, 1), e.g. 0.1,0.25,0.75 (modes own_keep<percent>; "
+                             "own_halfway is 0.5 and always scored; default: none)")
     args, overrides = parse_known_with_overrides(parser, argv)
+    try:
+        args.keep = [float(k) for k in args.keep.split(",") if k.strip()]
+    except ValueError:
+        parser.error(f"--keep takes comma-separated shares in (0, 1), not {args.keep!r}")
+    if any(not 0 < k < 1 for k in args.keep) or len({keep_mode(k) for k in args.keep}) < len(args.keep):
+        parser.error("--keep takes distinct shares strictly between 0 and 1 (0: the mean, 1: own, 0.5: own_halfway)")
     try:
         args.context_tokens = [int(n) for n in args.context_tokens.split(",") if n.strip()]
     except ValueError:
@@ -309,6 +332,8 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                 modes.update({p + "own": (held, own), p + "mean": (held, mean), p + "other_user": (held, own[rotate]),
                               p + "own_halfway": (held, (own + mean) / 2), p + "own_on_fitted_text": (fitted_text, own),
                               p + "mean_on_fitted_text": (fitted_text, mean)})
+                if not p:                   # a token shrunk towards the mean: how much of a fit is the user's
+                    modes.update({keep_mode(k): (held, k * own + (1 - k) * mean) for k in args.keep})
         if args.encoder_passes:
             with torch.no_grad():
                 encoded = trainer.offsets(batch, held.inputs).cpu()          # A z, z from the remaining items
@@ -437,6 +462,11 @@ def render(data: dict) -> str:
     for mode, summary in sorted(modes.items(), key=lambda item: _reading_order(item[0])):
         lines.append(f"| {mode} | {summary['mean']:.4f} [{summary['ci'][0]:.4f}, {summary['ci'][1]:.4f}] |")
     lines += ["", "| paired difference | mean | 95% interval | users below 0 |", "|---|---|---|---|"]
+    for keep in data.get("keep", []):
+        mode = keep_mode(keep)
+        labels[f"{mode}_minus_mean"] = f"own kept {keep:.0%}, shrunk {1 - keep:.0%} towards the mean - mean (held-out text)"
+        labels[f"rating_{mode}_minus_rating_mean"] = (f"own kept {keep:.0%}, shrunk {1 - keep:.0%} towards the mean - "
+                                                      f"mean (held-out rating tokens)")
     for key, summary in sorted(differences.items(), key=lambda item: _reading_order(item[0])):
         lines.append(f"| {labels.get(key, key)} | {summary['mean']:+.4f} | [{summary['ci'][0]:+.4f}, "
                      f"{summary['ci'][1]:+.4f}] | {summary['share_below_zero']:.0%} |")
@@ -489,13 +519,13 @@ def main(argv=None) -> int:
         scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]))
     finally:
         torch.set_num_threads(threads_before)
-    pairs = PAIRS + objective_pairs(args.also_fit) + context_pairs(args.context_tokens)
+    pairs = PAIRS + objective_pairs(args.also_fit) + context_pairs(args.context_tokens) + keep_pairs(args.keep)
     modes, differences = interval_summary(scores, [(a, b) for a, b in pairs if a in scores and b in scores])
     data = {
         "users": int(len(users)), "shift_users": int(len(shift_users)), "shift_passes": args.shift_passes,
         "shift_objective": args.shift_objective, "shift_nll": shift_nll, "fit_steps": args.fit_steps,
         "fit_learning_rate": args.fit_learning_rate, "resample": args.resample,
-        "draws": args.draws,
+        "draws": args.draws, "keep": args.keep,
         "fit_objective": args.fit_objective, "also_fit": args.also_fit, "encoder_passes": args.encoder_passes,
         "encoder_objective": args.encoder_objective,
         **({"distil_context_tokens": args.distil_context_tokens}
@@ -518,6 +548,7 @@ def main(argv=None) -> int:
             + ("_encoder" if args.encoder_passes else "")
             + ("_distil" if args.encoder_passes and args.encoder_objective == "distil" else "")
             + ("_shiftdistil" if args.shift_objective == "distil" else "")
+            + ("_keep" if args.keep and args.fit_steps else "")
             + ("_context" if args.context_tokens else "")
             + ("_oldest" if args.context_tokens and args.context_from == "oldest" else ""))
     publish_benchmark(args, name, data, render(data))

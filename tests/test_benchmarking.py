@@ -141,9 +141,11 @@ def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_pat
             "--fit_steps=3", "--shift_users=6", "--shift_passes=1", f"--data_path={tmp_path / 'data'}",
             f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false",
             f"--checkpoint_dir={tmp_path / 'saved'}", f"--resample={resample}", f"--fit_objective={objective}"]
+    argv += ["--keep=0.25,0.75"] if objective == "plain" else []        # own tokens shrunk towards the mean
     assert token_probe.main(argv) == 0
     folder, = (tmp_path / "results" / "toy").iterdir()
-    name = "token_probe" + ("_resampled" if resample else "") + ("" if objective == "plain" else "_" + objective)
+    name = ("token_probe" + ("_resampled" if resample else "") + ("" if objective == "plain" else "_" + objective)
+            + ("_keep" if objective == "plain" else ""))
     data = json.loads((folder / f"{name}.json").read_text())
     assert data["resample"] is resample and data["fit_objective"] == objective
     assert data["users"] == 5 and data["shift_users"] == 6 and len(data["shift_nll"]) == 1
@@ -168,6 +170,18 @@ def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_pat
     assert len(own) == 5 and np.mean(own - mean) == pytest.approx(data["differences"]["own_minus_mean"]["mean"])
     report = (folder / f"{name}.md").read_text()
     assert "goal" in report and "own - mean (held-out rating tokens)" in report
+    keeps = {"own_keep25", "own_keep75"}
+    if objective == "plain":
+        assert data["keep"] == [0.25, 0.75] and keeps <= set(data["modes"])
+        assert {"own_keep25_minus_mean", "rating_own_keep75_minus_rating_mean"} <= set(data["differences"])
+        shrunk = [data["modes"][m]["mean"] for m in ("own", "own_keep75", "own_halfway", "own_keep25", "mean")]
+        assert len(set(shrunk)) == 5                                    # five different tokens, five scores
+        assert "own kept 25%, shrunk 75% towards the mean - mean (held-out text)" in report
+    else:
+        assert not keeps & set(data["modes"])
+    for bad in ("--keep=1", "--keep=0", "--keep=0.5,0.5", "--keep=a"):
+        with pytest.raises(SystemExit):
+            token_probe.parse_args(["--dataset=toy", bad])
     assert "the gap is the user's" in report or "not shown to be the user's" in report
     assert ("M-step's objective" in report) is (objective == "weighted")
     assert ("distillation" in report) is (data.get("distil_context_tokens") == 128) is (objective == "distil")
