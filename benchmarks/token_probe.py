@@ -100,11 +100,16 @@ def objective_pairs(objectives: list[str]) -> list[tuple[str, str]]:
     return pairs + rating
 
 
+def _with_rating_twins(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``pairs`` on every held-out token, then the same pairs on the rating tokens alone (``rating_<mode>``)."""
+    return pairs + [("rating_" + a, "rating_" + b) for a, b in pairs]
+
+
 def context_pairs(budgets: list[int]) -> list[tuple[str, str]]:
     """The in-context stage's paired differences per budget ``N``: own history - the shared token alone, own history
     - another user's, on every held-out token and on the rating tokens alone."""
-    pairs = [pair for n in budgets for pair in ((f"context{n}_own", "shared"), (f"context{n}_own", f"context{n}_other"))]
-    return pairs + [("rating_" + a, "rating_" + b) for a, b in pairs]
+    return _with_rating_twins([pair for n in budgets
+                               for pair in ((f"context{n}_own", "shared"), (f"context{n}_own", f"context{n}_other"))])
 
 
 def keep_mode(keep: float) -> str:
@@ -115,8 +120,7 @@ def keep_mode(keep: float) -> str:
 
 def keep_pairs(keeps: list[float]) -> list[tuple[str, str]]:
     """``--keep``'s paired differences: each shrunk token - the mean, on every held-out token and its rating tokens."""
-    pairs = [(keep_mode(k), "mean") for k in keeps]
-    return pairs + [("rating_" + a, "rating_" + b) for a, b in pairs]
+    return _with_rating_twins([(keep_mode(k), "mean") for k in keeps])
 
 
 def _reading_order(key: str) -> tuple:
