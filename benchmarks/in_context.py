@@ -2,7 +2,7 @@
 user's held-out behaviour, against another user's history of the same length?
 
     python benchmarks/in_context.py --dataset=ml-100k [--users=300] [--context_tokens=64,128,256,512]
-        [--context_from=newest,oldest] [--key=value ...]
+        [--context_from=newest,oldest] [--population=8] [--key=value ...]
 
 The held-out items are the generalisation benchmark's (``held_out_positions``: each user's newest training items
 within ``--holdout_tokens``). For each context budget N the frozen LLM reads ``[BOS] <behaviour prefix> <context>
@@ -10,7 +10,15 @@ within ``--holdout_tokens``). For each context budget N the frozen LLM reads ``[
 
 * ``own``: the user's newest remaining training items, cut to L = min(N, the user's, the other user's) tokens;
 * ``other``: the same budget L of another user's remaining items (a fixed random permutation of the users);
-* ``none``: no context at all (the prefix, then the held-out items).
+* ``none``: no context at all (the prefix, then the held-out items);
+* ``population`` (with ``--population=M``): per held-out token, the mean of the LLM's predictive distributions
+  given M other users' histories (``other`` and M - 1 more, each cut to the own context's length). It uses nobody's
+  history in particular, as the mean token uses nobody's token: ``own - population`` is the in-context analogue of the
+  generalisation goal's ``own - mean``, where ``own - other`` is that of ``own - another user's tokens``. A mixture is
+  never worse than its members' average (Jensen), so it beats ``other`` on average; it is also an ensemble, better
+  calibrated than any one context. Two mixtures that hold the user's history separate what is the user's from
+  what is the ensemble's: ``own_in_population``, the same mixture with the user's own history in place of
+  ``other``'s (weight 1/M), and ``own_half``, half the user's own prediction, half the mixture's.
 
 ``--context_from=oldest`` reads the oldest N tokens of both remaining histories instead (the user's history furthest
 in time from the held-out items, and another user's oldest); ``--context_from=newest,oldest`` reads both ends in one
@@ -22,7 +30,8 @@ history, read in context, bounds what such a profile can carry on this text. Rep
 held-out token, and the rating tokens alone where the text marks them), means with 95% intervals across users, and
 the paired ``own - other`` difference. No training, forward passes only.
 
-Writes ``results/<dataset>/<settings fingerprint>/in_context[_oldest | _newest_oldest][_<variant>].{json,md}``.
+Writes ``results/<dataset>/<settings fingerprint>/in_context[_oldest | _newest_oldest][_population<M>][_<variant>]
+.{json,md}``.
 """
 
 from __future__ import annotations
@@ -33,8 +42,9 @@ import numpy as np
 import torch
 
 from recbole_uip.benchmarking import (
-    CONTEXT_ENDS, benchmark_parser, configure, context_positions, finite_or_none, held_out_positions,
-    interval_summary, matched_contexts, parse_known_with_overrides, publish_benchmark, run_record, settings_table,
+    CONTEXT_ENDS, GENERALISATION_GOAL, benchmark_parser, configure, context_positions, finite_or_none, held_out_positions,
+    interval_summary, matched_contexts, newest_tokens, parse_known_with_overrides, publish_benchmark, run_record,
+    settings_table,
 )
 
 CONDITIONS = ("own", "other", "none")
@@ -49,14 +59,19 @@ def parse_args(argv=None):
     parser.add_argument("--context_from", default="newest",
                         help="which end of each remaining history the context is read from: newest, oldest, or "
                              "newest,oldest (both, compared user by user; default newest)")
+    parser.add_argument("--population", type=int, default=0,
+                        help="also score the held-out items under the mixture of M other users' histories (the "
+                             "in-context analogue of the mean token; M includes the 'other' condition's user; "
+                             "M + 1 forward passes per user instead of 2; default 0: off)")
     parser.add_argument("--batch_size", type=int, default=8)
     args, overrides = parse_known_with_overrides(parser, argv)
     try:
         args.context_tokens = [int(n) for n in args.context_tokens.split(",") if n.strip()]
     except ValueError:
         parser.error(f"--context_tokens must be comma-separated integers, got {args.context_tokens!r}")
-    if not args.context_tokens or min(args.context_tokens) < 1 or args.holdout_tokens < 1 or args.users < 0:
-        parser.error("--context_tokens, --holdout_tokens must be positive and --users >= 0")
+    if not args.context_tokens or min(args.context_tokens) < 1 or args.holdout_tokens < 1 or args.users < 0 \
+            or args.population < 0:
+        parser.error("--context_tokens, --holdout_tokens must be positive, --users and --population >= 0")
     args.context_from = [e.strip() for e in args.context_from.split(",") if e.strip()]
     if not args.context_from or len(set(args.context_from)) < len(args.context_from) \
             or not set(args.context_from) <= set(CONTEXT_ENDS):
@@ -66,15 +81,15 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def score(llm, sequences: list[tuple[list[int], list[int], list[bool] | None]], batch_size: int) -> np.ndarray:
-    """``(S, 2)``: per sequence ``(head, target, rating flags)``, the mean NLL (nats) of the target tokens given
-    everything before them, and the mean over the target's rating tokens (nan without flags or rating tokens).
+def token_nlls(llm, sequences: list[tuple[list[int], list[int], list[bool] | None]], batch_size: int) -> list[np.ndarray]:
+    """Per sequence ``(head, target, rating flags)``, the NLL (nats) of each target token given everything before
+    it, ``(len(target),)``.
 
     Sequences are left-padded so that every target ends the row: only the last ``max target + 1`` positions'
     logits are computed (``logits_to_keep``), and position ids count from each row's first real token.
     """
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
-    out = np.full((len(sequences), 2), np.nan)
+    out: list[np.ndarray] = [np.empty(0)] * len(sequences)
     order = np.argsort([len(h) + len(t) for h, t, _ in sequences])     # similar lengths share a batch
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
@@ -92,18 +107,71 @@ def score(llm, sequences: list[tuple[list[int], list[int], list[bool] | None]], 
                            position_ids=positions.to(llm.device), logits_to_keep=keep).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).cpu()            # (B, keep - 1, V): predicts the last keep-1
         for i, r in enumerate(rows):
-            _, target, flags = sequences[r]
-            n = len(target)
-            nll = -logp[i, -n:].gather(1, torch.tensor(target).unsqueeze(1)).squeeze(1).numpy()
-            out[r, 0] = nll.mean()
-            if flags is not None and any(flags):
-                out[r, 1] = nll[np.asarray(flags, dtype=bool)].mean()
+            target = sequences[r][1]
+            out[r] = -logp[i, len(logp[i]) - len(target):].gather(1, torch.tensor(target).unsqueeze(1)).squeeze(1).numpy()
     return out
+
+
+def mean_scores(nlls: list[np.ndarray], flags: list[list[bool] | None]) -> np.ndarray:
+    """``(S, 2)``: per sequence, the mean of its token NLLs ``nlls[s]`` and their mean over the rating tokens
+    ``flags[s]`` (nan without flags or rating tokens)."""
+    out = np.full((len(nlls), 2), np.nan)
+    for r, (nll, f) in enumerate(zip(nlls, flags)):
+        out[r, 0] = nll.mean()
+        if f is not None and any(f):
+            out[r, 1] = nll[np.asarray(f, dtype=bool)].mean()
+    return out
+
+
+def score(llm, sequences: list[tuple[list[int], list[int], list[bool] | None]], batch_size: int) -> np.ndarray:
+    """``(S, 2)``: per sequence ``(head, target, rating flags)``, the mean NLL (nats) of the target tokens given
+    everything before them, and the mean over the target's rating tokens (nan without flags or rating tokens);
+    :func:`token_nlls`, averaged."""
+    return mean_scores(token_nlls(llm, sequences, batch_size), [f for _, _, f in sequences])
+
+
+def mixture_nlls(members: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per sequence, the NLL of each target token under the equal mixture of M predictive distributions:
+    ``-log(mean_m exp(-nll[m][s][t]))``. ``members``: M lists (one per member) of per-sequence token NLLs, aligned."""
+    from scipy.special import logsumexp
+
+    count = len(members)
+    return [-(logsumexp(-np.stack(column), axis=0) - np.log(count)) for column in zip(*members)]
+
+
+def last_tokens(tokens: list[int], length: int) -> list[int]:
+    """The last ``length`` of ``tokens`` (all of them where there are fewer; none for ``length`` 0)."""
+    return tokens[len(tokens) - min(length, len(tokens)):]
+
+
+def population_members(users: np.ndarray, other: np.ndarray, size: int, seed: int = 1) -> np.ndarray:
+    """``(U, size)``: per user, ``size`` distinct other users from ``users``, the first being ``other``'s (the
+    ``other`` condition), the rest drawn at random (``seed``); never the user themself."""
+    if size > len(users) - 1:
+        raise ValueError(f"--population={size} needs more than {size} users, got {len(users)}")
+    rng = np.random.default_rng(seed)
+    members = np.empty((len(users), size), dtype=users.dtype)
+    for i, (user, first) in enumerate(zip(users, other)):
+        candidates = users[(users != user) & (users != first)]
+        members[i] = np.concatenate([[first], rng.choice(candidates, size - 1, replace=False)])
+    return members
 
 
 def summarise(values: dict[str, np.ndarray]) -> dict:
     """Means with intervals per condition, and the paired ``own - other`` and ``own - none`` (users with a value)."""
     means, differences = interval_summary(values, (("own", "other"), ("own", "none"), ("other", "none")))
+    return {**means, **differences}
+
+
+POPULATION_PAIRS = (("own", "population"), ("own_in_population", "population"), ("own_half", "population"),
+                    ("population", "other"))
+
+
+def summarise_population(values: dict[str, np.ndarray]) -> dict:
+    """Means with intervals of ``own``, ``other``, ``others_mean`` (the M members' scores averaged), ``population``
+    (their mixture), ``own_in_population`` and ``own_half`` (the module's docstring), and the paired differences
+    :data:`POPULATION_PAIRS`."""
+    means, differences = interval_summary(values, POPULATION_PAIRS)
     return {**means, **differences}
 
 
@@ -172,6 +240,34 @@ def render(data: dict) -> str:
                                  f"{_interval(d['other_newest_minus_other_oldest'])} | "
                                  f"{_interval(d['gap_newest_minus_gap_oldest'])} |")
         lines.append("")
+    if data.get("population"):
+        size = data["population"]
+        lines += [f"## Against a mixture of {size} other users' histories", "",
+                  f"Each held-out token scored under the equal mixture of the LLM's predictive distributions given {size} "
+                  f"other users' histories (the first is another user's above; each cut to the user's own context's "
+                  f"length): a prediction that uses nobody's history in particular, as the mean token uses nobody's "
+                  f"token, and an ensemble, better calibrated than one context. `own - mixture` is the in-context "
+                  f"analogue of the generalisation goal's `own - mean` (the goal: {GENERALISATION_GOAL} nats/token "
+                  f"below it). Two mixtures hold the user's own history: *own among {size}*, the mixture with the "
+                  f"user's history in place of another user's (weight 1/{size}), and *own and mixture*, half the "
+                  f"user's own prediction and half the mixture's; their gain over the mixture is the user's, with "
+                  f"the ensemble's calibration on both sides. Means over users with 95% intervals.", ""]
+        for key, label in (("plain", "Every held-out token"), ("rating", "The rating tokens")):
+            rows = [b for b in data["budgets"] if key in b.get("population", {})]
+            if not rows:
+                continue
+            lines += [f"### {label}", "",
+                      "| context budget N |" + (" history end |" if end_column else "") + " own | another user's | "
+                      f"{size} others' average | mixture | own - mixture | own among {size} - mixture | own and mixture - "
+                      "mixture | mixture - another user's |",
+                      "|---|---|---|---|---|---|---|---|---|" + ("---|" if end_column else "")]
+            for b in rows:
+                s = b["population"][key]
+                lines.append(f"| {b['budget']} |" + (f" {b['context_from']} |" if end_column else "") +
+                             f" {s['own']['mean']:.4f} | {s['other']['mean']:.4f} | {s['others_mean']['mean']:.4f} | "
+                             f"{s['population']['mean']:.4f} | " +
+                             " | ".join(_interval(s[f"{a}_minus_{b_}"]) for a, b_ in POPULATION_PAIRS) + " |")
+            lines.append("")
     lines += ["## Run", "", settings_table(data["record"])]
     return "\n".join(lines)
 
@@ -197,24 +293,29 @@ def main(argv=None) -> int:
     users = users[:args.users] if args.users else users
     other = users[np.random.default_rng(0).permutation(len(users))]
     other = np.where(other == users, np.roll(other, 1), other)           # never the user themself
-    rest = {u: np.setdiff1d(np.arange(len(text.user_pieces[u])), held[u]) for u in np.union1d(users, other)}
+    members = population_members(users, other, args.population) if args.population else other[:, None]
+    everyone = np.union1d(users, members)
+    rest = {u: np.setdiff1d(np.arange(len(text.user_pieces[u])), held[u]) for u in everyone}
     head = leading_bos(llm.tokenizer) + list(llm.tokenizer(settings.behaviour_prefix, add_special_tokens=False)["input_ids"])
     targets = [text.tokens(u, held[u]) for u in users]
+    flags = [f for _, f in targets]
 
     start = time.perf_counter()
     data = {"holdout_tokens": args.holdout_tokens, "users_evaluated": int(len(users)),
             "held_out_tokens_mean": float(np.mean([len(t) for t, _ in targets])), "context_from": args.context_from,
-            "budgets": []}
+            "population": args.population, "budgets": []}
     none = score(llm, [(head, t, f) for t, f in targets], args.batch_size)
     per_user = {"users": users.tolist(), "none": finite_or_none(none[:, 0]),
                 "rating_none": finite_or_none(none[:, 1])}
     scores = {}                                                          # (end, budget) -> (own, other), (U, 2) each
     for budget in args.context_tokens:
         for end in args.context_from:
-            positions = context_positions(text, np.union1d(users, other), rest, budget, end)
+            positions = context_positions(text, everyone, rest, budget, end)
             own_ctx, other_ctx = matched_contexts(text, users, other, positions, budget)
-            own = score(llm, [(head + c, t, f) for c, (t, f) in zip(own_ctx, targets)], args.batch_size)
-            theirs = score(llm, [(head + c, t, f) for c, (t, f) in zip(other_ctx, targets)], args.batch_size)
+            own_nlls = token_nlls(llm, [(head + c, t, f) for c, (t, f) in zip(own_ctx, targets)], args.batch_size)
+            own = mean_scores(own_nlls, flags)
+            member_nlls = [token_nlls(llm, [(head + c, t, f) for c, (t, f) in zip(other_ctx, targets)], args.batch_size)]
+            theirs = mean_scores(member_nlls[0], flags)
             scores[end, budget] = (own, theirs)
             entry = {"budget": budget, "context_from": end,
                      "context_tokens_mean": float(np.mean([len(c) for c in own_ctx])),
@@ -222,18 +323,37 @@ def main(argv=None) -> int:
             if np.isfinite(own[:, 1]).any():
                 entry["rating"] = summarise({"own": own[:, 1], "other": theirs[:, 1], "none": none[:, 1]})
             data["budgets"].append(entry)
-            for mode, values in (("own", own), ("other", theirs)):
+            modes = [("own", own), ("other", theirs)]
+            for m in range(1, args.population):                         # the mixture's other members
+                contexts = [last_tokens(newest_tokens(text, members[i, m], positions[members[i, m]], budget),
+                                        len(c)) for i, c in enumerate(own_ctx)]
+                member_nlls.append(token_nlls(llm, [(head + c, t, f) for c, (t, f) in zip(contexts, targets)],
+                                              args.batch_size))
+            if args.population:
+                mixture_tokens = mixture_nlls(member_nlls)
+                values = {"own": own, "other": theirs, "population": mean_scores(mixture_tokens, flags),
+                          "others_mean": np.mean([mean_scores(m, flags) for m in member_nlls], axis=0),
+                          "own_in_population": mean_scores(mixture_nlls([own_nlls, *member_nlls[1:]]), flags),
+                          "own_half": mean_scores(mixture_nlls([own_nlls, mixture_tokens]), flags)}
+                entry["population"] = {key: summarise_population({k: v[:, c] for k, v in values.items()})
+                                       for c, key in ((0, "plain"), (1, "rating")) if np.isfinite(own[:, c]).any()}
+                modes += [(k, values[k]) for k in ("population", "own_in_population", "own_half")]
+            for mode, values in modes:
                 per_user[f"{end}{budget}_{mode}"] = finite_or_none(values[:, 0])
                 per_user[f"rating_{end}{budget}_{mode}"] = finite_or_none(values[:, 1])
             logger.info(f"in context: N={budget}, {end} end: own - other "
-                        f"{entry['plain']['own_minus_other']['mean']:+.4f} nats/token")
+                        f"{entry['plain']['own_minus_other']['mean']:+.4f} nats/token" +
+                        (f", own - mixture of {args.population} "
+                         f"{entry['population']['plain']['own_minus_population']['mean']:+.4f}"
+                         if args.population else ""))
     if len(args.context_from) == 2:
         data["ends"] = [{"budget": budget, **compare_ends(scores["newest", budget], scores["oldest", budget])}
                         for budget in args.context_tokens]
     data["per_user"] = per_user
     data["seconds"] = round(time.perf_counter() - start, 1)
     data["record"] = run_record(config, settings, ["benchmarks/in_context.py", *args.argv])
-    name = "in_context" + "".join(f"_{end}" for end in args.context_from if args.context_from != ["newest"])
+    name = "in_context" + "".join(f"_{end}" for end in args.context_from if args.context_from != ["newest"]) \
+        + (f"_population{args.population}" if args.population else "")
     publish_benchmark(args, name, data, render(data))
     return 0
 

@@ -587,9 +587,56 @@ def test_in_context_scoring_matches_one_unpadded_sequence_at_a_time(tmp_path, ti
         ((own_n - other_n) - (own_o - other_o)).mean())
     report = next((tmp_path / "ends" / "toy").glob("*/in_context_newest_oldest.md")).read_text()
     assert "| oldest |" in report and "The newest end against the oldest, user by user" in report
-    for bad in ("--context_from=random", "--context_from=newest,newest", "--context_from=", "--context_tokens=a"):
+    for bad in ("--context_from=random", "--context_from=newest,newest", "--context_from=", "--context_tokens=a",
+                "--population=-1"):
         with pytest.raises(SystemExit):
             in_context.parse_args(["--dataset=toy", bad])
+
+
+def test_in_context_mixture_of_other_users_histories(tmp_path, tiny_llm_dir):
+    """``--population=M`` scores each held-out token under the equal mixture of M other users' predictive
+    distributions: a mixture of one is the ``other`` condition itself, a mixture of several is never worse than its
+    members' average, and the members are distinct other users, the first being ``other``'s. The mixtures that hold
+    the user's own history: the own history in place of ``other``'s, and half own, half the mixture."""
+    in_context = import_benchmark("in_context")
+
+    nll = [np.array([0.5, 2.0]), np.array([1.5, 0.1])]
+    expected = [-np.log((np.exp(-0.5) + np.exp(-1.5)) / 2), -np.log((np.exp(-2.0) + np.exp(-0.1)) / 2)]
+    (mixed,) = in_context.mixture_nlls([[nll[0]], [nll[1]]])
+    assert mixed == pytest.approx(expected)
+    (alone,) = in_context.mixture_nlls([[nll[0]]])
+    assert alone == pytest.approx(nll[0])
+    users, other = np.arange(10, 16), np.array([11, 12, 13, 14, 15, 10])
+    members = in_context.population_members(users, other, 4)
+    assert (members[:, 0] == other).all() and not (members == users[:, None]).any()
+    assert all(len(set(row)) == 4 and set(row) <= set(users) for row in members)
+    with pytest.raises(ValueError, match="needs more than 6 users"):
+        in_context.population_members(users, other, 6)
+
+    write_dataset(tmp_path / "data")
+    base = ["--dataset=toy", "--holdout_tokens=20", "--context_tokens=16", "--users=0", "--context_from=oldest",
+            f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32",
+            f"--checkpoint_dir={tmp_path / 'saved'}"]
+    runs = {}
+    for size in (1, 3):
+        assert in_context.main(base + [f"--results={tmp_path / str(size)}", f"--population={size}"]) == 0
+        (path,) = (tmp_path / str(size) / "toy").glob(f"*/in_context_oldest_population{size}.json")
+        runs[size] = json.loads(path.read_text())
+    one, three = runs[1]["per_user"], runs[3]["per_user"]
+    assert one["oldest16_population"] == pytest.approx(one["oldest16_other"], abs=1e-6)
+    assert one["oldest16_own"] == three["oldest16_own"] and one["oldest16_other"] == three["oldest16_other"]
+    (budget,) = runs[3]["budgets"]
+    population = budget["population"]["plain"]
+    assert population["population"]["mean"] <= population["others_mean"]["mean"] + 1e-9
+    assert population["own_minus_population"]["mean"] == pytest.approx(
+        np.mean(np.array(three["oldest16_own"]) - np.array(three["oldest16_population"])))
+    assert three["oldest16_population"] != three["oldest16_other"]           # the other members are read
+    # the mixtures that hold the user's own history: with M = 1 the own history replaces the only member
+    assert one["oldest16_own_in_population"] == pytest.approx(one["oldest16_own"], abs=1e-6)
+    own, mixture, half = (np.array(three[f"oldest16_{k}"]) for k in ("own", "population", "own_half"))
+    assert (half <= (own + mixture) / 2 + 1e-9).all() and (half != own).any()
+    report = next((tmp_path / "3" / "toy").glob("*/in_context_oldest_population3.md")).read_text()
+    assert "Against a mixture of 3 other users' histories" in report and "own - mixture" in report
 
 
 def test_held_out_items_never_reach_inference(tmp_path, tiny_llm_dir):
