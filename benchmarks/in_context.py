@@ -28,7 +28,8 @@ newest end is left from the oldest. Every user's score per condition is kept in 
 A profile squeezes a user into one soft token per profile; what the same LLM gains from the user's whole recent
 history, read in context, bounds what such a profile can carry on this text. Reported per N: nats per token (every
 held-out token, and the rating tokens alone where the text marks them), means with 95% intervals across users, and
-the paired ``own - other`` difference. No training, forward passes only.
+the paired ``own - other`` difference; with ``--population``, also ``own``, ``own_in_population`` and ``own_half``
+each minus ``population``. No training, forward passes only.
 
 Writes ``results/<dataset>/<settings fingerprint>/in_context[_oldest | _newest_oldest][_population<M>][_<variant>]
 .{json,md}``.
