@@ -140,11 +140,6 @@ def mixture_nlls(members: list[list[np.ndarray]]) -> list[np.ndarray]:
     return [-(logsumexp(-np.stack(column), axis=0) - np.log(count)) for column in zip(*members)]
 
 
-def last_tokens(tokens: list[int], length: int) -> list[int]:
-    """The last ``length`` of ``tokens`` (all of them where there are fewer; none for ``length`` 0)."""
-    return tokens[len(tokens) - min(length, len(tokens)):]
-
-
 def population_members(users: np.ndarray, other: np.ndarray, size: int, seed: int = 1) -> np.ndarray:
     """``(U, size)``: per user, ``size`` distinct other users from ``users``, the first being ``other``'s (the
     ``other`` condition), the rest drawn at random (``seed``); never the user themself."""
@@ -301,6 +296,10 @@ def main(argv=None) -> int:
     targets = [text.tokens(u, held[u]) for u in users]
     flags = [f for _, f in targets]
 
+    def read(contexts: list[list[int]]) -> list[np.ndarray]:
+        """Each user's held-out token NLLs after ``[BOS] <prefix> <their context>`` (:func:`token_nlls`)."""
+        return token_nlls(llm, [(head + c, t, f) for c, (t, f) in zip(contexts, targets)], args.batch_size)
+
     start = time.perf_counter()
     data = {"holdout_tokens": args.holdout_tokens, "users_evaluated": int(len(users)),
             "held_out_tokens_mean": float(np.mean([len(t) for t, _ in targets])), "context_from": args.context_from,
@@ -313,9 +312,9 @@ def main(argv=None) -> int:
         for end in args.context_from:
             positions = context_positions(text, everyone, rest, budget, end)
             own_ctx, other_ctx = matched_contexts(text, users, other, positions, budget)
-            own_nlls = token_nlls(llm, [(head + c, t, f) for c, (t, f) in zip(own_ctx, targets)], args.batch_size)
+            own_nlls = read(own_ctx)
             own = mean_scores(own_nlls, flags)
-            member_nlls = [token_nlls(llm, [(head + c, t, f) for c, (t, f) in zip(other_ctx, targets)], args.batch_size)]
+            member_nlls = [read(other_ctx)]
             theirs = mean_scores(member_nlls[0], flags)
             scores[end, budget] = (own, theirs)
             entry = {"budget": budget, "context_from": end,
@@ -325,11 +324,9 @@ def main(argv=None) -> int:
                 entry["rating"] = summarise({"own": own[:, 1], "other": theirs[:, 1], "none": none[:, 1]})
             data["budgets"].append(entry)
             modes = [("own", own), ("other", theirs)]
-            for m in range(1, args.population):                         # the mixture's other members
-                contexts = [last_tokens(newest_tokens(text, members[i, m], positions[members[i, m]], budget),
-                                        len(c)) for i, c in enumerate(own_ctx)]
-                member_nlls.append(token_nlls(llm, [(head + c, t, f) for c, (t, f) in zip(contexts, targets)],
-                                              args.batch_size))
+            for m in range(1, args.population):     # the mixture's other members, each cut to the own context's length
+                member_nlls.append(read([newest_tokens(text, members[i, m], positions[members[i, m]], len(c))
+                                         for i, c in enumerate(own_ctx)]))
             if args.population:
                 mixture_tokens = mixture_nlls(member_nlls)
                 values = {"own": own, "other": theirs, "population": mean_scores(mixture_tokens, flags),
