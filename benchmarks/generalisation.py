@@ -16,7 +16,9 @@ sets any RecBole or ``uip_*`` key, e.g. the paper's setting). The frozen LLM the
 
 Writes ``results/<dataset>/<settings fingerprint>/generalisation.{json,md}``: means with 95% intervals across users, the paired
 differences, where the text marks ratings the rating-weighted NLL and the NLL of the rating tokens alone (``rating_tokens``:
-the part of the text a user's taste should predict best), the inference log and the resolved settings.
+the part of the text a user's taste should predict best), the inference log and the resolved settings. For scale,
+``count_reference``: how many nats per token count models of the same remaining histories gain over their
+population model on the same held-out items (``recbole_uip.count_reference``; no LLM, a few seconds).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 from recbole_uip.benchmarking import (
     HeldOutInference, benchmark_parser, configure, goal_verdict, interval_summary, parse_known_with_overrides, publish_benchmark, run_record, settings_fingerprint, settings_table,
 )
+from recbole_uip.count_reference import count_reference, gains_per_token, held_out_data, held_out_token_counts
 
 MODES = {"own": "own", "mean": "mean", "other_user": "other", "no_profile": "none", "codes": "code"}
 
@@ -69,7 +72,14 @@ def render(data: dict) -> str:
             lines.append(f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.4f} | [{d['ci'][0]:+.4f}, "
                          f"{d['ci'][1]:+.4f}] | {100 * d['share_below_zero']:.0f}% |")
     own_minus_other = data["plain"]["differences"].get("own_minus_other_user")
-    lines += ["", goal_verdict(data["own_minus_mean"], own_minus_other=own_minus_other), "",
+    lines += ["", goal_verdict(data["own_minus_mean"], own_minus_other=own_minus_other)]
+    if "count_reference" in data:
+        gains = {m: f"{d['mean']:.4f} [{d['ci'][0]:.4f}, {d['ci'][1]:.4f}]" for m, d in data["count_reference"].items()}
+        lines += ["", f"For scale, count models of the same remaining histories (no LLM; `benchmarks/count_reference.py`) "
+                      f"predict these held-out items better than their population model by {gains['set']} nats/token "
+                      f"from the history as a set, {gains['recent']} with its newest items weighted, and "
+                      f"{gains['sequence']} with what followed its last items in other histories."]
+    lines += ["",
               f"Inference on the remaining history took {data['inference_seconds']:.0f} s; the encoder's line search "
               f"chose steps {[r.get('line_search', {}).get('step') for r in data['inference_history'][1:]]} (relative to "
               f"the mean token-embedding norm).", "", "## Run", "", settings_table(data["record"])]
@@ -102,6 +112,9 @@ def main(argv=None) -> int:
         data["rating_weighted"] = summarise(scores, "weighted_")
     if "rating_own" in scores:
         data["rating_tokens"] = summarise(scores, "rating_")
+    reference = count_reference(held_out_data(run.full_text.histories, run.held))
+    gains = gains_per_token(reference, held_out_token_counts(run.full_text, run.held)[0])
+    data["count_reference"] = interval_summary({m: g[targets.users] for m, g in gains.items()}, ())[0]
     publish_benchmark(args, "generalisation", data, render(data))
     return 0
 

@@ -131,6 +131,16 @@ def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_m
     assert "Goal" in markdown and "rating tokens alone" in markdown
     assert "the gap is the user's" in markdown or "not shown to be the user's" in markdown   # own - another user's
     assert json.loads((folders[0] / "settings.json").read_text())["settings"] == data["record"]["settings"]
+    # the count models' reference on the same held-out items: what the count-reference benchmark gives them
+    assert set(data["count_reference"]) == {"set", "recent", "sequence"} and "For scale, count models" in markdown
+    count_reference = import_benchmark("count_reference")
+    assert count_reference.main([a for a in argv if a.split("=")[0] in ("--dataset", "--holdout_tokens", "--data_path",
+                                                                         "--uip_llm", "--uip_llm_dtype")]
+                                + [f"--results={tmp_path / 'counts'}", "--users=0"]) == 0
+    (counts,) = (tmp_path / "counts" / "toy").glob("*/count_reference.json")
+    (every,) = json.loads(counts.read_text())["summaries"]
+    for model in ("set", "recent", "sequence"):
+        assert data["count_reference"][model]["mean"] == pytest.approx(every["models"][model]["gain_per_token"]["mean"])
 
 
 @pytest.mark.parametrize("resample,objective", [(False, "plain"), (True, "weighted"), (False, "distil")])
@@ -864,3 +874,36 @@ def test_the_proxy_check_reads_each_id_set_the_grid_used_aligned_with_the_users(
     assert uip[0, 0] == uip[2, 0] != uip[1, 0] and uip[1, 1] == uip[2, 1] != uip[0, 1]
     shuffled = sets["shuffled"]                               # hobby 5, 5, 6; background x, y, y
     assert shuffled[0, 0] == shuffled[1, 0] != shuffled[2, 0] and shuffled[1, 1] == shuffled[2, 1] != shuffled[0, 1]
+
+
+def test_count_reference_scores_the_generalisation_benchmarks_held_out_items(tmp_path, tiny_llm_dir):
+    """The count reference runs end to end on the toy data: its users and held-out items are the in-context and
+    generalisation benchmarks' (``held_out_positions``), its per-user gain is the models' NLL difference per token,
+    and the report names each user model."""
+    count_reference = import_benchmark("count_reference")
+    write_dataset(tmp_path / "data")
+    argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--holdout_tokens=20", "--users=0,10",
+            f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32",
+            f"--checkpoint_dir={tmp_path / 'saved'}"]
+    assert count_reference.main(argv) == 0
+    (path,) = (tmp_path / "results" / "toy").glob("*/count_reference.json")
+    data = json.loads(path.read_text())
+    every, first = data["summaries"]
+    assert (every["label"], every["users"], first["label"], first["users"]) == ("all", 24, "first 10", 10)
+    per_user = data["per_user"]
+    assert per_user["users"] == list(range(24)) and min(per_user["tokens"]) > 0     # at least one item each
+    assert data["held_out_tokens_mean"] == pytest.approx(np.mean(per_user["tokens"]))
+    for model in ("set", "recent", "sequence"):
+        gains = np.array(per_user[f"{model}_gain_per_token"])
+        assert every["models"][model]["gain_per_token"]["mean"] == pytest.approx(gains.mean())
+        assert gains == pytest.approx(np.array(per_user[f"{model}_text_gain_per_token"]) +
+                                      np.array(per_user[f"{model}_rating_gain_per_token"]))
+    # the toy's two groups prefer different genres: the user's history predicts which (their ratings follow the
+    # genre, which the item's text names, so the population predicts those as well)
+    assert every["models"]["set"]["text_gain_per_token"]["ci"][0] > 0
+    assert np.isfinite(every["models"]["population"]["rating_nll_per_item"]["mean"])
+    report = path.with_suffix(".md").read_text()
+    assert "the history as a set" in report and "+ what followed its last items" in report
+    for bad in ("--users=a", "--users=-1", "--holdout_tokens=0"):
+        with pytest.raises(SystemExit):
+            count_reference.parse_args(["--dataset=toy", bad])

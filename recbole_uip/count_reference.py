@@ -1,0 +1,369 @@
+"""A reference for the generalisation goal that needs no LLM: how much a count model of a user's own history
+predicts of their held-out items beyond what a population model predicts.
+
+The generalisation benchmark scores each user's newest training items (held out of inference) in nats per token of
+their text. What such a text says about the user is, item by item, *which* item (its text: a title, or a genre list
+shared by many items) and *which rating*. This module scores those two facts per held-out item with count models
+fitted on the remaining histories only, the information a user's soft tokens are learned from:
+
+* the item's text: the population model is the items' popularity (``pop``), summed over the items that share a
+  text. The user's models add the user's history in three nested steps:
+
+  - ``set`` (the history as a set, the kind of thing a profile describes): the popularity over the items the user
+    has not seen (``pop_unseen``), the user's own distribution over texts (``own``) and two item-to-item models of
+    the remaining histories (``neighbours``: cosine similarity of co-occurrence summed over the user's items;
+    ``ease_t<tau>``: EASE's scores through a softmax at a few temperatures);
+  - ``recent``: the same from the user's newest :data:`RECENT` remaining items alone (``_recent``; the held-out
+    items are the newest);
+  - ``sequence``: the items that followed the user's last 1, 3 or 10 items in the remaining histories
+    (``transitions_last<k>``; on ml-100k most are rated in sessions, half of consecutive ratings in the same second,
+    so this reads which session the user was in rather than a taste);
+
+* the rating, given the item's text (what the LLM has read when it predicts the rating; a title names the item, a
+  genre list only the genres): the population model mixes the global distribution (``global``) with the ratings
+  of the items with that text (``text``) and a discretised Gaussian around their shrunk mean (``text_mean``); the
+  ``set`` model adds the user's own distribution (``own``) and the Gaussian moved by the user's shrunk offset from
+  those means (``offset``), the ``recent`` and ``sequence`` models the same from the user's newest items
+  (``_recent``).
+
+Each model is a mixture of fixed components whose weights are fitted by EM (:func:`mixture_weights`) on the
+held-out items of the *other* half of the users (:func:`cross_fitted_log_probs`, two folds by user index): no
+user's own held-out items shape their own model. The per-user gain, ``log P_user - log P_population`` summed over
+the user's held-out items and divided by their tokens, is then in the same unit as the generalisation goal's
+``own - mean`` (with the sign flipped) and the in-context reference's ``own - population``.
+
+:func:`held_out_data` builds the models' input from the training histories and the held-out positions of
+``benchmarking.held_out_positions``; :func:`count_reference` scores them; :func:`held_out_token_counts` and
+:func:`gains_per_token` put the gains per token (``benchmarks/count_reference.py`` reports them in full, and the
+generalisation benchmark beside its goal).
+
+This is a reference, not a bound: a better model can gain more, and an LLM could find in a title or a genre what
+no count sees. It says how much of a user's held-out text standard collaborative models of the same history
+explain, per token, and how much of that is the history as a set, its newest end, or its order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy import sparse
+
+RECENT = 20           # the user's newest remaining items, for the components that read only those
+EASE_REGULARISATION = 200.0   # of 50, 200 and 500, the best on ml-100k's held-out items (all users: a little optimistic)
+EASE_TEMPERATURES = (5.0, 10.0, 20.0, 40.0)
+EASE_MAX_ITEMS = 8000
+TRANSITION_LAGS = 10  # an item follows each of the user's last items within this many steps, weighted 1 / lag
+TRANSITION_LAST = (1, 3, 10)
+TEXT_COMPONENTS = ("pop", "pop_unseen", "own", "neighbours", *(f"ease_t{tau:g}" for tau in EASE_TEMPERATURES),
+                   "own_recent", "neighbours_recent", *(f"ease_recent_t{tau:g}" for tau in EASE_TEMPERATURES),
+                   *(f"transitions_last{k}" for k in TRANSITION_LAST))
+RATING_COMPONENTS = ("global", "text", "text_mean", "own", "offset", "own_recent", "offset_recent")
+MODELS = ("population", "set", "recent", "sequence")   # nested: each adds components to the one before
+
+
+def model_components(model: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(text components, rating components)`` of one of :data:`MODELS` (the module's docstring)."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    text_ends = {"population": "pop_unseen", "set": "own_recent", "recent": "transitions_last1", "sequence": None}
+    rating_ends = {"population": "own", "set": "own_recent", "recent": None, "sequence": None}
+    text = TEXT_COMPONENTS[:TEXT_COMPONENTS.index(text_ends[model])] if text_ends[model] else TEXT_COMPONENTS
+    rating = RATING_COMPONENTS[:RATING_COMPONENTS.index(rating_ends[model])] if rating_ends[model] else RATING_COMPONENTS
+    return text, rating
+SHRINK = 5.0          # pseudo-counts towards the global mean (item means) and towards zero (user offsets)
+SMOOTH = 0.5          # add-0.5 on every count distribution, so no component gives a held-out value probability 0
+
+
+@dataclasses.dataclass
+class HeldOutData:
+    """Per user, the remaining and the held-out items as the count models see them.
+
+    Attributes:
+        item_text: int64 ``(I,)``: the text id of each item (items sharing a text share it), ``0..T-1``.
+        remaining: per user, int64 item indices of the remaining history (what inference may read).
+        remaining_ratings: per user, float ``(len(remaining[u]),)``, or None without ratings.
+        held: per user, int64 item indices of the held-out items (possibly empty).
+        held_ratings: per user, float ``(len(held[u]),)``, or None without ratings.
+    """
+
+    item_text: np.ndarray
+    remaining: list[np.ndarray]
+    remaining_ratings: list[np.ndarray] | None
+    held: list[np.ndarray]
+    held_ratings: list[np.ndarray] | None
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_text)
+
+    @property
+    def num_texts(self) -> int:
+        return int(self.item_text.max()) + 1 if len(self.item_text) else 0
+
+
+def held_out_data(histories, held: list[np.ndarray]) -> HeldOutData:
+    """The count models' view of ``histories`` (a ``TrainingHistories``) with ``held[u]`` (positions in user ``u``'s
+    items, e.g. ``benchmarking.held_out_positions``) held out: items sharing a text share a text id."""
+    _, item_text = np.unique(np.asarray(histories.item_texts, dtype=object).astype(str), return_inverse=True)
+    rest = [np.setdiff1d(np.arange(len(items)), h) for items, h in zip(histories.items, held)]
+    ratings = histories.ratings
+    return HeldOutData(
+        item_text=item_text.astype(np.int64),
+        remaining=[items[r] for items, r in zip(histories.items, rest)],
+        remaining_ratings=None if ratings is None else [rt[r] for rt, r in zip(ratings, rest)],
+        held=[items[np.asarray(h, dtype=np.int64)] for items, h in zip(histories.items, held)],
+        held_ratings=None if ratings is None else [rt[np.asarray(h, dtype=np.int64)] for rt, h in zip(ratings, held)])
+
+
+def held_out_token_counts(text, held: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens, rating_tokens)``, float ``(U,)`` each: per user, the tokens of the held-out items' text and those of
+    them that write the rating (zeros where the text marks none). ``text``: the ``BehaviourText`` the positions
+    ``held`` index."""
+    pieces = [text.user_pieces[u][np.asarray(h, dtype=np.int64)] for u, h in enumerate(held)]
+    tokens = np.array([text.piece_lengths[p].sum() for p in pieces], dtype=float)
+    flags = text.rating_flags
+    rating = np.array([sum(int(np.sum(flags[i])) for i in p) if flags is not None else 0 for p in pieces], dtype=float)
+    return tokens, rating
+
+
+def gains_per_token(reference: "CountReference", tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """``{model: (U,)}``: each user model's gain over the population model (text and rating together) per held-out
+    token; nan for users without held-out tokens."""
+    out = {}
+    for model in MODELS[1:]:
+        text, rating = reference.gain(model)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[model] = np.where(tokens > 0, (text + rating) / tokens, np.nan)
+    return out
+
+
+def ease_weights(matrix, regularisation: float = EASE_REGULARISATION) -> np.ndarray | None:
+    """``(I, I)``: EASE's item-to-item weights (Steck, 2019) of the binary user-item ``matrix`` ``(U, I)``:
+    ``B = I - P / diag(P)`` with ``P = (X^T X + lambda I)^-1``, zero diagonal; None above :data:`EASE_MAX_ITEMS`
+    items (a dense ``(I, I)`` inverse)."""
+    if matrix.shape[1] > EASE_MAX_ITEMS:
+        return None
+    gram = (matrix.T @ matrix).toarray() + regularisation * np.eye(matrix.shape[1])
+    inverse = np.linalg.inv(gram)
+    weights = -inverse / np.diag(inverse)
+    np.fill_diagonal(weights, 0.0)
+    return weights
+
+
+def transition_counts(histories: list[np.ndarray], num_items: int, lags: int = TRANSITION_LAGS):
+    """``(I, I)`` sparse: over the ``histories`` (per user, item indices oldest first), how often item ``j`` came
+    ``k <= lags`` steps after item ``i``, each occurrence weighted ``1 / k``."""
+    rows, cols, weights = [], [], []
+    for items in histories:
+        for lag in range(1, min(lags, len(items) - 1) + 1):
+            rows.append(items[:-lag])
+            cols.append(items[lag:])
+            weights.append(np.full(len(items) - lag, 1.0 / lag))
+    if not rows:
+        return sparse.csr_matrix((num_items, num_items))
+    return sparse.csr_matrix((np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))),
+                             shape=(num_items, num_items))
+
+
+def _normalised(scores: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """``scores`` ``(I,)`` (non-negative) as a distribution, or ``fallback`` where they are all zero."""
+    total = scores.sum()
+    return scores / total if total > 0 else fallback
+
+
+def _softmax(scores: np.ndarray, temperature: float, seen: np.ndarray) -> np.ndarray:
+    """``softmax(temperature * scores)`` over the items not in ``seen``, ``(I,)``."""
+    logits = temperature * scores
+    logits[seen] = -np.inf
+    logits = np.exp(logits - logits[np.isfinite(logits)].max())
+    return logits / logits.sum()
+
+
+def text_component_probs(data: HeldOutData) -> list[np.ndarray]:
+    """Per user, ``(len(held[u]), len(TEXT_COMPONENTS))``: the probability of each held-out item's *text* under each
+    component (the module's docstring), each a distribution over items fitted on the remaining histories and summed
+    over the items that share a text (``own``, ``own_recent``: the user's distribution over texts itself).
+
+    ``neighbours``: item scores ``s = sum_{j in remaining[u]} cos(i, j)`` over the binary user-item matrix of the
+    remaining histories, zero on the user's own items, normalised (``pop`` where they co-occur with nothing);
+    ``_recent``: over the user's newest :data:`RECENT` remaining items only. ``ease_t<tau>``: ``softmax(tau * s)``
+    over the items the user has not seen, ``s`` the EASE scores of the user's items (:func:`ease_weights`; ``pop_unseen``
+    above :data:`EASE_MAX_ITEMS` items). ``transitions_last<k>``: the :func:`transition_counts` from the user's last
+    ``k`` items, zero on the user's own items, normalised (``pop_unseen`` where there are none). Cost: two sparse
+    ``(I, I)`` count matrices and a dense ``(I, I)`` inverse."""
+    num_users, num_items = len(data.remaining), data.num_items
+    rows = np.concatenate([np.full(len(r), u) for u, r in enumerate(data.remaining)]) if num_users else np.zeros(0)
+    cols = np.concatenate(data.remaining) if num_users else np.zeros(0, dtype=np.int64)
+    matrix = sparse.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(num_users, num_items))
+    matrix.data[:] = 1.0                                                  # a repeated item counts once
+    counts = np.asarray(matrix.sum(axis=0)).ravel()                       # (I,) users per item
+    norm = sparse.diags(1.0 / np.sqrt(np.maximum(counts, 1.0)))
+    cosine = (norm @ (matrix.T @ matrix) @ norm).tolil()
+    cosine.setdiag(0.0)
+    cosine = cosine.tocsr()                                               # (I, I)
+    ease = ease_weights(matrix)
+    transitions = transition_counts(data.remaining, num_items)
+    to_text = sparse.csr_matrix((np.ones(num_items), (np.arange(num_items), data.item_text)),
+                                shape=(num_items, data.num_texts))
+    pop = (counts + SMOOTH) / (counts + SMOOTH).sum()                    # (I,)
+    out = []
+    for seen, held in zip(data.remaining, data.held):
+        recent = seen[-RECENT:]
+        unseen = pop.copy()
+        unseen[seen] = 0.0
+        unseen /= unseen.sum()
+        items = {"pop": pop, "pop_unseen": unseen}
+        for name, window in (("neighbours", seen), ("neighbours_recent", recent)):
+            scores = np.asarray(cosine[window].sum(axis=0)).ravel() if len(window) else np.zeros(num_items)
+            scores[seen] = 0.0
+            items[name] = _normalised(scores, pop)
+        for name, window in (("ease", seen), ("ease_recent", recent)):
+            scores = ease[window].sum(axis=0) if ease is not None and len(window) else None
+            for tau in EASE_TEMPERATURES:
+                items[f"{name}_t{tau:g}"] = unseen if scores is None else _softmax(scores, tau, seen)
+        for last in TRANSITION_LAST:
+            scores = np.asarray(transitions[seen[-last:]].sum(axis=0)).ravel() if len(seen) else np.zeros(num_items)
+            scores[seen] = 0.0
+            items[f"transitions_last{last}"] = _normalised(scores, unseen)
+        texts = data.item_text[held]
+        probs = np.empty((len(held), len(TEXT_COMPONENTS)))
+        for k, name in enumerate(TEXT_COMPONENTS):
+            if name in ("own", "own_recent"):
+                own = np.bincount(data.item_text[seen if name == "own" else recent], minlength=data.num_texts)
+                probs[:, k] = own[texts] / max(own.sum(), 1)
+            else:
+                probs[:, k] = (items[name] @ to_text)[texts]
+        out.append(probs)
+    return out
+
+
+def rating_component_probs(data: HeldOutData) -> list[np.ndarray]:
+    """Per user, ``(len(held[u]), len(RATING_COMPONENTS))``: the probability of each held-out rating under each
+    component (the module's docstring), over the rating values seen anywhere in the data.
+
+    ``text_mean`` and ``offset`` are Gaussians over those values, normalised, with the spread of the remaining
+    ratings around their texts' means: centred at the mean rating of the item's text shrunk towards the global mean
+    by :data:`SHRINK` pseudo-ratings, and at that plus the user's mean offset from it shrunk towards zero the same
+    way."""
+    if data.remaining_ratings is None or data.held_ratings is None:
+        raise ValueError("the data holds no ratings")
+    values = np.unique(np.concatenate([*data.remaining_ratings, *data.held_ratings]))   # (V,)
+    index = {v: k for k, v in enumerate(values.tolist())}
+    texts = data.item_text[np.concatenate(data.remaining)]
+    ratings = np.concatenate(data.remaining_ratings).astype(float)
+    slots = np.array([index[v] for v in ratings.tolist()], dtype=np.int64)
+    glob = np.bincount(slots, minlength=len(values)) + SMOOTH
+    glob = glob / glob.sum()                                               # (V,)
+    per_text = np.zeros((data.num_texts, len(values)))
+    np.add.at(per_text, (texts, slots), 1.0)
+    text_dist = (per_text + 2 * glob) / (per_text.sum(1, keepdims=True) + 2)     # shrunk towards global by 2 ratings
+    sums = np.bincount(texts, weights=ratings, minlength=data.num_texts)
+    text_mean = (sums + SHRINK * ratings.mean()) / (per_text.sum(1) + SHRINK)   # (T,)
+    spread = max(float(np.sqrt(np.mean((ratings - text_mean[texts]) ** 2))), 1e-3)
+
+    def gaussian(centres: np.ndarray) -> np.ndarray:                       # (n,) -> (n, V)
+        logits = -0.5 * ((values[None, :] - centres[:, None]) / spread) ** 2
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return p / p.sum(1, keepdims=True)
+
+    out = []
+    for seen, seen_r, held, held_r in zip(data.remaining, data.remaining_ratings, data.held, data.held_ratings):
+        held_slots = np.array([index[v] for v in np.asarray(held_r, dtype=float).tolist()], dtype=np.int64)
+        seen_r = np.asarray(seen_r, dtype=float)
+        rows = np.arange(len(held))
+        seen_slots = np.array([index[v] for v in seen_r.tolist()], dtype=np.int64)
+        probs = np.empty((len(held), len(RATING_COMPONENTS)))
+        probs[:, 0] = glob[held_slots]
+        held_texts, seen_texts = data.item_text[held], data.item_text[seen]
+        probs[:, 1] = text_dist[held_texts, held_slots]
+        probs[:, 2] = gaussian(text_mean[held_texts])[rows, held_slots]
+        for own_column, offset_column, window in ((3, 4, slice(None)), (5, 6, slice(-RECENT, None))):
+            own = np.bincount(seen_slots[window], minlength=len(values)) + 2 * glob      # shrunk by 2 ratings
+            probs[:, own_column] = (own / own.sum())[held_slots]
+            residuals = seen_r[window] - text_mean[seen_texts[window]]
+            offset = float(residuals.sum() / (len(residuals) + SHRINK))
+            probs[:, offset_column] = gaussian(text_mean[held_texts] + offset)[rows, held_slots]
+        out.append(probs)
+    return out
+
+
+def mixture_weights(probs: np.ndarray, iterations: int = 500, tol: float = 1e-10) -> np.ndarray:
+    """``(K,)``: the weights ``w`` (non-negative, summing to 1) of the mixture ``probs @ w`` that maximise
+    ``sum log(probs @ w)`` over the ``(n, K)`` component probabilities of ``n`` observations, by EM (each step
+    raises the likelihood, which is concave in ``w``). Uniform for no observations."""
+    probs = np.asarray(probs, dtype=float)
+    count = probs.shape[1]
+    weights = np.full(count, 1.0 / count)
+    if not len(probs):
+        return weights
+    previous = -np.inf
+    for _ in range(iterations):
+        mixed = probs @ weights
+        likelihood = float(np.log(mixed).sum())
+        if likelihood - previous < tol * max(1.0, abs(likelihood)):
+            break
+        previous = likelihood
+        weights = weights * (probs / mixed[:, None]).mean(0)
+        weights /= weights.sum()
+    return weights
+
+
+def user_folds(num_users: int) -> np.ndarray:
+    """``(U,)``: the fold (0 or 1) of each user for :func:`cross_fitted_log_probs`, by parity of the user index."""
+    return np.arange(num_users) % 2
+
+
+def cross_fitted_log_probs(probs: list[np.ndarray], columns, folds: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per user, the log-probability ``(n_u,)`` of each held-out observation under the mixture of the components
+    ``columns`` whose weights were fitted on the *other* fold's users' observations; and those weights, ``(2, K)``
+    (row f: the weights applied to fold f). ``probs``: per user ``(n_u, K_all)`` (:func:`text_component_probs`,
+    :func:`rating_component_probs`); ``folds``: ``(U,)`` of 0/1 (:func:`user_folds`)."""
+    columns = list(columns)
+    weights = np.empty((2, len(columns)))
+    for fold in (0, 1):
+        fitting = [p[:, columns] for p, f in zip(probs, folds) if f != fold and len(p)]
+        weights[fold] = mixture_weights(np.concatenate(fitting) if fitting else np.zeros((0, len(columns))))
+    return [np.log(p[:, columns] @ weights[f]) for p, f in zip(probs, folds)], weights
+
+
+@dataclasses.dataclass
+class CountReference:
+    """Per user, the NLL (nats) of their held-out items under each of :data:`MODELS`.
+
+    Attributes:
+        text_nll: ``{model: (U,)}``: the held-out items' texts, summed over the user's held-out items.
+        rating_nll: ``{model: (U,)}``: the same for their ratings (absent without ratings).
+        text_weights, rating_weights: ``{model: (2, K)}``: each model's mixture weights, row f applied to fold f
+            (fitted on the other fold), over its :func:`model_components`.
+    """
+
+    text_nll: dict
+    rating_nll: dict
+    text_weights: dict
+    rating_weights: dict
+
+    def gain(self, model: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(text, rating)``, ``(U,)`` each: nats the ``model`` gains over the population's on each user's held-out
+        items (the rating part zeros without ratings)."""
+        text = self.text_nll["population"] - self.text_nll[model]
+        rating = (self.rating_nll["population"] - self.rating_nll[model]) if self.rating_nll else np.zeros_like(text)
+        return text, rating
+
+
+def count_reference(data: HeldOutData) -> CountReference:
+    """Every user's held-out items scored by each of :data:`MODELS` (the module's docstring); users without
+    held-out items get zeros."""
+    folds = user_folds(len(data.held))
+    parts = [("text", text_component_probs(data), TEXT_COMPONENTS, 0)]
+    if data.remaining_ratings is not None and data.held_ratings is not None:
+        parts.append(("rating", rating_component_probs(data), RATING_COMPONENTS, 1))
+    nll = {"text": {}, "rating": {}}
+    weights = {"text": {}, "rating": {}}
+    for part, probs, names, which in parts:
+        for model in MODELS:
+            columns = [names.index(c) for c in model_components(model)[which]]
+            logs, weights[part][model] = cross_fitted_log_probs(probs, columns, folds)
+            nll[part][model] = np.array([-lp.sum() for lp in logs])
+    return CountReference(text_nll=nll["text"], rating_nll=nll["rating"], text_weights=weights["text"],
+                          rating_weights=weights["rating"])

@@ -1,0 +1,168 @@
+"""The count models' reference for the generalisation goal (``recbole_uip.count_reference``): no LLM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recbole_uip import count_reference as cr
+
+
+def planted_data(seed: int = 0, users: int = 40, items: int = 60, per_user: int = 12, held: int = 3,
+                 chained: bool = False) -> cr.HeldOutData:
+    """Two groups of users, each drawing from its own half of the items; crossing them, high raters (mostly 5) and
+    low raters (mostly 1). With ``chained``, each user walks through their half in item order from a random start
+    instead (item ``i`` is followed by ``i + 1``). Items ``2k`` and ``2k + 1`` share a text. The newest ``held``
+    items of each user are held out."""
+    rng = np.random.default_rng(seed)
+    half = items // 2
+    remaining, remaining_r, held_items, held_r = [], [], [], []
+    for u in range(users):
+        pool = np.arange(half) + (half if u % 2 else 0)
+        if chained:
+            start = rng.integers(half)
+            sequence = pool[(start + np.arange(per_user)) % half]
+        else:
+            sequence = rng.permutation(pool)[:per_user]
+        likely, unlikely = (5.0, 2.0) if (u // 2) % 2 else (1.0, 4.0)
+        ratings = np.where(rng.random(per_user) < 0.8, likely, unlikely)
+        remaining.append(sequence[:-held])
+        remaining_r.append(ratings[:-held])
+        held_items.append(sequence[-held:])
+        held_r.append(ratings[-held:])
+    return cr.HeldOutData(item_text=np.arange(items) // 2, remaining=remaining, remaining_ratings=remaining_r,
+                          held=held_items, held_ratings=held_r)
+
+
+def test_mixture_weights_recover_the_mixture_and_never_lower_the_likelihood():
+    rng = np.random.default_rng(0)
+    probs = rng.random((4000, 3)) + 0.05
+    probs /= probs.sum(0)                                  # three distributions over 4000 outcomes
+    draws = rng.choice(4000, size=20000, p=probs @ np.array([0.6, 0.3, 0.1]))
+    weights = cr.mixture_weights(probs[draws])
+    assert weights.sum() == pytest.approx(1.0) and (weights >= 0).all()
+    assert weights == pytest.approx([0.6, 0.3, 0.1], abs=0.05)
+    uniform = np.log(probs[draws] @ np.full(3, 1 / 3)).sum()
+    assert np.log(probs[draws] @ weights).sum() >= uniform
+    assert cr.mixture_weights(np.zeros((0, 4))) == pytest.approx(np.full(4, 0.25))
+
+
+def test_the_models_are_nested_and_unknown_ones_refused():
+    previous = (set(), set())
+    for model in cr.MODELS:
+        text, rating = cr.model_components(model)
+        assert set(text) <= set(cr.TEXT_COMPONENTS) and set(rating) <= set(cr.RATING_COMPONENTS)
+        assert previous[0] <= set(text) and previous[1] <= set(rating)
+        previous = (set(text), set(rating))
+    assert cr.model_components("population") == (("pop",), ("global", "text", "text_mean"))
+    assert cr.model_components("sequence") == (cr.TEXT_COMPONENTS, cr.RATING_COMPONENTS)
+    with pytest.raises(ValueError, match="model must be one of"):
+        cr.model_components("everything")
+
+
+def test_every_component_is_a_distribution_over_texts_and_ratings():
+    """Summed over every text (every rating value), each component gives 1, for any user: the held-out items are
+    set to each text (value) in turn."""
+    data = planted_data()
+    everything = cr.HeldOutData(item_text=data.item_text, remaining=data.remaining,
+                                remaining_ratings=data.remaining_ratings,
+                                held=[np.arange(0, len(data.item_text), 2)] * len(data.held),   # one item per text
+                                held_ratings=[np.full(len(data.item_text) // 2, 1.0)] * len(data.held))
+    for probs in cr.text_component_probs(everything)[:4]:
+        assert probs.sum(0) == pytest.approx(np.ones(len(cr.TEXT_COMPONENTS)))
+    values = np.unique(np.concatenate(data.remaining_ratings))
+    totals = 0
+    for value in values:
+        rated = cr.HeldOutData(item_text=data.item_text, remaining=data.remaining,
+                               remaining_ratings=data.remaining_ratings, held=[np.array([3])] * len(data.held),
+                               held_ratings=[np.array([value])] * len(data.held))
+        totals = totals + np.stack([p[0] for p in cr.rating_component_probs(rated)])
+    assert totals == pytest.approx(np.ones_like(totals))
+
+
+def test_a_user_model_gains_on_planted_tastes_and_the_population_gains_nothing():
+    reference = cr.count_reference(planted_data())
+    text, rating = reference.gain("set")
+    assert (text > 0).mean() > 0.9 and text.mean() > 1.0          # which half: up to log 2 per item, 3 items
+    assert rating.mean() > 0.5                                     # each user rates their own way
+    zero_text, zero_rating = reference.gain("population")
+    assert (zero_text == 0).all() and (zero_rating == 0).all()
+
+
+def test_the_sequence_model_reads_what_follows_the_last_items():
+    """Where each item is followed by the next one, the items that followed the user's last item in other
+    histories predict the held-out items far better than the history as a set."""
+    reference = cr.count_reference(planted_data(chained=True))
+    text_set, _ = reference.gain("set")
+    text_sequence, _ = reference.gain("sequence")
+    assert text_sequence.mean() > text_set.mean() + 2.0
+    assert cr.transition_counts([np.array([0, 1, 2])], 3).toarray() == pytest.approx(
+        np.array([[0, 1, 0.5], [0, 0, 1], [0, 0, 0]]))
+
+
+def test_a_users_held_out_items_shape_neither_their_own_model_nor_anyone_elses():
+    """No leakage: the held-out items enter no count, and each user's mixture weights come from the other fold.
+    Changing one user's held-out items and ratings changes no other user's component probabilities, and not the
+    weights applied to that user's fold."""
+    data = planted_data()
+    changed_user = 4                                               # fold 0
+    changed = cr.HeldOutData(item_text=data.item_text, remaining=data.remaining,
+                             remaining_ratings=data.remaining_ratings,
+                             held=[h if u != changed_user else (h + 1) % len(data.item_text) for u, h in enumerate(data.held)],
+                             held_ratings=[r if u != changed_user else 6.0 - r for u, r in enumerate(data.held_ratings)])
+    for fn in (cr.text_component_probs, cr.rating_component_probs):
+        before, after = fn(data), fn(changed)
+        for u in range(len(data.held)):
+            if u != changed_user:
+                assert before[u] == pytest.approx(after[u])
+    a, b = cr.count_reference(data), cr.count_reference(changed)
+    for part in ("text_weights", "rating_weights"):
+        for model in cr.MODELS:
+            assert getattr(a, part)[model][0] == pytest.approx(getattr(b, part)[model][0])   # fold 0: fitted on fold 1
+
+
+def test_ease_weights_and_their_size_limit(monkeypatch):
+    from scipy import sparse
+
+    matrix = sparse.csr_matrix(np.array([[1, 1, 0], [1, 1, 0], [0, 1, 1]], dtype=float))
+    weights = cr.ease_weights(matrix, regularisation=1.0)
+    assert np.diag(weights) == pytest.approx(np.zeros(3))
+    assert weights[0, 1] > weights[2, 0]                         # items 0 and 1 co-occur, 0 and 2 never
+    monkeypatch.setattr(cr, "EASE_MAX_ITEMS", 2)
+    assert cr.ease_weights(matrix) is None
+    probs = cr.text_component_probs(planted_data())               # above the limit: the EASE columns are pop_unseen
+    unseen = cr.TEXT_COMPONENTS.index("pop_unseen")
+    for name in cr.TEXT_COMPONENTS:
+        if name.startswith("ease"):
+            assert probs[0][:, cr.TEXT_COMPONENTS.index(name)] == pytest.approx(probs[0][:, unseen])
+
+
+def test_no_ratings_scores_the_texts_alone():
+    data = planted_data()
+    bare = cr.HeldOutData(item_text=data.item_text, remaining=data.remaining, remaining_ratings=None,
+                          held=data.held, held_ratings=None)
+    reference = cr.count_reference(bare)
+    assert reference.rating_nll == {} and (reference.gain("recent")[1] == 0).all()
+    with pytest.raises(ValueError, match="no ratings"):
+        cr.rating_component_probs(bare)
+
+
+def test_held_out_data_splits_each_history_at_its_positions_and_shares_text_ids():
+    from types import SimpleNamespace
+
+    histories = SimpleNamespace(item_texts=["b", "a", "b", "c"],
+                                items=[np.array([0, 1, 2, 3]), np.array([3, 1])],
+                                ratings=[np.array([1.0, 2.0, 3.0, 4.0]), np.array([5.0, 1.0])])
+    data = cr.held_out_data(histories, [np.array([2, 3]), np.zeros(0, dtype=np.int64)])
+    assert data.item_text.tolist() == [1, 0, 1, 2]                   # "b" twice: one text id
+    assert [r.tolist() for r in data.remaining] == [[0, 1], [3, 1]]
+    assert [h.tolist() for h in data.held] == [[2, 3], []]
+    assert data.held_ratings[0].tolist() == [3.0, 4.0] and data.remaining_ratings[1].tolist() == [5.0, 1.0]
+    text = SimpleNamespace(user_pieces=[np.array([0, 1, 2, 3]), np.array([4, 5])],
+                           piece_lengths=np.array([5, 6, 7, 8, 9, 10]),
+                           rating_flags=[np.array([False, True])] * 6)
+    tokens, rating = cr.held_out_token_counts(text, [np.array([2, 3]), np.zeros(0, dtype=np.int64)])
+    assert tokens.tolist() == [15.0, 0.0] and rating.tolist() == [2.0, 0.0]
+    reference = cr.count_reference(data)
+    gains = cr.gains_per_token(reference, tokens)
+    assert np.isfinite(gains["set"][0]) and np.isnan(gains["set"][1])   # no held-out tokens: no gain per token
