@@ -60,19 +60,20 @@ TEXT_COMPONENTS = ("pop", "pop_unseen", "own", "neighbours", *(f"ease_t{tau:g}" 
                    *(f"transitions_last{k}" for k in TRANSITION_LAST))
 RATING_COMPONENTS = ("global", "text", "text_mean", "own", "offset", "own_recent", "offset_recent")
 MODELS = ("population", "set", "recent", "sequence")   # nested: each adds components to the one before
+SHRINK = 5.0          # pseudo-ratings towards the global mean (text means) and towards zero (user offsets)
+SMOOTH = 0.5          # add-0.5 on the popularity and global rating counts, so neither gives a value probability 0
 
 
 def model_components(model: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(text components, rating components)`` of one of :data:`MODELS` (the module's docstring)."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    # each model's components are a prefix of the lists above (the models are nested): where the prefix ends
     text_ends = {"population": "pop_unseen", "set": "own_recent", "recent": "transitions_last1", "sequence": None}
     rating_ends = {"population": "own", "set": "own_recent", "recent": None, "sequence": None}
     text = TEXT_COMPONENTS[:TEXT_COMPONENTS.index(text_ends[model])] if text_ends[model] else TEXT_COMPONENTS
     rating = RATING_COMPONENTS[:RATING_COMPONENTS.index(rating_ends[model])] if rating_ends[model] else RATING_COMPONENTS
     return text, rating
-SHRINK = 5.0          # pseudo-counts towards the global mean (item means) and towards zero (user offsets)
-SMOOTH = 0.5          # add-0.5 on every count distribution, so no component gives a held-out value probability 0
 
 
 @dataclasses.dataclass
