@@ -27,8 +27,8 @@ import time
 import numpy as np
 
 from recbole_uip.benchmarking import (
-    GENERALISATION_GOAL, benchmark_parser, configure, finite_or_none, held_out_positions, interval_summary,
-    parse_known_with_overrides, publish_benchmark, run_record, settings_table,
+    GENERALISATION_GOAL, benchmark_parser, comma_separated, configure, finite_or_none, interval_summary,
+    load_held_out_text, parse_known_with_overrides, publish_benchmark, run_record, settings_table,
 )
 from recbole_uip.count_reference import (
     MODELS, count_reference, gains_per_token, held_out_data, held_out_token_counts, model_components,
@@ -46,10 +46,7 @@ def parse_args(argv=None):
                         help="the sets of users reported: the first N with held-out items, 0 for all (default "
                              "0,150,300: all, and the users of the in-context runs); the models are fitted on all")
     args, overrides = parse_known_with_overrides(parser, argv)
-    try:
-        args.users = [int(n) for n in args.users.split(",") if n.strip()]
-    except ValueError:
-        parser.error(f"--users must be comma-separated integers, got {args.users!r}")
+    args.users = comma_separated(parser, "--users", args.users, int)
     if not args.users or min(args.users) < 0 or args.holdout_tokens < 1:
         parser.error("--users must name one or more counts >= 0 and --holdout_tokens must be positive")
     return args, overrides
@@ -130,20 +127,10 @@ def render(data: dict) -> str:
 
 def main(argv=None) -> int:
     from recbole_uip.count_reference import RECENT
-    from recbole_uip.data.behaviour import check_text_values, collect_training_histories, resolve_text_fields
-    from recbole_uip.data.behaviour_text import BehaviourText
-    from recbole_uip.inference.llm import load_frozen_llm
-    from recbole_uip.quick_start import check_dataset_files
 
     args, overrides = parse_args(argv)
     config, settings, logger = configure(args.model, args.dataset, overrides)
-    files = check_dataset_files(config)
-    fields = resolve_text_fields(config, settings, files)
-    check_text_values(files, fields, config["field_separator"], config["encoding"])
-    histories = collect_training_histories(config, settings, fields, logger)
-    llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger)
-    text = BehaviourText(histories, settings, llm.tokenizer, logger)
-    held = held_out_positions(text, args.holdout_tokens)
+    histories, _, text, held = load_held_out_text(config, settings, logger, args.holdout_tokens)
     start = time.perf_counter()
     data = held_out_data(histories, held)
     reference = count_reference(data)

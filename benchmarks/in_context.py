@@ -43,9 +43,9 @@ import numpy as np
 import torch
 
 from recbole_uip.benchmarking import (
-    CONTEXT_ENDS, GENERALISATION_GOAL, benchmark_parser, configure, context_positions, finite_or_none, held_out_positions,
-    interval_summary, matched_contexts, newest_tokens, parse_known_with_overrides, publish_benchmark, run_record,
-    settings_table,
+    CONTEXT_ENDS, GENERALISATION_GOAL, benchmark_parser, comma_separated, configure, context_positions, finite_or_none,
+    interval_summary, load_held_out_text, matched_contexts, newest_tokens, parse_known_with_overrides, publish_benchmark,
+    run_record, settings_table,
 )
 
 CONDITIONS = ("own", "other", "none")
@@ -66,10 +66,7 @@ def parse_args(argv=None):
                              "M + 1 forward passes per user instead of 2; default 0: off)")
     parser.add_argument("--batch_size", type=int, default=8)
     args, overrides = parse_known_with_overrides(parser, argv)
-    try:
-        args.context_tokens = [int(n) for n in args.context_tokens.split(",") if n.strip()]
-    except ValueError:
-        parser.error(f"--context_tokens must be comma-separated integers, got {args.context_tokens!r}")
+    args.context_tokens = comma_separated(parser, "--context_tokens", args.context_tokens, int)
     if not args.context_tokens or min(args.context_tokens) < 1 or args.holdout_tokens < 1 or args.users < 0 \
             or args.population < 0:
         parser.error("--context_tokens, --holdout_tokens must be positive, --users and --population >= 0")
@@ -269,22 +266,12 @@ def render(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from recbole_uip.data.behaviour import check_text_values, collect_training_histories, resolve_text_fields
-    from recbole_uip.data.behaviour_text import BehaviourText
-    from recbole_uip.inference.llm import load_frozen_llm
     from recbole_uip.inference.prompt import leading_bos
-    from recbole_uip.quick_start import check_dataset_files
 
     args, overrides = parse_args(argv)
     config, settings, logger = configure(args.model, args.dataset, overrides)
     torch.set_num_threads(settings.num_threads or torch.get_num_threads())
-    files = check_dataset_files(config)
-    fields = resolve_text_fields(config, settings, files)
-    check_text_values(files, fields, config["field_separator"], config["encoding"])
-    histories = collect_training_histories(config, settings, fields, logger)
-    llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger)
-    text = BehaviourText(histories, settings, llm.tokenizer, logger)
-    held = held_out_positions(text, args.holdout_tokens)
+    _, llm, text, held = load_held_out_text(config, settings, logger, args.holdout_tokens)
     users = np.array([u for u, h in enumerate(held) if len(h)])
     users = users[:args.users] if args.users else users
     other = users[np.random.default_rng(0).permutation(len(users))]

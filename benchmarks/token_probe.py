@@ -68,9 +68,9 @@ import torch
 from tqdm import tqdm
 
 from recbole_uip.benchmarking import (
-    CONTEXT_ENDS, HeldOutInference, benchmark_parser, configure, context_positions, finite_or_none, goal_verdict,
-    interval_summary, matched_contexts, newest_tokens, parse_known_with_overrides, publish_benchmark, run_record,
-    settings_fingerprint, settings_table,
+    CONTEXT_ENDS, HeldOutInference, benchmark_parser, comma_separated, configure, context_positions, finite_or_none,
+    goal_verdict, interval_summary, matched_contexts, newest_tokens, parse_known_with_overrides, publish_benchmark,
+    run_record, settings_fingerprint, settings_table,
 )
 from recbole_uip.inference.trainer import after_contexts
 
@@ -188,16 +188,10 @@ def parse_args(argv=None):
                              "fitted tokens, comma-separated in (0, 1), e.g. 0.1,0.25,0.75 (modes own_keep<percent>; "
                              "own_halfway is 0.5 and always scored; default: none)")
     args, overrides = parse_known_with_overrides(parser, argv)
-    try:
-        args.keep = [float(k) for k in args.keep.split(",") if k.strip()]
-    except ValueError:
-        parser.error(f"--keep takes comma-separated shares in (0, 1), not {args.keep!r}")
+    args.keep = comma_separated(parser, "--keep", args.keep, float)
     if any(not 0 < k < 1 for k in args.keep) or len({keep_mode(k) for k in args.keep}) < len(args.keep):
         parser.error("--keep takes distinct shares strictly between 0 and 1 (0: the mean, 1: own, 0.5: own_halfway)")
-    try:
-        args.context_tokens = [int(n) for n in args.context_tokens.split(",") if n.strip()]
-    except ValueError:
-        parser.error(f"--context_tokens takes comma-separated token counts, not {args.context_tokens!r}")
+    args.context_tokens = comma_separated(parser, "--context_tokens", args.context_tokens, int)
     if any(n < 1 for n in args.context_tokens):
         parser.error("--context_tokens must be positive")
     if args.distil_context_tokens < 1:

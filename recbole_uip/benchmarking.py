@@ -20,7 +20,8 @@
   (:func:`context_positions`: or their oldest);
   :class:`HeldOutInference`: that protocol set up for inference (the generalisation and token-probe benchmarks);
   :func:`goal_verdict`: their sentence on the generalisation goal.
-* :func:`benchmark_parser`: the flags every benchmark has; :func:`configure`: a benchmark's RecBole config (profiles on), RecBole's logger and the resolved settings.
+* :func:`load_held_out_text`: what those benchmarks start from (histories, LLM, tokenised text, held-out positions).
+* :func:`benchmark_parser`: the flags every benchmark has; :func:`comma_separated`: a flag's list; :func:`configure`: a benchmark's RecBole config (profiles on), RecBole's logger and the resolved settings.
 """
 
 from __future__ import annotations
@@ -73,6 +74,15 @@ def benchmark_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--variant", default="", help="a second measurement of the same setting (e.g. gpu, on other "
                         "hardware) is written as <name>_<variant>.{json,md} beside the first")
     return parser
+
+
+def comma_separated(parser: argparse.ArgumentParser, flag: str, value: str, cast=str) -> list:
+    """A flag's comma-separated ``value`` as a list of ``cast`` values (blank items left out); a value ``cast``
+    refuses ends the run through ``parser.error``, naming ``flag``."""
+    try:
+        return [cast(item.strip()) for item in value.split(",") if item.strip()]
+    except ValueError:
+        parser.error(f"{flag} takes comma-separated {getattr(cast, '__name__', 'value')} values, got {value!r}")
 
 
 def result_name(name: str, args: argparse.Namespace) -> str:
@@ -397,6 +407,24 @@ def matched_contexts(text, users, others, positions, budget: int) -> tuple[list[
     return own, theirs
 
 
+def load_held_out_text(config, settings, logger, holdout_tokens: int):
+    """``(histories, llm, text, held)``, what every held-out benchmark starts from: the dataset's text fields checked,
+    the training histories read (``TrainingHistories``), the frozen LLM loaded, the histories tokenised
+    (``BehaviourText``) and each user's newest ``holdout_tokens`` tokens of items held out (:func:`held_out_positions`)."""
+    from recbole_uip.data.behaviour import check_text_values, collect_training_histories, resolve_text_fields
+    from recbole_uip.data.behaviour_text import BehaviourText
+    from recbole_uip.inference.llm import load_frozen_llm
+    from recbole_uip.quick_start import check_dataset_files
+
+    files = check_dataset_files(config)
+    fields = resolve_text_fields(config, settings, files)
+    check_text_values(files, fields, config["field_separator"], config["encoding"])
+    histories = collect_training_histories(config, settings, fields, logger)
+    llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger)
+    text = BehaviourText(histories, settings, llm.tokenizer, logger)
+    return histories, llm, text, held_out_positions(text, holdout_tokens)
+
+
 GENERALISATION_GOAL = 0.05   # nats/token below the mean token (issue "Profile inference that learns")
 
 
@@ -442,21 +470,11 @@ class HeldOutInference:
 
     @classmethod
     def build(cls, config, settings, logger, holdout_tokens: int) -> "HeldOutInference":
-        """Check the dataset's text, read the training histories, load the LLM and hold out each user's newest
-        ``holdout_tokens`` tokens of items."""
-        from recbole_uip.data.behaviour import check_text_values, collect_training_histories, resolve_text_fields
+        """:func:`load_held_out_text`, and a trainer over the histories without the held-out items."""
         from recbole_uip.data.behaviour_text import BehaviourText
-        from recbole_uip.inference.llm import load_frozen_llm
         from recbole_uip.inference.trainer import ProfileInferenceTrainer
-        from recbole_uip.quick_start import check_dataset_files
 
-        files = check_dataset_files(config)
-        fields = resolve_text_fields(config, settings, files)
-        check_text_values(files, fields, config["field_separator"], config["encoding"])
-        histories = collect_training_histories(config, settings, fields, logger)
-        llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger)
-        full_text = BehaviourText(histories, settings, llm.tokenizer)
-        held = held_out_positions(full_text, holdout_tokens)
+        histories, llm, full_text, held = load_held_out_text(config, settings, logger, holdout_tokens)
         remaining = histories.truncated([len(items) - len(h) for items, h in zip(histories.items, held)])
         trainer = ProfileInferenceTrainer(config, settings, llm, remaining,
                                           BehaviourText(remaining, settings, llm.tokenizer, logger), logger)
