@@ -6,15 +6,17 @@ own history predicts beyond a population model, with no LLM at all.
 The held-out items are the generalisation and in-context benchmarks' (``held_out_positions``: each user's newest
 training items within ``--holdout_tokens`` tokens of the LLM's tokenizer). Each held-out item's text and rating are
 scored by count models fitted on the remaining histories only (``recbole_uip.count_reference``): a population model
-(popularity; the global and the item's rating distributions) and a user model that adds the user's own history
-(their texts, the items that co-occur with theirs, their ratings and their offset from the item means), each a
-mixture whose weights are fitted on the other half of the users. Their difference, summed over a user's held-out
-items and divided by the tokens of those items' text, is in the unit of the goal (own tokens 0.05 nats/token below
-the mean token) and of the in-context reference's ``own - population``, with the sign flipped (here a gain).
+(popularity; the ratings overall and given the item's text) and three nested user models that add the user's own
+history: as a set (their texts, popularity over the items they have not seen, item-to-item cosine and EASE, their
+rating habits), then the same from their newest items, then the items that followed their last ones in other
+histories. Each is a mixture whose weights are fitted on the other half of the users. A user model's gain over the
+population's, summed over a user's held-out items and divided by the tokens of those items' text, is in the unit of
+the goal (own tokens 0.05 nats/token below the mean token) and of the in-context reference's ``own - population``,
+with the sign flipped.
 
-Reported per set of users (all, and the first N of the in-context runs): the gain per token on every held-out token
-(items' text and ratings together), its two parts, and the rating part per rating token, each a mean over users
-with its 95% interval; the population's and the user's NLL per held-out item; the fitted mixture weights. The
+Reported per set of users (all, and the first N of the in-context runs) and user model: the gain per token on every
+held-out token (items' text and ratings together), its two parts, and the rating part per rating token, each a mean
+over users with its 95% interval; each model's NLL per held-out item; the largest model's mixture weights. The
 tokenizer is the LLM's (``uip_llm``), so per-token figures are that LLM's; nothing else of the LLM is used.
 
 Writes ``results/<dataset>/<settings fingerprint>/count_reference[_<variant>].{json,md}``.
