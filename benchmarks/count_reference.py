@@ -16,7 +16,9 @@ with the sign flipped.
 
 Reported per set of users (all, and the first N of the in-context runs) and user model: the gain per token on every
 held-out token (items' text and ratings together), its two parts, and the rating part per rating token, each a mean
-over users with its 95% interval; each model's NLL per held-out item; the largest model's mixture weights. The
+over users with its 95% interval; each model's NLL per held-out item; where the data has timestamps, each model's
+gain per item for the items rated within an hour of the user's newest remaining item and for the later ones; the
+largest model's mixture weights. The
 tokenizer is the LLM's (``uip_llm``), so per-token figures are that LLM's; nothing else of the LLM is used.
 
 Writes ``results/<dataset>/<settings fingerprint>/count_reference[_<variant>].{json,md}``.
@@ -33,7 +35,8 @@ from recbole_uip.benchmarking import (
     load_held_out_text, parse_known_with_overrides, publish_benchmark, run_record, settings_table,
 )
 from recbole_uip.count_reference import (
-    MODELS, count_reference, gains_per_token, held_out_data, held_out_token_counts, model_components,
+    MODELS, SESSION_GAP, count_reference, gains_by_gap, gains_per_token, held_out_data, held_out_token_counts,
+    model_components,
 )
 
 USER_MODELS = MODELS[1:]     # set, recent, sequence
@@ -115,6 +118,17 @@ def render(data: dict) -> str:
                          f"{_interval(s['text_gain_per_token'])} | {_interval(s['rating_gain_per_token'])} | "
                          f"{_interval(rating) if rating else 'n/a'} | {s['text_nll_per_item']['mean']:.3f} | "
                          f"{s.get('rating_nll_per_item', {}).get('mean', float('nan')):.3f} |")
+    if data.get("by_gap"):
+        by_gap = data["by_gap"]
+        within, after = (by_gap[USER_MODELS[0]][k]["items"] for k in ("within", "after"))
+        lines += ["", f"Per held-out item (all users; text and rating), by when it was rated: within "
+                      f"{data['session_gap'] / 3600:g} h of the user's newest remaining item ({within} items: mostly the "
+                      f"same rating session) or later ({after} items). Means over items.", "",
+                  "| user model | gain per item, within | gain per item, later |", "|---|---|---|"]
+        for model in USER_MODELS:
+            cells = [by_gap[model][k]["gain_per_item"] for k in ("within", "after")]
+            lines.append(f"| {MODEL_LABELS[model]} | " + " | ".join("n/a" if c is None else f"{c:+.3f}" for c in cells)
+                         + " |")
     lines += ["", "Mixture weights of the largest model (fold 0, fold 1; each fitted on the other fold's users; "
               "components below 0.01 in both folds left out):", ""]
     for part, weights in (("text", data["text_weights"]), ("rating", data["rating_weights"])):
@@ -159,6 +173,8 @@ def main(argv=None) -> int:
                               "weights": reference.text_weights[largest].tolist()}
     result["rating_weights"] = ({"components": list(rating_components),
                                  "weights": reference.rating_weights[largest].tolist()} if reference.rating_weights else {})
+    result["session_gap"] = SESSION_GAP
+    result["by_gap"] = gains_by_gap(reference, data)
     result["per_user"] = {"users": with_held.tolist(), "tokens": tokens[with_held].tolist(),
                           **{f"{model}_{k}": finite_or_none(v[with_held]) for model, values in measures.items()
                              for k, v in values.items()}}

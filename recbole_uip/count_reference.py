@@ -61,6 +61,7 @@ TEXT_COMPONENTS = ("pop", "pop_unseen", "own", "neighbours", *(f"ease_t{tau:g}" 
 RATING_COMPONENTS = ("global", "text", "text_mean", "own", "offset", "own_recent", "offset_recent")
 MODELS = ("population", "set", "recent", "sequence")   # nested: each adds components to the one before
 SHRINK = 5.0          # pseudo-ratings towards the global mean (text means) and towards zero (user offsets)
+SESSION_GAP = 3600.0  # seconds: a held-out item rated this soon after the user's newest remaining one (gains_by_gap)
 SMOOTH = 0.5          # add-0.5 on the popularity and global rating counts, so neither gives a value probability 0
 
 
@@ -86,6 +87,8 @@ class HeldOutData:
         remaining_ratings: per user, float ``(len(remaining[u]),)``, or None without ratings.
         held: per user, int64 item indices of the held-out items (possibly empty).
         held_ratings: per user, float ``(len(held[u]),)``, or None without ratings.
+        held_gaps: per user, float ``(len(held[u]),)``: seconds from the user's newest remaining item to each
+            held-out item; None without timestamps (read only by :func:`gains_by_gap`).
     """
 
     item_text: np.ndarray
@@ -93,6 +96,7 @@ class HeldOutData:
     remaining_ratings: list[np.ndarray] | None
     held: list[np.ndarray]
     held_ratings: list[np.ndarray] | None
+    held_gaps: list[np.ndarray] | None = None
 
     @property
     def num_items(self) -> int:
@@ -108,13 +112,16 @@ def held_out_data(histories, held: list[np.ndarray]) -> HeldOutData:
     items, e.g. ``benchmarking.held_out_positions``) held out: items sharing a text share a text id."""
     _, item_text = np.unique(np.asarray(histories.item_texts, dtype=object).astype(str), return_inverse=True)
     rest = [np.setdiff1d(np.arange(len(items)), h) for items, h in zip(histories.items, held)]
-    ratings = histories.ratings
+    ratings, times = histories.ratings, getattr(histories, "times", None)
+    gaps = None if times is None else [
+        t[np.asarray(h, dtype=np.int64)] - (t[r[-1]] if len(r) else np.nan) for t, h, r in zip(times, held, rest)]
     return HeldOutData(
         item_text=item_text.astype(np.int64),
         remaining=[items[r] for items, r in zip(histories.items, rest)],
         remaining_ratings=None if ratings is None else [rt[r] for rt, r in zip(ratings, rest)],
         held=[items[np.asarray(h, dtype=np.int64)] for items, h in zip(histories.items, held)],
-        held_ratings=None if ratings is None else [rt[np.asarray(h, dtype=np.int64)] for rt, h in zip(ratings, held)])
+        held_ratings=None if ratings is None else [rt[np.asarray(h, dtype=np.int64)] for rt, h in zip(ratings, held)],
+        held_gaps=gaps)
 
 
 def held_out_token_counts(text, held: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -330,19 +337,29 @@ def cross_fitted_log_probs(probs: list[np.ndarray], columns, folds: np.ndarray) 
 
 @dataclasses.dataclass
 class CountReference:
-    """Per user, the NLL (nats) of their held-out items under each of :data:`MODELS`.
+    """The log-probabilities of every user's held-out items under each of :data:`MODELS`.
 
     Attributes:
-        text_nll: ``{model: (U,)}``: the held-out items' texts, summed over the user's held-out items.
-        rating_nll: ``{model: (U,)}``: the same for their ratings (absent without ratings).
+        text_log_probs: ``{model: [per user (n_u,)]}``: of each held-out item's text.
+        rating_log_probs: ``{model: [per user (n_u,)]}``: of its rating (empty without ratings).
         text_weights, rating_weights: ``{model: (2, K)}``: each model's mixture weights, row f applied to fold f
             (fitted on the other fold), over its :func:`model_components`.
     """
 
-    text_nll: dict
-    rating_nll: dict
+    text_log_probs: dict
+    rating_log_probs: dict
     text_weights: dict
     rating_weights: dict
+
+    @property
+    def text_nll(self) -> dict:
+        """``{model: (U,)}``: the NLL of each user's held-out texts, summed over their held-out items."""
+        return {model: np.array([-lp.sum() for lp in logs]) for model, logs in self.text_log_probs.items()}
+
+    @property
+    def rating_nll(self) -> dict:
+        """``{model: (U,)}``: the same for their ratings (empty without ratings)."""
+        return {model: np.array([-lp.sum() for lp in logs]) for model, logs in self.rating_log_probs.items()}
 
     def gain(self, model: str) -> tuple[np.ndarray, np.ndarray]:
         """``(text, rating)``, ``(U,)`` each: nats the ``model`` gains over the population's on each user's held-out
@@ -359,12 +376,31 @@ def count_reference(data: HeldOutData) -> CountReference:
     parts = [("text", text_component_probs(data), TEXT_COMPONENTS, 0)]
     if data.remaining_ratings is not None and data.held_ratings is not None:
         parts.append(("rating", rating_component_probs(data), RATING_COMPONENTS, 1))
-    nll = {"text": {}, "rating": {}}
+    logs = {"text": {}, "rating": {}}
     weights = {"text": {}, "rating": {}}
     for part, probs, names, which in parts:
         for model in MODELS:
             columns = [names.index(c) for c in model_components(model)[which]]
-            logs, weights[part][model] = cross_fitted_log_probs(probs, columns, folds)
-            nll[part][model] = np.array([-lp.sum() for lp in logs])
-    return CountReference(text_nll=nll["text"], rating_nll=nll["rating"], text_weights=weights["text"],
+            logs[part][model], weights[part][model] = cross_fitted_log_probs(probs, columns, folds)
+    return CountReference(text_log_probs=logs["text"], rating_log_probs=logs["rating"], text_weights=weights["text"],
                           rating_weights=weights["rating"])
+
+
+def gains_by_gap(reference: CountReference, data: HeldOutData, gap: float = SESSION_GAP) -> dict | None:
+    """Each user model's gain over the population model per held-out item (text and rating together), for the items
+    rated within ``gap`` seconds of the user's newest remaining item (``within``: mostly the same rating session)
+    and the others (``after``): ``{model: {"within" | "after": {"items", "gain_per_item"}}}``, means over items.
+    None without timestamps (``data.held_gaps``)."""
+    if data.held_gaps is None:
+        return None
+    within = np.concatenate([np.asarray(g) < gap for g in data.held_gaps]) if data.held_gaps else np.zeros(0, bool)
+    out = {}
+    for model in MODELS[1:]:
+        gain = np.concatenate([t - p for t, p in zip(reference.text_log_probs[model],
+                                                     reference.text_log_probs["population"])])
+        if reference.rating_log_probs:
+            gain = gain + np.concatenate([t - p for t, p in zip(reference.rating_log_probs[model],
+                                                                reference.rating_log_probs["population"])])
+        out[model] = {name: {"items": int(mask.sum()), "gain_per_item": float(gain[mask].mean()) if mask.any() else None}
+                      for name, mask in (("within", within), ("after", ~within))}
+    return out

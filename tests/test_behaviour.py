@@ -77,6 +77,16 @@ def test_a_dataset_without_a_preset_gives_the_same_text_as_one_that_loads_every_
     first_user = [row[1] for row in inter.rows if row[0] == full.users[0]]
     written = [full.item_ids[i] for i in full.items[0]]
     assert written == [item for item in first_user if item in written]
+    # the timestamps as RecBole loads them (float32), aligned with the items, oldest first (the default load_col
+    # loads them too), and cut with them
+    times: dict[tuple[str, str], set] = {}                  # a toy user may rate an item twice
+    for row in inter.rows:
+        times.setdefault((row[0], row[1]), set()).add(float(np.float32(row[3])))
+    for user, items, stamps in zip(full.users, full.items, full.times, strict=True):
+        assert all(t in times[user, full.item_ids[i]] for t, i in zip(stamps.tolist(), items))
+        assert len(stamps) == len(items) and (np.diff(stamps) >= 0).all()
+    np.testing.assert_array_equal(bare.times[0], full.times[0])
+    assert [len(t) for t in full.truncated([2] * len(full.users)).times] == [2] * len(full.users)
     llm = load_frozen_llm(str(tiny_llm_dir), torch.device("cpu"), "float32")
     texts = [BehaviourText(h, settings, llm.tokenizer) for h in (bare, full)]
     assert [t.tokens(0, np.arange(len(bare.items[0])))[0] for t in texts][0] == texts[1].tokens(0, np.arange(len(full.items[0])))[0]
@@ -104,6 +114,7 @@ def test_the_fields_are_resolved_by_role_and_the_log_says_which(tmp_path, tiny_l
         BehaviourText(histories, settings, load_frozen_llm(str(tiny_llm_dir), torch.device("cpu"), "float32").tokenizer,
                       logging.getLogger("test"))
     assert histories.fields.rating is None and histories.fields.time is None and histories.ratings is None
+    assert histories.times is None
     assert "RATING_FIELD 'rating' is not a field of toy.inter" in caplog.text
     assert "uip_rating_weight=10 has no effect: the behaviour text writes no rating (RATING_FIELD 'rating' is not" in caplog.text
 

@@ -152,8 +152,10 @@ def test_held_out_data_splits_each_history_at_its_positions_and_shares_text_ids(
 
     histories = SimpleNamespace(item_texts=["b", "a", "b", "c"],
                                 items=[np.array([0, 1, 2, 3]), np.array([3, 1])],
-                                ratings=[np.array([1.0, 2.0, 3.0, 4.0]), np.array([5.0, 1.0])])
+                                ratings=[np.array([1.0, 2.0, 3.0, 4.0]), np.array([5.0, 1.0])],
+                                times=[np.array([10.0, 20.0, 25.0, 5000.0]), np.array([1.0, 2.0])])
     data = cr.held_out_data(histories, [np.array([2, 3]), np.zeros(0, dtype=np.int64)])
+    assert [g.tolist() for g in data.held_gaps] == [[5.0, 4980.0], []]   # after the newest remaining item (20)
     assert data.item_text.tolist() == [1, 0, 1, 2]                   # "b" twice: one text id
     assert [r.tolist() for r in data.remaining] == [[0, 1], [3, 1]]
     assert [h.tolist() for h in data.held] == [[2, 3], []]
@@ -166,3 +168,23 @@ def test_held_out_data_splits_each_history_at_its_positions_and_shares_text_ids(
     reference = cr.count_reference(data)
     gains = cr.gains_per_token(reference, tokens)
     assert np.isfinite(gains["set"][0]) and np.isnan(gains["set"][1])   # no held-out tokens: no gain per token
+
+
+def test_gains_by_gap_splits_the_items_by_when_they_were_rated():
+    """Each model's per-item gain over the population, for the items rated within the gap of the user's newest
+    remaining item and for the later ones; their item-weighted mean is the overall per-item gain."""
+    data = planted_data(chained=True)
+    gaps = [np.where(np.arange(len(h)) == 0, 60.0, 7200.0) for h in data.held]       # the first held-out item: soon
+    timed = cr.HeldOutData(**{**data.__dict__, "held_gaps": gaps})
+    reference = cr.count_reference(timed)
+    assert cr.gains_by_gap(reference, data) is None                                   # no timestamps
+    by_gap = cr.gains_by_gap(reference, timed)
+    total_items = sum(len(h) for h in data.held)
+    for model in ("set", "recent", "sequence"):
+        within, after = by_gap[model]["within"], by_gap[model]["after"]
+        assert within["items"] == len(data.held) and within["items"] + after["items"] == total_items
+        text, rating = reference.gain(model)
+        overall = (text.sum() + rating.sum()) / total_items
+        mixed = (within["gain_per_item"] * within["items"] + after["gain_per_item"] * after["items"]) / total_items
+        assert mixed == pytest.approx(overall)
+    assert by_gap["sequence"]["within"]["gain_per_item"] > by_gap["set"]["within"]["gain_per_item"]

@@ -303,6 +303,10 @@ class TrainingHistories:
         interaction_counts: per user, training interactions (items without text included).
         fields: the fields the text uses.
         skipped: training interactions whose item has no text (missing from ``.item``, or empty).
+        times: per user, float64 ``(n_u,)`` timestamps aligned with ``items``, as RecBole loads them (float32: at
+            ml-100k's 8.8e8 seconds, steps of 64 s, so ratings less than a minute apart can tie and then keep the
+            split's order); None without a time field. No profile reads them (the order is in ``items``); the
+            benchmarks that ask when an item was rated do.
     """
 
     users: list[str]
@@ -314,6 +318,7 @@ class TrainingHistories:
     interaction_counts: list[int]
     fields: TextFields
     skipped: int = 0
+    times: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.users)
@@ -326,7 +331,8 @@ class TrainingHistories:
         new_row = np.full(len(self.item_ids), -1, dtype=np.int64)
         new_row[used] = np.arange(len(used))
         ratings = None if self.ratings is None else [r[:k] for r, k in zip(self.ratings, keep)]
-        return dataclasses.replace(self, items=[new_row[items] for items in cut], ratings=ratings,
+        times = None if self.times is None else [t[:k] for t, k in zip(self.times, keep)]
+        return dataclasses.replace(self, items=[new_row[items] for items in cut], ratings=ratings, times=times,
                                    item_ids=[self.item_ids[i] for i in used], item_texts=[self.item_texts[i] for i in used])
 
 
@@ -355,7 +361,7 @@ def collect_training_histories(config, settings, fields: TextFields, logger=None
     # batches and every sum over users, so IDs would otherwise vary in the last bits with rows they must not see.
     described = described[np.argsort(np.asarray([str(item_tokens[i]) for i in described]), kind="stable")]
     row_of_item[described] = np.arange(len(described))
-    users, items, user_ratings, counts = [], [], [], []
+    users, items, user_ratings, user_times, counts = [], [], [], [], []
     skipped = 0
     for rows in np.split(order, np.flatnonzero(np.diff(uids[order])) + 1) if len(order) else []:
         keep = rows[text_of[iids[rows]]]
@@ -366,18 +372,20 @@ def collect_training_histories(config, settings, fields: TextFields, logger=None
         items.append(row_of_item[iids[keep]])
         if ratings is not None:
             user_ratings.append(ratings[keep])
+        user_times.append(times[keep].astype(np.float64))
         counts.append(len(rows))
     by_token = sorted(range(len(users)), key=users.__getitem__)
     users, items, counts = [users[i] for i in by_token], [items[i] for i in by_token], [counts[i] for i in by_token]
     if ratings is not None:
         user_ratings = [user_ratings[i] for i in by_token]
+    user_times = [user_times[i] for i in by_token]
     with_history = set(users)
     without = sorted(str(t) for t in user_tokens[1:] if str(t) not in with_history)
     histories = TrainingHistories(
         users=users, item_ids=[str(item_tokens[i]) for i in described],
         item_texts=[item_texts.get(str(item_tokens[i])) for i in described], items=items,
         ratings=user_ratings if ratings is not None else None, users_without_history=without,
-        interaction_counts=counts, fields=fields, skipped=skipped,
+        interaction_counts=counts, fields=fields, skipped=skipped, times=user_times if fields.time else None,
     )
     if logger:
         logger.info(f"UIP behaviour text: {fields.describe()}.")
