@@ -181,10 +181,13 @@ def _normalised(scores: np.ndarray, fallback: np.ndarray) -> np.ndarray:
 
 
 def _softmax(scores: np.ndarray, temperature: float, seen: np.ndarray) -> np.ndarray:
-    """``softmax(temperature * scores)`` over the items not in ``seen``, ``(I,)``."""
+    """``softmax(temperature * scores)`` over the items not in ``seen``, ``(I,)`` (uniform where every item is seen)."""
     logits = temperature * scores
     logits[seen] = -np.inf
-    logits = np.exp(logits - logits[np.isfinite(logits)].max())
+    finite = np.isfinite(logits)
+    if not finite.any():
+        return np.full(len(scores), 1.0 / len(scores))
+    logits = np.exp(logits - logits[finite].max())
     return logits / logits.sum()
 
 
@@ -220,7 +223,7 @@ def text_component_probs(data: HeldOutData) -> list[np.ndarray]:
         recent = seen[-RECENT:]
         unseen = pop.copy()
         unseen[seen] = 0.0
-        unseen /= unseen.sum()
+        unseen = _normalised(unseen, pop)                                 # pop where the user has seen every item
         items = {"pop": pop, "pop_unseen": unseen}
         for name, window in (("neighbours", seen), ("neighbours_recent", recent)):
             scores = np.asarray(cosine[window].sum(axis=0)).ravel() if len(window) else np.zeros(num_items)

@@ -188,3 +188,17 @@ def test_gains_by_gap_splits_the_items_by_when_they_were_rated():
         mixed = (within["gain_per_item"] * within["items"] + after["gain_per_item"] * after["items"]) / total_items
         assert mixed == pytest.approx(overall)
     assert by_gap["sequence"]["within"]["gain_per_item"] > by_gap["set"]["within"]["gain_per_item"]
+
+
+def test_a_user_who_has_seen_every_item_still_gets_finite_probabilities():
+    """Where a user's remaining history holds every item (a held-out item is then a repeat), the components that
+    leave the user's items out fall back to popularity or uniform instead of dividing by zero."""
+    items = 6
+    data = cr.HeldOutData(item_text=np.arange(items), remaining=[np.arange(items), np.array([0, 1, 2])],
+                          remaining_ratings=[np.full(items, 4.0), np.array([1.0, 2.0, 3.0])],
+                          held=[np.array([2]), np.array([4])], held_ratings=[np.array([5.0]), np.array([2.0])])
+    for probs in cr.text_component_probs(data):
+        columns = [cr.TEXT_COMPONENTS.index(c) for c in cr.TEXT_COMPONENTS if not c.startswith(("own", "neigh"))]
+        assert np.isfinite(probs).all() and (probs[:, columns] > 0).all()
+    reference = cr.count_reference(data)
+    assert all(np.isfinite(v).all() for v in reference.text_nll.values())
