@@ -902,8 +902,11 @@ def test_count_reference_scores_the_generalisation_benchmarks_held_out_items(tmp
     # genre, which the item's text names, so the population predicts those as well)
     assert every["models"]["set"]["text_gain_per_token"]["ci"][0] > 0
     assert np.isfinite(every["models"]["population"]["rating_nll_per_item"]["mean"])
+    # the toy has timestamps: each item counted once, within the hour of the user's newest remaining item or later
+    held_items = round(data["held_out_items_mean"] * data["users_with_held_out"])
+    assert all(sum(g["items"] for g in by.values()) == held_items for by in data["by_gap"].values())
     report = path.with_suffix(".md").read_text()
-    assert "the history as a set" in report and "+ what followed its last items" in report
+    assert "the history as a set" in report and "+ what followed its last items" in report and "gain per item, later" in report
     for bad in ("--users=a", "--users=-1", "--holdout_tokens=0"):
         with pytest.raises(SystemExit):
             count_reference.parse_args(["--dataset=toy", bad])
