@@ -260,14 +260,17 @@ def rating_component_probs(data: HeldOutData) -> list[np.ndarray]:
     if data.remaining_ratings is None or data.held_ratings is None:
         raise ValueError("the data holds no ratings")
     values = np.unique(np.concatenate([*data.remaining_ratings, *data.held_ratings]))   # (V,)
-    index = {v: k for k, v in enumerate(values.tolist())}
+
+    def slots(ratings) -> np.ndarray:                                      # each rating's index in values
+        return np.searchsorted(values, np.asarray(ratings, dtype=values.dtype))
+
     texts = data.item_text[np.concatenate(data.remaining)]
     ratings = np.concatenate(data.remaining_ratings).astype(float)
-    slots = np.array([index[v] for v in ratings.tolist()], dtype=np.int64)
-    glob = np.bincount(slots, minlength=len(values)) + SMOOTH
+    rated = slots(np.concatenate(data.remaining_ratings))
+    glob = np.bincount(rated, minlength=len(values)) + SMOOTH
     glob = glob / glob.sum()                                               # (V,)
     per_text = np.zeros((data.num_texts, len(values)))
-    np.add.at(per_text, (texts, slots), 1.0)
+    np.add.at(per_text, (texts, rated), 1.0)
     text_dist = (per_text + 2 * glob) / (per_text.sum(1, keepdims=True) + 2)     # shrunk towards global by 2 ratings
     sums = np.bincount(texts, weights=ratings, minlength=data.num_texts)
     text_mean = (sums + SHRINK * ratings.mean()) / (per_text.sum(1) + SHRINK)   # (T,)
@@ -280,10 +283,9 @@ def rating_component_probs(data: HeldOutData) -> list[np.ndarray]:
 
     out = []
     for seen, seen_r, held, held_r in zip(data.remaining, data.remaining_ratings, data.held, data.held_ratings):
-        held_slots = np.array([index[v] for v in np.asarray(held_r, dtype=float).tolist()], dtype=np.int64)
+        held_slots, seen_slots = slots(held_r), slots(seen_r)
         seen_r = np.asarray(seen_r, dtype=float)
         rows = np.arange(len(held))
-        seen_slots = np.array([index[v] for v in seen_r.tolist()], dtype=np.int64)
         probs = np.empty((len(held), len(RATING_COMPONENTS)))
         probs[:, 0] = glob[held_slots]
         held_texts, seen_texts = data.item_text[held], data.item_text[seen]
@@ -364,12 +366,17 @@ class CountReference:
         """``{model: (U,)}``: the same for their ratings (empty without ratings)."""
         return {model: np.array([-lp.sum() for lp in logs]) for model, logs in self.rating_log_probs.items()}
 
-    def gain(self, model: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(text, rating)``, ``(U,)`` each: nats the ``model`` gains over the population's on each user's held-out
-        items (the rating part zeros without ratings)."""
-        text = self.text_nll["population"] - self.text_nll[model]
-        rating = (self.rating_nll["population"] - self.rating_nll[model]) if self.rating_nll else np.zeros_like(text)
+    def item_gains(self, model: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``(text, rating)``: per user, ``(n_u,)`` nats the ``model`` gains over the population's on each held-out
+        item (the rating part zeros without ratings)."""
+        text = [m - p for m, p in zip(self.text_log_probs[model], self.text_log_probs["population"])]
+        rating = ([m - p for m, p in zip(self.rating_log_probs[model], self.rating_log_probs["population"])]
+                  if self.rating_log_probs else [np.zeros_like(t) for t in text])
         return text, rating
+
+    def gain(self, model: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(text, rating)``, ``(U,)`` each: :meth:`item_gains` summed over each user's held-out items."""
+        return tuple(np.array([g.sum() for g in part]) for part in self.item_gains(model))
 
 
 def count_reference(data: HeldOutData) -> CountReference:
@@ -399,11 +406,8 @@ def gains_by_gap(reference: CountReference, data: HeldOutData, gap: float = SESS
     within = np.concatenate([np.asarray(g) < gap for g in data.held_gaps]) if data.held_gaps else np.zeros(0, bool)
     out = {}
     for model in MODELS[1:]:
-        gain = np.concatenate([t - p for t, p in zip(reference.text_log_probs[model],
-                                                     reference.text_log_probs["population"])])
-        if reference.rating_log_probs:
-            gain = gain + np.concatenate([t - p for t, p in zip(reference.rating_log_probs[model],
-                                                                reference.rating_log_probs["population"])])
+        text, rating = reference.item_gains(model)
+        gain = np.concatenate(text) + np.concatenate(rating)
         out[model] = {name: {"items": int(mask.sum()), "gain_per_item": float(gain[mask].mean()) if mask.any() else None}
                       for name, mask in (("within", within), ("after", ~within))}
     return out

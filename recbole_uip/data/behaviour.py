@@ -372,13 +372,15 @@ def collect_training_histories(config, settings, fields: TextFields, logger=None
         items.append(row_of_item[iids[keep]])
         if ratings is not None:
             user_ratings.append(ratings[keep])
-        user_times.append(times[keep].astype(np.float64))
+        if fields.time:
+            user_times.append(times[keep].astype(np.float64))
         counts.append(len(rows))
     by_token = sorted(range(len(users)), key=users.__getitem__)
     users, items, counts = [users[i] for i in by_token], [items[i] for i in by_token], [counts[i] for i in by_token]
     if ratings is not None:
         user_ratings = [user_ratings[i] for i in by_token]
-    user_times = [user_times[i] for i in by_token]
+    if fields.time:
+        user_times = [user_times[i] for i in by_token]
     with_history = set(users)
     without = sorted(str(t) for t in user_tokens[1:] if str(t) not in with_history)
     histories = TrainingHistories(
