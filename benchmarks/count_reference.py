@@ -36,7 +36,7 @@ from recbole_uip.benchmarking import (
 )
 from recbole_uip.count_reference import (
     MODELS, SESSION_GAP, count_reference, gains_by_gap, gains_per_token, held_out_data, held_out_token_counts,
-    model_components,
+    model_components, per_count,
 )
 
 USER_MODELS = MODELS[1:]     # set, recent, sequence
@@ -61,21 +61,18 @@ def per_user_measures(reference, tokens: np.ndarray, rating_tokens: np.ndarray, 
     """``{model: {measure: (U,)}}`` from a :class:`~recbole_uip.count_reference.CountReference` and each user's
     held-out tokens, rating tokens and items (nan where a user has none): per user model, :data:`GAINS`; per model
     (the population's too), ``text_nll_per_item`` and ``rating_nll_per_item``."""
-    def ratio(values, counts):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(counts > 0, values / counts, np.nan)
-
     out, gains = {}, gains_per_token(reference, tokens)
+    text_nll, rating_nll = reference.text_nll, reference.rating_nll          # each built once, for every model
     for model in MODELS:
-        out[model] = {"text_nll_per_item": ratio(reference.text_nll[model], items)}
-        if reference.rating_nll:
-            out[model]["rating_nll_per_item"] = ratio(reference.rating_nll[model], items)
+        out[model] = {"text_nll_per_item": per_count(text_nll[model], items)}
+        if rating_nll:
+            out[model]["rating_nll_per_item"] = per_count(rating_nll[model], items)
         if model == "population":
             continue
         text, rating = reference.gain(model)
-        out[model].update({"gain_per_token": gains[model], "text_gain_per_token": ratio(text, tokens),
-                           "rating_gain_per_token": ratio(rating, tokens),
-                           "rating_gain_per_rating_token": ratio(rating, rating_tokens)})
+        out[model].update({"gain_per_token": gains[model], "text_gain_per_token": per_count(text, tokens),
+                           "rating_gain_per_token": per_count(rating, tokens),
+                           "rating_gain_per_rating_token": per_count(rating, rating_tokens)})
     return out
 
 

@@ -135,15 +135,16 @@ def held_out_token_counts(text, held: list[np.ndarray]) -> tuple[np.ndarray, np.
     return tokens, rating
 
 
+def per_count(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``values / counts`` elementwise, nan where a count is 0 (a user without held-out tokens or items)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(counts > 0, values / counts, np.nan)
+
+
 def gains_per_token(reference: "CountReference", tokens: np.ndarray) -> dict[str, np.ndarray]:
     """``{model: (U,)}``: each user model's gain over the population model (text and rating together) per held-out
     token; nan for users without held-out tokens."""
-    out = {}
-    for model in MODELS[1:]:
-        text, rating = reference.gain(model)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[model] = np.where(tokens > 0, (text + rating) / tokens, np.nan)
-    return out
+    return {model: per_count(sum(reference.gain(model)), tokens) for model in MODELS[1:]}
 
 
 def ease_weights(matrix, regularisation: float = EASE_REGULARISATION) -> np.ndarray | None:
