@@ -1,14 +1,14 @@
-"""A count model's reference for the generalisation goal: how many nats per token of a user's held-out text their
-own history predicts beyond a population model, with no LLM at all.
+"""A collaborative model's reference for the generalisation goal: how many nats per token of a user's held-out text
+their own history predicts beyond a population model, with no LLM at all.
 
     python benchmarks/count_reference.py --dataset=ml-100k [--users=0,150,300] [--holdout_tokens=64] [--key=value ...]
 
 The held-out items are the generalisation and in-context benchmarks' (``held_out_positions``: each user's newest
 training items within ``--holdout_tokens`` tokens of the LLM's tokenizer). Each held-out item's text and rating are
-scored by count models fitted on the remaining histories only (``recbole_uip.count_reference``): a population model
+scored by models fitted on the remaining histories only (``recbole_uip.count_reference``): a population model
 (popularity; the ratings overall and given the item's text) and three nested user models that add the user's own
-history: as a set (their texts, popularity over the items they have not seen, item-to-item cosine and EASE, their
-rating habits), then the same from their newest items, then the items that followed their last ones in other
+history: as a set (their texts, popularity over the items they have not seen, item-to-item cosine and EASE, a
+Mult-VAE, their rating habits), then the same from their newest items, then the items that followed their last ones in other
 histories. Each is a mixture whose weights are fitted on the other half of the users. A user model's gain over the
 population's, summed over a user's held-out items and divided by the tokens of those items' text, is in the unit of
 the goal (own tokens 0.05 nats/token below the mean token) and of the in-context reference's ``own - population``,
@@ -85,14 +85,14 @@ MODEL_LABELS = {"set": "the history as a set", "recent": "+ its newest items", "
 
 def render(data: dict) -> str:
     record = data["record"]
-    lines = [f"# A count model's reference on {record['dataset']}: what a user's own history predicts of their "
+    lines = [f"# A collaborative model's reference on {record['dataset']}: what a user's own history predicts of their "
              f"held-out items, per token", "",
              f"Each user's newest training items within {data['holdout_tokens']} tokens are held out (the "
              f"generalisation and in-context benchmarks' items: {data['held_out_tokens_mean']:.1f} tokens and "
              f"{data['held_out_items_mean']:.1f} items per user on average, {data['item_tokens_mean']:.1f} tokens per "
-             f"item). Their texts and ratings are scored by count models fitted on the remaining histories only: a "
+             f"item). Their texts and ratings are scored by models fitted on the remaining histories only: a "
              f"population model, and user models that add the user's history as a set (their texts, popularity over "
-             f"the items they have not seen, item-to-item cosine and EASE), then the same from their newest "
+             f"the items they have not seen, item-to-item cosine, EASE and a Mult-VAE), then the same from their newest "
              f"{data['recent']} items, then the items that followed their last items in other histories; each a "
              f"mixture whose weights are fitted on the other half of the users (`recbole_uip/count_reference.py`). "
              f"The gain is a user model's log-likelihood minus the population's, per token of the held-out text: "

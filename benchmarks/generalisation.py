@@ -17,8 +17,9 @@ sets any RecBole or ``uip_*`` key, e.g. the paper's setting). The frozen LLM the
 Writes ``results/<dataset>/<settings fingerprint>/generalisation.{json,md}``: means with 95% intervals across users, the paired
 differences, where the text marks ratings the rating-weighted NLL and the NLL of the rating tokens alone (``rating_tokens``:
 the part of the text a user's taste should predict best), the inference log and the resolved settings. For scale,
-``count_reference``: how many nats per token count models of the same remaining histories gain over their
-population model on the same held-out items (``recbole_uip.count_reference``; no LLM, a few seconds).
+``count_reference``: how many nats per token collaborative models (counts, EASE, a Mult-VAE) of the same remaining
+histories gain over their population model on the same held-out items (``recbole_uip.count_reference``; no LLM, about
+half a minute).
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ def render(data: dict) -> str:
     lines += ["", goal_verdict(data["own_minus_mean"], own_minus_other=own_minus_other)]
     if "count_reference" in data:
         gains = {m: f"{d['mean']:.4f} [{d['ci'][0]:.4f}, {d['ci'][1]:.4f}]" for m, d in data["count_reference"].items()}
-        lines += ["", f"For scale, count models of the same remaining histories (no LLM; `benchmarks/count_reference.py`) "
-                      f"predict these held-out items better than their population model by {gains['set']} nats/token "
-                      f"from the history as a set, {gains['recent']} with its newest items weighted, and "
-                      f"{gains['sequence']} with what followed its last items in other histories."]
+        lines += ["", f"For scale, collaborative models of the same remaining histories (counts, EASE, a Mult-VAE; no "
+                      f"LLM; `benchmarks/count_reference.py`) predict these held-out items better than their population "
+                      f"model by {gains['set']} nats/token from the history as a set, {gains['recent']} with its newest "
+                      f"items weighted, and {gains['sequence']} with what followed its last items in other histories."]
     lines += ["",
               f"Inference on the remaining history took {data['inference_seconds']:.0f} s; the encoder's line search "
               f"chose steps {[r.get('line_search', {}).get('step') for r in data['inference_history'][1:]]} (relative to "

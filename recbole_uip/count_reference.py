@@ -12,7 +12,8 @@ fitted on the remaining histories only, the information a user's soft tokens are
   - ``set`` (the history as a set, the kind of thing a profile describes): the popularity over the items the user
     has not seen (``pop_unseen``), the user's own distribution over texts (``own``) and two item-to-item models of
     the remaining histories (``neighbours``: cosine similarity of co-occurrence summed over the user's items;
-    ``ease_t<tau>``: EASE's scores through a softmax at a few temperatures);
+    ``ease_t<tau>``: EASE's scores through a softmax at a few temperatures; ``mult_vae_t<tau>``: a Mult-VAE's
+    softmax, the one component trained as a distribution over items, ``recbole_uip.mult_vae``);
   - ``recent``: the same from the user's newest :data:`RECENT` remaining items alone (``_recent``; the held-out
     items are the newest);
   - ``sequence``: the items that followed the user's last 1, 3 or 10 items in the remaining histories
@@ -49,14 +50,20 @@ import dataclasses
 import numpy as np
 from scipy import sparse
 
+from recbole_uip import mult_vae
+
 RECENT = 20           # the user's newest remaining items, for the components that read only those
 EASE_REGULARISATION = 200.0   # of 50, 200 and 500, the best on ml-100k's held-out items (all users: a little optimistic)
 EASE_TEMPERATURES = (5.0, 10.0, 20.0, 40.0)
 EASE_MAX_ITEMS = 8000
+MULT_VAE_TEMPERATURES = (0.5, 1.0, 2.0)   # a multiplier on its logits: flatter, as trained, sharper
+MULT_VAE_MAX_CELLS = 50_000_000           # users x items: its input and logits are dense (U, I) float32
 TRANSITION_LAGS = 10  # an item follows each of the user's last items within this many steps, weighted 1 / lag
 TRANSITION_LAST = (1, 3, 10)
 TEXT_COMPONENTS = ("pop", "pop_unseen", "own", "neighbours", *(f"ease_t{tau:g}" for tau in EASE_TEMPERATURES),
+                   *(f"mult_vae_t{tau:g}" for tau in MULT_VAE_TEMPERATURES),
                    "own_recent", "neighbours_recent", *(f"ease_recent_t{tau:g}" for tau in EASE_TEMPERATURES),
+                   *(f"mult_vae_recent_t{tau:g}" for tau in MULT_VAE_TEMPERATURES),
                    *(f"transitions_last{k}" for k in TRANSITION_LAST))
 RATING_COMPONENTS = ("global", "text", "text_mean", "own", "offset", "own_recent", "offset_recent")
 MODELS = ("population", "set", "recent", "sequence")   # nested: each adds components to the one before
@@ -192,6 +199,20 @@ def _softmax(scores: np.ndarray, temperature: float, seen: np.ndarray) -> np.nda
     return logits / logits.sum()
 
 
+def _mult_vae_logits(matrix, remaining: list[np.ndarray]) -> dict:
+    """``{"mult_vae": (U, I), "mult_vae_recent": (U, I)}``: float64 logits of a Mult-VAE trained on the binary
+    ``matrix`` ``(U, I)`` of the remaining histories, fed each user's whole remaining history and their newest
+    :data:`RECENT` items; both None above :data:`MULT_VAE_MAX_CELLS` cells."""
+    if matrix.shape[0] * matrix.shape[1] > MULT_VAE_MAX_CELLS or not matrix.nnz:
+        return {"mult_vae": None, "mult_vae_recent": None}
+    model = mult_vae.fit_mult_vae(matrix)
+    recent_rows = np.concatenate([np.full(min(len(r), RECENT), u) for u, r in enumerate(remaining)])
+    recent_cols = np.concatenate([r[-RECENT:] for r in remaining])
+    recent = sparse.csr_matrix((np.ones(len(recent_cols)), (recent_rows, recent_cols)), shape=matrix.shape)
+    return {"mult_vae": mult_vae.item_logits(model, matrix).astype(float),
+            "mult_vae_recent": mult_vae.item_logits(model, recent).astype(float)}
+
+
 def text_component_probs(data: HeldOutData) -> list[np.ndarray]:
     """Per user, ``(len(held[u]), len(TEXT_COMPONENTS))``: the probability of each held-out item's *text* under each
     component (the module's docstring), each a distribution over items fitted on the remaining histories and summed
@@ -201,9 +222,12 @@ def text_component_probs(data: HeldOutData) -> list[np.ndarray]:
     remaining histories, zero on the user's own items, normalised (``pop`` where they co-occur with nothing);
     ``_recent``: over the user's newest :data:`RECENT` remaining items only. ``ease_t<tau>``: ``softmax(tau * s)``
     over the items the user has not seen, ``s`` the EASE scores of the user's items (:func:`ease_weights`; ``pop_unseen``
-    above :data:`EASE_MAX_ITEMS` items). ``transitions_last<k>``: the :func:`transition_counts` from the user's last
-    ``k`` items, zero on the user's own items, normalised (``pop_unseen`` where there are none). Cost: two sparse
-    ``(I, I)`` count matrices and a dense ``(I, I)`` inverse."""
+    above :data:`EASE_MAX_ITEMS` items). ``mult_vae_t<tau>``: ``softmax(tau * logits)`` over the items the user has
+    not seen, the logits of a :class:`~recbole_uip.mult_vae.MultVAE` trained on the remaining histories and fed the
+    user's (``_recent``: their newest items only; ``pop_unseen`` above :data:`MULT_VAE_MAX_CELLS` users x items).
+    ``transitions_last<k>``: the :func:`transition_counts` from the user's last ``k`` items, zero on the user's own
+    items, normalised (``pop_unseen`` where there are none). Cost: two sparse ``(I, I)`` count matrices, a dense
+    ``(I, I)`` inverse, and the Mult-VAE's training (about 20 s on ml-100k, 2 threads)."""
     num_users, num_items = len(data.remaining), data.num_items
     rows = np.concatenate([np.full(len(r), u) for u, r in enumerate(data.remaining)]) if num_users else np.zeros(0)
     cols = np.concatenate(data.remaining) if num_users else np.zeros(0, dtype=np.int64)
@@ -215,12 +239,13 @@ def text_component_probs(data: HeldOutData) -> list[np.ndarray]:
     cosine.setdiag(0.0)
     cosine = cosine.tocsr()                                               # (I, I)
     ease = ease_weights(matrix)
+    vae_logits = _mult_vae_logits(matrix, data.remaining)
     transitions = transition_counts(data.remaining, num_items)
     to_text = sparse.csr_matrix((np.ones(num_items), (np.arange(num_items), data.item_text)),
                                 shape=(num_items, data.num_texts))
     pop = (counts + SMOOTH) / (counts + SMOOTH).sum()                    # (I,)
     out = []
-    for seen, held in zip(data.remaining, data.held):
+    for user, (seen, held) in enumerate(zip(data.remaining, data.held)):
         recent = seen[-RECENT:]
         unseen = pop.copy()
         unseen[seen] = 0.0
@@ -234,6 +259,9 @@ def text_component_probs(data: HeldOutData) -> list[np.ndarray]:
             scores = ease[window].sum(axis=0) if ease is not None and len(window) else None
             for tau in EASE_TEMPERATURES:
                 items[f"{name}_t{tau:g}"] = unseen if scores is None else _softmax(scores, tau, seen)
+        for name, logits in vae_logits.items():
+            for tau in MULT_VAE_TEMPERATURES:
+                items[f"{name}_t{tau:g}"] = unseen if logits is None else _softmax(logits[user], tau, seen)
         for last in TRANSITION_LAST:
             scores = np.asarray(transitions[seen[-last:]].sum(axis=0)).ravel() if len(seen) else np.zeros(num_items)
             scores[seen] = 0.0

@@ -202,3 +202,18 @@ def test_a_user_who_has_seen_every_item_still_gets_finite_probabilities():
         assert np.isfinite(probs).all() and (probs[:, columns] > 0).all()
     reference = cr.count_reference(data)
     assert all(np.isfinite(v).all() for v in reference.text_nll.values())
+
+
+def test_the_mult_vae_components_and_their_size_limit(monkeypatch):
+    """On planted tastes the Mult-VAE's components put most of their mass on the user's half of the items; above
+    the size limit they are popularity over the unseen items."""
+    data = planted_data()
+    probs = cr.text_component_probs(data)
+    columns = [cr.TEXT_COMPONENTS.index(f"mult_vae_t{tau:g}") for tau in cr.MULT_VAE_TEMPERATURES]
+    unseen = cr.TEXT_COMPONENTS.index("pop_unseen")
+    assert np.mean([p[:, columns[1]].mean() / p[:, unseen].mean() for p in probs]) > 1.5
+    monkeypatch.setattr(cr, "MULT_VAE_MAX_CELLS", 1)
+    for p in cr.text_component_probs(data):
+        for name in cr.TEXT_COMPONENTS:
+            if name.startswith("mult_vae"):
+                assert p[:, cr.TEXT_COMPONENTS.index(name)] == pytest.approx(p[:, unseen])
