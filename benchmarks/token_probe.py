@@ -40,8 +40,11 @@ of everything). Then:
    line-searched step per round. The probed users' held-out text is then scored with ``A z`` (``encoder``: ``z``
    from their remaining items), its mean over their batch (``encoder_mean``) and another user's
    (``encoder_other``). With ``--encoder_objective=distil``, ``A`` (and the shift beside it) learn from the
-   teacher of ``--fit_objective=distil`` at every batch instead of the text drawn. ``--fit_steps=0`` skips the
-   per-user fits (steps 2-4) and scores the encoder alone;
+   teacher of ``--fit_objective=distil`` at every batch instead of the text drawn. With
+   ``--encoder_input=mult_vae``, ``z`` is instead the mean code of a Mult-VAE with as many dimensions, trained on
+   the remaining histories (the collaborative compression that predicts the held-out items best,
+   ``benchmarks/count_reference.py``). ``--fit_steps=0`` skips the per-user fits (steps 2-4) and scores the encoder
+   alone;
 6. with ``--context_tokens=N[,N...]``, the in-context reference beside the shared token: each probed user's
    held-out text is scored with the shared token after the newest ``L`` tokens of their own remaining training text
    (``context<N>_own``) and after as many of another user's (``context<N>_other``, the batch rotated by one), ``L``
@@ -171,6 +174,10 @@ def parse_args(argv=None):
     parser.add_argument("--encoder_passes", type=int, default=0,
                         help="after the shift, train the linear encoder by Adam at every batch for this many passes "
                              "over the shift's users, and score it (default 0: no encoder stage)")
+    parser.add_argument("--encoder_input", choices=ENCODER_INPUTS, default="items",
+                        help="what the encoder stage's A reads: the pipeline's z from the user's item embeddings "
+                             "(default), or mult_vae: the mean code of a Mult-VAE with as many dimensions (uip_encoder_dims), "
+                             "trained on the remaining training histories, standardised")
     parser.add_argument("--encoder_objective", choices=("nll", "distil"), default="nll",
                         help="what the encoder stage trains on: the M-step's objective (default) or the LLM's "
                              "predictions given the user's other items in context (distil, --distil_context_tokens)")
@@ -287,6 +294,33 @@ def train_shift(trainer, users: np.ndarray, passes: int, rng: np.random.Generato
     given ``distil_context_tokens``, against :func:`distillation_teacher`; the mean NLL (cross-entropy) of each
     pass."""
     return train_passes(trainer, users, passes, rng, logger, distil_context_tokens=distil_context_tokens)
+
+
+ENCODER_INPUTS = ("items", "mult_vae")
+
+
+def use_mult_vae_features(trainer, logger) -> None:
+    """Replace the trainer's user vector ``z (B, k)`` by the mean code of a Mult-VAE with ``k`` latent dimensions
+    (``recbole_uip.mult_vae``) of the same items, standardised over the users' whole histories: the collaborative
+    compression of a history that predicts its held-out items best (``benchmarks/count_reference.py``), read by the
+    same encoder ``A``. The Mult-VAE is trained on the trainer's histories, which hold no held-out item."""
+    from recbole_uip import mult_vae
+
+    histories = trainer.histories
+    num_items = len(histories.item_texts)
+    matrix = mult_vae.user_item_matrix(histories.items, num_items)
+    model = mult_vae.fit_mult_vae(matrix, latent=trainer.soft.encoder.shape[-1])
+    codes = mult_vae.latent_means(model, matrix)
+    centre, scale = codes.mean(0), codes.std(0) + 1e-6
+
+    def features(users: np.ndarray, positions: list[np.ndarray] | None = None) -> torch.Tensor:
+        items = [histories.items[u] if positions is None else histories.items[u][positions[j]]
+                 for j, u in enumerate(users)]
+        return torch.from_numpy((mult_vae.latent_means(model, mult_vae.user_item_matrix(items, num_items)) - centre)
+                                / scale)
+
+    trainer.features = features
+    logger.info(f"token probe: the encoder reads a Mult-VAE's {codes.shape[1]}-dimensional code of each history")
 
 
 def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float, rng: np.random.Generator,
@@ -439,7 +473,9 @@ def render(data: dict) -> str:
     encoder = (f" Then the linear encoder trained by Adam at every batch (step {data['encoder_learning_rate']:g}) for "
                f"{data['encoder_passes']} passes over the same {data['shift_users']} users, the shift beside it"
                + trained_on(data.get("encoder_objective"), data["encoder_nll"])
-               + f"; {data['users']} other users scored with `A z` from their remaining items."
+               + f"; {data['users']} other users scored with `A z` from their remaining items"
+               + (" (`z`: a Mult-VAE's code of the items, trained on the remaining histories)"
+                  if data.get("encoder_input") == "mult_vae" else "") + "."
                ) if data.get("encoder_passes") else ""
     context = (f" With the shared token in place, the probed users' held-out text also read after the "
                f"{data.get('context_from', 'newest')} N tokens of "
@@ -500,6 +536,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(settings.num_threads)
     try:
         trainer.setup()
+        if args.encoder_input == "mult_vae":
+            if trainer.soft.encoder is None or not args.encoder_passes:
+                raise SystemExit("--encoder_input=mult_vae needs an encoder stage (uip_encoder: linear, "
+                                 "--encoder_passes > 0).")
+            use_mult_vae_features(trainer, logger)
         rng = np.random.default_rng(args.probe_seed)
         order = rng.permutation(run.users())
         if len(order) < 2:
@@ -525,7 +566,7 @@ def main(argv=None) -> int:
         "fit_learning_rate": args.fit_learning_rate, "resample": args.resample,
         "draws": args.draws, "keep": args.keep,
         "fit_objective": args.fit_objective, "also_fit": args.also_fit, "encoder_passes": args.encoder_passes,
-        "encoder_objective": args.encoder_objective,
+        "encoder_objective": args.encoder_objective, "encoder_input": args.encoder_input,
         **({"distil_context_tokens": args.distil_context_tokens}
            if {"distil", "teacher_text"} & {args.fit_objective, args.encoder_objective, args.shift_objective,
                                             *args.also_fit} else {}),
@@ -545,6 +586,7 @@ def main(argv=None) -> int:
             + "".join("_vs_" + objective for objective in args.also_fit)
             + ("_encoder" if args.encoder_passes else "")
             + ("_distil" if args.encoder_passes and args.encoder_objective == "distil" else "")
+            + ("_multvae" if args.encoder_passes and args.encoder_input == "mult_vae" else "")
             + ("_shiftdistil" if args.shift_objective == "distil" else "")
             + ("_keep" if args.keep and args.fit_steps else "")
             + ("_context" if args.context_tokens else "")

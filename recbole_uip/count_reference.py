@@ -206,9 +206,7 @@ def _mult_vae_logits(matrix, remaining: list[np.ndarray]) -> dict:
     if matrix.shape[0] * matrix.shape[1] > MULT_VAE_MAX_CELLS or not matrix.nnz:
         return {"mult_vae": None, "mult_vae_recent": None}
     model = mult_vae.fit_mult_vae(matrix)
-    recent_rows = np.concatenate([np.full(min(len(r), RECENT), u) for u, r in enumerate(remaining)])
-    recent_cols = np.concatenate([r[-RECENT:] for r in remaining])
-    recent = sparse.csr_matrix((np.ones(len(recent_cols)), (recent_rows, recent_cols)), shape=matrix.shape)
+    recent = mult_vae.user_item_matrix([r[-RECENT:] for r in remaining], matrix.shape[1])
     return {"mult_vae": mult_vae.item_logits(model, matrix).astype(float),
             "mult_vae_recent": mult_vae.item_logits(model, recent).astype(float)}
 
@@ -228,11 +226,8 @@ def text_component_probs(data: HeldOutData) -> list[np.ndarray]:
     ``transitions_last<k>``: the :func:`transition_counts` from the user's last ``k`` items, zero on the user's own
     items, normalised (``pop_unseen`` where there are none). Cost: two sparse ``(I, I)`` count matrices, a dense
     ``(I, I)`` inverse, and the Mult-VAE's training (about 20 s on ml-100k, 2 threads)."""
-    num_users, num_items = len(data.remaining), data.num_items
-    rows = np.concatenate([np.full(len(r), u) for u, r in enumerate(data.remaining)]) if num_users else np.zeros(0)
-    cols = np.concatenate(data.remaining) if num_users else np.zeros(0, dtype=np.int64)
-    matrix = sparse.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(num_users, num_items))
-    matrix.data[:] = 1.0                                                  # a repeated item counts once
+    num_items = data.num_items
+    matrix = mult_vae.user_item_matrix(data.remaining, num_items)        # (U, I) binary
     counts = np.asarray(matrix.sum(axis=0)).ravel()                       # (I,) users per item
     norm = sparse.diags(1.0 / np.sqrt(np.maximum(counts, 1.0)))
     cosine = (norm @ (matrix.T @ matrix) @ norm).tolil()

@@ -44,9 +44,9 @@ class MultVAE(torch.nn.Module):
         return self.decoder(latent), mu, log_variance
 
 
-def fit_mult_vae(matrix: sparse.spmatrix, epochs: int = EPOCHS, seed: int = 0) -> MultVAE:
-    """A :class:`MultVAE` trained on the binary user-item ``matrix`` ``(U, I)`` (any positive entry counts as 1) for
-    ``epochs`` passes over the users in shuffled batches of :data:`BATCH_USERS`; float32, the torch threads as set.
+def fit_mult_vae(matrix: sparse.spmatrix, epochs: int = EPOCHS, seed: int = 0, latent: int = LATENT) -> MultVAE:
+    """A :class:`MultVAE` with a ``latent``-dimensional code trained on the binary user-item ``matrix`` ``(U, I)``
+    (any positive entry counts as 1) for ``epochs`` passes over the users in shuffled batches of :data:`BATCH_USERS`; float32, the torch threads as set.
     Deterministic for a given ``seed`` and thread count; the global random state is left as it was."""
     rows = torch.from_numpy((sparse.csr_matrix(matrix) > 0).toarray().astype(np.float32))
     num_users = rows.shape[0]
@@ -54,7 +54,7 @@ def fit_mult_vae(matrix: sparse.spmatrix, epochs: int = EPOCHS, seed: int = 0) -
     total_steps = max(1, epochs * batches)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MultVAE(rows.shape[1])
+        model = MultVAE(rows.shape[1], latent=latent)
         optimiser = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
         model.train()
         step = 0
@@ -82,3 +82,21 @@ def item_logits(model: MultVAE, matrix: sparse.spmatrix, batch_users: int = 1024
             rows = torch.from_numpy((matrix[start:start + batch_users] > 0).toarray().astype(np.float32))
             out[start:start + batch_users] = model(rows)[0].numpy()
     return out
+
+
+def latent_means(model: MultVAE, matrix: sparse.spmatrix) -> np.ndarray:
+    """``(U, latent)`` float32: the encoder's mean code ``mu`` of each row of the binary user-item ``matrix``
+    ``(U, I)``, a user's history compressed to ``latent`` numbers."""
+    rows = torch.from_numpy((sparse.csr_matrix(matrix) > 0).toarray().astype(np.float32))
+    with torch.no_grad():
+        hidden = torch.tanh(model.encoder(torch.nn.functional.normalize(rows, dim=1)))
+        return model.to_latent(hidden).chunk(2, dim=1)[0].numpy()
+
+
+def user_item_matrix(histories: list[np.ndarray], num_items: int) -> sparse.csr_matrix:
+    """``(U, I)`` binary: a 1 where user ``u``'s ``histories[u]`` (item indices) holds item ``i``."""
+    rows = np.concatenate([np.full(len(h), u) for u, h in enumerate(histories)]) if histories else np.zeros(0)
+    cols = np.concatenate(histories).astype(np.int64) if histories else np.zeros(0, dtype=np.int64)
+    matrix = sparse.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(histories), num_items))
+    matrix.data[:] = 1.0                                                  # a repeated item counts once
+    return matrix

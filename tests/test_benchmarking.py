@@ -910,3 +910,37 @@ def test_count_reference_scores_the_generalisation_benchmarks_held_out_items(tmp
     for bad in ("--users=a", "--users=-1", "--holdout_tokens=0"):
         with pytest.raises(SystemExit):
             count_reference.parse_args(["--dataset=toy", bad])
+
+
+def test_the_probes_encoder_can_read_a_mult_vae_code_of_the_same_items(tmp_path, tiny_llm_dir):
+    """``--encoder_input=mult_vae``: ``z`` becomes a Mult-VAE's ``k``-dimensional code of exactly the items at the
+    given positions, standardised over the users' whole histories; the run records it and names its files by it,
+    and without an encoder stage it is refused."""
+    from test_trainer import make_trainer
+
+    token_probe = import_benchmark("token_probe")
+    trainer = make_trainer(tmp_path, tiny_llm_dir)
+    trainer.setup()
+    token_probe.use_mult_vae_features(trainer, logging.getLogger("test"))
+    users = np.arange(len(trainer.histories.items))
+    whole = trainer.features(users)
+    assert whole.shape == (len(users), trainer.soft.encoder.shape[-1]) and whole.dtype == torch.float32
+    assert whole.mean(0).abs().max() < 1e-4 and (whole.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    user = int(np.argmax([len(h) for h in trainer.histories.items]))
+    first, last = np.array([0, 1]), np.arange(len(trainer.histories.items[user]))[-2:]
+    assert not torch.allclose(trainer.features([user], [first]), trainer.features([user], [last]))
+    assert torch.allclose(trainer.features([user], [first]), trainer.features([user, user], [first, first])[:1])
+    trainer.training_users()                                      # the trainer still works with the new z
+    assert torch.isfinite(trainer.offsets(users[:3], [np.arange(2)] * 3)).all()
+
+    write_dataset(tmp_path / "data")
+    argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--holdout_tokens=20", "--users=4",
+            "--fit_steps=0", "--shift_users=6", "--shift_passes=1", f"--data_path={tmp_path / 'data'}",
+            f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false",
+            f"--checkpoint_dir={tmp_path / 'saved2'}", "--encoder_input=mult_vae"]
+    with pytest.raises(SystemExit, match="encoder stage"):
+        token_probe.main(argv)
+    assert token_probe.main(argv + ["--encoder_passes=1"]) == 0
+    folder, = (tmp_path / "results" / "toy").iterdir()
+    data = json.loads((folder / "token_probe_encoder_multvae.json").read_text())
+    assert data["encoder_input"] == "mult_vae" and "Mult-VAE" in (folder / "token_probe_encoder_multvae.md").read_text()
