@@ -42,8 +42,8 @@ of everything). Then:
    (``encoder_other``). With ``--encoder_objective=distil``, ``A`` (and the shift beside it) learn from the
    teacher of ``--fit_objective=distil`` at every batch instead of the text drawn. With
    ``--encoder_input=mult_vae``, ``z`` is instead the mean code of a Mult-VAE with as many dimensions, trained on
-   the remaining histories (the collaborative compression that predicts the held-out items best,
-   ``benchmarks/count_reference.py``). ``--fit_steps=0`` skips the per-user fits (steps 2-4) and scores the encoder
+   the remaining histories of the users the encoder does not train on (the collaborative compression that predicts
+   the held-out items best, ``benchmarks/count_reference.py``). ``--fit_steps=0`` skips the per-user fits (steps 2-4) and scores the encoder
    alone;
 6. with ``--context_tokens=N[,N...]``, the in-context reference beside the shared token: each probed user's
    held-out text is scored with the shared token after the newest ``L`` tokens of their own remaining training text
@@ -177,7 +177,7 @@ def parse_args(argv=None):
     parser.add_argument("--encoder_input", choices=ENCODER_INPUTS, default="items",
                         help="what the encoder stage's A reads: the pipeline's z from the user's item embeddings "
                              "(default), or mult_vae: the mean code of a Mult-VAE with as many dimensions (uip_encoder_dims), "
-                             "trained on the remaining training histories, standardised")
+                             "trained on the remaining training histories of the users the encoder does not train on")
     parser.add_argument("--encoder_objective", choices=("nll", "distil"), default="nll",
                         help="what the encoder stage trains on: the M-step's objective (default) or the LLM's "
                              "predictions given the user's other items in context (distil, --distil_context_tokens)")
@@ -299,17 +299,22 @@ def train_shift(trainer, users: np.ndarray, passes: int, rng: np.random.Generato
 ENCODER_INPUTS = ("items", "mult_vae")
 
 
-def use_mult_vae_features(trainer, logger) -> None:
+def use_mult_vae_features(trainer, logger, unseen_users: np.ndarray) -> None:
     """Replace the trainer's user vector ``z (B, k)`` by the mean code of a Mult-VAE with ``k`` latent dimensions
     (``recbole_uip.mult_vae``) of the same items, standardised over the users' whole histories: the collaborative
     compression of a history that predicts its held-out items best (``benchmarks/count_reference.py``), read by the
-    same encoder ``A``. The Mult-VAE is trained on the trainer's histories, which hold no held-out item."""
+    same encoder ``A``.
+
+    The Mult-VAE is trained on the trainer's histories (no held-out item) of every user but ``unseen_users`` (the
+    users the encoder trains on): had it seen their whole remaining histories, the code of the items an M-step batch
+    lets ``z`` read could carry the very items it scores, which a probed user's held-out items never are."""
     from recbole_uip import mult_vae
 
     histories = trainer.histories
     num_items = len(histories.item_texts)
     matrix = mult_vae.user_item_matrix(histories.items, num_items)
-    model = mult_vae.fit_mult_vae(matrix, latent=trainer.soft.encoder.shape[-1])
+    seen = np.setdiff1d(np.arange(len(histories.items)), unseen_users)
+    model = mult_vae.fit_mult_vae(matrix[seen], latent=trainer.soft.encoder.shape[-1])
     codes = mult_vae.latent_means(model, matrix)
     centre, scale = codes.mean(0), codes.std(0) + 1e-6
 
@@ -320,7 +325,8 @@ def use_mult_vae_features(trainer, logger) -> None:
                                 / scale)
 
     trainer.features = features
-    logger.info(f"token probe: the encoder reads a Mult-VAE's {codes.shape[1]}-dimensional code of each history")
+    logger.info(f"token probe: the encoder reads the {codes.shape[1]}-dimensional code of a Mult-VAE trained on "
+                f"{len(seen)} users' histories (not the {len(histories.items) - len(seen)} it trains on)")
 
 
 def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float, rng: np.random.Generator,
@@ -474,7 +480,7 @@ def render(data: dict) -> str:
                f"{data['encoder_passes']} passes over the same {data['shift_users']} users, the shift beside it"
                + trained_on(data.get("encoder_objective"), data["encoder_nll"])
                + f"; {data['users']} other users scored with `A z` from their remaining items"
-               + (" (`z`: a Mult-VAE's code of the items, trained on the remaining histories)"
+               + (" (`z`: a Mult-VAE's code of the items, trained on the other users' remaining histories)"
                   if data.get("encoder_input") == "mult_vae" else "") + "."
                ) if data.get("encoder_passes") else ""
     context = (f" With the shared token in place, the probed users' held-out text also read after the "
@@ -536,17 +542,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(settings.num_threads)
     try:
         trainer.setup()
-        if args.encoder_input == "mult_vae":
-            if trainer.soft.encoder is None or not args.encoder_passes:
-                raise SystemExit("--encoder_input=mult_vae needs an encoder stage (uip_encoder: linear, "
-                                 "--encoder_passes > 0).")
-            use_mult_vae_features(trainer, logger)
+        if args.encoder_input == "mult_vae" and (trainer.soft.encoder is None or not args.encoder_passes):
+            raise SystemExit("--encoder_input=mult_vae needs an encoder stage (uip_encoder: linear, "
+                             "--encoder_passes > 0).")
         rng = np.random.default_rng(args.probe_seed)
         order = rng.permutation(run.users())
         if len(order) < 2:
             raise SystemExit("The token probe needs at least two users with a held-out text.")
         shift_users = np.sort(order[:min(args.shift_users, len(order) // 2)])
         users = np.sort(order[len(shift_users):len(shift_users) + args.users])
+        if args.encoder_input == "mult_vae":
+            use_mult_vae_features(trainer, logger, shift_users)
         shift_nll = train_shift(trainer, shift_users, args.shift_passes, rng, logger,
                                 args.distil_context_tokens if args.shift_objective == "distil" else 0)
         if still_learning(shift_nll) is not None:

@@ -914,15 +914,28 @@ def test_count_reference_scores_the_generalisation_benchmarks_held_out_items(tmp
 
 def test_the_probes_encoder_can_read_a_mult_vae_code_of_the_same_items(tmp_path, tiny_llm_dir):
     """``--encoder_input=mult_vae``: ``z`` becomes a Mult-VAE's ``k``-dimensional code of exactly the items at the
-    given positions, standardised over the users' whole histories; the run records it and names its files by it,
-    and without an encoder stage it is refused."""
+    given positions, standardised over the users' whole histories, the Mult-VAE trained on every user's history but
+    those the encoder trains on; the run records it and names its files by it, and without an encoder stage it is
+    refused."""
+    from recbole_uip import mult_vae
     from test_trainer import make_trainer
 
     token_probe = import_benchmark("token_probe")
     trainer = make_trainer(tmp_path, tiny_llm_dir)
     trainer.setup()
-    token_probe.use_mult_vae_features(trainer, logging.getLogger("test"))
     users = np.arange(len(trainer.histories.items))
+    fitted_on = []
+    fit = mult_vae.fit_mult_vae
+
+    def recording_fit(matrix, **kwargs):
+        fitted_on.append(matrix.toarray())
+        return fit(matrix, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mult_vae, "fit_mult_vae", recording_fit)
+        token_probe.use_mult_vae_features(trainer, logging.getLogger("test"), users[:3])
+    expected = mult_vae.user_item_matrix(trainer.histories.items, len(trainer.histories.item_texts)).toarray()[3:]
+    assert len(fitted_on) == 1 and np.array_equal(fitted_on[0], expected)     # not the encoder's users
     whole = trainer.features(users)
     assert whole.shape == (len(users), trainer.soft.encoder.shape[-1]) and whole.dtype == torch.float32
     assert whole.mean(0).abs().max() < 1e-4 and (whole.std(0, unbiased=False) - 1).abs().max() < 1e-3
