@@ -8,8 +8,8 @@ training items within ``--holdout_tokens`` tokens of the LLM's tokenizer). Each 
 scored by models fitted on the remaining histories only (``recbole_uip.count_reference``): a population model
 (popularity; the ratings overall and given the item's text) and three nested user models that add the user's own
 history: as a set (their texts, popularity over the items they have not seen, item-to-item cosine and EASE, a
-Mult-VAE, their rating habits), then the same from their newest items, then the items that followed their last ones in other
-histories. Each is a mixture whose weights are fitted on the other half of the users. A user model's gain over the
+Mult-VAE, their rating habits), then the same from their newest items, then the items that followed their last ones
+in other histories. Each is a mixture whose weights are fitted on the other half of the users. A user model's gain over the
 population's, summed over a user's held-out items and divided by the tokens of those items' text, is in the unit of
 the goal (own tokens 0.05 nats/token below the mean token) and of the in-context reference's ``own - population``,
 with the sign flipped.
@@ -92,8 +92,8 @@ def render(data: dict) -> str:
              f"{data['held_out_items_mean']:.1f} items per user on average, {data['item_tokens_mean']:.1f} tokens per "
              f"item). Their texts and ratings are scored by models fitted on the remaining histories only: a "
              f"population model, and user models that add the user's history as a set (their texts, popularity over "
-             f"the items they have not seen, item-to-item cosine, EASE and a Mult-VAE), then the same from their newest "
-             f"{data['recent']} items, then the items that followed their last items in other histories; each a "
+             f"the items they have not seen, item-to-item cosine, EASE and a Mult-VAE), then the same from their "
+             f"newest {data['recent']} items, then the items that followed their last items in other histories; each a "
              f"mixture whose weights are fitted on the other half of the users (`recbole_uip/count_reference.py`). "
              f"The gain is a user model's log-likelihood minus the population's, per token of the held-out text: "
              f"the unit of the generalisation goal ({GENERALISATION_GOAL} nats/token, own tokens below the mean token) "

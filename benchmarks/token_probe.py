@@ -43,8 +43,8 @@ of everything). Then:
    teacher of ``--fit_objective=distil`` at every batch instead of the text drawn. With
    ``--encoder_input=mult_vae``, ``z`` is instead the mean code of a Mult-VAE with as many dimensions, trained on
    the remaining histories of the users the encoder does not train on (the collaborative compression that predicts
-   the held-out items best, ``benchmarks/count_reference.py``). ``--fit_steps=0`` skips the per-user fits (steps 2-4) and scores the encoder
-   alone;
+   the held-out items best, ``benchmarks/count_reference.py``). ``--fit_steps=0`` skips the per-user fits (steps
+   2-4) and scores the encoder alone;
 6. with ``--context_tokens=N[,N...]``, the in-context reference beside the shared token: each probed user's
    held-out text is scored with the shared token after the newest ``L`` tokens of their own remaining training text
    (``context<N>_own``) and after as many of another user's (``context<N>_other``, the batch rotated by one), ``L``
@@ -176,8 +176,8 @@ def parse_args(argv=None):
                              "over the shift's users, and score it (default 0: no encoder stage)")
     parser.add_argument("--encoder_input", choices=ENCODER_INPUTS, default="items",
                         help="what the encoder stage's A reads: the pipeline's z from the user's item embeddings "
-                             "(default), or mult_vae: the mean code of a Mult-VAE with as many dimensions (uip_encoder_dims), "
-                             "trained on the remaining training histories of the users the encoder does not train on")
+                             "(default), or mult_vae: the mean code of a Mult-VAE with as many dimensions "
+                             "(uip_encoder_dims), trained on the remaining training histories of the users the encoder does not train on")
     parser.add_argument("--encoder_objective", choices=("nll", "distil"), default="nll",
                         help="what the encoder stage trains on: the M-step's objective (default) or the LLM's "
                              "predictions given the user's other items in context (distil, --distil_context_tokens)")

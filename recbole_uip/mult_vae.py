@@ -46,8 +46,9 @@ class MultVAE(torch.nn.Module):
 
 def fit_mult_vae(matrix: sparse.spmatrix, epochs: int = EPOCHS, seed: int = 0, latent: int = LATENT) -> MultVAE:
     """A :class:`MultVAE` with a ``latent``-dimensional code trained on the binary user-item ``matrix`` ``(U, I)``
-    (any positive entry counts as 1) for ``epochs`` passes over the users in shuffled batches of :data:`BATCH_USERS`; float32, the torch threads as set.
-    Deterministic for a given ``seed`` and thread count; the global random state is left as it was."""
+    (any positive entry counts as 1) for ``epochs`` passes over the users in shuffled batches of
+    :data:`BATCH_USERS`; float32, the torch threads as set. Deterministic for a given ``seed`` and thread count;
+    the global random state is left as it was."""
     rows = torch.from_numpy((sparse.csr_matrix(matrix) > 0).toarray().astype(np.float32))
     num_users = rows.shape[0]
     batches = max(1, -(-num_users // BATCH_USERS))

@@ -1,4 +1,4 @@
-"""The count models' reference for the generalisation goal (``recbole_uip.count_reference``): no LLM."""
+"""The collaborative models' reference for the generalisation goal (``recbole_uip.count_reference``): no LLM."""
 
 from __future__ import annotations
 
