@@ -131,8 +131,8 @@ def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_m
     assert "Goal" in markdown and "rating tokens alone" in markdown
     assert "the gap is the user's" in markdown or "not shown to be the user's" in markdown   # own - another user's
     assert json.loads((folders[0] / "settings.json").read_text())["settings"] == data["record"]["settings"]
-    # the count models' reference on the same held-out items: what the count-reference benchmark gives them
-    assert set(data["count_reference"]) == {"set", "recent", "sequence"} and "For scale, count models" in markdown
+    # the collaborative models' reference on the same held-out items: what the count-reference benchmark gives them
+    assert set(data["count_reference"]) == {"set", "recent", "sequence"} and "For scale, collaborative models" in markdown
     count_reference = import_benchmark("count_reference")
     assert count_reference.main([a for a in argv if a.split("=")[0] in ("--dataset", "--holdout_tokens", "--data_path",
                                                                          "--uip_llm", "--uip_llm_dtype")]
