@@ -9,17 +9,17 @@ scored by models fitted on the remaining histories only (``recbole_uip.count_ref
 (popularity; the ratings overall and given the item's text) and three nested user models that add the user's own
 history: as a set (their texts, popularity over the items they have not seen, item-to-item cosine and EASE, a
 Mult-VAE, their rating habits), then the same from their newest items, then the items that followed their last ones
-in other histories. Each is a mixture whose weights are fitted on the other half of the users. A user model's gain over the
-population's, summed over a user's held-out items and divided by the tokens of those items' text, is in the unit of
-the goal (own tokens 0.05 nats/token below the mean token) and of the in-context reference's ``own - population``,
-with the sign flipped.
+in other histories. Each is a mixture whose weights are fitted on the other half of the users. A user model's gain
+over the population's, summed over a user's held-out items and divided by the tokens of those items' text, is in the
+unit of the goal (own tokens 0.05 nats/token below the mean token) and of the in-context reference's
+``own - population``, with the sign flipped.
 
 Reported per set of users (all, and the first N of the in-context runs) and user model: the gain per token on every
 held-out token (items' text and ratings together), its two parts, and the rating part per rating token, each a mean
 over users with its 95% interval; each model's NLL per held-out item; where the data has timestamps, each model's
 gain per item for the items rated within an hour of the user's newest remaining item and for the later ones; the
-largest model's mixture weights. The
-tokenizer is the LLM's (``uip_llm``), so per-token figures are that LLM's; nothing else of the LLM is used.
+largest model's mixture weights. The tokenizer is the LLM's (``uip_llm``), so per-token figures are that LLM's;
+nothing else of the LLM is used.
 
 Writes ``results/<dataset>/<settings fingerprint>/count_reference[_<variant>].{json,md}``.
 """

@@ -177,7 +177,8 @@ def parse_args(argv=None):
     parser.add_argument("--encoder_input", choices=ENCODER_INPUTS, default="items",
                         help="what the encoder stage's A reads: the pipeline's z from the user's item embeddings "
                              "(default), or mult_vae: the mean code of a Mult-VAE with as many dimensions "
-                             "(uip_encoder_dims), trained on the remaining training histories of the users the encoder does not train on")
+                             "(uip_encoder_dims), trained on the remaining training histories of the users the "
+                             "encoder does not train on")
     parser.add_argument("--encoder_objective", choices=("nll", "distil"), default="nll",
                         help="what the encoder stage trains on: the M-step's objective (default) or the LLM's "
                              "predictions given the user's other items in context (distil, --distil_context_tokens)")
@@ -319,10 +320,8 @@ def use_mult_vae_features(trainer, logger, unseen_users: np.ndarray) -> None:
     centre, scale = codes.mean(0), codes.std(0) + 1e-6
 
     def features(users: np.ndarray, positions: list[np.ndarray] | None = None) -> torch.Tensor:
-        items = [histories.items[u] if positions is None else histories.items[u][positions[j]]
-                 for j, u in enumerate(users)]
-        return torch.from_numpy((mult_vae.latent_means(model, mult_vae.user_item_matrix(items, num_items)) - centre)
-                                / scale)
+        rows = mult_vae.user_item_matrix(trainer.history_items(users, positions), num_items)
+        return torch.from_numpy((mult_vae.latent_means(model, rows) - centre) / scale)
 
     trainer.features = features
     logger.info(f"token probe: the encoder reads the {codes.shape[1]}-dimensional code of a Mult-VAE trained on "

@@ -36,14 +36,24 @@ class MultVAE(torch.nn.Module):
         self.decoder = torch.nn.Sequential(torch.nn.Linear(latent, hidden), torch.nn.Tanh(),
                                            torch.nn.Linear(hidden, num_items))
 
-    def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``rows`` ``(B, I)`` binary -> ``(logits (B, I), mu (B, LATENT), log variance (B, LATENT))``; in training
-        mode the input is dropped out and the latent sampled, in eval mode the latent is its mean."""
+    def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rows`` ``(B, I)`` binary -> ``(mu, log variance)``, ``(B, latent)`` each; in training mode the
+        normalised input is dropped out first."""
         rows = torch.nn.functional.normalize(rows, dim=1)
         rows = torch.nn.functional.dropout(rows, DROPOUT, training=self.training)
-        mu, log_variance = self.to_latent(torch.tanh(self.encoder(rows))).chunk(2, dim=1)
+        return self.to_latent(torch.tanh(self.encoder(rows))).chunk(2, dim=1)
+
+    def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``rows`` ``(B, I)`` binary -> ``(logits (B, I), mu (B, latent), log variance (B, latent))``; in training
+        mode the input is dropped out and the latent sampled, in eval mode the latent is its mean."""
+        mu, log_variance = self.encode(rows)
         latent = mu + torch.randn_like(mu) * torch.exp(0.5 * log_variance) if self.training else mu
         return self.decoder(latent), mu, log_variance
+
+
+def _binary_rows(matrix: sparse.spmatrix) -> torch.Tensor:
+    """``(U, I)`` float32 dense: 1 where ``matrix`` holds a positive entry, else 0."""
+    return torch.from_numpy((sparse.csr_matrix(matrix) > 0).toarray().astype(np.float32))
 
 
 def fit_mult_vae(matrix: sparse.spmatrix, epochs: int = EPOCHS, seed: int = 0, latent: int = LATENT) -> MultVAE:
@@ -51,7 +61,7 @@ def fit_mult_vae(matrix: sparse.spmatrix, epochs: int = EPOCHS, seed: int = 0, l
     (any positive entry counts as 1) for ``epochs`` passes over the users in shuffled batches of
     :data:`BATCH_USERS`; float32, the torch threads as set. Deterministic for a given ``seed`` and thread count;
     the global random state is left as it was."""
-    rows = torch.from_numpy((sparse.csr_matrix(matrix) > 0).toarray().astype(np.float32))
+    rows = _binary_rows(matrix)
     num_users = rows.shape[0]
     batches = max(1, -(-num_users // BATCH_USERS))
     total_steps = max(1, epochs * batches)
@@ -82,18 +92,16 @@ def item_logits(model: MultVAE, matrix: sparse.spmatrix, batch_users: int = 1024
     out = np.empty(matrix.shape, dtype=np.float32)
     with torch.no_grad():
         for start in range(0, matrix.shape[0], batch_users):
-            rows = torch.from_numpy((matrix[start:start + batch_users] > 0).toarray().astype(np.float32))
-            out[start:start + batch_users] = model(rows)[0].numpy()
+            out[start:start + batch_users] = model(_binary_rows(matrix[start:start + batch_users]))[0].numpy()
     return out
 
 
 def latent_means(model: MultVAE, matrix: sparse.spmatrix) -> np.ndarray:
     """``(U, latent)`` float32: the encoder's mean code ``mu`` of each row of the binary user-item ``matrix``
-    ``(U, I)``, a user's history compressed to ``latent`` numbers."""
-    rows = torch.from_numpy((sparse.csr_matrix(matrix) > 0).toarray().astype(np.float32))
+    ``(U, I)``, a user's history compressed to ``latent`` numbers (``model`` in eval mode, as :func:`fit_mult_vae`
+    returns it)."""
     with torch.no_grad():
-        hidden = torch.tanh(model.encoder(torch.nn.functional.normalize(rows, dim=1)))
-        return model.to_latent(hidden).chunk(2, dim=1)[0].numpy()
+        return model.encode(_binary_rows(matrix))[0].numpy()
 
 
 def user_item_matrix(histories: list[np.ndarray], num_items: int) -> sparse.csr_matrix:

@@ -148,6 +148,11 @@ def after_contexts(targets: Targets, contexts: list[list[int]]) -> Targets:
     return Targets(targets.users, [list(c) + list(t) for c, t in zip(contexts, targets.texts)], flags, targets.inputs)
 
 
+def _at_positions(per_user: list[np.ndarray], users, positions: list[np.ndarray] | None) -> list[np.ndarray]:
+    """``per_user[u]`` for each of ``users``, at ``positions[j]`` for the ``j``-th (whole where None)."""
+    return [per_user[u] if positions is None else per_user[u][positions[j]] for j, u in enumerate(users)]
+
+
 def _batches(order, size: int):
     for start in range(0, len(order), size):
         yield order[start : start + size]
@@ -256,16 +261,16 @@ class ProfileInferenceTrainer:
             users = np.sort(np.random.default_rng(self.seed + 1).permutation(len(self.histories))[:count])
             self.validation = self.targets(users, np.random.default_rng(self.seed + 2))
 
+    def history_items(self, users: np.ndarray, positions: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Per user of ``users``, the item indices at ``positions[j]`` in their history (all their items when
+        None): what :meth:`features` reads."""
+        return _at_positions(self.histories.items, users, positions)
+
     def features(self, users: np.ndarray, positions: list[np.ndarray] | None = None) -> torch.Tensor:
         """``z (B, k)`` of ``users`` from their items at ``positions`` (all their items when None)."""
-        histories = self.histories
-        pick = (lambda u, j: histories.items[u]) if positions is None else (lambda u, j: histories.items[u][positions[j]])
-        items = [pick(u, j) for j, u in enumerate(users)]
-        ratings = None
-        if histories.ratings is not None:
-            ratings = [histories.ratings[u] if positions is None else histories.ratings[u][positions[j]]
-                       for j, u in enumerate(users)]
-        return self.feature_map(self.item_embeddings, items, ratings)
+        ratings = self.histories.ratings
+        return self.feature_map(self.item_embeddings, self.history_items(users, positions),
+                                None if ratings is None else _at_positions(ratings, users, positions))
 
     def targets(self, users: np.ndarray, rng: np.random.Generator) -> Targets:
         """The texts ``users`` are scored on and the items their encoder reads (``uip_target``)."""
