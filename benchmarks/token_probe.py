@@ -22,7 +22,9 @@ of everything). Then:
    other remaining items before it (distillation: the in-context effect of the history, not the one draw), or
    (``--fit_objective=teacher_text``) on the plain NLL of the teacher's whole text, those newest tokens followed by
    the draw (what distillation reads, fitted without a teacher: the control that tells distillation from the
-   recency and length of the teacher's text). ``--also_fit=OBJECTIVE[,...]`` fits the same users' tokens again
+   recency and length of the teacher's text), or (``--fit_objective=mult_vae``) on the plain NLL of a new text at
+   every step, written from items a Mult-VAE of the training histories predicts for the user among those they have
+   not seen (``recbole_uip.collaborative_text``: the user's predicted taste, never one text to memorise). ``--also_fit=OBJECTIVE[,...]`` fits the same users' tokens again
    from the same start, draws and steps on each further objective (modes ``<objective>_own`` and so on) and reports
    ``own`` minus ``<objective>_own``, a paired comparison of the objectives;
 3. the frozen LLM scores each user's held-out text with their own fitted tokens, the mean of the fitted tokens of
@@ -40,7 +42,9 @@ of everything). Then:
    line-searched step per round. The probed users' held-out text is then scored with ``A z`` (``encoder``: ``z``
    from their remaining items), its mean over their batch (``encoder_mean``) and another user's
    (``encoder_other``). With ``--encoder_objective=distil``, ``A`` (and the shift beside it) learn from the
-   teacher of ``--fit_objective=distil`` at every batch instead of the text drawn. With
+   teacher of ``--fit_objective=distil`` at every batch instead of the text drawn; with
+   ``--encoder_objective=mult_vae``, on texts drawn from a Mult-VAE as ``--fit_objective=mult_vae``'s, a new one per
+   user and batch, the encoder reading all of the user's remaining items. With
    ``--encoder_input=mult_vae``, ``z`` is instead the mean code of a Mult-VAE with as many dimensions, trained on
    the remaining histories of the users the encoder does not train on (the collaborative compression that predicts
    the held-out items best, ``benchmarks/count_reference.py``). ``--fit_steps=0`` skips the per-user fits (steps
@@ -75,7 +79,7 @@ from recbole_uip.benchmarking import (
     goal_verdict, interval_summary, matched_contexts, newest_tokens, parse_known_with_overrides, publish_benchmark,
     run_record, settings_fingerprint, settings_table,
 )
-from recbole_uip.inference.trainer import after_contexts
+from recbole_uip.inference.trainer import Targets, after_contexts
 
 BATCH = 16          # users fitted together (each alone: their losses are summed); "mean" and "other" are per batch
 PAIRS = [("own", "mean"), ("own", "other_user"), ("own_halfway", "mean"), ("mean", "shared"), ("oracle", "mean"),
@@ -86,7 +90,7 @@ HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle"
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 
 
-OBJECTIVES = ("plain", "weighted", "distil", "teacher_text")
+OBJECTIVES = ("plain", "weighted", "distil", "teacher_text", "mult_vae")
 
 
 def objective_pairs(objectives: list[str]) -> list[tuple[str, str]]:
@@ -179,9 +183,10 @@ def parse_args(argv=None):
                              "(default), or mult_vae: the mean code of a Mult-VAE with as many dimensions "
                              "(uip_encoder_dims), trained on the remaining training histories of the users the "
                              "encoder does not train on")
-    parser.add_argument("--encoder_objective", choices=("nll", "distil"), default="nll",
-                        help="what the encoder stage trains on: the M-step's objective (default) or the LLM's "
-                             "predictions given the user's other items in context (distil, --distil_context_tokens)")
+    parser.add_argument("--encoder_objective", choices=("nll", "distil", "mult_vae"), default="nll",
+                        help="what the encoder stage trains on: the M-step's objective (default), the LLM's "
+                             "predictions given the user's other items in context (distil, --distil_context_tokens), "
+                             "or texts drawn from a Mult-VAE's prediction of the user's unseen items (mult_vae)")
     parser.add_argument("--encoder_learning_rate", type=float, default=0.005,
                         help="the encoder's Adam step, relative to the mean token-embedding norm per embedding "
                              "dimension (as --fit_learning_rate)")
@@ -232,10 +237,39 @@ def distillation_teacher(trainer, targets, context_tokens: int) -> torch.Tensor:
                                          torch.zeros(len(targets.users), *trainer.soft.anchors.shape))
 
 
-def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args) -> tuple[torch.Tensor, object]:
+def collaborative_draws(trainer, logger):
+    """A function ``draw(users, rng) -> Targets``: per user of ``users``, one text of ``uip_max_behaviour_tokens``
+    written from items drawn from a Mult-VAE's distribution over the items they have not seen given their (remaining)
+    training items (:class:`~recbole_uip.collaborative_text.CollaborativeTexts`); the Mult-VAE is trained once here
+    on every user's remaining training items (no held-out item)."""
+    from recbole_uip import mult_vae
+    from recbole_uip.collaborative_text import CollaborativeTexts, unseen_item_probabilities
+
+    histories = trainer.histories
+    num_items = len(histories.item_texts)
+    model = mult_vae.fit_mult_vae(mult_vae.user_item_matrix(histories.items, num_items))
+    writer = CollaborativeTexts(trainer.text)
+    budget = trainer.settings.max_behaviour_tokens
+    logger.info(f"token probe: texts drawn from a Mult-VAE trained on {len(histories.items)} users' remaining "
+                f"training items")
+
+    def draw(users: np.ndarray, rng: np.random.Generator) -> Targets:
+        probabilities = unseen_item_probabilities(model, trainer.history_items(users), num_items)
+        texts, flags = zip(*(writer.sample(p, budget, rng) for p in probabilities))
+        return Targets(np.asarray(users), list(texts), None if trainer.text.rating_flags is None else list(flags),
+                       [np.arange(len(histories.items[u])) for u in users])     # the encoder would read them all
+
+    return draw
+
+
+def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
+               sampled: list | None = None) -> tuple[torch.Tensor, object]:
     """Each user's tokens ``(B, P, D)`` fitted on ``objective`` (``--fit_objective``'s choices) from ``start``, one
     of ``draws`` per step in turn, and the first text they were fitted to (``Targets``): ``draws[0]``, or for
-    ``teacher_text`` the teacher's context followed by it."""
+    ``teacher_text`` the teacher's context followed by it; for ``mult_vae``, one of ``sampled`` (texts from
+    :func:`collaborative_draws`, one per step) per step, the first of them."""
+    if objective == "mult_vae":
+        return trainer.fit_user_tokens(sampled, start, args.fit_steps, args.fit_learning_rate), sampled[0]
     if objective == "teacher_text":
         texts = [after_contexts(d, teacher_contexts(trainer, d, args.distil_context_tokens)) for d in draws]
         return trainer.fit_user_tokens(texts, start, args.fit_steps, args.fit_learning_rate), texts[0]
@@ -246,12 +280,13 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args) 
 
 
 def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger, encoder_optimizer=None,
-                 distil_context_tokens: int = 0) -> list[float]:
+                 distil_context_tokens: int = 0, collaborative=None) -> list[float]:
     """``passes`` passes over ``users`` in M-step batches (:meth:`ProfileInferenceTrainer.train_batch`); the mean
     NLL of each pass. Without ``encoder_optimizer``, the shared shift alone learns (nothing to train without a
     shift: ``[]``); with it, the encoder steps at every batch on its batch-centred gradient, the shift beside it, on
     the M-step's objective or, given ``distil_context_tokens``, against :func:`distillation_teacher` (the mean
-    cross-entropy of each pass is returned then)."""
+    cross-entropy of each pass is returned then); given ``collaborative`` (:func:`collaborative_draws`'s ``draw``),
+    on its texts instead of the users' own."""
     shared_opt = trainer.shared_optimizer()
     if shared_opt is None and encoder_optimizer is None:
         return []
@@ -263,7 +298,8 @@ def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generat
         for i in range(0, len(order), trainer.settings.batch_size):
             if encoder_optimizer is not None:
                 encoder_optimizer.zero_grad(set_to_none=True)
-            targets = trainer.targets(order[i:i + trainer.settings.batch_size], rng)
+            batch = order[i:i + trainer.settings.batch_size]
+            targets = collaborative(batch, rng) if collaborative else trainer.targets(batch, rng)
             teacher = distillation_teacher(trainer, targets, distil_context_tokens) if distil_context_tokens else None
             nll.append(float(trainer.train_batch(targets, [1.0] * len(trainer.codebooks), shared_opt,
                                                  shift_only=encoder_optimizer is None, teacher=teacher).mean()))
@@ -329,10 +365,10 @@ def use_mult_vae_features(trainer, logger, unseen_users: np.ndarray) -> None:
 
 
 def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float, rng: np.random.Generator,
-                  logger, distil_context_tokens: int = 0) -> list[float]:
+                  logger, distil_context_tokens: int = 0, collaborative=None) -> list[float]:
     """The linear encoder ``A (P, D, k)`` trained by Adam at every M-step batch, ``passes`` passes over ``users``,
-    on the M-step's objective with its batch-centred gradient (:meth:`ProfileInferenceTrainer.train_batch`); the
-    shared shift trains beside it. The mean NLL of each pass.
+    on the M-step's objective with its batch-centred gradient (:meth:`ProfileInferenceTrainer.train_batch`), or on
+    ``collaborative``'s texts (:func:`train_passes`); the shared shift trains beside it. The mean NLL of each pass.
 
     Departs from the EM loop, which accumulates ``A``'s gradient over a whole pass and takes one line-searched step
     per round: this gives the amortised path as many steps as it has batches."""
@@ -340,19 +376,22 @@ def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float,
         raise SystemExit("--encoder_passes needs an encoder (uip_encoder: linear).")
     encoder = trainer.soft.encoder
     optimizer = torch.optim.Adam([encoder], lr=learning_rate * trainer.embedding_norm / encoder.shape[1] ** 0.5)
-    return train_passes(trainer, users, passes, rng, logger, optimizer, distil_context_tokens)
+    return train_passes(trainer, users, passes, rng, logger, optimizer, distil_context_tokens, collaborative)
 
 
-def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool
-          ) -> tuple[dict, dict]:
+def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool,
+          collaborative=None) -> tuple[dict, dict]:
     """Per-user plain NLL ``{mode: (n,)}`` of the modes in the module docstring, and ``{"rating_" + mode: (n,)}``
     on the held-out rating tokens alone where the text marks them (nan for a user whose held-out text has none);
-    and per context budget, the mean context length in tokens (``{}`` without ``--context_tokens``)."""
+    and per context budget, the mean context length in tokens (``{}`` without ``--context_tokens``).
+    ``collaborative``: :func:`collaborative_draws`'s ``draw``, needed by the ``mult_vae`` objective; its texts are
+    drawn from a generator of their own, so that the other objectives' draws stay those of a run without it."""
     trainer = run.trainer
     scores: dict[str, list] = {}
 
     remaining = {u: np.arange(len(trainer.text.user_pieces[u])) for u in users}   # the trainer's text: no held-out item
     context_length: dict[int, list[int]] = {}
+    sample_rng = np.random.default_rng([args.probe_seed, 1])
     bar = tqdm(total=len(users), desc="token probe", ncols=100, disable=not show_progress)
     for start in range(0, len(users), BATCH):
         batch = users[start:start + BATCH]
@@ -362,9 +401,10 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         modes = {"shared": (held, shared)}
         if args.fit_steps:
             draws = [trainer.targets(batch, rng) for _ in range(args.draws)]
+            sampled = [collaborative(batch, sample_rng) for _ in range(args.fit_steps)] if collaborative else None
             for objective in (args.fit_objective, *args.also_fit):
                 p = "" if objective == args.fit_objective else objective + "_"
-                own, fitted_text = fit_tokens(trainer, objective, draws, shared, args)
+                own, fitted_text = fit_tokens(trainer, objective, draws, shared, args, sampled)
                 mean = own.mean(0, keepdim=True).expand_as(own)
                 modes.update({p + "own": (held, own), p + "mean": (held, mean), p + "other_user": (held, own[rotate]),
                               p + "own_halfway": (held, (own + mean) / 2), p + "own_on_fitted_text": (fitted_text, own),
@@ -420,6 +460,9 @@ def describe_objective(objective: str, data: dict) -> str:
     return {"weighted": f"M-step's objective (rating tokens weigh {settings['rating_weight']:g}) of {draw}",
             "distil": f"frozen LLM's predictions (distillation; the teacher reads {context} before the text) for {draw}",
             "teacher_text": f"plain NLL of the teacher's whole text ({context}, then {draw}; no teacher)",
+            "mult_vae": (f"plain NLL of a new text at every step, {settings['max_behaviour_tokens']} tokens of items "
+                         "drawn from a Mult-VAE's distribution over the items the user has not seen, given their "
+                         "remaining training items (`recbole_uip.collaborative_text`)"),
             }.get(objective, f"plain NLL of {draw}")
 
 
@@ -472,6 +515,9 @@ def render(data: dict) -> str:
         # an encoder stopped so is scored before it has learnt what it can.
         per_pass += (f"; **still falling**: the last pass lowered it by {drop:.4f} ({drop / abs(losses[-1]):.1%}), "
                      f"so more passes would still change it" if drop is not None else "")
+        if objective == "mult_vae":
+            return (f", on texts drawn from a Mult-VAE's prediction of each user's unseen items, a new one at every "
+                    f"batch (NLL per pass {per_pass})")
         return (f", on the frozen LLM's predictions ({teacher}; cross-entropy per pass {per_pass})"
                 if objective == "distil" else f" (NLL per pass {per_pass})")
 
@@ -557,10 +603,14 @@ def main(argv=None) -> int:
         if still_learning(shift_nll) is not None:
             logger.warning(f"token probe: the shared shift was still learning after {args.shift_passes} passes (NLL "
                            f"{shift_nll[-2]:.4f} -> {shift_nll[-1]:.4f}); more --shift_passes would give another start")
+        collaborative = collaborative_draws(trainer, logger) if (
+            "mult_vae" in {args.fit_objective, *args.also_fit} and args.fit_steps
+            or args.encoder_passes and args.encoder_objective == "mult_vae") else None
         encoder_nll = train_encoder(
             trainer, shift_users, args.encoder_passes, args.encoder_learning_rate, rng, logger,
-            args.distil_context_tokens if args.encoder_objective == "distil" else 0) if args.encoder_passes else []
-        scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]))
+            args.distil_context_tokens if args.encoder_objective == "distil" else 0,
+            collaborative if args.encoder_objective == "mult_vae" else None) if args.encoder_passes else []
+        scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]), collaborative)
     finally:
         torch.set_num_threads(threads_before)
     pairs = PAIRS + objective_pairs(args.also_fit) + context_pairs(args.context_tokens) + keep_pairs(args.keep)
@@ -590,7 +640,7 @@ def main(argv=None) -> int:
             + ("" if args.fit_objective == "plain" else "_" + args.fit_objective)
             + "".join("_vs_" + objective for objective in args.also_fit)
             + ("_encoder" if args.encoder_passes else "")
-            + ("_distil" if args.encoder_passes and args.encoder_objective == "distil" else "")
+            + (f"_{args.encoder_objective}" if args.encoder_passes and args.encoder_objective != "nll" else "")
             + ("_multvae" if args.encoder_passes and args.encoder_input == "mult_vae" else "")
             + ("_shiftdistil" if args.shift_objective == "distil" else "")
             + ("_keep" if args.keep and args.fit_steps else "")

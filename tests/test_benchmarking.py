@@ -280,11 +280,11 @@ def test_token_probe_compares_fit_objectives_user_by_user_from_the_same_draws(tm
             token_probe.parse_args(base + bad)
 
 
-@pytest.mark.parametrize("objective", ["nll", "distil"])
+@pytest.mark.parametrize("objective", ["nll", "distil", "mult_vae"])
 def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per_user_fits(tmp_path, tiny_llm_dir,
                                                                                            objective):
     """``--encoder_passes``: the linear encoder is trained by Adam at every batch (it moves, and the shift beside
-    it; on the M-step's objective or by distillation), the probed users are scored with ``A z``, its batch mean and
+    it; on the M-step's objective, by distillation or on texts drawn from a Mult-VAE), the probed users are scored with ``A z``, its batch mean and
     another user's, on every held-out token and on the rating tokens; ``--fit_steps=0`` leaves out every per-user
     fit."""
     token_probe = import_benchmark("token_probe")
@@ -295,7 +295,7 @@ def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per
             f"--checkpoint_dir={tmp_path / 'saved'}", f"--encoder_objective={objective}"]
     assert token_probe.main(argv) == 0
     folder, = (tmp_path / "results" / "toy").iterdir()
-    name = "token_probe_encoder" + ("_distil" if objective == "distil" else "")
+    name = "token_probe_encoder" + ("" if objective == "nll" else "_" + objective)
     data = json.loads((folder / f"{name}.json").read_text())
     assert data["encoder_objective"] == objective and ("distil_context_tokens" in data) is (objective == "distil")
     assert data["encoder_passes"] == 2 and len(data["encoder_nll"]) == 2
@@ -309,6 +309,7 @@ def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per
     report = (folder / f"{name}.md").read_text()
     assert "encoder trained at every batch" in report and "fitted alone" not in report
     assert ("distillation" in report) is (objective == "distil")
+    assert ("texts drawn from a Mult-VAE" in report) is (objective == "mult_vae")
 
 
 def test_token_probe_reads_each_users_history_in_context_beside_the_shared_token(tmp_path, tiny_llm_dir):
@@ -956,3 +957,31 @@ def test_the_probes_encoder_can_read_a_mult_vae_code_of_the_same_items(tmp_path,
     folder, = (tmp_path / "results" / "toy").iterdir()
     data = json.loads((folder / "token_probe_encoder_multvae.json").read_text())
     assert data["encoder_input"] == "mult_vae" and "Mult-VAE" in (folder / "token_probe_encoder_multvae.md").read_text()
+
+
+def test_token_probe_fits_tokens_to_texts_drawn_from_a_mult_vae_without_changing_the_other_fits(tmp_path, tiny_llm_dir):
+    """``--also_fit=mult_vae``: each user's tokens are also fitted to texts written from a Mult-VAE's distribution
+    over the items they have not seen (a new text per step, drawn from a generator of its own), so the plain fits,
+    their draws and scores, are those of a run without it."""
+    token_probe = import_benchmark("token_probe")
+    write_dataset(tmp_path / "data")
+    base = ["--dataset=toy", "--holdout_tokens=20", "--users=5", "--fit_steps=3", "--shift_users=6",
+            "--shift_passes=1", f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}",
+            "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false", "--oracle=false",
+            f"--checkpoint_dir={tmp_path / 'saved'}"]
+    assert token_probe.main(base + [f"--results={tmp_path / 'alone'}"]) == 0
+    assert token_probe.main(base + [f"--results={tmp_path / 'both'}", "--also_fit=mult_vae"]) == 0
+    alone = json.loads(next((tmp_path / "alone" / "toy").glob("*/token_probe.json")).read_text())
+    both = json.loads(next((tmp_path / "both" / "toy").glob("*/token_probe_vs_mult_vae.json")).read_text())
+    for mode in ("own", "mean", "other_user", "own_on_fitted_text", "rating_own", "shared"):
+        assert both["modes"][mode] == alone["modes"][mode]
+    modes = both["modes"]
+    for mode in ("mult_vae_own", "mult_vae_mean", "mult_vae_other_user", "mult_vae_own_on_fitted_text",
+                 "rating_mult_vae_own"):
+        assert np.isfinite(modes[mode]["mean"])
+    assert modes["mult_vae_own"]["mean"] != modes["own"]["mean"]
+    assert modes["mult_vae_own_on_fitted_text"]["mean"] != modes["own_on_fitted_text"]["mean"]   # another text
+    low, high = both["differences"]["mult_vae_own_minus_mult_vae_other_user"]["ci"]
+    assert low <= both["differences"]["mult_vae_own_minus_mult_vae_other_user"]["mean"] <= high
+    report = next((tmp_path / "both" / "toy").glob("*/token_probe_vs_mult_vae.md")).read_text()
+    assert "drawn from a Mult-VAE's distribution over the items the user has not seen" in report

@@ -36,6 +36,7 @@ class BehaviourText:
             alone (the generalisation benchmark's ``rating_tokens``) in the paper's setting too.
         user_pieces: per user, int64 ``(n_u,)`` piece indices aligned with ``histories.items``.
         piece_lengths: int64 ``(num_pieces,)``.
+        piece_items: int64 ``(num_pieces,)``: the item each piece writes.
     """
 
     def __init__(self, histories: TrainingHistories, settings, tokenizer, logger=None):
@@ -49,6 +50,7 @@ class BehaviourText:
                            f"token weighs 1.")
         index: dict[tuple[int, float], int] = {}
         self.piece_ids: list[np.ndarray] = []
+        piece_items: list[int] = []
         flags: list[np.ndarray] = []
         self.user_pieces: list[np.ndarray] = []
         for u, items in enumerate(histories.items):
@@ -61,11 +63,13 @@ class BehaviourText:
                     ids, rating_flags = self._encode(tokenizer, settings, histories.item_texts[item],
                                                      rating if ratings is not None else None)
                     self.piece_ids.append(ids)
+                    piece_items.append(item)
                     flags.append(rating_flags)
                 row[j] = index[key]
             self.user_pieces.append(row)
         self.rating_flags = flags if self.mark_ratings else None
         self.piece_lengths = np.array([len(ids) for ids in self.piece_ids], dtype=np.int64)
+        self.piece_items = np.array(piece_items, dtype=np.int64)
         if logger:
             logger.info(f"Behaviour text: {len(self.piece_ids)} distinct (item, rating) pieces, "
                         f"{self.piece_lengths.mean():.1f} tokens each on average.")
@@ -87,7 +91,11 @@ class BehaviourText:
     def tokens(self, user: int, positions, budget: int | None = None) -> tuple[list[int], list[bool] | None]:
         """Token ids of ``user``'s items at ``positions`` (oldest first), cut to ``budget`` tokens, and their rating
         flags (None when ratings are not marked)."""
-        pieces = self.user_pieces[user][np.sort(np.asarray(positions, dtype=np.int64))]
+        return self.pieces_tokens(self.user_pieces[user][np.sort(np.asarray(positions, dtype=np.int64))], budget)
+
+    def pieces_tokens(self, pieces, budget: int | None = None) -> tuple[list[int], list[bool] | None]:
+        """Token ids of ``pieces`` (piece indices, in the order given) written one after another, cut to
+        ``budget`` tokens, and their rating flags (None when ratings are not marked)."""
         ids = np.concatenate([self.piece_ids[p] for p in pieces])[:budget]
         if self.rating_flags is None:
             return ids.tolist(), None
