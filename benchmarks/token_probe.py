@@ -85,6 +85,9 @@ BATCH = 16          # users fitted together (each alone: their losses are summed
 PAIRS = [("own", "mean"), ("own", "other_user"), ("own_halfway", "mean"), ("mean", "shared"), ("oracle", "mean"),
          ("own_on_fitted_text", "mean_on_fitted_text")]
 PAIRS += [("encoder", "encoder_mean"), ("encoder", "encoder_other"), ("encoder_mean", "shared")]
+NEW_DRAW_PAIRS = [("own_on_new_draw", "mean_on_new_draw"), ("own_on_new_draw", "other_user_on_new_draw")]
+PAIRS += NEW_DRAW_PAIRS + [("encoder_on_new_draw", "encoder_mean_on_new_draw"),
+                           ("encoder_on_new_draw", "encoder_other_on_new_draw")]
 HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle",   # also on the rating tokens alone
                   "encoder", "encoder_mean", "encoder_other")
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
@@ -103,6 +106,7 @@ def objective_pairs(objectives: list[str]) -> list[tuple[str, str]]:
         within = [(p + "own", p + "mean"), (p + "own", p + "other_user"), (p + "own_halfway", p + "mean"),
                   (p + "mean", "shared"), ("own", p + "own")]
         pairs += within + [(p + "own_on_fitted_text", p + "mean_on_fitted_text")]
+        pairs += [(p + a, p + b) for a, b in NEW_DRAW_PAIRS]
         rating += [("rating_" + a, "rating_" + b) for a, b in within]
     return pairs + rating
 
@@ -384,14 +388,17 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
     """Per-user plain NLL ``{mode: (n,)}`` of the modes in the module docstring, and ``{"rating_" + mode: (n,)}``
     on the held-out rating tokens alone where the text marks them (nan for a user whose held-out text has none);
     and per context budget, the mean context length in tokens (``{}`` without ``--context_tokens``).
-    ``collaborative``: :func:`collaborative_draws`'s ``draw``, needed by the ``mult_vae`` objective; its texts are
-    drawn from a generator of their own, so that the other objectives' draws stay those of a run without it."""
+    ``collaborative``: :func:`collaborative_draws`'s ``draw``, needed by the ``mult_vae`` objectives; its texts are
+    drawn from a generator of their own, so that the other objectives' draws stay those of a run without it. Tokens
+    fitted (or an encoder trained) on its texts are also scored on one more text drawn for each user from the same
+    distribution and fitted on by nothing (``*_on_new_draw``, from a third generator): whether they learnt the
+    user's distribution at all, apart from whether it carries to the user's real held-out items."""
     trainer = run.trainer
     scores: dict[str, list] = {}
 
     remaining = {u: np.arange(len(trainer.text.user_pieces[u])) for u in users}   # the trainer's text: no held-out item
     context_length: dict[int, list[int]] = {}
-    sample_rng = np.random.default_rng([args.probe_seed, 1])
+    sample_rng, new_draw_rng = np.random.default_rng([args.probe_seed, 1]), np.random.default_rng([args.probe_seed, 2])
     bar = tqdm(total=len(users), desc="token probe", ncols=100, disable=not show_progress)
     for start in range(0, len(users), BATCH):
         batch = users[start:start + BATCH]
@@ -399,6 +406,7 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         rotate = torch.as_tensor(np.roll(np.arange(len(batch)), 1))
         shared = torch.zeros(len(batch), *trainer.soft.anchors.shape)
         modes = {"shared": (held, shared)}
+        new_draw = collaborative(batch, new_draw_rng) if collaborative else None
         if args.fit_steps:
             draws = [trainer.targets(batch, rng) for _ in range(args.draws)]
             sampled = [collaborative(batch, sample_rng) for _ in range(args.fit_steps)] if collaborative else None
@@ -409,6 +417,9 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                 modes.update({p + "own": (held, own), p + "mean": (held, mean), p + "other_user": (held, own[rotate]),
                               p + "own_halfway": (held, (own + mean) / 2), p + "own_on_fitted_text": (fitted_text, own),
                               p + "mean_on_fitted_text": (fitted_text, mean)})
+                if objective == "mult_vae":
+                    modes.update({p + "own_on_new_draw": (new_draw, own), p + "mean_on_new_draw": (new_draw, mean),
+                                  p + "other_user_on_new_draw": (new_draw, own[rotate])})
                 if not p:                   # a token shrunk towards the mean: how much of a fit is the user's
                     modes.update({keep_mode(k): (held, k * own + (1 - k) * mean) for k in args.keep})
         if args.encoder_passes:
@@ -416,6 +427,9 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                 encoded = trainer.offsets(batch, held.inputs).cpu()          # A z, z from the remaining items
             modes.update({"encoder": (held, encoded), "encoder_other": (held, encoded[rotate]),
                           "encoder_mean": (held, encoded.mean(0, keepdim=True).expand_as(encoded))})
+            if args.encoder_objective == "mult_vae":
+                modes.update({m + "_on_new_draw": (new_draw, modes[m][1])
+                              for m in ("encoder", "encoder_other", "encoder_mean")})
         for budget in args.context_tokens:
             positions = context_positions(trainer.text, batch, remaining, budget, args.context_from)
             own_context, other_context = matched_contexts(trainer.text, batch, batch[rotate.numpy()], positions, budget)
@@ -474,6 +488,14 @@ def render(data: dict) -> str:
               "mean_minus_shared": "mean of the fitted tokens - the shared token before fitting (held-out text)",
               "oracle_minus_mean": "fitted on the held-out text itself - mean (the most one token can do)",
               "own_on_fitted_text_minus_mean_on_fitted_text": "own - mean on the text they were fitted to (memorisation)",
+              "own_on_new_draw_minus_mean_on_new_draw":
+                  "own - mean on a new text from the distribution they were fitted to (fitted on by nothing)",
+              "own_on_new_draw_minus_other_user_on_new_draw":
+                  "own - another user's on a new text from the user's distribution (fitted on by nothing)",
+              "encoder_on_new_draw_minus_encoder_mean_on_new_draw":
+                  "encoder's A z - its mean on a new text from the distribution it was trained on",
+              "encoder_on_new_draw_minus_encoder_other_on_new_draw":
+                  "encoder's A z - another user's on a new text from the user's distribution",
               "rating_own_minus_rating_mean": "own - mean (held-out rating tokens)",
               "rating_own_minus_rating_other_user": "own - another user's (held-out rating tokens)",
               "rating_own_halfway_minus_rating_mean": "own shrunk halfway to the mean - mean (held-out rating tokens)",

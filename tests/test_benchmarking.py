@@ -299,10 +299,13 @@ def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per
     data = json.loads((folder / f"{name}.json").read_text())
     assert data["encoder_objective"] == objective and ("distil_context_tokens" in data) is (objective == "distil")
     assert data["encoder_passes"] == 2 and len(data["encoder_nll"]) == 2
+    new_draw = {"encoder_on_new_draw", "encoder_mean_on_new_draw", "encoder_other_on_new_draw"}
     assert set(data["modes"]) == {prefix + mode for prefix in ("", "rating_")
-                                  for mode in ("shared", "encoder", "encoder_mean", "encoder_other")}
+                                  for mode in ("shared", "encoder", "encoder_mean", "encoder_other")} | (
+        new_draw if objective == "mult_vae" else set())   # scored on a new text from the distribution trained on
     for key in ("encoder_minus_encoder_mean", "encoder_minus_encoder_other", "encoder_mean_minus_shared",
-                "rating_encoder_minus_rating_encoder_mean"):
+                "rating_encoder_minus_rating_encoder_mean",
+                *(("encoder_on_new_draw_minus_encoder_other_on_new_draw",) if objective == "mult_vae" else ())):
         low, high = data["differences"][key]["ci"]
         assert low <= data["differences"][key]["mean"] <= high
     assert data["differences"]["encoder_minus_encoder_other"]["mean"] != 0        # users get different tokens
@@ -977,11 +980,15 @@ def test_token_probe_fits_tokens_to_texts_drawn_from_a_mult_vae_without_changing
         assert both["modes"][mode] == alone["modes"][mode]
     modes = both["modes"]
     for mode in ("mult_vae_own", "mult_vae_mean", "mult_vae_other_user", "mult_vae_own_on_fitted_text",
-                 "rating_mult_vae_own"):
+                 "rating_mult_vae_own", "mult_vae_own_on_new_draw", "mult_vae_other_user_on_new_draw"):
         assert np.isfinite(modes[mode]["mean"])
+    assert "own_on_new_draw" not in modes and "rating_mult_vae_own_on_new_draw" not in modes
     assert modes["mult_vae_own"]["mean"] != modes["own"]["mean"]
     assert modes["mult_vae_own_on_fitted_text"]["mean"] != modes["own_on_fitted_text"]["mean"]   # another text
-    low, high = both["differences"]["mult_vae_own_minus_mult_vae_other_user"]["ci"]
-    assert low <= both["differences"]["mult_vae_own_minus_mult_vae_other_user"]["mean"] <= high
+    for key in ("mult_vae_own_minus_mult_vae_other_user",
+                "mult_vae_own_on_new_draw_minus_mult_vae_other_user_on_new_draw"):
+        low, high = both["differences"][key]["ci"]
+        assert low <= both["differences"][key]["mean"] <= high
     report = next((tmp_path / "both" / "toy").glob("*/token_probe_vs_mult_vae.md")).read_text()
     assert "drawn from a Mult-VAE's distribution over the items the user has not seen" in report
+    assert "mult_vae: own - another user's on a new text from the user's distribution" in report
