@@ -24,9 +24,10 @@ of everything). Then:
    the draw (what distillation reads, fitted without a teacher: the control that tells distillation from the
    recency and length of the teacher's text), or (``--fit_objective=mult_vae``) on the plain NLL of a new text at
    every step, written from items a Mult-VAE of the training histories predicts for the user among those they have
-   not seen (``recbole_uip.collaborative_text``: the user's predicted taste, never one text to memorise). ``--also_fit=OBJECTIVE[,...]`` fits the same users' tokens again
-   from the same start, draws and steps on each further objective (modes ``<objective>_own`` and so on) and reports
-   ``own`` minus ``<objective>_own``, a paired comparison of the objectives;
+   not seen (``recbole_uip.collaborative_text``: the user's predicted taste, never one text to memorise).
+   ``--also_fit=OBJECTIVE[,...]`` fits the same users' tokens again from the same start, draws and steps on each
+   further objective (modes ``<objective>_own`` and so on) and reports ``own`` minus ``<objective>_own``, a paired
+   comparison of the objectives;
 3. the frozen LLM scores each user's held-out text with their own fitted tokens, the mean of the fitted tokens of
    the users in their batch of 16, another user's fitted tokens (the batch rotated by one), their own shrunk halfway
    towards that mean (``own_halfway``: a noisy estimate of a user's token can lose to the mean and still carry

@@ -284,9 +284,9 @@ def test_token_probe_compares_fit_objectives_user_by_user_from_the_same_draws(tm
 def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per_user_fits(tmp_path, tiny_llm_dir,
                                                                                            objective):
     """``--encoder_passes``: the linear encoder is trained by Adam at every batch (it moves, and the shift beside
-    it; on the M-step's objective, by distillation or on texts drawn from a Mult-VAE), the probed users are scored with ``A z``, its batch mean and
-    another user's, on every held-out token and on the rating tokens; ``--fit_steps=0`` leaves out every per-user
-    fit."""
+    it; on the M-step's objective, by distillation or on texts drawn from a Mult-VAE), the probed users are scored
+    with ``A z``, its batch mean and another user's, on every held-out token and on the rating tokens (and, trained
+    on Mult-VAE texts, on a new one); ``--fit_steps=0`` leaves out every per-user fit."""
     token_probe = import_benchmark("token_probe")
     write_dataset(tmp_path / "data")
     argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--holdout_tokens=20", "--users=5",
