@@ -6,7 +6,8 @@ its NLL by 0.57 nats/token against the mean of the fitted tokens and carry nothi
 predict those newer items (0.062 nats/token on titles, ``benchmarks/count_reference.py``). Here a user's text is
 written from items drawn from that model's distribution over the items the user has not seen, a new draw at every
 step, so that tokens fitted to such texts can learn only what the distribution says about the user, not the items
-of one text.
+of one text. Measured on ml-100k (``docs/experiment_log.md``, 2026-12-06): they memorise nothing and learn what all
+users share, but nothing that sets the user apart, not even on a new text from the same distribution.
 
 Departure from the paper, which fits the tokens to the user's observed behaviour text: these targets come from a
 collaborative model of the same training histories (no held-out item enters either). Each drawn item is written
@@ -52,6 +53,7 @@ class CollaborativeTexts:
             item has no text to write and is never drawn).
         item_piece_shares: per item, float64 ``(m_i,)``: how often each of its pieces occurs in the training
             histories, as a share of the item's occurrences.
+        writable: bool ``(I,)``: whether the item has a piece (only those are drawn).
     """
 
     def __init__(self, text: BehaviourText):
