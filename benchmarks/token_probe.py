@@ -410,7 +410,8 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         new_draw = collaborative(batch, new_draw_rng) if collaborative else None
         if args.fit_steps:
             draws = [trainer.targets(batch, rng) for _ in range(args.draws)]
-            sampled = [collaborative(batch, sample_rng) for _ in range(args.fit_steps)] if collaborative else None
+            sampled = [collaborative(batch, sample_rng) for _ in range(args.fit_steps)] \
+                if "mult_vae" in (args.fit_objective, *args.also_fit) else None   # not for the encoder's alone
             for objective in (args.fit_objective, *args.also_fit):
                 p = "" if objective == args.fit_objective else objective + "_"
                 own, fitted_text = fit_tokens(trainer, objective, draws, shared, args, sampled)

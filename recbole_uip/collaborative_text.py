@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from recbole_uip import mult_vae
+from recbole_uip.count_reference import softmax_over_unseen
 from recbole_uip.data.behaviour_text import BehaviourText
 
 
@@ -30,16 +31,12 @@ def unseen_item_probabilities(model: mult_vae.MultVAE, histories: list[np.ndarra
     Raises:
         ValueError: a user has seen every item (nothing is left to draw).
     """
+    full = sum(len(np.unique(items)) == num_items for items in histories)
+    if full:
+        raise ValueError(f"{full} user(s) have seen every one of the {num_items} items: no unseen item to draw a "
+                         f"text from.")
     logits = mult_vae.item_logits(model, mult_vae.user_item_matrix(histories, num_items)).astype(np.float64)
-    for j, items in enumerate(histories):
-        logits[j, items] = -np.inf
-    full = np.isneginf(logits).all(axis=1)
-    if full.any():
-        raise ValueError(f"{int(full.sum())} user(s) have seen every one of the {num_items} items: no unseen item "
-                         f"to draw a text from.")
-    logits -= logits.max(axis=1, keepdims=True)
-    probabilities = np.exp(logits)
-    return probabilities / probabilities.sum(axis=1, keepdims=True)
+    return np.stack([softmax_over_unseen(row, 1.0, items) for row, items in zip(logits, histories)])
 
 
 class CollaborativeTexts:

@@ -189,8 +189,9 @@ def _normalised(scores: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     return scores / total if total > 0 else fallback
 
 
-def _softmax(scores: np.ndarray, temperature: float, seen: np.ndarray) -> np.ndarray:
-    """``softmax(temperature * scores)`` over the items not in ``seen``, ``(I,)`` (uniform where every item is seen)."""
+def softmax_over_unseen(scores: np.ndarray, temperature: float, seen: np.ndarray) -> np.ndarray:
+    """``softmax(temperature * scores)`` over the items not in ``seen``, ``(I,)`` float64, 0 on a seen item (uniform
+    where every item is seen). Also what ``recbole_uip.collaborative_text`` draws items from."""
     logits = temperature * scores
     logits[seen] = -np.inf
     finite = np.isfinite(logits)
@@ -254,10 +255,10 @@ def text_component_probs(data: HeldOutData) -> list[np.ndarray]:
         for name, window in (("ease", seen), ("ease_recent", recent)):
             scores = ease[window].sum(axis=0) if ease is not None and len(window) else None
             for tau in EASE_TEMPERATURES:
-                items[f"{name}_t{tau:g}"] = unseen if scores is None else _softmax(scores, tau, seen)
+                items[f"{name}_t{tau:g}"] = unseen if scores is None else softmax_over_unseen(scores, tau, seen)
         for name, logits in vae_logits.items():
             for tau in MULT_VAE_TEMPERATURES:
-                items[f"{name}_t{tau:g}"] = unseen if logits is None else _softmax(logits[user], tau, seen)
+                items[f"{name}_t{tau:g}"] = unseen if logits is None else softmax_over_unseen(logits[user], tau, seen)
         for last in TRANSITION_LAST:
             scores = np.asarray(transitions[seen[-last:]].sum(axis=0)).ravel() if len(seen) else np.zeros(num_items)
             scores[seen] = 0.0
