@@ -57,19 +57,32 @@ of everything). Then:
    place; with ``--context_from=oldest``, their oldest N tokens instead, and another user's oldest: the user's
    history away from the held-out items' time). ``context<N>_own`` minus ``shared`` is what the user's whole recent
    history, read verbatim, adds to the mean token: the same question as the goal's own minus mean, asked of the history itself.
+7. with ``--group_tokens=K``, one token per group of users instead of per user: the users who are not probed are
+   put in ``K`` groups by the pipeline's quantiser (a whitened k-means, ``ProfileCodebook``) of ``--group_by``'s
+   vector of their remaining items (``items``: the pipeline's untrained ``z``, the start its IDs are quantised from;
+   ``mult_vae``: a Mult-VAE's code of as many dimensions, trained on those users' remaining histories), and each
+   group's token is the shared shift trained on for ``--group_passes`` more passes over that group's users alone
+   (a batch of the group's users' texts per step where a per-user fit has one text). Each probed user, put in the
+   group of the nearest code, is scored with their group's token (``group_own``), its mean over their batch
+   (``group_mean``), the next group's (``group_other``), and the token of the group that explains a draw of their
+   remaining training text best (``group_likeliest``: the assignment an EM step by likelihood would make). A per-user
+   fit averages one user's noise; a group's fit averages ``U / K`` users', so this asks whether the soft token can
+   carry the taste that users share with their neighbours when the noise is gone.
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
 per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled|_draws<K>][_<objective>][_vs_<objective>...]
-[_encoder[_distil]][_shiftdistil][_keep][_context[_oldest]][_<variant>].{json,md}``. The JSON also keeps each probed
-user's score in every mode (``per_user``, in the order of its ``users``, the trainer's user indices), so that two
-runs over the same users (the same dataset, split, ``--probe_seed`` and ``--users``) can be compared user by user.
+[_encoder[_distil]][_shiftdistil][_keep][_context[_oldest]][_groups<K>_<group_by>][_<variant>].{json,md}``. The JSON
+also keeps each probed user's score in every mode (``per_user``, in the order of its ``users``, the trainer's user
+indices), so that two runs over the same users (the same dataset, split, ``--probe_seed`` and ``--users``) can be
+compared user by user.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -80,6 +93,7 @@ from recbole_uip.benchmarking import (
     goal_verdict, interval_summary, matched_contexts, newest_tokens, parse_known_with_overrides, publish_benchmark,
     run_record, settings_fingerprint, settings_table,
 )
+from recbole_uip.inference.codebook import ProfileCodebook
 from recbole_uip.inference.trainer import Targets, after_contexts
 
 BATCH = 16          # users fitted together (each alone: their losses are summed); "mean" and "other" are per batch
@@ -89,8 +103,12 @@ PAIRS += [("encoder", "encoder_mean"), ("encoder", "encoder_other"), ("encoder_m
 NEW_DRAW_PAIRS = [("own_on_new_draw", "mean_on_new_draw"), ("own_on_new_draw", "other_user_on_new_draw")]
 PAIRS += NEW_DRAW_PAIRS + [("encoder_on_new_draw", "encoder_mean_on_new_draw"),
                            ("encoder_on_new_draw", "encoder_other_on_new_draw")]
+GROUP_PAIRS = [("group_own", "group_mean"), ("group_own", "group_other"), ("group_mean", "shared"),
+               ("group_likeliest", "group_own"), ("group_likeliest", "group_mean")]
+PAIRS += GROUP_PAIRS
 HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle",   # also on the rating tokens alone
-                  "encoder", "encoder_mean", "encoder_other")
+                  "encoder", "encoder_mean", "encoder_other",
+                  "group_own", "group_mean", "group_other", "group_likeliest")
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 
 
@@ -201,6 +219,15 @@ def parse_args(argv=None):
     parser.add_argument("--context_from", choices=CONTEXT_ENDS, default="newest",
                         help="which end of each history --context_tokens reads: the newest tokens (default), next to "
                              "the held-out items in time, or the oldest")
+    parser.add_argument("--group_tokens", type=int, default=0,
+                        help="also fit one token per group of users: K groups of the users not probed, each group's "
+                             "token the shift trained on over its users alone, scored on the probed users (default 0: "
+                             "none)")
+    parser.add_argument("--group_by", choices=GROUP_BY, default="items",
+                        help="the vector the groups are a whitened k-means of: the pipeline's untrained z (items, the "
+                             "default) or a Mult-VAE's code (mult_vae)")
+    parser.add_argument("--group_passes", type=int, default=4,
+                        help="passes over each group's users when fitting its token (default 4)")
     parser.add_argument("--keep", default="",
                         help="shares of each user's own fitted token kept when shrinking it towards the mean of the "
                              "fitted tokens, comma-separated in (0, 1), e.g. 0.1,0.25,0.75 (modes own_keep<percent>; "
@@ -226,6 +253,8 @@ def parse_args(argv=None):
     if args.resample and {"distil", "teacher_text"} & {args.fit_objective, *args.also_fit}:
         parser.error("distil and teacher_text keep a teacher per draw: give them a few with --draws, not --resample")
     args.draws = args.fit_steps if args.resample else args.draws
+    if args.group_tokens == 1 or args.group_tokens < 0 or args.group_passes < 1:
+        parser.error("--group_tokens takes 0 (none) or at least 2 groups, and --group_passes must be positive")
     return args, overrides
 
 
@@ -384,8 +413,98 @@ def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float,
     return train_passes(trainer, users, passes, rng, logger, optimizer, distil_context_tokens, collaborative)
 
 
+GROUP_BY = ("items", "mult_vae")
+
+
+@dataclass
+class GroupTokens:
+    """One token per group of users (``--group_tokens``): ``tokens (K, P, D)``, each group's offset from the shared
+    shift it started from; ``group`` and ``likeliest``, per probed user (trainer index), the group of the nearest
+    code and the group whose token explains a draw of their remaining training text best; ``sizes (K,)`` the groups'
+    training users; ``nll`` each group's NLL per pass."""
+    tokens: torch.Tensor
+    group: dict[int, int]
+    likeliest: dict[int, int]
+    sizes: list[int]
+    nll: list[list[float]]
+
+
+def group_vectors(trainer, group_by: str, fit_users: np.ndarray) -> np.ndarray:
+    """Every user's vector ``(U, k)`` of their remaining training items that the groups are drawn on: ``items``, the
+    pipeline's untrained ``z`` (``trainer.summaries``); ``mult_vae``, the mean code of a Mult-VAE with as many
+    dimensions (``uip_encoder_dims``) trained on the remaining histories of ``fit_users`` alone."""
+    if group_by == "items":
+        return trainer.summaries.cpu().numpy()
+    from recbole_uip import mult_vae
+
+    histories = trainer.histories
+    matrix = mult_vae.user_item_matrix(histories.items, len(histories.item_texts))
+    model = mult_vae.fit_mult_vae(matrix[fit_users], latent=trainer.settings.encoder_dims)
+    return mult_vae.latent_means(model, matrix)
+
+
+def user_groups(vectors: np.ndarray, fit_users: np.ndarray, users: np.ndarray, k: int,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The groups ``(len(fit_users),)`` and ``(len(users),)`` of a whitened k-means with ``k`` codes (the pipeline's
+    quantiser, 20 Lloyd iterations) fitted on ``vectors[fit_users]`` (``vectors``: ``(U, k')``); ``users`` take their
+    nearest code."""
+    codebook = ProfileCodebook(k, vectors.shape[1], metric="whitened")
+    fitted, _ = codebook.fit(torch.as_tensor(vectors[fit_users]), 20, torch.Generator().manual_seed(seed))
+    return fitted.numpy(), codebook.assign(torch.as_tensor(vectors[users])).numpy()
+
+
+def fit_group_tokens(trainer, fit_users: np.ndarray, groups: np.ndarray, k: int, passes: int,
+                     rng: np.random.Generator, logger) -> tuple[torch.Tensor, list[list[float]]]:
+    """Each group's token ``(K, P, D)``, as an offset from the shared shift ``b``: the shift trained on for
+    ``passes`` passes over the group's users of ``fit_users`` alone (:func:`train_passes`, a fresh Adam per group),
+    then ``b`` put back; and each group's NLL per pass."""
+    base = trainer.soft.shared.detach().clone()
+    tokens, losses = [], []
+    try:
+        for g in range(k):
+            with torch.no_grad():
+                trainer.soft.shared.copy_(base)
+            members = fit_users[groups == g]
+            logger.info(f"token probe: group {g + 1} of {k}, {len(members)} users")
+            losses.append(train_passes(trainer, members, passes, rng, logger))
+            tokens.append(trainer.soft.shared.detach().clone() - base)
+    finally:
+        with torch.no_grad():
+            trainer.soft.shared.copy_(base)
+    return torch.stack(tokens), losses
+
+
+def likeliest_groups(trainer, users: np.ndarray, tokens: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
+    """Per user of ``users``, the group ``(n,)`` whose token ``tokens (K, P, D)`` gives the lowest plain NLL of one
+    draw of their remaining training text (:meth:`ProfileInferenceTrainer.targets`): an E-step by likelihood."""
+    chosen = []
+    for start in range(0, len(users), BATCH):
+        batch = users[start:start + BATCH]
+        draw = trainer.targets(batch, rng)
+        nll = np.stack([trainer.score_offsets(draw, token.expand(len(batch), *token.shape)) for token in tokens])
+        chosen.append(nll.argmin(0))
+    return np.concatenate(chosen)
+
+
+def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, logger) -> GroupTokens:
+    """``--group_tokens``: the groups of ``fit_users`` and ``users`` (the probed), the groups' tokens and the probed
+    users' groups (module docstring, step 7). The stage draws from a generator of its own, so that no other mode's
+    draws change."""
+    if trainer.shared_optimizer() is None:
+        raise SystemExit("--group_tokens trains the shared shift per group: uip_shared_learning_rate must be > 0.")
+    vectors = group_vectors(trainer, args.group_by, fit_users)
+    fitted, probed = user_groups(vectors, fit_users, users, args.group_tokens, args.probe_seed)
+    rng = np.random.default_rng([args.probe_seed, 3])
+    tokens, nll = fit_group_tokens(trainer, fit_users, fitted, args.group_tokens, args.group_passes, rng, logger)
+    likeliest = likeliest_groups(trainer, users, tokens, rng)
+    logger.info(f"token probe: {args.group_tokens} group tokens; the likeliest group is the nearest code's for "
+                f"{np.mean(likeliest == probed):.0%} of the probed users")
+    return GroupTokens(tokens, dict(zip(users.tolist(), probed.tolist())),
+                       dict(zip(users.tolist(), likeliest.tolist())), np.bincount(fitted, minlength=args.group_tokens).tolist(), nll)
+
+
 def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool,
-          collaborative=None) -> tuple[dict, dict]:
+          collaborative=None, groups: GroupTokens | None = None) -> tuple[dict, dict]:
     """Per-user plain NLL ``{mode: (n,)}`` of the modes in the module docstring, and ``{"rating_" + mode: (n,)}``
     on the held-out rating tokens alone where the text marks them (nan for a user whose held-out text has none);
     and per context budget, the mean context length in tokens (``{}`` without ``--context_tokens``).
@@ -393,7 +512,8 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
     drawn from a generator of their own, so that the other objectives' draws stay those of a run without it. Tokens
     fitted (or an encoder trained) on its texts are also scored on one more text drawn for each user from the same
     distribution and fitted on by nothing (``*_on_new_draw``, from a third generator): whether they learnt the
-    user's distribution at all, apart from whether it carries to the user's real held-out items."""
+    user's distribution at all, apart from whether it carries to the user's real held-out items. ``groups``:
+    :func:`build_group_tokens`'s, for the ``group_*`` modes."""
     trainer = run.trainer
     scores: dict[str, list] = {}
 
@@ -424,6 +544,13 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                                   p + "other_user_on_new_draw": (new_draw, own[rotate])})
                 if not p:                   # a token shrunk towards the mean: how much of a fit is the user's
                     modes.update({keep_mode(k): (held, k * own + (1 - k) * mean) for k in args.keep})
+        if groups is not None:
+            own_group = np.array([groups.group[int(u)] for u in batch])
+            likeliest = torch.as_tensor([groups.likeliest[int(u)] for u in batch])
+            own = groups.tokens[torch.as_tensor(own_group)]
+            modes.update({"group_own": (held, own), "group_mean": (held, own.mean(0, keepdim=True).expand_as(own)),
+                          "group_other": (held, groups.tokens[torch.as_tensor((own_group + 1) % len(groups.tokens))]),
+                          "group_likeliest": (held, groups.tokens[likeliest])})
         if args.encoder_passes:
             with torch.no_grad():
                 encoded = trainer.offsets(batch, held.inputs).cpu()          # A z, z from the remaining items
@@ -509,6 +636,15 @@ def render(data: dict) -> str:
               "rating_encoder_minus_rating_encoder_mean": "encoder's A z - its mean (held-out rating tokens)",
               "rating_encoder_minus_rating_encoder_other": "encoder's A z - another user's (held-out rating tokens)",
               "rating_encoder_mean_minus_rating_shared": "encoder's mean - the shared token (held-out rating tokens)"}
+    for prefix, what in (("", "held-out text"), ("rating_", "held-out rating tokens")):
+        labels.update({f"{prefix}group_own_minus_{prefix}group_mean": f"own group's token - their mean ({what})",
+                       f"{prefix}group_own_minus_{prefix}group_other": f"own group's token - the next group's ({what})",
+                       f"{prefix}group_mean_minus_{prefix}shared":
+                           f"mean of the group tokens - the shared token ({what})",
+                       f"{prefix}group_likeliest_minus_{prefix}group_own":
+                           f"the likeliest group's token - the nearest code's group's ({what})",
+                       f"{prefix}group_likeliest_minus_{prefix}group_mean":
+                           f"the likeliest group's token - the mean of the group tokens ({what})"})
     for n in data.get("context_tokens", []):
         for prefix, what in (("", "held-out text"), ("rating_", "held-out rating tokens")):
             labels[f"{prefix}context{n}_own_minus_{prefix}shared"] = (
@@ -552,6 +688,15 @@ def render(data: dict) -> str:
                + (" (`z`: a Mult-VAE's code of the items, trained on the other users' remaining histories)"
                   if data.get("encoder_input") == "mult_vae" else "") + "."
                ) if data.get("encoder_passes") else ""
+    grouped = (f" Then {data['group_tokens']} group tokens: the {sum(data['group_sizes'])} users not probed put in "
+               f"groups of {', '.join(map(str, data['group_sizes']))} by a whitened k-means of "
+               + ("the pipeline's untrained `z`" if data["group_by"] == "items" else "a Mult-VAE's code")
+               + f" of their remaining items, each group's token the shift trained on for {data['group_passes']} "
+               f"passes over its users alone (last pass's NLL per group "
+               + ", ".join(f"{nll[-1]:.4f}" for nll in data["group_nll"])
+               + f"); each probed user scored with the nearest code's group's token, and with the group whose token "
+               f"explains a draw of their remaining text best (the same group for "
+               f"{data['group_likeliest_is_nearest']:.0%} of them).") if data.get("group_tokens") else ""
     context = (f" With the shared token in place, the probed users' held-out text also read after the "
                f"{data.get('context_from', 'newest')} N tokens of "
                "their own remaining training text, or as many of another user's (N = "
@@ -561,7 +706,7 @@ def render(data: dict) -> str:
              f"Produced by `python benchmarks/token_probe.py {' '.join(data['record']['command'][1:])}`. Settings "
              f"`{settings_fingerprint(settings)}`. The shared shift trained alone for "
              f"{data['shift_passes']} passes over {data['shift_users']} users"
-             f"{trained_on(data.get('shift_objective'), data['shift_nll'])}.{encoder}{fitted}{context} "
+             f"{trained_on(data.get('shift_objective'), data['shift_nll'])}.{encoder}{fitted}{grouped}{context} "
              f"The probed users are scored on "
              f"their newest training items within {data['holdout_tokens']} tokens ({data['held_out_tokens_mean']:.1f} "
              f"on average), which nothing was fitted on. "
@@ -591,6 +736,10 @@ def render(data: dict) -> str:
         lines += ["", goal_verdict(differences["encoder_minus_encoder_mean"],
                                    "The issue's goal for the encoder trained at every batch",
                                    differences.get("encoder_minus_encoder_other"))]
+    if "group_own_minus_group_mean" in differences:
+        lines += ["", goal_verdict(differences["group_own_minus_group_mean"],
+                                   "The issue's goal for one token per group of users",
+                                   differences.get("group_own_minus_group_other"))]
     if data.get("context_tokens"):
         lines += ["", "In context, own history - the shared token alone is what any such history adds (the kind of "
                       "text, its time) together with what this user's adds; own - another user's history of the same "
@@ -634,7 +783,14 @@ def main(argv=None) -> int:
             trainer, shift_users, args.encoder_passes, args.encoder_learning_rate, rng, logger,
             args.distil_context_tokens if args.encoder_objective == "distil" else 0,
             collaborative if args.encoder_objective == "mult_vae" else None) if args.encoder_passes else []
-        scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]), collaborative)
+        groups = None
+        if args.group_tokens:
+            fit_users = np.sort(np.setdiff1d(order, users))
+            if len(fit_users) < args.group_tokens:
+                raise SystemExit(f"--group_tokens={args.group_tokens} needs as many users outside the probed ones; "
+                                 f"there are {len(fit_users)}.")
+            groups = build_group_tokens(trainer, fit_users, users, args, logger)
+        scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]), collaborative, groups)
     finally:
         torch.set_num_threads(threads_before)
     pairs = PAIRS + objective_pairs(args.also_fit) + context_pairs(args.context_tokens) + keep_pairs(args.keep)
@@ -652,6 +808,12 @@ def main(argv=None) -> int:
         "encoder_learning_rate": args.encoder_learning_rate, "encoder_nll": encoder_nll,
         "context_tokens": args.context_tokens, "context_from": args.context_from,
         "context_tokens_mean": {str(n): v for n, v in context_length.items()},
+        "group_tokens": args.group_tokens,
+        **({"group_by": args.group_by, "group_passes": args.group_passes, "group_sizes": groups.sizes,
+            "group_nll": groups.nll,
+            "group_likeliest_is_nearest":
+                float(np.mean([groups.likeliest[u] == groups.group[u] for u in groups.group]))}
+           if groups is not None else {}),
         "holdout_tokens": args.holdout_tokens,
         "held_out_tokens_mean": float(np.mean([len(t) for t in run.held_out_targets(users).texts])),
         "modes": modes, "differences": differences,
@@ -669,7 +831,8 @@ def main(argv=None) -> int:
             + ("_shiftdistil" if args.shift_objective == "distil" else "")
             + ("_keep" if args.keep and args.fit_steps else "")
             + ("_context" if args.context_tokens else "")
-            + ("_oldest" if args.context_tokens and args.context_from == "oldest" else ""))
+            + ("_oldest" if args.context_tokens and args.context_from == "oldest" else "")
+            + (f"_groups{args.group_tokens}_{args.group_by}" if args.group_tokens else ""))
     publish_benchmark(args, name, data, render(data))
     return 0
 

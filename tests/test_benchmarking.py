@@ -315,6 +315,45 @@ def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per
     assert ("texts drawn from a Mult-VAE" in report) is (objective == "mult_vae")
 
 
+@pytest.mark.parametrize("group_by", ["items", "mult_vae"])
+def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mode_as_it_was(tmp_path, tiny_llm_dir,
+                                                                                           group_by):
+    """``--group_tokens``: the users not probed are grouped, each group's token is trained on its users and differs
+    from the others; the probed users are scored with their group's, the groups' mean, the next group's and the
+    likeliest group's token; the shift is put back and the stage draws on its own generator, so the per-user fits
+    and the shared token score every user exactly as in a run without it; bad group counts are refused."""
+    token_probe = import_benchmark("token_probe")
+    write_dataset(tmp_path / "data")
+    base = ["--dataset=toy", "--holdout_tokens=20", "--users=5", "--fit_steps=2", "--oracle=false",
+            "--shift_users=6", "--shift_passes=1", f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}",
+            "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false",
+            f"--checkpoint_dir={tmp_path / 'saved'}"]
+    assert token_probe.main(base + [f"--results={tmp_path / 'alone'}"]) == 0
+    assert token_probe.main(base + [f"--results={tmp_path / 'grouped'}", "--group_tokens=2", "--group_passes=2",
+                                    f"--group_by={group_by}"]) == 0
+    alone = json.loads(next((tmp_path / "alone" / "toy").glob("*/token_probe.json")).read_text())
+    grouped = json.loads(next((tmp_path / "grouped" / "toy").glob(f"*/token_probe_groups2_{group_by}.json"))
+                         .read_text())
+    group_modes = {"group_own", "group_mean", "group_other", "group_likeliest"}
+    assert set(grouped["modes"]) == set(alone["modes"]) | group_modes | {"rating_" + m for m in group_modes}
+    for mode in alone["per_user"]:                                   # the shift put back, no other draw changed
+        assert grouped["per_user"][mode] == alone["per_user"][mode], mode
+    assert grouped["group_by"] == group_by and len(grouped["group_sizes"]) == 2 and min(grouped["group_sizes"]) > 0
+    assert sum(grouped["group_sizes"]) >= grouped["shift_users"]     # every user not probed, the shift's among them
+    assert [len(nll) for nll in grouped["group_nll"]] == [2, 2] and 0 <= grouped["group_likeliest_is_nearest"] <= 1
+    assert grouped["differences"]["group_own_minus_group_other"]["mean"] != 0      # two groups, two tokens
+    assert grouped["modes"]["group_mean"]["mean"] != grouped["modes"]["shared"]["mean"]     # the tokens moved
+    for key in ("group_own_minus_group_mean", "group_mean_minus_shared", "group_likeliest_minus_group_own",
+                "rating_group_own_minus_rating_group_mean"):
+        low, high = grouped["differences"][key]["ci"]
+        assert low <= grouped["differences"][key]["mean"] <= high
+    report = next((tmp_path / "grouped" / "toy").glob("*/*.md")).read_text()
+    assert "2 group tokens" in report and "The issue's goal for one token per group of users" in report
+    for bad in (["--group_tokens=1"], ["--group_tokens=-2"], ["--group_tokens=2", "--group_passes=0"]):
+        with pytest.raises(SystemExit):
+            token_probe.parse_args(base + bad)
+
+
 def test_token_probe_reads_each_users_history_in_context_beside_the_shared_token(tmp_path, tiny_llm_dir):
     """``--context_tokens``: the shared token alone and beside the user's own newest history or another user's of
     the same length, per budget, on every held-out token and on the rating tokens; the differences the report
