@@ -65,7 +65,9 @@ of everything). Then:
    (a batch of the group's users' texts per step where a per-user fit has one text). Each probed user, put in the
    group of the nearest code, is scored with their group's token (``group_own``), its mean over their batch
    (``group_mean``), the next group's (``group_other``), and the token of the group that explains a draw of their
-   remaining training text best (``group_likeliest``: the assignment an EM step by likelihood would make). A per-user
+   remaining training text best (``group_likeliest``: the assignment an EM step by likelihood would make), with its
+   two controls: the likeliest group of the next user in the batch (``group_likeliest_other``) and the one group
+   whose token explains all the probed users' draws best (``group_best``: a choice made once for everyone). A per-user
    fit averages one user's noise; a group's fit averages ``U / K`` users', so this asks whether the soft token can
    carry the taste that users share with their neighbours when the noise is gone.
 
@@ -104,11 +106,13 @@ NEW_DRAW_PAIRS = [("own_on_new_draw", "mean_on_new_draw"), ("own_on_new_draw", "
 PAIRS += NEW_DRAW_PAIRS + [("encoder_on_new_draw", "encoder_mean_on_new_draw"),
                            ("encoder_on_new_draw", "encoder_other_on_new_draw")]
 GROUP_PAIRS = [("group_own", "group_mean"), ("group_own", "group_other"), ("group_mean", "shared"),
-               ("group_likeliest", "group_own"), ("group_likeliest", "group_mean")]
+               ("group_likeliest", "group_own"), ("group_likeliest", "group_mean"),
+               ("group_likeliest", "group_likeliest_other"), ("group_likeliest", "group_best"),
+               ("group_best", "shared")]
 PAIRS += GROUP_PAIRS
 HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle",   # also on the rating tokens alone
                   "encoder", "encoder_mean", "encoder_other",
-                  "group_own", "group_mean", "group_other", "group_likeliest")
+                  "group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best")
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 
 
@@ -228,6 +232,8 @@ def parse_args(argv=None):
                              "default) or a Mult-VAE's code (mult_vae)")
     parser.add_argument("--group_passes", type=int, default=4,
                         help="passes over each group's users when fitting its token (default 4)")
+    parser.add_argument("--group_learning_rate", type=float, default=0.0,
+                        help="the Adam step of each group's token (default 0: uip_shared_learning_rate, the shift's)")
     parser.add_argument("--keep", default="",
                         help="shares of each user's own fitted token kept when shrinking it towards the mean of the "
                              "fitted tokens, comma-separated in (0, 1), e.g. 0.1,0.25,0.75 (modes own_keep<percent>; "
@@ -253,8 +259,9 @@ def parse_args(argv=None):
     if args.resample and {"distil", "teacher_text"} & {args.fit_objective, *args.also_fit}:
         parser.error("distil and teacher_text keep a teacher per draw: give them a few with --draws, not --resample")
     args.draws = args.fit_steps if args.resample else args.draws
-    if args.group_tokens == 1 or args.group_tokens < 0 or args.group_passes < 1:
-        parser.error("--group_tokens takes 0 (none) or at least 2 groups, and --group_passes must be positive")
+    if args.group_tokens == 1 or args.group_tokens < 0 or args.group_passes < 1 or args.group_learning_rate < 0:
+        parser.error("--group_tokens takes 0 (none) or at least 2 groups, --group_passes must be positive and "
+                     "--group_learning_rate not negative")
     return args, overrides
 
 
@@ -314,14 +321,17 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
 
 
 def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger, encoder_optimizer=None,
-                 distil_context_tokens: int = 0, collaborative=None) -> list[float]:
+                 distil_context_tokens: int = 0, collaborative=None, shift_learning_rate: float = 0.0) -> list[float]:
     """``passes`` passes over ``users`` in M-step batches (:meth:`ProfileInferenceTrainer.train_batch`); the mean
     NLL of each pass. Without ``encoder_optimizer``, the shared shift alone learns (nothing to train without a
     shift: ``[]``); with it, the encoder steps at every batch on its batch-centred gradient, the shift beside it, on
     the M-step's objective or, given ``distil_context_tokens``, against :func:`distillation_teacher` (the mean
     cross-entropy of each pass is returned then); given ``collaborative`` (:func:`collaborative_draws`'s ``draw``),
-    on its texts instead of the users' own."""
+    on its texts instead of the users' own. ``shift_learning_rate``: the shift's Adam step (0: the settings',
+    ``uip_shared_learning_rate``)."""
     shared_opt = trainer.shared_optimizer()
+    if shared_opt is not None and shift_learning_rate:
+        shared_opt = torch.optim.Adam([trainer.soft.shared], lr=shift_learning_rate)
     if shared_opt is None and encoder_optimizer is None:
         return []
     what = "shift" if encoder_optimizer is None else "encoder"
@@ -420,11 +430,13 @@ GROUP_BY = ("items", "mult_vae")
 class GroupTokens:
     """One token per group of users (``--group_tokens``): ``tokens (K, P, D)``, each group's offset from the shared
     shift it started from; ``group`` and ``likeliest``, per probed user (trainer index), the group of the nearest
-    code and the group whose token explains a draw of their remaining training text best; ``sizes (K,)`` the groups'
-    training users; ``nll`` each group's NLL per pass."""
+    code and the group whose token explains a draw of their remaining training text best; ``best``, the group whose
+    token explains those draws best over all the probed users (the same choice made once for everyone);
+    ``sizes (K,)`` the groups' training users; ``nll`` each group's NLL per pass."""
     tokens: torch.Tensor
     group: dict[int, int]
     likeliest: dict[int, int]
+    best: int
     sizes: list[int]
     nll: list[list[float]]
 
@@ -453,11 +465,11 @@ def user_groups(vectors: np.ndarray, fit_users: np.ndarray, users: np.ndarray, k
     return fitted.numpy(), codebook.assign(torch.as_tensor(vectors[users])).numpy()
 
 
-def fit_group_tokens(trainer, fit_users: np.ndarray, groups: np.ndarray, k: int, passes: int,
+def fit_group_tokens(trainer, fit_users: np.ndarray, groups: np.ndarray, k: int, passes: int, learning_rate: float,
                      rng: np.random.Generator, logger) -> tuple[torch.Tensor, list[list[float]]]:
     """Each group's token ``(K, P, D)``, as an offset from the shared shift ``b``: the shift trained on for
-    ``passes`` passes over the group's users of ``fit_users`` alone (:func:`train_passes`, a fresh Adam per group),
-    then ``b`` put back; and each group's NLL per pass."""
+    ``passes`` passes over the group's users of ``fit_users`` alone (:func:`train_passes`, a fresh Adam per group at
+    ``learning_rate``, 0: the shift's own), then ``b`` put back; and each group's NLL per pass."""
     base = trainer.soft.shared.detach().clone()
     tokens, losses = [], []
     try:
@@ -466,7 +478,7 @@ def fit_group_tokens(trainer, fit_users: np.ndarray, groups: np.ndarray, k: int,
                 trainer.soft.shared.copy_(base)
             members = fit_users[groups == g]
             logger.info(f"token probe: group {g + 1} of {k}, {len(members)} users")
-            losses.append(train_passes(trainer, members, passes, rng, logger))
+            losses.append(train_passes(trainer, members, passes, rng, logger, shift_learning_rate=learning_rate))
             tokens.append(trainer.soft.shared.detach().clone() - base)
     finally:
         with torch.no_grad():
@@ -474,16 +486,16 @@ def fit_group_tokens(trainer, fit_users: np.ndarray, groups: np.ndarray, k: int,
     return torch.stack(tokens), losses
 
 
-def likeliest_groups(trainer, users: np.ndarray, tokens: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
-    """Per user of ``users``, the group ``(n,)`` whose token ``tokens (K, P, D)`` gives the lowest plain NLL of one
-    draw of their remaining training text (:meth:`ProfileInferenceTrainer.targets`): an E-step by likelihood."""
-    chosen = []
+def group_likelihoods(trainer, users: np.ndarray, tokens: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
+    """``(K, n)``: the plain NLL of one draw of each user's remaining training text
+    (:meth:`ProfileInferenceTrainer.targets`) with each group's token ``tokens (K, P, D)``; its argmin over groups is
+    an E-step by likelihood."""
+    nll = []
     for start in range(0, len(users), BATCH):
         batch = users[start:start + BATCH]
         draw = trainer.targets(batch, rng)
-        nll = np.stack([trainer.score_offsets(draw, token.expand(len(batch), *token.shape)) for token in tokens])
-        chosen.append(nll.argmin(0))
-    return np.concatenate(chosen)
+        nll.append(np.stack([trainer.score_offsets(draw, token.expand(len(batch), *token.shape)) for token in tokens]))
+    return np.concatenate(nll, axis=1)
 
 
 def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, logger) -> GroupTokens:
@@ -495,12 +507,15 @@ def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, 
     vectors = group_vectors(trainer, args.group_by, fit_users)
     fitted, probed = user_groups(vectors, fit_users, users, args.group_tokens, args.probe_seed)
     rng = np.random.default_rng([args.probe_seed, 3])
-    tokens, nll = fit_group_tokens(trainer, fit_users, fitted, args.group_tokens, args.group_passes, rng, logger)
-    likeliest = likeliest_groups(trainer, users, tokens, rng)
+    tokens, nll = fit_group_tokens(trainer, fit_users, fitted, args.group_tokens, args.group_passes,
+                                   args.group_learning_rate, rng, logger)
+    nll_by_group = group_likelihoods(trainer, users, tokens, rng)
+    likeliest = nll_by_group.argmin(0)
     logger.info(f"token probe: {args.group_tokens} group tokens; the likeliest group is the nearest code's for "
                 f"{np.mean(likeliest == probed):.0%} of the probed users")
     return GroupTokens(tokens, dict(zip(users.tolist(), probed.tolist())),
-                       dict(zip(users.tolist(), likeliest.tolist())), np.bincount(fitted, minlength=args.group_tokens).tolist(), nll)
+                       dict(zip(users.tolist(), likeliest.tolist())), int(nll_by_group.mean(1).argmin()),
+                       np.bincount(fitted, minlength=args.group_tokens).tolist(), nll)
 
 
 def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool,
@@ -550,7 +565,9 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
             own = groups.tokens[torch.as_tensor(own_group)]
             modes.update({"group_own": (held, own), "group_mean": (held, own.mean(0, keepdim=True).expand_as(own)),
                           "group_other": (held, groups.tokens[torch.as_tensor((own_group + 1) % len(groups.tokens))]),
-                          "group_likeliest": (held, groups.tokens[likeliest])})
+                          "group_likeliest": (held, groups.tokens[likeliest]),
+                          "group_likeliest_other": (held, groups.tokens[likeliest[rotate]]),
+                          "group_best": (held, groups.tokens[groups.best].expand_as(own))})
         if args.encoder_passes:
             with torch.no_grad():
                 encoded = trainer.offsets(batch, held.inputs).cpu()          # A z, z from the remaining items
@@ -644,7 +661,13 @@ def render(data: dict) -> str:
                        f"{prefix}group_likeliest_minus_{prefix}group_own":
                            f"the likeliest group's token - the nearest code's group's ({what})",
                        f"{prefix}group_likeliest_minus_{prefix}group_mean":
-                           f"the likeliest group's token - the mean of the group tokens ({what})"})
+                           f"the likeliest group's token - the mean of the group tokens ({what})",
+                       f"{prefix}group_likeliest_minus_{prefix}group_likeliest_other":
+                           f"the likeliest group's token - another user's likeliest ({what})",
+                       f"{prefix}group_likeliest_minus_{prefix}group_best":
+                           f"the likeliest group's token - the one best for everyone ({what})",
+                       f"{prefix}group_best_minus_{prefix}shared":
+                           f"the group token best for everyone - the shared token ({what})"})
     for n in data.get("context_tokens", []):
         for prefix, what in (("", "held-out text"), ("rating_", "held-out rating tokens")):
             labels[f"{prefix}context{n}_own_minus_{prefix}shared"] = (
@@ -692,8 +715,10 @@ def render(data: dict) -> str:
                f"groups of {', '.join(map(str, data['group_sizes']))} by a whitened k-means of "
                + ("the pipeline's untrained `z`" if data["group_by"] == "items" else "a Mult-VAE's code")
                + f" of their remaining items, each group's token the shift trained on for {data['group_passes']} "
-               f"passes over its users alone (last pass's NLL per group "
-               + ", ".join(f"{nll[-1]:.4f}" for nll in data["group_nll"])
+               f"passes over its users alone (a fresh Adam"
+               + (f", step {data['group_learning_rate']:g}" if "group_learning_rate" in data else "")
+               + "; NLL per pass and group "
+               + "; ".join(" -> ".join(f"{v:.4f}" for v in nll) for nll in data["group_nll"])
                + f"); each probed user scored with the nearest code's group's token, and with the group whose token "
                f"explains a draw of their remaining text best (the same group for "
                f"{data['group_likeliest_is_nearest']:.0%} of them).") if data.get("group_tokens") else ""
@@ -809,10 +834,15 @@ def main(argv=None) -> int:
         "context_tokens": args.context_tokens, "context_from": args.context_from,
         "context_tokens_mean": {str(n): v for n, v in context_length.items()},
         "group_tokens": args.group_tokens,
-        **({"group_by": args.group_by, "group_passes": args.group_passes, "group_sizes": groups.sizes,
+        **({"group_by": args.group_by, "group_passes": args.group_passes,
+            "group_learning_rate": args.group_learning_rate or settings.shared_learning_rate,
+            "group_sizes": groups.sizes,
             "group_nll": groups.nll,
             "group_likeliest_is_nearest":
-                float(np.mean([groups.likeliest[u] == groups.group[u] for u in groups.group]))}
+                float(np.mean([groups.likeliest[u] == groups.group[u] for u in groups.group])),
+            "group_best": groups.best,          # and per probed user (in per_user's order), the two groups:
+            "group_per_user": {"nearest": [groups.group[int(u)] for u in users],
+                               "likeliest": [groups.likeliest[int(u)] for u in users]}}
            if groups is not None else {}),
         "holdout_tokens": args.holdout_tokens,
         "held_out_tokens_mean": float(np.mean([len(t) for t in run.held_out_targets(users).texts])),

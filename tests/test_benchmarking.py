@@ -330,26 +330,37 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
             f"--checkpoint_dir={tmp_path / 'saved'}"]
     assert token_probe.main(base + [f"--results={tmp_path / 'alone'}"]) == 0
     assert token_probe.main(base + [f"--results={tmp_path / 'grouped'}", "--group_tokens=2", "--group_passes=2",
-                                    f"--group_by={group_by}"]) == 0
+                                    f"--group_by={group_by}", "--group_learning_rate=0.005"]) == 0
     alone = json.loads(next((tmp_path / "alone" / "toy").glob("*/token_probe.json")).read_text())
     grouped = json.loads(next((tmp_path / "grouped" / "toy").glob(f"*/token_probe_groups2_{group_by}.json"))
                          .read_text())
-    group_modes = {"group_own", "group_mean", "group_other", "group_likeliest"}
+    group_modes = {"group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best"}
     assert set(grouped["modes"]) == set(alone["modes"]) | group_modes | {"rating_" + m for m in group_modes}
     for mode in alone["per_user"]:                                   # the shift put back, no other draw changed
         assert grouped["per_user"][mode] == alone["per_user"][mode], mode
     assert grouped["group_by"] == group_by and len(grouped["group_sizes"]) == 2 and min(grouped["group_sizes"]) > 0
     assert sum(grouped["group_sizes"]) >= grouped["shift_users"]     # every user not probed, the shift's among them
     assert [len(nll) for nll in grouped["group_nll"]] == [2, 2] and 0 <= grouped["group_likeliest_is_nearest"] <= 1
+    assert grouped["group_learning_rate"] == 0.005
+    nearest, likeliest = (np.array(grouped["group_per_user"][k]) for k in ("nearest", "likeliest"))
+    scores = {m: np.array(grouped["per_user"][m]) for m in ("group_own", "group_likeliest", "group_best")}
+    same = nearest == likeliest                             # the same group's token: the same score, else another
+    assert np.array_equal(scores["group_own"][same], scores["group_likeliest"][same])
+    assert (scores["group_own"][~same] != scores["group_likeliest"][~same]).all()
+    best = nearest == grouped["group_best"]
+    assert np.array_equal(scores["group_own"][best], scores["group_best"][best])
+    assert (scores["group_own"][~best] != scores["group_best"][~best]).all()
     assert grouped["differences"]["group_own_minus_group_other"]["mean"] != 0      # two groups, two tokens
     assert grouped["modes"]["group_mean"]["mean"] != grouped["modes"]["shared"]["mean"]     # the tokens moved
     for key in ("group_own_minus_group_mean", "group_mean_minus_shared", "group_likeliest_minus_group_own",
-                "rating_group_own_minus_rating_group_mean"):
+                "group_likeliest_minus_group_likeliest_other", "group_likeliest_minus_group_best",
+                "group_best_minus_shared", "rating_group_own_minus_rating_group_mean"):
         low, high = grouped["differences"][key]["ci"]
         assert low <= grouped["differences"][key]["mean"] <= high
     report = next((tmp_path / "grouped" / "toy").glob("*/*.md")).read_text()
     assert "2 group tokens" in report and "The issue's goal for one token per group of users" in report
-    for bad in (["--group_tokens=1"], ["--group_tokens=-2"], ["--group_tokens=2", "--group_passes=0"]):
+    for bad in (["--group_tokens=1"], ["--group_tokens=-2"], ["--group_tokens=2", "--group_passes=0"],
+                ["--group_tokens=2", "--group_learning_rate=-1"]):
         with pytest.raises(SystemExit):
             token_probe.parse_args(base + bad)
 
