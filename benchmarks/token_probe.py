@@ -67,9 +67,12 @@ of everything). Then:
    (``group_mean``), the next group's (``group_other``), and the token of the group that explains a draw of their
    remaining training text best (``group_likeliest``: the assignment an EM step by likelihood would make), with its
    two controls: the likeliest group of the next user in the batch (``group_likeliest_other``) and the one group
-   whose token explains all the probed users' draws best (``group_best``: a choice made once for everyone). A per-user
-   fit averages one user's noise; a group's fit averages ``U / K`` users', so this asks whether the soft token can
-   carry the taste that users share with their neighbours when the noise is gone.
+   whose token explains all the probed users' draws best (``group_best``: a choice made once for everyone). Every
+   group's token scores every probed user, so the own and the likeliest group's tokens also have additive twins
+   (``*_additive``: the user's mean over the tokens plus the token's mean over the users), the difference to which
+   is the group's part alone, how good a token is for everyone taken out (:func:`group_modes`). A per-user fit
+   averages one user's noise; a group's fit averages ``U / K`` users', so this asks whether the soft token can carry
+   the taste that users share with their neighbours when the noise is gone.
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
@@ -108,11 +111,13 @@ PAIRS += NEW_DRAW_PAIRS + [("encoder_on_new_draw", "encoder_mean_on_new_draw"),
 GROUP_PAIRS = [("group_own", "group_mean"), ("group_own", "group_other"), ("group_mean", "shared"),
                ("group_likeliest", "group_own"), ("group_likeliest", "group_mean"),
                ("group_likeliest", "group_likeliest_other"), ("group_likeliest", "group_best"),
-               ("group_best", "shared")]
+               ("group_best", "shared"), ("group_own", "group_own_additive"),
+               ("group_likeliest", "group_likeliest_additive")]
 PAIRS += GROUP_PAIRS
 HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle",   # also on the rating tokens alone
                   "encoder", "encoder_mean", "encoder_other",
-                  "group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best")
+                  "group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
+                  "group_own_additive", "group_likeliest_additive")
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 
 
@@ -518,6 +523,28 @@ def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, 
                        np.bincount(fitted, minlength=args.group_tokens).tolist(), nll)
 
 
+def group_modes(matrix: np.ndarray, groups: GroupTokens, users: np.ndarray, likeliest_other: np.ndarray,
+                prefix: str = "") -> dict[str, np.ndarray]:
+    """The ``group_*`` modes ``{prefix + mode: (n,)}`` from ``matrix (K, n)``, every group's token scored on every
+    probed user's held-out text (nan where a user has nothing to score): the user's group's token, the next
+    group's, the likeliest group's, ``likeliest_other`` ``(n,)`` (another user's likeliest group), the one group
+    best for everyone; and ``group_own_additive`` / ``group_likeliest_additive``, what those tokens would score if
+    a token's effect did not depend on whose group it is: the user's mean over every token plus how that token
+    does on all the probed users against every token (a two-way additive fit, ``row + column - grand`` means).
+    ``own - own_additive`` is then the user-by-token interaction: the group's part alone, with how good a token is
+    for everyone and how hard a user is taken out (the means absorb part of it: of a bonus a token has on its own
+    group's users alone, equal groups show ``1 - 1/K``)."""
+    rows = np.arange(matrix.shape[1])
+    nearest = np.array([groups.group[int(u)] for u in users])
+    likeliest = np.array([groups.likeliest[int(u)] for u in users])
+    user_mean, token_mean, grand = np.nanmean(matrix, 0), np.nanmean(matrix, 1), np.nanmean(matrix)
+    modes = {"group_own": matrix[nearest, rows], "group_other": matrix[(nearest + 1) % len(matrix), rows],
+             "group_likeliest": matrix[likeliest, rows], "group_likeliest_other": matrix[likeliest_other, rows],
+             "group_best": matrix[groups.best], "group_own_additive": user_mean + token_mean[nearest] - grand,
+             "group_likeliest_additive": user_mean + token_mean[likeliest] - grand}
+    return {prefix + mode: values for mode, values in modes.items()}
+
+
 def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool,
           collaborative=None, groups: GroupTokens | None = None) -> tuple[dict, dict]:
     """Per-user plain NLL ``{mode: (n,)}`` of the modes in the module docstring, and ``{"rating_" + mode: (n,)}``
@@ -534,6 +561,8 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
 
     remaining = {u: np.arange(len(trainer.text.user_pieces[u])) for u in users}   # the trainer's text: no held-out item
     context_length: dict[int, list[int]] = {}
+    group_scores: dict[str, list[np.ndarray]] = {}       # per prefix, each group's token's scores of each batch
+    likeliest_other: list[np.ndarray] = []
     sample_rng, new_draw_rng = np.random.default_rng([args.probe_seed, 1]), np.random.default_rng([args.probe_seed, 2])
     bar = tqdm(total=len(users), desc="token probe", ncols=100, disable=not show_progress)
     for start in range(0, len(users), BATCH):
@@ -560,14 +589,15 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                 if not p:                   # a token shrunk towards the mean: how much of a fit is the user's
                     modes.update({keep_mode(k): (held, k * own + (1 - k) * mean) for k in args.keep})
         if groups is not None:
-            own_group = np.array([groups.group[int(u)] for u in batch])
-            likeliest = torch.as_tensor([groups.likeliest[int(u)] for u in batch])
-            own = groups.tokens[torch.as_tensor(own_group)]
-            modes.update({"group_own": (held, own), "group_mean": (held, own.mean(0, keepdim=True).expand_as(own)),
-                          "group_other": (held, groups.tokens[torch.as_tensor((own_group + 1) % len(groups.tokens))]),
-                          "group_likeliest": (held, groups.tokens[likeliest]),
-                          "group_likeliest_other": (held, groups.tokens[likeliest[rotate]]),
-                          "group_best": (held, groups.tokens[groups.best].expand_as(own))})
+            own = groups.tokens[torch.as_tensor([groups.group[int(u)] for u in batch])]
+            modes["group_mean"] = (held, own.mean(0, keepdim=True).expand_as(own))
+            likeliest_other.append(np.array([groups.likeliest[int(u)] for u in batch])[rotate.numpy()])
+            for token in groups.tokens:                          # every group's token on every user of the batch
+                offsets = token.expand(len(batch), *token.shape)
+                scored = trainer.score_offsets(held, offsets, with_ratings=True) if held.flags is not None \
+                    else (trainer.score_offsets(held, offsets),)
+                for prefix, values in zip(("", "rating_"), scored):
+                    group_scores.setdefault(prefix, []).append(values)
         if args.encoder_passes:
             with torch.no_grad():
                 encoded = trainer.offsets(batch, held.inputs).cpu()          # A z, z from the remaining items
@@ -601,6 +631,11 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         bar.update(len(batch))
     bar.close()
     scores = {mode: np.concatenate(values) for mode, values in scores.items()}
+    if groups is not None:
+        k = len(groups.tokens)
+        for prefix, values in group_scores.items():          # (K, n): group g's token on user j, batch by batch
+            matrix = np.concatenate([np.stack(values[i:i + k]) for i in range(0, len(values), k)], axis=1)
+            scores.update(group_modes(matrix, groups, users, np.concatenate(likeliest_other), prefix))
     return scores, {budget: float(np.mean(lengths)) for budget, lengths in context_length.items()}
 
 
@@ -667,7 +702,11 @@ def render(data: dict) -> str:
                        f"{prefix}group_likeliest_minus_{prefix}group_best":
                            f"the likeliest group's token - the one best for everyone ({what})",
                        f"{prefix}group_best_minus_{prefix}shared":
-                           f"the group token best for everyone - the shared token ({what})"})
+                           f"the group token best for everyone - the shared token ({what})",
+                       f"{prefix}group_own_minus_{prefix}group_own_additive":
+                           f"own group's token - what it scores on a user of any group (the group's part, {what})",
+                       f"{prefix}group_likeliest_minus_{prefix}group_likeliest_additive":
+                           f"the likeliest group's token - what it scores on any user (the choice's part, {what})"})
     for n in data.get("context_tokens", []):
         for prefix, what in (("", "held-out text"), ("rating_", "held-out rating tokens")):
             labels[f"{prefix}context{n}_own_minus_{prefix}shared"] = (

@@ -334,7 +334,8 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
     alone = json.loads(next((tmp_path / "alone" / "toy").glob("*/token_probe.json")).read_text())
     grouped = json.loads(next((tmp_path / "grouped" / "toy").glob(f"*/token_probe_groups2_{group_by}.json"))
                          .read_text())
-    group_modes = {"group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best"}
+    group_modes = {"group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
+                   "group_own_additive", "group_likeliest_additive"}
     assert set(grouped["modes"]) == set(alone["modes"]) | group_modes | {"rating_" + m for m in group_modes}
     for mode in alone["per_user"]:                                   # the shift put back, no other draw changed
         assert grouped["per_user"][mode] == alone["per_user"][mode], mode
@@ -363,6 +364,28 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
                 ["--group_tokens=2", "--group_learning_rate=-1"]):
         with pytest.raises(SystemExit):
             token_probe.parse_args(base + bad)
+
+
+def test_group_modes_take_out_how_good_a_token_is_for_everyone_and_how_hard_a_user_is():
+    """``own - own_additive`` is zero when a token's score is a user's difficulty plus the token's quality, and
+    finds a planted bonus of a group's token on its own users; the other modes pick the right cells."""
+    token_probe = import_benchmark("token_probe")
+    rng = np.random.default_rng(0)
+    users, nearest = np.arange(12), np.arange(12) % 3
+    groups = token_probe.GroupTokens(torch.zeros(3, 1, 1), dict(zip(users, nearest)),
+                                     dict(zip(users, (nearest + 2) % 3)), 1, [4, 4, 4], [])
+    additive = rng.normal(size=(1, 12)) + np.array([[0.0], [-0.3], [0.2]])        # user difficulty + token quality
+    plain = token_probe.group_modes(additive, groups, users, nearest[::-1])
+    assert np.allclose(plain["group_own"] - plain["group_own_additive"], 0)
+    assert np.array_equal(plain["group_best"], additive[1])
+    assert np.array_equal(plain["group_own"][:3], additive[[0, 1, 2], [0, 1, 2]])
+    assert np.array_equal(plain["group_likeliest_other"], additive[nearest[::-1], users])
+    planted = additive.copy()
+    planted[nearest, users] -= 0.1                                     # each group's token better on its own users
+    modes = token_probe.group_modes(planted, groups, users, nearest[::-1], "rating_")
+    interaction = modes["rating_group_own"] - modes["rating_group_own_additive"]
+    assert np.allclose(interaction, -0.1 * (1 - 1 / 3))        # the bonus, less the share the means absorb (1 / K)
+    assert np.allclose(modes["rating_group_likeliest"] - modes["rating_group_likeliest_additive"], 0.1 / 3)
 
 
 def test_token_probe_reads_each_users_history_in_context_beside_the_shared_token(tmp_path, tiny_llm_dir):
