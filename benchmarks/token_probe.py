@@ -385,6 +385,16 @@ def train_shift(trainer, users: np.ndarray, passes: int, rng: np.random.Generato
 ENCODER_INPUTS = ("items", "mult_vae")
 
 
+def mult_vae_of(trainer, train_users: np.ndarray, latent: int):
+    """A Mult-VAE (``recbole_uip.mult_vae``) with a ``latent``-dimensional code trained on the trainer's histories
+    (no held-out item) of ``train_users`` alone, and every user's binary item matrix ``(U, I)``."""
+    from recbole_uip import mult_vae
+
+    histories = trainer.histories
+    matrix = mult_vae.user_item_matrix(histories.items, len(histories.item_texts))
+    return mult_vae.fit_mult_vae(matrix[train_users], latent=latent), matrix
+
+
 def use_mult_vae_features(trainer, logger, unseen_users: np.ndarray) -> None:
     """Replace the trainer's user vector ``z (B, k)`` by the mean code of a Mult-VAE with ``k`` latent dimensions
     (``recbole_uip.mult_vae``) of the same items, standardised over the users' whole histories: the collaborative
@@ -398,9 +408,8 @@ def use_mult_vae_features(trainer, logger, unseen_users: np.ndarray) -> None:
 
     histories = trainer.histories
     num_items = len(histories.item_texts)
-    matrix = mult_vae.user_item_matrix(histories.items, num_items)
     seen = np.setdiff1d(np.arange(len(histories.items)), unseen_users)
-    model = mult_vae.fit_mult_vae(matrix[seen], latent=trainer.soft.encoder.shape[-1])
+    model, matrix = mult_vae_of(trainer, seen, trainer.soft.encoder.shape[-1])
     codes = mult_vae.latent_means(model, matrix)
     centre, scale = codes.mean(0), codes.std(0) + 1e-6
 
@@ -454,10 +463,7 @@ def group_vectors(trainer, group_by: str, fit_users: np.ndarray) -> np.ndarray:
         return trainer.summaries.cpu().numpy()
     from recbole_uip import mult_vae
 
-    histories = trainer.histories
-    matrix = mult_vae.user_item_matrix(histories.items, len(histories.item_texts))
-    model = mult_vae.fit_mult_vae(matrix[fit_users], latent=trainer.settings.encoder_dims)
-    return mult_vae.latent_means(model, matrix)
+    return mult_vae.latent_means(*mult_vae_of(trainer, fit_users, trainer.settings.encoder_dims))
 
 
 def user_groups(vectors: np.ndarray, fit_users: np.ndarray, users: np.ndarray, k: int,
