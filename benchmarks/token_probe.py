@@ -808,8 +808,14 @@ def render(data: dict) -> str:
                                    differences.get("encoder_minus_encoder_other"))]
     if "group_own_minus_group_mean" in differences:
         lines += ["", goal_verdict(differences["group_own_minus_group_mean"],
-                                   "The issue's goal for one token per group of users",
-                                   differences.get("group_own_minus_group_other"))]
+                                   "The issue's goal for one token per group of users")]
+        if part := differences.get("group_own_minus_group_own_additive"):
+            # Not own - the next group's: the users sit unevenly in the groups, so that difference carries how good
+            # each group's token is for everyone; own - its additive twin takes that out.
+            low, high = part["ci"]
+            lines[-1] += (f" The group's part alone (own - what the same token scores on a user of any group) "
+                          f"{part['mean']:+.4f}, interval [{low:+.4f}, {high:+.4f}]: "
+                          + ("the tokens carry the user's group." if high < 0 else "not shown."))
     if data.get("context_tokens"):
         lines += ["", "In context, own history - the shared token alone is what any such history adds (the kind of "
                       "text, its time) together with what this user's adds; own - another user's history of the same "

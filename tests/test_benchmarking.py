@@ -360,6 +360,7 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
         assert low <= grouped["differences"][key]["mean"] <= high
     report = next((tmp_path / "grouped" / "toy").glob("*/*.md")).read_text()
     assert "2 group tokens" in report and "The issue's goal for one token per group of users" in report
+    assert "The group's part alone (own - what the same token scores on a user of any group)" in report
     for bad in (["--group_tokens=1"], ["--group_tokens=-2"], ["--group_tokens=2", "--group_passes=0"],
                 ["--group_tokens=2", "--group_learning_rate=-1"]):
         with pytest.raises(SystemExit):
