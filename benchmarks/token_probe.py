@@ -336,7 +336,7 @@ def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generat
     ``uip_shared_learning_rate``)."""
     shared_opt = trainer.shared_optimizer()
     if shared_opt is not None and shift_learning_rate:
-        shared_opt = torch.optim.Adam([trainer.soft.shared], lr=shift_learning_rate)
+        shared_opt.param_groups[0]["lr"] = shift_learning_rate
     if shared_opt is None and encoder_optimizer is None:
         return []
     what = "shift" if encoder_optimizer is None else "encoder"
@@ -443,13 +443,14 @@ GROUP_BY = ("items", "mult_vae")
 @dataclass
 class GroupTokens:
     """One token per group of users (``--group_tokens``): ``tokens (K, P, D)``, each group's offset from the shared
-    shift it started from; ``group`` and ``likeliest``, per probed user (trainer index), the group of the nearest
-    code and the group whose token explains a draw of their remaining training text best; ``best``, the group whose
+    shift it started from; ``group`` and ``likeliest`` ``(n,)``, per probed user (in the probe's order of users), the
+    group of the nearest code and the group whose token explains a draw of their remaining training text best;
+    ``best``, the group whose
     token explains those draws best over all the probed users (the same choice made once for everyone);
     ``sizes (K,)`` the groups' training users; ``nll`` each group's NLL per pass."""
     tokens: torch.Tensor
-    group: dict[int, int]
-    likeliest: dict[int, int]
+    group: np.ndarray
+    likeliest: np.ndarray
     best: int
     sizes: list[int]
     nll: list[list[float]]
@@ -497,16 +498,21 @@ def fit_group_tokens(trainer, fit_users: np.ndarray, groups: np.ndarray, k: int,
     return torch.stack(tokens), losses
 
 
+def score_every_token(trainer, targets, tokens: torch.Tensor, with_ratings: bool = False) -> tuple[np.ndarray, ...]:
+    """``targets``' texts scored with each of ``tokens (K, P, D)`` in turn, the same token for every user:
+    ``(plain,)`` or, ``with_ratings``, ``(plain, rating)``, each ``(K, B)`` (as
+    :meth:`ProfileInferenceTrainer.score_offsets`)."""
+    scored = [trainer.score_offsets(targets, token.expand(len(targets.users), *token.shape), with_ratings=with_ratings)
+              for token in tokens]
+    return tuple(np.stack(part) for part in zip(*scored)) if with_ratings else (np.stack(scored),)
+
+
 def group_likelihoods(trainer, users: np.ndarray, tokens: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
     """``(K, n)``: the plain NLL of one draw of each user's remaining training text
     (:meth:`ProfileInferenceTrainer.targets`) with each group's token ``tokens (K, P, D)``; its argmin over groups is
     an E-step by likelihood."""
-    nll = []
-    for start in range(0, len(users), BATCH):
-        batch = users[start:start + BATCH]
-        draw = trainer.targets(batch, rng)
-        nll.append(np.stack([trainer.score_offsets(draw, token.expand(len(batch), *token.shape)) for token in tokens]))
-    return np.concatenate(nll, axis=1)
+    return np.concatenate([score_every_token(trainer, trainer.targets(users[start:start + BATCH], rng), tokens)[0]
+                           for start in range(0, len(users), BATCH)], axis=1)
 
 
 def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, logger) -> GroupTokens:
@@ -524,12 +530,11 @@ def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, 
     likeliest = nll_by_group.argmin(0)
     logger.info(f"token probe: {args.group_tokens} group tokens; the likeliest group is the nearest code's for "
                 f"{np.mean(likeliest == probed):.0%} of the probed users")
-    return GroupTokens(tokens, dict(zip(users.tolist(), probed.tolist())),
-                       dict(zip(users.tolist(), likeliest.tolist())), int(nll_by_group.mean(1).argmin()),
+    return GroupTokens(tokens, probed, likeliest, int(nll_by_group.mean(1).argmin()),
                        np.bincount(fitted, minlength=args.group_tokens).tolist(), nll)
 
 
-def group_modes(matrix: np.ndarray, groups: GroupTokens, users: np.ndarray, likeliest_other: np.ndarray,
+def group_modes(matrix: np.ndarray, groups: GroupTokens, likeliest_other: np.ndarray,
                 prefix: str = "") -> dict[str, np.ndarray]:
     """The ``group_*`` modes ``{prefix + mode: (n,)}`` from ``matrix (K, n)``, every group's token scored on every
     probed user's held-out text (nan where a user has nothing to score): the user's group's token, the next
@@ -540,9 +545,7 @@ def group_modes(matrix: np.ndarray, groups: GroupTokens, users: np.ndarray, like
     ``own - own_additive`` is then the user-by-token interaction: the group's part alone, with how good a token is
     for everyone and how hard a user is taken out (the means absorb part of it: of a bonus a token has on its own
     group's users alone, equal groups show ``1 - 1/K``)."""
-    rows = np.arange(matrix.shape[1])
-    nearest = np.array([groups.group[int(u)] for u in users])
-    likeliest = np.array([groups.likeliest[int(u)] for u in users])
+    rows, nearest, likeliest = np.arange(matrix.shape[1]), groups.group, groups.likeliest
     user_mean, token_mean, grand = np.nanmean(matrix, 0), np.nanmean(matrix, 1), np.nanmean(matrix)
     modes = {"group_own": matrix[nearest, rows], "group_other": matrix[(nearest + 1) % len(matrix), rows],
              "group_likeliest": matrix[likeliest, rows], "group_likeliest_other": matrix[likeliest_other, rows],
@@ -567,7 +570,7 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
 
     remaining = {u: np.arange(len(trainer.text.user_pieces[u])) for u in users}   # the trainer's text: no held-out item
     context_length: dict[int, list[int]] = {}
-    group_scores: dict[str, list[np.ndarray]] = {}       # per prefix, each group's token's scores of each batch
+    group_scores: dict[str, list[np.ndarray]] = {}       # per prefix, every group's token on each batch (K, B)
     likeliest_other: list[np.ndarray] = []
     sample_rng, new_draw_rng = np.random.default_rng([args.probe_seed, 1]), np.random.default_rng([args.probe_seed, 2])
     bar = tqdm(total=len(users), desc="token probe", ncols=100, disable=not show_progress)
@@ -595,15 +598,12 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                 if not p:                   # a token shrunk towards the mean: how much of a fit is the user's
                     modes.update({keep_mode(k): (held, k * own + (1 - k) * mean) for k in args.keep})
         if groups is not None:
-            own = groups.tokens[torch.as_tensor([groups.group[int(u)] for u in batch])]
+            own = groups.tokens[torch.as_tensor(groups.group[start:start + len(batch)])]
             modes["group_mean"] = (held, own.mean(0, keepdim=True).expand_as(own))
-            likeliest_other.append(np.array([groups.likeliest[int(u)] for u in batch])[rotate.numpy()])
-            for token in groups.tokens:                          # every group's token on every user of the batch
-                offsets = token.expand(len(batch), *token.shape)
-                scored = trainer.score_offsets(held, offsets, with_ratings=True) if held.flags is not None \
-                    else (trainer.score_offsets(held, offsets),)
-                for prefix, values in zip(("", "rating_"), scored):
-                    group_scores.setdefault(prefix, []).append(values)
+            likeliest_other.append(groups.likeliest[start:start + len(batch)][rotate.numpy()])
+            scored = score_every_token(trainer, held, groups.tokens, with_ratings=held.flags is not None)
+            for prefix, values in zip(("", "rating_"), scored):
+                group_scores.setdefault(prefix, []).append(values)
         if args.encoder_passes:
             with torch.no_grad():
                 encoded = trainer.offsets(batch, held.inputs).cpu()          # A z, z from the remaining items
@@ -638,10 +638,8 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
     bar.close()
     scores = {mode: np.concatenate(values) for mode, values in scores.items()}
     if groups is not None:
-        k = len(groups.tokens)
-        for prefix, values in group_scores.items():          # (K, n): group g's token on user j, batch by batch
-            matrix = np.concatenate([np.stack(values[i:i + k]) for i in range(0, len(values), k)], axis=1)
-            scores.update(group_modes(matrix, groups, users, np.concatenate(likeliest_other), prefix))
+        for prefix, values in group_scores.items():          # (K, n): group g's token on user j
+            scores.update(group_modes(np.concatenate(values, axis=1), groups, np.concatenate(likeliest_other), prefix))
     return scores, {budget: float(np.mean(lengths)) for budget, lengths in context_length.items()}
 
 
@@ -889,11 +887,9 @@ def main(argv=None) -> int:
             "group_learning_rate": args.group_learning_rate or settings.shared_learning_rate,
             "group_sizes": groups.sizes,
             "group_nll": groups.nll,
-            "group_likeliest_is_nearest":
-                float(np.mean([groups.likeliest[u] == groups.group[u] for u in groups.group])),
+            "group_likeliest_is_nearest": float(np.mean(groups.likeliest == groups.group)),
             "group_best": groups.best,          # and per probed user (in per_user's order), the two groups:
-            "group_per_user": {"nearest": [groups.group[int(u)] for u in users],
-                               "likeliest": [groups.likeliest[int(u)] for u in users]}}
+            "group_per_user": {"nearest": groups.group.tolist(), "likeliest": groups.likeliest.tolist()}}
            if groups is not None else {}),
         "holdout_tokens": args.holdout_tokens,
         "held_out_tokens_mean": float(np.mean([len(t) for t in run.held_out_targets(users).texts])),

@@ -373,17 +373,16 @@ def test_group_modes_take_out_how_good_a_token_is_for_everyone_and_how_hard_a_us
     token_probe = import_benchmark("token_probe")
     rng = np.random.default_rng(0)
     users, nearest = np.arange(12), np.arange(12) % 3
-    groups = token_probe.GroupTokens(torch.zeros(3, 1, 1), dict(zip(users, nearest)),
-                                     dict(zip(users, (nearest + 2) % 3)), 1, [4, 4, 4], [])
+    groups = token_probe.GroupTokens(torch.zeros(3, 1, 1), nearest, (nearest + 2) % 3, 1, [4, 4, 4], [])
     additive = rng.normal(size=(1, 12)) + np.array([[0.0], [-0.3], [0.2]])        # user difficulty + token quality
-    plain = token_probe.group_modes(additive, groups, users, nearest[::-1])
+    plain = token_probe.group_modes(additive, groups, nearest[::-1])
     assert np.allclose(plain["group_own"] - plain["group_own_additive"], 0)
     assert np.array_equal(plain["group_best"], additive[1])
     assert np.array_equal(plain["group_own"][:3], additive[[0, 1, 2], [0, 1, 2]])
     assert np.array_equal(plain["group_likeliest_other"], additive[nearest[::-1], users])
     planted = additive.copy()
     planted[nearest, users] -= 0.1                                     # each group's token better on its own users
-    modes = token_probe.group_modes(planted, groups, users, nearest[::-1], "rating_")
+    modes = token_probe.group_modes(planted, groups, nearest[::-1], "rating_")
     interaction = modes["rating_group_own"] - modes["rating_group_own_additive"]
     assert np.allclose(interaction, -0.1 * (1 - 1 / 3))        # the bonus, less the share the means absorb (1 / K)
     assert np.allclose(modes["rating_group_likeliest"] - modes["rating_group_likeliest_additive"], 0.1 / 3)
