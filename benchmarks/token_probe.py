@@ -72,12 +72,17 @@ of everything). Then:
    (``*_additive``: the user's mean over the tokens plus the token's mean over the users), the difference to which
    is the group's part alone, how good a token is for everyone taken out (:func:`group_modes`). A per-user fit
    averages one user's noise; a group's fit averages ``U / K`` users', so this asks whether the soft token can carry
-   the taste that users share with their neighbours when the noise is gone.
+   the taste that users share with their neighbours when the noise is gone. With ``--group_training=joint``, the
+   groups' tokens are trained together instead, beside the shift, each on its batch-centred gradient (what every
+   user needs goes to the shift, what sets a group apart to its token; :func:`fit_group_tokens_jointly`). Beside
+   them, with no LLM, the same matrix from count models of each group's remaining histories, and a count model of
+   each user's own history (``count_*``, :func:`group_count_modes`): how much a token per group could take of these
+   very items.
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
 per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled|_draws<K>][_<objective>][_vs_<objective>...]
-[_encoder[_distil]][_shiftdistil][_keep][_context[_oldest]][_groups<K>_<group_by>][_<variant>].{json,md}``. The JSON
+[_encoder[_distil]][_shiftdistil][_keep][_context[_oldest]][_groups<K>_<group_by>[_joint]][_<variant>].{json,md}``. The JSON
 also keeps each probed user's score in every mode (``per_user``, in the order of its ``users``, the trainer's user
 indices), so that two runs over the same users (the same dataset, split, ``--probe_seed`` and ``--users``) can be
 compared user by user.
@@ -113,11 +118,15 @@ GROUP_PAIRS = [("group_own", "group_mean"), ("group_own", "group_other"), ("grou
                ("group_likeliest", "group_likeliest_other"), ("group_likeliest", "group_best"),
                ("group_best", "shared"), ("group_own", "group_own_additive"),
                ("group_likeliest", "group_likeliest_additive")]
-PAIRS += GROUP_PAIRS
+# no LLM (group_count_modes): a count model of each group beside the population, and of the user's own history
+COUNT_PAIRS = [("count_group_own", "count_population"), ("count_group_own", "count_group_other"),
+               ("count_group_own", "count_group_own_additive"), ("count_set", "count_population")]
+PAIRS += GROUP_PAIRS + COUNT_PAIRS
 HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle",   # also on the rating tokens alone
                   "encoder", "encoder_mean", "encoder_other",
                   "group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
-                  "group_own_additive", "group_likeliest_additive")
+                  "group_own_additive", "group_likeliest_additive",
+                  "count_population", "count_group_own", "count_group_other", "count_group_own_additive", "count_set")
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 
 
@@ -239,6 +248,9 @@ def parse_args(argv=None):
                         help="passes over each group's users when fitting its token (default 4)")
     parser.add_argument("--group_learning_rate", type=float, default=0.0,
                         help="the Adam step of each group's token (default 0: uip_shared_learning_rate, the shift's)")
+    parser.add_argument("--group_training", choices=GROUP_TRAINING, default="separate",
+                        help="separate: each group's token the shift trained on over its users alone; joint: every "
+                             "group's token trained together beside the shift, each on its batch-centred gradient")
     parser.add_argument("--keep", default="",
                         help="shares of each user's own fitted token kept when shrinking it towards the mean of the "
                              "fitted tokens, comma-separated in (0, 1), e.g. 0.1,0.25,0.75 (modes own_keep<percent>; "
@@ -438,6 +450,7 @@ def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float,
 
 
 GROUP_BY = ("items", "mult_vae")
+GROUP_TRAINING = ("separate", "joint")
 
 
 @dataclass
@@ -447,13 +460,17 @@ class GroupTokens:
     group of the nearest code and the group whose token explains a draw of their remaining training text best;
     ``best``, the group whose
     token explains those draws best over all the probed users (the same choice made once for everyone);
-    ``sizes (K,)`` the groups' training users; ``nll`` each group's NLL per pass."""
+    ``sizes (K,)`` the groups' training users; ``nll`` each group's NLL per pass (``--group_training=joint``: one
+    list, every group's together); ``fit_users`` and ``fit_group`` the users the tokens were trained on and their
+    groups."""
     tokens: torch.Tensor
     group: np.ndarray
     likeliest: np.ndarray
     best: int
     sizes: list[int]
     nll: list[list[float]]
+    fit_users: np.ndarray
+    fit_group: np.ndarray
 
 
 def group_vectors(trainer, group_by: str, fit_users: np.ndarray) -> np.ndarray:
@@ -498,6 +515,56 @@ def fit_group_tokens(trainer, fit_users: np.ndarray, groups: np.ndarray, k: int,
     return torch.stack(tokens), losses
 
 
+def fit_group_tokens_jointly(trainer, fit_users: np.ndarray, groups: np.ndarray, k: int, passes: int,
+                             learning_rate: float, rng: np.random.Generator, logger) -> tuple[torch.Tensor, list[float]]:
+    """Each group's token ``(K, P, D)`` as an offset from the shared shift ``b`` it started from, all groups trained
+    together (``--group_training=joint``): ``passes`` passes over ``fit_users`` in M-step batches of every group's
+    users, a user's token ``b + O[g]`` with ``O (K, P, D)`` (zeros at the start, its own Adam at
+    ``learning_rate``, 0: the shift's) stepping on its batch-centred gradient and ``b`` beside it on the batch's
+    whole gradient (a fresh Adam at the shift's step). A group's token is then ``b' - b + O[g]``, and ``b`` is put
+    back. The mean NLL of each pass.
+
+    Batch-centred as the encoder's gradient is (``ProfileInferenceTrainer.offsets``): ``O[g]`` enters a batch as
+    ``O[g_u] - mean_B O[g_u]`` plus that mean held fixed, so group ``g``'s rows get their users' gradient less their
+    share of the batch's mean, and what every user needs goes to ``b`` alone. Trained one group at a time
+    (:func:`fit_group_tokens`), each token also learns what every user needs, with as many steps as its group has
+    batches; here every group's token steps at every batch that holds one of its users, on what sets them apart."""
+    from recbole_uip.inference.soft_profiles import behaviour_nll
+
+    base = trainer.soft.shared.detach().clone()
+    table = torch.zeros(k, *base.shape, requires_grad=True)
+    shared_opt = trainer.shared_optimizer()
+    table_opt = torch.optim.Adam([table], lr=learning_rate or trainer.settings.shared_learning_rate)
+    group_of = dict(zip(fit_users.tolist(), groups.tolist()))
+    means = []
+    try:
+        for index in range(passes):
+            order = fit_users[rng.permutation(len(fit_users))]
+            nll = []
+            for i in range(0, len(order), trainer.settings.batch_size):
+                targets = trainer.targets(order[i:i + trainer.settings.batch_size], rng)
+                with torch.no_grad():
+                    start = trainer.offsets(targets.users, targets.inputs)          # (B, P, D): A z, as the shift's
+                part = table[torch.as_tensor([group_of[u] for u in targets.users.tolist()])]   # (B, P, D)
+                mean = part.mean(0, keepdim=True)
+                offsets = start.to(trainer.device) + (part - mean + mean.detach()).to(trainer.device)
+                plain, objective = behaviour_nll(trainer.llm.model, trainer.layout, trainer.prompt_batch(targets),
+                                                 trainer.soft(offsets), weighted=True)
+                shared_opt.zero_grad(set_to_none=True)
+                table_opt.zero_grad(set_to_none=True)
+                objective.mean().backward()
+                shared_opt.step()
+                table_opt.step()
+                nll.append(float(plain.detach().mean()))
+            means.append(float(np.mean(nll)))
+            logger.info(f"token probe: the {k} group tokens together, pass {index + 1}, NLL {means[-1]:.4f}")
+        tokens = trainer.soft.shared.detach() - base + table.detach()
+    finally:
+        with torch.no_grad():
+            trainer.soft.shared.copy_(base)
+    return tokens, means
+
+
 def score_every_token(trainer, targets, tokens: torch.Tensor, with_ratings: bool = False) -> tuple[np.ndarray, ...]:
     """``targets``' texts scored with each of ``tokens (K, P, D)`` in turn, the same token for every user:
     ``(plain,)`` or, ``with_ratings``, ``(plain, rating)``, each ``(K, B)`` (as
@@ -524,14 +591,15 @@ def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, 
     vectors = group_vectors(trainer, args.group_by, fit_users)
     fitted, probed = user_groups(vectors, fit_users, users, args.group_tokens, args.probe_seed)
     rng = np.random.default_rng([args.probe_seed, 3])
-    tokens, nll = fit_group_tokens(trainer, fit_users, fitted, args.group_tokens, args.group_passes,
-                                   args.group_learning_rate, rng, logger)
+    fit = fit_group_tokens_jointly if args.group_training == "joint" else fit_group_tokens
+    tokens, nll = fit(trainer, fit_users, fitted, args.group_tokens, args.group_passes, args.group_learning_rate, rng,
+                      logger)
     nll_by_group = group_likelihoods(trainer, users, tokens, rng)
     likeliest = nll_by_group.argmin(0)
     logger.info(f"token probe: {args.group_tokens} group tokens; the likeliest group is the nearest code's for "
                 f"{np.mean(likeliest == probed):.0%} of the probed users")
     return GroupTokens(tokens, probed, likeliest, int(nll_by_group.mean(1).argmin()),
-                       np.bincount(fitted, minlength=args.group_tokens).tolist(), nll)
+                       np.bincount(fitted, minlength=args.group_tokens).tolist(), nll, fit_users, fitted)
 
 
 def group_modes(matrix: np.ndarray, groups: GroupTokens, likeliest_other: np.ndarray,
@@ -552,6 +620,44 @@ def group_modes(matrix: np.ndarray, groups: GroupTokens, likeliest_other: np.nda
              "group_best": matrix[groups.best], "group_own_additive": user_mean + token_mean[nearest] - grand,
              "group_likeliest_additive": user_mean + token_mean[likeliest] - grand}
     return {prefix + mode: values for mode, values in modes.items()}
+
+
+def group_count_modes(run: HeldOutInference, groups: GroupTokens, users: np.ndarray) -> dict[str, np.ndarray]:
+    """The same question with no LLM, on the same groups, users and held-out items (``recbole_uip.count_reference``):
+    each probed user's held-out items (texts and ratings) scored by the population's count model mixed with each
+    group's, fitted on the remaining histories of the group's training users alone
+    (:func:`~recbole_uip.count_reference.group_reference`), in nats per held-out token (``rating_*``: the ratings'
+    part per held-out rating token). Modes: ``count_population``, ``count_group_own`` (the user's group),
+    ``count_group_other`` (the next group's), ``count_group_own_additive`` (:func:`group_modes`' twin, so that own
+    minus it is the group's part as it is for the tokens) and ``count_set`` (``count_population`` less what the count
+    reference's model of the user's own history as a set gains, ``count_reference.md``'s ``set``): how much of these
+    users' held-out text a token per group could take at most, as collaborative counts see it, beside what a
+    profile of each user could. Only the differences between these modes are in the tokens' unit."""
+    from recbole_uip.count_reference import (
+        count_reference, group_reference, held_out_data, held_out_token_counts, per_count,
+    )
+
+    data = held_out_data(run.full_text.histories, run.held)
+    member = np.full(len(data.held), -1)
+    member[groups.fit_users] = groups.fit_group
+    reference = group_reference(data, member, users, groups.group, len(groups.tokens))
+    tokens, rating_tokens = (counts[users] for counts in held_out_token_counts(run.full_text, run.held))
+    set_text, set_rating = (gain[users] for gain in count_reference(data).gain("set"))
+    with_ratings = reference.rating_nll is not None and bool(rating_tokens.any())   # the text writes the ratings
+    parts = [("", reference.text_nll + (reference.rating_nll if with_ratings else 0),
+              reference.population_text_nll + (reference.population_rating_nll if with_ratings else 0),
+              set_text + (set_rating if with_ratings else 0), tokens)]
+    if with_ratings:
+        parts.append(("rating_", reference.rating_nll, reference.population_rating_nll, set_rating, rating_tokens))
+    modes = {}
+    for prefix, nll, population, set_gain, count in parts:
+        matrix = per_count(nll, count[None])                                          # (K, n) per token
+        kept = group_modes(matrix, groups, groups.likeliest, prefix + "count_")
+        modes.update({prefix + "count_" + m: kept[prefix + "count_" + m]
+                      for m in ("group_own", "group_other", "group_own_additive")})
+        modes[prefix + "count_population"] = per_count(population, count)
+        modes[prefix + "count_set"] = per_count(population - set_gain, count)
+    return modes
 
 
 def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool,
@@ -710,7 +816,15 @@ def render(data: dict) -> str:
                        f"{prefix}group_own_minus_{prefix}group_own_additive":
                            f"own group's token - what it scores on a user of any group (the group's part, {what})",
                        f"{prefix}group_likeliest_minus_{prefix}group_likeliest_additive":
-                           f"the likeliest group's token - what it scores on any user (the choice's part, {what})"})
+                           f"the likeliest group's token - what it scores on any user (the choice's part, {what})",
+                       f"{prefix}count_group_own_minus_{prefix}count_population":
+                           f"no LLM: own group's count model - the population's ({what})",
+                       f"{prefix}count_group_own_minus_{prefix}count_group_other":
+                           f"no LLM: own group's count model - the next group's ({what})",
+                       f"{prefix}count_group_own_minus_{prefix}count_group_own_additive":
+                           f"no LLM: own group's count model - its additive twin (the group's part, {what})",
+                       f"{prefix}count_set_minus_{prefix}count_population":
+                           f"no LLM: a count model of the user's own history as a set - the population's ({what})"})
     for n in data.get("context_tokens", []):
         for prefix, what in (("", "held-out text"), ("rating_", "held-out rating tokens")):
             labels[f"{prefix}context{n}_own_minus_{prefix}shared"] = (
@@ -757,11 +871,17 @@ def render(data: dict) -> str:
     grouped = (f" Then {data['group_tokens']} group tokens: the {sum(data['group_sizes'])} users not probed put in "
                f"groups of {', '.join(map(str, data['group_sizes']))} by a whitened k-means of "
                + ("the pipeline's untrained `z`" if data["group_by"] == "items" else "a Mult-VAE's code")
-               + f" of their remaining items, each group's token the shift trained on for {data['group_passes']} "
-               f"passes over its users alone (a fresh Adam"
-               + (f", step {data['group_learning_rate']:g}" if "group_learning_rate" in data else "")
-               + "; NLL per pass and group "
-               + "; ".join(" -> ".join(f"{v:.4f}" for v in nll) for nll in data["group_nll"])
+               + " of their remaining items, "
+               + (f"every group's token trained together for {data['group_passes']} passes over those users beside "
+                  f"the shift, each on its batch-centred gradient (Adam"
+                  + (f", step {data['group_learning_rate']:g}" if "group_learning_rate" in data else "")
+                  + "; NLL per pass " + " -> ".join(f"{v:.4f}" for v in data["group_nll"])
+                  if data.get("group_training") == "joint" else
+                  f"each group's token the shift trained on for {data['group_passes']} "
+                  f"passes over its users alone (a fresh Adam"
+                  + (f", step {data['group_learning_rate']:g}" if "group_learning_rate" in data else "")
+                  + "; NLL per pass and group "
+                  + "; ".join(" -> ".join(f"{v:.4f}" for v in nll) for nll in data["group_nll"]))
                + f"); each probed user scored with the nearest code's group's token, and with the group whose token "
                f"explains a draw of their remaining text best (the same group for "
                f"{data['group_likeliest_is_nearest']:.0%} of them).") if data.get("group_tokens") else ""
@@ -782,7 +902,8 @@ def render(data: dict) -> str:
              f"95% interval. Took {data['seconds']:.0f} s.", "",
              "| tokens | NLL |", "|---|---|"]
     for mode, summary in sorted(modes.items(), key=lambda item: _reading_order(item[0])):
-        lines.append(f"| {mode} | {summary['mean']:.4f} [{summary['ci'][0]:.4f}, {summary['ci'][1]:.4f}] |")
+        note = " (no LLM: a count model's nats per token; only differences compare)" if "count_" in mode else ""
+        lines.append(f"| {mode}{note} | {summary['mean']:.4f} [{summary['ci'][0]:.4f}, {summary['ci'][1]:.4f}] |")
     lines += ["", "| paired difference | mean | 95% interval | users below 0 |", "|---|---|---|---|"]
     for keep in data.get("keep", []):
         mode = keep_mode(keep)
@@ -814,6 +935,13 @@ def render(data: dict) -> str:
             lines[-1] += (f" The group's part alone (own - what the same token scores on a user of any group) "
                           f"{part['mean']:+.4f}, interval [{low:+.4f}, {high:+.4f}]: "
                           + ("the tokens carry the user's group." if high < 0 else "not shown."))
+        if count := differences.get("count_group_own_minus_count_group_own_additive"):
+            # the same matrix of groups by users from count models (no LLM): what a token per group could carry
+            population = differences["count_group_own_minus_count_population"]
+            lines[-1] += (f" With no LLM, the groups' own count models on the same users and items: the group's part "
+                          f"{count['mean']:+.4f} [{count['ci'][0]:+.4f}, {count['ci'][1]:+.4f}], own group - the "
+                          f"population {population['mean']:+.4f}; a count model of each user's own history as a set - "
+                          f"the population {differences['count_set_minus_count_population']['mean']:+.4f}.")
     if data.get("context_tokens"):
         lines += ["", "In context, own history - the shared token alone is what any such history adds (the kind of "
                       "text, its time) together with what this user's adds; own - another user's history of the same "
@@ -865,6 +993,8 @@ def main(argv=None) -> int:
                                  f"there are {len(fit_users)}.")
             groups = build_group_tokens(trainer, fit_users, users, args, logger)
         scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]), collaborative, groups)
+        if groups is not None:
+            scores.update(group_count_modes(run, groups, users))
     finally:
         torch.set_num_threads(threads_before)
     pairs = PAIRS + objective_pairs(args.also_fit) + context_pairs(args.context_tokens) + keep_pairs(args.keep)
@@ -883,7 +1013,7 @@ def main(argv=None) -> int:
         "context_tokens": args.context_tokens, "context_from": args.context_from,
         "context_tokens_mean": {str(n): v for n, v in context_length.items()},
         "group_tokens": args.group_tokens,
-        **({"group_by": args.group_by, "group_passes": args.group_passes,
+        **({"group_by": args.group_by, "group_passes": args.group_passes, "group_training": args.group_training,
             "group_learning_rate": args.group_learning_rate or settings.shared_learning_rate,
             "group_sizes": groups.sizes,
             "group_nll": groups.nll,
@@ -909,7 +1039,8 @@ def main(argv=None) -> int:
             + ("_keep" if args.keep and args.fit_steps else "")
             + ("_context" if args.context_tokens else "")
             + ("_oldest" if args.context_tokens and args.context_from == "oldest" else "")
-            + (f"_groups{args.group_tokens}_{args.group_by}" if args.group_tokens else ""))
+            + (f"_groups{args.group_tokens}_{args.group_by}" if args.group_tokens else "")
+            + ("_joint" if args.group_tokens and args.group_training == "joint" else ""))
     publish_benchmark(args, name, data, render(data))
     return 0
 

@@ -275,6 +275,67 @@ def text_component_probs(data: HeldOutData) -> list[np.ndarray]:
     return out
 
 
+@dataclasses.dataclass
+class RatingScale:
+    """What every rating component reads from the remaining histories: the rating ``values (V,)`` seen anywhere in
+    the data, the global distribution ``glob (V,)`` (add-:data:`SMOOTH`), each text's distribution ``text_dist
+    (T, V)`` shrunk towards it by 2 ratings, each text's mean ``text_mean (T,)`` shrunk towards the global mean by
+    :data:`SHRINK` pseudo-ratings, and ``spread``, the remaining ratings' spread around their texts' means."""
+
+    values: np.ndarray
+    glob: np.ndarray
+    text_dist: np.ndarray
+    text_mean: np.ndarray
+    spread: float
+
+    @classmethod
+    def fit(cls, data: HeldOutData) -> "RatingScale":
+        if data.remaining_ratings is None or data.held_ratings is None:
+            raise ValueError("the data holds no ratings")
+        values = np.unique(np.concatenate([*data.remaining_ratings, *data.held_ratings]))   # (V,)
+        texts = data.item_text[np.concatenate(data.remaining)]
+        ratings = np.concatenate(data.remaining_ratings).astype(float)
+        rated = np.searchsorted(values, np.asarray(np.concatenate(data.remaining_ratings), dtype=values.dtype))
+        glob = np.bincount(rated, minlength=len(values)) + SMOOTH
+        glob = glob / glob.sum()
+        per_text = np.zeros((data.num_texts, len(values)))
+        np.add.at(per_text, (texts, rated), 1.0)
+        text_dist = (per_text + 2 * glob) / (per_text.sum(1, keepdims=True) + 2)
+        sums = np.bincount(texts, weights=ratings, minlength=data.num_texts)
+        text_mean = (sums + SHRINK * ratings.mean()) / (per_text.sum(1) + SHRINK)
+        spread = max(float(np.sqrt(np.mean((ratings - text_mean[texts]) ** 2))), 1e-3)
+        return cls(values, glob, text_dist, text_mean, spread)
+
+    def slots(self, ratings) -> np.ndarray:
+        """Each rating's index in :attr:`values`."""
+        return np.searchsorted(self.values, np.asarray(ratings, dtype=self.values.dtype))
+
+    def gaussian(self, centres: np.ndarray) -> np.ndarray:
+        """``(n, V)``: a Gaussian of :attr:`spread` around each of ``centres (n,)``, normalised over the values."""
+        logits = -0.5 * ((self.values[None, :] - centres[:, None]) / self.spread) ** 2
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return p / p.sum(1, keepdims=True)
+
+    def population(self, held_texts: np.ndarray, held_slots: np.ndarray) -> np.ndarray:
+        """``(n, 3)``: the population's components (``global``, ``text``, ``text_mean``) of ratings at
+        ``held_slots`` of items with ``held_texts``."""
+        return np.stack([self.glob[held_slots], self.text_dist[held_texts, held_slots],
+                         self.gaussian(self.text_mean[held_texts])[np.arange(len(held_slots)), held_slots]], axis=1)
+
+    def own(self, slots: np.ndarray, held_slots: np.ndarray) -> np.ndarray:
+        """``(n,)``: the distribution of the ratings at ``slots`` (shrunk towards the global one by 2 ratings) at
+        ``held_slots``."""
+        own = np.bincount(slots, minlength=len(self.values)) + 2 * self.glob
+        return (own / own.sum())[held_slots]
+
+    def offset(self, ratings: np.ndarray, texts: np.ndarray, held_texts: np.ndarray, held_slots: np.ndarray) -> np.ndarray:
+        """``(n,)``: the Gaussian around each held-out text's mean moved by the mean offset of ``ratings`` from
+        their ``texts``' means (shrunk towards zero by :data:`SHRINK`), at ``held_slots``."""
+        residuals = np.asarray(ratings, dtype=float) - self.text_mean[texts]
+        offset = float(residuals.sum() / (len(residuals) + SHRINK))
+        return self.gaussian(self.text_mean[held_texts] + offset)[np.arange(len(held_slots)), held_slots]
+
+
 def rating_component_probs(data: HeldOutData) -> list[np.ndarray]:
     """Per user, ``(len(held[u]), len(RATING_COMPONENTS))``: the probability of each held-out rating under each
     component (the module's docstring), over the rating values seen anywhere in the data.
@@ -282,49 +343,112 @@ def rating_component_probs(data: HeldOutData) -> list[np.ndarray]:
     ``text_mean`` and ``offset`` are Gaussians over those values, normalised, with the spread of the remaining
     ratings around their texts' means: centred at the mean rating of the item's text shrunk towards the global mean
     by :data:`SHRINK` pseudo-ratings, and at that plus the user's mean offset from it shrunk towards zero the same
-    way."""
-    if data.remaining_ratings is None or data.held_ratings is None:
-        raise ValueError("the data holds no ratings")
-    values = np.unique(np.concatenate([*data.remaining_ratings, *data.held_ratings]))   # (V,)
-
-    def slots(ratings) -> np.ndarray:                                      # each rating's index in values
-        return np.searchsorted(values, np.asarray(ratings, dtype=values.dtype))
-
-    texts = data.item_text[np.concatenate(data.remaining)]
-    ratings = np.concatenate(data.remaining_ratings).astype(float)
-    rated = slots(np.concatenate(data.remaining_ratings))
-    glob = np.bincount(rated, minlength=len(values)) + SMOOTH
-    glob = glob / glob.sum()                                               # (V,)
-    per_text = np.zeros((data.num_texts, len(values)))
-    np.add.at(per_text, (texts, rated), 1.0)
-    text_dist = (per_text + 2 * glob) / (per_text.sum(1, keepdims=True) + 2)     # shrunk towards global by 2 ratings
-    sums = np.bincount(texts, weights=ratings, minlength=data.num_texts)
-    text_mean = (sums + SHRINK * ratings.mean()) / (per_text.sum(1) + SHRINK)   # (T,)
-    spread = max(float(np.sqrt(np.mean((ratings - text_mean[texts]) ** 2))), 1e-3)
-
-    def gaussian(centres: np.ndarray) -> np.ndarray:                       # (n,) -> (n, V)
-        logits = -0.5 * ((values[None, :] - centres[:, None]) / spread) ** 2
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        return p / p.sum(1, keepdims=True)
-
+    way (:class:`RatingScale`)."""
+    scale = RatingScale.fit(data)
     out = []
     for seen, seen_r, held, held_r in zip(data.remaining, data.remaining_ratings, data.held, data.held_ratings):
-        held_slots, seen_slots = slots(held_r), slots(seen_r)
-        seen_r = np.asarray(seen_r, dtype=float)
-        rows = np.arange(len(held))
-        probs = np.empty((len(held), len(RATING_COMPONENTS)))
-        probs[:, 0] = glob[held_slots]
+        held_slots, seen_slots = scale.slots(held_r), scale.slots(seen_r)
         held_texts, seen_texts = data.item_text[held], data.item_text[seen]
-        probs[:, 1] = text_dist[held_texts, held_slots]
-        probs[:, 2] = gaussian(text_mean[held_texts])[rows, held_slots]
-        for own_column, offset_column, window in ((3, 4, slice(None)), (5, 6, slice(-RECENT, None))):
-            own = np.bincount(seen_slots[window], minlength=len(values)) + 2 * glob      # shrunk by 2 ratings
-            probs[:, own_column] = (own / own.sum())[held_slots]
-            residuals = seen_r[window] - text_mean[seen_texts[window]]
-            offset = float(residuals.sum() / (len(residuals) + SHRINK))
-            probs[:, offset_column] = gaussian(text_mean[held_texts] + offset)[rows, held_slots]
-        out.append(probs)
+        columns = [scale.population(held_texts, held_slots)]
+        for window in (slice(None), slice(-RECENT, None)):
+            columns.append(np.stack([scale.own(seen_slots[window], held_slots),
+                                     scale.offset(seen_r[window], seen_texts[window], held_texts, held_slots)], axis=1))
+        out.append(np.concatenate(columns, axis=1))
     return out
+
+
+GROUP_TEXT_COMPONENTS = ("pop", "group")
+GROUP_RATING_COMPONENTS = ("global", "text", "text_mean", "group", "group_offset")
+
+
+@dataclasses.dataclass
+class GroupReference:
+    """Users' held-out items scored by a model that knows only their *group* (:func:`group_reference`): the count
+    model's analogue of one soft token per group.
+
+    Attributes:
+        text_nll, rating_nll: ``(K, n)``: the NLL of user ``j``'s held-out texts (ratings), summed over their items,
+            under the population mixed with group ``g``'s model (``rating_nll`` None without ratings).
+        population_text_nll, population_rating_nll: ``(n,)``: the same under the population model alone.
+        text_weights, rating_weights: ``(2, C)``: the mixtures' weights over :data:`GROUP_TEXT_COMPONENTS`
+            (:data:`GROUP_RATING_COMPONENTS`), row f applied to fold f.
+    """
+
+    text_nll: np.ndarray
+    rating_nll: np.ndarray | None
+    population_text_nll: np.ndarray
+    population_rating_nll: np.ndarray | None
+    text_weights: np.ndarray
+    rating_weights: np.ndarray | None
+
+
+def group_reference(data: HeldOutData, member_group: np.ndarray, users: np.ndarray, user_group: np.ndarray,
+                    groups: int) -> GroupReference:
+    """``users``' held-out items scored by the population model mixed with each group's model, where a group's
+    model is fitted on the remaining histories of its members alone: the items' texts by the group's popularity
+    (``group``, add-:data:`SMOOTH` over every item, summed over the items sharing a text; unlike ``pop_unseen`` it
+    does not know which items the user has seen, as a token per group does not), the ratings by the group's rating
+    distribution and its mean offset from the texts' means (``group``, ``group_offset``, as a user's ``own`` and
+    ``offset``).
+
+    Args:
+        member_group: ``(U,)`` over every user of ``data``: the group whose model their remaining history joins,
+            -1 for none (the scored ``users`` should be none, so that their own history shapes no group's model).
+        users: ``(n,)`` user indices into ``data``, the users scored.
+        user_group: ``(n,)`` the group of each of ``users``; the mixtures' weights are fitted on the other fold's
+            users (by parity of position in ``users``) with their own group's model, then applied to every group's.
+        groups: ``K``.
+    """
+    member_group = np.asarray(member_group)
+    num_items = data.num_items
+    to_text = sparse.csr_matrix((np.ones(num_items), (np.arange(num_items), data.item_text)),
+                                shape=(num_items, data.num_texts))
+    def popularity(histories: list[np.ndarray]) -> np.ndarray:       # (T,): add-SMOOTH over items, per text
+        counts = np.bincount(np.concatenate(histories), minlength=num_items) if histories else np.zeros(num_items)
+        return ((counts + SMOOTH) / (counts + SMOOTH).sum()) @ to_text
+
+    pop = popularity(list(data.remaining))
+    group_pop = np.stack([popularity([data.remaining[u] for u in np.flatnonzero(member_group == g)])
+                          for g in range(groups)])                                           # (K, T)
+    folds = user_folds(len(users))
+    held_texts = [data.item_text[data.held[u]] for u in users]
+    # (K, n) lists of per-item component probabilities, (n_u, C) each
+    text_probs = [[np.stack([pop[t], group_pop[g][t]], axis=1) for t in held_texts] for g in range(groups)]
+    rating_probs = None
+    if data.remaining_ratings is not None and data.held_ratings is not None:
+        scale = RatingScale.fit(data)
+        members = [np.flatnonzero(member_group == g) for g in range(groups)]
+        group_slots = [scale.slots(np.concatenate([data.remaining_ratings[u] for u in m])) if len(m) else
+                       np.zeros(0, dtype=np.int64) for m in members]
+        group_ratings = [np.concatenate([data.remaining_ratings[u] for u in m]) if len(m) else np.zeros(0)
+                         for m in members]
+        group_texts = [np.concatenate([data.item_text[data.remaining[u]] for u in m]) if len(m) else
+                       np.zeros(0, dtype=np.int64) for m in members]
+        rating_probs = []
+        for g in range(groups):
+            per_user = []
+            for u, texts in zip(users, held_texts):
+                held_slots = scale.slots(data.held_ratings[u])
+                per_user.append(np.concatenate([
+                    scale.population(texts, held_slots),
+                    np.stack([scale.own(group_slots[g], held_slots),
+                              scale.offset(group_ratings[g], group_texts[g], texts, held_slots)], axis=1)], axis=1))
+            rating_probs.append(per_user)
+    own = np.asarray(user_group)
+    out = {}
+    for part, probs, population_columns in (("text", text_probs, [0]), ("rating", rating_probs, [0, 1, 2])):
+        if probs is None:
+            out[part] = (None, None, None)
+            continue
+        everything = list(range(probs[0][0].shape[1]))
+        mine = [probs[g][j] for j, g in enumerate(own)]
+        _, weights = cross_fitted_log_probs(mine, everything, folds)
+        nll = np.stack([[-np.log(p @ weights[f]).sum() for p, f in zip(probs[g], folds)] for g in range(groups)])
+        population, _ = cross_fitted_log_probs(mine, population_columns, folds)
+        out[part] = (nll, np.array([-lp.sum() for lp in population]), weights)
+    return GroupReference(text_nll=out["text"][0], rating_nll=out["rating"][0],
+                          population_text_nll=out["text"][1], population_rating_nll=out["rating"][1],
+                          text_weights=out["text"][2], rating_weights=out["rating"][2])
 
 
 def mixture_weights(probs: np.ndarray, iterations: int = 500, tol: float = 1e-10) -> np.ndarray:

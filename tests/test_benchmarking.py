@@ -315,13 +315,14 @@ def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per
     assert ("texts drawn from a Mult-VAE" in report) is (objective == "mult_vae")
 
 
-@pytest.mark.parametrize("group_by", ["items", "mult_vae"])
+@pytest.mark.parametrize("group_by, training", [("items", "separate"), ("mult_vae", "separate"), ("items", "joint")])
 def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mode_as_it_was(tmp_path, tiny_llm_dir,
-                                                                                           group_by):
-    """``--group_tokens``: the users not probed are grouped, each group's token is trained on its users and differs
-    from the others; the probed users are scored with their group's, the groups' mean, the next group's and the
-    likeliest group's token; the shift is put back and the stage draws on its own generator, so the per-user fits
-    and the shared token score every user exactly as in a run without it; bad group counts are refused."""
+                                                                                           group_by, training):
+    """``--group_tokens``: the users not probed are grouped, each group's token is trained on its users (one group
+    at a time, or all together beside the shift) and differs from the others; the probed users are scored with
+    their group's, the groups' mean, the next group's and the likeliest group's token, and by count models of the
+    same groups and of their own history; the shift is put back and the stage draws on its own generator, so the
+    per-user fits and the shared token score every user exactly as in a run without it; bad values are refused."""
     token_probe = import_benchmark("token_probe")
     write_dataset(tmp_path / "data")
     base = ["--dataset=toy", "--holdout_tokens=20", "--users=5", "--fit_steps=2", "--oracle=false",
@@ -330,19 +331,26 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
             f"--checkpoint_dir={tmp_path / 'saved'}"]
     assert token_probe.main(base + [f"--results={tmp_path / 'alone'}"]) == 0
     assert token_probe.main(base + [f"--results={tmp_path / 'grouped'}", "--group_tokens=2", "--group_passes=2",
-                                    f"--group_by={group_by}", "--group_learning_rate=0.005"]) == 0
+                                    f"--group_by={group_by}", "--group_learning_rate=0.005",
+                                    f"--group_training={training}"]) == 0
     alone = json.loads(next((tmp_path / "alone" / "toy").glob("*/token_probe.json")).read_text())
-    grouped = json.loads(next((tmp_path / "grouped" / "toy").glob(f"*/token_probe_groups2_{group_by}.json"))
+    suffix = "_joint" if training == "joint" else ""
+    grouped = json.loads(next((tmp_path / "grouped" / "toy").glob(f"*/token_probe_groups2_{group_by}{suffix}.json"))
                          .read_text())
     group_modes = {"group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
-                   "group_own_additive", "group_likeliest_additive"}
+                   "group_own_additive", "group_likeliest_additive", "count_population", "count_group_own",
+                   "count_group_other", "count_group_own_additive", "count_set"}
     assert set(grouped["modes"]) == set(alone["modes"]) | group_modes | {"rating_" + m for m in group_modes}
     for mode in alone["per_user"]:                                   # the shift put back, no other draw changed
         assert grouped["per_user"][mode] == alone["per_user"][mode], mode
     assert grouped["group_by"] == group_by and len(grouped["group_sizes"]) == 2 and min(grouped["group_sizes"]) > 0
     assert sum(grouped["group_sizes"]) >= grouped["shift_users"]     # every user not probed, the shift's among them
-    assert [len(nll) for nll in grouped["group_nll"]] == [2, 2] and 0 <= grouped["group_likeliest_is_nearest"] <= 1
-    assert grouped["group_learning_rate"] == 0.005
+    if training == "joint":                                  # one loss per pass, every group's together
+        assert len(grouped["group_nll"]) == 2 and all(isinstance(v, float) for v in grouped["group_nll"])
+    else:
+        assert [len(nll) for nll in grouped["group_nll"]] == [2, 2]
+    assert 0 <= grouped["group_likeliest_is_nearest"] <= 1
+    assert grouped["group_learning_rate"] == 0.005 and grouped["group_training"] == training
     nearest, likeliest = (np.array(grouped["group_per_user"][k]) for k in ("nearest", "likeliest"))
     scores = {m: np.array(grouped["per_user"][m]) for m in ("group_own", "group_likeliest", "group_best")}
     same = nearest == likeliest                             # the same group's token: the same score, else another
@@ -358,11 +366,17 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
                 "group_best_minus_shared", "rating_group_own_minus_rating_group_mean"):
         low, high = grouped["differences"][key]["ci"]
         assert low <= grouped["differences"][key]["mean"] <= high
+    count = {m: np.array(grouped["per_user"][m], dtype=float)
+             for m in ("count_group_own", "count_group_other", "count_population", "count_set")}
+    assert np.array_equal(count["count_group_own"] != count["count_group_other"], np.ones(5, dtype=bool))
+    assert np.isfinite(count["count_set"]).all() and (count["count_set"] != count["count_population"]).any()
     report = next((tmp_path / "grouped" / "toy").glob("*/*.md")).read_text()
     assert "2 group tokens" in report and "The issue's goal for one token per group of users" in report
     assert "The group's part alone (own - what the same token scores on a user of any group)" in report
+    assert "With no LLM, the groups' own count models on the same users and items" in report
+    assert ("trained together" in report) is (training == "joint")
     for bad in (["--group_tokens=1"], ["--group_tokens=-2"], ["--group_tokens=2", "--group_passes=0"],
-                ["--group_tokens=2", "--group_learning_rate=-1"]):
+                ["--group_tokens=2", "--group_learning_rate=-1"], ["--group_tokens=2", "--group_training=both"]):
         with pytest.raises(SystemExit):
             token_probe.parse_args(base + bad)
 
@@ -373,7 +387,8 @@ def test_group_modes_take_out_how_good_a_token_is_for_everyone_and_how_hard_a_us
     token_probe = import_benchmark("token_probe")
     rng = np.random.default_rng(0)
     users, nearest = np.arange(12), np.arange(12) % 3
-    groups = token_probe.GroupTokens(torch.zeros(3, 1, 1), nearest, (nearest + 2) % 3, 1, [4, 4, 4], [])
+    groups = token_probe.GroupTokens(torch.zeros(3, 1, 1), nearest, (nearest + 2) % 3, 1, [4, 4, 4], [],
+                                     np.arange(12, 24), nearest)
     additive = rng.normal(size=(1, 12)) + np.array([[0.0], [-0.3], [0.2]])        # user difficulty + token quality
     plain = token_probe.group_modes(additive, groups, nearest[::-1])
     assert np.allclose(plain["group_own"] - plain["group_own_additive"], 0)

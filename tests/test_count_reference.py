@@ -217,3 +217,41 @@ def test_the_mult_vae_components_and_their_size_limit(monkeypatch):
         for name in cr.TEXT_COMPONENTS:
             if name.startswith("mult_vae"):
                 assert p[:, cr.TEXT_COMPONENTS.index(name)] == pytest.approx(p[:, unseen])
+
+
+def test_a_group_model_finds_a_planted_group_and_a_users_held_out_items_shape_no_other_users_score():
+    """Users 0..31 make the groups' models, 32..39 are scored. Grouped by the half of the items they draw from, a
+    user's own group predicts their held-out texts better than the population and the other group; grouped by how
+    they rate, their ratings. A scored user's held-out items change no score of another user but through the
+    mixture's weights, which their own fold does not use."""
+    data = planted_data(users=40)
+    scored = np.arange(32, 40)
+    for grouping, part in ((lambda u: u % 2, "text"), (lambda u: (u // 2) % 2, "rating")):
+        member = np.array([grouping(u) if u < 32 else -1 for u in range(40)])
+        ref = cr.group_reference(data, member, scored, np.array([grouping(u) for u in scored]), 2)
+        nll = ref.text_nll if part == "text" else ref.rating_nll
+        population = ref.population_text_nll if part == "text" else ref.population_rating_nll
+        own = nll[[grouping(u) for u in scored], np.arange(len(scored))]
+        other = nll[[1 - grouping(u) for u in scored], np.arange(len(scored))]
+        assert (own < population).all() and (own < other).all(), part
+        assert ref.text_nll.shape == ref.rating_nll.shape == (2, 8)
+    changed = cr.HeldOutData(item_text=data.item_text, remaining=data.remaining,
+                             remaining_ratings=data.remaining_ratings, held=[*data.held[:39], data.held[0]],
+                             held_ratings=data.held_ratings)
+    member = np.array([u % 2 if u < 32 else -1 for u in range(40)])
+    before = cr.group_reference(data, member, scored, scored % 2, 2)
+    after = cr.group_reference(changed, member, scored, scored % 2, 2)
+    same_fold = np.arange(len(scored)) % 2 == 1                 # user 39 sits at position 7: fold 1, fitted on fold 0
+    assert np.array_equal(before.text_nll[:, same_fold][:, :-1], after.text_nll[:, same_fold][:, :-1])
+    assert not np.array_equal(before.text_nll[:, -1], after.text_nll[:, -1])
+    assert np.array_equal(before.text_weights[1], after.text_weights[1])
+
+
+def test_a_group_model_without_members_or_ratings_is_the_population():
+    data = planted_data(users=12)
+    bare = cr.HeldOutData(item_text=data.item_text, remaining=data.remaining, remaining_ratings=None,
+                          held=data.held, held_ratings=None)
+    ref = cr.group_reference(bare, np.full(12, -1), np.arange(12), np.zeros(12, dtype=np.int64), 2)
+    assert ref.rating_nll is None and ref.population_rating_nll is None
+    assert np.all(np.isfinite(ref.text_nll)) and ref.text_nll.shape == (2, 12)
+    assert np.allclose(ref.text_nll[0], ref.text_nll[1])       # two empty groups: the same uniform model
