@@ -519,10 +519,11 @@ def fit_group_tokens_jointly(trainer, fit_users: np.ndarray, groups: np.ndarray,
                              learning_rate: float, rng: np.random.Generator, logger) -> tuple[torch.Tensor, list[float]]:
     """Each group's token ``(K, P, D)`` as an offset from the shared shift ``b`` it started from, all groups trained
     together (``--group_training=joint``): ``passes`` passes over ``fit_users`` in M-step batches of every group's
-    users, a user's token ``b + O[g]`` with ``O (K, P, D)`` (zeros at the start, its own Adam at
-    ``learning_rate``, 0: the shift's) stepping on its batch-centred gradient and ``b`` beside it on the batch's
-    whole gradient (a fresh Adam at the shift's step). A group's token is then ``b' - b + O[g]``, and ``b`` is put
-    back. The mean NLL of each pass.
+    users, a user's token ``b + O[g]`` with ``O (K, P, D)`` (zeros at the start) stepping on its batch-centred
+    gradient and ``b`` beside it on the batch's whole gradient, each by a fresh Adam at ``learning_rate`` (0: the
+    shift's own step; as :func:`fit_group_tokens` trains each group's copy of ``b``, so that the two compare at one
+    step: a fresh Adam at the shift's own 0.01 overshoots on ml-100k). A group's token is then ``b' - b + O[g]``,
+    and ``b`` is put back. The mean NLL of each pass.
 
     Batch-centred as the encoder's gradient is (``ProfileInferenceTrainer.offsets``): ``O[g]`` enters a batch as
     ``O[g_u] - mean_B O[g_u]`` plus that mean held fixed, so group ``g``'s rows get their users' gradient less their
@@ -534,7 +535,9 @@ def fit_group_tokens_jointly(trainer, fit_users: np.ndarray, groups: np.ndarray,
     base = trainer.soft.shared.detach().clone()
     table = torch.zeros(k, *base.shape, requires_grad=True)
     shared_opt = trainer.shared_optimizer()
-    table_opt = torch.optim.Adam([table], lr=learning_rate or trainer.settings.shared_learning_rate)
+    if learning_rate:
+        shared_opt.param_groups[0]["lr"] = learning_rate
+    table_opt = torch.optim.Adam([table], lr=shared_opt.param_groups[0]["lr"])
     group_of = dict(zip(fit_users.tolist(), groups.tolist()))
     means = []
     try:
