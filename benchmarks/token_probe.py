@@ -468,7 +468,7 @@ class GroupTokens:
     likeliest: np.ndarray
     best: int
     sizes: list[int]
-    nll: list[list[float]]
+    nll: list
     fit_users: np.ndarray
     fit_group: np.ndarray
 
