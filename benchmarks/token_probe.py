@@ -538,7 +538,8 @@ def fit_group_tokens_jointly(trainer, fit_users: np.ndarray, groups: np.ndarray,
     if learning_rate:
         shared_opt.param_groups[0]["lr"] = learning_rate
     table_opt = torch.optim.Adam([table], lr=shared_opt.param_groups[0]["lr"])
-    group_of = dict(zip(fit_users.tolist(), groups.tolist()))
+    group_of = np.zeros(len(trainer.histories.items), dtype=np.int64)       # (U,): each fit user's group
+    group_of[fit_users] = groups
     means = []
     try:
         for index in range(passes):
@@ -548,7 +549,7 @@ def fit_group_tokens_jointly(trainer, fit_users: np.ndarray, groups: np.ndarray,
                 targets = trainer.targets(order[i:i + trainer.settings.batch_size], rng)
                 with torch.no_grad():
                     start = trainer.offsets(targets.users, targets.inputs)          # (B, P, D): A z, as the shift's
-                part = table[torch.as_tensor([group_of[u] for u in targets.users.tolist()])]   # (B, P, D)
+                part = table[torch.as_tensor(group_of[targets.users])]                  # (B, P, D)
                 mean = part.mean(0, keepdim=True)
                 offsets = start.to(trainer.device) + (part - mean + mean.detach()).to(trainer.device)
                 plain, objective = behaviour_nll(trainer.llm.model, trainer.layout, trainer.prompt_batch(targets),

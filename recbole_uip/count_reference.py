@@ -275,6 +275,11 @@ def text_component_probs(data: HeldOutData) -> list[np.ndarray]:
     return out
 
 
+def _slots(values: np.ndarray, ratings) -> np.ndarray:
+    """Each of ``ratings``' index in the sorted ``values (V,)``."""
+    return np.searchsorted(values, np.asarray(ratings, dtype=values.dtype))
+
+
 @dataclasses.dataclass
 class RatingScale:
     """What every rating component reads from the remaining histories: the rating ``values (V,)`` seen anywhere in
@@ -295,7 +300,7 @@ class RatingScale:
         values = np.unique(np.concatenate([*data.remaining_ratings, *data.held_ratings]))   # (V,)
         texts = data.item_text[np.concatenate(data.remaining)]
         ratings = np.concatenate(data.remaining_ratings).astype(float)
-        rated = np.searchsorted(values, np.asarray(np.concatenate(data.remaining_ratings), dtype=values.dtype))
+        rated = _slots(values, np.concatenate(data.remaining_ratings))
         glob = np.bincount(rated, minlength=len(values)) + SMOOTH
         glob = glob / glob.sum()
         per_text = np.zeros((data.num_texts, len(values)))
@@ -308,7 +313,7 @@ class RatingScale:
 
     def slots(self, ratings) -> np.ndarray:
         """Each rating's index in :attr:`values`."""
-        return np.searchsorted(self.values, np.asarray(ratings, dtype=self.values.dtype))
+        return _slots(self.values, ratings)
 
     def gaussian(self, centres: np.ndarray) -> np.ndarray:
         """``(n, V)``: a Gaussian of :attr:`spread` around each of ``centres (n,)``, normalised over the values."""
@@ -399,53 +404,49 @@ def group_reference(data: HeldOutData, member_group: np.ndarray, users: np.ndarr
             users (by parity of position in ``users``) with their own group's model, then applied to every group's.
         groups: ``K``.
     """
-    member_group = np.asarray(member_group)
     num_items = data.num_items
     to_text = sparse.csr_matrix((np.ones(num_items), (np.arange(num_items), data.item_text)),
                                 shape=(num_items, data.num_texts))
+    members = [np.flatnonzero(np.asarray(member_group) == g) for g in range(groups)]
+
     def popularity(histories: list[np.ndarray]) -> np.ndarray:       # (T,): add-SMOOTH over items, per text
         counts = np.bincount(np.concatenate(histories), minlength=num_items) if histories else np.zeros(num_items)
         return ((counts + SMOOTH) / (counts + SMOOTH).sum()) @ to_text
 
+    def pooled(per_user: list[np.ndarray], m: np.ndarray, dtype) -> np.ndarray:   # a group's values, end to end
+        return np.concatenate([per_user[u] for u in m]) if len(m) else np.zeros(0, dtype=dtype)
+
     pop = popularity(list(data.remaining))
-    group_pop = np.stack([popularity([data.remaining[u] for u in np.flatnonzero(member_group == g)])
-                          for g in range(groups)])                                           # (K, T)
-    folds = user_folds(len(users))
+    group_pop = np.stack([popularity([data.remaining[u] for u in m]) for m in members])       # (K, T)
     held_texts = [data.item_text[data.held[u]] for u in users]
-    # (K, n) lists of per-item component probabilities, (n_u, C) each
+    # per group, per user: the component probabilities of each held-out item, (n_u, C)
     text_probs = [[np.stack([pop[t], group_pop[g][t]], axis=1) for t in held_texts] for g in range(groups)]
     rating_probs = None
     if data.remaining_ratings is not None and data.held_ratings is not None:
         scale = RatingScale.fit(data)
-        members = [np.flatnonzero(member_group == g) for g in range(groups)]
-        group_slots = [scale.slots(np.concatenate([data.remaining_ratings[u] for u in m])) if len(m) else
-                       np.zeros(0, dtype=np.int64) for m in members]
-        group_ratings = [np.concatenate([data.remaining_ratings[u] for u in m]) if len(m) else np.zeros(0)
-                         for m in members]
-        group_texts = [np.concatenate([data.item_text[data.remaining[u]] for u in m]) if len(m) else
-                       np.zeros(0, dtype=np.int64) for m in members]
-        rating_probs = []
-        for g in range(groups):
-            per_user = []
-            for u, texts in zip(users, held_texts):
-                held_slots = scale.slots(data.held_ratings[u])
-                per_user.append(np.concatenate([
-                    scale.population(texts, held_slots),
-                    np.stack([scale.own(group_slots[g], held_slots),
-                              scale.offset(group_ratings[g], group_texts[g], texts, held_slots)], axis=1)], axis=1))
-            rating_probs.append(per_user)
+        item_texts = [data.item_text[r] for r in data.remaining]
+        group_ratings = [pooled(data.remaining_ratings, m, float) for m in members]
+        group_slots = [scale.slots(r) for r in group_ratings]
+        group_texts = [pooled(item_texts, m, np.int64) for m in members]
+        held_slots = [scale.slots(data.held_ratings[u]) for u in users]
+        population = [scale.population(t, h) for t, h in zip(held_texts, held_slots)]   # the same for every group
+        rating_probs = [[np.concatenate([p, np.stack([scale.own(group_slots[g], h),
+                                                      scale.offset(group_ratings[g], group_texts[g], t, h)], axis=1)],
+                                        axis=1)
+                         for t, h, p in zip(held_texts, held_slots, population)] for g in range(groups)]
+    folds = user_folds(len(users))
     own = np.asarray(user_group)
     out = {}
-    for part, probs, population_columns in (("text", text_probs, [0]), ("rating", rating_probs, [0, 1, 2])):
+    for part, probs, names in (("text", text_probs, GROUP_TEXT_COMPONENTS),
+                               ("rating", rating_probs, GROUP_RATING_COMPONENTS)):
         if probs is None:
             out[part] = (None, None, None)
             continue
-        everything = list(range(probs[0][0].shape[1]))
         mine = [probs[g][j] for j, g in enumerate(own)]
-        _, weights = cross_fitted_log_probs(mine, everything, folds)
+        _, weights = cross_fitted_log_probs(mine, range(len(names)), folds)
         nll = np.stack([[-np.log(p @ weights[f]).sum() for p, f in zip(probs[g], folds)] for g in range(groups)])
-        population, _ = cross_fitted_log_probs(mine, population_columns, folds)
-        out[part] = (nll, np.array([-lp.sum() for lp in population]), weights)
+        population_logs, _ = cross_fitted_log_probs(mine, range(names.index("group")), folds)   # the components before
+        out[part] = (nll, np.array([-lp.sum() for lp in population_logs]), weights)
     return GroupReference(text_nll=out["text"][0], rating_nll=out["rating"][0],
                           population_text_nll=out["text"][1], population_rating_nll=out["rating"][1],
                           text_weights=out["text"][2], rating_weights=out["rating"][2])
