@@ -77,7 +77,10 @@ of everything). Then:
    user needs goes to the shift, what sets a group apart to its token; :func:`fit_group_tokens_jointly`). Beside
    them, with no LLM, the same matrix from count models of each group's remaining histories, and a count model of
    each user's own history (``count_*``, :func:`group_count_modes`): how much a token per group could take of these
-   very items.
+   very items. With ``--group_score_every=N`` (joint training), the group's part is also scored every N passes, on
+   the probed users' held-out text and on a fixed draw of the training text of as many users the tokens train on
+   (:class:`GroupPartTrajectory`): whether it grows with passes, and whether the tokens set their own users apart
+   on the kind of text they are trained on.
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
@@ -92,7 +95,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -100,7 +103,7 @@ from tqdm import tqdm
 
 from recbole_uip.benchmarking import (
     CONTEXT_ENDS, HeldOutInference, benchmark_parser, comma_separated, configure, context_positions, finite_or_none,
-    goal_verdict, interval_summary, matched_contexts, newest_tokens, parse_known_with_overrides, publish_benchmark,
+    goal_verdict, interval_summary, matched_contexts, mean_ci, newest_tokens, parse_known_with_overrides, publish_benchmark,
     run_record, settings_fingerprint, settings_table,
 )
 from recbole_uip.inference.codebook import ProfileCodebook
@@ -251,6 +254,11 @@ def parse_args(argv=None):
     parser.add_argument("--group_training", choices=GROUP_TRAINING, default="separate",
                         help="separate: each group's token the shift trained on over its users alone; joint: every "
                              "group's token trained together beside the shift, each on its batch-centred gradient")
+    parser.add_argument("--group_score_every", type=int, default=0,
+                        help="with --group_training=joint, every N passes score the group's part (own group's token "
+                             "- its additive twin) on the probed users' held-out text and on a draw of the training "
+                             "text of as many users the tokens train on: does it grow with passes, and is it there "
+                             "on the text trained on (default 0: only at the end)")
     parser.add_argument("--keep", default="",
                         help="shares of each user's own fitted token kept when shrinking it towards the mean of the "
                              "fitted tokens, comma-separated in (0, 1), e.g. 0.1,0.25,0.75 (modes own_keep<percent>; "
@@ -279,6 +287,10 @@ def parse_args(argv=None):
     if args.group_tokens == 1 or args.group_tokens < 0 or args.group_passes < 1 or args.group_learning_rate < 0:
         parser.error("--group_tokens takes 0 (none) or at least 2 groups, --group_passes must be positive and "
                      "--group_learning_rate not negative")
+    if args.group_score_every < 0 or args.group_score_every and (
+            not args.group_tokens or args.group_training != "joint"):
+        parser.error("--group_score_every takes 0 (none) or N > 0 with --group_tokens and --group_training=joint (the "
+                     "separate tokens are trained one group after another: no pass holds every group's token)")
     return args, overrides
 
 
@@ -462,7 +474,7 @@ class GroupTokens:
     token explains those draws best over all the probed users (the same choice made once for everyone);
     ``sizes (K,)`` the groups' training users; ``nll`` each group's NLL per pass (``--group_training=joint``: one
     list, every group's together); ``fit_users`` and ``fit_group`` the users the tokens were trained on and their
-    groups."""
+    groups; ``trajectory``, :class:`GroupPartTrajectory`'s entries (``[]`` without ``--group_score_every``)."""
     tokens: torch.Tensor
     group: np.ndarray
     likeliest: np.ndarray
@@ -471,6 +483,7 @@ class GroupTokens:
     nll: list
     fit_users: np.ndarray
     fit_group: np.ndarray
+    trajectory: list = field(default_factory=list)
 
 
 def group_vectors(trainer, group_by: str, fit_users: np.ndarray) -> np.ndarray:
@@ -516,14 +529,16 @@ def fit_group_tokens(trainer, fit_users: np.ndarray, groups: np.ndarray, k: int,
 
 
 def fit_group_tokens_jointly(trainer, fit_users: np.ndarray, groups: np.ndarray, k: int, passes: int,
-                             learning_rate: float, rng: np.random.Generator, logger) -> tuple[torch.Tensor, list[float]]:
+                             learning_rate: float, rng: np.random.Generator, logger,
+                             after_pass=None) -> tuple[torch.Tensor, list[float]]:
     """Each group's token ``(K, P, D)`` as an offset from the shared shift ``b`` it started from, all groups trained
     together (``--group_training=joint``): ``passes`` passes over ``fit_users`` in M-step batches of every group's
     users, a user's token ``b + O[g]`` with ``O (K, P, D)`` (zeros at the start) stepping on its batch-centred
     gradient and ``b`` beside it on the batch's whole gradient, each by a fresh Adam at ``learning_rate`` (0: the
     shift's own step; as :func:`fit_group_tokens` trains each group's copy of ``b``, so that the two compare at one
     step: a fresh Adam at the shift's own 0.01 overshoots on ml-100k). A group's token is then ``b' - b + O[g]``,
-    and ``b`` is put back. The mean NLL of each pass.
+    and ``b`` is put back. The mean NLL of each pass. ``after_pass(passes_done, tokens)``, if given, is called after
+    every pass with the groups' tokens as they stand (``(K, P, D)``, as returned at the end).
 
     Batch-centred as the encoder's gradient is (``ProfileInferenceTrainer.offsets``): ``O[g]`` enters a batch as
     ``O[g_u] - mean_B O[g_u]`` plus that mean held fixed, so group ``g``'s rows get their users' gradient less their
@@ -562,6 +577,13 @@ def fit_group_tokens_jointly(trainer, fit_users: np.ndarray, groups: np.ndarray,
                 nll.append(float(plain.detach().mean()))
             means.append(float(np.mean(nll)))
             logger.info(f"token probe: the {k} group tokens together, pass {index + 1}, NLL {means[-1]:.4f}")
+            if after_pass is not None:          # scored as at the end: the tokens as offsets from b, b in place
+                trained = trainer.soft.shared.detach().clone()
+                with torch.no_grad():
+                    trainer.soft.shared.copy_(base)
+                after_pass(index + 1, trained - base + table.detach())
+                with torch.no_grad():
+                    trainer.soft.shared.copy_(trained)
         tokens = trainer.soft.shared.detach() - base + table.detach()
     finally:
         with torch.no_grad():
@@ -586,24 +608,86 @@ def group_likelihoods(trainer, users: np.ndarray, tokens: torch.Tensor, rng: np.
                            for start in range(0, len(users), BATCH)], axis=1)
 
 
-def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, logger) -> GroupTokens:
+def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, logger,
+                       held_out_targets=None) -> GroupTokens:
     """``--group_tokens``: the groups of ``fit_users`` and ``users`` (the probed), the groups' tokens and the probed
     users' groups (module docstring, step 7). The stage draws from a generator of its own, so that no other mode's
-    draws change."""
+    draws change; with ``--group_score_every``, the group's part after every N passes
+    (:class:`GroupPartTrajectory`, ``GroupTokens.trajectory``; ``held_out_targets``:
+    ``HeldOutInference.held_out_targets``), its training users' texts drawn from one more generator so that the
+    training's draws do not change either."""
     if trainer.shared_optimizer() is None:
         raise SystemExit("--group_tokens trains the shared shift per group: uip_shared_learning_rate must be > 0.")
     vectors = group_vectors(trainer, args.group_by, fit_users)
     fitted, probed = user_groups(vectors, fit_users, users, args.group_tokens, args.probe_seed)
     rng = np.random.default_rng([args.probe_seed, 3])
-    fit = fit_group_tokens_jointly if args.group_training == "joint" else fit_group_tokens
-    tokens, nll = fit(trainer, fit_users, fitted, args.group_tokens, args.group_passes, args.group_learning_rate, rng,
-                      logger)
+    trajectory = None
+    if args.group_score_every:
+        sample_rng = np.random.default_rng([args.probe_seed, 4])
+        sample = np.sort(sample_rng.choice(fit_users, min(len(users), len(fit_users)), replace=False))
+        trajectory = GroupPartTrajectory(
+            trainer, args.group_score_every,
+            [held_out_targets(users[s:s + BATCH]) for s in range(0, len(users), BATCH)], probed,
+            [trainer.targets(sample[s:s + BATCH], sample_rng) for s in range(0, len(sample), BATCH)],
+            fitted[np.searchsorted(fit_users, sample)], logger)
+    if args.group_training == "joint":
+        tokens, nll = fit_group_tokens_jointly(trainer, fit_users, fitted, args.group_tokens, args.group_passes,
+                                               args.group_learning_rate, rng, logger, trajectory)
+    else:
+        tokens, nll = fit_group_tokens(trainer, fit_users, fitted, args.group_tokens, args.group_passes,
+                                       args.group_learning_rate, rng, logger)
     nll_by_group = group_likelihoods(trainer, users, tokens, rng)
     likeliest = nll_by_group.argmin(0)
     logger.info(f"token probe: {args.group_tokens} group tokens; the likeliest group is the nearest code's for "
                 f"{np.mean(likeliest == probed):.0%} of the probed users")
     return GroupTokens(tokens, probed, likeliest, int(nll_by_group.mean(1).argmin()),
-                       np.bincount(fitted, minlength=args.group_tokens).tolist(), nll, fit_users, fitted)
+                       np.bincount(fitted, minlength=args.group_tokens).tolist(), nll, fit_users, fitted,
+                       trajectory.entries if trajectory else [])
+
+
+def additive_twin(matrix: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """``(n,)``: what the token ``chosen[j]`` would score on user ``j`` of ``matrix (K, n)`` (every group's token on
+    every user, nan where a user has nothing to score) if a token's effect did not depend on whose group it is: the
+    user's mean over every token plus that token's mean over the users, less the grand mean (a two-way additive
+    fit). The user's own group's score minus it is the group's part."""
+    return np.nanmean(matrix, 0) + np.nanmean(matrix, 1)[chosen] - np.nanmean(matrix)
+
+
+class GroupPartTrajectory:
+    """``--group_score_every=N``: after every N passes of :func:`fit_group_tokens_jointly` (its ``after_pass``), the
+    group's part (own group's token - :func:`additive_twin`) as it stands, mean and 95% interval over users, on
+
+    * ``held_out``: the probed users' held-out texts (``held_out (n,)`` targets in batches, ``probed_groups (n,)``),
+      as the probe scores them at the end: does what a group's token carries of new users grow with passes;
+    * ``fitted_users``: one draw of the remaining training text, fixed at the start, of users the tokens train on
+      (``fitted (m,)`` targets in batches, ``fitted_groups (m,)``): is it there on the kind of text the tokens are
+      trained on, their own users' (a group's token that does not set its users apart there has not learnt its
+      group; one that does there and not on new users has learnt its users' texts, not their taste);
+
+    each also over the rating tokens alone (``rating_*``) where the text marks them. ``entries``: one dict per
+    scoring, ``{"passes", "held_out", "fitted_users", ...: {"mean", "ci"}}``."""
+
+    def __init__(self, trainer, every: int, held_out: list[Targets], probed_groups: np.ndarray,
+                 fitted: list[Targets], fitted_groups: np.ndarray, logger):
+        self.trainer, self.every, self.logger = trainer, every, logger
+        self.texts = {"held_out": (held_out, probed_groups), "fitted_users": (fitted, fitted_groups)}
+        self.entries: list[dict] = []
+
+    def __call__(self, passes_done: int, tokens: torch.Tensor) -> None:
+        if passes_done % self.every:
+            return
+        entry: dict = {"passes": passes_done}
+        for name, (batches, groups) in self.texts.items():
+            scored = [score_every_token(self.trainer, t, tokens, with_ratings=t.flags is not None) for t in batches]
+            for prefix, parts in zip(("", "rating_"), zip(*scored)):
+                matrix = np.concatenate(parts, axis=1)                                  # (K, n)
+                part = matrix[groups, np.arange(len(groups))] - additive_twin(matrix, groups)
+                mean, low, high = mean_ci(part[np.isfinite(part)])
+                entry[prefix + name] = {"mean": mean, "ci": [low, high]}
+        self.entries.append(entry)
+        self.logger.info(f"token probe: after {passes_done} passes, the group's part {entry['held_out']['mean']:+.4f} "
+                         f"on the probed users' held-out text, {entry['fitted_users']['mean']:+.4f} on the trained "
+                         f"users' own")
 
 
 def group_modes(matrix: np.ndarray, groups: GroupTokens, likeliest_other: np.ndarray,
@@ -618,11 +702,10 @@ def group_modes(matrix: np.ndarray, groups: GroupTokens, likeliest_other: np.nda
     for everyone and how hard a user is taken out (the means absorb part of it: of a bonus a token has on its own
     group's users alone, equal groups show ``1 - 1/K``)."""
     rows, nearest, likeliest = np.arange(matrix.shape[1]), groups.group, groups.likeliest
-    user_mean, token_mean, grand = np.nanmean(matrix, 0), np.nanmean(matrix, 1), np.nanmean(matrix)
     modes = {"group_own": matrix[nearest, rows], "group_other": matrix[(nearest + 1) % len(matrix), rows],
              "group_likeliest": matrix[likeliest, rows], "group_likeliest_other": matrix[likeliest_other, rows],
-             "group_best": matrix[groups.best], "group_own_additive": user_mean + token_mean[nearest] - grand,
-             "group_likeliest_additive": user_mean + token_mean[likeliest] - grand}
+             "group_best": matrix[groups.best], "group_own_additive": additive_twin(matrix, nearest),
+             "group_likeliest_additive": additive_twin(matrix, likeliest)}
     return {prefix + mode: values for mode, values in modes.items()}
 
 
@@ -946,6 +1029,20 @@ def render(data: dict) -> str:
                           f"{count['mean']:+.4f} [{count['ci'][0]:+.4f}, {count['ci'][1]:+.4f}], own group - the "
                           f"population {population['mean']:+.4f}; a count model of each user's own history as a set - "
                           f"the population {differences['count_set_minus_count_population']['mean']:+.4f}.")
+    if trajectory := data.get("group_trajectory"):
+        def cell(summary: dict | None) -> str:
+            return f"{summary['mean']:+.4f} [{summary['ci'][0]:+.4f}, {summary['ci'][1]:+.4f}]" if summary else "-"
+
+        lines += ["", f"The group's part (own group's token - its additive twin, 95% interval over users) as training "
+                      f"went on, every {data['group_score_every']} passes: on the probed users' held-out text (new "
+                      f"users, as above), and on one draw of the training text of {data['users']} of the users the "
+                      f"tokens train on, fixed at the start (their own users' kind of text).", "",
+                  "| passes | NLL of the pass | held-out, probed users | its rating tokens | training text, trained "
+                  "users | its rating tokens |", "|---|---|---|---|---|---|"]
+        for entry in trajectory:
+            lines.append(f"| {entry['passes']} | {data['group_nll'][entry['passes'] - 1]:.4f} | "
+                         f"{cell(entry['held_out'])} | {cell(entry.get('rating_held_out'))} | "
+                         f"{cell(entry['fitted_users'])} | {cell(entry.get('rating_fitted_users'))} |")
     if data.get("context_tokens"):
         lines += ["", "In context, own history - the shared token alone is what any such history adds (the kind of "
                       "text, its time) together with what this user's adds; own - another user's history of the same "
@@ -995,7 +1092,7 @@ def main(argv=None) -> int:
             if len(fit_users) < args.group_tokens:
                 raise SystemExit(f"--group_tokens={args.group_tokens} needs as many users outside the probed ones; "
                                  f"there are {len(fit_users)}.")
-            groups = build_group_tokens(trainer, fit_users, users, args, logger)
+            groups = build_group_tokens(trainer, fit_users, users, args, logger, run.held_out_targets)
         scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]), collaborative, groups)
         if groups is not None:
             scores.update(group_count_modes(run, groups, users))
@@ -1023,7 +1120,9 @@ def main(argv=None) -> int:
             "group_nll": groups.nll,
             "group_likeliest_is_nearest": float(np.mean(groups.likeliest == groups.group)),
             "group_best": groups.best,          # and per probed user (in per_user's order), the two groups:
-            "group_per_user": {"nearest": groups.group.tolist(), "likeliest": groups.likeliest.tolist()}}
+            "group_per_user": {"nearest": groups.group.tolist(), "likeliest": groups.likeliest.tolist()},
+            **({"group_score_every": args.group_score_every, "group_trajectory": groups.trajectory}
+               if args.group_score_every else {})}
            if groups is not None else {}),
         "holdout_tokens": args.holdout_tokens,
         "held_out_tokens_mean": float(np.mean([len(t) for t in run.held_out_targets(users).texts])),

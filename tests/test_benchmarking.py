@@ -330,9 +330,10 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
             "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false",
             f"--checkpoint_dir={tmp_path / 'saved'}"]
     assert token_probe.main(base + [f"--results={tmp_path / 'alone'}"]) == 0
-    assert token_probe.main(base + [f"--results={tmp_path / 'grouped'}", "--group_tokens=2", "--group_passes=2",
-                                    f"--group_by={group_by}", "--group_learning_rate=0.005",
-                                    f"--group_training={training}"]) == 0
+    grouping = ["--group_tokens=2", "--group_passes=2", f"--group_by={group_by}", "--group_learning_rate=0.005",
+                f"--group_training={training}"]
+    scored_every = ["--group_score_every=1"] if training == "joint" else []      # the group's part after each pass
+    assert token_probe.main(base + [f"--results={tmp_path / 'grouped'}"] + grouping + scored_every) == 0
     alone = json.loads(next((tmp_path / "alone" / "toy").glob("*/token_probe.json")).read_text())
     suffix = "_joint" if training == "joint" else ""
     grouped = json.loads(next((tmp_path / "grouped" / "toy").glob(f"*/token_probe_groups2_{group_by}{suffix}.json"))
@@ -347,6 +348,20 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
     assert sum(grouped["group_sizes"]) >= grouped["shift_users"]     # every user not probed, the shift's among them
     if training == "joint":                                  # one loss per pass, every group's together
         assert len(grouped["group_nll"]) == 2 and all(isinstance(v, float) for v in grouped["group_nll"])
+        trajectory = grouped["group_trajectory"]
+        assert [entry["passes"] for entry in trajectory] == [1, 2] and grouped["group_score_every"] == 1
+        for prefix in ("", "rating_"):      # the last scoring is the end's, to the last digit
+            assert trajectory[-1][prefix + "held_out"] == {
+                k: grouped["differences"][f"{prefix}group_own_minus_{prefix}group_own_additive"][k] for k in ("mean", "ci")}
+            for entry in trajectory:
+                low, high = entry[prefix + "fitted_users"]["ci"]
+                assert low <= entry[prefix + "fitted_users"]["mean"] <= high
+        assert trajectory[0]["held_out"] != trajectory[1]["held_out"]                  # the tokens moved between
+        # scoring between passes changes nothing: the same run without it trains the same tokens on the same draws
+        assert token_probe.main(base + [f"--results={tmp_path / 'unscored'}"] + grouping) == 0
+        unscored = json.loads(next((tmp_path / "unscored" / "toy").glob("*/token_probe_groups2_*.json")).read_text())
+        assert unscored["group_nll"] == grouped["group_nll"] and "group_trajectory" not in unscored
+        assert unscored["per_user"] == grouped["per_user"]
     else:
         assert [len(nll) for nll in grouped["group_nll"]] == [2, 2]
     assert 0 <= grouped["group_likeliest_is_nearest"] <= 1
@@ -375,8 +390,11 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
     assert "The group's part alone (own - what the same token scores on a user of any group)" in report
     assert "With no LLM, the groups' own count models on the same users and items" in report
     assert ("trained together" in report) is (training == "joint")
+    assert ("The group's part (own group's token - its additive twin" in report) is (training == "joint")
     for bad in (["--group_tokens=1"], ["--group_tokens=-2"], ["--group_tokens=2", "--group_passes=0"],
-                ["--group_tokens=2", "--group_learning_rate=-1"], ["--group_tokens=2", "--group_training=both"]):
+                ["--group_tokens=2", "--group_learning_rate=-1"], ["--group_tokens=2", "--group_training=both"],
+                ["--group_tokens=2", "--group_score_every=1"], ["--group_score_every=1", "--group_training=joint"],
+                ["--group_tokens=2", "--group_training=joint", "--group_score_every=-1"]):
         with pytest.raises(SystemExit):
             token_probe.parse_args(base + bad)
 
