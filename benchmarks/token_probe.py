@@ -95,7 +95,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -474,7 +474,7 @@ class GroupTokens:
     token explains those draws best over all the probed users (the same choice made once for everyone);
     ``sizes (K,)`` the groups' training users; ``nll`` each group's NLL per pass (``--group_training=joint``: one
     list, every group's together); ``fit_users`` and ``fit_group`` the users the tokens were trained on and their
-    groups; ``trajectory``, :class:`GroupPartTrajectory`'s entries (``[]`` without ``--group_score_every``)."""
+    groups; ``trajectory``, the :class:`GroupPartTrajectory` (None without ``--group_score_every``)."""
     tokens: torch.Tensor
     group: np.ndarray
     likeliest: np.ndarray
@@ -483,7 +483,7 @@ class GroupTokens:
     nll: list
     fit_users: np.ndarray
     fit_group: np.ndarray
-    trajectory: list = field(default_factory=list)
+    trajectory: GroupPartTrajectory | None = None
 
 
 def group_vectors(trainer, group_by: str, fit_users: np.ndarray) -> np.ndarray:
@@ -628,8 +628,9 @@ def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, 
         trajectory = GroupPartTrajectory(
             trainer, args.group_score_every,
             [held_out_targets(users[s:s + BATCH]) for s in range(0, len(users), BATCH)], probed,
+            sample, fitted[np.searchsorted(fit_users, sample)],
             [trainer.targets(sample[s:s + BATCH], sample_rng) for s in range(0, len(sample), BATCH)],
-            fitted[np.searchsorted(fit_users, sample)], logger)
+            [held_out_targets(sample[s:s + BATCH]) for s in range(0, len(sample), BATCH)], logger)
     if args.group_training == "joint":
         tokens, nll = fit_group_tokens_jointly(trainer, fit_users, fitted, args.group_tokens, args.group_passes,
                                                args.group_learning_rate, rng, logger, trajectory)
@@ -641,8 +642,7 @@ def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, 
     logger.info(f"token probe: {args.group_tokens} group tokens; the likeliest group is the nearest code's for "
                 f"{np.mean(likeliest == probed):.0%} of the probed users")
     return GroupTokens(tokens, probed, likeliest, int(nll_by_group.mean(1).argmin()),
-                       np.bincount(fitted, minlength=args.group_tokens).tolist(), nll, fit_users, fitted,
-                       trajectory.entries if trajectory else [])
+                       np.bincount(fitted, minlength=args.group_tokens).tolist(), nll, fit_users, fitted, trajectory)
 
 
 def additive_twin(matrix: np.ndarray, chosen: np.ndarray) -> np.ndarray:
@@ -657,20 +657,25 @@ class GroupPartTrajectory:
     """``--group_score_every=N``: after every N passes of :func:`fit_group_tokens_jointly` (its ``after_pass``), the
     group's part (own group's token - :func:`additive_twin`) as it stands, mean and 95% interval over users, on
 
-    * ``held_out``: the probed users' held-out texts (``held_out (n,)`` targets in batches, ``probed_groups (n,)``),
-      as the probe scores them at the end: does what a group's token carries of new users grow with passes;
-    * ``fitted_users``: one draw of the remaining training text, fixed at the start, of users the tokens train on
-      (``fitted (m,)`` targets in batches, ``fitted_groups (m,)``): is it there on the kind of text the tokens are
-      trained on, their own users' (a group's token that does not set its users apart there has not learnt its
-      group; one that does there and not on new users has learnt its users' texts, not their taste);
+    * ``held_out``: the probed users' held-out texts (``held_out``, targets in batches; ``probed_groups (n,)``), as
+      the probe scores them at the end: does what a group's token carries of new users grow with passes;
+    * ``trained_users``: one draw of the remaining training text, fixed at the start, of ``sample (m,)``, users the
+      tokens train on (``sample_texts``; ``sample_groups (m,)``): the kind of text the tokens are trained on, their
+      own users' (a group's token that does not set its users apart there has not learnt its group);
+    * ``trained_users_held_out``: the same users' held-out newest items (``sample_held_out``), which nothing trains
+      on: there and not on the new users, a token has learnt its users' taste but the probed users' group does not
+      share it; on neither, it has learnt its users' texts, not their taste over items;
 
     each also over the rating tokens alone (``rating_*``) where the text marks them. ``entries``: one dict per
-    scoring, ``{"passes", "held_out", "fitted_users", ...: {"mean", "ci"}}``."""
+    scoring, ``{"passes", "held_out", "trained_users", ...: {"mean", "ci"}}``."""
 
     def __init__(self, trainer, every: int, held_out: list[Targets], probed_groups: np.ndarray,
-                 fitted: list[Targets], fitted_groups: np.ndarray, logger):
+                 sample: np.ndarray, sample_groups: np.ndarray, sample_texts: list[Targets],
+                 sample_held_out: list[Targets], logger):
         self.trainer, self.every, self.logger = trainer, every, logger
-        self.texts = {"held_out": (held_out, probed_groups), "fitted_users": (fitted, fitted_groups)}
+        self.sample, self.sample_groups = sample, sample_groups
+        self.texts = {"held_out": (held_out, probed_groups), "trained_users": (sample_texts, sample_groups),
+                      "trained_users_held_out": (sample_held_out, sample_groups)}
         self.entries: list[dict] = []
 
     def __call__(self, passes_done: int, tokens: torch.Tensor) -> None:
@@ -685,9 +690,8 @@ class GroupPartTrajectory:
                 mean, low, high = mean_ci(part[np.isfinite(part)])
                 entry[prefix + name] = {"mean": mean, "ci": [low, high]}
         self.entries.append(entry)
-        self.logger.info(f"token probe: after {passes_done} passes, the group's part {entry['held_out']['mean']:+.4f} "
-                         f"on the probed users' held-out text, {entry['fitted_users']['mean']:+.4f} on the trained "
-                         f"users' own")
+        self.logger.info(f"token probe: after {passes_done} passes, the group's part "
+                         + ", ".join(f"{entry[name]['mean']:+.4f} on the {name.replace('_', ' ')}" for name in self.texts))
 
 
 def group_modes(matrix: np.ndarray, groups: GroupTokens, likeliest_other: np.ndarray,
@@ -720,31 +724,57 @@ def group_count_modes(run: HeldOutInference, groups: GroupTokens, users: np.ndar
     reference's model of the user's own history as a set gains, ``count_reference.md``'s ``set``): how much of these
     users' held-out text a token per group could take at most, as collaborative counts see it, beside what a
     profile of each user could. Only the differences between these modes are in the tokens' unit."""
-    from recbole_uip.count_reference import (
-        count_reference, group_reference, held_out_data, held_out_token_counts, per_count,
-    )
+    from recbole_uip.count_reference import count_reference, held_out_data, per_count
 
-    data = held_out_data(run.full_text.histories, run.held)
-    member = np.full(len(data.held), -1)
-    member[groups.fit_users] = groups.fit_group
-    reference = group_reference(data, member, users, groups.group, len(groups.tokens))
-    tokens, rating_tokens = (counts[users] for counts in held_out_token_counts(run.full_text, run.held))
-    set_text, set_rating = (gain[users] for gain in count_reference(data).gain("set"))
-    with_ratings = reference.rating_nll is not None and bool(rating_tokens.any())   # the text writes the ratings
-    parts = [("", reference.text_nll + (reference.rating_nll if with_ratings else 0),
-              reference.population_text_nll + (reference.population_rating_nll if with_ratings else 0),
-              set_text + (set_rating if with_ratings else 0), tokens)]
-    if with_ratings:
-        parts.append(("rating_", reference.rating_nll, reference.population_rating_nll, set_rating, rating_tokens))
+    parts = group_count_matrices(run, groups, users, groups.group)
+    set_text, set_rating = (gain[users] for gain in count_reference(held_out_data(run.full_text.histories, run.held))
+                            .gain("set"))
     modes = {}
-    for prefix, nll, population, set_gain, count in parts:
-        matrix = per_count(nll, count[None])                                          # (K, n) per token
+    for prefix, matrix, population, count in parts:
+        set_gain = set_rating if prefix else set_text + (set_rating if len(parts) > 1 else 0)
         kept = group_modes(matrix, groups, groups.likeliest, prefix + "count_")
         modes.update({prefix + "count_" + m: kept[prefix + "count_" + m]
                       for m in ("group_own", "group_other", "group_own_additive")})
         modes[prefix + "count_population"] = per_count(population, count)
         modes[prefix + "count_set"] = per_count(population - set_gain, count)
     return modes
+
+
+def group_count_matrices(run: HeldOutInference, groups: GroupTokens, users: np.ndarray,
+                         user_group: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """The count models of the groups (:func:`~recbole_uip.count_reference.group_reference`, each fitted on the
+    remaining histories of its users among ``groups.fit_users``) on ``users``' held-out items, ``user_group (n,)``
+    their groups (which the mixtures' weights are cross-fitted with): per part, ``(prefix, matrix, population,
+    count)``, ``prefix`` "" for every held-out token and "rating_" for the rating tokens alone (where the text
+    writes ratings), ``matrix (K, n)`` every group's model on each user in nats per held-out token, ``population
+    (n,)`` the population model's nats in all and ``count (n,)`` the held-out tokens."""
+    from recbole_uip.count_reference import group_reference, held_out_data, held_out_token_counts, per_count
+
+    data = held_out_data(run.full_text.histories, run.held)
+    member = np.full(len(data.held), -1)
+    member[groups.fit_users] = groups.fit_group
+    reference = group_reference(data, member, users, user_group, len(groups.tokens))
+    tokens, rating_tokens = (counts[users] for counts in held_out_token_counts(run.full_text, run.held))
+    with_ratings = reference.rating_nll is not None and bool(rating_tokens.any())   # the text writes the ratings
+    parts = [("", reference.text_nll + (reference.rating_nll if with_ratings else 0),
+              reference.population_text_nll + (reference.population_rating_nll if with_ratings else 0), tokens)]
+    if with_ratings:
+        parts.append(("rating_", reference.rating_nll, reference.population_rating_nll, rating_tokens))
+    return [(prefix, per_count(nll, count[None]), population, count) for prefix, nll, population, count in parts]
+
+
+def count_group_part(run: HeldOutInference, groups: GroupTokens, users: np.ndarray,
+                     user_group: np.ndarray) -> dict[str, dict]:
+    """The count models' group part (own group's model - :func:`additive_twin`) on ``users``' held-out items, mean
+    and 95% interval over users, per prefix (:func:`group_count_matrices`): for the users the tokens train on
+    (:class:`GroupPartTrajectory`'s sample), members of their own group's model as they are of its token's
+    training."""
+    out = {}
+    for prefix, matrix, _, _ in group_count_matrices(run, groups, users, user_group):
+        part = matrix[user_group, np.arange(len(users))] - additive_twin(matrix, user_group)
+        mean, low, high = mean_ci(part[np.isfinite(part)])
+        out[prefix + "held_out"] = {"mean": mean, "ci": [low, high]}
+    return out
 
 
 def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool,
@@ -1033,16 +1063,25 @@ def render(data: dict) -> str:
         def cell(summary: dict | None) -> str:
             return f"{summary['mean']:+.4f} [{summary['ci'][0]:+.4f}, {summary['ci'][1]:+.4f}]" if summary else "-"
 
-        lines += ["", f"The group's part (own group's token - its additive twin, 95% interval over users) as training "
-                      f"went on, every {data['group_score_every']} passes: on the probed users' held-out text (new "
-                      f"users, as above), and on one draw of the training text of {data['users']} of the users the "
-                      f"tokens train on, fixed at the start (their own users' kind of text).", "",
-                  "| passes | NLL of the pass | held-out, probed users | its rating tokens | training text, trained "
-                  "users | its rating tokens |", "|---|---|---|---|---|---|"]
+        count = data["group_trained_users_count_part"]
+        every = data["group_score_every"]
+        lines += ["", "The group's part (own group's token - its additive twin, 95% interval over users) as training "
+                      "went on, " + ("after each pass" if every == 1 else f"every {every} passes")
+                      + ": on the probed users' held-out text (new users, as above); on one draw of the remaining training text of {data['users']} of the users "
+                      f"the tokens train on, fixed at the start (their own users, the kind of text trained on); and "
+                      f"on those users' held-out newest items (their own users, items nothing trained on). With no "
+                      f"LLM, the groups' count models' part on those users' held-out items: "
+                      f"{cell(count['held_out'])}"
+                      + (f" ({cell(count['rating_held_out'])} on the rating tokens)" if "rating_held_out" in count
+                         else "") + "; on the probed users', above.", "",
+                  "| passes | NLL of the pass | new users, held-out | its rating tokens | trained users, training "
+                  "text | its rating tokens | trained users, held-out | its rating tokens |",
+                  "|---|---|---|---|---|---|---|---|"]
         for entry in trajectory:
             lines.append(f"| {entry['passes']} | {data['group_nll'][entry['passes'] - 1]:.4f} | "
-                         f"{cell(entry['held_out'])} | {cell(entry.get('rating_held_out'))} | "
-                         f"{cell(entry['fitted_users'])} | {cell(entry.get('rating_fitted_users'))} |")
+                         + " | ".join(cell(entry.get(prefix + name)) for name in
+                                      ("held_out", "trained_users", "trained_users_held_out")
+                                      for prefix in ("", "rating_")) + " |")
     if data.get("context_tokens"):
         lines += ["", "In context, own history - the shared token alone is what any such history adds (the kind of "
                       "text, its time) together with what this user's adds; own - another user's history of the same "
@@ -1121,8 +1160,10 @@ def main(argv=None) -> int:
             "group_likeliest_is_nearest": float(np.mean(groups.likeliest == groups.group)),
             "group_best": groups.best,          # and per probed user (in per_user's order), the two groups:
             "group_per_user": {"nearest": groups.group.tolist(), "likeliest": groups.likeliest.tolist()},
-            **({"group_score_every": args.group_score_every, "group_trajectory": groups.trajectory}
-               if args.group_score_every else {})}
+            **({"group_score_every": args.group_score_every, "group_trajectory": groups.trajectory.entries,
+                "group_trained_users_count_part": count_group_part(run, groups, groups.trajectory.sample,
+                                                                   groups.trajectory.sample_groups)}
+               if groups.trajectory is not None else {})}
            if groups is not None else {}),
         "holdout_tokens": args.holdout_tokens,
         "held_out_tokens_mean": float(np.mean([len(t) for t in run.held_out_targets(users).texts])),

@@ -354,8 +354,11 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
             assert trajectory[-1][prefix + "held_out"] == {
                 k: grouped["differences"][f"{prefix}group_own_minus_{prefix}group_own_additive"][k] for k in ("mean", "ci")}
             for entry in trajectory:
-                low, high = entry[prefix + "fitted_users"]["ci"]
-                assert low <= entry[prefix + "fitted_users"]["mean"] <= high
+                for name in ("trained_users", "trained_users_held_out"):
+                    low, high = entry[prefix + name]["ci"]
+                    assert low <= entry[prefix + name]["mean"] <= high
+            low, high = grouped["group_trained_users_count_part"][prefix + "held_out"]["ci"]
+            assert low <= grouped["group_trained_users_count_part"][prefix + "held_out"]["mean"] <= high
         assert trajectory[0]["held_out"] != trajectory[1]["held_out"]                  # the tokens moved between
         # scoring between passes changes nothing: the same run without it trains the same tokens on the same draws
         assert token_probe.main(base + [f"--results={tmp_path / 'unscored'}"] + grouping) == 0
