@@ -78,9 +78,10 @@ of everything). Then:
    them, with no LLM, the same matrix from count models of each group's remaining histories, and a count model of
    each user's own history (``count_*``, :func:`group_count_modes`): how much a token per group could take of these
    very items. With ``--group_score_every=N`` (joint training), the group's part is also scored every N passes, on
-   the probed users' held-out text and on a fixed draw of the training text of as many users the tokens train on
-   (:class:`GroupPartTrajectory`): whether it grows with passes, and whether the tokens set their own users apart
-   on the kind of text they are trained on.
+   the probed users' held-out text, on a fixed draw of the training text of as many users the tokens train on and
+   on those users' held-out items (:class:`GroupPartTrajectory`; beside it, the count models' part on those items,
+   :func:`count_group_part`): whether it grows with passes, and whether the tokens set their own users apart on the
+   text they are trained on, on their unseen items, or on neither.
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
@@ -256,9 +257,9 @@ def parse_args(argv=None):
                              "group's token trained together beside the shift, each on its batch-centred gradient")
     parser.add_argument("--group_score_every", type=int, default=0,
                         help="with --group_training=joint, every N passes score the group's part (own group's token "
-                             "- its additive twin) on the probed users' held-out text and on a draw of the training "
-                             "text of as many users the tokens train on: does it grow with passes, and is it there "
-                             "on the text trained on (default 0: only at the end)")
+                             "- its additive twin) on the probed users' held-out text, on a draw of the training "
+                             "text of as many users the tokens train on and on those users' held-out items: does it "
+                             "grow with passes, and where is it (default 0: only at the end, on the probed users)")
     parser.add_argument("--keep", default="",
                         help="shares of each user's own fitted token kept when shrinking it towards the mean of the "
                              "fitted tokens, comma-separated in (0, 1), e.g. 0.1,0.25,0.75 (modes own_keep<percent>; "
@@ -1067,7 +1068,8 @@ def render(data: dict) -> str:
         every = data["group_score_every"]
         lines += ["", "The group's part (own group's token - its additive twin, 95% interval over users) as training "
                       "went on, " + ("after each pass" if every == 1 else f"every {every} passes")
-                      + ": on the probed users' held-out text (new users, as above); on one draw of the remaining training text of {data['users']} of the users "
+                      + ": on the probed users' held-out text (new users, as above); on one draw of the remaining "
+                      f"training text of {data['users']} of the users "
                       f"the tokens train on, fixed at the start (their own users, the kind of text trained on); and "
                       f"on those users' held-out newest items (their own users, items nothing trained on). With no "
                       f"LLM, the groups' count models' part on those users' held-out items: "

@@ -394,6 +394,7 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
     assert "With no LLM, the groups' own count models on the same users and items" in report
     assert ("trained together" in report) is (training == "joint")
     assert ("The group's part (own group's token - its additive twin" in report) is (training == "joint")
+    assert ("on one draw of the remaining training text of 5 of the users" in report) is (training == "joint")
     for bad in (["--group_tokens=1"], ["--group_tokens=-2"], ["--group_tokens=2", "--group_passes=0"],
                 ["--group_tokens=2", "--group_learning_rate=-1"], ["--group_tokens=2", "--group_training=both"],
                 ["--group_tokens=2", "--group_score_every=1"], ["--group_score_every=1", "--group_training=joint"],
