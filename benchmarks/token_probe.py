@@ -629,7 +629,7 @@ def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, 
         trajectory = GroupPartTrajectory(
             trainer, args.group_score_every,
             [held_out_targets(users[s:s + BATCH]) for s in range(0, len(users), BATCH)], probed,
-            sample, fitted[np.searchsorted(fit_users, sample)],
+            sample, fitted[np.searchsorted(fit_users, sample)],              # fit_users is sorted (main)
             [trainer.targets(sample[s:s + BATCH], sample_rng) for s in range(0, len(sample), BATCH)],
             [held_out_targets(sample[s:s + BATCH]) for s in range(0, len(sample), BATCH)], logger)
     if args.group_training == "joint":
@@ -652,6 +652,14 @@ def additive_twin(matrix: np.ndarray, chosen: np.ndarray) -> np.ndarray:
     user's mean over every token plus that token's mean over the users, less the grand mean (a two-way additive
     fit). The user's own group's score minus it is the group's part."""
     return np.nanmean(matrix, 0) + np.nanmean(matrix, 1)[chosen] - np.nanmean(matrix)
+
+
+def group_part_summary(matrix: np.ndarray, group: np.ndarray) -> dict:
+    """The group's part over the users of ``matrix (K, n)``, each scored by their own group ``group (n,)`` minus
+    :func:`additive_twin`: ``{"mean", "ci"}``, the mean and its 95% interval over the users with a score."""
+    part = matrix[group, np.arange(len(group))] - additive_twin(matrix, group)
+    mean, low, high = mean_ci(part[np.isfinite(part)])
+    return {"mean": mean, "ci": [low, high]}
 
 
 class GroupPartTrajectory:
@@ -686,10 +694,7 @@ class GroupPartTrajectory:
         for name, (batches, groups) in self.texts.items():
             scored = [score_every_token(self.trainer, t, tokens, with_ratings=t.flags is not None) for t in batches]
             for prefix, parts in zip(("", "rating_"), zip(*scored)):
-                matrix = np.concatenate(parts, axis=1)                                  # (K, n)
-                part = matrix[groups, np.arange(len(groups))] - additive_twin(matrix, groups)
-                mean, low, high = mean_ci(part[np.isfinite(part)])
-                entry[prefix + name] = {"mean": mean, "ci": [low, high]}
+                entry[prefix + name] = group_part_summary(np.concatenate(parts, axis=1), groups)     # (K, n)
         self.entries.append(entry)
         self.logger.info(f"token probe: after {passes_done} passes, the group's part "
                          + ", ".join(f"{entry[name]['mean']:+.4f} on the {name.replace('_', ' ')}" for name in self.texts))
@@ -770,12 +775,8 @@ def count_group_part(run: HeldOutInference, groups: GroupTokens, users: np.ndarr
     and 95% interval over users, per prefix (:func:`group_count_matrices`): for the users the tokens train on
     (:class:`GroupPartTrajectory`'s sample), members of their own group's model as they are of its token's
     training."""
-    out = {}
-    for prefix, matrix, _, _ in group_count_matrices(run, groups, users, user_group):
-        part = matrix[user_group, np.arange(len(users))] - additive_twin(matrix, user_group)
-        mean, low, high = mean_ci(part[np.isfinite(part)])
-        out[prefix + "held_out"] = {"mean": mean, "ci": [low, high]}
-    return out
+    return {prefix + "held_out": group_part_summary(matrix, user_group)
+            for prefix, matrix, _, _ in group_count_matrices(run, groups, users, user_group)}
 
 
 def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool,
@@ -1135,8 +1136,12 @@ def main(argv=None) -> int:
                                  f"there are {len(fit_users)}.")
             groups = build_group_tokens(trainer, fit_users, users, args, logger, run.held_out_targets)
         scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]), collaborative, groups)
+        trained_users_count_part = None
         if groups is not None:
             scores.update(group_count_modes(run, groups, users))
+            if groups.trajectory is not None:
+                trained_users_count_part = count_group_part(run, groups, groups.trajectory.sample,
+                                                            groups.trajectory.sample_groups)
     finally:
         torch.set_num_threads(threads_before)
     pairs = PAIRS + objective_pairs(args.also_fit) + context_pairs(args.context_tokens) + keep_pairs(args.keep)
@@ -1163,8 +1168,7 @@ def main(argv=None) -> int:
             "group_best": groups.best,          # and per probed user (in per_user's order), the two groups:
             "group_per_user": {"nearest": groups.group.tolist(), "likeliest": groups.likeliest.tolist()},
             **({"group_score_every": args.group_score_every, "group_trajectory": groups.trajectory.entries,
-                "group_trained_users_count_part": count_group_part(run, groups, groups.trajectory.sample,
-                                                                   groups.trajectory.sample_groups)}
+                "group_trained_users_count_part": trained_users_count_part}
                if groups.trajectory is not None else {})}
            if groups is not None else {}),
         "holdout_tokens": args.holdout_tokens,
