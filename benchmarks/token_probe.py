@@ -252,6 +252,9 @@ def parse_args(argv=None):
                         help="passes over each group's users when fitting its token (default 4)")
     parser.add_argument("--group_learning_rate", type=float, default=0.0,
                         help="the Adam step of each group's token (default 0: uip_shared_learning_rate, the shift's)")
+    parser.add_argument("--group_offset_learning_rate", type=float, default=0.0,
+                        help="with --group_training=joint, the Adam step of the groups' offsets from the shift, apart "
+                             "from the shift's own (default 0: the same step, --group_learning_rate's)")
     parser.add_argument("--group_training", choices=GROUP_TRAINING, default="separate",
                         help="separate: each group's token the shift trained on over its users alone; joint: every "
                              "group's token trained together beside the shift, each on its batch-centred gradient")
@@ -292,6 +295,10 @@ def parse_args(argv=None):
             not args.group_tokens or args.group_training != "joint"):
         parser.error("--group_score_every takes 0 (none) or N > 0 with --group_tokens and --group_training=joint (the "
                      "separate tokens are trained one group after another: no pass holds every group's token)")
+    if args.group_offset_learning_rate < 0 or args.group_offset_learning_rate and (
+            not args.group_tokens or args.group_training != "joint"):
+        parser.error("--group_offset_learning_rate takes 0 (the shift's step) or a positive step with --group_tokens "
+                     "and --group_training=joint (only there are the groups' offsets apart from the shift)")
     return args, overrides
 
 
@@ -531,13 +538,14 @@ def fit_group_tokens(trainer, fit_users: np.ndarray, groups: np.ndarray, k: int,
 
 def fit_group_tokens_jointly(trainer, fit_users: np.ndarray, groups: np.ndarray, k: int, passes: int,
                              learning_rate: float, rng: np.random.Generator, logger,
-                             after_pass=None) -> tuple[torch.Tensor, list[float]]:
+                             after_pass=None, offset_learning_rate: float = 0.0) -> tuple[torch.Tensor, list[float]]:
     """Each group's token ``(K, P, D)`` as an offset from the shared shift ``b`` it started from, all groups trained
     together (``--group_training=joint``): ``passes`` passes over ``fit_users`` in M-step batches of every group's
     users, a user's token ``b + O[g]`` with ``O (K, P, D)`` (zeros at the start) stepping on its batch-centred
     gradient and ``b`` beside it on the batch's whole gradient, each by a fresh Adam at ``learning_rate`` (0: the
     shift's own step; as :func:`fit_group_tokens` trains each group's copy of ``b``, so that the two compare at one
-    step: a fresh Adam at the shift's own 0.01 overshoots on ml-100k). A group's token is then ``b' - b + O[g]``,
+    step: a fresh Adam at the shift's own 0.01 overshoots on ml-100k); ``O`` at ``offset_learning_rate`` where it is
+    given (0: the same step as ``b``). A group's token is then ``b' - b + O[g]``,
     and ``b`` is put back. The mean NLL of each pass. ``after_pass(passes_done, tokens)``, if given, is called after
     every pass with the groups' tokens as they stand (``(K, P, D)``, as returned at the end).
 
@@ -553,7 +561,7 @@ def fit_group_tokens_jointly(trainer, fit_users: np.ndarray, groups: np.ndarray,
     shared_opt = trainer.shared_optimizer()
     if learning_rate:
         shared_opt.param_groups[0]["lr"] = learning_rate
-    table_opt = torch.optim.Adam([table], lr=shared_opt.param_groups[0]["lr"])
+    table_opt = torch.optim.Adam([table], lr=offset_learning_rate or shared_opt.param_groups[0]["lr"])
     group_of = np.zeros(len(trainer.histories.items), dtype=np.int64)       # (U,): each fit user's group
     group_of[fit_users] = groups
     means = []
@@ -634,7 +642,8 @@ def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, 
             [held_out_targets(sample[s:s + BATCH]) for s in range(0, len(sample), BATCH)], logger)
     if args.group_training == "joint":
         tokens, nll = fit_group_tokens_jointly(trainer, fit_users, fitted, args.group_tokens, args.group_passes,
-                                               args.group_learning_rate, rng, logger, trajectory)
+                                               args.group_learning_rate, rng, logger, trajectory,
+                                               args.group_offset_learning_rate)
     else:
         tokens, nll = fit_group_tokens(trainer, fit_users, fitted, args.group_tokens, args.group_passes,
                                        args.group_learning_rate, rng, logger)
@@ -994,6 +1003,9 @@ def render(data: dict) -> str:
                + (f"every group's token trained together for {data['group_passes']} passes over those users beside "
                   f"the shift, each on its batch-centred gradient (Adam"
                   + (f", step {data['group_learning_rate']:g}" if "group_learning_rate" in data else "")
+                  + (f", the groups' offsets {data['group_offset_learning_rate']:g}"
+                     if data.get("group_offset_learning_rate", data.get("group_learning_rate"))
+                     != data.get("group_learning_rate") else "")
                   + "; NLL per pass " + " -> ".join(f"{v:.4f}" for v in data["group_nll"])
                   if data.get("group_training") == "joint" else
                   f"each group's token the shift trained on for {data['group_passes']} "
@@ -1162,6 +1174,8 @@ def main(argv=None) -> int:
         "group_tokens": args.group_tokens,
         **({"group_by": args.group_by, "group_passes": args.group_passes, "group_training": args.group_training,
             "group_learning_rate": args.group_learning_rate or settings.shared_learning_rate,
+            **({"group_offset_learning_rate": args.group_offset_learning_rate or args.group_learning_rate
+                or settings.shared_learning_rate} if args.group_training == "joint" else {}),
             "group_sizes": groups.sizes,
             "group_nll": groups.nll,
             "group_likeliest_is_nearest": float(np.mean(groups.likeliest == groups.group)),

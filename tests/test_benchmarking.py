@@ -369,6 +369,7 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
         assert [len(nll) for nll in grouped["group_nll"]] == [2, 2]
     assert 0 <= grouped["group_likeliest_is_nearest"] <= 1
     assert grouped["group_learning_rate"] == 0.005 and grouped["group_training"] == training
+    assert grouped.get("group_offset_learning_rate") == (0.005 if training == "joint" else None)   # the shift's
     nearest, likeliest = (np.array(grouped["group_per_user"][k]) for k in ("nearest", "likeliest"))
     scores = {m: np.array(grouped["per_user"][m]) for m in ("group_own", "group_likeliest", "group_best")}
     same = nearest == likeliest                             # the same group's token: the same score, else another
@@ -398,7 +399,9 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
     for bad in (["--group_tokens=1"], ["--group_tokens=-2"], ["--group_tokens=2", "--group_passes=0"],
                 ["--group_tokens=2", "--group_learning_rate=-1"], ["--group_tokens=2", "--group_training=both"],
                 ["--group_tokens=2", "--group_score_every=1"], ["--group_score_every=1", "--group_training=joint"],
-                ["--group_tokens=2", "--group_training=joint", "--group_score_every=-1"]):
+                ["--group_tokens=2", "--group_training=joint", "--group_score_every=-1"],
+                ["--group_tokens=2", "--group_offset_learning_rate=0.01"],          # separate: no offsets apart
+                ["--group_tokens=2", "--group_training=joint", "--group_offset_learning_rate=-1"]):
         with pytest.raises(SystemExit):
             token_probe.parse_args(base + bad)
 
@@ -463,6 +466,33 @@ def test_token_probe_reads_each_users_history_in_context_beside_the_shared_token
     for bad in ("--context_tokens=0", "--context_tokens=a,8", "--context_from=random"):
         with pytest.raises(SystemExit):
             token_probe.parse_args(["--dataset=toy", bad])
+
+
+def test_the_groups_offsets_take_their_own_step_apart_from_the_shifts_when_given_one(tmp_path, tiny_llm_dir):
+    """``fit_group_tokens_jointly(..., offset_learning_rate=...)``: the groups' offsets step by it: a tenfold step
+    spreads the groups' tokens apart far more on the same draws, 0 is the shift's step to the last digit, and the
+    shift is put back either way."""
+    from test_trainer import make_trainer
+
+    token_probe = import_benchmark("token_probe")
+    trainer = make_trainer(tmp_path, tiny_llm_dir)
+    trainer.setup()
+    users = np.sort(trainer.training_users()[:8])
+    groups = np.arange(len(users)) % 2
+    base = trainer.soft.shared.detach().clone()
+    logger = logging.getLogger("test")
+
+    def fitted(offset_learning_rate):
+        tokens, _ = token_probe.fit_group_tokens_jointly(trainer, users, groups, 2, 1, 0.005,
+                                                         np.random.default_rng(0), logger,
+                                                         offset_learning_rate=offset_learning_rate)
+        assert torch.equal(trainer.soft.shared, base)                       # the shift put back
+        return tokens
+
+    same, explicit, larger = fitted(0.0), fitted(0.005), fitted(0.05)
+    assert torch.equal(same, explicit)
+    spread = [float((tokens[0] - tokens[1]).norm()) for tokens in (same, larger)]   # O[0] - O[1]: the offsets alone
+    assert spread[0] > 0 and spread[1] > 5 * spread[0]
 
 
 def test_matched_contexts_are_each_users_newest_tokens_cut_to_the_same_length(tmp_path, tiny_llm_dir):
