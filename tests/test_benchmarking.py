@@ -331,7 +331,7 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
             f"--checkpoint_dir={tmp_path / 'saved'}"]
     assert token_probe.main(base + [f"--results={tmp_path / 'alone'}"]) == 0
     grouping = ["--group_tokens=2", "--group_passes=2", f"--group_by={group_by}", "--group_learning_rate=0.005",
-                f"--group_training={training}"]
+                f"--group_training={training}"] + (["--group_offset_learning_rate=0.01"] if training == "joint" else [])
     scored_every = ["--group_score_every=1"] if training == "joint" else []      # the group's part after each pass
     assert token_probe.main(base + [f"--results={tmp_path / 'grouped'}"] + grouping + scored_every) == 0
     alone = json.loads(next((tmp_path / "alone" / "toy").glob("*/token_probe.json")).read_text())
@@ -369,7 +369,7 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
         assert [len(nll) for nll in grouped["group_nll"]] == [2, 2]
     assert 0 <= grouped["group_likeliest_is_nearest"] <= 1
     assert grouped["group_learning_rate"] == 0.005 and grouped["group_training"] == training
-    assert grouped.get("group_offset_learning_rate") == (0.005 if training == "joint" else None)   # the shift's
+    assert grouped.get("group_offset_learning_rate") == (0.01 if training == "joint" else None)
     nearest, likeliest = (np.array(grouped["group_per_user"][k]) for k in ("nearest", "likeliest"))
     scores = {m: np.array(grouped["per_user"][m]) for m in ("group_own", "group_likeliest", "group_best")}
     same = nearest == likeliest                             # the same group's token: the same score, else another
@@ -394,6 +394,7 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
     assert "The group's part alone (own - what the same token scores on a user of any group)" in report
     assert "With no LLM, the groups' own count models on the same users and items" in report
     assert ("trained together" in report) is (training == "joint")
+    assert ("(Adam, step 0.005, the groups' offsets 0.01;" in report) is (training == "joint")
     assert ("The group's part (own group's token - its additive twin" in report) is (training == "joint")
     assert ("on one draw of the remaining training text of 5 of the users" in report) is (training == "joint")
     for bad in (["--group_tokens=1"], ["--group_tokens=-2"], ["--group_tokens=2", "--group_passes=0"],
