@@ -1004,8 +1004,7 @@ def render(data: dict) -> str:
                   f"the shift, each on its batch-centred gradient (Adam"
                   + (f", step {data['group_learning_rate']:g}" if "group_learning_rate" in data else "")
                   + (f", the groups' offsets {data['group_offset_learning_rate']:g}"
-                     if data.get("group_offset_learning_rate", data.get("group_learning_rate"))
-                     != data.get("group_learning_rate") else "")
+                     if data.get("group_offset_learning_rate") not in (None, data.get("group_learning_rate")) else "")
                   + "; NLL per pass " + " -> ".join(f"{v:.4f}" for v in data["group_nll"])
                   if data.get("group_training") == "joint" else
                   f"each group's token the shift trained on for {data['group_passes']} "
@@ -1156,6 +1155,7 @@ def main(argv=None) -> int:
                                                             groups.trajectory.sample_groups)
     finally:
         torch.set_num_threads(threads_before)
+    group_step = args.group_learning_rate or settings.shared_learning_rate   # 0: the shift's, as the fits resolve it
     pairs = PAIRS + objective_pairs(args.also_fit) + context_pairs(args.context_tokens) + keep_pairs(args.keep)
     modes, differences = interval_summary(scores, [(a, b) for a, b in pairs if a in scores and b in scores])
     data = {
@@ -1173,9 +1173,9 @@ def main(argv=None) -> int:
         "context_tokens_mean": {str(n): v for n, v in context_length.items()},
         "group_tokens": args.group_tokens,
         **({"group_by": args.group_by, "group_passes": args.group_passes, "group_training": args.group_training,
-            "group_learning_rate": args.group_learning_rate or settings.shared_learning_rate,
-            **({"group_offset_learning_rate": args.group_offset_learning_rate or args.group_learning_rate
-                or settings.shared_learning_rate} if args.group_training == "joint" else {}),
+            "group_learning_rate": group_step,
+            **({"group_offset_learning_rate": args.group_offset_learning_rate or group_step}
+               if args.group_training == "joint" else {}),
             "group_sizes": groups.sizes,
             "group_nll": groups.nll,
             "group_likeliest_is_nearest": float(np.mean(groups.likeliest == groups.group)),
