@@ -121,7 +121,8 @@ GROUP_PAIRS = [("group_own", "group_mean"), ("group_own", "group_other"), ("grou
                ("group_likeliest", "group_own"), ("group_likeliest", "group_mean"),
                ("group_likeliest", "group_likeliest_other"), ("group_likeliest", "group_best"),
                ("group_best", "shared"), ("group_own", "group_own_additive"),
-               ("group_likeliest", "group_likeliest_additive")]
+               ("group_likeliest", "group_likeliest_additive"), ("group_relative", "group_own"),
+               ("group_relative", "group_relative_additive")]
 # no LLM (group_count_modes): a count model of each group beside the population, and of the user's own history
 COUNT_PAIRS = [("count_group_own", "count_population"), ("count_group_own", "count_group_other"),
                ("count_group_own", "count_group_own_additive"), ("count_set", "count_population")]
@@ -129,7 +130,7 @@ PAIRS += GROUP_PAIRS + COUNT_PAIRS
 HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle",   # also on the rating tokens alone
                   "encoder", "encoder_mean", "encoder_other",
                   "group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
-                  "group_own_additive", "group_likeliest_additive",
+                  "group_own_additive", "group_likeliest_additive", "group_relative", "group_relative_additive",
                   "count_population", "count_group_own", "count_group_other", "count_group_own_additive", "count_set")
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 
@@ -482,7 +483,9 @@ class GroupTokens:
     token explains those draws best over all the probed users (the same choice made once for everyone);
     ``sizes (K,)`` the groups' training users; ``nll`` each group's NLL per pass (``--group_training=joint``: one
     list, every group's together); ``fit_users`` and ``fit_group`` the users the tokens were trained on and their
-    groups; ``trajectory``, the :class:`GroupPartTrajectory` (None without ``--group_score_every``)."""
+    groups; ``trajectory``, the :class:`GroupPartTrajectory` (None without ``--group_score_every``); ``relative``
+    ``(n,)``, per probed user the group whose token explains their draw best against how it explains every probed
+    user's (:func:`relative_choice`)."""
     tokens: torch.Tensor
     group: np.ndarray
     likeliest: np.ndarray
@@ -492,6 +495,14 @@ class GroupTokens:
     fit_users: np.ndarray
     fit_group: np.ndarray
     trajectory: GroupPartTrajectory | None = None
+    relative: np.ndarray | None = None
+
+    def final_held_out_scores(self, batch: int) -> tuple[np.ndarray, ...] | None:
+        """Batch ``batch``'s ``score_every_token`` tuple of the probed users' held-out texts with the final tokens,
+        where the trajectory's last scoring was after the last pass (the same tokens, texts and batches as the
+        probe's: the scores to the last digit); None where it was not, so that the probe scores them."""
+        last = self.trajectory.last_held_out if self.trajectory is not None else None
+        return last[1][batch] if last is not None and last[0] == len(self.nll) else None
 
 
 def group_vectors(trainer, group_by: str, fit_users: np.ndarray) -> np.ndarray:
@@ -648,11 +659,42 @@ def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, 
         tokens, nll = fit_group_tokens(trainer, fit_users, fitted, args.group_tokens, args.group_passes,
                                        args.group_learning_rate, rng, logger)
     nll_by_group = group_likelihoods(trainer, users, tokens, rng)
-    likeliest = nll_by_group.argmin(0)
+    likeliest, relative = nll_by_group.argmin(0), relative_choice(nll_by_group)
     logger.info(f"token probe: {args.group_tokens} group tokens; the likeliest group is the nearest code's for "
-                f"{np.mean(likeliest == probed):.0%} of the probed users")
+                f"{np.mean(likeliest == probed):.0%} of the probed users, the relatively likeliest for "
+                f"{np.mean(relative == probed):.0%}")
     return GroupTokens(tokens, probed, likeliest, int(nll_by_group.mean(1).argmin()),
-                       np.bincount(fitted, minlength=args.group_tokens).tolist(), nll, fit_users, fitted, trajectory)
+                       np.bincount(fitted, minlength=args.group_tokens).tolist(), nll, fit_users, fitted, trajectory,
+                       relative)
+
+
+def relative_choice(nll_by_group: np.ndarray) -> np.ndarray:
+    """``(n,)``: per user (column of ``nll_by_group (K, n)``, each group's token on a draw of each user's remaining
+    training text), the group whose token explains their draw best against its mean over all ``n`` users: an E-step
+    by likelihood with how good a token is for everyone taken out. The plain argmin (``group_likeliest``) sends most
+    users to the one token best for everyone (the experiment log, "One token per group of users"); this asks which
+    token fits *this* user better than it fits the others, the choice a profile ID is for."""
+    return (nll_by_group - nll_by_group.mean(1, keepdims=True)).argmin(0)
+
+
+def relative_part_differences(scores: dict[str, np.ndarray]) -> dict[str, dict]:
+    """The relatively likeliest group's part minus the nearest code's group's part, per user, on the held-out text
+    and its rating tokens (``{"[rating_]group_relative_part_minus_[rating_]group_own_part": {"mean", "ci",
+    "share_below_zero"}}``, as ``interval_summary``'s): ``(relative - its twin) - (own - its twin)``, each token's
+    score less what it scores on a user of any group. Below zero, choosing a user's group by likelihood places them
+    better than the untrained code does (``{}`` without the modes)."""
+    differences = {}
+    for prefix in ("", "rating_"):
+        names = [prefix + "group_" + m for m in ("relative", "relative_additive", "own", "own_additive")]
+        if not all(name in scores for name in names):
+            continue
+        relative, relative_twin, own, own_twin = (scores[name] for name in names)
+        diff = (relative - relative_twin) - (own - own_twin)
+        diff = diff[np.isfinite(diff)]
+        mean, low, high = mean_ci(diff)
+        differences[f"{prefix}group_relative_part_minus_{prefix}group_own_part"] = {
+            "mean": mean, "ci": [low, high], "share_below_zero": float((diff < 0).mean())}
+    return differences
 
 
 def additive_twin(matrix: np.ndarray, chosen: np.ndarray) -> np.ndarray:
@@ -685,7 +727,9 @@ class GroupPartTrajectory:
       share it; on neither, it has learnt its users' texts, not their taste over items;
 
     each also over the rating tokens alone (``rating_*``) where the text marks them. ``entries``: one dict per
-    scoring, ``{"passes", "held_out", "trained_users", ...: {"mean", "ci"}}``."""
+    scoring, ``{"passes", "held_out", "trained_users", ...: {"mean", "ci"}}``; ``last_held_out``, the latest
+    scoring's ``(passes, per batch of held_out: score_every_token's tuple)``, which the probe reuses at the end
+    when it scored the final tokens (:meth:`GroupTokens.final_held_out_scores`)."""
 
     def __init__(self, trainer, every: int, held_out: list[Targets], probed_groups: np.ndarray,
                  sample: np.ndarray, sample_groups: np.ndarray, sample_texts: list[Targets],
@@ -695,6 +739,7 @@ class GroupPartTrajectory:
         self.texts = {"held_out": (held_out, probed_groups), "trained_users": (sample_texts, sample_groups),
                       "trained_users_held_out": (sample_held_out, sample_groups)}
         self.entries: list[dict] = []
+        self.last_held_out: tuple[int, list[tuple[np.ndarray, ...]]] | None = None
 
     def __call__(self, passes_done: int, tokens: torch.Tensor) -> None:
         if passes_done % self.every:
@@ -702,6 +747,8 @@ class GroupPartTrajectory:
         entry: dict = {"passes": passes_done}
         for name, (batches, groups) in self.texts.items():
             scored = [score_every_token(self.trainer, t, tokens, with_ratings=t.flags is not None) for t in batches]
+            if name == "held_out":
+                self.last_held_out = (passes_done, scored)
             for prefix, parts in zip(("", "rating_"), zip(*scored)):
                 entry[prefix + name] = group_part_summary(np.concatenate(parts, axis=1), groups)     # (K, n)
         self.entries.append(entry)
@@ -725,6 +772,9 @@ def group_modes(matrix: np.ndarray, groups: GroupTokens, likeliest_other: np.nda
              "group_likeliest": matrix[likeliest, rows], "group_likeliest_other": matrix[likeliest_other, rows],
              "group_best": matrix[groups.best], "group_own_additive": additive_twin(matrix, nearest),
              "group_likeliest_additive": additive_twin(matrix, likeliest)}
+    if groups.relative is not None:
+        modes.update({"group_relative": matrix[groups.relative, rows],
+                      "group_relative_additive": additive_twin(matrix, groups.relative)})
     return {prefix + mode: values for mode, values in modes.items()}
 
 
@@ -741,9 +791,9 @@ def group_count_modes(run: HeldOutInference, groups: GroupTokens, users: np.ndar
     profile of each user could. Only the differences between these modes are in the tokens' unit."""
     from recbole_uip.count_reference import count_reference, held_out_data, per_count
 
-    parts = group_count_matrices(run, groups, users, groups.group)
-    set_text, set_rating = (gain[users] for gain in count_reference(held_out_data(run.full_text.histories, run.held))
-                            .gain("set"))
+    data = held_out_data(run.full_text.histories, run.held)
+    parts = group_count_matrices(run, groups, users, groups.group, data)
+    set_text, set_rating = (gain[users] for gain in count_reference(data).gain("set"))
     modes = {}
     for prefix, matrix, population, count in parts:
         set_gain = set_rating if prefix else set_text + (set_rating if len(parts) > 1 else 0)
@@ -755,17 +805,19 @@ def group_count_modes(run: HeldOutInference, groups: GroupTokens, users: np.ndar
     return modes
 
 
-def group_count_matrices(run: HeldOutInference, groups: GroupTokens, users: np.ndarray,
-                         user_group: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+def group_count_matrices(run: HeldOutInference, groups: GroupTokens, users: np.ndarray, user_group: np.ndarray,
+                         data=None) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """The count models of the groups (:func:`~recbole_uip.count_reference.group_reference`, each fitted on the
     remaining histories of its users among ``groups.fit_users``) on ``users``' held-out items, ``user_group (n,)``
     their groups (which the mixtures' weights are cross-fitted with): per part, ``(prefix, matrix, population,
     count)``, ``prefix`` "" for every held-out token and "rating_" for the rating tokens alone (where the text
     writes ratings), ``matrix (K, n)`` every group's model on each user in nats per held-out token, ``population
-    (n,)`` the population model's nats in all and ``count (n,)`` the held-out tokens."""
+    (n,)`` the population model's nats in all and ``count (n,)`` the held-out tokens. ``data``: the run's
+    ``count_reference.held_out_data`` where the caller has it already (built here otherwise)."""
     from recbole_uip.count_reference import group_reference, held_out_data, held_out_token_counts, per_count
 
-    data = held_out_data(run.full_text.histories, run.held)
+    if data is None:
+        data = held_out_data(run.full_text.histories, run.held)
     member = np.full(len(data.held), -1)
     member[groups.fit_users] = groups.fit_group
     reference = group_reference(data, member, users, user_group, len(groups.tokens))
@@ -835,7 +887,9 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
             own = groups.tokens[torch.as_tensor(groups.group[start:start + len(batch)])]
             modes["group_mean"] = (held, own.mean(0, keepdim=True).expand_as(own))
             likeliest_other.append(groups.likeliest[start:start + len(batch)][rotate.numpy()])
-            scored = score_every_token(trainer, held, groups.tokens, with_ratings=held.flags is not None)
+            scored = groups.final_held_out_scores(start // BATCH)
+            if scored is None:
+                scored = score_every_token(trainer, held, groups.tokens, with_ratings=held.flags is not None)
             for prefix, values in zip(("", "rating_"), scored):
                 group_scores.setdefault(prefix, []).append(values)
         if args.encoder_passes:
@@ -945,6 +999,12 @@ def render(data: dict) -> str:
                            f"own group's token - what it scores on a user of any group (the group's part, {what})",
                        f"{prefix}group_likeliest_minus_{prefix}group_likeliest_additive":
                            f"the likeliest group's token - what it scores on any user (the choice's part, {what})",
+                       f"{prefix}group_relative_minus_{prefix}group_own":
+                           f"the relatively likeliest group's token - the nearest code's group's ({what})",
+                       f"{prefix}group_relative_minus_{prefix}group_relative_additive":
+                           f"the relatively likeliest group's token - what it scores on any user (its part, {what})",
+                       f"{prefix}group_relative_part_minus_{prefix}group_own_part":
+                           f"the relatively likeliest group's part - the nearest code's group's part ({what})",
                        f"{prefix}count_group_own_minus_{prefix}count_population":
                            f"no LLM: own group's count model - the population's ({what})",
                        f"{prefix}count_group_own_minus_{prefix}count_group_other":
@@ -1014,7 +1074,11 @@ def render(data: dict) -> str:
                   + "; ".join(" -> ".join(f"{v:.4f}" for v in nll) for nll in data["group_nll"]))
                + f"); each probed user scored with the nearest code's group's token, and with the group whose token "
                f"explains a draw of their remaining text best (the same group for "
-               f"{data['group_likeliest_is_nearest']:.0%} of them).") if data.get("group_tokens") else ""
+               f"{data['group_likeliest_is_nearest']:.0%} of them)"
+               + (f", and best against how it explains every probed user's draw (the relatively likeliest; the "
+                  f"nearest code's group for {data['group_relative_is_nearest']:.0%})"
+                  if "group_relative_is_nearest" in data else "")
+               + ".") if data.get("group_tokens") else ""
     context = (f" With the shared token in place, the probed users' held-out text also read after the "
                f"{data.get('context_from', 'newest')} N tokens of "
                "their own remaining training text, or as many of another user's (N = "
@@ -1065,6 +1129,12 @@ def render(data: dict) -> str:
             lines[-1] += (f" The group's part alone (own - what the same token scores on a user of any group) "
                           f"{part['mean']:+.4f}, interval [{low:+.4f}, {high:+.4f}]: "
                           + ("the tokens carry the user's group." if high < 0 else "not shown."))
+        if choice := differences.get("group_relative_part_minus_group_own_part"):
+            low, high = choice["ci"]
+            lines[-1] += (f" Chosen by likelihood against how each token explains every user (an E-step), the "
+                          f"group's part minus the nearest code's {choice['mean']:+.4f} [{low:+.4f}, {high:+.4f}]: "
+                          + ("the likelihood places users better than the untrained code." if high < 0 else
+                             "the untrained code places them better." if low > 0 else "no better than the code."))
         if count := differences.get("count_group_own_minus_count_group_own_additive"):
             # the same matrix of groups by users from count models (no LLM): what a token per group could carry
             population = differences["count_group_own_minus_count_population"]
@@ -1158,6 +1228,7 @@ def main(argv=None) -> int:
     group_step = args.group_learning_rate or settings.shared_learning_rate   # 0: the shift's, as the fits resolve it
     pairs = PAIRS + objective_pairs(args.also_fit) + context_pairs(args.context_tokens) + keep_pairs(args.keep)
     modes, differences = interval_summary(scores, [(a, b) for a, b in pairs if a in scores and b in scores])
+    differences.update(relative_part_differences(scores))
     data = {
         "users": int(len(users)), "shift_users": int(len(shift_users)), "shift_passes": args.shift_passes,
         "shift_objective": args.shift_objective, "shift_nll": shift_nll, "fit_steps": args.fit_steps,
@@ -1180,7 +1251,9 @@ def main(argv=None) -> int:
             "group_nll": groups.nll,
             "group_likeliest_is_nearest": float(np.mean(groups.likeliest == groups.group)),
             "group_best": groups.best,          # and per probed user (in per_user's order), the two groups:
-            "group_per_user": {"nearest": groups.group.tolist(), "likeliest": groups.likeliest.tolist()},
+            "group_relative_is_nearest": float(np.mean(groups.relative == groups.group)),
+            "group_per_user": {"nearest": groups.group.tolist(), "likeliest": groups.likeliest.tolist(),
+                               "relative": groups.relative.tolist()},
             **({"group_score_every": args.group_score_every, "group_trajectory": groups.trajectory.entries,
                 "group_trained_users_count_part": trained_users_count_part}
                if groups.trajectory is not None else {})}

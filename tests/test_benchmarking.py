@@ -3,6 +3,7 @@ to end on the tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -339,7 +340,8 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
     grouped = json.loads(next((tmp_path / "grouped" / "toy").glob(f"*/token_probe_groups2_{group_by}{suffix}.json"))
                          .read_text())
     group_modes = {"group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
-                   "group_own_additive", "group_likeliest_additive", "count_population", "count_group_own",
+                   "group_own_additive", "group_likeliest_additive", "group_relative", "group_relative_additive",
+                   "count_population", "count_group_own",
                    "count_group_other", "count_group_own_additive", "count_set"}
     assert set(grouped["modes"]) == set(alone["modes"]) | group_modes | {"rating_" + m for m in group_modes}
     for mode in alone["per_user"]:                                   # the shift put back, no other draw changed
@@ -375,6 +377,13 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
     same = nearest == likeliest                             # the same group's token: the same score, else another
     assert np.array_equal(scores["group_own"][same], scores["group_likeliest"][same])
     assert (scores["group_own"][~same] != scores["group_likeliest"][~same]).all()
+    relative = np.array(grouped["group_per_user"]["relative"])
+    assert grouped["group_relative_is_nearest"] == np.mean(relative == nearest)
+    same = nearest == relative
+    assert np.array_equal(scores["group_own"][same], np.array(grouped["per_user"]["group_relative"])[same])
+    for prefix in ("", "rating_"):
+        low, high = grouped["differences"][f"{prefix}group_relative_part_minus_{prefix}group_own_part"]["ci"]
+        assert low <= grouped["differences"][f"{prefix}group_relative_part_minus_{prefix}group_own_part"]["mean"] <= high
     best = nearest == grouped["group_best"]
     assert np.array_equal(scores["group_own"][best], scores["group_best"][best])
     assert (scores["group_own"][~best] != scores["group_best"][~best]).all()
@@ -392,6 +401,8 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
     report = next((tmp_path / "grouped" / "toy").glob("*/*.md")).read_text()
     assert "2 group tokens" in report and "The issue's goal for one token per group of users" in report
     assert "The group's part alone (own - what the same token scores on a user of any group)" in report
+    assert "Chosen by likelihood against how each token explains every user (an E-step)" in report
+    assert "the relatively likeliest; the nearest code's group for" in report
     assert "With no LLM, the groups' own count models on the same users and items" in report
     assert ("trained together" in report) is (training == "joint")
     assert ("(Adam, step 0.005, the groups' offsets 0.01;" in report) is (training == "joint")
@@ -427,6 +438,30 @@ def test_group_modes_take_out_how_good_a_token_is_for_everyone_and_how_hard_a_us
     interaction = modes["rating_group_own"] - modes["rating_group_own_additive"]
     assert np.allclose(interaction, -0.1 * (1 - 1 / 3))        # the bonus, less the share the means absorb (1 / K)
     assert np.allclose(modes["rating_group_likeliest"] - modes["rating_group_likeliest_additive"], 0.1 / 3)
+
+
+def test_the_relative_choice_finds_the_group_a_token_fits_better_than_others_not_the_best_token():
+    """An E-step by likelihood with each token's fit to everyone taken out: where one token is better for every user
+    and each user's own group's token fits them a little better than it fits the others, the plain argmin picks the
+    token best for everyone, the relative choice each user's own group; and the part difference is below zero where
+    the relative choice finds a planted group the nearest code misses, zero where both choose the same."""
+    token_probe = import_benchmark("token_probe")
+    rng = np.random.default_rng(1)
+    truth = np.arange(12) % 3
+    draws = rng.normal(scale=0.01, size=(1, 12)) + np.array([[0.0], [-0.5], [0.1]])   # token 1 best for everyone
+    draws[truth, np.arange(12)] -= 0.2                                          # each user's own group fits them
+    assert (draws.argmin(0) == 1).all()
+    assert np.array_equal(token_probe.relative_choice(draws), truth)
+    held = draws.copy()                                                # the held-out texts share the planted groups
+    wrong = (truth + 1) % 3                                            # a code that places every user elsewhere
+    groups = token_probe.GroupTokens(torch.zeros(3, 1, 1), wrong, draws.argmin(0), 1, [4, 4, 4], [],
+                                     np.arange(12, 24), truth, relative=token_probe.relative_choice(draws))
+    modes = token_probe.group_modes(held, groups, truth[::-1])
+    difference = token_probe.relative_part_differences(modes)["group_relative_part_minus_group_own_part"]
+    assert difference["mean"] < 0 and difference["ci"][1] < 0 and difference["share_below_zero"] == 1
+    same = token_probe.group_modes(held, dataclasses.replace(groups, group=truth), truth[::-1])
+    assert token_probe.relative_part_differences(same)["group_relative_part_minus_group_own_part"]["mean"] == 0
+    assert token_probe.relative_part_differences({"group_own": held[0]}) == {}      # no relative choice: nothing
 
 
 def test_token_probe_reads_each_users_history_in_context_beside_the_shared_token(tmp_path, tiny_llm_dir):
