@@ -372,25 +372,42 @@ def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generat
         shared_opt.param_groups[0]["lr"] = shift_learning_rate
     if shared_opt is None and encoder_optimizer is None:
         return []
-    what = "shift" if encoder_optimizer is None else "encoder"
+
+    def step(targets) -> float:
+        if encoder_optimizer is not None:
+            encoder_optimizer.zero_grad(set_to_none=True)
+        teacher = distillation_teacher(trainer, targets, distil_context_tokens) if distil_context_tokens else None
+        nll = float(trainer.train_batch(targets, [1.0] * len(trainer.codebooks), shared_opt,
+                                        shift_only=encoder_optimizer is None, teacher=teacher).mean())
+        if encoder_optimizer is not None:
+            encoder_optimizer.step()
+        return nll
+
+    means = batch_passes(trainer, users, passes, rng, logger, step, "shift" if encoder_optimizer is None else "encoder",
+                         collaborative)
+    if encoder_optimizer is not None:
+        encoder_optimizer.zero_grad(set_to_none=True)
+    return means
+
+
+def batch_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger, step, label: str,
+                 draw=None, after_pass=None) -> list[float]:
+    """The loop every training stage of the probe shares: ``passes`` passes over ``users``, each in a new order
+    (``rng``), in M-step batches; each batch's texts drawn by ``draw(batch, rng)`` (the users' own,
+    :meth:`ProfileInferenceTrainer.targets`, when None) and handed to ``step(targets) -> float``, which trains on
+    them and returns their mean loss. The mean of each pass, logged as ``label``'s; ``after_pass(passes_done)``, if
+    given, called after every pass."""
     means = []
     for index in range(passes):
         order = users[rng.permutation(len(users))]
-        nll = []
+        losses = []
         for i in range(0, len(order), trainer.settings.batch_size):
-            if encoder_optimizer is not None:
-                encoder_optimizer.zero_grad(set_to_none=True)
             batch = order[i:i + trainer.settings.batch_size]
-            targets = collaborative(batch, rng) if collaborative else trainer.targets(batch, rng)
-            teacher = distillation_teacher(trainer, targets, distil_context_tokens) if distil_context_tokens else None
-            nll.append(float(trainer.train_batch(targets, [1.0] * len(trainer.codebooks), shared_opt,
-                                                 shift_only=encoder_optimizer is None, teacher=teacher).mean()))
-            if encoder_optimizer is not None:
-                encoder_optimizer.step()
-        means.append(float(np.mean(nll)))
-        logger.info(f"token probe: {what} pass {index + 1}, NLL {means[-1]:.4f}")
-    if encoder_optimizer is not None:
-        encoder_optimizer.zero_grad(set_to_none=True)
+            losses.append(step(draw(batch, rng) if draw else trainer.targets(batch, rng)))
+        means.append(float(np.mean(losses)))
+        logger.info(f"token probe: {label} pass {index + 1}, NLL {means[-1]:.4f}")
+        if after_pass is not None:
+            after_pass(index + 1)
     return means
 
 
@@ -575,35 +592,33 @@ def fit_group_tokens_jointly(trainer, fit_users: np.ndarray, groups: np.ndarray,
     table_opt = torch.optim.Adam([table], lr=offset_learning_rate or shared_opt.param_groups[0]["lr"])
     group_of = np.zeros(len(trainer.histories.items), dtype=np.int64)       # (U,): each fit user's group
     group_of[fit_users] = groups
-    means = []
+
+    def step(targets) -> float:
+        with torch.no_grad():
+            start = trainer.offsets(targets.users, targets.inputs)                      # (B, P, D): A z, as the shift's
+        part = table[torch.as_tensor(group_of[targets.users])]                          # (B, P, D)
+        mean = part.mean(0, keepdim=True)
+        offsets = start.to(trainer.device) + (part - mean + mean.detach()).to(trainer.device)
+        plain, objective = behaviour_nll(trainer.llm.model, trainer.layout, trainer.prompt_batch(targets),
+                                         trainer.soft(offsets), weighted=True)
+        shared_opt.zero_grad(set_to_none=True)
+        table_opt.zero_grad(set_to_none=True)
+        objective.mean().backward()
+        shared_opt.step()
+        table_opt.step()
+        return float(plain.detach().mean())
+
+    def scored(passes_done: int) -> None:        # scored as at the end: the tokens as offsets from b, b in place
+        trained = trainer.soft.shared.detach().clone()
+        with torch.no_grad():
+            trainer.soft.shared.copy_(base)
+        after_pass(passes_done, trained - base + table.detach())
+        with torch.no_grad():
+            trainer.soft.shared.copy_(trained)
+
     try:
-        for index in range(passes):
-            order = fit_users[rng.permutation(len(fit_users))]
-            nll = []
-            for i in range(0, len(order), trainer.settings.batch_size):
-                targets = trainer.targets(order[i:i + trainer.settings.batch_size], rng)
-                with torch.no_grad():
-                    start = trainer.offsets(targets.users, targets.inputs)          # (B, P, D): A z, as the shift's
-                part = table[torch.as_tensor(group_of[targets.users])]                  # (B, P, D)
-                mean = part.mean(0, keepdim=True)
-                offsets = start.to(trainer.device) + (part - mean + mean.detach()).to(trainer.device)
-                plain, objective = behaviour_nll(trainer.llm.model, trainer.layout, trainer.prompt_batch(targets),
-                                                 trainer.soft(offsets), weighted=True)
-                shared_opt.zero_grad(set_to_none=True)
-                table_opt.zero_grad(set_to_none=True)
-                objective.mean().backward()
-                shared_opt.step()
-                table_opt.step()
-                nll.append(float(plain.detach().mean()))
-            means.append(float(np.mean(nll)))
-            logger.info(f"token probe: the {k} group tokens together, pass {index + 1}, NLL {means[-1]:.4f}")
-            if after_pass is not None:          # scored as at the end: the tokens as offsets from b, b in place
-                trained = trainer.soft.shared.detach().clone()
-                with torch.no_grad():
-                    trainer.soft.shared.copy_(base)
-                after_pass(index + 1, trained - base + table.detach())
-                with torch.no_grad():
-                    trainer.soft.shared.copy_(trained)
+        means = batch_passes(trainer, fit_users, passes, rng, logger, step, f"the {k} group tokens together,",
+                             after_pass=scored if after_pass is not None else None)
         tokens = trainer.soft.shared.detach() - base + table.detach()
     finally:
         with torch.no_grad():
