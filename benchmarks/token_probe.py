@@ -67,10 +67,15 @@ of everything). Then:
    (``group_mean``), the next group's (``group_other``), and the token of the group that explains a draw of their
    remaining training text best (``group_likeliest``: the assignment an EM step by likelihood would make), with its
    two controls: the likeliest group of the next user in the batch (``group_likeliest_other``) and the one group
-   whose token explains all the probed users' draws best (``group_best``: a choice made once for everyone). Every
-   group's token scores every probed user, so the own and the likeliest group's tokens also have additive twins
+   whose token explains all the probed users' draws best (``group_best``: a choice made once for everyone); and the
+   group whose token explains the draw best against how it explains every probed user's (``group_relative``, an
+   E-step with how good a token is for everyone taken out, :func:`relative_choice`). Every
+   group's token scores every probed user, so the own, the likeliest and the relatively likeliest group's tokens
+   also have additive twins
    (``*_additive``: the user's mean over the tokens plus the token's mean over the users), the difference to which
-   is the group's part alone, how good a token is for everyone taken out (:func:`group_modes`). A per-user fit
+   is the group's part alone, how good a token is for everyone taken out (:func:`group_modes`); the relative
+   choice's part minus the nearest code's group's part says whether the likelihood places a user better than the
+   untrained code (:func:`relative_part_differences`). A per-user fit
    averages one user's noise; a group's fit averages ``U / K`` users', so this asks whether the soft token can carry
    the taste that users share with their neighbours when the noise is gone. With ``--group_training=joint``, the
    groups' tokens are trained together instead, beside the shift, each on its batch-centred gradient (what every
@@ -1265,7 +1270,7 @@ def main(argv=None) -> int:
             "group_sizes": groups.sizes,
             "group_nll": groups.nll,
             "group_likeliest_is_nearest": float(np.mean(groups.likeliest == groups.group)),
-            "group_best": groups.best,          # and per probed user (in per_user's order), the two groups:
+            "group_best": groups.best,          # and per probed user (in per_user's order), the three choices:
             "group_relative_is_nearest": float(np.mean(groups.relative == groups.group)),
             "group_per_user": {"nearest": groups.group.tolist(), "likeliest": groups.likeliest.tolist(),
                                "relative": groups.relative.tolist()},
