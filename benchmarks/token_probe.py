@@ -108,9 +108,9 @@ import torch
 from tqdm import tqdm
 
 from recbole_uip.benchmarking import (
-    CONTEXT_ENDS, HeldOutInference, benchmark_parser, comma_separated, configure, context_positions, finite_or_none,
-    goal_verdict, interval_summary, matched_contexts, mean_ci, newest_tokens, parse_known_with_overrides, publish_benchmark,
-    run_record, settings_fingerprint, settings_table,
+    CONTEXT_ENDS, HeldOutInference, benchmark_parser, comma_separated, configure, context_positions, difference_summary,
+    finite_or_none, goal_verdict, interval_summary, matched_contexts, mean_ci, newest_tokens, parse_known_with_overrides,
+    publish_benchmark, run_record, settings_fingerprint, settings_table,
 )
 from recbole_uip.inference.codebook import ProfileCodebook
 from recbole_uip.inference.trainer import Targets, after_contexts
@@ -709,11 +709,8 @@ def relative_part_differences(scores: dict[str, np.ndarray]) -> dict[str, dict]:
         if not all(name in scores for name in names):
             continue
         relative, relative_twin, own, own_twin = (scores[name] for name in names)
-        diff = (relative - relative_twin) - (own - own_twin)
-        diff = diff[np.isfinite(diff)]
-        mean, low, high = mean_ci(diff)
-        differences[f"{prefix}group_relative_part_minus_{prefix}group_own_part"] = {
-            "mean": mean, "ci": [low, high], "share_below_zero": float((diff < 0).mean())}
+        differences[f"{prefix}group_relative_part_minus_{prefix}group_own_part"] = difference_summary(
+            (relative - relative_twin) - (own - own_twin))
     return differences
 
 

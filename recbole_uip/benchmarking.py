@@ -127,13 +127,16 @@ def interval_summary(values: dict[str, np.ndarray], pairs) -> tuple[dict, dict]:
     for name, v in values.items():
         mean, low, high = mean_ci(v[np.isfinite(v)])
         means[name] = {"mean": mean, "ci": [low, high]}
-    differences = {}
-    for a, b in pairs:
-        diff = values[a] - values[b]
-        diff = diff[np.isfinite(diff)]
-        mean, low, high = mean_ci(diff)
-        differences[f"{a}_minus_{b}"] = {"mean": mean, "ci": [low, high], "share_below_zero": float((diff < 0).mean())}
+    differences = {f"{a}_minus_{b}": difference_summary(values[a] - values[b]) for a, b in pairs}
     return means, differences
+
+
+def difference_summary(diff: np.ndarray) -> dict:
+    """A paired difference over users ``(U,)`` as :func:`interval_summary` reports it: ``{"mean", "ci",
+    "share_below_zero"}`` over the users with a value (a nan is left out)."""
+    diff = diff[np.isfinite(diff)]
+    mean, low, high = mean_ci(diff)
+    return {"mean": mean, "ci": [low, high], "share_below_zero": float((diff < 0).mean())}
 
 
 def finite_or_none(values) -> list:
