@@ -75,7 +75,8 @@ of everything). Then:
    (``*_additive``: the user's mean over the tokens plus the token's mean over the users), the difference to which
    is the group's part alone, how good a token is for everyone taken out (:func:`group_modes`); the relative
    choice's part minus the nearest code's group's part says whether the likelihood places a user better than the
-   untrained code (:func:`relative_part_differences`). A per-user fit
+   untrained code (:func:`relative_part_differences`); with ``--group_choice_draws=N``, the same choice by the mean
+   NLL of N draws (``group_relative_pooled``), whether more of the user's text makes it better. A per-user fit
    averages one user's noise; a group's fit averages ``U / K`` users', so this asks whether the soft token can carry
    the taste that users share with their neighbours when the noise is gone. With ``--group_training=joint``, the
    groups' tokens are trained together instead, beside the shift, each on its batch-centred gradient (what every
@@ -91,7 +92,7 @@ of everything). Then:
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
 per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled|_draws<K>][_<objective>][_vs_<objective>...]
-[_encoder[_distil]][_shiftdistil][_keep][_context[_oldest]][_groups<K>_<group_by>[_joint]][_<variant>].{json,md}``. The JSON
+[_encoder[_distil]][_shiftdistil][_keep][_context[_oldest]][_groups<K>_<group_by>[_joint][_choice<N>]][_<variant>].{json,md}``. The JSON
 also keeps each probed user's score in every mode (``per_user``, in the order of its ``users``, the trainer's user
 indices), so that two runs over the same users (the same dataset, split, ``--probe_seed`` and ``--users``) can be
 compared user by user.
@@ -127,7 +128,8 @@ GROUP_PAIRS = [("group_own", "group_mean"), ("group_own", "group_other"), ("grou
                ("group_likeliest", "group_likeliest_other"), ("group_likeliest", "group_best"),
                ("group_best", "shared"), ("group_own", "group_own_additive"),
                ("group_likeliest", "group_likeliest_additive"), ("group_relative", "group_own"),
-               ("group_relative", "group_relative_additive")]
+               ("group_relative", "group_relative_additive"),
+               ("group_relative_pooled", "group_own"), ("group_relative_pooled", "group_relative_pooled_additive")]
 # no LLM (group_count_modes): a count model of each group beside the population, and of the user's own history
 COUNT_PAIRS = [("count_group_own", "count_population"), ("count_group_own", "count_group_other"),
                ("count_group_own", "count_group_own_additive"), ("count_set", "count_population")]
@@ -136,6 +138,7 @@ HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle"
                   "encoder", "encoder_mean", "encoder_other",
                   "group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
                   "group_own_additive", "group_likeliest_additive", "group_relative", "group_relative_additive",
+                  "group_relative_pooled", "group_relative_pooled_additive",
                   "count_population", "count_group_own", "count_group_other", "count_group_own_additive", "count_set")
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 
@@ -269,6 +272,10 @@ def parse_args(argv=None):
                              "- its additive twin) on the probed users' held-out text, on a draw of the training "
                              "text of as many users the tokens train on and on those users' held-out items: does it "
                              "grow with passes, and where is it (default 0: only at the end, on the probed users)")
+    parser.add_argument("--group_choice_draws", type=int, default=1,
+                        help="with --group_tokens, also choose each probed user's relatively likeliest group by the "
+                             "mean NLL of N draws of their remaining training text (group_relative_pooled; "
+                             "group_relative keeps the first draw's choice; default 1: one draw only)")
     parser.add_argument("--keep", default="",
                         help="shares of each user's own fitted token kept when shrinking it towards the mean of the "
                              "fitted tokens, comma-separated in (0, 1), e.g. 0.1,0.25,0.75 (modes own_keep<percent>; "
@@ -301,6 +308,8 @@ def parse_args(argv=None):
             not args.group_tokens or args.group_training != "joint"):
         parser.error("--group_score_every takes 0 (none) or N > 0 with --group_tokens and --group_training=joint (the "
                      "separate tokens are trained one group after another: no pass holds every group's token)")
+    if args.group_choice_draws < 1 or args.group_choice_draws > 1 and not args.group_tokens:
+        parser.error("--group_choice_draws takes N >= 1 draws, more than one only with --group_tokens")
     if args.group_offset_learning_rate < 0 or args.group_offset_learning_rate and (
             not args.group_tokens or args.group_training != "joint"):
         parser.error("--group_offset_learning_rate takes 0 (the shift's step) or a positive step with --group_tokens "
@@ -507,7 +516,8 @@ class GroupTokens:
     list, every group's together); ``fit_users`` and ``fit_group`` the users the tokens were trained on and their
     groups; ``trajectory``, the :class:`GroupPartTrajectory` (None without ``--group_score_every``); ``relative``
     ``(n,)``, per probed user the group whose token explains their draw best against how it explains every probed
-    user's (:func:`relative_choice`)."""
+    user's (:func:`relative_choice`); ``relative_pooled`` ``(n,)``, the same choice by the mean NLL of
+    ``--group_choice_draws`` draws, the first of them ``relative``'s (None with one draw)."""
     tokens: torch.Tensor
     group: np.ndarray
     likeliest: np.ndarray
@@ -518,6 +528,7 @@ class GroupTokens:
     fit_group: np.ndarray
     trajectory: GroupPartTrajectory | None = None
     relative: np.ndarray | None = None
+    relative_pooled: np.ndarray | None = None
 
     def final_held_out_scores(self, batch: int) -> tuple[np.ndarray, ...] | None:
         """Batch ``batch``'s ``score_every_token`` tuple of the probed users' held-out texts with the final tokens,
@@ -678,14 +689,18 @@ def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, 
     else:
         tokens, nll = fit_group_tokens(trainer, fit_users, fitted, args.group_tokens, args.group_passes,
                                        args.group_learning_rate, rng, logger)
-    nll_by_group = group_likelihoods(trainer, users, tokens, rng)
+    # (draws, K, n); the first draw comes first from rng, so that every choice made on it stays a one-draw run's
+    nll_by_draw = np.stack([group_likelihoods(trainer, users, tokens, rng) for _ in range(args.group_choice_draws)])
+    nll_by_group = nll_by_draw[0]
     likeliest, relative = nll_by_group.argmin(0), relative_choice(nll_by_group)
+    pooled = relative_choice(nll_by_draw.mean(0)) if len(nll_by_draw) > 1 else None
     logger.info(f"token probe: {args.group_tokens} group tokens; the likeliest group is the nearest code's for "
                 f"{np.mean(likeliest == probed):.0%} of the probed users, the relatively likeliest for "
-                f"{np.mean(relative == probed):.0%}")
+                f"{np.mean(relative == probed):.0%}"
+                + (f", over {len(nll_by_draw)} draws for {np.mean(pooled == probed):.0%}" if pooled is not None else ""))
     return GroupTokens(tokens, probed, likeliest, int(nll_by_group.mean(1).argmin()),
                        np.bincount(fitted, minlength=args.group_tokens).tolist(), nll, fit_users, fitted, trajectory,
-                       relative)
+                       relative, pooled)
 
 
 def relative_choice(nll_by_group: np.ndarray) -> np.ndarray:
@@ -697,20 +712,25 @@ def relative_choice(nll_by_group: np.ndarray) -> np.ndarray:
     return (nll_by_group - nll_by_group.mean(1, keepdims=True)).argmin(0)
 
 
+PART_PAIRS = [("relative", "own"), ("relative_pooled", "own"), ("relative_pooled", "relative")]
+
+
 def relative_part_differences(scores: dict[str, np.ndarray]) -> dict[str, dict]:
-    """The relatively likeliest group's part minus the nearest code's group's part, per user, on the held-out text
-    and its rating tokens (``{"[rating_]group_relative_part_minus_[rating_]group_own_part": {"mean", "ci",
-    "share_below_zero"}}``, as ``interval_summary``'s): ``(relative - its twin) - (own - its twin)``, each token's
-    score less what it scores on a user of any group. Below zero, choosing a user's group by likelihood places them
-    better than the untrained code does (``{}`` without the modes)."""
+    """One choice's group part minus another's, per user, on the held-out text and its rating tokens
+    (``{"[rating_]group_<a>_part_minus_[rating_]group_<b>_part": {"mean", "ci", "share_below_zero"}}``, as
+    ``interval_summary``'s, for ``PART_PAIRS``): ``(a - its twin) - (b - its twin)``, each token's score less what it
+    scores on a user of any group. ``relative`` against ``own`` (the nearest code's group): below zero, choosing a
+    user's group by likelihood places them better than the untrained code does; ``relative_pooled`` against
+    ``relative``: below zero, more of the user's text makes that choice better (``{}`` without the modes)."""
     differences = {}
     for prefix in ("", "rating_"):
-        names = [prefix + "group_" + m for m in ("relative", "relative_additive", "own", "own_additive")]
-        if not all(name in scores for name in names):
-            continue
-        relative, relative_twin, own, own_twin = (scores[name] for name in names)
-        differences[f"{prefix}group_relative_part_minus_{prefix}group_own_part"] = difference_summary(
-            (relative - relative_twin) - (own - own_twin))
+        for a, b in PART_PAIRS:
+            names = [prefix + "group_" + m for m in (a, a + "_additive", b, b + "_additive")]
+            if not all(name in scores for name in names):
+                continue
+            chosen, chosen_twin, other, other_twin = (scores[name] for name in names)
+            differences[f"{prefix}group_{a}_part_minus_{prefix}group_{b}_part"] = difference_summary(
+                (chosen - chosen_twin) - (other - other_twin))
     return differences
 
 
@@ -792,6 +812,9 @@ def group_modes(matrix: np.ndarray, groups: GroupTokens, likeliest_other: np.nda
     if groups.relative is not None:
         modes.update({"group_relative": matrix[groups.relative, rows],
                       "group_relative_additive": additive_twin(matrix, groups.relative)})
+    if groups.relative_pooled is not None:
+        modes.update({"group_relative_pooled": matrix[groups.relative_pooled, rows],
+                      "group_relative_pooled_additive": additive_twin(matrix, groups.relative_pooled)})
     return {prefix + mode: values for mode, values in modes.items()}
 
 
@@ -997,6 +1020,7 @@ def render(data: dict) -> str:
               "rating_encoder_minus_rating_encoder_mean": "encoder's A z - its mean (held-out rating tokens)",
               "rating_encoder_minus_rating_encoder_other": "encoder's A z - another user's (held-out rating tokens)",
               "rating_encoder_mean_minus_rating_shared": "encoder's mean - the shared token (held-out rating tokens)"}
+    pooled = data.get("group_choice_draws", 1)
     for prefix, what in (("", "held-out text"), ("rating_", "held-out rating tokens")):
         labels.update({f"{prefix}group_own_minus_{prefix}group_mean": f"own group's token - their mean ({what})",
                        f"{prefix}group_own_minus_{prefix}group_other": f"own group's token - the next group's ({what})",
@@ -1022,6 +1046,18 @@ def render(data: dict) -> str:
                            f"the relatively likeliest group's token - what it scores on any user (its part, {what})",
                        f"{prefix}group_relative_part_minus_{prefix}group_own_part":
                            f"the relatively likeliest group's part - the nearest code's group's part ({what})",
+                       f"{prefix}group_relative_pooled_minus_{prefix}group_own":
+                           f"the relatively likeliest group over {pooled} draws' token - the nearest code's group's "
+                           f"({what})",
+                       f"{prefix}group_relative_pooled_minus_{prefix}group_relative_pooled_additive":
+                           f"the relatively likeliest group over {pooled} draws' token - what it scores on any user "
+                           f"(its part, {what})",
+                       f"{prefix}group_relative_pooled_part_minus_{prefix}group_own_part":
+                           f"the relatively likeliest group over {pooled} draws' part - the nearest code's group's "
+                           f"part ({what})",
+                       f"{prefix}group_relative_pooled_part_minus_{prefix}group_relative_part":
+                           f"the relatively likeliest group over {pooled} draws' part - over the first draw alone "
+                           f"({what})",
                        f"{prefix}count_group_own_minus_{prefix}count_population":
                            f"no LLM: own group's count model - the population's ({what})",
                        f"{prefix}count_group_own_minus_{prefix}count_group_other":
@@ -1095,6 +1131,10 @@ def render(data: dict) -> str:
                + (f", and best against how it explains every probed user's draw (the relatively likeliest; the "
                   f"nearest code's group for {data['group_relative_is_nearest']:.0%})"
                   if "group_relative_is_nearest" in data else "")
+               + (f"; the same over the mean NLL of {pooled} draws of their remaining text (the first one the draw "
+                  f"above; the nearest code's group for {data['group_relative_pooled_is_nearest']:.0%}, the first "
+                  f"draw's choice for {data['group_relative_pooled_is_relative']:.0%})"
+                  if "group_relative_pooled_is_nearest" in data else "")
                + ".") if data.get("group_tokens") else ""
     context = (f" With the shared token in place, the probed users' held-out text also read after the "
                f"{data.get('context_from', 'newest')} N tokens of "
@@ -1152,6 +1192,15 @@ def render(data: dict) -> str:
                           f"group's part minus the nearest code's {choice['mean']:+.4f} [{low:+.4f}, {high:+.4f}]: "
                           + ("the likelihood places users better than the untrained code." if high < 0 else
                              "the untrained code places them better." if low > 0 else "no better than the code."))
+        if choice := differences.get("group_relative_pooled_part_minus_group_own_part"):
+            low, high = choice["ci"]
+            gain = differences["group_relative_pooled_part_minus_group_relative_part"]
+            lines[-1] += (f" The same E-step over {pooled} draws of each user's text: the group's part minus the "
+                          f"nearest code's {choice['mean']:+.4f} [{low:+.4f}, {high:+.4f}] ("
+                          + ("better than the untrained code" if high < 0 else
+                             "the untrained code places them better" if low > 0 else "no better than the code")
+                          + f"), minus the first draw's choice {gain['mean']:+.4f} [{gain['ci'][0]:+.4f}, "
+                          f"{gain['ci'][1]:+.4f}].")
         if count := differences.get("count_group_own_minus_count_group_own_additive"):
             # the same matrix of groups by users from count models (no LLM): what a token per group could carry
             population = differences["count_group_own_minus_count_population"]
@@ -1267,10 +1316,16 @@ def main(argv=None) -> int:
             "group_sizes": groups.sizes,
             "group_nll": groups.nll,
             "group_likeliest_is_nearest": float(np.mean(groups.likeliest == groups.group)),
-            "group_best": groups.best,          # and per probed user (in per_user's order), the three choices:
+            "group_best": groups.best,          # and per probed user (in per_user's order), each choice:
             "group_relative_is_nearest": float(np.mean(groups.relative == groups.group)),
             "group_per_user": {"nearest": groups.group.tolist(), "likeliest": groups.likeliest.tolist(),
-                               "relative": groups.relative.tolist()},
+                               "relative": groups.relative.tolist(),
+                               **({"relative_pooled": groups.relative_pooled.tolist()}
+                                  if groups.relative_pooled is not None else {})},
+            **({"group_choice_draws": args.group_choice_draws,
+                "group_relative_pooled_is_nearest": float(np.mean(groups.relative_pooled == groups.group)),
+                "group_relative_pooled_is_relative": float(np.mean(groups.relative_pooled == groups.relative))}
+               if groups.relative_pooled is not None else {}),
             **({"group_score_every": args.group_score_every, "group_trajectory": groups.trajectory.entries,
                 "group_trained_users_count_part": trained_users_count_part}
                if groups.trajectory is not None else {})}
@@ -1294,7 +1349,8 @@ def main(argv=None) -> int:
             + ("_context" if args.context_tokens else "")
             + ("_oldest" if args.context_tokens and args.context_from == "oldest" else "")
             + (f"_groups{args.group_tokens}_{args.group_by}" if args.group_tokens else "")
-            + ("_joint" if args.group_tokens and args.group_training == "joint" else ""))
+            + ("_joint" if args.group_tokens and args.group_training == "joint" else "")
+            + (f"_choice{args.group_choice_draws}" if args.group_choice_draws > 1 else ""))
     publish_benchmark(args, name, data, render(data))
     return 0
 

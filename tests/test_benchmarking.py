@@ -367,6 +367,27 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
         unscored = json.loads(next((tmp_path / "unscored" / "toy").glob("*/token_probe_groups2_*.json")).read_text())
         assert unscored["group_nll"] == grouped["group_nll"] and "group_trajectory" not in unscored
         assert unscored["per_user"] == grouped["per_user"]
+        # the E-step over more draws: drawn after everything else, so every other score and choice stays the same
+        assert token_probe.main(base + [f"--results={tmp_path / 'pooled'}", "--group_choice_draws=3"] + grouping) == 0
+        pooled = json.loads(next((tmp_path / "pooled" / "toy").glob("*/token_probe_groups2_*_joint_choice3.json"))
+                            .read_text())
+        assert {m: pooled["per_user"][m] for m in unscored["per_user"]} == unscored["per_user"]
+        assert {k: pooled["group_per_user"][k] for k in unscored["group_per_user"]} == unscored["group_per_user"]
+        assert pooled["group_choice_draws"] == 3
+        choice = np.array(pooled["group_per_user"]["relative_pooled"])
+        assert pooled["group_relative_pooled_is_nearest"] == np.mean(choice == nearest_of(unscored))
+        assert pooled["group_relative_pooled_is_relative"] == np.mean(
+            choice == np.array(unscored["group_per_user"]["relative"]))
+        pooled_scores = np.array(pooled["per_user"]["group_relative_pooled"])
+        assert np.array_equal(pooled_scores[choice == nearest_of(unscored)],
+                              np.array(pooled["per_user"]["group_own"])[choice == nearest_of(unscored)])
+        for prefix in ("", "rating_"):
+            for other in ("own", "relative"):
+                summary = pooled["differences"][f"{prefix}group_relative_pooled_part_minus_{prefix}group_{other}_part"]
+                assert summary["ci"][0] <= summary["mean"] <= summary["ci"][1]
+        report = next((tmp_path / "pooled" / "toy").glob("*/*.md")).read_text()
+        assert "The same E-step over 3 draws of each user's text" in report
+        assert "the same over the mean NLL of 3 draws of their remaining text" in report
     else:
         assert [len(nll) for nll in grouped["group_nll"]] == [2, 2]
     assert 0 <= grouped["group_likeliest_is_nearest"] <= 1
@@ -413,9 +434,15 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
                 ["--group_tokens=2", "--group_score_every=1"], ["--group_score_every=1", "--group_training=joint"],
                 ["--group_tokens=2", "--group_training=joint", "--group_score_every=-1"],
                 ["--group_tokens=2", "--group_offset_learning_rate=0.01"],          # separate: no offsets apart
-                ["--group_tokens=2", "--group_training=joint", "--group_offset_learning_rate=-1"]):
+                ["--group_tokens=2", "--group_training=joint", "--group_offset_learning_rate=-1"],
+                ["--group_tokens=2", "--group_choice_draws=0"], ["--group_choice_draws=2"]):
         with pytest.raises(SystemExit):
             token_probe.parse_args(base + bad)
+
+
+def nearest_of(data: dict) -> np.ndarray:
+    """The token probe's JSON: each probed user's nearest code's group."""
+    return np.array(data["group_per_user"]["nearest"])
 
 
 def test_group_modes_take_out_how_good_a_token_is_for_everyone_and_how_hard_a_user_is():
@@ -462,6 +489,28 @@ def test_the_relative_choice_finds_the_group_a_token_fits_better_than_others_not
     same = token_probe.group_modes(held, dataclasses.replace(groups, group=truth), truth[::-1])
     assert token_probe.relative_part_differences(same)["group_relative_part_minus_group_own_part"]["mean"] == 0
     assert token_probe.relative_part_differences({"group_own": held[0]}) == {}      # no relative choice: nothing
+
+
+def test_the_relative_choice_over_more_draws_finds_groups_that_one_noisy_draw_misses():
+    """``--group_choice_draws``: where one draw's noise is as large as a group's bonus, the first draw's relative
+    choice misses many users' planted groups and the mean over many draws finds nearly all; the pooled choice's part
+    is then below the first draw's, user by user, and equal where both choose the same."""
+    token_probe = import_benchmark("token_probe")
+    rng = np.random.default_rng(2)
+    truth = np.arange(60) % 3
+    bonus = np.zeros((3, 60))
+    bonus[truth, np.arange(60)] = -0.2                                        # each user's own group fits them
+    draws = rng.normal(scale=0.2, size=(16, 3, 60)) + np.array([[0.0], [-0.5], [0.1]]) + bonus
+    first, pooled = token_probe.relative_choice(draws[0]), token_probe.relative_choice(draws.mean(0))
+    assert np.mean(first == truth) < 0.8 and np.mean(pooled == truth) > 0.95
+    groups = token_probe.GroupTokens(torch.zeros(3, 1, 1), truth, draws[0].argmin(0), 1, [20, 20, 20], [],
+                                     np.arange(60, 120), truth, relative=first, relative_pooled=pooled)
+    held = bonus + np.array([[0.0], [-0.5], [0.1]]) + rng.normal(scale=0.01, size=(1, 60))   # a held-out text
+    differences = token_probe.relative_part_differences(token_probe.group_modes(held, groups, truth[::-1]))
+    better = differences["group_relative_pooled_part_minus_group_relative_part"]
+    assert better["ci"][1] < 0 and better["share_below_zero"] == pytest.approx(np.mean(pooled != first))
+    assert 0 <= differences["group_relative_pooled_part_minus_group_own_part"]["mean"] \
+        < differences["group_relative_part_minus_group_own_part"]["mean"]      # the code is the truth: closer to it
 
 
 def test_token_probe_reads_each_users_history_in_context_beside_the_shared_token(tmp_path, tiny_llm_dir):
