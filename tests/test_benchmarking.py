@@ -20,6 +20,10 @@ from recbole_uip.benchmarking import (
     RESULTS, goal_verdict, held_out_positions, mean_ci, paired_test, parse_known_with_overrides, results_dir,
     write_result,
 )
+from recbole_uip.token_probe.group_parts import group_modes, relative_part_differences
+from recbole_uip.token_probe.groups import GroupTokens, fit_group_tokens_jointly, relative_choice
+from recbole_uip.token_probe.report import describe_objective, render
+from recbole_uip.token_probe.stages import distillation_teacher, still_learning, train_encoder, use_mult_vae_features
 from recbole_uip.utils import write_json_atomic
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -203,16 +207,15 @@ def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_pat
 
 def test_token_probe_says_when_a_stage_stopped_while_still_learning():
     """``still_learning``: the last pass's drop where it exceeds 1% of the loss; the report flags such a shift."""
-    token_probe = import_benchmark("token_probe")
-    assert token_probe.still_learning([2.2707, 2.2080]) == pytest.approx(0.0627)
-    assert token_probe.still_learning([2.65, 2.64]) is None                     # 0.4%: converged enough
-    assert token_probe.still_learning([2.0, 2.1]) is None and token_probe.still_learning([2.0]) is None
+    assert still_learning([2.2707, 2.2080]) == pytest.approx(0.0627)
+    assert still_learning([2.65, 2.64]) is None                     # 0.4%: converged enough
+    assert still_learning([2.0, 2.1]) is None and still_learning([2.0]) is None
     # a real record: the genre-only text's probe, whose shift was still falling after 16 passes (1.9361 -> 1.8892)
     data = json.loads((RESULTS / "ml-100k" / "5068856ecb02" /
                        "token_probe_resampled_context_oldest_shift16.json").read_text())
-    assert token_probe.still_learning(data["shift_nll"]) == pytest.approx(1.9361 - 1.8892, abs=1e-4)
-    falling = token_probe.render({**data, "shift_nll": [2.2707, 2.2080]})
-    flat = token_probe.render({**data, "shift_nll": [2.65, 2.64]})
+    assert still_learning(data["shift_nll"]) == pytest.approx(1.9361 - 1.8892, abs=1e-4)
+    falling = render({**data, "shift_nll": [2.2707, 2.2080]})
+    flat = render({**data, "shift_nll": [2.65, 2.64]})
     assert "**still falling**: the last pass lowered it by 0.0627 (2.8%)" in falling
     assert "still falling" not in flat and "NLL per pass 2.6500, 2.6400" in flat
 
@@ -220,12 +223,11 @@ def test_token_probe_says_when_a_stage_stopped_while_still_learning():
 def test_token_probe_report_names_the_text_the_tokens_were_fitted_to():
     """``describe_objective``: a random draw under ``uip_target: random``, the newest tokens under ``newest`` (every
     draw the same text), whatever the number of draws."""
-    token_probe = import_benchmark("token_probe")
     record = {"settings": {"max_behaviour_tokens": 64, "rating_weight": 10.0, "target": "random"}}
     data = {"record": record, "draws": 4, "distil_context_tokens": 128}
-    assert "4 random draws, one per step in turn, each of 64 tokens" in token_probe.describe_objective("distil", data)
+    assert "4 random draws, one per step in turn, each of 64 tokens" in describe_objective("distil", data)
     record["settings"]["target"] = "newest"
-    described = token_probe.describe_objective("distil", data)
+    described = describe_objective("distil", data)
     assert "the newest 64 tokens of their remaining training text" in described and "random" not in described
     assert "newest 128 tokens of their other remaining items" in described
 
@@ -339,11 +341,11 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
     suffix = "_joint" if training == "joint" else ""
     grouped = json.loads(next((tmp_path / "grouped" / "toy").glob(f"*/token_probe_groups2_{group_by}{suffix}.json"))
                          .read_text())
-    group_modes = {"group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
+    probed_modes = {"group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
                    "group_own_additive", "group_likeliest_additive", "group_relative", "group_relative_additive",
                    "count_population", "count_group_own",
                    "count_group_other", "count_group_own_additive", "count_set"}
-    assert set(grouped["modes"]) == set(alone["modes"]) | group_modes | {"rating_" + m for m in group_modes}
+    assert set(grouped["modes"]) == set(alone["modes"]) | probed_modes | {"rating_" + m for m in probed_modes}
     for mode in alone["per_user"]:                                   # the shift put back, no other draw changed
         assert grouped["per_user"][mode] == alone["per_user"][mode], mode
     assert grouped["group_by"] == group_by and len(grouped["group_sizes"]) == 2 and min(grouped["group_sizes"]) > 0
@@ -448,20 +450,19 @@ def nearest_of(data: dict) -> np.ndarray:
 def test_group_modes_take_out_how_good_a_token_is_for_everyone_and_how_hard_a_user_is():
     """``own - own_additive`` is zero when a token's score is a user's difficulty plus the token's quality, and
     finds a planted bonus of a group's token on its own users; the other modes pick the right cells."""
-    token_probe = import_benchmark("token_probe")
     rng = np.random.default_rng(0)
     users, nearest = np.arange(12), np.arange(12) % 3
-    groups = token_probe.GroupTokens(torch.zeros(3, 1, 1), nearest, (nearest + 2) % 3, 1, [4, 4, 4], [],
+    groups = GroupTokens(torch.zeros(3, 1, 1), nearest, (nearest + 2) % 3, 1, [4, 4, 4], [],
                                      np.arange(12, 24), nearest)
     additive = rng.normal(size=(1, 12)) + np.array([[0.0], [-0.3], [0.2]])        # user difficulty + token quality
-    plain = token_probe.group_modes(additive, groups, nearest[::-1])
+    plain = group_modes(additive, groups, nearest[::-1])
     assert np.allclose(plain["group_own"] - plain["group_own_additive"], 0)
     assert np.array_equal(plain["group_best"], additive[1])
     assert np.array_equal(plain["group_own"][:3], additive[[0, 1, 2], [0, 1, 2]])
     assert np.array_equal(plain["group_likeliest_other"], additive[nearest[::-1], users])
     planted = additive.copy()
     planted[nearest, users] -= 0.1                                     # each group's token better on its own users
-    modes = token_probe.group_modes(planted, groups, nearest[::-1], "rating_")
+    modes = group_modes(planted, groups, nearest[::-1], "rating_")
     interaction = modes["rating_group_own"] - modes["rating_group_own_additive"]
     assert np.allclose(interaction, -0.1 * (1 - 1 / 3))        # the bonus, less the share the means absorb (1 / K)
     assert np.allclose(modes["rating_group_likeliest"] - modes["rating_group_likeliest_additive"], 0.1 / 3)
@@ -472,41 +473,39 @@ def test_the_relative_choice_finds_the_group_a_token_fits_better_than_others_not
     and each user's own group's token fits them a little better than it fits the others, the plain argmin picks the
     token best for everyone, the relative choice each user's own group; and the part difference is below zero where
     the relative choice finds a planted group the nearest code misses, zero where both choose the same."""
-    token_probe = import_benchmark("token_probe")
     rng = np.random.default_rng(1)
     truth = np.arange(12) % 3
     draws = rng.normal(scale=0.01, size=(1, 12)) + np.array([[0.0], [-0.5], [0.1]])   # token 1 best for everyone
     draws[truth, np.arange(12)] -= 0.2                                          # each user's own group fits them
     assert (draws.argmin(0) == 1).all()
-    assert np.array_equal(token_probe.relative_choice(draws), truth)
+    assert np.array_equal(relative_choice(draws), truth)
     held = draws.copy()                                                # the held-out texts share the planted groups
     wrong = (truth + 1) % 3                                            # a code that places every user elsewhere
-    groups = token_probe.GroupTokens(torch.zeros(3, 1, 1), wrong, draws.argmin(0), 1, [4, 4, 4], [],
-                                     np.arange(12, 24), truth, relative=token_probe.relative_choice(draws))
-    modes = token_probe.group_modes(held, groups, truth[::-1])
-    difference = token_probe.relative_part_differences(modes)["group_relative_part_minus_group_own_part"]
+    groups = GroupTokens(torch.zeros(3, 1, 1), wrong, draws.argmin(0), 1, [4, 4, 4], [],
+                                     np.arange(12, 24), truth, relative=relative_choice(draws))
+    modes = group_modes(held, groups, truth[::-1])
+    difference = relative_part_differences(modes)["group_relative_part_minus_group_own_part"]
     assert difference["mean"] < 0 and difference["ci"][1] < 0 and difference["share_below_zero"] == 1
-    same = token_probe.group_modes(held, dataclasses.replace(groups, group=truth), truth[::-1])
-    assert token_probe.relative_part_differences(same)["group_relative_part_minus_group_own_part"]["mean"] == 0
-    assert token_probe.relative_part_differences({"group_own": held[0]}) == {}      # no relative choice: nothing
+    same = group_modes(held, dataclasses.replace(groups, group=truth), truth[::-1])
+    assert relative_part_differences(same)["group_relative_part_minus_group_own_part"]["mean"] == 0
+    assert relative_part_differences({"group_own": held[0]}) == {}      # no relative choice: nothing
 
 
 def test_the_relative_choice_over_more_draws_finds_groups_that_one_noisy_draw_misses():
     """``--group_choice_draws``: where one draw's noise is as large as a group's bonus, the first draw's relative
     choice misses many users' planted groups and the mean over many draws finds nearly all; the pooled choice's part
     is then below the first draw's, user by user, and equal where both choose the same."""
-    token_probe = import_benchmark("token_probe")
     rng = np.random.default_rng(2)
     truth = np.arange(60) % 3
     bonus = np.zeros((3, 60))
     bonus[truth, np.arange(60)] = -0.2                                        # each user's own group fits them
     draws = rng.normal(scale=0.2, size=(16, 3, 60)) + np.array([[0.0], [-0.5], [0.1]]) + bonus
-    first, pooled = token_probe.relative_choice(draws[0]), token_probe.relative_choice(draws.mean(0))
+    first, pooled = relative_choice(draws[0]), relative_choice(draws.mean(0))
     assert np.mean(first == truth) < 0.8 and np.mean(pooled == truth) > 0.95
-    groups = token_probe.GroupTokens(torch.zeros(3, 1, 1), truth, draws[0].argmin(0), 1, [20, 20, 20], [],
+    groups = GroupTokens(torch.zeros(3, 1, 1), truth, draws[0].argmin(0), 1, [20, 20, 20], [],
                                      np.arange(60, 120), truth, relative=first, relative_pooled=pooled)
     held = bonus + np.array([[0.0], [-0.5], [0.1]]) + rng.normal(scale=0.01, size=(1, 60))   # a held-out text
-    differences = token_probe.relative_part_differences(token_probe.group_modes(held, groups, truth[::-1]))
+    differences = relative_part_differences(group_modes(held, groups, truth[::-1]))
     better = differences["group_relative_pooled_part_minus_group_relative_part"]
     assert better["ci"][1] < 0 and better["share_below_zero"] == pytest.approx(np.mean(pooled != first))
     assert 0 <= differences["group_relative_pooled_part_minus_group_own_part"]["mean"] \
@@ -559,7 +558,6 @@ def test_the_groups_offsets_take_their_own_step_apart_from_the_shifts_when_given
     shift is put back either way."""
     from test_trainer import make_trainer
 
-    token_probe = import_benchmark("token_probe")
     trainer = make_trainer(tmp_path, tiny_llm_dir)
     trainer.setup()
     users = np.sort(trainer.training_users()[:8])
@@ -568,7 +566,7 @@ def test_the_groups_offsets_take_their_own_step_apart_from_the_shifts_when_given
     logger = logging.getLogger("test")
 
     def fitted(offset_learning_rate):
-        tokens, _ = token_probe.fit_group_tokens_jointly(trainer, users, groups, 2, 1, 0.005,
+        tokens, _ = fit_group_tokens_jointly(trainer, users, groups, 2, 1, 0.005,
                                                          np.random.default_rng(0), logger,
                                                          offset_learning_rate=offset_learning_rate)
         assert torch.equal(trainer.soft.shared, base)                       # the shift put back
@@ -628,12 +626,11 @@ def test_the_probes_encoder_training_moves_the_encoder_and_the_shift(tmp_path, t
     behind in ``A``."""
     from test_trainer import make_trainer
 
-    token_probe = import_benchmark("token_probe")
     trainer = make_trainer(tmp_path, tiny_llm_dir)
     trainer.setup()
     encoder, shared = trainer.soft.encoder.detach().clone(), trainer.soft.shared.detach().clone()
     users = trainer.training_users()[:8]
-    nll = token_probe.train_encoder(trainer, users, 2, 0.01, np.random.default_rng(0), logging.getLogger("test"))
+    nll = train_encoder(trainer, users, 2, 0.01, np.random.default_rng(0), logging.getLogger("test"))
     assert len(nll) == 2 and all(np.isfinite(nll))
     assert not torch.equal(trainer.soft.encoder, encoder) and not torch.equal(trainer.soft.shared, shared)
     assert trainer.soft.encoder.grad is None
@@ -646,11 +643,10 @@ def test_an_m_step_batch_against_a_teacher_returns_and_lowers_its_cross_entropy(
     from recbole_uip.inference.soft_profiles import soft_target_nll
     from test_trainer import make_trainer
 
-    token_probe = import_benchmark("token_probe")
     trainer = make_trainer(tmp_path, steerable_llm_dir)
     trainer.setup()
     targets = trainer.targets(trainer.training_users()[:4], np.random.default_rng(0))
-    teacher = token_probe.distillation_teacher(trainer, targets, 12)
+    teacher = distillation_teacher(trainer, targets, 12)
     optimizer = torch.optim.Adam([trainer.soft.encoder], lr=0.003)
     shared_opt = trainer.shared_optimizer()
     losses = []
@@ -1162,7 +1158,7 @@ def test_the_probes_encoder_can_read_a_mult_vae_code_of_the_same_items(tmp_path,
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(mult_vae, "fit_mult_vae", recording_fit)
-        token_probe.use_mult_vae_features(trainer, logging.getLogger("test"), users[:3])
+        use_mult_vae_features(trainer, logging.getLogger("test"), users[:3])
     expected = mult_vae.user_item_matrix(trainer.histories.items, len(trainer.histories.item_texts)).toarray()[3:]
     assert len(fitted_on) == 1 and np.array_equal(fitted_on[0], expected)     # not the encoder's users
     whole = trainer.features(users)

@@ -1,0 +1,147 @@
+"""What a group's token carries of a user apart from how good it is for everyone (``benchmarks/token_probe.py
+--group_tokens``): from the matrix of every group's token scored on every probed user, the group's part (a token's
+score less its additive twin), the scores of each choice of group, the part differences between choices, and the
+same matrix from count models of the groups with no LLM.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from recbole_uip.benchmarking import HeldOutInference, difference_summary, mean_ci
+
+if TYPE_CHECKING:
+    from recbole_uip.token_probe.groups import GroupTokens
+
+
+def additive_twin(matrix: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """``(n,)``: what the token ``chosen[j]`` would score on user ``j`` of ``matrix (K, n)`` (every group's token on
+    every user, nan where a user has nothing to score) if a token's effect did not depend on whose group it is: the
+    user's mean over every token plus that token's mean over the users, less the grand mean (a two-way additive
+    fit). The user's own group's score minus it is the group's part."""
+    return np.nanmean(matrix, 0) + np.nanmean(matrix, 1)[chosen] - np.nanmean(matrix)
+
+
+def group_part_summary(matrix: np.ndarray, group: np.ndarray) -> dict:
+    """The group's part over the users of ``matrix (K, n)``, each scored by their own group ``group (n,)`` minus
+    :func:`additive_twin`: ``{"mean", "ci"}``, the mean and its 95% interval over the users with a score."""
+    part = matrix[group, np.arange(len(group))] - additive_twin(matrix, group)
+    mean, low, high = mean_ci(part[np.isfinite(part)])
+    return {"mean": mean, "ci": [low, high]}
+
+
+def nearest_group_modes(matrix: np.ndarray, nearest: np.ndarray) -> dict[str, np.ndarray]:
+    """From ``matrix (K, n)``, each user scored by the nearest code's group ``nearest (n,)``: ``group_own`` (that
+    group's token or model), ``group_other`` (the next group's) and ``group_own_additive`` (:func:`additive_twin`),
+    each ``(n,)``: the modes that need no choice by likelihood, shared by the tokens and the count models."""
+    rows = np.arange(matrix.shape[1])
+    return {"group_own": matrix[nearest, rows], "group_other": matrix[(nearest + 1) % len(matrix), rows],
+            "group_own_additive": additive_twin(matrix, nearest)}
+
+
+def group_modes(matrix: np.ndarray, groups: GroupTokens, likeliest_other: np.ndarray,
+                prefix: str = "") -> dict[str, np.ndarray]:
+    """The ``group_*`` modes ``{prefix + mode: (n,)}`` from ``matrix (K, n)``, every group's token scored on every
+    probed user's held-out text (nan where a user has nothing to score): the user's group's token, the next
+    group's, the likeliest group's, ``likeliest_other`` ``(n,)`` (another user's likeliest group), the one group
+    best for everyone; and ``group_own_additive`` / ``group_likeliest_additive``, what those tokens would score if
+    a token's effect did not depend on whose group it is: the user's mean over every token plus how that token
+    does on all the probed users against every token (a two-way additive fit, ``row + column - grand`` means).
+    ``own - own_additive`` is then the user-by-token interaction: the group's part alone, with how good a token is
+    for everyone and how hard a user is taken out (the means absorb part of it: of a bonus a token has on its own
+    group's users alone, equal groups show ``1 - 1/K``)."""
+    rows, likeliest = np.arange(matrix.shape[1]), groups.likeliest
+    modes = {**nearest_group_modes(matrix, groups.group),
+             "group_likeliest": matrix[likeliest, rows], "group_likeliest_other": matrix[likeliest_other, rows],
+             "group_best": matrix[groups.best], "group_likeliest_additive": additive_twin(matrix, likeliest)}
+    if groups.relative is not None:
+        modes.update({"group_relative": matrix[groups.relative, rows],
+                      "group_relative_additive": additive_twin(matrix, groups.relative)})
+    if groups.relative_pooled is not None:
+        modes.update({"group_relative_pooled": matrix[groups.relative_pooled, rows],
+                      "group_relative_pooled_additive": additive_twin(matrix, groups.relative_pooled)})
+    return {prefix + mode: values for mode, values in modes.items()}
+
+
+PART_PAIRS = [("relative", "own"), ("relative_pooled", "own"), ("relative_pooled", "relative")]
+
+
+def relative_part_differences(scores: dict[str, np.ndarray]) -> dict[str, dict]:
+    """One choice's group part minus another's, per user, on the held-out text and its rating tokens
+    (``{"[rating_]group_<a>_part_minus_[rating_]group_<b>_part": {"mean", "ci", "share_below_zero"}}``, as
+    ``interval_summary``'s, for ``PART_PAIRS``): ``(a - its twin) - (b - its twin)``, each token's score less what it
+    scores on a user of any group. ``relative`` against ``own`` (the nearest code's group): below zero, choosing a
+    user's group by likelihood places them better than the untrained code does; ``relative_pooled`` against
+    ``relative``: below zero, more of the user's text makes that choice better (``{}`` without the modes)."""
+    differences = {}
+    for prefix in ("", "rating_"):
+        for a, b in PART_PAIRS:
+            names = [prefix + "group_" + m for m in (a, a + "_additive", b, b + "_additive")]
+            if not all(name in scores for name in names):
+                continue
+            chosen, chosen_twin, other, other_twin = (scores[name] for name in names)
+            differences[f"{prefix}group_{a}_part_minus_{prefix}group_{b}_part"] = difference_summary(
+                (chosen - chosen_twin) - (other - other_twin))
+    return differences
+
+
+def group_count_modes(run: HeldOutInference, groups: GroupTokens, users: np.ndarray) -> dict[str, np.ndarray]:
+    """The same question with no LLM, on the same groups, users and held-out items (``recbole_uip.count_reference``):
+    each probed user's held-out items (texts and ratings) scored by the population's count model mixed with each
+    group's, fitted on the remaining histories of the group's training users alone
+    (:func:`~recbole_uip.count_reference.group_reference`), in nats per held-out token (``rating_*``: the ratings'
+    part per held-out rating token). Modes: ``count_population``, ``count_group_own`` (the user's group),
+    ``count_group_other`` (the next group's), ``count_group_own_additive`` (:func:`nearest_group_modes`' twin, so
+    that own minus it is the group's part as it is for the tokens) and ``count_set`` (``count_population`` less what the count
+    reference's model of the user's own history as a set gains, ``count_reference.md``'s ``set``): how much of these
+    users' held-out text a token per group could take at most, as collaborative counts see it, beside what a
+    profile of each user could. Only the differences between these modes are in the tokens' unit."""
+    from recbole_uip.count_reference import count_reference, held_out_data, per_count
+
+    data = held_out_data(run.full_text.histories, run.held)
+    parts = group_count_matrices(run, groups, users, groups.group, data)
+    set_text, set_rating = (gain[users] for gain in count_reference(data).gain("set"))
+    modes = {}
+    for prefix, matrix, population, count in parts:
+        set_gain = set_rating if prefix else set_text + (set_rating if len(parts) > 1 else 0)
+        modes.update({prefix + "count_" + m: values for m, values in nearest_group_modes(matrix, groups.group).items()})
+        modes[prefix + "count_population"] = per_count(population, count)
+        modes[prefix + "count_set"] = per_count(population - set_gain, count)
+    return modes
+
+
+def group_count_matrices(run: HeldOutInference, groups: GroupTokens, users: np.ndarray, user_group: np.ndarray,
+                         data=None) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """The count models of the groups (:func:`~recbole_uip.count_reference.group_reference`, each fitted on the
+    remaining histories of its users among ``groups.fit_users``) on ``users``' held-out items, ``user_group (n,)``
+    their groups (which the mixtures' weights are cross-fitted with): per part, ``(prefix, matrix, population,
+    count)``, ``prefix`` "" for every held-out token and "rating_" for the rating tokens alone (where the text
+    writes ratings), ``matrix (K, n)`` every group's model on each user in nats per held-out token, ``population
+    (n,)`` the population model's nats in all and ``count (n,)`` the held-out tokens. ``data``: the run's
+    ``count_reference.held_out_data`` where the caller has it already (built here otherwise)."""
+    from recbole_uip.count_reference import group_reference, held_out_data, held_out_token_counts, per_count
+
+    if data is None:
+        data = held_out_data(run.full_text.histories, run.held)
+    member = np.full(len(data.held), -1)
+    member[groups.fit_users] = groups.fit_group
+    reference = group_reference(data, member, users, user_group, len(groups.tokens))
+    tokens, rating_tokens = (counts[users] for counts in held_out_token_counts(run.full_text, run.held))
+    with_ratings = reference.rating_nll is not None and bool(rating_tokens.any())   # the text writes the ratings
+    parts = [("", reference.text_nll + (reference.rating_nll if with_ratings else 0),
+              reference.population_text_nll + (reference.population_rating_nll if with_ratings else 0), tokens)]
+    if with_ratings:
+        parts.append(("rating_", reference.rating_nll, reference.population_rating_nll, rating_tokens))
+    return [(prefix, per_count(nll, count[None]), population, count) for prefix, nll, population, count in parts]
+
+
+def count_group_part(run: HeldOutInference, groups: GroupTokens, users: np.ndarray,
+                     user_group: np.ndarray) -> dict[str, dict]:
+    """The count models' group part (own group's model - :func:`additive_twin`) on ``users``' held-out items, mean
+    and 95% interval over users, per prefix (:func:`group_count_matrices`): for the users the tokens train on
+    (:class:`GroupPartTrajectory`'s sample), members of their own group's model as they are of its token's
+    training."""
+    return {prefix + "held_out": group_part_summary(matrix, user_group)
+            for prefix, matrix, _, _ in group_count_matrices(run, groups, users, user_group)}

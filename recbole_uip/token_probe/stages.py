@@ -1,0 +1,197 @@
+"""The token probe's training stages (``benchmarks/token_probe.py``, steps 1, 2 and 5 of its docstring): the shared
+shift, the per-user fits on each objective, the linear encoder, and the passes loop they share; each trains parts of
+a :class:`~recbole_uip.inference.trainer.ProfileInferenceTrainer` on the users' remaining training text (no held-out
+item).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from recbole_uip.benchmarking import newest_tokens
+from recbole_uip.inference.trainer import Targets, after_contexts
+
+
+def teacher_contexts(trainer, targets, context_tokens: int) -> list[list[int]]:
+    """What the teacher reads before each user's text in ``targets``: the user's newest ``context_tokens`` tokens
+    of the items the text leaves out (token ids)."""
+    return [newest_tokens(trainer.text, u, targets.inputs[j], context_tokens) for j, u in enumerate(targets.users)]
+
+
+def distillation_teacher(trainer, targets, context_tokens: int) -> torch.Tensor:
+    """The teacher of ``targets`` ``(B, L - 1, V)``: the frozen LLM's predictions of each user's text, with the
+    shared token, after :func:`teacher_contexts`."""
+    return trainer.teacher_probabilities(targets, teacher_contexts(trainer, targets, context_tokens),
+                                         torch.zeros(len(targets.users), *trainer.soft.anchors.shape))
+
+
+def collaborative_draws(trainer, logger):
+    """A function ``draw(users, rng) -> Targets``: per user of ``users``, one text of ``uip_max_behaviour_tokens``
+    written from items drawn from a Mult-VAE's distribution over the items they have not seen given their (remaining)
+    training items (:class:`~recbole_uip.collaborative_text.CollaborativeTexts`); the Mult-VAE is trained once here
+    on every user's remaining training items (no held-out item)."""
+    from recbole_uip import mult_vae
+    from recbole_uip.collaborative_text import CollaborativeTexts, unseen_item_probabilities
+
+    histories = trainer.histories
+    num_items = len(histories.item_texts)
+    model = mult_vae.fit_mult_vae(mult_vae.user_item_matrix(histories.items, num_items))
+    writer = CollaborativeTexts(trainer.text)
+    budget = trainer.settings.max_behaviour_tokens
+    logger.info(f"token probe: texts drawn from a Mult-VAE trained on {len(histories.items)} users' remaining "
+                f"training items")
+
+    def draw(users: np.ndarray, rng: np.random.Generator) -> Targets:
+        probabilities = unseen_item_probabilities(model, trainer.history_items(users), num_items)
+        texts, flags = zip(*(writer.sample(p, budget, rng) for p in probabilities))
+        return Targets(np.asarray(users), list(texts), None if trainer.text.rating_flags is None else list(flags),
+                       [np.arange(len(histories.items[u])) for u in users])     # the encoder would read them all
+
+    return draw
+
+
+def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
+               sampled: list | None = None) -> tuple[torch.Tensor, object]:
+    """Each user's tokens ``(B, P, D)`` fitted on ``objective`` (``--fit_objective``'s choices) from ``start``, one
+    of ``draws`` per step in turn, and the first text they were fitted to (``Targets``): ``draws[0]``, or for
+    ``teacher_text`` the teacher's context followed by it; for ``mult_vae``, one of ``sampled`` (texts from
+    :func:`collaborative_draws`, one per step) per step, the first of them."""
+    if objective == "mult_vae":
+        return trainer.fit_user_tokens(sampled, start, args.fit_steps, args.fit_learning_rate), sampled[0]
+    if objective == "teacher_text":
+        texts = [after_contexts(d, teacher_contexts(trainer, d, args.distil_context_tokens)) for d in draws]
+        return trainer.fit_user_tokens(texts, start, args.fit_steps, args.fit_learning_rate), texts[0]
+    teachers = [distillation_teacher(trainer, d, args.distil_context_tokens) for d in draws] \
+        if objective == "distil" else None
+    return trainer.fit_user_tokens(draws, start, args.fit_steps, args.fit_learning_rate, objective == "weighted",
+                                   teachers), draws[0]
+
+
+def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger, encoder_optimizer=None,
+                 distil_context_tokens: int = 0, collaborative=None, shift_learning_rate: float = 0.0) -> list[float]:
+    """``passes`` passes over ``users`` in M-step batches (:meth:`ProfileInferenceTrainer.train_batch`); the mean
+    NLL of each pass. Without ``encoder_optimizer``, the shared shift alone learns (nothing to train without a
+    shift: ``[]``); with it, the encoder steps at every batch on its batch-centred gradient, the shift beside it, on
+    the M-step's objective or, given ``distil_context_tokens``, against :func:`distillation_teacher` (the mean
+    cross-entropy of each pass is returned then); given ``collaborative`` (:func:`collaborative_draws`'s ``draw``),
+    on its texts instead of the users' own. ``shift_learning_rate``: the shift's Adam step (0: the settings',
+    ``uip_shared_learning_rate``)."""
+    shared_opt = trainer.shared_optimizer()
+    if shared_opt is not None and shift_learning_rate:
+        shared_opt.param_groups[0]["lr"] = shift_learning_rate
+    if shared_opt is None and encoder_optimizer is None:
+        return []
+
+    def step(targets) -> float:
+        if encoder_optimizer is not None:
+            encoder_optimizer.zero_grad(set_to_none=True)
+        teacher = distillation_teacher(trainer, targets, distil_context_tokens) if distil_context_tokens else None
+        nll = float(trainer.train_batch(targets, [1.0] * len(trainer.codebooks), shared_opt,
+                                        shift_only=encoder_optimizer is None, teacher=teacher).mean())
+        if encoder_optimizer is not None:
+            encoder_optimizer.step()
+        return nll
+
+    means = batch_passes(trainer, users, passes, rng, logger, step, "shift" if encoder_optimizer is None else "encoder",
+                         collaborative)
+    if encoder_optimizer is not None:
+        encoder_optimizer.zero_grad(set_to_none=True)
+    return means
+
+
+def batch_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger, step, label: str,
+                 draw=None, after_pass=None) -> list[float]:
+    """The loop every training stage of the probe shares: ``passes`` passes over ``users``, each in a new order
+    (``rng``), in M-step batches; each batch's texts drawn by ``draw(batch, rng)`` (the users' own,
+    :meth:`ProfileInferenceTrainer.targets`, when None) and handed to ``step(targets) -> float``, which trains on
+    them and returns their mean loss. The mean of each pass, logged as ``label``'s; ``after_pass(passes_done)``, if
+    given, called after every pass."""
+    means = []
+    for index in range(passes):
+        order = users[rng.permutation(len(users))]
+        losses = []
+        for i in range(0, len(order), trainer.settings.batch_size):
+            batch = order[i:i + trainer.settings.batch_size]
+            losses.append(step(draw(batch, rng) if draw else trainer.targets(batch, rng)))
+        means.append(float(np.mean(losses)))
+        logger.info(f"token probe: {label} pass {index + 1}, NLL {means[-1]:.4f}")
+        if after_pass is not None:
+            after_pass(index + 1)
+    return means
+
+
+STILL_LEARNING = 0.01   # a last pass that lowers a stage's loss by more than this share of it: not converged
+
+
+def still_learning(losses: list[float], tolerance: float = STILL_LEARNING) -> float | None:
+    """The last pass's drop in loss, ``losses[-2] - losses[-1]``, where it exceeds ``tolerance`` times the last
+    loss (the stage stopped while still learning); None otherwise, or with fewer than two passes. ``losses``: the
+    mean loss of each pass (:func:`train_shift`, :func:`train_encoder`)."""
+    if len(losses) < 2:
+        return None
+    drop = losses[-2] - losses[-1]
+    return float(drop) if drop > tolerance * abs(losses[-1]) else None
+
+
+def train_shift(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger,
+                distil_context_tokens: int = 0) -> list[float]:
+    """The shared shift alone, ``passes`` passes over ``users`` in M-step batches, on the M-step's objective or,
+    given ``distil_context_tokens``, against :func:`distillation_teacher`; the mean NLL (cross-entropy) of each
+    pass."""
+    return train_passes(trainer, users, passes, rng, logger, distil_context_tokens=distil_context_tokens)
+
+
+ENCODER_INPUTS = ("items", "mult_vae")
+
+
+def mult_vae_of(trainer, train_users: np.ndarray, latent: int):
+    """A Mult-VAE (``recbole_uip.mult_vae``) with a ``latent``-dimensional code trained on the trainer's histories
+    (no held-out item) of ``train_users`` alone, and every user's binary item matrix ``(U, I)``."""
+    from recbole_uip import mult_vae
+
+    histories = trainer.histories
+    matrix = mult_vae.user_item_matrix(histories.items, len(histories.item_texts))
+    return mult_vae.fit_mult_vae(matrix[train_users], latent=latent), matrix
+
+
+def use_mult_vae_features(trainer, logger, unseen_users: np.ndarray) -> None:
+    """Replace the trainer's user vector ``z (B, k)`` by the mean code of a Mult-VAE with ``k`` latent dimensions
+    (``recbole_uip.mult_vae``) of the same items, standardised over the users' whole histories: the collaborative
+    compression of a history that predicts its held-out items best (``benchmarks/count_reference.py``), read by the
+    same encoder ``A``.
+
+    The Mult-VAE is trained on the trainer's histories (no held-out item) of every user but ``unseen_users`` (the
+    users the encoder trains on): had it seen their whole remaining histories, the code of the items an M-step batch
+    lets ``z`` read could carry the very items it scores, which a probed user's held-out items never are."""
+    from recbole_uip import mult_vae
+
+    histories = trainer.histories
+    num_items = len(histories.item_texts)
+    seen = np.setdiff1d(np.arange(len(histories.items)), unseen_users)
+    model, matrix = mult_vae_of(trainer, seen, trainer.soft.encoder.shape[-1])
+    codes = mult_vae.latent_means(model, matrix)
+    centre, scale = codes.mean(0), codes.std(0) + 1e-6
+
+    def features(users: np.ndarray, positions: list[np.ndarray] | None = None) -> torch.Tensor:
+        rows = mult_vae.user_item_matrix(trainer.history_items(users, positions), num_items)
+        return torch.from_numpy((mult_vae.latent_means(model, rows) - centre) / scale)
+
+    trainer.features = features
+    logger.info(f"token probe: the encoder reads the {codes.shape[1]}-dimensional code of a Mult-VAE trained on "
+                f"{len(seen)} users' histories (not the {len(histories.items) - len(seen)} it trains on)")
+
+
+def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float, rng: np.random.Generator,
+                  logger, distil_context_tokens: int = 0, collaborative=None) -> list[float]:
+    """The linear encoder ``A (P, D, k)`` trained by Adam at every M-step batch, ``passes`` passes over ``users``,
+    on the M-step's objective with its batch-centred gradient (:meth:`ProfileInferenceTrainer.train_batch`), or on
+    ``collaborative``'s texts (:func:`train_passes`); the shared shift trains beside it. The mean NLL of each pass.
+
+    Departs from the EM loop, which accumulates ``A``'s gradient over a whole pass and takes one line-searched step
+    per round: this gives the amortised path as many steps as it has batches."""
+    if trainer.soft.encoder is None:
+        raise SystemExit("--encoder_passes needs an encoder (uip_encoder: linear).")
+    encoder = trainer.soft.encoder
+    optimizer = torch.optim.Adam([encoder], lr=learning_rate * trainer.embedding_norm / encoder.shape[1] ** 0.5)
+    return train_passes(trainer, users, passes, rng, logger, optimizer, distil_context_tokens, collaborative)
