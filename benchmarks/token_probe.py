@@ -98,8 +98,8 @@ indices), so that two runs over the same users (the same dataset, split, ``--pro
 compared user by user.
 
 This script parses the arguments, runs the stages in order and scores every mode (:func:`probe`); the stages, the
-group tokens, their parts and the report live in ``recbole_uip.token_probe`` (``stages``, ``groups``,
-``group_parts``, ``report``; the modes and pairs in ``modes``), where the tests reach them.
+group tokens, what they carry and the report live in ``recbole_uip.token_probe`` (``stages``, ``groups``,
+``group_scores``, ``report``; the modes and pairs in ``modes``), where the tests reach them.
 """
 
 from __future__ import annotations
@@ -114,10 +114,10 @@ from recbole_uip.benchmarking import (
     CONTEXT_ENDS, HeldOutInference, benchmark_parser, comma_separated, configure, context_positions, finite_or_none,
     interval_summary, matched_contexts, parse_known_with_overrides, publish_benchmark, run_record,
 )
-from recbole_uip.token_probe.group_parts import (
-    count_group_part, group_count_modes, group_modes, relative_part_differences,
+from recbole_uip.token_probe.group_scores import (
+    GroupTokens, count_group_part, group_count_modes, group_modes, relative_part_differences, score_every_token,
 )
-from recbole_uip.token_probe.groups import GROUP_BY, GROUP_TRAINING, GroupTokens, build_group_tokens, score_every_token
+from recbole_uip.token_probe.groups import GROUP_BY, GROUP_TRAINING, build_group_tokens
 from recbole_uip.token_probe.modes import (
     BATCH, OBJECTIVES, PAIRS, context_pairs, keep_mode, keep_pairs, objective_pairs,
 )

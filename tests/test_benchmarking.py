@@ -20,8 +20,8 @@ from recbole_uip.benchmarking import (
     RESULTS, goal_verdict, held_out_positions, mean_ci, paired_test, parse_known_with_overrides, results_dir,
     write_result,
 )
-from recbole_uip.token_probe.group_parts import group_modes, relative_part_differences
-from recbole_uip.token_probe.groups import GroupTokens, fit_group_tokens_jointly, relative_choice
+from recbole_uip.token_probe.group_scores import GroupTokens, group_modes, relative_part_differences
+from recbole_uip.token_probe.groups import fit_group_tokens_jointly, relative_choice
 from recbole_uip.token_probe.report import describe_objective, render
 from recbole_uip.token_probe.stages import distillation_teacher, still_learning, train_encoder, use_mult_vae_features
 from recbole_uip.utils import write_json_atomic

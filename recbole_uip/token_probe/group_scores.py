@@ -1,19 +1,61 @@
-"""What a group's token carries of a user apart from how good it is for everyone (``benchmarks/token_probe.py
---group_tokens``): from the matrix of every group's token scored on every probed user, the group's part (a token's
-score less its additive twin), the scores of each choice of group, the part differences between choices, and the
+"""The group stage's output and what it says (``benchmarks/token_probe.py --group_tokens``): the group tokens and
+each probed user's choices of group (:class:`GroupTokens`), every group's token scored on every probed user
+(:func:`score_every_token`), and from that matrix the group's part (a token's score less its additive twin), as
+training goes on and at the end, the scores of each choice of group, the part differences between choices, and the
 same matrix from count models of the groups with no LLM.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from recbole_uip.benchmarking import HeldOutInference, difference_summary, mean_ci
+from recbole_uip.inference.trainer import Targets
 
-if TYPE_CHECKING:
-    from recbole_uip.token_probe.groups import GroupTokens
+
+@dataclass
+class GroupTokens:
+    """One token per group of users (``--group_tokens``): ``tokens (K, P, D)``, each group's offset from the shared
+    shift it started from; ``group`` and ``likeliest`` ``(n,)``, per probed user (in the probe's order of users), the
+    group of the nearest code and the group whose token explains a draw of their remaining training text best;
+    ``best``, the group whose
+    token explains those draws best over all the probed users (the same choice made once for everyone);
+    ``sizes (K,)`` the groups' training users; ``nll`` each group's NLL per pass (``--group_training=joint``: one
+    list, every group's together); ``fit_users`` and ``fit_group`` the users the tokens were trained on and their
+    groups; ``trajectory``, the :class:`GroupPartTrajectory` (None without ``--group_score_every``); ``relative``
+    ``(n,)``, per probed user the group whose token explains their draw best against how it explains every probed
+    user's (:func:`relative_choice`); ``relative_pooled`` ``(n,)``, the same choice by the mean NLL of
+    ``--group_choice_draws`` draws, the first of them ``relative``'s (None with one draw)."""
+    tokens: torch.Tensor
+    group: np.ndarray
+    likeliest: np.ndarray
+    best: int
+    sizes: list[int]
+    nll: list
+    fit_users: np.ndarray
+    fit_group: np.ndarray
+    trajectory: GroupPartTrajectory | None = None
+    relative: np.ndarray | None = None
+    relative_pooled: np.ndarray | None = None
+
+    def final_held_out_scores(self, batch: int) -> tuple[np.ndarray, ...] | None:
+        """Batch ``batch``'s ``score_every_token`` tuple of the probed users' held-out texts with the final tokens,
+        where the trajectory's last scoring was after the last pass (the same tokens, texts and batches as the
+        probe's: the scores to the last digit); None where it was not, so that the probe scores them."""
+        last = self.trajectory.last_held_out if self.trajectory is not None else None
+        return last[1][batch] if last is not None and last[0] == len(self.nll) else None
+
+
+def score_every_token(trainer, targets, tokens: torch.Tensor, with_ratings: bool = False) -> tuple[np.ndarray, ...]:
+    """``targets``' texts scored with each of ``tokens (K, P, D)`` in turn, the same token for every user:
+    ``(plain,)`` or, ``with_ratings``, ``(plain, rating)``, each ``(K, B)`` (as
+    :meth:`ProfileInferenceTrainer.score_offsets`)."""
+    scored = [trainer.score_offsets(targets, token.expand(len(targets.users), *token.shape), with_ratings=with_ratings)
+              for token in tokens]
+    return tuple(np.stack(part) for part in zip(*scored)) if with_ratings else (np.stack(scored),)
 
 
 def additive_twin(matrix: np.ndarray, chosen: np.ndarray) -> np.ndarray:
@@ -30,6 +72,49 @@ def group_part_summary(matrix: np.ndarray, group: np.ndarray) -> dict:
     part = matrix[group, np.arange(len(group))] - additive_twin(matrix, group)
     mean, low, high = mean_ci(part[np.isfinite(part)])
     return {"mean": mean, "ci": [low, high]}
+
+
+class GroupPartTrajectory:
+    """``--group_score_every=N``: after every N passes of :func:`fit_group_tokens_jointly` (its ``after_pass``), the
+    group's part (own group's token - :func:`additive_twin`) as it stands, mean and 95% interval over users, on
+
+    * ``held_out``: the probed users' held-out texts (``held_out``, targets in batches; ``probed_groups (n,)``), as
+      the probe scores them at the end: does what a group's token carries of new users grow with passes;
+    * ``trained_users``: one draw of the remaining training text, fixed at the start, of ``sample (m,)``, users the
+      tokens train on (``sample_texts``; ``sample_groups (m,)``): the kind of text the tokens are trained on, their
+      own users' (a group's token that does not set its users apart there has not learnt its group);
+    * ``trained_users_held_out``: the same users' held-out newest items (``sample_held_out``), which nothing trains
+      on: there and not on the new users, a token has learnt its users' taste but the probed users' group does not
+      share it; on neither, it has learnt its users' texts, not their taste over items;
+
+    each also over the rating tokens alone (``rating_*``) where the text marks them. ``entries``: one dict per
+    scoring, ``{"passes", "held_out", "trained_users", ...: {"mean", "ci"}}``; ``last_held_out``, the latest
+    scoring's ``(passes, per batch of held_out: score_every_token's tuple)``, which the probe reuses at the end
+    when it scored the final tokens (:meth:`GroupTokens.final_held_out_scores`)."""
+
+    def __init__(self, trainer, every: int, held_out: list[Targets], probed_groups: np.ndarray,
+                 sample: np.ndarray, sample_groups: np.ndarray, sample_texts: list[Targets],
+                 sample_held_out: list[Targets], logger):
+        self.trainer, self.every, self.logger = trainer, every, logger
+        self.sample, self.sample_groups = sample, sample_groups
+        self.texts = {"held_out": (held_out, probed_groups), "trained_users": (sample_texts, sample_groups),
+                      "trained_users_held_out": (sample_held_out, sample_groups)}
+        self.entries: list[dict] = []
+        self.last_held_out: tuple[int, list[tuple[np.ndarray, ...]]] | None = None
+
+    def __call__(self, passes_done: int, tokens: torch.Tensor) -> None:
+        if passes_done % self.every:
+            return
+        entry: dict = {"passes": passes_done}
+        for name, (batches, groups) in self.texts.items():
+            scored = [score_every_token(self.trainer, t, tokens, with_ratings=t.flags is not None) for t in batches]
+            if name == "held_out":
+                self.last_held_out = (passes_done, scored)
+            for prefix, parts in zip(("", "rating_"), zip(*scored)):
+                entry[prefix + name] = group_part_summary(np.concatenate(parts, axis=1), groups)     # (K, n)
+        self.entries.append(entry)
+        self.logger.info(f"token probe: after {passes_done} passes, the group's part "
+                         + ", ".join(f"{entry[name]['mean']:+.4f} on the {name.replace('_', ' ')}" for name in self.texts))
 
 
 def nearest_group_modes(matrix: np.ndarray, nearest: np.ndarray) -> dict[str, np.ndarray]:
