@@ -453,7 +453,7 @@ def test_group_modes_take_out_how_good_a_token_is_for_everyone_and_how_hard_a_us
     rng = np.random.default_rng(0)
     users, nearest = np.arange(12), np.arange(12) % 3
     groups = GroupTokens(torch.zeros(3, 1, 1), nearest, (nearest + 2) % 3, 1, [4, 4, 4], [],
-                                     np.arange(12, 24), nearest)
+                         np.arange(12, 24), nearest)
     additive = rng.normal(size=(1, 12)) + np.array([[0.0], [-0.3], [0.2]])        # user difficulty + token quality
     plain = group_modes(additive, groups, nearest[::-1])
     assert np.allclose(plain["group_own"] - plain["group_own_additive"], 0)
@@ -482,7 +482,7 @@ def test_the_relative_choice_finds_the_group_a_token_fits_better_than_others_not
     held = draws.copy()                                                # the held-out texts share the planted groups
     wrong = (truth + 1) % 3                                            # a code that places every user elsewhere
     groups = GroupTokens(torch.zeros(3, 1, 1), wrong, draws.argmin(0), 1, [4, 4, 4], [],
-                                     np.arange(12, 24), truth, relative=relative_choice(draws))
+                         np.arange(12, 24), truth, relative=relative_choice(draws))
     modes = group_modes(held, groups, truth[::-1])
     difference = relative_part_differences(modes)["group_relative_part_minus_group_own_part"]
     assert difference["mean"] < 0 and difference["ci"][1] < 0 and difference["share_below_zero"] == 1
@@ -503,7 +503,7 @@ def test_the_relative_choice_over_more_draws_finds_groups_that_one_noisy_draw_mi
     first, pooled = relative_choice(draws[0]), relative_choice(draws.mean(0))
     assert np.mean(first == truth) < 0.8 and np.mean(pooled == truth) > 0.95
     groups = GroupTokens(torch.zeros(3, 1, 1), truth, draws[0].argmin(0), 1, [20, 20, 20], [],
-                                     np.arange(60, 120), truth, relative=first, relative_pooled=pooled)
+                         np.arange(60, 120), truth, relative=first, relative_pooled=pooled)
     held = bonus + np.array([[0.0], [-0.5], [0.1]]) + rng.normal(scale=0.01, size=(1, 60))   # a held-out text
     differences = relative_part_differences(group_modes(held, groups, truth[::-1]))
     better = differences["group_relative_pooled_part_minus_group_relative_part"]
@@ -567,8 +567,8 @@ def test_the_groups_offsets_take_their_own_step_apart_from_the_shifts_when_given
 
     def fitted(offset_learning_rate):
         tokens, _ = fit_group_tokens_jointly(trainer, users, groups, 2, 1, 0.005,
-                                                         np.random.default_rng(0), logger,
-                                                         offset_learning_rate=offset_learning_rate)
+                                             np.random.default_rng(0), logger,
+                                             offset_learning_rate=offset_learning_rate)
         assert torch.equal(trainer.soft.shared, base)                       # the shift put back
         return tokens
 
