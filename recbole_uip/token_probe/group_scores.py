@@ -117,13 +117,20 @@ class GroupPartTrajectory:
                          + ", ".join(f"{entry[name]['mean']:+.4f} on the {name.replace('_', ' ')}" for name in self.texts))
 
 
+def chosen_group_modes(matrix: np.ndarray, name: str, chosen: np.ndarray) -> dict[str, np.ndarray]:
+    """From ``matrix (K, n)``, each user scored by the group ``chosen (n,)`` picked for them: ``group_<name>`` and
+    its :func:`additive_twin` ``group_<name>_additive``, each ``(n,)``; the first minus the second is the choice's
+    group part."""
+    return {f"group_{name}": matrix[chosen, np.arange(matrix.shape[1])],
+            f"group_{name}_additive": additive_twin(matrix, chosen)}
+
+
 def nearest_group_modes(matrix: np.ndarray, nearest: np.ndarray) -> dict[str, np.ndarray]:
     """From ``matrix (K, n)``, each user scored by the nearest code's group ``nearest (n,)``: ``group_own`` (that
     group's token or model), ``group_other`` (the next group's) and ``group_own_additive`` (:func:`additive_twin`),
     each ``(n,)``: the modes that need no choice by likelihood, shared by the tokens and the count models."""
-    rows = np.arange(matrix.shape[1])
-    return {"group_own": matrix[nearest, rows], "group_other": matrix[(nearest + 1) % len(matrix), rows],
-            "group_own_additive": additive_twin(matrix, nearest)}
+    return {**chosen_group_modes(matrix, "own", nearest),
+            "group_other": matrix[(nearest + 1) % len(matrix), np.arange(matrix.shape[1])]}
 
 
 def group_modes(matrix: np.ndarray, groups: GroupTokens, likeliest_other: np.ndarray,
@@ -137,16 +144,13 @@ def group_modes(matrix: np.ndarray, groups: GroupTokens, likeliest_other: np.nda
     ``own - own_additive`` is then the user-by-token interaction: the group's part alone, with how good a token is
     for everyone and how hard a user is taken out (the means absorb part of it: of a bonus a token has on its own
     group's users alone, equal groups show ``1 - 1/K``)."""
-    rows, likeliest = np.arange(matrix.shape[1]), groups.likeliest
     modes = {**nearest_group_modes(matrix, groups.group),
-             "group_likeliest": matrix[likeliest, rows], "group_likeliest_other": matrix[likeliest_other, rows],
-             "group_best": matrix[groups.best], "group_likeliest_additive": additive_twin(matrix, likeliest)}
-    if groups.relative is not None:
-        modes.update({"group_relative": matrix[groups.relative, rows],
-                      "group_relative_additive": additive_twin(matrix, groups.relative)})
-    if groups.relative_pooled is not None:
-        modes.update({"group_relative_pooled": matrix[groups.relative_pooled, rows],
-                      "group_relative_pooled_additive": additive_twin(matrix, groups.relative_pooled)})
+             "group_likeliest_other": matrix[likeliest_other, np.arange(matrix.shape[1])],
+             "group_best": matrix[groups.best]}
+    for name, chosen in (("likeliest", groups.likeliest), ("relative", groups.relative),
+                         ("relative_pooled", groups.relative_pooled)):
+        if chosen is not None:
+            modes.update(chosen_group_modes(matrix, name, chosen))
     return {prefix + mode: values for mode, values in modes.items()}
 
 

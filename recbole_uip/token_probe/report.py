@@ -32,6 +32,15 @@ def describe_objective(objective: str, data: dict) -> str:
             }.get(objective, f"plain NLL of {draw}")
 
 
+def against_the_code(part_difference: dict) -> str:
+    """The verdict on a choice of group by likelihood from its part minus the nearest code's group's part
+    (``{"mean", "ci"}``): below zero over the whole interval, the likelihood places users better; above, the
+    untrained code does; else neither."""
+    low, high = part_difference["ci"]
+    return ("the likelihood places users better than the untrained code" if high < 0 else
+            "the untrained code places them better" if low > 0 else "no better than the code")
+
+
 def render(data: dict) -> str:
     modes, differences = data["modes"], data["differences"]
     labels = {"own_minus_mean": "own - mean (held-out text: what generalises)",
@@ -229,17 +238,14 @@ def render(data: dict) -> str:
             low, high = choice["ci"]
             lines[-1] += (f" Chosen by likelihood against how each token explains every user (an E-step), the "
                           f"group's part minus the nearest code's {choice['mean']:+.4f} [{low:+.4f}, {high:+.4f}]: "
-                          + ("the likelihood places users better than the untrained code." if high < 0 else
-                             "the untrained code places them better." if low > 0 else "no better than the code."))
+                          + against_the_code(choice) + ".")
         if choice := differences.get("group_relative_pooled_part_minus_group_own_part"):
             low, high = choice["ci"]
             gain = differences["group_relative_pooled_part_minus_group_relative_part"]
             lines[-1] += (f" The same E-step over {pooled} draws of each user's text: the group's part minus the "
-                          f"nearest code's {choice['mean']:+.4f} [{low:+.4f}, {high:+.4f}] ("
-                          + ("better than the untrained code" if high < 0 else
-                             "the untrained code places them better" if low > 0 else "no better than the code")
-                          + f"), minus the first draw's choice {gain['mean']:+.4f} [{gain['ci'][0]:+.4f}, "
-                          f"{gain['ci'][1]:+.4f}].")
+                          f"nearest code's {choice['mean']:+.4f} [{low:+.4f}, {high:+.4f}]: "
+                          + against_the_code(choice) + f"; minus the first draw's choice {gain['mean']:+.4f} "
+                          f"[{gain['ci'][0]:+.4f}, {gain['ci'][1]:+.4f}].")
         if count := differences.get("count_group_own_minus_count_group_own_additive"):
             # the same matrix of groups by users from count models (no LLM): what a token per group could carry
             population = differences["count_group_own_minus_count_population"]
