@@ -87,12 +87,16 @@ of everything). Then:
    the probed users' held-out text, on a fixed draw of the training text of as many users the tokens train on and
    on those users' held-out items (:class:`GroupPartTrajectory`; beside it, the count models' part on those items,
    :func:`count_group_part`): whether it grows with passes, and whether the tokens set their own users apart on the
-   text they are trained on, on their unseen items, or on neither.
+   text they are trained on, on their unseen items, or on neither. With ``--group_shuffle=true``, the shuffled-ID
+   control: each group's token is trained on as many users drawn at random (:func:`shuffled_members`), so that its
+   group's part is the measure's own bias, and its scores, paired user by user with the same run's unshuffled
+   (``benchmarks/token_probe_pair.py``), say whether a group's token beats a token trained as long on random users.
+   ``group_any`` is each user's mean over every group's token, a random group's token.
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
 per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled|_draws<K>][_<objective>][_vs_<objective>...]
-[_encoder[_distil]][_shiftdistil][_keep][_context[_oldest]][_groups<K>_<group_by>[_joint][_choice<N>]][_<variant>].{json,md}``. The JSON
+[_encoder[_distil]][_shiftdistil][_keep][_context[_oldest]][_groups<K>_<group_by>[_joint][_choice<N>][_shuffled]][_<variant>].{json,md}``. The JSON
 also keeps each probed user's score in every mode (``per_user``, in the order of its ``users``, the trainer's user
 indices), so that two runs over the same users (the same dataset, split, ``--probe_seed`` and ``--users``) can be
 compared user by user.
@@ -213,6 +217,10 @@ def parse_args(argv=None):
                         help="with --group_tokens, also choose each probed user's relatively likeliest group by the "
                              "mean NLL of N draws of their remaining training text (group_relative_pooled; "
                              "group_relative keeps the first draw's choice; default 1: one draw only)")
+    parser.add_argument("--group_shuffle", type=_true, default=False,
+                        help="with --group_tokens, train each group's token on as many users drawn at random instead "
+                             "of its own (the groups' members shuffled, sizes kept; the probed users keep their "
+                             "nearest code's group): the shuffled-ID control for the tokens (default false)")
     parser.add_argument("--keep", default="",
                         help="shares of each user's own fitted token kept when shrinking it towards the mean of the "
                              "fitted tokens, comma-separated in (0, 1), e.g. 0.1,0.25,0.75 (modes own_keep<percent>; "
@@ -245,6 +253,8 @@ def parse_args(argv=None):
             not args.group_tokens or args.group_training != "joint"):
         parser.error("--group_score_every takes 0 (none) or N > 0 with --group_tokens and --group_training=joint (the "
                      "separate tokens are trained one group after another: no pass holds every group's token)")
+    if args.group_shuffle and not args.group_tokens:
+        parser.error("--group_shuffle=true shuffles the groups of --group_tokens: give --group_tokens too")
     if args.group_choice_draws < 1 or args.group_choice_draws > 1 and not args.group_tokens:
         parser.error("--group_choice_draws takes N >= 1 draws, more than one only with --group_tokens")
     if args.group_offset_learning_rate < 0 or args.group_offset_learning_rate and (
@@ -413,7 +423,8 @@ def main(argv=None) -> int:
         "context_tokens": args.context_tokens, "context_from": args.context_from,
         "context_tokens_mean": {str(n): v for n, v in context_length.items()},
         "group_tokens": args.group_tokens,
-        **({"group_by": args.group_by, "group_passes": args.group_passes, "group_training": args.group_training,
+        **({"group_by": args.group_by, "group_shuffle": args.group_shuffle, "group_passes": args.group_passes,
+            "group_training": args.group_training,
             "group_learning_rate": group_step,
             **({"group_offset_learning_rate": args.group_offset_learning_rate or group_step}
                if args.group_training == "joint" else {}),
@@ -454,7 +465,8 @@ def main(argv=None) -> int:
             + ("_oldest" if args.context_tokens and args.context_from == "oldest" else "")
             + (f"_groups{args.group_tokens}_{args.group_by}" if args.group_tokens else "")
             + ("_joint" if args.group_tokens and args.group_training == "joint" else "")
-            + (f"_choice{args.group_choice_draws}" if args.group_choice_draws > 1 else ""))
+            + (f"_choice{args.group_choice_draws}" if args.group_choice_draws > 1 else "")
+            + ("_shuffled" if args.group_tokens and args.group_shuffle else ""))
     publish_benchmark(args, name, data, render(data))
     return 0
 

@@ -21,7 +21,7 @@ from recbole_uip.benchmarking import (
     write_result,
 )
 from recbole_uip.token_probe.group_scores import GroupTokens, group_modes, relative_part_differences
-from recbole_uip.token_probe.groups import fit_group_tokens_jointly, relative_choice
+from recbole_uip.token_probe.groups import fit_group_tokens_jointly, relative_choice, shuffled_members
 from recbole_uip.token_probe.report import describe_objective, render
 from recbole_uip.token_probe.stages import distillation_teacher, still_learning, train_encoder, use_mult_vae_features
 from recbole_uip.utils import write_json_atomic
@@ -343,7 +343,7 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
                          .read_text())
     probed_modes = {"group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
                    "group_own_additive", "group_likeliest_additive", "group_relative", "group_relative_additive",
-                   "count_population", "count_group_own",
+                   "group_any", "count_population", "count_group_own",
                    "count_group_other", "count_group_own_additive", "count_set"}
     assert set(grouped["modes"]) == set(alone["modes"]) | probed_modes | {"rating_" + m for m in probed_modes}
     for mode in alone["per_user"]:                                   # the shift put back, no other draw changed
@@ -390,6 +390,16 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
         report = next((tmp_path / "pooled" / "toy").glob("*/*.md")).read_text()
         assert "The same E-step over 3 draws of each user's text" in report
         assert "the same over the mean NLL of 3 draws of their remaining text" in report
+        # the shuffled-ID control: the same groups' sizes and probed users' groups, tokens trained on other users
+        assert token_probe.main(base + [f"--results={tmp_path / 'shuffled'}", "--group_shuffle=true"] + grouping) == 0
+        shuffled = json.loads(next((tmp_path / "shuffled" / "toy").glob("*/token_probe_groups2_*_joint_shuffled.json"))
+                              .read_text())
+        assert shuffled["group_shuffle"] is True and unscored["group_shuffle"] is False
+        assert shuffled["group_sizes"] == unscored["group_sizes"]
+        assert shuffled["group_per_user"]["nearest"] == unscored["group_per_user"]["nearest"]
+        assert {m: shuffled["per_user"][m] for m in alone["per_user"]} == alone["per_user"]
+        assert shuffled["per_user"]["group_own"] != unscored["per_user"]["group_own"]       # other users trained them
+        assert "shuffled among those users" in next((tmp_path / "shuffled" / "toy").glob("*/*.md")).read_text()
     else:
         assert [len(nll) for nll in grouped["group_nll"]] == [2, 2]
     assert 0 <= grouped["group_likeliest_is_nearest"] <= 1
@@ -437,7 +447,8 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
                 ["--group_tokens=2", "--group_training=joint", "--group_score_every=-1"],
                 ["--group_tokens=2", "--group_offset_learning_rate=0.01"],          # separate: no offsets apart
                 ["--group_tokens=2", "--group_training=joint", "--group_offset_learning_rate=-1"],
-                ["--group_tokens=2", "--group_choice_draws=0"], ["--group_choice_draws=2"]):
+                ["--group_tokens=2", "--group_choice_draws=0"], ["--group_choice_draws=2"],
+                ["--group_shuffle=true"]):
         with pytest.raises(SystemExit):
             token_probe.parse_args(base + bad)
 
@@ -460,12 +471,24 @@ def test_group_modes_take_out_how_good_a_token_is_for_everyone_and_how_hard_a_us
     assert np.array_equal(plain["group_best"], additive[1])
     assert np.array_equal(plain["group_own"][:3], additive[[0, 1, 2], [0, 1, 2]])
     assert np.array_equal(plain["group_likeliest_other"], additive[nearest[::-1], users])
+    assert np.allclose(plain["group_any"], additive.mean(0))                # a group's token drawn at random
     planted = additive.copy()
     planted[nearest, users] -= 0.1                                     # each group's token better on its own users
     modes = group_modes(planted, groups, nearest[::-1], "rating_")
     interaction = modes["rating_group_own"] - modes["rating_group_own_additive"]
     assert np.allclose(interaction, -0.1 * (1 - 1 / 3))        # the bonus, less the share the means absorb (1 / K)
     assert np.allclose(modes["rating_group_likeliest"] - modes["rating_group_likeliest_additive"], 0.1 / 3)
+
+
+def test_shuffled_members_keep_every_groups_size_and_draw_its_users_at_random():
+    """``--group_shuffle``: each group keeps its size, its users are drawn anew (seeded, the same every time), and a
+    group's shuffled users are no more its own than chance makes them."""
+    fitted = np.repeat(np.arange(4), [50, 30, 15, 5])
+    shuffled = shuffled_members(fitted, seed=7)
+    assert np.array_equal(np.bincount(shuffled, minlength=4), np.bincount(fitted, minlength=4))
+    assert np.array_equal(shuffled, shuffled_members(fitted, seed=7))
+    assert not np.array_equal(shuffled, shuffled_members(fitted, seed=8))
+    assert np.mean(shuffled == fitted) < 0.6                # by chance 0.5^2 + 0.3^2 + ... = 0.36 of users stay
 
 
 def test_the_relative_choice_finds_the_group_a_token_fits_better_than_others_not_the_best_token():

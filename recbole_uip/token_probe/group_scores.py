@@ -138,7 +138,8 @@ def group_modes(matrix: np.ndarray, groups: GroupTokens, likeliest_other: np.nda
     """The ``group_*`` modes ``{prefix + mode: (n,)}`` from ``matrix (K, n)``, every group's token scored on every
     probed user's held-out text (nan where a user has nothing to score): the user's group's token, the next
     group's, the likeliest group's, ``likeliest_other`` ``(n,)`` (another user's likeliest group), the one group
-    best for everyone; and ``group_own_additive`` / ``group_likeliest_additive``, what those tokens would score if
+    best for everyone, the user's mean over every group's token (``group_any``: a group's token drawn at random);
+    and ``group_own_additive`` / ``group_likeliest_additive``, what those tokens would score if
     a token's effect did not depend on whose group it is: the user's mean over every token plus how that token
     does on all the probed users against every token (a two-way additive fit, ``row + column - grand`` means).
     ``own - own_additive`` is then the user-by-token interaction: the group's part alone, with how good a token is
@@ -146,7 +147,7 @@ def group_modes(matrix: np.ndarray, groups: GroupTokens, likeliest_other: np.nda
     group's users alone, equal groups show ``1 - 1/K``)."""
     modes = {**nearest_group_modes(matrix, groups.group),
              "group_likeliest_other": matrix[likeliest_other, np.arange(matrix.shape[1])],
-             "group_best": matrix[groups.best]}
+             "group_best": matrix[groups.best], "group_any": np.nanmean(matrix, 0)}
     for name, chosen in (("likeliest", groups.likeliest), ("relative", groups.relative),
                          ("relative_pooled", groups.relative_pooled)):
         if chosen is not None:

@@ -39,6 +39,15 @@ def user_groups(vectors: np.ndarray, fit_users: np.ndarray, users: np.ndarray, k
     return fitted.numpy(), codebook.assign(torch.as_tensor(vectors[users])).numpy()
 
 
+def shuffled_members(fitted: np.ndarray, seed: int) -> np.ndarray:
+    """``--group_shuffle``, the shuffled-ID control at the level of the tokens: the training users' groups
+    ``fitted (m,)`` permuted among them (by a generator of their own, ``[seed, 5]``), so that each group keeps its size
+    and its index (the probed users keep the nearest code's group) but its token is trained on as many users drawn
+    at random. What such a token carries of its group's new users is what training alone gives, with no taste in
+    common; a group's part measured on it is the measure's own bias."""
+    return np.random.default_rng([seed, 5]).permutation(fitted)
+
+
 def fit_group_tokens(trainer, fit_users: np.ndarray, groups: np.ndarray, k: int, passes: int, learning_rate: float,
                      rng: np.random.Generator, logger) -> tuple[torch.Tensor, list[list[float]]]:
     """Each group's token ``(K, P, D)``, as an offset from the shared shift ``b``: the shift trained on for
@@ -143,6 +152,8 @@ def build_group_tokens(trainer, fit_users: np.ndarray, users: np.ndarray, args, 
         raise SystemExit("--group_tokens trains the shared shift per group: uip_shared_learning_rate must be > 0.")
     vectors = group_vectors(trainer, args.group_by, fit_users)
     fitted, probed = user_groups(vectors, fit_users, users, args.group_tokens, args.probe_seed)
+    if args.group_shuffle:
+        fitted = shuffled_members(fitted, args.probe_seed)
     rng = np.random.default_rng([args.probe_seed, 3])
     trajectory = None
     if args.group_score_every:

@@ -24,7 +24,8 @@ GROUP_PAIRS = [("group_own", "group_mean"), ("group_own", "group_other"), ("grou
                ("group_best", "shared"), ("group_own", "group_own_additive"),
                ("group_likeliest", "group_likeliest_additive"), ("group_relative", "group_own"),
                ("group_relative", "group_relative_additive"),
-               ("group_relative_pooled", "group_own"), ("group_relative_pooled", "group_relative_pooled_additive")]
+               ("group_relative_pooled", "group_own"), ("group_relative_pooled", "group_relative_pooled_additive"),
+               ("group_own", "group_any")]
 # no LLM (group_count_modes): a count model of each group beside the population, and of the user's own history
 COUNT_PAIRS = [("count_group_own", "count_population"), ("count_group_own", "count_group_other"),
                ("count_group_own", "count_group_own_additive"), ("count_set", "count_population")]
@@ -33,7 +34,7 @@ HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle"
                   "encoder", "encoder_mean", "encoder_other",
                   "group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
                   "group_own_additive", "group_likeliest_additive", "group_relative", "group_relative_additive",
-                  "group_relative_pooled", "group_relative_pooled_additive",
+                  "group_relative_pooled", "group_relative_pooled_additive", "group_any",
                   "count_population", "count_group_own", "count_group_other", "count_group_own_additive", "count_set")
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 

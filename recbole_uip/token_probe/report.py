@@ -71,6 +71,8 @@ def render(data: dict) -> str:
     pooled = data.get("group_choice_draws", 1)
     for prefix, what in (("", "held-out text"), ("rating_", "held-out rating tokens")):
         labels.update({f"{prefix}group_own_minus_{prefix}group_mean": f"own group's token - their mean ({what})",
+                       f"{prefix}group_own_minus_{prefix}group_any":
+                           f"own group's token - the user's mean over every group's token ({what})",
                        f"{prefix}group_own_minus_{prefix}group_other": f"own group's token - the next group's ({what})",
                        f"{prefix}group_mean_minus_{prefix}shared":
                            f"mean of the group tokens - the shared token ({what})",
@@ -161,6 +163,8 @@ def render(data: dict) -> str:
                f"groups of {', '.join(map(str, data['group_sizes']))} by a whitened k-means of "
                + ("the pipeline's untrained `z`" if data["group_by"] == "items" else "a Mult-VAE's code")
                + " of their remaining items, "
+               + ("then shuffled among those users (sizes kept: each token is trained on as many users drawn at "
+                  "random, the shuffled-ID control), " if data.get("group_shuffle") else "")
                + (f"every group's token trained together for {data['group_passes']} passes over those users beside "
                   f"the shift, each on its batch-centred gradient (Adam"
                   + (f", step {data['group_learning_rate']:g}" if "group_learning_rate" in data else "")
