@@ -5,8 +5,10 @@ The tiny model exercises every code path in milliseconds; it is never used for a
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,18 @@ import torch
 
 import recbole_uip  # noqa: F401  (installs the warning filters before RecBole is imported)
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "SciFi"]
 WORDS = ["Star", "Night", "Love", "Dark", "City", "Dream", "Blood", "Space", "Laugh", "Heart", "Storm", "Ghost"]
+
+
+def import_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def _tokenizer(folder: Path):

@@ -4,18 +4,16 @@ to end on the tiny model."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import write_dataset
+from conftest import import_benchmark, write_dataset
 from recbole_uip.benchmarking import (
     RESULTS, goal_verdict, held_out_positions, mean_ci, paired_test, parse_known_with_overrides, results_dir,
     write_result,
@@ -25,17 +23,6 @@ from recbole_uip.token_probe.groups import fit_group_tokens_jointly, relative_ch
 from recbole_uip.token_probe.report import describe_objective, render
 from recbole_uip.token_probe.stages import distillation_teacher, still_learning, train_encoder, use_mult_vae_features
 from recbole_uip.utils import write_json_atomic
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def import_benchmark(name: str):
-    """The module of ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 def test_mean_ci_is_the_student_interval():
