@@ -89,8 +89,9 @@ of everything). Then:
    :func:`count_group_part`): whether it grows with passes, and whether the tokens set their own users apart on the
    text they are trained on, on their unseen items, or on neither. With ``--group_shuffle=true``, the shuffled-ID
    control: each group's token is trained on as many users drawn at random (:func:`shuffled_members`), so that its
-   group's part is the measure's own bias, and its scores, paired user by user with the same run's unshuffled
-   (``benchmarks/token_probe_pair.py``), say whether a group's token beats a token trained as long on random users.
+   group's part is the measure's own bias, and its scores, paired user by user with those of the same command
+   without it (``benchmarks/token_probe_pair.py``), say whether a group's token beats a token trained as long on
+   random users.
    ``group_any`` is each user's mean over every group's token, a random group's token.
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
