@@ -431,7 +431,8 @@ def load_held_out_text(config, settings, logger, holdout_tokens: int):
 GENERALISATION_GOAL = 0.05   # nats/token below the mean token (issue "Profile inference that learns")
 
 
-def goal_verdict(own_minus_mean: dict, label: str = "Goal", own_minus_other: dict | None = None) -> str:
+def goal_verdict(own_minus_mean: dict, label: str = "Goal", own_minus_other: dict | None = None,
+                 reference: tuple[str, str] = ("the mean token", "mean")) -> str:
     """The reports' sentence on the generalisation goal: met when ``own - mean`` (``{"mean", "ci"}``, nats/token on
     held-out text) is at least :data:`GENERALISATION_GOAL` below zero and its 95% interval excludes zero.
 
@@ -439,11 +440,12 @@ def goal_verdict(own_minus_mean: dict, label: str = "Goal", own_minus_other: dic
     is the user's: the mean of fitted tokens can be a worse token than any one of them, so own - mean can be met
     while another user's tokens do as well as the user's own (``token_probe_draws4_distil_shift8.md``), and own can
     beat another user's while losing to the mean (something of the user, outweighed by the noise of a per-user fit:
-    ``token_probe_distil_shift8_profiles8.md``)."""
+    ``token_probe_distil_shift8_profiles8.md``). ``reference``: what ``own_minus_mean`` is measured against, as the
+    sentence names it in full and in the difference (group tokens are judged against a random group's token)."""
     mean, (low, high) = own_minus_mean["mean"], own_minus_mean["ci"]
     met = mean <= -GENERALISATION_GOAL and high < 0
-    sentence = (f"**{label} ({GENERALISATION_GOAL} nats/token below the mean token, interval excluding zero): "
-                f"{'met' if met else 'not met'}** (own - mean {mean:+.4f}, interval [{low:+.4f}, {high:+.4f}])")
+    sentence = (f"**{label} ({GENERALISATION_GOAL} nats/token below {reference[0]}, interval excluding zero): "
+                f"{'met' if met else 'not met'}** (own - {reference[1]} {mean:+.4f}, interval [{low:+.4f}, {high:+.4f}])")
     if own_minus_other is not None:
         other, (other_low, other_high) = own_minus_other["mean"], own_minus_other["ci"]
         users = ("not shown to be the user's: another user's tokens do as well as their own" if other_high >= 0 else

@@ -386,7 +386,11 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
         assert shuffled["group_per_user"]["nearest"] == unscored["group_per_user"]["nearest"]
         assert {m: shuffled["per_user"][m] for m in alone["per_user"]} == alone["per_user"]
         assert shuffled["per_user"]["group_own"] != unscored["per_user"]["group_own"]       # other users trained them
-        assert "shuffled among those users" in next((tmp_path / "shuffled" / "toy").glob("*/*.md")).read_text()
+        shuffled_report = next((tmp_path / "shuffled" / "toy").glob("*/*.md")).read_text()
+    assert "shuffled among those users" in shuffled_report
+    # groups are judged against a random group's token, not the vector mean of a few far-apart tokens
+    assert ("The issue's goal for one token per group of users (0.05 nats/token below a random group's token"
+            in shuffled_report and "so it is not the goal's reference for groups" in shuffled_report)
     else:
         assert [len(nll) for nll in grouped["group_nll"]] == [2, 2]
     assert 0 <= grouped["group_likeliest_is_nearest"] <= 1
@@ -1066,6 +1070,8 @@ def test_goal_verdict_says_whether_a_met_gap_to_the_mean_is_the_users():
     assert "the gap is the user's" in theirs and "met**" in theirs
     assert "not shown to be the user's" in anyones and "-0.0015" in anyones and "met**" in anyones
     # own beats another user's, loses to the mean: something of the user, no gap to call theirs
+    named = goal_verdict(met, reference=("a random group's token", "a random group's"))
+    assert "below a random group's token" in named and "(own - a random group's -0.0600" in named
     worse = goal_verdict({"mean": 0.019, "ci": [0.001, 0.037]}, own_minus_other={"mean": -0.02, "ci": [-0.04, -0.001]})
     assert "not met" in worse and "carry something of the user" in worse and "the gap is the user's" not in worse
 

@@ -229,8 +229,24 @@ def render(data: dict) -> str:
                                    "The issue's goal for the encoder trained at every batch",
                                    differences.get("encoder_minus_encoder_other"))]
     if "group_own_minus_group_mean" in differences:
-        lines += ["", goal_verdict(differences["group_own_minus_group_mean"],
-                                   "The issue's goal for one token per group of users")]
+        # The vector mean of a few group tokens is a point between them that no user is given: tokens
+        # trained on random users beat it too (--group_shuffle), so the goal is judged against a random group's
+        # token (group_any: the user's mean score over every group's token) where the run has it.
+        vector_mean = differences["group_own_minus_group_mean"]
+        caution = (" That mean is a vector average of a few tokens, a point between them that no user is given: tokens "
+                   "trained on random users can beat it too (`--group_shuffle`), so it is not the goal's reference for "
+                   "groups.")
+        if random_group := differences.get("group_own_minus_group_any"):
+            lines += ["", goal_verdict(random_group, "The issue's goal for one token per group of users",
+                                       reference=("a random group's token (the user's mean over every group's token)",
+                                                  "a random group's"))
+                      + f" Own - the vector mean of the group tokens {vector_mean['mean']:+.4f} "
+                        f"[{vector_mean['ci'][0]:+.4f}, {vector_mean['ci'][1]:+.4f}]." + caution]
+        else:                               # runs before group_any was scored
+            lines += ["", f"**The issue's goal for one token per group of users: not judged in this run** (own - the "
+                          f"vector mean of the group tokens {vector_mean['mean']:+.4f}, interval "
+                          f"[{vector_mean['ci'][0]:+.4f}, {vector_mean['ci'][1]:+.4f}])." + caution
+                          + " Its reference, a random group's token, is scored by runs from 2026-12-07 on."]
         if part := differences.get("group_own_minus_group_own_additive"):
             # Not own - the next group's: the users sit unevenly in the groups, so that difference carries how good
             # each group's token is for everyone; own - its additive twin takes that out.
