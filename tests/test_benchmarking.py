@@ -387,10 +387,10 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
         assert {m: shuffled["per_user"][m] for m in alone["per_user"]} == alone["per_user"]
         assert shuffled["per_user"]["group_own"] != unscored["per_user"]["group_own"]       # other users trained them
         shuffled_report = next((tmp_path / "shuffled" / "toy").glob("*/*.md")).read_text()
-    assert "shuffled among those users" in shuffled_report
-    # groups are judged against a random group's token, not the vector mean of a few far-apart tokens
-    assert ("The issue's goal for one token per group of users (0.05 nats/token below a random group's token"
-            in shuffled_report and "so it is not the goal's reference for groups" in shuffled_report)
+        assert "shuffled among those users" in shuffled_report
+        # groups are judged against a random group's token, not the vector mean of the group tokens
+        assert ("The issue's goal for one token per group of users (0.05 nats/token below a random group's token"
+                in shuffled_report and "so it is not the goal's reference for groups" in shuffled_report)
     else:
         assert [len(nll) for nll in grouped["group_nll"]] == [2, 2]
     assert 0 <= grouped["group_likeliest_is_nearest"] <= 1
