@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import import_benchmark
-from recbole_uip.token_probe.paired import paired_differences, parse_pairs
+from recbole_uip.token_probe.paired import paired_differences, parse_pairs, render_pair
 
 
 def synthetic_run(users: list[int], scores: dict[str, np.ndarray], seconds: float = 10.0) -> dict:
@@ -91,6 +91,7 @@ def test_the_pair_benchmark_writes_its_report_beside_the_first_run_and_refuses_b
     assert str(tmp_path) not in json.dumps(data["record"]["command"])                  # no machine paths
     report = (folder / "token_probe_pair_planted.md").read_text()
     assert "| group_own - group_own | -0.05" in report and "the same in both, to the last digit" in report
+    assert render_pair(data) == report.rstrip("\n")      # the JSON (keys sorted) renders the report, rows in order
     assert (folder / "settings.json").exists()
     shifted = copy.deepcopy(second)
     shifted["per_user"]["shared"] = [v + 0.1 for v in shifted["per_user"]["shared"]]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from recbole_uip.benchmarking import difference_summary, settings_fingerprint
+from recbole_uip.token_probe.report import difference_row
 
 
 def parse_pairs(spec: str) -> list[tuple[str, str]]:
@@ -35,7 +36,7 @@ def parse_pairs(spec: str) -> list[tuple[str, str]]:
 
 def per_user_scores(run: dict, mode: str) -> np.ndarray:
     """``(n,)``: a run's scores in ``mode``, in the order of its ``per_user["users"]`` (nan where it kept none)."""
-    return np.array([np.nan if v is None else v for v in run["per_user"][mode]], dtype=float)
+    return np.array(run["per_user"][mode], dtype=float)                    # None (no score) becomes nan
 
 
 def check_same_users(first: dict, second: dict) -> None:
@@ -108,7 +109,7 @@ def render_pair(data: dict) -> str:
              + " Plain NLL, nats per token (`rating_*`: over the held-out rating tokens alone); the first run's mode "
                "minus the second's, mean over users with its 95% interval.", "",
              "| first run's mode - second run's mode | mean | 95% interval | users below 0 |", "|---|---|---|---|"]
-    for key, summary in data["differences"].items():
-        lines.append(f"| {key.replace('_minus_', ' - ')} | {summary['mean']:+.4f} | [{summary['ci'][0]:+.4f}, "
-                     f"{summary['ci'][1]:+.4f}] | {summary['share_below_zero']:.0%} |")
+    differences = data["differences"]          # in the order of the pairs (a JSON file keeps its keys sorted)
+    lines += [difference_row(key.replace("_minus_", " - "), differences[key]) for a, b in data["pairs"]
+              for key in (f"{a}_minus_{b}", f"rating_{a}_minus_rating_{b}") if key in differences]
     return "\n".join(lines)

@@ -41,6 +41,13 @@ def against_the_code(part_difference: dict) -> str:
             "the untrained code places them better" if low > 0 else "no better than the code")
 
 
+def difference_row(label: str, summary: dict) -> str:
+    """A paired difference's table row: ``| label | mean | [low, high] | share of users below 0 |`` (``summary``:
+    ``benchmarking.difference_summary``'s ``{"mean", "ci", "share_below_zero"}``)."""
+    return (f"| {label} | {summary['mean']:+.4f} | [{summary['ci'][0]:+.4f}, {summary['ci'][1]:+.4f}] | "
+            f"{summary['share_below_zero']:.0%} |")
+
+
 def render(data: dict) -> str:
     modes, differences = data["modes"], data["differences"]
     labels = {"own_minus_mean": "own - mean (held-out text: what generalises)",
@@ -214,8 +221,7 @@ def render(data: dict) -> str:
         labels[f"rating_{mode}_minus_rating_mean"] = (f"own kept {keep:.0%}, shrunk {1 - keep:.0%} towards the mean - "
                                                       f"mean (held-out rating tokens)")
     for key, summary in sorted(differences.items(), key=lambda item: reading_order(item[0])):
-        lines.append(f"| {labels.get(key, key)} | {summary['mean']:+.4f} | [{summary['ci'][0]:+.4f}, "
-                     f"{summary['ci'][1]:+.4f}] | {summary['share_below_zero']:.0%} |")
+        lines.append(difference_row(labels.get(key, key), summary))
     if "own_minus_mean" in differences:
         lines += ["", goal_verdict(differences["own_minus_mean"], "The issue's goal for tokens fitted to each user alone",
                                    differences.get("own_minus_other_user"))]
