@@ -25,6 +25,12 @@ of everything). Then:
    recency and length of the teacher's text), or (``--fit_objective=mult_vae``) on the plain NLL of a new text at
    every step, written from items a Mult-VAE of the training histories predicts for the user among those they have
    not seen (``recbole_uip.collaborative_text``: the user's predicted taste, never one text to memorise).
+   With ``--fit_prefix=deep``, each fit trains a deep prompt instead of the soft tokens' offsets: keys and values
+   at every layer of the LLM, one entry per profile, read before the prompt by every position
+   (``recbole_uip.inference.deep_prefix``; P-Tuning v2's remedy for shallow prompts too weak to steer a small
+   model), starting at each layer with the keys the shared tokens have there and zero values (mode
+   ``shared_prefix``: close to the shared token alone), the soft tokens kept at the shared token; every mode below
+   is then scored with the deep prompts in their place.
    ``--also_fit=OBJECTIVE[,...]`` fits the same users' tokens again from the same start, draws and steps on each
    further objective (modes ``<objective>_own`` and so on) and reports ``own`` minus ``<objective>_own``, a paired
    comparison of the objectives;
@@ -49,7 +55,10 @@ of everything). Then:
    ``--encoder_input=mult_vae``, ``z`` is instead the mean code of a Mult-VAE with as many dimensions, trained on
    the remaining histories of the users the encoder does not train on (the collaborative compression that predicts
    the held-out items best, ``benchmarks/count_reference.py``). ``--fit_steps=0`` skips the per-user fits (steps
-   2-4) and scores the encoder alone;
+   2-4) and scores the encoder alone. With ``--encoder_prefix=deep``, the encoder writes a deep prompt instead
+   (``train_deep_encoder``: ``start + scale * (S + W z)``, a shared deep prompt ``S`` trained beside ``W``), and
+   with ``--encoder_prefix=deep_shared`` its control, ``S`` trained alone (one deep prompt for every user, which
+   the users' prompts, paired user by user with ``benchmarks/token_probe_pair.py``, must beat);
 6. with ``--context_tokens=N[,N...]``, the in-context reference beside the shared token: each probed user's
    held-out text is scored with the shared token after the newest ``L`` tokens of their own remaining training text
    (``context<N>_own``) and after as many of another user's (``context<N>_other``, the batch rotated by one), ``L``
@@ -96,8 +105,8 @@ of everything). Then:
 
 Own minus mean on the fitted text is memorisation; on the held-out text it is what generalises, the quantity the
 issue's goal (0.05 nats/token below the mean token) is about (``encoder`` minus ``encoder_mean`` without the
-per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled|_draws<K>][_<objective>][_vs_<objective>...]
-[_encoder[_distil]][_shiftdistil][_keep][_context[_oldest]][_groups<K>_<group_by>[_joint][_choice<N>][_shuffled]][_<variant>].{json,md}``. The JSON
+per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_resampled|_draws<K>][_<objective>][_deep][_vs_<objective>...]
+[_encoder[_deep|_deepshared][_distil]][_shiftdistil][_keep][_context[_oldest]][_groups<K>_<group_by>[_joint][_choice<N>][_shuffled]][_<variant>].{json,md}``. The JSON
 also keeps each probed user's score in every mode (``per_user``, in the order of its ``users``, the trainer's user
 indices), so that two runs over the same users (the same dataset, split, ``--probe_seed`` and ``--users``) can be
 compared user by user.
@@ -128,8 +137,8 @@ from recbole_uip.token_probe.modes import (
 )
 from recbole_uip.token_probe.report import render
 from recbole_uip.token_probe.stages import (
-    ENCODER_INPUTS, collaborative_draws, fit_tokens, still_learning, train_encoder, train_shift,
-    use_mult_vae_features,
+    ENCODER_INPUTS, DeepPrompts, collaborative_draws, fit_tokens, score_mode, still_learning, train_deep_encoder,
+    train_encoder, train_shift, use_mult_vae_features,
 )
 
 
@@ -164,6 +173,11 @@ def parse_args(argv=None):
                         help="what the tokens are fitted on: the plain NLL of the draw (default), the M-step's "
                              "rating-weighted one, the LLM's predictions of the draw given the user's other items in "
                              "context (distil), or the plain NLL of that context followed by the draw (teacher_text)")
+    parser.add_argument("--fit_prefix", choices=("shallow", "deep"), default="shallow",
+                        help="what the per-user fits (and the oracle) train: the soft tokens' offsets (shallow, the "
+                             "paper's soft token; the default) or a deep prompt, keys and values at every layer of "
+                             "the LLM, one entry per profile, starting with the keys the shared tokens have at each "
+                             "layer and zero values (deep; recbole_uip.inference.deep_prefix)")
     parser.add_argument("--also_fit", default="",
                         help="further objectives, comma-separated: the same users' tokens fitted again from the same "
                              "draws on each, and compared with the --fit_objective's user by user (default: none)")
@@ -183,6 +197,12 @@ def parse_args(argv=None):
                         help="what the encoder stage trains on: the M-step's objective (default), the LLM's "
                              "predictions given the user's other items in context (distil, --distil_context_tokens), "
                              "or texts drawn from a Mult-VAE's prediction of the user's unseen items (mult_vae)")
+    parser.add_argument("--encoder_prefix", choices=("shallow", "deep", "deep_shared"), default="shallow",
+                        help="what the encoder stage's encoder writes: the soft tokens' offsets A z (shallow, the "
+                             "default) or a deep prompt start + scale * (S + W z), S trained beside W, the soft tokens "
+                             "kept at the shared token (deep; --encoder_learning_rate is then relative to each "
+                             "layer's root mean square key and value), or its control, S trained alone with W held "
+                             "at zero: one deep prompt for every user (deep_shared)")
     parser.add_argument("--encoder_learning_rate", type=float, default=0.005,
                         help="the encoder's Adam step, relative to the mean token-embedding norm per embedding "
                              "dimension (as --fit_learning_rate)")
@@ -240,6 +260,11 @@ def parse_args(argv=None):
         parser.error(f"--also_fit takes objectives among {', '.join(OBJECTIVES)}, not {', '.join(unknown)}")
     if args.fit_objective in args.also_fit or len(set(args.also_fit)) < len(args.also_fit):
         parser.error("--also_fit names each objective once, and not the --fit_objective")
+    if args.encoder_prefix != "shallow" and (not args.encoder_passes or args.encoder_objective == "distil"):
+        parser.error("--encoder_prefix=deep trains a deep encoder: --encoder_passes must be positive, and it learns "
+                     "from the texts (nll or mult_vae), not from a teacher")
+    if args.fit_prefix == "deep" and not args.fit_steps:
+        parser.error("--fit_prefix=deep fits per-user deep prompts: --fit_steps must be positive")
     if args.also_fit and not args.fit_steps:
         parser.error("--also_fit fits per-user tokens: --fit_steps must be positive")
     if args.draws < 1 or (args.resample and args.draws != 1):
@@ -266,7 +291,7 @@ def parse_args(argv=None):
 
 
 def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool,
-          collaborative=None, groups: GroupTokens | None = None) -> tuple[dict, dict]:
+          collaborative=None, groups: GroupTokens | None = None, encode=None) -> tuple[dict, dict]:
     """Per-user plain NLL ``{mode: (n,)}`` of the modes in the module docstring, and ``{"rating_" + mode: (n,)}``
     on the held-out rating tokens alone where the text marks them (nan for a user whose held-out text has none);
     and per context budget, the mean context length in tokens (``{}`` without ``--context_tokens``).
@@ -275,7 +300,8 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
     fitted (or an encoder trained) on its texts are also scored on one more text drawn for each user from the same
     distribution and fitted on by nothing (``*_on_new_draw``, from a third generator): whether they learnt the
     user's distribution at all, apart from whether it carries to the user's real held-out items. ``groups``:
-    :func:`build_group_tokens`'s, for the ``group_*`` modes."""
+    :func:`build_group_tokens`'s, for the ``group_*`` modes. ``encode``: :func:`train_deep_encoder`'s, whose deep
+    prompts the ``encoder*`` modes then are (None: the trainer's shallow encoder ``A z``)."""
     trainer = run.trainer
     scores: dict[str, list] = {}
 
@@ -292,22 +318,28 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         shared = torch.zeros(len(batch), *trainer.soft.anchors.shape)
         modes = {"shared": (held, shared)}
         new_draw = collaborative(batch, new_draw_rng) if collaborative else None
+        deep = args.fit_prefix == "deep"
+        wrap = DeepPrompts if deep else (lambda fitted: fitted)       # what the fits return, as a mode holds it
+        start_rows = trainer.shared_prefix(len(batch)) if deep and args.fit_steps else shared
+        if deep and args.fit_steps:
+            modes["shared_prefix"] = (held, wrap(start_rows))
         if args.fit_steps:
             draws = [trainer.targets(batch, rng) for _ in range(args.draws)]
             sampled = [collaborative(batch, sample_rng) for _ in range(args.fit_steps)] \
                 if "mult_vae" in (args.fit_objective, *args.also_fit) else None   # not for the encoder's alone
             for objective in (args.fit_objective, *args.also_fit):
                 p = "" if objective == args.fit_objective else objective + "_"
-                own, fitted_text = fit_tokens(trainer, objective, draws, shared, args, sampled)
+                own, fitted_text = fit_tokens(trainer, objective, draws, start_rows, args, sampled)
                 mean = own.mean(0, keepdim=True).expand_as(own)
-                modes.update({p + "own": (held, own), p + "mean": (held, mean), p + "other_user": (held, own[rotate]),
-                              p + "own_halfway": (held, (own + mean) / 2), p + "own_on_fitted_text": (fitted_text, own),
-                              p + "mean_on_fitted_text": (fitted_text, mean)})
+                fitted = {p + "own": (held, own), p + "mean": (held, mean), p + "other_user": (held, own[rotate]),
+                          p + "own_halfway": (held, (own + mean) / 2), p + "own_on_fitted_text": (fitted_text, own),
+                          p + "mean_on_fitted_text": (fitted_text, mean)}
                 if objective == "mult_vae":
-                    modes.update({p + "own_on_new_draw": (new_draw, own), p + "mean_on_new_draw": (new_draw, mean),
-                                  p + "other_user_on_new_draw": (new_draw, own[rotate])})
+                    fitted.update({p + "own_on_new_draw": (new_draw, own), p + "mean_on_new_draw": (new_draw, mean),
+                                   p + "other_user_on_new_draw": (new_draw, own[rotate])})
                 if not p:                   # a token shrunk towards the mean: how much of a fit is the user's
-                    modes.update({keep_mode(k): (held, k * own + (1 - k) * mean) for k in args.keep})
+                    fitted.update({keep_mode(k): (held, k * own + (1 - k) * mean) for k in args.keep})
+                modes.update({mode: (targets, wrap(values)) for mode, (targets, values) in fitted.items()})
         if groups is not None:
             own = groups.tokens[torch.as_tensor(groups.group[start:start + len(batch)])]
             modes["group_mean"] = (held, own.mean(0, keepdim=True).expand_as(own))
@@ -318,10 +350,11 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
             for prefix, values in zip(("", "rating_"), scored):
                 group_scores.setdefault(prefix, []).append(values)
         if args.encoder_passes:
-            with torch.no_grad():
-                encoded = trainer.offsets(batch, held.inputs).cpu()          # A z, z from the remaining items
-            modes.update({"encoder": (held, encoded), "encoder_other": (held, encoded[rotate]),
-                          "encoder_mean": (held, encoded.mean(0, keepdim=True).expand_as(encoded))})
+            with torch.no_grad():                                           # A z, z from the remaining items
+                encoded = trainer.offsets(batch, held.inputs).cpu() if encode is None else encode(batch, held.inputs)
+            as_mode = (lambda values: values) if encode is None else DeepPrompts
+            modes.update({"encoder": (held, as_mode(encoded)), "encoder_other": (held, as_mode(encoded[rotate])),
+                          "encoder_mean": (held, as_mode(encoded.mean(0, keepdim=True).expand_as(encoded)))})
             if args.encoder_objective == "mult_vae":
                 modes.update({m + "_on_new_draw": (new_draw, modes[m][1])
                               for m in ("encoder", "encoder_other", "encoder_mean")})
@@ -338,14 +371,15 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                     plain = trainer.score_offsets(held, shared, contexts=contexts)
                 scores.setdefault(name, []).append(plain)
         if args.oracle and args.fit_steps:
-            modes["oracle"] = (held, trainer.fit_user_tokens(held, shared, args.fit_steps, args.fit_learning_rate,
-                                                             args.fit_objective == "weighted"))
+            fit = trainer.fit_user_prefixes if deep else trainer.fit_user_tokens
+            modes["oracle"] = (held, wrap(fit(held, start_rows, args.fit_steps, args.fit_learning_rate,
+                                              args.fit_objective == "weighted")))
         for mode, (targets, offsets) in modes.items():
             if targets is held and held.flags is not None:          # the held-out modes, also on their rating tokens
-                plain, rating = trainer.score_offsets(targets, offsets, with_ratings=True)
+                plain, rating = score_mode(trainer, targets, offsets, with_ratings=True)
                 scores.setdefault("rating_" + mode, []).append(rating)
             else:
-                plain = trainer.score_offsets(targets, offsets)
+                plain = score_mode(trainer, targets, offsets)
             scores.setdefault(mode, []).append(plain)
         bar.update(len(batch))
     bar.close()
@@ -386,10 +420,17 @@ def main(argv=None) -> int:
         collaborative = collaborative_draws(trainer, logger) if (
             "mult_vae" in {args.fit_objective, *args.also_fit} and args.fit_steps
             or args.encoder_passes and args.encoder_objective == "mult_vae") else None
-        encoder_nll = train_encoder(
-            trainer, shift_users, args.encoder_passes, args.encoder_learning_rate, rng, logger,
-            args.distil_context_tokens if args.encoder_objective == "distil" else 0,
-            collaborative if args.encoder_objective == "mult_vae" else None) if args.encoder_passes else []
+        encoder_nll, encode = [], None
+        if args.encoder_passes and args.encoder_prefix != "shallow":
+            encoder_nll, encode = train_deep_encoder(trainer, shift_users, args.encoder_passes,
+                                                     args.encoder_learning_rate, rng, logger,
+                                                     collaborative if args.encoder_objective == "mult_vae" else None,
+                                                     user_part=args.encoder_prefix == "deep")
+        elif args.encoder_passes:
+            encoder_nll = train_encoder(
+                trainer, shift_users, args.encoder_passes, args.encoder_learning_rate, rng, logger,
+                args.distil_context_tokens if args.encoder_objective == "distil" else 0,
+                collaborative if args.encoder_objective == "mult_vae" else None)
         groups = None
         if args.group_tokens:
             fit_users = np.sort(np.setdiff1d(order, users))
@@ -397,7 +438,8 @@ def main(argv=None) -> int:
                 raise SystemExit(f"--group_tokens={args.group_tokens} needs as many users outside the probed ones; "
                                  f"there are {len(fit_users)}.")
             groups = build_group_tokens(trainer, fit_users, users, args, logger, run.held_out_targets)
-        scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]), collaborative, groups)
+        scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]), collaborative, groups,
+                                       encode)
         trained_users_count_part = None
         if groups is not None:
             scores.update(group_count_modes(run, groups, users))
@@ -414,6 +456,8 @@ def main(argv=None) -> int:
         "users": int(len(users)), "shift_users": int(len(shift_users)), "shift_passes": args.shift_passes,
         "shift_objective": args.shift_objective, "shift_nll": shift_nll, "fit_steps": args.fit_steps,
         "fit_learning_rate": args.fit_learning_rate, "resample": args.resample,
+        **({"fit_prefix": args.fit_prefix} if args.fit_prefix != "shallow" else {}),
+        **({"encoder_prefix": args.encoder_prefix} if args.encoder_prefix != "shallow" else {}),
         "draws": args.draws, "keep": args.keep,
         "fit_objective": args.fit_objective, "also_fit": args.also_fit, "encoder_passes": args.encoder_passes,
         "encoder_objective": args.encoder_objective, "encoder_input": args.encoder_input,
@@ -456,8 +500,10 @@ def main(argv=None) -> int:
     }
     name = ("token_probe" + ("_resampled" if args.resample else f"_draws{args.draws}" if args.draws > 1 else "")
             + ("" if args.fit_objective == "plain" else "_" + args.fit_objective)
+            + ("_deep" if args.fit_prefix == "deep" else "")
             + "".join("_vs_" + objective for objective in args.also_fit)
             + ("_encoder" if args.encoder_passes else "")
+            + ({"deep": "_deep", "deep_shared": "_deepshared"}.get(args.encoder_prefix, "") if args.encoder_passes else "")
             + (f"_{args.encoder_objective}" if args.encoder_passes and args.encoder_objective != "nll" else "")
             + ("_multvae" if args.encoder_passes and args.encoder_input == "mult_vae" else "")
             + ("_shiftdistil" if args.shift_objective == "distil" else "")

@@ -207,6 +207,44 @@ def test_token_probe_says_when_a_stage_stopped_while_still_learning():
     assert "still falling" not in flat and "NLL per pass 2.6500, 2.6400" in flat
 
 
+def test_token_probe_fits_deep_prompts_in_place_of_the_tokens_and_scores_every_mode_with_them(tmp_path, tiny_llm_dir):
+    """``--fit_prefix=deep``: the same users, shift and draws as the shallow run, every fitted mode (own, mean,
+    another user's, shrunk, the oracle, on the fitted text) now a deep prompt, beside its unfitted start
+    (``shared_prefix``); the shared token's score is the shallow run's to the last digit, the fitted ones are not."""
+    token_probe = import_benchmark("token_probe")
+    write_dataset(tmp_path / "data")
+    base = ["--dataset=toy", "--holdout_tokens=20", "--users=5", "--fit_steps=3", "--shift_users=6",
+            "--shift_passes=1", f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}",
+            "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false", "--keep=0.25",
+            f"--checkpoint_dir={tmp_path / 'saved'}", f"--results={tmp_path / 'results'}"]
+    assert token_probe.main(base) == 0
+    assert token_probe.main(base + ["--fit_prefix=deep"]) == 0
+    folder, = (tmp_path / "results" / "toy").iterdir()
+    shallow = json.loads((folder / "token_probe_keep.json").read_text())
+    deep = json.loads((folder / "token_probe_deep_keep.json").read_text())
+    assert deep["fit_prefix"] == "deep" and "fit_prefix" not in shallow
+    assert deep["per_user"]["users"] == shallow["per_user"]["users"]
+    assert deep["modes"]["shared"] == shallow["modes"]["shared"]         # the same shift, users and held-out text
+    for mode in ("own", "mean", "other_user", "own_halfway", "own_keep25", "oracle", "own_on_fitted_text"):
+        assert np.isfinite(deep["modes"][mode]["mean"]) and deep["modes"][mode] != shallow["modes"][mode]
+    for mode in ("shared_prefix", "rating_shared_prefix"):
+        assert np.isfinite(deep["modes"][mode]["mean"]) and mode not in shallow["modes"]
+    assert deep["modes"]["shared_prefix"] != deep["modes"]["shared"]     # the prompt is read: it changes the scores
+    for key in ("mean_minus_shared_prefix", "shared_prefix_minus_shared", "rating_mean_minus_rating_shared_prefix",
+                "oracle_minus_mean"):
+        low, high = deep["differences"][key]["ci"]
+        assert low <= deep["differences"][key]["mean"] <= high
+    # fitted on the very text it is scored on, each user's prompt beats what it started from
+    oracle, start = (np.array(deep["per_user"][m]) for m in ("oracle", "shared_prefix"))
+    assert (oracle < start).all()
+    report = (folder / "token_probe_deep_keep.md").read_text()
+    assert "deep prompts (keys and values at every layer of the LLM" in report
+    assert "each layer's root mean square key and value" in report
+    assert "the deep prompt before fitting - the shared token alone (held-out text)" in report
+    with pytest.raises(SystemExit):                                   # nothing to fit
+        token_probe.parse_args(base + ["--fit_prefix=deep", "--fit_steps=0"])
+
+
 def test_token_probe_report_names_the_text_the_tokens_were_fitted_to():
     """``describe_objective``: a random draw under ``uip_target: random``, the newest tokens under ``newest`` (every
     draw the same text), whatever the number of draws."""
@@ -303,6 +341,70 @@ def test_token_probe_trains_the_encoder_at_every_batch_and_scores_it_without_per
     assert "encoder trained at every batch" in report and "fitted alone" not in report
     assert ("distillation" in report) is (objective == "distil")
     assert ("texts drawn from a Mult-VAE" in report) is (objective == "mult_vae")
+
+
+def test_token_probe_trains_an_encoder_to_deep_prompts_and_scores_its_modes_with_them(tmp_path, tiny_llm_dir):
+    """``--encoder_prefix=deep``: the encoder stage writes deep prompts (on texts drawn from a Mult-VAE here), the
+    users get different prompts, every ``encoder*`` mode differs from the shallow encoder's run over the same users;
+    its control (``deep_shared``) gives every user the same prompt; a deep encoder without passes or on a teacher is
+    refused."""
+    token_probe = import_benchmark("token_probe")
+    write_dataset(tmp_path / "data")
+    argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--holdout_tokens=20", "--users=5",
+            "--fit_steps=0", "--shift_users=6", "--shift_passes=1", "--encoder_passes=2", f"--data_path={tmp_path / 'data'}",
+            f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false",
+            f"--checkpoint_dir={tmp_path / 'saved'}", "--encoder_objective=mult_vae"]
+    assert token_probe.main(argv) == 0 and token_probe.main(argv + ["--encoder_prefix=deep"]) == 0
+    folder, = (tmp_path / "results" / "toy").iterdir()
+    shallow = json.loads((folder / "token_probe_encoder_mult_vae.json").read_text())
+    deep = json.loads((folder / "token_probe_encoder_deep_mult_vae.json").read_text())
+    assert deep["encoder_prefix"] == "deep" and "encoder_prefix" not in shallow
+    assert set(deep["modes"]) == set(shallow["modes"]) and deep["per_user"]["users"] == shallow["per_user"]["users"]
+    # the shallow encoder trains the shift beside it; the deep one its own shared prompt, the shift left as it was
+    assert deep["modes"]["shared"] != shallow["modes"]["shared"]
+    for mode in ("encoder", "encoder_mean", "encoder_other", "encoder_on_new_draw", "rating_encoder"):
+        assert np.isfinite(deep["modes"][mode]["mean"]) and deep["modes"][mode] != shallow["modes"][mode]
+    assert len(deep["encoder_nll"]) == 2 and deep["encoder_nll"] != shallow["encoder_nll"]
+    assert deep["differences"]["encoder_minus_encoder_other"]["mean"] != 0        # users get different prompts
+    report = (folder / "token_probe_encoder_deep_mult_vae.md").read_text()
+    assert "a linear encoder from `z` to a deep prompt" in report and "texts drawn from a Mult-VAE" in report
+    # its control: the shared deep prompt trained alone on the same batches, one prompt for every user
+    assert token_probe.main(argv + ["--encoder_prefix=deep_shared"]) == 0
+    control = json.loads((folder / "token_probe_encoder_deepshared_mult_vae.json").read_text())
+    assert control["encoder_prefix"] == "deep_shared" and control["modes"]["shared"] == deep["modes"]["shared"]
+    own, mean, other = (np.array(control["per_user"][m]) for m in ("encoder", "encoder_mean", "encoder_other"))
+    np.testing.assert_allclose(own, mean, rtol=1e-6)
+    np.testing.assert_allclose(own, other, rtol=1e-6)
+    assert not np.allclose(own, deep["per_user"]["encoder"])
+    assert "one deep prompt for every user" in (folder / "token_probe_encoder_deepshared_mult_vae.md").read_text()
+    for bad in (["--encoder_passes=0"], ["--encoder_objective=distil"]):
+        with pytest.raises(SystemExit):
+            token_probe.parse_args(argv + ["--encoder_prefix=deep"] + bad)
+
+
+def test_the_deep_encoder_learns_how_users_differ_from_the_batch_and_the_shared_prompt_what_all_need(tmp_path,
+                                                                                                     tiny_llm_dir):
+    """``train_deep_encoder``: ``W`` learns from ``z`` minus its batch mean only. In batches of one user that is
+    zero, so ``W`` never moves (every user gets the same prompt) while the shared prompt ``S`` does; in batches of
+    four, users get prompts of their own, and a user's prompt is the same whichever users are encoded beside them."""
+    from test_trainer import make_trainer
+
+    from recbole_uip.token_probe.stages import train_deep_encoder
+
+    logger = logging.getLogger("test")
+    for batch_size in (1, 4):
+        trainer = make_trainer(tmp_path / str(batch_size), tiny_llm_dir, uip_batch_size=batch_size)
+        trainer.setup()
+        users = np.arange(8)
+        nll, encode = train_deep_encoder(trainer, users, 1, 0.05, np.random.default_rng(0), logger)
+        positions = [np.arange(len(trainer.text.user_pieces[u])) for u in users]
+        prompts = encode(users, positions)
+        start = trainer.shared_prefix(len(users))
+        assert len(nll) == 1 and prompts.shape == start.shape and not prompts.requires_grad
+        assert not torch.allclose(prompts, start)                               # S moved
+        same = torch.allclose(prompts[0], prompts[1:], atol=1e-6)
+        assert same is (batch_size == 1)
+        torch.testing.assert_close(encode(users[:2], positions[:2])[1], prompts[1])
 
 
 @pytest.mark.parametrize("group_by, training", [("items", "separate"), ("mult_vae", "separate"), ("items", "joint")])

@@ -890,3 +890,71 @@ def test_with_rating_weight_one_the_rating_tokens_are_marked_for_scoring_and_wei
     fitted = plain.fit_user_tokens(targets, torch.zeros_like(offsets), steps=2, learning_rate=0.05, weighted=True)
     np.testing.assert_allclose(fitted, plain.fit_user_tokens(targets, torch.zeros_like(offsets), steps=2,
                                                              learning_rate=0.05), rtol=1e-6)  # weight 1: the plain fit
+
+
+def test_a_deep_prompt_starts_as_the_shared_tokens_keys_and_values_and_fits_each_user_alone(tmp_path, tiny_llm_dir):
+    """``shared_prefix`` holds, at every layer, the keys the shared soft tokens have at their positions in a whole
+    prompt's forward pass, and zero values; a prefix hidden from every position changes nothing; ``fit_user_prefixes``
+    lowers each user's NLL of the text it was fitted to, moves every layer, gives each user their own prompt (a
+    user fitted beside others gets what they get alone), and leaves the shared shift, the encoder and the LLM as
+    they were."""
+    from transformers import DynamicCache
+
+    from recbole_uip.inference.deep_prefix import prefix_inputs
+    from recbole_uip.inference.prompt import additive_mask
+    from recbole_uip.inference.soft_profiles import behaviour_logits
+    from recbole_uip.inference.trainer import Targets
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir)
+    trainer.setup()
+    model, layout = trainer.llm.model, trainer.layout
+    users = np.arange(5)
+    targets = trainer.targets(users, np.random.default_rng(0))
+    start = trainer.shared_prefix(len(users))
+    config = model.config
+    assert start.shape == (5, config.num_hidden_layers, 2, config.num_key_value_heads, layout.num_profiles,
+                           config.hidden_size // config.num_attention_heads)
+    assert start.dtype == torch.float32 and torch.equal(start[0], start[4])
+
+    batch = trainer.prompt_batch(targets)
+    embeds = model.get_input_embeddings()(batch.input_ids)
+    embeds[:, layout.soft_positions] = trainer.soft.center().detach()
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(inputs_embeds=embeds, attention_mask=additive_mask(batch.allowed, embeds.dtype), cache=cache,
+              use_cache=True)
+    for layer, kv in enumerate(cache.layers):                       # the same keys as in a whole prompt
+        torch.testing.assert_close(start[:, layer, 0], kv.keys[:, :, layout.soft_positions], rtol=1e-5, atol=1e-6)
+        assert kv.values[:, :, layout.soft_positions].abs().amax() > 0
+    assert not start[:, :, 1].any()                                 # and zero values: it adds nothing read
+
+    tokens = trainer.soft.center().detach()[None].expand(len(users), -1, -1)
+    with torch.no_grad():
+        plain = behaviour_logits(model, layout, batch, tokens)
+        seen = behaviour_logits(model, layout, batch, tokens, prefix=start)
+        mask = additive_mask(batch.allowed, embeds.dtype)
+        hidden = prefix_inputs(model, start, mask)
+        hidden["attention_mask"][..., :layout.num_profiles] = torch.finfo(mask.dtype).min
+        embeds = model.get_input_embeddings()(batch.input_ids).index_put(
+            (torch.arange(len(users))[:, None], layout.soft_positions[None]), tokens)
+        unseen = model(inputs_embeds=embeds, use_cache=False, **hidden).logits
+    torch.testing.assert_close(unseen, plain, rtol=1e-4, atol=1e-5)      # positions shifted by m: nothing moves
+    assert not torch.allclose(seen, plain, atol=1e-3)                   # a prefix every position sees does
+
+    shared, encoder = trainer.soft.shared.detach().clone(), trainer.soft.encoder.detach().clone()
+    weights = [p.detach().clone() for p in model.parameters()]
+    before = trainer.score_offsets(targets, torch.zeros(len(users), *trainer.soft.anchors.shape), prefix=start)
+    fitted = trainer.fit_user_prefixes(targets, start, steps=5, learning_rate=0.05)
+    after = trainer.score_offsets(targets, torch.zeros(len(users), *trainer.soft.anchors.shape), prefix=fitted)
+    assert fitted.shape == start.shape and fitted.dtype == torch.float32 and (after < before).all()
+    moved = (fitted - start).abs().amax(dim=(0, 3, 4, 5))              # (N, 2): every layer's keys and values,
+    # the values from zero (their steps are scaled by the shared tokens' values, not by the zeros they start at)
+    assert (moved > 0).all()
+    assert not torch.equal(fitted[0], fitted[1])
+    first = Targets(targets.users[:1], targets.texts[:1], None if targets.flags is None else targets.flags[:1],
+                    targets.inputs[:1])
+    alone = trainer.fit_user_prefixes(first, start[:1], steps=5, learning_rate=0.05)
+    torch.testing.assert_close(alone[0], fitted[0], rtol=1e-4, atol=1e-5)
+    assert torch.equal(trainer.soft.shared, shared) and torch.equal(trainer.soft.encoder, encoder)
+    assert trainer.soft.shared.grad is None and trainer.soft.encoder.grad is None
+    assert all(torch.equal(a, b) and a.grad is None for a, b in zip(model.parameters(), weights))

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_uip.inference.deep_prefix import prefix_inputs
 from recbole_uip.inference.prompt import IGNORE_INDEX, PromptBatch, PromptLayout, additive_mask
 
 
@@ -123,7 +124,7 @@ class FreeTokens:
 
 
 def behaviour_logits(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor,
-                     hide_profiles: bool = False) -> torch.Tensor:
+                     hide_profiles: bool = False, prefix: torch.Tensor | None = None) -> torch.Tensor:
     """The frozen LLM's next-token logits over the prompts with the soft tokens in place: one forward pass.
 
     Args:
@@ -131,10 +132,12 @@ def behaviour_logits(llm_model: nn.Module, layout: PromptLayout, batch: PromptBa
         batch: prompts of ``B`` users (input ids ``(B, L)``).
         soft_tokens: ``(B, P, D)`` float; placed at ``layout.soft_positions``.
         hide_profiles: no later position sees the soft tokens (the "no profile tokens" reference).
+        prefix: ``(B, N, 2, H, m, d)`` keys and values read before the prompt at every layer (a deep prompt,
+            :mod:`~recbole_uip.inference.deep_prefix`), or None.
 
     Returns:
         ``(B, L, V)`` in the LLM's dtype: position ``t`` predicts token ``t + 1``. Differentiable with respect to
-        ``soft_tokens`` only.
+        ``soft_tokens`` and ``prefix`` only.
     """
     embedding = llm_model.get_input_embeddings()
     device, dtype = embedding.weight.device, embedding.weight.dtype
@@ -149,11 +152,12 @@ def behaviour_logits(llm_model: nn.Module, layout: PromptLayout, batch: PromptBa
         allowed[:, :, layout.soft_positions] = False
         allowed[:, layout.soft_positions, layout.soft_positions] = True   # each sees itself: no empty softmax row
     mask = additive_mask(allowed, dtype).to(device)
-    return llm_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+    inputs = {"attention_mask": mask} if prefix is None else prefix_inputs(llm_model, prefix, mask)
+    return llm_model(inputs_embeds=embeds, use_cache=False, **inputs).logits
 
 
 def behaviour_token_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor,
-                        hide_profiles: bool = False) -> torch.Tensor:
+                        hide_profiles: bool = False, prefix: torch.Tensor | None = None) -> torch.Tensor:
     """The NLL of each next token of the behaviour text given the soft tokens: one forward pass of the frozen LLM
     (:func:`behaviour_logits`, same arguments).
 
@@ -161,7 +165,7 @@ def behaviour_token_nll(llm_model: nn.Module, layout: PromptLayout, batch: Promp
         float32 ``(B, L - 1)``: position ``t`` holds the NLL of ``labels[:, t + 1]`` (0 where that label is ignored).
         Differentiable with respect to ``soft_tokens`` only.
     """
-    shifted_logits = behaviour_logits(llm_model, layout, batch, soft_tokens, hide_profiles)[:, :-1].float()
+    shifted_logits = behaviour_logits(llm_model, layout, batch, soft_tokens, hide_profiles, prefix)[:, :-1].float()
     shifted_labels = batch.labels.to(shifted_logits.device)[:, 1:]
     return F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
@@ -170,7 +174,7 @@ def behaviour_token_nll(llm_model: nn.Module, layout: PromptLayout, batch: Promp
 
 
 def soft_target_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor,
-                    teacher: torch.Tensor) -> torch.Tensor:
+                    teacher: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Per-user mean cross-entropy ``-sum_v q_t(v) log p_t(v)`` of the student's next-token distributions ``p`` (the
     soft tokens, the behaviour text) against a teacher's ``q`` at each behaviour token: distillation, whose gradient
     is the KL divergence's (the teacher's entropy is a constant).
@@ -178,11 +182,13 @@ def soft_target_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBat
     Args:
         teacher: float ``(B, L - 1, V)`` probabilities aligned with :func:`behaviour_token_nll`'s positions
             (position ``t`` predicts ``labels[:, t + 1]``; rows where that label is ignored are not counted).
+        prefix: as :func:`behaviour_logits`'.
 
     Returns:
-        float32 ``(B,)``; differentiable with respect to ``soft_tokens`` only.
+        float32 ``(B,)``; differentiable with respect to ``soft_tokens`` and ``prefix`` only.
     """
-    logp = torch.log_softmax(behaviour_logits(llm_model, layout, batch, soft_tokens)[:, :-1].float(), dim=-1)
+    logits = behaviour_logits(llm_model, layout, batch, soft_tokens, prefix=prefix)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     token_ce = -(teacher.to(logp.device) * logp).sum(-1)                      # (B, L - 1)
     scored = (batch.labels[:, 1:] != IGNORE_INDEX).to(logp.device)
     return (token_ce * scored).sum(1) / scored.sum(1).clamp(min=1)
@@ -203,7 +209,8 @@ def token_mean(token_nll: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def behaviour_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch, soft_tokens: torch.Tensor,
-                  weighted: bool = False, hide_profiles: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  weighted: bool = False, hide_profiles: bool = False,
+                  prefix: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-user mean NLL (nats/token) of the behaviour tokens given the soft tokens.
 
     Args:
@@ -212,12 +219,13 @@ def behaviour_nll(llm_model: nn.Module, layout: PromptLayout, batch: PromptBatch
         soft_tokens: ``(B, P, D)`` float; placed at ``layout.soft_positions``.
         weighted: with ``batch.weights``, also return the weighted mean ``sum_t w_t nll_t / sum_t w_t``.
         hide_profiles: no later position sees the soft tokens (the "no profile tokens" reference).
+        prefix: as :func:`behaviour_logits`'.
 
     Returns:
         ``(B,)`` NLL per user (every behaviour token counts once); with ``weighted``, the pair
-        ``(plain, weighted)``. Differentiable with respect to ``soft_tokens`` only.
+        ``(plain, weighted)``. Differentiable with respect to ``soft_tokens`` and ``prefix`` only.
     """
-    token_nll = behaviour_token_nll(llm_model, layout, batch, soft_tokens, hide_profiles)
+    token_nll = behaviour_token_nll(llm_model, layout, batch, soft_tokens, hide_profiles, prefix)
     plain = token_mean(token_nll, batch.labels)
     if not weighted:
         return plain

@@ -13,7 +13,7 @@ import re
 BATCH = 16          # users fitted together (each alone: their losses are summed); "mean" and "other" are per batch
 
 PAIRS = [("own", "mean"), ("own", "other_user"), ("own_halfway", "mean"), ("mean", "shared"), ("oracle", "mean"),
-         ("own_on_fitted_text", "mean_on_fitted_text")]
+         ("own_on_fitted_text", "mean_on_fitted_text"), ("mean", "shared_prefix"), ("shared_prefix", "shared")]
 PAIRS += [("encoder", "encoder_mean"), ("encoder", "encoder_other"), ("encoder_mean", "shared")]
 NEW_DRAW_PAIRS = [("own_on_new_draw", "mean_on_new_draw"), ("own_on_new_draw", "other_user_on_new_draw")]
 PAIRS += NEW_DRAW_PAIRS + [("encoder_on_new_draw", "encoder_mean_on_new_draw"),
@@ -31,6 +31,7 @@ COUNT_PAIRS = [("count_group_own", "count_population"), ("count_group_own", "cou
                ("count_group_own", "count_group_own_additive"), ("count_set", "count_population")]
 PAIRS += GROUP_PAIRS + COUNT_PAIRS
 HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle",   # also on the rating tokens alone
+                  "shared_prefix",
                   "encoder", "encoder_mean", "encoder_other",
                   "group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
                   "group_own_additive", "group_likeliest_additive", "group_relative", "group_relative_additive",

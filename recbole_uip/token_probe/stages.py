@@ -6,10 +6,14 @@ item).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from recbole_uip.benchmarking import newest_tokens
+from recbole_uip.inference.deep_prefix import prefix_step_scale
+from recbole_uip.inference.soft_profiles import behaviour_nll
 from recbole_uip.inference.trainer import Targets, after_contexts
 
 
@@ -51,21 +55,40 @@ def collaborative_draws(trainer, logger):
     return draw
 
 
+@dataclasses.dataclass(frozen=True)
+class DeepPrompts:
+    """Users' deep prompts ``(B, N, 2, H, m, d)`` (``--fit_prefix=deep``) where a mode holds what the LLM reads for
+    each user: they are scored beside the shared soft tokens, not as offsets of them (:func:`score_mode`)."""
+
+    values: torch.Tensor
+
+
+def score_mode(trainer, targets, tokens, with_ratings: bool = False):
+    """:meth:`~recbole_uip.inference.trainer.ProfileInferenceTrainer.score_offsets` of ``targets`` with a mode's
+    ``tokens``: offsets ``(B, P, D)``, or :class:`DeepPrompts` read with the shared soft tokens."""
+    if isinstance(tokens, DeepPrompts):
+        shared = torch.zeros(len(targets.users), *trainer.soft.anchors.shape)
+        return trainer.score_offsets(targets, shared, with_ratings, prefix=tokens.values)
+    return trainer.score_offsets(targets, tokens, with_ratings)
+
+
 def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
                sampled: list | None = None) -> tuple[torch.Tensor, object]:
     """Each user's tokens ``(B, P, D)`` fitted on ``objective`` (``--fit_objective``'s choices) from ``start``, one
     of ``draws`` per step in turn, and the first text they were fitted to (``Targets``): ``draws[0]``, or for
     ``teacher_text`` the teacher's context followed by it; for ``mult_vae``, one of ``sampled`` (texts from
-    :func:`collaborative_draws`, one per step) per step, the first of them."""
+    :func:`collaborative_draws`, one per step) per step, the first of them. With ``args.fit_prefix == "deep"``,
+    each user's deep prompt ``(B, N, 2, H, m, d)`` instead, from ``start`` of that shape
+    (:meth:`~recbole_uip.inference.trainer.ProfileInferenceTrainer.fit_user_prefixes`)."""
+    fit = trainer.fit_user_prefixes if args.fit_prefix == "deep" else trainer.fit_user_tokens
     if objective == "mult_vae":
-        return trainer.fit_user_tokens(sampled, start, args.fit_steps, args.fit_learning_rate), sampled[0]
+        return fit(sampled, start, args.fit_steps, args.fit_learning_rate), sampled[0]
     if objective == "teacher_text":
         texts = [after_contexts(d, teacher_contexts(trainer, d, args.distil_context_tokens)) for d in draws]
-        return trainer.fit_user_tokens(texts, start, args.fit_steps, args.fit_learning_rate), texts[0]
+        return fit(texts, start, args.fit_steps, args.fit_learning_rate), texts[0]
     teachers = [distillation_teacher(trainer, d, args.distil_context_tokens) for d in draws] \
         if objective == "distil" else None
-    return trainer.fit_user_tokens(draws, start, args.fit_steps, args.fit_learning_rate, objective == "weighted",
-                                   teachers), draws[0]
+    return fit(draws, start, args.fit_steps, args.fit_learning_rate, objective == "weighted", teachers), draws[0]
 
 
 def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger, encoder_optimizer=None,
@@ -195,3 +218,56 @@ def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float,
     encoder = trainer.soft.encoder
     optimizer = torch.optim.Adam([encoder], lr=learning_rate * trainer.embedding_norm / encoder.shape[1] ** 0.5)
     return train_passes(trainer, users, passes, rng, logger, optimizer, distil_context_tokens, collaborative)
+
+
+def train_deep_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float, rng: np.random.Generator,
+                       logger, collaborative=None, user_part: bool = True):
+    """A linear encoder from the user vector ``z (B, k)`` to a deep prompt (``--encoder_prefix=deep``), trained by
+    Adam at every M-step batch, ``passes`` passes over ``users``, on the M-step's objective (or on
+    ``collaborative``'s texts), the soft tokens kept at the shared token::
+
+        prompt[u] = start + scale * (S + W z[u])        (N, 2, H, m, d)
+
+    ``start`` is :meth:`~recbole_uip.inference.trainer.ProfileInferenceTrainer.shared_prefix`'s, ``scale`` each
+    layer's root mean square key and value of the shared tokens, ``S`` a deep prompt every user shares (the shift's
+    counterpart, trained beside ``W``) and ``W (N, 2, H, m, d, k)`` the encoder, both from zero. As the shallow
+    encoder's (:meth:`ProfileInferenceTrainer.offsets` with ``batch_centred``), ``W`` learns from ``z`` minus its
+    batch mean only, so that what every user needs goes to ``S``. ``learning_rate``: Adam's step, relative to
+    ``scale``. Without ``user_part``, ``W`` stays zero and ``S`` trains alone (``--encoder_prefix=deep_shared``):
+    one deep prompt for every user, trained as long on the same batches, the control the users' prompts must beat.
+
+    Returns the mean NLL of each pass and ``encode(users, inputs) -> (B, N, 2, H, m, d)``, the users' prompts from
+    ``z`` of the items ``inputs`` (float32, no gradient)."""
+    if trainer.soft.encoder is None:
+        raise SystemExit("--encoder_prefix=deep needs the user vector of an encoder (uip_encoder: linear).")
+    start = trainer.shared_prefix(1)[0]                                     # (N, 2, H, m, d)
+    scale = prefix_step_scale(trainer.shared_keys_values())                 # (N, 2, 1, 1, 1)
+    shared = torch.zeros_like(start, requires_grad=True)
+    weights = torch.zeros(*start.shape, trainer.soft.encoder.shape[-1], requires_grad=user_part)
+    optimizer = torch.optim.Adam([shared, weights] if user_part else [shared], lr=learning_rate)
+
+    def prompts(users: np.ndarray, inputs, centred: bool = False) -> torch.Tensor:
+        z = trainer.features(users, inputs).float()                           # (B, k)
+        if centred:
+            mean = z.mean(0, keepdim=True)
+            part = torch.einsum("...k,bk->b...", weights, z - mean) + torch.einsum("...k,bk->b...", weights.detach(), mean)
+        else:
+            part = torch.einsum("...k,bk->b...", weights, z)
+        return start + scale * (shared + part)
+
+    def step(targets) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        tokens = trainer.soft.center().detach()[None].expand(len(targets.users), -1, -1)
+        nll, objective = behaviour_nll(trainer.llm.model, trainer.layout, trainer.prompt_batch(targets), tokens,
+                                       weighted=True, prefix=prompts(targets.users, targets.inputs, centred=True))
+        objective.mean().backward()
+        optimizer.step()
+        return float(nll.detach().mean())
+
+    means = batch_passes(trainer, users, passes, rng, logger, step, "deep encoder", collaborative)
+
+    def encode(users: np.ndarray, inputs) -> torch.Tensor:
+        with torch.no_grad():
+            return prompts(users, inputs)
+
+    return means, encode
