@@ -29,8 +29,8 @@ of everything). Then:
    at every layer of the LLM, one entry per profile, read before the prompt by every position
    (``recbole_uip.inference.deep_prefix``; P-Tuning v2's remedy for shallow prompts too weak to steer a small
    model), starting at each layer with the keys the shared tokens have there and zero values (mode
-   ``shared_prefix``: close to the shared token alone), the soft tokens kept at the shared token; every mode below
-   is then scored with the deep prompts in their place.
+   ``shared_prefix``: it reads nothing, yet takes attention from the prompt), the soft tokens kept at the shared
+   token; every mode below is then scored with the deep prompts in their place.
    ``--also_fit=OBJECTIVE[,...]`` fits the same users' tokens again from the same start, draws and steps on each
    further objective (modes ``<objective>_own`` and so on) and reports ``own`` minus ``<objective>_own``, a paired
    comparison of the objectives;
@@ -261,8 +261,8 @@ def parse_args(argv=None):
     if args.fit_objective in args.also_fit or len(set(args.also_fit)) < len(args.also_fit):
         parser.error("--also_fit names each objective once, and not the --fit_objective")
     if args.encoder_prefix != "shallow" and (not args.encoder_passes or args.encoder_objective == "distil"):
-        parser.error("--encoder_prefix=deep trains a deep encoder: --encoder_passes must be positive, and it learns "
-                     "from the texts (nll or mult_vae), not from a teacher")
+        parser.error("--encoder_prefix=deep and deep_shared train deep prompts in the encoder stage: --encoder_passes "
+                     "must be positive, and they learn from the texts (nll or mult_vae), not from a teacher")
     if args.fit_prefix == "deep" and not args.fit_steps:
         parser.error("--fit_prefix=deep fits per-user deep prompts: --fit_steps must be positive")
     if args.also_fit and not args.fit_steps:
@@ -310,6 +310,8 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
     group_scores: dict[str, list[np.ndarray]] = {}       # per prefix, every group's token on each batch (K, B)
     likeliest_other: list[np.ndarray] = []
     sample_rng, new_draw_rng = np.random.default_rng([args.probe_seed, 1]), np.random.default_rng([args.probe_seed, 2])
+    deep = args.fit_prefix == "deep"
+    wrap = DeepPrompts if deep else (lambda fitted: fitted)           # what the fits return, as a mode holds it
     bar = tqdm(total=len(users), desc="token probe", ncols=100, disable=not show_progress)
     for start in range(0, len(users), BATCH):
         batch = users[start:start + BATCH]
@@ -318,8 +320,6 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         shared = torch.zeros(len(batch), *trainer.soft.anchors.shape)
         modes = {"shared": (held, shared)}
         new_draw = collaborative(batch, new_draw_rng) if collaborative else None
-        deep = args.fit_prefix == "deep"
-        wrap = DeepPrompts if deep else (lambda fitted: fitted)       # what the fits return, as a mode holds it
         start_rows = trainer.shared_prefix(len(batch)) if deep and args.fit_steps else shared
         if deep and args.fit_steps:
             modes["shared_prefix"] = (held, wrap(start_rows))

@@ -4,8 +4,9 @@ The paper's soft token is one input embedding per profile: everything it tells t
 layer. A deep prompt (P-Tuning v2, Liu et al., 2022; prefix tuning, Li and Liang, 2021) gives each layer ``m``
 trainable key/value pairs that every position of the prompt attends to, the usual remedy where shallow prompts
 are too weak, above all for small models. It is a departure from the paper, offered to the token probe
-(``benchmarks/token_probe.py --fit_prefix=deep``) to ask whether the soft token's capacity is what stops a user's
-fitted profile from carrying to their unseen items; the pipeline's bank does not use it.
+(``benchmarks/token_probe.py --fit_prefix=deep``, ``--encoder_prefix=deep``) to ask whether the soft token's
+capacity is what stops a user's profile from carrying to their unseen items; the pipeline's bank does not use it
+(measured: docs/experiment_log.md, "Deep prompts").
 
 Shapes: a prefix is ``(B, N, 2, H, m, d)``: ``N`` layers, keys then values, ``H`` key/value heads, ``m`` entries,
 ``d`` the head size. Trainable prefixes are float32; they are cast to the LLM's dtype where they enter it.

@@ -163,7 +163,7 @@ def behaviour_token_nll(llm_model: nn.Module, layout: PromptLayout, batch: Promp
 
     Returns:
         float32 ``(B, L - 1)``: position ``t`` holds the NLL of ``labels[:, t + 1]`` (0 where that label is ignored).
-        Differentiable with respect to ``soft_tokens`` only.
+        Differentiable with respect to ``soft_tokens`` and ``prefix`` only.
     """
     shifted_logits = behaviour_logits(llm_model, layout, batch, soft_tokens, hide_profiles, prefix)[:, :-1].float()
     shifted_labels = batch.labels.to(shifted_logits.device)[:, 1:]
