@@ -57,8 +57,9 @@ def collaborative_draws(trainer, logger):
 
 @dataclasses.dataclass(frozen=True)
 class DeepPrompts:
-    """Users' deep prompts ``(B, N, 2, H, m, d)`` (``--fit_prefix=deep``) where a mode holds what the LLM reads for
-    each user: they are scored beside the shared soft tokens, not as offsets of them (:func:`score_mode`)."""
+    """Users' deep prompts ``(B, N, 2, H, m, d)`` (``--fit_prefix=deep``, ``--encoder_prefix=deep``, ``deep_shared``)
+    where a mode holds what the LLM reads for each user: they are scored beside the shared soft tokens, not as
+    offsets of them (:func:`score_mode`)."""
 
     values: torch.Tensor
 
@@ -239,7 +240,8 @@ def train_deep_encoder(trainer, users: np.ndarray, passes: int, learning_rate: f
     Returns the mean NLL of each pass and ``encode(users, inputs) -> (B, N, 2, H, m, d)``, the users' prompts from
     ``z`` of the items ``inputs`` (float32, no gradient)."""
     if trainer.soft.encoder is None:
-        raise SystemExit("--encoder_prefix=deep needs the user vector of an encoder (uip_encoder: linear).")
+        raise SystemExit("--encoder_prefix=deep and deep_shared need the user vector of an encoder (uip_encoder: "
+                         "linear).")
     start = trainer.shared_prefix(1)[0]                                     # (N, 2, H, m, d)
     scale = prefix_step_scale(trainer.shared_keys_values())                 # (N, 2, 1, 1, 1)
     shared = torch.zeros_like(start, requires_grad=True)
