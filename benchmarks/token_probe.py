@@ -138,7 +138,7 @@ from recbole_uip.token_probe.modes import (
 from recbole_uip.token_probe.report import render
 from recbole_uip.token_probe.stages import (
     ENCODER_INPUTS, DeepPrompts, collaborative_draws, fit_tokens, score_mode, still_learning, train_deep_encoder,
-    train_encoder, train_shift, use_mult_vae_features,
+    train_encoder, train_shift, use_mult_vae_features, user_fit,
 )
 
 
@@ -371,9 +371,9 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                     plain = trainer.score_offsets(held, shared, contexts=contexts)
                 scores.setdefault(name, []).append(plain)
         if args.oracle and args.fit_steps:
-            fit = trainer.fit_user_prefixes if deep else trainer.fit_user_tokens
-            modes["oracle"] = (held, wrap(fit(held, start_rows, args.fit_steps, args.fit_learning_rate,
-                                              args.fit_objective == "weighted")))
+            modes["oracle"] = (held, wrap(user_fit(trainer, args)(held, start_rows, args.fit_steps,
+                                                                   args.fit_learning_rate,
+                                                                   args.fit_objective == "weighted")))
         for mode, (targets, offsets) in modes.items():
             if targets is held and held.flags is not None:          # the held-out modes, also on their rating tokens
                 plain, rating = score_mode(trainer, targets, offsets, with_ratings=True)

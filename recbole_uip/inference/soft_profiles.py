@@ -77,6 +77,15 @@ class SoftProfiles(nn.Module):
         return self.center()[None] + offsets
 
 
+def batch_centred_map(equation: str, weights: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``einsum(equation, weights, z)`` for a batch's user vectors ``z (B, k)``, with the same values but gradient
+    into ``weights`` only through ``z - mean_b z``: ``weights @ mean_b z`` is held fixed, so an encoder learns how
+    users *differ* (the covariance of their gradients with their ``z``), and what the whole batch needs goes to the
+    shared part beside it. ``equation`` maps ``weights`` (ending in ``k``) and ``z`` to the batch's outputs."""
+    mean = z.mean(0, keepdim=True)
+    return torch.einsum(equation, weights, z - mean) + torch.einsum(equation, weights.detach(), mean)
+
+
 class FreeTokens:
     """Per-user free offsets ``r (U, P, D)``, float32, updated only in the rows of a batch.
 

@@ -56,8 +56,8 @@ from recbole_uip.inference.gradient_agreement import format_step_z, paired_gain_
 from recbole_uip.inference.llm import FrozenLLM, assert_frozen
 from recbole_uip.inference.prompt import PromptLayout, build_layout, collate
 from recbole_uip.inference.soft_profiles import (
-    FreeTokens, SoftProfiles, behaviour_logits, behaviour_nll, behaviour_token_nll, soft_target_nll, token_mean,
-    weighted_token_mean,
+    FreeTokens, SoftProfiles, batch_centred_map, behaviour_logits, behaviour_nll, behaviour_token_nll,
+    soft_target_nll, token_mean, weighted_token_mean,
 )
 from recbole_uip.inference.user_features import UserFeatureMap, embed_items
 from recbole_uip.utils import fault_point
@@ -319,9 +319,7 @@ class ProfileInferenceTrainer:
             z = z.to(self.device)
             weights = self.soft.encoder if encoder is None else encoder.to(self.device)
             if batch_centred:
-                mean = z.mean(0, keepdim=True)
-                offsets = offsets + torch.einsum("pdk,bk->bpd", weights, z - mean) \
-                    + torch.einsum("pdk,bk->bpd", weights.detach(), mean)
+                offsets = offsets + batch_centred_map("pdk,bk->bpd", weights, z)
             else:
                 offsets = offsets + torch.einsum("pdk,bk->bpd", weights, z)
         if self.free is not None:

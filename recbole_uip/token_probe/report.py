@@ -173,22 +173,20 @@ def render(data: dict) -> str:
         return (f", on the frozen LLM's predictions ({teacher}; cross-entropy per pass {per_pass})"
                 if objective == "distil" else f" (NLL per pass {per_pass})")
 
-    deep_encoder = data.get("encoder_prefix") == "deep"
-    encoder = ((" Then one deep prompt for every user (`start + scale S`: keys and values at every layer of the LLM, "
-                "one entry per profile, from the shared tokens' keys and zero values; the deep encoder's `S` trained "
-                "alone, its `W` held at zero: the control for the users' deep prompts; the soft tokens kept at the "
-                "shared token; every `encoder*` below is that prompt) trained by Adam at every batch (step "
-                f"{data['encoder_learning_rate']:g} of each layer's root mean square key and value of the shared "
-                f"tokens) for {data['encoder_passes']} passes over the same {data['shift_users']} users (the shift "
-                "left as it was)" if data.get("encoder_prefix") == "deep_shared" else
-               " Then a linear encoder from `z` to a deep prompt (`start + scale (S + W z)`: keys and values at every "
-                "layer of the LLM, one entry per profile, from the shared tokens' keys and zero values; `S` shared by "
-                "every user, the soft tokens kept at the shared token; every `encoder*` below is a deep prompt) "
-                f"trained by Adam at every batch (step {data['encoder_learning_rate']:g} of each layer's root mean "
-                f"square key and value of the shared tokens) for {data['encoder_passes']} passes over the same "
-                f"{data['shift_users']} users, `S` beside it (the shift left as it was)" if deep_encoder else
-                f" Then the linear encoder trained by Adam at every batch (step {data['encoder_learning_rate']:g}) for "
-                f"{data['encoder_passes']} passes over the same {data['shift_users']} users, the shift beside it")
+    deep_start = "keys and values at every layer of the LLM, one entry per profile, from the shared tokens' keys and zero values"
+    trained, beside = {     # what the encoder stage trains, and what trains beside it
+        "deep_shared": ("one deep prompt for every user (`start + scale S`: " + deep_start + "; the deep encoder's "
+                        "`S` trained alone, its `W` held at zero: the control for the users' deep prompts; the soft "
+                        "tokens kept at the shared token; every `encoder*` below is that prompt)",
+                        " (the shift left as it was)"),
+        "deep": ("a linear encoder from `z` to a deep prompt (`start + scale (S + W z)`: " + deep_start + "; `S` "
+                 "shared by every user, the soft tokens kept at the shared token; every `encoder*` below is a deep "
+                 "prompt)", ", `S` beside it (the shift left as it was)"),
+    }.get(data.get("encoder_prefix"), ("the linear encoder", ", the shift beside it"))
+    step_unit = ("" if data.get("encoder_prefix", "shallow") == "shallow"
+                 else " of each layer's root mean square key and value of the shared tokens")
+    encoder = (f" Then {trained} trained by Adam at every batch (step {data['encoder_learning_rate']:g}{step_unit}) "
+               f"for {data['encoder_passes']} passes over the same {data['shift_users']} users{beside}"
                + trained_on(data.get("encoder_objective"), data["encoder_nll"])
                + f"; {data['users']} other users scored with `A z` from their remaining items"
                + (" (`z`: a Mult-VAE's code of the items, trained on the other users' remaining histories)"

@@ -13,7 +13,7 @@ import torch
 
 from recbole_uip.benchmarking import newest_tokens
 from recbole_uip.inference.deep_prefix import prefix_step_scale
-from recbole_uip.inference.soft_profiles import behaviour_nll
+from recbole_uip.inference.soft_profiles import batch_centred_map, behaviour_nll
 from recbole_uip.inference.trainer import Targets, after_contexts
 
 
@@ -73,6 +73,11 @@ def score_mode(trainer, targets, tokens, with_ratings: bool = False):
     return trainer.score_offsets(targets, tokens, with_ratings)
 
 
+def user_fit(trainer, args):
+    """The per-user fit ``--fit_prefix`` asks for: ``fit_user_prefixes`` (deep prompts) or ``fit_user_tokens``."""
+    return trainer.fit_user_prefixes if args.fit_prefix == "deep" else trainer.fit_user_tokens
+
+
 def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
                sampled: list | None = None) -> tuple[torch.Tensor, object]:
     """Each user's tokens ``(B, P, D)`` fitted on ``objective`` (``--fit_objective``'s choices) from ``start``, one
@@ -81,7 +86,7 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
     :func:`collaborative_draws`, one per step) per step, the first of them. With ``args.fit_prefix == "deep"``,
     each user's deep prompt ``(B, N, 2, H, m, d)`` instead, from ``start`` of that shape
     (:meth:`~recbole_uip.inference.trainer.ProfileInferenceTrainer.fit_user_prefixes`)."""
-    fit = trainer.fit_user_prefixes if args.fit_prefix == "deep" else trainer.fit_user_tokens
+    fit = user_fit(trainer, args)
     if objective == "mult_vae":
         return fit(sampled, start, args.fit_steps, args.fit_learning_rate), sampled[0]
     if objective == "teacher_text":
@@ -250,11 +255,7 @@ def train_deep_encoder(trainer, users: np.ndarray, passes: int, learning_rate: f
 
     def prompts(users: np.ndarray, inputs, centred: bool = False) -> torch.Tensor:
         z = trainer.features(users, inputs).float()                           # (B, k)
-        if centred:
-            mean = z.mean(0, keepdim=True)
-            part = torch.einsum("...k,bk->b...", weights, z - mean) + torch.einsum("...k,bk->b...", weights.detach(), mean)
-        else:
-            part = torch.einsum("...k,bk->b...", weights, z)
+        part = batch_centred_map("...k,bk->b...", weights, z) if centred else torch.einsum("...k,bk->b...", weights, z)
         return start + scale * (shared + part)
 
     def step(targets) -> float:
