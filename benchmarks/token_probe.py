@@ -30,7 +30,10 @@ of everything). Then:
    (``recbole_uip.inference.deep_prefix``; P-Tuning v2's remedy for shallow prompts too weak to steer a small
    model), starting at each layer with the keys the shared tokens have there and zero values (mode
    ``shared_prefix``: it reads nothing, yet takes attention from the prompt), the soft tokens kept at the shared
-   token; every mode below is then scored with the deep prompts in their place.
+   token; every mode below is then scored with the deep prompts in their place. With ``--fit_start=encoder``,
+   every fit starts instead from what the encoder stage (step 5) writes for the user: a per-user refinement on top of
+   the amortised path (with ``--encoder_prefix=deep_shared``, of one deep prompt trained for every user, so that the
+   fits' steps go to what is the user's, not to what every user needs; ``own`` minus ``encoder`` is what they add).
    ``--also_fit=OBJECTIVE[,...]`` fits the same users' tokens again from the same start, draws and steps on each
    further objective (modes ``<objective>_own`` and so on) and reports ``own`` minus ``<objective>_own``, a paired
    comparison of the objectives;
@@ -178,6 +181,11 @@ def parse_args(argv=None):
                              "paper's soft token; the default) or a deep prompt, keys and values at every layer of "
                              "the LLM, one entry per profile, starting with the keys the shared tokens have at each "
                              "layer and zero values (deep; recbole_uip.inference.deep_prefix)")
+    parser.add_argument("--fit_start", choices=("shared", "encoder"), default="shared",
+                        help="where each per-user fit (and the oracle) starts: the shared token, or for deep fits its "
+                             "keys with zero values (shared, the default), or what the encoder stage writes for the "
+                             "user (encoder: a refinement on top of the amortised path; needs --encoder_passes, with "
+                             "--encoder_prefix=deep or deep_shared for deep fits and shallow for shallow ones)")
     parser.add_argument("--also_fit", default="",
                         help="further objectives, comma-separated: the same users' tokens fitted again from the same "
                              "draws on each, and compared with the --fit_objective's user by user (default: none)")
@@ -265,6 +273,11 @@ def parse_args(argv=None):
                      "must be positive, and they learn from the texts (nll or mult_vae), not from a teacher")
     if args.fit_prefix == "deep" and not args.fit_steps:
         parser.error("--fit_prefix=deep fits per-user deep prompts: --fit_steps must be positive")
+    if args.fit_start == "encoder" and (not args.fit_steps or not args.encoder_passes
+                                        or (args.fit_prefix == "deep") != (args.encoder_prefix != "shallow")):
+        parser.error("--fit_start=encoder starts the per-user fits from the encoder stage's prompts: --fit_steps and "
+                     "--encoder_passes must be positive, and deep fits need a deep encoder (--encoder_prefix=deep or "
+                     "deep_shared), shallow fits the shallow one")
     if args.also_fit and not args.fit_steps:
         parser.error("--also_fit fits per-user tokens: --fit_steps must be positive")
     if args.draws < 1 or (args.resample and args.draws != 1):
@@ -320,9 +333,16 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         shared = torch.zeros(len(batch), *trainer.soft.anchors.shape)
         modes = {"shared": (held, shared)}
         new_draw = collaborative(batch, new_draw_rng) if collaborative else None
-        start_rows = trainer.shared_prefix(len(batch)) if deep and args.fit_steps else shared
-        if deep and args.fit_steps:
-            modes["shared_prefix"] = (held, wrap(start_rows))
+        encoded = None
+        if args.encoder_passes:
+            with torch.no_grad():                                           # A z, z from the remaining items
+                encoded = trainer.offsets(batch, held.inputs).cpu() if encode is None else encode(batch, held.inputs)
+        if args.fit_start == "encoder":
+            start_rows = encoded                    # a refinement of what the amortised path gives each user
+        else:
+            start_rows = trainer.shared_prefix(len(batch)) if deep and args.fit_steps else shared
+            if deep and args.fit_steps:
+                modes["shared_prefix"] = (held, wrap(start_rows))
         if args.fit_steps:
             draws = [trainer.targets(batch, rng) for _ in range(args.draws)]
             sampled = [collaborative(batch, sample_rng) for _ in range(args.fit_steps)] \
@@ -350,8 +370,6 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
             for prefix, values in zip(("", "rating_"), scored):
                 group_scores.setdefault(prefix, []).append(values)
         if args.encoder_passes:
-            with torch.no_grad():                                           # A z, z from the remaining items
-                encoded = trainer.offsets(batch, held.inputs).cpu() if encode is None else encode(batch, held.inputs)
             as_mode = (lambda values: values) if encode is None else DeepPrompts
             modes.update({"encoder": (held, as_mode(encoded)), "encoder_other": (held, as_mode(encoded[rotate])),
                           "encoder_mean": (held, as_mode(encoded.mean(0, keepdim=True).expand_as(encoded)))})
@@ -458,6 +476,7 @@ def main(argv=None) -> int:
         "fit_learning_rate": args.fit_learning_rate, "resample": args.resample,
         **({"fit_prefix": args.fit_prefix} if args.fit_prefix != "shallow" else {}),
         **({"encoder_prefix": args.encoder_prefix} if args.encoder_prefix != "shallow" else {}),
+        **({"fit_start": args.fit_start} if args.fit_start != "shared" else {}),
         "draws": args.draws, "keep": args.keep,
         "fit_objective": args.fit_objective, "also_fit": args.also_fit, "encoder_passes": args.encoder_passes,
         "encoder_objective": args.encoder_objective, "encoder_input": args.encoder_input,
@@ -501,6 +520,7 @@ def main(argv=None) -> int:
     name = ("token_probe" + ("_resampled" if args.resample else f"_draws{args.draws}" if args.draws > 1 else "")
             + ("" if args.fit_objective == "plain" else "_" + args.fit_objective)
             + ("_deep" if args.fit_prefix == "deep" else "")
+            + ("_fromencoder" if args.fit_start == "encoder" else "")
             + "".join("_vs_" + objective for objective in args.also_fit)
             + ("_encoder" if args.encoder_passes else "")
             + ({"deep": "_deep", "deep_shared": "_deepshared"}.get(args.encoder_prefix, "") if args.encoder_passes else "")

@@ -382,6 +382,49 @@ def test_token_probe_trains_an_encoder_to_deep_prompts_and_scores_its_modes_with
             token_probe.parse_args(argv + ["--encoder_prefix=deep"] + bad)
 
 
+def test_token_probe_fits_start_from_the_encoders_prompts_with_fit_start_encoder(tmp_path, tiny_llm_dir):
+    """``--fit_start=encoder``: each per-user fit (and the oracle) starts from what the encoder stage wrote for the
+    user. With no step (learning rate 0) a user's fitted prompt scores what the encoder's does, to rounding, for
+    deep prompts (from the shared deep prompt, ``deep_shared``) and shallow tokens (from ``A z``); with steps it moves
+    away, and fitted on the held-out text itself it beats its start for every user. Mismatched stages are refused."""
+    token_probe = import_benchmark("token_probe")
+    write_dataset(tmp_path / "data")
+    argv = ["--dataset=toy", f"--results={tmp_path / 'results'}", "--holdout_tokens=20", "--users=5",
+            "--fit_steps=3", "--shift_users=6", "--shift_passes=1", "--encoder_passes=1",
+            f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32",
+            "--uip_batch_size=4", "--show_progress=false", f"--checkpoint_dir={tmp_path / 'saved'}",
+            "--fit_start=encoder"]
+    # a large encoder step, so that the start is far from the shared token (the tiny LLM's scores move little)
+    deep_argv = argv + ["--fit_prefix=deep", "--encoder_prefix=deep_shared", "--encoder_learning_rate=0.5"]
+    folder = tmp_path / "results" / "toy"
+    name = "token_probe_deep_fromencoder_encoder_deepshared"
+    assert token_probe.main(deep_argv + ["--fit_learning_rate=0"]) == 0
+    still = json.loads(next(folder.iterdir()).joinpath(name + ".json").read_text())
+    assert still["fit_start"] == "encoder" and "shared_prefix" not in still["modes"]
+    for a, b in (("own", "encoder"), ("mean", "encoder"), ("other_user", "encoder"), ("rating_own", "rating_encoder")):
+        np.testing.assert_allclose(still["per_user"][a], still["per_user"][b], rtol=1e-6)
+    assert np.abs(np.array(still["per_user"]["encoder"]) - still["per_user"]["shared"]).max() > 1e-3
+    assert token_probe.main(deep_argv) == 0
+    data = json.loads(next(folder.iterdir()).joinpath(name + ".json").read_text())
+    own, start, oracle = (np.array(data["per_user"][m]) for m in ("own", "encoder", "oracle"))
+    assert not np.allclose(own, start) and (oracle < start).all()
+    assert data["per_user"]["encoder"] == still["per_user"]["encoder"]          # the same start, whatever the step
+    assert "own_minus_encoder" in data["differences"] and "mean_minus_encoder" in data["differences"]
+    report = next(folder.iterdir()).joinpath(name + ".md").read_text()
+    assert "starting with what the encoder stage above wrote for the user" in report
+    assert "own - the encoder's prompt they started from (held-out text: what the fit adds)" in report
+    # shallow: from A z (as above, a large encoder step: the start far from the shared token)
+    assert token_probe.main(argv + ["--fit_learning_rate=0", "--encoder_learning_rate=0.5"]) == 0
+    shallow = json.loads(next(folder.iterdir()).joinpath("token_probe_fromencoder_encoder.json").read_text())
+    own, start, shared = (np.array(shallow["per_user"][m]) for m in ("own", "encoder", "shared"))
+    np.testing.assert_allclose(own, start, rtol=1e-6)
+    assert np.abs(start - shared).max() > 1e-3
+    for bad in (["--encoder_passes=0"], ["--fit_steps=0"], ["--fit_prefix=deep"],
+                ["--encoder_prefix=deep"], ["--fit_start=encoder", "--fit_prefix=deep", "--encoder_prefix=shallow"]):
+        with pytest.raises(SystemExit):
+            token_probe.parse_args(argv + bad)
+
+
 def test_the_deep_encoder_learns_how_users_differ_from_the_batch_and_the_shared_prompt_what_all_need(tmp_path,
                                                                                                      tiny_llm_dir):
     """``train_deep_encoder``: ``W`` learns from ``z`` minus its batch mean only. In batches of one user that is

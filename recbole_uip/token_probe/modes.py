@@ -15,6 +15,7 @@ BATCH = 16          # users fitted together (each alone: their losses are summed
 PAIRS = [("own", "mean"), ("own", "other_user"), ("own_halfway", "mean"), ("mean", "shared"), ("oracle", "mean"),
          ("own_on_fitted_text", "mean_on_fitted_text"), ("mean", "shared_prefix"), ("shared_prefix", "shared")]
 PAIRS += [("encoder", "encoder_mean"), ("encoder", "encoder_other"), ("encoder_mean", "shared")]
+PAIRS += [("own", "encoder"), ("mean", "encoder")]            # --fit_start=encoder: what the fits add to their start
 NEW_DRAW_PAIRS = [("own_on_new_draw", "mean_on_new_draw"), ("own_on_new_draw", "other_user_on_new_draw")]
 PAIRS += NEW_DRAW_PAIRS + [("encoder_on_new_draw", "encoder_mean_on_new_draw"),
                            ("encoder_on_new_draw", "encoder_other_on_new_draw")]

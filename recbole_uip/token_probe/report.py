@@ -78,6 +78,9 @@ def render(data: dict) -> str:
               "encoder_minus_encoder_mean": "encoder's A z - its mean over the batch (held-out text)",
               "encoder_minus_encoder_other": "encoder's A z - another user's (held-out text)",
               "encoder_mean_minus_shared": "encoder's mean - the shared token (held-out text)",
+              "own_minus_encoder": "own - the encoder's prompt they started from (held-out text: what the fit adds)",
+              "mean_minus_encoder": "mean - the encoder's prompt (held-out text)",
+              "rating_own_minus_rating_encoder": "own - the encoder's prompt they started from (held-out rating tokens)",
               "rating_encoder_minus_rating_encoder_mean": "encoder's A z - its mean (held-out rating tokens)",
               "rating_encoder_minus_rating_encoder_other": "encoder's A z - another user's (held-out rating tokens)",
               "rating_encoder_mean_minus_rating_shared": "encoder's mean - the shared token (held-out rating tokens)"}
@@ -143,11 +146,14 @@ def render(data: dict) -> str:
                 if plain_a == plain_b else f"{objective}: {labels.get(f'{plain_a}_minus_{plain_b}', f'{a} - {b}')}")
     settings = data["record"]["settings"]
     deep = data.get("fit_prefix") == "deep"
+    from_encoder = data.get("fit_start") == "encoder"
+    fit_start = ("what the encoder stage above wrote for the user" if from_encoder
+                 else "the keys the shared tokens have at each layer and zero values")
     fitted = (f" Then {data['users']} other users' "
               + ("deep prompts (keys and values at every layer of the LLM, one entry per profile, read before the "
-                 "prompt; starting with the keys the shared tokens have at each layer and zero values, the soft "
+                 f"prompt; starting with {fit_start}, the soft "
                  "tokens kept at the shared token; every `own`, `mean`, `other_user` and `oracle` below is a deep "
-                 "prompt)" if deep else "tokens")
+                 "prompt)" if deep else "tokens (starting from the encoder's `A z`)" if from_encoder else "tokens")
               + f" each fitted alone with {data['fit_steps']} Adam steps (step {data['fit_learning_rate']:g} of "
               + ("each layer's root mean square key and value of the shared tokens" if deep
                  else "the mean token-embedding norm")
