@@ -81,6 +81,7 @@ def render(data: dict) -> str:
               "own_minus_encoder": "own - the encoder's prompt they started from (held-out text: what the fit adds)",
               "mean_minus_encoder": "mean - the encoder's prompt (held-out text)",
               "rating_own_minus_rating_encoder": "own - the encoder's prompt they started from (held-out rating tokens)",
+              "rating_mean_minus_rating_encoder": "mean - the encoder's prompt (held-out rating tokens)",
               "rating_encoder_minus_rating_encoder_mean": "encoder's A z - its mean (held-out rating tokens)",
               "rating_encoder_minus_rating_encoder_other": "encoder's A z - another user's (held-out rating tokens)",
               "rating_encoder_mean_minus_rating_shared": "encoder's mean - the shared token (held-out rating tokens)"}
