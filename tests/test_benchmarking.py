@@ -419,8 +419,8 @@ def test_token_probe_fits_start_from_the_encoders_prompts_with_fit_start_encoder
     own, start, shared = (np.array(shallow["per_user"][m]) for m in ("own", "encoder", "shared"))
     np.testing.assert_allclose(own, start, rtol=1e-6)
     assert np.abs(start - shared).max() > 1e-3
-    for bad in (["--encoder_passes=0"], ["--fit_steps=0"], ["--fit_prefix=deep"],
-                ["--encoder_prefix=deep"], ["--fit_start=encoder", "--fit_prefix=deep", "--encoder_prefix=shallow"]):
+    # no encoder stage, nothing to fit, deep fits from the shallow encoder, shallow fits from a deep one
+    for bad in (["--encoder_passes=0"], ["--fit_steps=0"], ["--fit_prefix=deep"], ["--encoder_prefix=deep_shared"]):
         with pytest.raises(SystemExit):
             token_probe.parse_args(argv + bad)
 
