@@ -333,11 +333,16 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
         shared = torch.zeros(len(batch), *trainer.soft.anchors.shape)
         modes = {"shared": (held, shared)}
         new_draw = collaborative(batch, new_draw_rng) if collaborative else None
-        encoded = None
         if args.encoder_passes:
             with torch.no_grad():                                           # A z, z from the remaining items
                 encoded = trainer.offsets(batch, held.inputs).cpu() if encode is None else encode(batch, held.inputs)
-        if args.fit_start == "encoder":
+            as_mode = (lambda values: values) if encode is None else DeepPrompts
+            modes.update({"encoder": (held, as_mode(encoded)), "encoder_other": (held, as_mode(encoded[rotate])),
+                          "encoder_mean": (held, as_mode(encoded.mean(0, keepdim=True).expand_as(encoded)))})
+            if args.encoder_objective == "mult_vae":
+                modes.update({m + "_on_new_draw": (new_draw, modes[m][1])
+                              for m in ("encoder", "encoder_other", "encoder_mean")})
+        if args.fit_start == "encoder":                                     # parse_args: with an encoder stage
             start_rows = encoded                    # a refinement of what the amortised path gives each user
         else:
             start_rows = trainer.shared_prefix(len(batch)) if deep and args.fit_steps else shared
@@ -369,13 +374,6 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                 scored = score_every_token(trainer, held, groups.tokens, with_ratings=held.flags is not None)
             for prefix, values in zip(("", "rating_"), scored):
                 group_scores.setdefault(prefix, []).append(values)
-        if args.encoder_passes:
-            as_mode = (lambda values: values) if encode is None else DeepPrompts
-            modes.update({"encoder": (held, as_mode(encoded)), "encoder_other": (held, as_mode(encoded[rotate])),
-                          "encoder_mean": (held, as_mode(encoded.mean(0, keepdim=True).expand_as(encoded)))})
-            if args.encoder_objective == "mult_vae":
-                modes.update({m + "_on_new_draw": (new_draw, modes[m][1])
-                              for m in ("encoder", "encoder_other", "encoder_mean")})
         for budget in args.context_tokens:
             positions = context_positions(trainer.text, batch, remaining, budget, args.context_from)
             own_context, other_context = matched_contexts(trainer.text, batch, batch[rotate.numpy()], positions, budget)
