@@ -24,7 +24,8 @@ of everything). Then:
    the draw (what distillation reads, fitted without a teacher: the control that tells distillation from the
    recency and length of the teacher's text), or (``--fit_objective=mult_vae``) on the plain NLL of a new text at
    every step, written from items a Mult-VAE of the training histories predicts for the user among those they have
-   not seen (``recbole_uip.collaborative_text``: the user's predicted taste, never one text to memorise).
+   not seen (``recbole_uip.collaborative_text``: the user's predicted taste, never one text to memorise); with
+   ``--fit_texts_per_step=K``, K new texts at every step and the step on their mean gradient (less noise per step).
    With ``--fit_prefix=deep``, each fit trains a deep prompt instead of the soft tokens' offsets: keys and values
    at every layer of the LLM, one entry per profile, read before the prompt by every position
    (``recbole_uip.inference.deep_prefix``; P-Tuning v2's remedy for shallow prompts too weak to steer a small
@@ -186,6 +187,9 @@ def parse_args(argv=None):
                              "keys with zero values (shared, the default), or what the encoder stage writes for the "
                              "user (encoder: a refinement on top of the amortised path; needs --encoder_passes, with "
                              "--encoder_prefix=deep or deep_shared for deep fits and shallow for shallow ones)")
+    parser.add_argument("--fit_texts_per_step", type=int, default=1,
+                        help="with --fit_objective=mult_vae: new Mult-VAE texts per fit step, each step on the mean "
+                             "of their gradients (default 1; K costs K times the passes of one text per step)")
     parser.add_argument("--also_fit", default="",
                         help="further objectives, comma-separated: the same users' tokens fitted again from the same "
                              "draws on each, and compared with the --fit_objective's user by user (default: none)")
@@ -278,6 +282,10 @@ def parse_args(argv=None):
         parser.error("--fit_start=encoder starts the per-user fits from the encoder stage's prompts: --fit_steps and "
                      "--encoder_passes must be positive, and deep fits need a deep encoder (--encoder_prefix=deep or "
                      "deep_shared), shallow fits the shallow one")
+    if args.fit_texts_per_step < 1 or args.fit_texts_per_step > 1 and (
+            args.fit_objective != "mult_vae" or args.also_fit or not args.fit_steps):
+        parser.error("--fit_texts_per_step takes K >= 1 texts, more than one only with --fit_objective=mult_vae "
+                     "(a new text for each), positive --fit_steps and no --also_fit")
     if args.also_fit and not args.fit_steps:
         parser.error("--also_fit fits per-user tokens: --fit_steps must be positive")
     if args.draws < 1 or (args.resample and args.draws != 1):
@@ -350,7 +358,7 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                 modes["shared_prefix"] = (held, wrap(start_rows))
         if args.fit_steps:
             draws = [trainer.targets(batch, rng) for _ in range(args.draws)]
-            sampled = [collaborative(batch, sample_rng) for _ in range(args.fit_steps)] \
+            sampled = [collaborative(batch, sample_rng) for _ in range(args.fit_steps * args.fit_texts_per_step)] \
                 if "mult_vae" in (args.fit_objective, *args.also_fit) else None   # not for the encoder's alone
             for objective in (args.fit_objective, *args.also_fit):
                 p = "" if objective == args.fit_objective else objective + "_"
@@ -475,6 +483,7 @@ def main(argv=None) -> int:
         **({"fit_prefix": args.fit_prefix} if args.fit_prefix != "shallow" else {}),
         **({"encoder_prefix": args.encoder_prefix} if args.encoder_prefix != "shallow" else {}),
         **({"fit_start": args.fit_start} if args.fit_start != "shared" else {}),
+        **({"fit_texts_per_step": args.fit_texts_per_step} if args.fit_texts_per_step > 1 else {}),
         "draws": args.draws, "keep": args.keep,
         "fit_objective": args.fit_objective, "also_fit": args.also_fit, "encoder_passes": args.encoder_passes,
         "encoder_objective": args.encoder_objective, "encoder_input": args.encoder_input,
@@ -519,6 +528,7 @@ def main(argv=None) -> int:
             + ("" if args.fit_objective == "plain" else "_" + args.fit_objective)
             + ("_deep" if args.fit_prefix == "deep" else "")
             + ("_fromencoder" if args.fit_start == "encoder" else "")
+            + (f"_texts{args.fit_texts_per_step}" if args.fit_texts_per_step > 1 else "")
             + "".join("_vs_" + objective for objective in args.also_fit)
             + ("_encoder" if args.encoder_passes else "")
             + ({"deep": "_deep", "deep_shared": "_deepshared"}.get(args.encoder_prefix, "") if args.encoder_passes else "")

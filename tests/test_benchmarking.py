@@ -1374,3 +1374,32 @@ def test_token_probe_fits_tokens_to_texts_drawn_from_a_mult_vae_without_changing
     report = next((tmp_path / "both" / "toy").glob("*/token_probe_vs_mult_vae.md")).read_text()
     assert "drawn from a Mult-VAE's distribution over the items the user has not seen" in report
     assert "mult_vae: own - another user's on a new text from the user's distribution" in report
+
+
+def test_token_probe_fits_on_several_mult_vae_texts_per_step_with_fit_texts_per_step(tmp_path, tiny_llm_dir):
+    """``--fit_texts_per_step=K``: each fit step on K new Mult-VAE texts. The start, the held-out texts and the new
+    text scored after the fits are those of a one-text run; the fits differ; the report and the file name say K.
+    Only Mult-VAE fits take it (a new text for each), with steps and no further objective."""
+    token_probe = import_benchmark("token_probe")
+    write_dataset(tmp_path / "data")
+    base = ["--dataset=toy", "--holdout_tokens=20", "--users=5", "--fit_steps=3", "--shift_users=6",
+            "--shift_passes=1", f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}",
+            "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false", "--oracle=false",
+            f"--checkpoint_dir={tmp_path / 'saved'}", "--fit_objective=mult_vae", "--fit_learning_rate=0.5"]
+    assert token_probe.main(base + [f"--results={tmp_path / 'one'}"]) == 0
+    assert token_probe.main(base + [f"--results={tmp_path / 'two'}", "--fit_texts_per_step=2"]) == 0
+    one = json.loads(next((tmp_path / "one" / "toy").glob("*/token_probe_mult_vae.json")).read_text())
+    two = json.loads(next((tmp_path / "two" / "toy").glob("*/token_probe_mult_vae_texts2.json")).read_text())
+    assert two["fit_texts_per_step"] == 2 and "fit_texts_per_step" not in one
+    for mode in ("shared", "rating_shared"):
+        assert two["per_user"][mode] == one["per_user"][mode]
+    # the first text fitted to (the same in both runs) and the new one: the same texts, other tokens
+    for mode in ("own", "own_on_fitted_text", "own_on_new_draw"):
+        assert all(x != y for x, y in zip(two["per_user"][mode], one["per_user"][mode]))
+    report = next((tmp_path / "two" / "toy").glob("*/token_probe_mult_vae_texts2.md")).read_text()
+    assert "mean plain NLL of 2 new texts at every step" in report
+    assert "plain NLL of a new text at every step" in next((tmp_path / "one" / "toy").glob("*/token_probe_mult_vae.md")).read_text()
+    for bad in (["--fit_texts_per_step=0"], ["--fit_texts_per_step=2", "--fit_objective=plain"],
+                ["--fit_texts_per_step=2", "--also_fit=plain"], ["--fit_texts_per_step=2", "--fit_steps=0"]):
+        with pytest.raises(SystemExit):
+            token_probe.parse_args(base + bad)

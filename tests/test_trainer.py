@@ -958,3 +958,31 @@ def test_a_deep_prompt_starts_as_the_shared_tokens_keys_and_values_and_fits_each
     assert torch.equal(trainer.soft.shared, shared) and torch.equal(trainer.soft.encoder, encoder)
     assert trainer.soft.shared.grad is None and trainer.soft.encoder.grad is None
     assert all(torch.equal(a, b) and a.grad is None for a, b in zip(model.parameters(), weights))
+
+
+def test_a_fit_step_on_several_texts_takes_their_mean_gradient(tmp_path, tiny_llm_dir):
+    """``fit_user_tokens`` and ``fit_user_prefixes`` with ``texts_per_step=K``: each step follows the mean gradient
+    of its K texts. One text twice per step fits as that text once per step; two texts in either order within a
+    step fit alike, and unlike either text alone or the two one per step in turn. K < 1 is refused."""
+    trainer = make_trainer(tmp_path, tiny_llm_dir)
+    trainer.setup()
+    users = np.arange(4)
+    rng = np.random.default_rng(0)
+    a, b = trainer.targets(users, rng), trainer.targets(users, rng)
+    assert any(x != y for x, y in zip(a.texts, b.texts))                # two different draws
+    start = torch.zeros(len(users), *trainer.soft.anchors.shape)
+
+    def fit(texts, k=1, prefixes=False):
+        if prefixes:
+            return trainer.fit_user_prefixes(texts, trainer.shared_prefix(len(users)), steps=2, learning_rate=0.05,
+                                             texts_per_step=k)
+        return trainer.fit_user_tokens(texts, start, steps=2, learning_rate=0.05, texts_per_step=k)
+
+    for prefixes in (False, True):
+        torch.testing.assert_close(fit([a, a], 2, prefixes), fit(a, 1, prefixes), rtol=1e-4, atol=1e-6)
+        mean = fit([a, b], 2, prefixes)
+        torch.testing.assert_close(fit([b, a], 2, prefixes), mean, rtol=1e-4, atol=1e-6)
+        for other in (fit(a, 1, prefixes), fit(b, 1, prefixes), fit([a, b], 1, prefixes)):
+            assert not torch.allclose(mean, other, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one text"):
+        fit(a, 0)

@@ -879,11 +879,12 @@ class ProfileInferenceTrainer:
 
     def fit_user_tokens(self, targets: Targets | list[Targets], start: torch.Tensor, steps: int,
                         learning_rate: float, weighted: bool = False,
-                        teacher: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
+                        teacher: torch.Tensor | list[torch.Tensor] | None = None,
+                        texts_per_step: int = 1) -> torch.Tensor:
         """Each user's offsets fitted alone to their own text in ``targets``: ``steps`` Adam steps (one step count
         per user, :class:`FreeTokens`) on the plain NLL (with ``weighted``, the M-step's objective, whose rating
         tokens weigh ``uip_rating_weight``) from ``start`` ``(B, P, D)``, the shared shift and the LLM fixed. A
-        list of ``Targets`` (the same users, other texts) is cycled through, one per step. Returns the fitted offsets
+        list of ``Targets`` (the same users, other texts) is cycled through, one per step (``texts_per_step`` per step, each step on the mean of their gradients). Returns the fitted offsets
         ``(B, P, D)`` float32 on CPU. ``learning_rate`` is relative to the mean token-embedding norm: an Adam
         step moves a row by about ``learning_rate * |e|``.
 
@@ -897,7 +898,7 @@ class ProfileInferenceTrainer:
         step = learning_rate * self.embedding_norm / start.shape[-1] ** 0.5
         center = self.soft.center().detach()[None]                  # (1, P, D): no gradient into the shared shift
         return self._fit_rows(targets, start, steps, step, weighted, teacher,
-                              lambda rows: (center + rows.to(self.device), None))
+                              lambda rows: (center + rows.to(self.device), None), texts_per_step)
 
     def shared_keys_values(self) -> torch.Tensor:
         """``(N, 2, H, P, d)``: the keys and values the shared soft tokens give each layer at their positions."""
@@ -918,7 +919,8 @@ class ProfileInferenceTrainer:
 
     def fit_user_prefixes(self, targets: Targets | list[Targets], start: torch.Tensor, steps: int,
                           learning_rate: float, weighted: bool = False,
-                          teacher: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
+                          teacher: torch.Tensor | list[torch.Tensor] | None = None,
+                          texts_per_step: int = 1) -> torch.Tensor:
         """:meth:`fit_user_tokens` with a deep prompt in place of the soft tokens' offsets: each user's keys and
         values at every layer ``(B, N, 2, H, m, d)`` fitted alone from ``start`` (:meth:`shared_prefix`), the soft
         tokens kept at the shared token. ``learning_rate`` is relative to each layer's root mean square key (and
@@ -928,15 +930,19 @@ class ProfileInferenceTrainer:
         scale = prefix_step_scale(self.shared_keys_values())[None]  # (1, N, 2, 1, 1, 1)
         tokens = self.soft.center().detach()[None].expand(start.shape[0], -1, -1)
         steps_taken = self._fit_rows(targets, torch.zeros_like(start), steps, learning_rate, weighted, teacher,
-                                     lambda rows: (tokens, start + scale * rows))
+                                     lambda rows: (tokens, start + scale * rows), texts_per_step)
         return start + scale * steps_taken
 
     def _fit_rows(self, targets: Targets | list[Targets], start: torch.Tensor, steps: int, learning_rate: float,
-                  weighted: bool, teacher, inputs) -> torch.Tensor:
+                  weighted: bool, teacher, inputs, texts_per_step: int = 1) -> torch.Tensor:
         """The loop of :meth:`fit_user_tokens` and :meth:`fit_user_prefixes`: ``steps`` Adam steps of
         ``learning_rate`` (absolute) on per-user rows ``(B, ...)`` from ``start``; ``inputs(rows)`` gives the LLM's
-        soft tokens ``(B, P, D)`` and deep prompt (or None) for the current rows. Returns the fitted rows, float32
-        on CPU."""
+        soft tokens ``(B, P, D)`` and deep prompt (or None) for the current rows. Step ``s`` takes the mean
+        gradient of texts ``s * texts_per_step`` to ``(s + 1) * texts_per_step - 1`` of ``targets`` (cycled), one
+        forward and backward pass each: a less noisy step on as many texts as that many single-text steps. Returns
+        the fitted rows, float32 on CPU."""
+        if texts_per_step < 1:
+            raise ValueError(f"A fit step takes at least one text, not {texts_per_step}.")
         targets = targets if isinstance(targets, list) else [targets]
         batches = [self.prompt_batch(t) for t in targets]
         if weighted and targets[0].flags is None:
@@ -949,15 +955,16 @@ class ProfileInferenceTrainer:
         index = torch.arange(start.shape[0])
         for step in range(steps):
             leaf = rows.rows(index)
-            tokens, prefix = inputs(leaf)
-            k = step % len(batches)                                 # this step's text (and its teacher)
-            if teachers is not None:
-                loss = soft_target_nll(self.llm.model, self.layout, batches[k], tokens, teachers[k], prefix)
-            else:
-                plain, objective = behaviour_nll(self.llm.model, self.layout, batches[k], tokens, weighted=True,
-                                                 prefix=prefix)
-                loss = objective if weighted else plain
-            loss.sum().backward()
+            for j in range(texts_per_step):                         # the inputs anew: each backward frees its graph
+                tokens, prefix = inputs(leaf)
+                k = (step * texts_per_step + j) % len(batches)      # this text (and its teacher)
+                if teachers is not None:
+                    loss = soft_target_nll(self.llm.model, self.layout, batches[k], tokens, teachers[k], prefix)
+                else:
+                    plain, objective = behaviour_nll(self.llm.model, self.layout, batches[k], tokens, weighted=True,
+                                                     prefix=prefix)
+                    loss = objective if weighted else plain
+                (loss.sum() / texts_per_step).backward()            # the leaf's gradient accumulates the mean
             rows.step(index, leaf)
         return rows.table.clone()
 

@@ -14,7 +14,7 @@ def describe_objective(objective: str, data: dict) -> str:
     """What tokens fitted on ``objective`` were fitted to, for the report: "plain NLL of a random 64 tokens of ..."
     (of the newest 64 tokens where the settings say ``uip_target: newest``)."""
     settings = data["record"]["settings"]
-    draws = data.get("draws", 1)
+    draws, per_step = data.get("draws", 1), data.get("fit_texts_per_step", 1)
     if settings.get("target") == "newest":                  # uip_target: newest draws the same text every time
         draw = (f"the newest {settings['max_behaviour_tokens']} tokens of their remaining training text "
                 "(`uip_target: newest`)")
@@ -26,7 +26,9 @@ def describe_objective(objective: str, data: dict) -> str:
     return {"weighted": f"M-step's objective (rating tokens weigh {settings['rating_weight']:g}) of {draw}",
             "distil": f"frozen LLM's predictions (distillation; the teacher reads {context} before the text) for {draw}",
             "teacher_text": f"plain NLL of the teacher's whole text ({context}, then {draw}; no teacher)",
-            "mult_vae": (f"plain NLL of a new text at every step, {settings['max_behaviour_tokens']} tokens of items "
+            "mult_vae": (("plain NLL of a new text at every step" if per_step == 1 else
+                          f"mean plain NLL of {per_step} new texts at every step") + ", "
+                         f"{settings['max_behaviour_tokens']} tokens of items "
                          "drawn from a Mult-VAE's distribution over the items the user has not seen, given their "
                          "remaining training items (`recbole_uip.collaborative_text`)"),
             }.get(objective, f"plain NLL of {draw}")

@@ -83,12 +83,14 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
     """Each user's tokens ``(B, P, D)`` fitted on ``objective`` (``--fit_objective``'s choices) from ``start``, one
     of ``draws`` per step in turn, and the first text they were fitted to (``Targets``): ``draws[0]``, or for
     ``teacher_text`` the teacher's context followed by it; for ``mult_vae``, one of ``sampled`` (texts from
-    :func:`collaborative_draws`, one per step) per step, the first of them. With ``args.fit_prefix == "deep"``,
+    :func:`collaborative_draws`, ``args.fit_texts_per_step`` per step, each step on their mean gradient), the first
+    of them. With ``args.fit_prefix == "deep"``,
     each user's deep prompt ``(B, N, 2, H, m, d)`` instead, from ``start`` of that shape
     (:meth:`~recbole_uip.inference.trainer.ProfileInferenceTrainer.fit_user_prefixes`)."""
     fit = user_fit(trainer, args)
     if objective == "mult_vae":
-        return fit(sampled, start, args.fit_steps, args.fit_learning_rate), sampled[0]
+        return fit(sampled, start, args.fit_steps, args.fit_learning_rate,
+                   texts_per_step=args.fit_texts_per_step), sampled[0]
     if objective == "teacher_text":
         texts = [after_contexts(d, teacher_contexts(trainer, d, args.distil_context_tokens)) for d in draws]
         return fit(texts, start, args.fit_steps, args.fit_learning_rate), texts[0]
