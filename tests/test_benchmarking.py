@@ -135,6 +135,15 @@ def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_m
         assert data["count_reference"][model]["mean"] == pytest.approx(every["models"][model]["gain_per_token"]["mean"])
 
 
+def toy_probe_argv(tmp_path, tiny_llm_dir) -> list[str]:
+    """The token probe's flags for a small run on ``write_dataset``'s toy data with the tiny LLM: 5 probed users,
+    3 fit steps, one shift pass over 6 users, no oracle; results still to be named."""
+    return ["--dataset=toy", "--holdout_tokens=20", "--users=5", "--fit_steps=3", "--shift_users=6",
+            "--shift_passes=1", f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}",
+            "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false", "--oracle=false",
+            f"--checkpoint_dir={tmp_path / 'saved'}"]
+
+
 @pytest.mark.parametrize("resample,objective", [(False, "plain"), (True, "weighted"), (False, "distil")])
 def test_token_probe_fits_each_users_tokens_and_reports_every_difference(tmp_path, tiny_llm_dir, resample, objective):
     token_probe = import_benchmark("token_probe")
@@ -260,10 +269,7 @@ def test_token_probe_report_names_the_text_the_tokens_were_fitted_to():
 def test_token_probe_compares_fit_objectives_user_by_user_from_the_same_draws(tmp_path, tiny_llm_dir):
     token_probe = import_benchmark("token_probe")
     write_dataset(tmp_path / "data")
-    base = ["--dataset=toy", "--holdout_tokens=20", "--users=5", "--fit_steps=3", "--shift_users=6",
-            "--shift_passes=1", f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}",
-            "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false", "--oracle=false",
-            f"--checkpoint_dir={tmp_path / 'saved'}", "--fit_objective=distil", "--distil_context_tokens=8"]
+    base = toy_probe_argv(tmp_path, tiny_llm_dir) + ["--fit_objective=distil", "--distil_context_tokens=8"]
     assert token_probe.main(base + [f"--results={tmp_path / 'alone'}"]) == 0
     assert token_probe.main(base + [f"--results={tmp_path / 'both'}", "--also_fit=teacher_text,plain"]) == 0
     alone = json.loads(next((tmp_path / "alone" / "toy").glob("*/token_probe_distil.json")).read_text())
@@ -1350,10 +1356,7 @@ def test_token_probe_fits_tokens_to_texts_drawn_from_a_mult_vae_without_changing
     their draws and scores, are those of a run without it."""
     token_probe = import_benchmark("token_probe")
     write_dataset(tmp_path / "data")
-    base = ["--dataset=toy", "--holdout_tokens=20", "--users=5", "--fit_steps=3", "--shift_users=6",
-            "--shift_passes=1", f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}",
-            "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false", "--oracle=false",
-            f"--checkpoint_dir={tmp_path / 'saved'}"]
+    base = toy_probe_argv(tmp_path, tiny_llm_dir)
     assert token_probe.main(base + [f"--results={tmp_path / 'alone'}"]) == 0
     assert token_probe.main(base + [f"--results={tmp_path / 'both'}", "--also_fit=mult_vae"]) == 0
     alone = json.loads(next((tmp_path / "alone" / "toy").glob("*/token_probe.json")).read_text())
@@ -1377,15 +1380,13 @@ def test_token_probe_fits_tokens_to_texts_drawn_from_a_mult_vae_without_changing
 
 
 def test_token_probe_fits_on_several_mult_vae_texts_per_step_with_fit_texts_per_step(tmp_path, tiny_llm_dir):
-    """``--fit_texts_per_step=K``: each fit step on K new Mult-VAE texts. The start, the held-out texts and the new
-    text scored after the fits are those of a one-text run; the fits differ; the report and the file name say K.
-    Only Mult-VAE fits take it (a new text for each), with steps and no further objective."""
+    """``--fit_texts_per_step=K``: each fit step on K new Mult-VAE texts. The shared token scores every user's
+    held-out text as in a one-text run; the fitted prompts score otherwise, on the held-out text, the first text
+    fitted to and a new one; the report and the file name say K. Only Mult-VAE fits take it (a new text for each),
+    with steps and no further objective."""
     token_probe = import_benchmark("token_probe")
     write_dataset(tmp_path / "data")
-    base = ["--dataset=toy", "--holdout_tokens=20", "--users=5", "--fit_steps=3", "--shift_users=6",
-            "--shift_passes=1", f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}",
-            "--uip_llm_dtype=float32", "--uip_batch_size=4", "--show_progress=false", "--oracle=false",
-            f"--checkpoint_dir={tmp_path / 'saved'}", "--fit_objective=mult_vae", "--fit_learning_rate=0.5"]
+    base = toy_probe_argv(tmp_path, tiny_llm_dir) + ["--fit_objective=mult_vae", "--fit_learning_rate=0.5"]
     assert token_probe.main(base + [f"--results={tmp_path / 'one'}"]) == 0
     assert token_probe.main(base + [f"--results={tmp_path / 'two'}", "--fit_texts_per_step=2"]) == 0
     one = json.loads(next((tmp_path / "one" / "toy").glob("*/token_probe_mult_vae.json")).read_text())
@@ -1393,12 +1394,12 @@ def test_token_probe_fits_on_several_mult_vae_texts_per_step_with_fit_texts_per_
     assert two["fit_texts_per_step"] == 2 and "fit_texts_per_step" not in one
     for mode in ("shared", "rating_shared"):
         assert two["per_user"][mode] == one["per_user"][mode]
-    # the first text fitted to (the same in both runs) and the new one: the same texts, other tokens
     for mode in ("own", "own_on_fitted_text", "own_on_new_draw"):
         assert all(x != y for x, y in zip(two["per_user"][mode], one["per_user"][mode]))
     report = next((tmp_path / "two" / "toy").glob("*/token_probe_mult_vae_texts2.md")).read_text()
     assert "mean plain NLL of 2 new texts at every step" in report
-    assert "plain NLL of a new text at every step" in next((tmp_path / "one" / "toy").glob("*/token_probe_mult_vae.md")).read_text()
+    single = next((tmp_path / "one" / "toy").glob("*/token_probe_mult_vae.md")).read_text()
+    assert "plain NLL of a new text at every step" in single
     for bad in (["--fit_texts_per_step=0"], ["--fit_texts_per_step=2", "--fit_objective=plain"],
                 ["--fit_texts_per_step=2", "--also_fit=plain"], ["--fit_texts_per_step=2", "--fit_steps=0"]):
         with pytest.raises(SystemExit):

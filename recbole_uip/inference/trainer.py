@@ -884,9 +884,10 @@ class ProfileInferenceTrainer:
         """Each user's offsets fitted alone to their own text in ``targets``: ``steps`` Adam steps (one step count
         per user, :class:`FreeTokens`) on the plain NLL (with ``weighted``, the M-step's objective, whose rating
         tokens weigh ``uip_rating_weight``) from ``start`` ``(B, P, D)``, the shared shift and the LLM fixed. A
-        list of ``Targets`` (the same users, other texts) is cycled through, one per step (``texts_per_step`` per step, each step on the mean of their gradients). Returns the fitted offsets
-        ``(B, P, D)`` float32 on CPU. ``learning_rate`` is relative to the mean token-embedding norm: an Adam
-        step moves a row by about ``learning_rate * |e|``.
+        list of ``Targets`` (the same users, other texts) is cycled through, one per step (``texts_per_step`` per
+        step, each step on the mean of their gradients). Returns the fitted offsets ``(B, P, D)`` float32 on CPU.
+        ``learning_rate`` is relative to the mean token-embedding norm: an Adam step moves a row by about
+        ``learning_rate * |e|``.
 
         What the paper's free token can learn about a user when it gets as many steps as it needs (the EM loop gives
         each row one step per round); ``benchmarks/token_probe.py`` asks whether that carries to text it never saw.

@@ -84,9 +84,8 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
     of ``draws`` per step in turn, and the first text they were fitted to (``Targets``): ``draws[0]``, or for
     ``teacher_text`` the teacher's context followed by it; for ``mult_vae``, one of ``sampled`` (texts from
     :func:`collaborative_draws`, ``args.fit_texts_per_step`` per step, each step on their mean gradient), the first
-    of them. With ``args.fit_prefix == "deep"``,
-    each user's deep prompt ``(B, N, 2, H, m, d)`` instead, from ``start`` of that shape
-    (:meth:`~recbole_uip.inference.trainer.ProfileInferenceTrainer.fit_user_prefixes`)."""
+    of them. With ``args.fit_prefix == "deep"``, each user's deep prompt ``(B, N, 2, H, m, d)`` instead, from
+    ``start`` of that shape (:meth:`~recbole_uip.inference.trainer.ProfileInferenceTrainer.fit_user_prefixes`)."""
     fit = user_fit(trainer, args)
     if objective == "mult_vae":
         return fit(sampled, start, args.fit_steps, args.fit_learning_rate,
