@@ -135,6 +135,12 @@ def test_generalisation_benchmark_holds_out_the_newest_items_and_reports_every_m
         assert data["count_reference"][model]["mean"] == pytest.approx(every["models"][model]["gain_per_token"]["mean"])
 
 
+def published(results, name: str):
+    """The file ``name`` (a glob pattern; the first match) that a benchmark run with ``--results=results`` on the
+    toy dataset published in its settings folder, ``results/toy/<fingerprint>/``."""
+    return next((results / "toy").glob(f"*/{name}"))
+
+
 def toy_probe_argv(tmp_path, tiny_llm_dir) -> list[str]:
     """The token probe's flags for a small run on ``write_dataset``'s toy data with the tiny LLM: 5 probed users,
     3 fit steps, one shift pass over 6 users, no oracle; results still to be named."""
@@ -272,8 +278,8 @@ def test_token_probe_compares_fit_objectives_user_by_user_from_the_same_draws(tm
     base = toy_probe_argv(tmp_path, tiny_llm_dir) + ["--fit_objective=distil", "--distil_context_tokens=8"]
     assert token_probe.main(base + [f"--results={tmp_path / 'alone'}"]) == 0
     assert token_probe.main(base + [f"--results={tmp_path / 'both'}", "--also_fit=teacher_text,plain"]) == 0
-    alone = json.loads(next((tmp_path / "alone" / "toy").glob("*/token_probe_distil.json")).read_text())
-    both = json.loads(next((tmp_path / "both" / "toy").glob("*/token_probe_distil_vs_teacher_text_vs_plain.json")).read_text())
+    alone = json.loads(published(tmp_path / "alone", "token_probe_distil.json").read_text())
+    both = json.loads(published(tmp_path / "both", "token_probe_distil_vs_teacher_text_vs_plain.json").read_text())
     assert both["also_fit"] == ["teacher_text", "plain"] and both["distil_context_tokens"] == 8
     for mode in ("own", "mean", "other_user", "own_on_fitted_text", "rating_own"):  # the further fits draw nothing
         assert both["modes"][mode] == alone["modes"][mode]
@@ -289,23 +295,23 @@ def test_token_probe_compares_fit_objectives_user_by_user_from_the_same_draws(tm
     assert modes["plain_own"]["mean"] != modes["own"]["mean"] != modes["teacher_text_own"]["mean"]
     assert "rating_teacher_text_own_on_fitted_text" not in modes
     assert both["record"]["settings"] == alone["record"]["settings"]
-    report = next((tmp_path / "both" / "toy").glob("*/token_probe_distil_vs_teacher_text_vs_plain.md")).read_text()
+    report = published(tmp_path / "both", "token_probe_distil_vs_teacher_text_vs_plain.md").read_text()
     assert "own (distil) - own fitted on teacher_text (held-out text)" in report
     assert "teacher's whole text" in report and "tokens fitted on plain" in report
     # two draws, one per step in turn, each with its own teacher (and its own teacher's text)
     assert token_probe.main(base + [f"--results={tmp_path / 'draws'}", "--also_fit=teacher_text", "--draws=2"]) == 0
-    two = json.loads(next((tmp_path / "draws" / "toy").glob("*/token_probe_draws2_distil_vs_teacher_text.json")).read_text())
+    two = json.loads(published(tmp_path / "draws", "token_probe_draws2_distil_vs_teacher_text.json").read_text())
     assert two["draws"] == 2 and two["modes"]["own"] != alone["modes"]["own"]
     assert two["modes"]["own_on_fitted_text"] != alone["modes"]["own_on_fitted_text"]  # half the steps on draws[0]
-    assert "2 random draws, one per step in turn" in next((tmp_path / "draws" / "toy").glob("*/*.md")).read_text()
+    assert "2 random draws, one per step in turn" in published(tmp_path / "draws", "*.md").read_text()
     # the shift distilled from the same teacher before the per-user fits: another start, so other fitted tokens
     assert token_probe.main(base + [f"--results={tmp_path / 'shift'}", "--shift_objective=distil"]) == 0
-    shifted = json.loads(next((tmp_path / "shift" / "toy").glob("*/token_probe_distil_shiftdistil.json")).read_text())
+    shifted = json.loads(published(tmp_path / "shift", "token_probe_distil_shiftdistil.json").read_text())
     assert shifted["shift_objective"] == "distil" and alone["shift_objective"] == "nll"
     assert len(shifted["shift_nll"]) == 1 and shifted["shift_nll"] != alone["shift_nll"]
     assert shifted["modes"]["shared"] != alone["modes"]["shared"] and shifted["modes"]["own"] != alone["modes"]["own"]
-    assert "shift trained alone for 1 passes over 6 users, on the frozen LLM's predictions (distillation" in next(
-        (tmp_path / "shift" / "toy").glob("*/*.md")).read_text()
+    assert "shift trained alone for 1 passes over 6 users, on the frozen LLM's predictions (distillation" in published(
+        tmp_path / "shift", "*.md").read_text()
     for bad in (["--also_fit=distil"], ["--also_fit=plain,plain"], ["--shift_objective=weighted"], ["--also_fit=nll"],
                 ["--also_fit=plain", "--fit_steps=0"],
                 ["--also_fit=teacher_text", "--fit_objective=plain", "--resample=true"], ["--draws=0"],
@@ -475,9 +481,9 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
                 f"--group_training={training}"] + (["--group_offset_learning_rate=0.01"] if training == "joint" else [])
     scored_every = ["--group_score_every=1"] if training == "joint" else []      # the group's part after each pass
     assert token_probe.main(base + [f"--results={tmp_path / 'grouped'}"] + grouping + scored_every) == 0
-    alone = json.loads(next((tmp_path / "alone" / "toy").glob("*/token_probe.json")).read_text())
+    alone = json.loads(published(tmp_path / "alone", "token_probe.json").read_text())
     suffix = "_joint" if training == "joint" else ""
-    grouped = json.loads(next((tmp_path / "grouped" / "toy").glob(f"*/token_probe_groups2_{group_by}{suffix}.json"))
+    grouped = json.loads(published(tmp_path / "grouped", f"token_probe_groups2_{group_by}{suffix}.json")
                          .read_text())
     probed_modes = {"group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
                    "group_own_additive", "group_likeliest_additive", "group_relative", "group_relative_additive",
@@ -504,12 +510,12 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
         assert trajectory[0]["held_out"] != trajectory[1]["held_out"]                  # the tokens moved between
         # scoring between passes changes nothing: the same run without it trains the same tokens on the same draws
         assert token_probe.main(base + [f"--results={tmp_path / 'unscored'}"] + grouping) == 0
-        unscored = json.loads(next((tmp_path / "unscored" / "toy").glob("*/token_probe_groups2_*.json")).read_text())
+        unscored = json.loads(published(tmp_path / "unscored", "token_probe_groups2_*.json").read_text())
         assert unscored["group_nll"] == grouped["group_nll"] and "group_trajectory" not in unscored
         assert unscored["per_user"] == grouped["per_user"]
         # the E-step over more draws: drawn after everything else, so every other score and choice stays the same
         assert token_probe.main(base + [f"--results={tmp_path / 'pooled'}", "--group_choice_draws=3"] + grouping) == 0
-        pooled = json.loads(next((tmp_path / "pooled" / "toy").glob("*/token_probe_groups2_*_joint_choice3.json"))
+        pooled = json.loads(published(tmp_path / "pooled", "token_probe_groups2_*_joint_choice3.json")
                             .read_text())
         assert {m: pooled["per_user"][m] for m in unscored["per_user"]} == unscored["per_user"]
         assert {k: pooled["group_per_user"][k] for k in unscored["group_per_user"]} == unscored["group_per_user"]
@@ -525,19 +531,19 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
             for other in ("own", "relative"):
                 summary = pooled["differences"][f"{prefix}group_relative_pooled_part_minus_{prefix}group_{other}_part"]
                 assert summary["ci"][0] <= summary["mean"] <= summary["ci"][1]
-        report = next((tmp_path / "pooled" / "toy").glob("*/*.md")).read_text()
+        report = published(tmp_path / "pooled", "*.md").read_text()
         assert "The same E-step over 3 draws of each user's text" in report
         assert "the same over the mean NLL of 3 draws of their remaining text" in report
         # the shuffled-ID control: the same groups' sizes and probed users' groups, tokens trained on other users
         assert token_probe.main(base + [f"--results={tmp_path / 'shuffled'}", "--group_shuffle=true"] + grouping) == 0
-        shuffled = json.loads(next((tmp_path / "shuffled" / "toy").glob("*/token_probe_groups2_*_joint_shuffled.json"))
+        shuffled = json.loads(published(tmp_path / "shuffled", "token_probe_groups2_*_joint_shuffled.json")
                               .read_text())
         assert shuffled["group_shuffle"] is True and unscored["group_shuffle"] is False
         assert shuffled["group_sizes"] == unscored["group_sizes"]
         assert shuffled["group_per_user"]["nearest"] == unscored["group_per_user"]["nearest"]
         assert {m: shuffled["per_user"][m] for m in alone["per_user"]} == alone["per_user"]
         assert shuffled["per_user"]["group_own"] != unscored["per_user"]["group_own"]       # other users trained them
-        shuffled_report = next((tmp_path / "shuffled" / "toy").glob("*/*.md")).read_text()
+        shuffled_report = published(tmp_path / "shuffled", "*.md").read_text()
         assert "shuffled among those users" in shuffled_report
         # groups are judged against a random group's token, not the vector mean of the group tokens
         assert ("The issue's goal for one token per group of users (0.05 nats/token below a random group's token"
@@ -573,7 +579,7 @@ def test_token_probe_fits_one_token_per_group_of_users_and_leaves_every_other_mo
              for m in ("count_group_own", "count_group_other", "count_population", "count_set")}
     assert np.array_equal(count["count_group_own"] != count["count_group_other"], np.ones(5, dtype=bool))
     assert np.isfinite(count["count_set"]).all() and (count["count_set"] != count["count_population"]).any()
-    report = next((tmp_path / "grouped" / "toy").glob("*/*.md")).read_text()
+    report = published(tmp_path / "grouped", "*.md").read_text()
     assert "2 group tokens" in report and "The issue's goal for one token per group of users" in report
     assert "The group's part alone (own - what the same token scores on a user of any group)" in report
     assert "Chosen by likelihood against how each token explains every user (an E-step)" in report
@@ -706,12 +712,12 @@ def test_token_probe_reads_each_users_history_in_context_beside_the_shared_token
     # the oldest end of each history instead: the same shift and held-out text, other contexts
     argv = [a for a in argv if not a.startswith("--results")] + [f"--results={tmp_path / 'oldest'}"]
     assert token_probe.main(argv + ["--context_from=oldest"]) == 0
-    oldest = json.loads(next((tmp_path / "oldest" / "toy").glob("*/token_probe_context_oldest.json")).read_text())
+    oldest = json.loads(published(tmp_path / "oldest", "token_probe_context_oldest.json").read_text())
     assert oldest["context_from"] == "oldest" and data["context_from"] == "newest"
     assert oldest["modes"]["shared"] == data["modes"]["shared"]
     assert oldest["modes"]["context8_own"] != data["modes"]["context8_own"]
     assert oldest["context_tokens_mean"]["8"] <= 8
-    assert "read after the oldest N tokens" in next((tmp_path / "oldest" / "toy").glob("*/*.md")).read_text()
+    assert "read after the oldest N tokens" in published(tmp_path / "oldest", "*.md").read_text()
     for bad in ("--context_tokens=0", "--context_tokens=a,8", "--context_from=random"):
         with pytest.raises(SystemExit):
             token_probe.parse_args(["--dataset=toy", bad])
@@ -970,7 +976,7 @@ def test_in_context_scoring_matches_one_unpadded_sequence_at_a_time(tmp_path, ti
     # both ends of the history in one run: the newest end's scores are the run's above, user by user
     argv = [a for a in argv if not a.startswith("--results")] + [f"--results={tmp_path / 'ends'}"]
     assert in_context.main(argv + ["--context_from=oldest,newest"]) == 0
-    ends = json.loads(next((tmp_path / "ends" / "toy").glob("*/in_context_newest_oldest.json")).read_text())
+    ends = json.loads(published(tmp_path / "ends", "in_context_newest_oldest.json").read_text())
     assert ends["context_from"] == ["newest", "oldest"]
     assert [(b["budget"], b["context_from"]) for b in ends["budgets"]] == [(8, "newest"), (8, "oldest"),
                                                                           (32, "newest"), (32, "oldest")]
@@ -985,7 +991,7 @@ def test_in_context_scoring_matches_one_unpadded_sequence_at_a_time(tmp_path, ti
     assert compared["plain"]["own_newest_minus_own_oldest"]["mean"] == pytest.approx((own_n - own_o).mean())
     assert compared["plain"]["gap_newest_minus_gap_oldest"]["mean"] == pytest.approx(
         ((own_n - other_n) - (own_o - other_o)).mean())
-    report = next((tmp_path / "ends" / "toy").glob("*/in_context_newest_oldest.md")).read_text()
+    report = published(tmp_path / "ends", "in_context_newest_oldest.md").read_text()
     assert "| oldest |" in report and "The newest end against the oldest, user by user" in report
     for bad in ("--context_from=random", "--context_from=newest,newest", "--context_from=", "--context_tokens=a",
                 "--population=-1"):
@@ -1035,7 +1041,7 @@ def test_in_context_mixture_of_other_users_histories(tmp_path, tiny_llm_dir):
     assert one["oldest16_own_in_population"] == pytest.approx(one["oldest16_own"], abs=1e-6)
     own, mixture, half = (np.array(three[f"oldest16_{k}"]) for k in ("own", "population", "own_half"))
     assert (half <= (own + mixture) / 2 + 1e-9).all() and (half != own).any()
-    report = next((tmp_path / "3" / "toy").glob("*/in_context_oldest_population3.md")).read_text()
+    report = published(tmp_path / "3", "in_context_oldest_population3.md").read_text()
     assert "Against a mixture of 3 other users' histories" in report and "own - mixture" in report
 
 
@@ -1359,8 +1365,8 @@ def test_token_probe_fits_tokens_to_texts_drawn_from_a_mult_vae_without_changing
     base = toy_probe_argv(tmp_path, tiny_llm_dir)
     assert token_probe.main(base + [f"--results={tmp_path / 'alone'}"]) == 0
     assert token_probe.main(base + [f"--results={tmp_path / 'both'}", "--also_fit=mult_vae"]) == 0
-    alone = json.loads(next((tmp_path / "alone" / "toy").glob("*/token_probe.json")).read_text())
-    both = json.loads(next((tmp_path / "both" / "toy").glob("*/token_probe_vs_mult_vae.json")).read_text())
+    alone = json.loads(published(tmp_path / "alone", "token_probe.json").read_text())
+    both = json.loads(published(tmp_path / "both", "token_probe_vs_mult_vae.json").read_text())
     for mode in ("own", "mean", "other_user", "own_on_fitted_text", "rating_own", "shared"):
         assert both["modes"][mode] == alone["modes"][mode]
     modes = both["modes"]
@@ -1374,7 +1380,7 @@ def test_token_probe_fits_tokens_to_texts_drawn_from_a_mult_vae_without_changing
                 "mult_vae_own_on_new_draw_minus_mult_vae_other_user_on_new_draw"):
         low, high = both["differences"][key]["ci"]
         assert low <= both["differences"][key]["mean"] <= high
-    report = next((tmp_path / "both" / "toy").glob("*/token_probe_vs_mult_vae.md")).read_text()
+    report = published(tmp_path / "both", "token_probe_vs_mult_vae.md").read_text()
     assert "drawn from a Mult-VAE's distribution over the items the user has not seen" in report
     assert "mult_vae: own - another user's on a new text from the user's distribution" in report
 
@@ -1389,16 +1395,16 @@ def test_token_probe_fits_on_several_mult_vae_texts_per_step_with_fit_texts_per_
     base = toy_probe_argv(tmp_path, tiny_llm_dir) + ["--fit_objective=mult_vae", "--fit_learning_rate=0.5"]
     assert token_probe.main(base + [f"--results={tmp_path / 'one'}"]) == 0
     assert token_probe.main(base + [f"--results={tmp_path / 'two'}", "--fit_texts_per_step=2"]) == 0
-    one = json.loads(next((tmp_path / "one" / "toy").glob("*/token_probe_mult_vae.json")).read_text())
-    two = json.loads(next((tmp_path / "two" / "toy").glob("*/token_probe_mult_vae_texts2.json")).read_text())
+    one = json.loads(published(tmp_path / "one", "token_probe_mult_vae.json").read_text())
+    two = json.loads(published(tmp_path / "two", "token_probe_mult_vae_texts2.json").read_text())
     assert two["fit_texts_per_step"] == 2 and "fit_texts_per_step" not in one
     for mode in ("shared", "rating_shared"):
         assert two["per_user"][mode] == one["per_user"][mode]
     for mode in ("own", "own_on_fitted_text", "own_on_new_draw"):
         assert all(x != y for x, y in zip(two["per_user"][mode], one["per_user"][mode]))
-    report = next((tmp_path / "two" / "toy").glob("*/token_probe_mult_vae_texts2.md")).read_text()
+    report = published(tmp_path / "two", "token_probe_mult_vae_texts2.md").read_text()
     assert "mean plain NLL of 2 new texts at every step" in report
-    single = next((tmp_path / "one" / "toy").glob("*/token_probe_mult_vae.md")).read_text()
+    single = published(tmp_path / "one", "token_probe_mult_vae.md").read_text()
     assert "plain NLL of a new text at every step" in single
     for bad in (["--fit_texts_per_step=0"], ["--fit_texts_per_step=2", "--fit_objective=plain"],
                 ["--fit_texts_per_step=2", "--also_fit=plain"], ["--fit_texts_per_step=2", "--fit_steps=0"]):
