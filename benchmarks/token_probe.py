@@ -25,7 +25,8 @@ of everything). Then:
    recency and length of the teacher's text), or (``--fit_objective=mult_vae``) on the plain NLL of a new text at
    every step, written from items a Mult-VAE of the training histories predicts for the user among those they have
    not seen (``recbole_uip.collaborative_text``: the user's predicted taste, never one text to memorise); with
-   ``--fit_texts_per_step=K``, K new texts at every step and the step on their mean gradient (less noise per step).
+   ``--fit_texts_per_step=K``, K new texts at every step and the step on their mean gradient (less noise per step;
+   on the other objectives, K of the ``--draws`` at every step in turn, each with its own teacher under distil).
    With ``--fit_prefix=deep``, each fit trains a deep prompt instead of the soft tokens' offsets: keys and values
    at every layer of the LLM, one entry per profile, read before the prompt by every position
    (``recbole_uip.inference.deep_prefix``; P-Tuning v2's remedy for shallow prompts too weak to steer a small
@@ -188,8 +189,10 @@ def parse_args(argv=None):
                              "user (encoder: a refinement on top of the amortised path; needs --encoder_passes, with "
                              "--encoder_prefix=deep or deep_shared for deep fits and shallow for shallow ones)")
     parser.add_argument("--fit_texts_per_step", type=int, default=1,
-                        help="with --fit_objective=mult_vae: new Mult-VAE texts per fit step, each step on the mean "
-                             "of their gradients (default 1; K costs K times the passes of one text per step)")
+                        help="texts per fit step, each step on the mean of their gradients: new Mult-VAE texts with "
+                             "--fit_objective=mult_vae, else K of the --draws in turn (--draws >= K; with --draws=K "
+                             "every step takes all of them); default 1; K costs K times the passes of one text per "
+                             "step")
     parser.add_argument("--also_fit", default="",
                         help="further objectives, comma-separated: the same users' tokens fitted again from the same "
                              "draws on each, and compared with the --fit_objective's user by user (default: none)")
@@ -283,9 +286,11 @@ def parse_args(argv=None):
                      "--encoder_passes must be positive, and deep fits need a deep encoder (--encoder_prefix=deep or "
                      "deep_shared), shallow fits the shallow one")
     if args.fit_texts_per_step < 1 or args.fit_texts_per_step > 1 and (
-            args.fit_objective != "mult_vae" or args.also_fit or not args.fit_steps):
-        parser.error("--fit_texts_per_step takes K >= 1 texts, more than one only with --fit_objective=mult_vae "
-                     "(a new text for each), positive --fit_steps and no --also_fit")
+            args.also_fit or not args.fit_steps or args.fit_objective != "mult_vae" and (
+                args.resample or args.draws < args.fit_texts_per_step)):
+        parser.error("--fit_texts_per_step takes K >= 1 texts, more than one only with positive --fit_steps and no "
+                     "--also_fit, and on objectives other than mult_vae (a new text for each) with at least K --draws "
+                     "and no --resample (a step takes K different draws)")
     if args.also_fit and not args.fit_steps:
         parser.error("--also_fit fits per-user tokens: --fit_steps must be positive")
     if args.draws < 1 or (args.resample and args.draws != 1):

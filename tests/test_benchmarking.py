@@ -1388,8 +1388,8 @@ def test_token_probe_fits_tokens_to_texts_drawn_from_a_mult_vae_without_changing
 def test_token_probe_fits_on_several_mult_vae_texts_per_step_with_fit_texts_per_step(tmp_path, tiny_llm_dir):
     """``--fit_texts_per_step=K``: each fit step on K new Mult-VAE texts. The shared token scores every user's
     held-out text as in a one-text run; the fitted prompts score otherwise, on the held-out text, the first text
-    fitted to and a new one; the report and the file name say K. Only Mult-VAE fits take it (a new text for each),
-    with steps and no further objective."""
+    fitted to and a new one; the report and the file name say K. It needs fit steps and no further objective; the
+    other objectives need K different draws (``--draws``, no ``--resample``)."""
     token_probe = import_benchmark("token_probe")
     write_dataset(tmp_path / "data")
     base = toy_probe_argv(tmp_path, tiny_llm_dir) + ["--fit_objective=mult_vae", "--fit_learning_rate=0.5"]
@@ -1407,6 +1407,29 @@ def test_token_probe_fits_on_several_mult_vae_texts_per_step_with_fit_texts_per_
     single = published(tmp_path / "one", "token_probe_mult_vae.md").read_text()
     assert "plain NLL of a new text at every step" in single
     for bad in (["--fit_texts_per_step=0"], ["--fit_texts_per_step=2", "--fit_objective=plain"],
-                ["--fit_texts_per_step=2", "--also_fit=plain"], ["--fit_texts_per_step=2", "--fit_steps=0"]):
+                ["--fit_texts_per_step=2", "--also_fit=plain"], ["--fit_texts_per_step=2", "--fit_steps=0"],
+                ["--fit_texts_per_step=3", "--fit_objective=distil", "--draws=2"],
+                ["--fit_texts_per_step=2", "--fit_objective=plain", "--resample=true"]):
         with pytest.raises(SystemExit):
             token_probe.parse_args(base + bad)
+
+
+def test_token_probe_fits_on_several_draws_per_step_on_the_other_objectives(tmp_path, tiny_llm_dir):
+    """``--draws=2 --fit_texts_per_step=2`` with distillation: every fit step on both of a user's draws, each with
+    its own teacher, where ``--draws=2`` alone takes one per step in turn. The draws, the first text fitted to and
+    the shared token are those of the one-per-step run; the fitted tokens are not; the report and the name say
+    so."""
+    token_probe = import_benchmark("token_probe")
+    write_dataset(tmp_path / "data")
+    base = toy_probe_argv(tmp_path, tiny_llm_dir) + ["--fit_objective=distil", "--draws=2",
+                                                     "--fit_learning_rate=0.5"]
+    assert token_probe.main(base + [f"--results={tmp_path / 'turn'}"]) == 0
+    assert token_probe.main(base + [f"--results={tmp_path / 'both'}", "--fit_texts_per_step=2"]) == 0
+    turn = json.loads(published(tmp_path / "turn", "token_probe_draws2_distil.json").read_text())
+    both = json.loads(published(tmp_path / "both", "token_probe_draws2_distil_texts2.json").read_text())
+    assert both["fit_texts_per_step"] == 2 and both["draws"] == 2
+    assert both["per_user"]["shared"] == turn["per_user"]["shared"]
+    assert all(x != y for x, y in zip(both["per_user"]["own"], turn["per_user"]["own"]))
+    report = published(tmp_path / "both", "token_probe_draws2_distil_texts2.md").read_text()
+    assert "2 random draws, 2 per step in turn (each step on their mean gradient)" in report
+    assert "2 random draws, one per step in turn" in published(tmp_path / "turn", "token_probe_draws2_distil.md").read_text()

@@ -810,7 +810,8 @@ def test_distilled_tokens_fit_the_teachers_predictions_of_the_text_read_after_a_
     """``teacher_probabilities``: at each token of the text, the LLM's distribution when it read the context before
     it (its probability of the actual token gives :meth:`score_offsets`'s NLL with that context), aligned with the text's own prompt
     and zero elsewhere; ``fit_user_tokens(..., teacher=...)`` lowers each user's cross-entropy against it, gives
-    each user their own tokens, cycles through several texts each with its own teacher, and refuses other
+    each user their own tokens, cycles through several texts each with its own teacher (with ``texts_per_step=2``,
+    both at every step, in either order, each against its own teacher: not the other's), and refuses other
     objectives or a text without its teacher."""
     from recbole_uip.inference.soft_profiles import soft_target_nll
 
@@ -839,6 +840,15 @@ def test_distilled_tokens_fit_the_teachers_predictions_of_the_text_read_after_a_
     two = trainer.fit_user_tokens([targets, other], start, steps=2, learning_rate=0.05, teacher=[teacher, other_teacher])
     first_twice = trainer.fit_user_tokens(targets, start, steps=2, learning_rate=0.05, teacher=teacher)
     assert not torch.equal(two, first_twice)                                          # the second step read the second
+    both = trainer.fit_user_tokens([targets, other], start, steps=2, learning_rate=0.05,   # both texts at every step,
+                                   teacher=[teacher, other_teacher], texts_per_step=2)   # each with its own teacher
+    torch.testing.assert_close(trainer.fit_user_tokens([other, targets], start, steps=2, learning_rate=0.05,
+                                                       teacher=[other_teacher, teacher], texts_per_step=2),
+                               both, rtol=1e-4, atol=1e-6)
+    crossed = trainer.fit_user_tokens([targets, other], start, steps=2, learning_rate=0.05,
+                                      teacher=[other_teacher, teacher], texts_per_step=2)
+    assert not torch.allclose(both, crossed, rtol=1e-3, atol=1e-5) and not torch.allclose(both, two, rtol=1e-3,
+                                                                                          atol=1e-5)
     with pytest.raises(ValueError, match="2 texts, 1 teachers"):
         trainer.fit_user_tokens([targets, targets], start, steps=1, learning_rate=0.05, teacher=teacher)
     with pytest.raises(ValueError, match="Distillation"):

@@ -20,7 +20,9 @@ def describe_objective(objective: str, data: dict) -> str:
                 "(`uip_target: newest`)")
     else:
         draw = (("a new random draw at every step of " if data.get("resample") else
-                 f"{draws} random draws, one per step in turn, each of " if draws > 1 else "a random ")
+                 f"{draws} random draws, one per step in turn, each of " if draws > 1 and per_step == 1 else
+                 f"{draws} random draws, {per_step} per step in turn (each step on their mean gradient), each of "
+                 if draws > 1 else "a random ")
                 + f"{settings['max_behaviour_tokens']} tokens of their remaining training text")
     context = (f"the user's newest {data.get('distil_context_tokens')} tokens of their other remaining items")
     return {"weighted": f"M-step's objective (rating tokens weigh {settings['rating_weight']:g}) of {draw}",

@@ -80,8 +80,9 @@ def user_fit(trainer, args):
 
 def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
                sampled: list | None = None) -> tuple[torch.Tensor, object]:
-    """Each user's tokens ``(B, P, D)`` fitted on ``objective`` (``--fit_objective``'s choices) from ``start``, one
-    of ``draws`` per step in turn, and the first text they were fitted to (``Targets``): ``draws[0]``, or for
+    """Each user's tokens ``(B, P, D)`` fitted on ``objective`` (``--fit_objective``'s choices) from ``start``,
+    ``args.fit_texts_per_step`` of ``draws`` per step in turn (each step on their mean gradient; each draw with its
+    own teacher under distil), and the first text they were fitted to (``Targets``): ``draws[0]``, or for
     ``teacher_text`` the teacher's context followed by it; for ``mult_vae``, one of ``sampled`` (texts from
     :func:`collaborative_draws`, ``args.fit_texts_per_step`` per step, each step on their mean gradient), the first
     of them. With ``args.fit_prefix == "deep"``, each user's deep prompt ``(B, N, 2, H, m, d)`` instead, from
@@ -92,10 +93,12 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
                    texts_per_step=args.fit_texts_per_step), sampled[0]
     if objective == "teacher_text":
         texts = [after_contexts(d, teacher_contexts(trainer, d, args.distil_context_tokens)) for d in draws]
-        return fit(texts, start, args.fit_steps, args.fit_learning_rate), texts[0]
+        return fit(texts, start, args.fit_steps, args.fit_learning_rate,
+                   texts_per_step=args.fit_texts_per_step), texts[0]
     teachers = [distillation_teacher(trainer, d, args.distil_context_tokens) for d in draws] \
         if objective == "distil" else None
-    return fit(draws, start, args.fit_steps, args.fit_learning_rate, objective == "weighted", teachers), draws[0]
+    return fit(draws, start, args.fit_steps, args.fit_learning_rate, objective == "weighted", teachers,
+               texts_per_step=args.fit_texts_per_step), draws[0]
 
 
 def train_passes(trainer, users: np.ndarray, passes: int, rng: np.random.Generator, logger, encoder_optimizer=None,
