@@ -18,8 +18,9 @@ of everything). Then:
    step, as the EM loop draws anew at every visit),
    starting from the shared token, on the plain NLL or (``--fit_objective=weighted``) the M-step's objective, whose
    rating tokens weigh ``uip_rating_weight``, or (``--fit_objective=distil``) to what the frozen LLM predicts for
-   that text, with the shared token, when it reads the user's newest ``--distil_context_tokens`` tokens of their
-   other remaining items before it (distillation: the in-context effect of the history, not the one draw), or
+   that text, with the shared token (``--teacher_prompt=start``: with the fit's start prompt), when it reads the
+   user's newest ``--distil_context_tokens`` tokens of their other remaining items before it (distillation: the
+   in-context effect of the history, not the one draw), or
    (``--fit_objective=teacher_text``) on the plain NLL of the teacher's whole text, those newest tokens followed by
    the draw (what distillation reads, fitted without a teacher: the control that tells distillation from the
    recency and length of the teacher's text), or (``--fit_objective=mult_vae``) on the plain NLL of a new text at
@@ -196,6 +197,11 @@ def parse_args(argv=None):
     parser.add_argument("--also_fit", default="",
                         help="further objectives, comma-separated: the same users' tokens fitted again from the same "
                              "draws on each, and compared with the --fit_objective's user by user (default: none)")
+    parser.add_argument("--teacher_prompt", choices=("shared", "start"), default="shared",
+                        help="what the distillation teacher of the per-user fits reads before the user's history: "
+                             "the shared token (shared, the default), or each fit's start (start: with "
+                             "--fit_start=encoder, what the encoder stage writes for the user, a deep prompt for deep "
+                             "fits; a teacher that knows what the start knows, and the history besides)")
     parser.add_argument("--distil_context_tokens", type=int, default=128,
                         help="the teacher's context for --fit_objective=distil and --encoder_objective=distil: the "
                              "user's newest N tokens of their remaining items outside the fitted text (default 128)")
@@ -291,6 +297,9 @@ def parse_args(argv=None):
         parser.error("--fit_texts_per_step takes K >= 1 texts, more than one only with positive --fit_steps and no "
                      "--also_fit, and on objectives other than mult_vae (a new text for each) with at least K --draws "
                      "and no --resample (a step takes K different draws)")
+    if args.teacher_prompt != "shared" and "distil" not in {args.fit_objective, *args.also_fit}:
+        parser.error("--teacher_prompt is the per-user fits' distillation teacher's: give --fit_objective=distil "
+                     "(or --also_fit=distil)")
     if args.also_fit and not args.fit_steps:
         parser.error("--also_fit fits per-user tokens: --fit_steps must be positive")
     if args.draws < 1 or (args.resample and args.draws != 1):
@@ -489,6 +498,7 @@ def main(argv=None) -> int:
         **({"encoder_prefix": args.encoder_prefix} if args.encoder_prefix != "shallow" else {}),
         **({"fit_start": args.fit_start} if args.fit_start != "shared" else {}),
         **({"fit_texts_per_step": args.fit_texts_per_step} if args.fit_texts_per_step > 1 else {}),
+        **({"teacher_prompt": args.teacher_prompt} if args.teacher_prompt != "shared" else {}),
         "draws": args.draws, "keep": args.keep,
         "fit_objective": args.fit_objective, "also_fit": args.also_fit, "encoder_passes": args.encoder_passes,
         "encoder_objective": args.encoder_objective, "encoder_input": args.encoder_input,
@@ -533,6 +543,7 @@ def main(argv=None) -> int:
             + ("" if args.fit_objective == "plain" else "_" + args.fit_objective)
             + ("_deep" if args.fit_prefix == "deep" else "")
             + ("_fromencoder" if args.fit_start == "encoder" else "")
+            + ("_teacherstart" if args.teacher_prompt == "start" else "")
             + (f"_texts{args.fit_texts_per_step}" if args.fit_texts_per_step > 1 else "")
             + "".join("_vs_" + objective for objective in args.also_fit)
             + ("_encoder" if args.encoder_passes else "")

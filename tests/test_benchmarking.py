@@ -21,7 +21,8 @@ from recbole_uip.benchmarking import (
 from recbole_uip.token_probe.group_scores import GroupTokens, group_modes, relative_part_differences
 from recbole_uip.token_probe.groups import fit_group_tokens_jointly, relative_choice, shuffled_members
 from recbole_uip.token_probe.report import describe_objective, render
-from recbole_uip.token_probe.stages import distillation_teacher, still_learning, train_encoder, use_mult_vae_features
+from recbole_uip.token_probe.stages import (distillation_teacher, still_learning, teacher_contexts, train_encoder,
+                                           use_mult_vae_features)
 from recbole_uip.utils import write_json_atomic
 
 
@@ -833,6 +834,56 @@ def test_an_m_step_batch_against_a_teacher_returns_and_lowers_its_cross_entropy(
     means = [float(loss.mean()) for loss in losses]
     assert all(later < earlier for earlier, later in zip(means, means[1:]))
     assert not torch.allclose(losses[0], trainer.train_batch(targets, [1.0, 1.0], shared_opt))   # not the NLL
+
+
+def test_the_distillation_teacher_reads_the_history_with_each_users_prompt(tmp_path, tiny_llm_dir):
+    """``distillation_teacher(..., prompt)``: with soft-token offsets ``(B, P, D)`` the teacher is the LLM's with
+    those offsets, with deep prompts ``(B, N, 2, H, m, d)`` the LLM's with them read before the shared token; each
+    user's rows follow that user's prompt (not their neighbour's), and either differs from the shared token's."""
+    from test_trainer import make_trainer
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir)
+    trainer.setup()
+    targets = trainer.targets(trainer.training_users()[:4], np.random.default_rng(0))
+    contexts = teacher_contexts(trainer, targets, 12)
+    generator = torch.Generator().manual_seed(0)
+    offsets = 0.5 * torch.randn(4, *trainer.soft.anchors.shape, generator=generator)
+    deep = trainer.shared_prefix(4)
+    deep = deep + 0.5 * torch.randn(deep.shape, generator=generator) * deep.abs().mean()
+    shared = distillation_teacher(trainer, targets, 12)
+    zero = torch.zeros_like(offsets)
+    for prompt, expected in ((offsets, trainer.teacher_probabilities(targets, contexts, offsets)),
+                             (deep, trainer.teacher_probabilities(targets, contexts, zero, deep))):
+        teacher = distillation_teacher(trainer, targets, 12, prompt)
+        torch.testing.assert_close(teacher, expected)
+        assert not torch.allclose(teacher, shared, rtol=1e-3, atol=0)
+        swapped = distillation_teacher(trainer, targets, 12, prompt[[1, 0, 2, 3]])
+        torch.testing.assert_close(swapped[2:], teacher[2:])                      # the other users' rows unchanged
+        assert not torch.allclose(swapped[0], teacher[0], rtol=1e-3, atol=0)
+
+
+def test_token_probe_distils_from_a_teacher_with_each_fits_start_with_teacher_prompt(tmp_path, tiny_llm_dir):
+    """``--teacher_prompt=start``: the deep fits' teacher reads the user's history with the deep prompt the fit
+    starts from. The start and the shared token score as without it, the fits do not; the name and the report say
+    so; without a distilled fit the flag is refused."""
+    token_probe = import_benchmark("token_probe")
+    write_dataset(tmp_path / "data")
+    base = toy_probe_argv(tmp_path, tiny_llm_dir) + [
+        "--fit_objective=distil", "--fit_prefix=deep", "--fit_start=encoder", "--encoder_prefix=deep_shared",
+        "--encoder_passes=1", "--encoder_objective=nll", "--fit_learning_rate=0.5"]
+    assert token_probe.main(base + [f"--results={tmp_path / 'shared'}"]) == 0
+    assert token_probe.main(base + [f"--results={tmp_path / 'start'}", "--teacher_prompt=start"]) == 0
+    name = "token_probe_distil_deep_fromencoder{}_encoder_deepshared"
+    shared = json.loads(published(tmp_path / "shared", name.format("") + ".json").read_text())
+    start = json.loads(published(tmp_path / "start", name.format("_teacherstart") + ".json").read_text())
+    assert start["teacher_prompt"] == "start" and "teacher_prompt" not in shared
+    for mode in ("shared", "encoder"):
+        assert start["per_user"][mode] == shared["per_user"][mode]
+    assert all(x != y for x, y in zip(start["per_user"]["own"], shared["per_user"]["own"]))
+    report = published(tmp_path / "start", name.format("_teacherstart") + ".md").read_text()
+    assert "the teacher reads each fit's start prompt, then the user's newest" in report
+    with pytest.raises(SystemExit):
+        token_probe.parse_args(toy_probe_argv(tmp_path, tiny_llm_dir) + ["--teacher_prompt=start"])
 
 
 def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_path, tiny_llm_dir):

@@ -855,20 +855,23 @@ class ProfileInferenceTrainer:
                 torch.cat(rating).numpy() if rating else None)
 
     @torch.no_grad()
-    def teacher_probabilities(self, targets: Targets, contexts: list[list[int]], offsets: torch.Tensor) -> torch.Tensor:
+    def teacher_probabilities(self, targets: Targets, contexts: list[list[int]], offsets: torch.Tensor,
+                              prefix: torch.Tensor | None = None) -> torch.Tensor:
         """The frozen LLM's next-token distributions over ``targets``' texts when it reads ``contexts[b]`` (token
         ids) between the template (with the offsets ``(B, P, D)``) and the text, as :meth:`score_offsets` reads
-        ``contexts``: float32
-        ``(B, L - 1, V)``, aligned with the positions of ``prompt_batch(targets)`` (position ``t`` predicts that
-        batch's ``labels[:, t + 1]``; zero rows elsewhere). The teacher of :meth:`fit_user_tokens`'s distillation."""
+        ``contexts``, and with ``prefix`` ``(B, N, 2, H, m, d)``, a deep prompt per user, read before it all (None:
+        none): float32 ``(B, L - 1, V)``, aligned with the positions of ``prompt_batch(targets)`` (position ``t``
+        predicts that batch's ``labels[:, t + 1]``; zero rows elsewhere). The teacher of :meth:`fit_user_tokens`'s
+        and :meth:`fit_user_prefixes`' distillation."""
         read = after_contexts(targets, contexts)
         lp = self.layout.prefix_length
         width = lp + max(len(text) for text in targets.texts)
         probabilities = None
         for rows in _batches(np.arange(len(targets.texts)), self.settings.batch_size * 2):
             batch = collate(self.layout, [read.texts[r] for r in rows], self.llm.tokenizer.pad_token_id)
-            logits = behaviour_logits(self.llm.model, self.layout, batch, self.soft(offsets[torch.as_tensor(rows)]
-                                                                                     .to(self.device)))
+            index = torch.as_tensor(rows)
+            logits = behaviour_logits(self.llm.model, self.layout, batch, self.soft(offsets[index].to(self.device)),
+                                      prefix=None if prefix is None else prefix[index].to(self.device))
             if probabilities is None:
                 probabilities = torch.zeros(len(targets.texts), width - 1, logits.shape[-1])
             for i, r in enumerate(rows):

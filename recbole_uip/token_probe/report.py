@@ -24,7 +24,8 @@ def describe_objective(objective: str, data: dict) -> str:
                  f"{draws} random draws, {per_step} per step in turn (each step on their mean gradient), each of "
                  if draws > 1 else "a random ")
                 + f"{settings['max_behaviour_tokens']} tokens of their remaining training text")
-    context = (f"the user's newest {data.get('distil_context_tokens')} tokens of their other remaining items")
+    context = (("each fit's start prompt, then " if data.get("teacher_prompt") == "start" else "")
+               + f"the user's newest {data.get('distil_context_tokens')} tokens of their other remaining items")
     return {"weighted": f"M-step's objective (rating tokens weigh {settings['rating_weight']:g}) of {draw}",
             "distil": f"frozen LLM's predictions (distillation; the teacher reads {context} before the text) for {draw}",
             "teacher_text": f"plain NLL of the teacher's whole text ({context}, then {draw}; no teacher)",

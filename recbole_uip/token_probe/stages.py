@@ -23,11 +23,15 @@ def teacher_contexts(trainer, targets, context_tokens: int) -> list[list[int]]:
     return [newest_tokens(trainer.text, u, targets.inputs[j], context_tokens) for j, u in enumerate(targets.users)]
 
 
-def distillation_teacher(trainer, targets, context_tokens: int) -> torch.Tensor:
-    """The teacher of ``targets`` ``(B, L - 1, V)``: the frozen LLM's predictions of each user's text, with the
-    shared token, after :func:`teacher_contexts`."""
+def distillation_teacher(trainer, targets, context_tokens: int, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    """The teacher of ``targets`` ``(B, L - 1, V)``: the frozen LLM's predictions of each user's text after
+    :func:`teacher_contexts`, with the shared token, or with ``prompt`` in its place: the users' soft-token offsets
+    ``(B, P, D)`` or deep prompts ``(B, N, 2, H, m, d)`` (the soft tokens then at the shared token)."""
+    offsets = torch.zeros(len(targets.users), *trainer.soft.anchors.shape)
+    deep = prompt is not None and prompt.dim() > offsets.dim()
     return trainer.teacher_probabilities(targets, teacher_contexts(trainer, targets, context_tokens),
-                                         torch.zeros(len(targets.users), *trainer.soft.anchors.shape))
+                                         prompt if prompt is not None and not deep else offsets,
+                                         prompt if deep else None)
 
 
 def collaborative_draws(trainer, logger):
@@ -82,7 +86,9 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
                sampled: list | None = None) -> tuple[torch.Tensor, object]:
     """Each user's tokens ``(B, P, D)`` fitted on ``objective`` (``--fit_objective``'s choices) from ``start``,
     ``args.fit_texts_per_step`` of ``draws`` per step in turn (each step on their mean gradient; each draw with its
-    own teacher under distil), and the first text they were fitted to (``Targets``): ``draws[0]``, or for
+    own teacher under distil, the teacher reading the user's history with the shared token or, with
+    ``args.teacher_prompt == "start"``, with ``start``), and the first text they were fitted to (``Targets``):
+    ``draws[0]``, or for
     ``teacher_text`` the teacher's context followed by it; for ``mult_vae``, one of ``sampled`` (texts from
     :func:`collaborative_draws`, ``args.fit_texts_per_step`` per step, each step on their mean gradient), the first
     of them. With ``args.fit_prefix == "deep"``, each user's deep prompt ``(B, N, 2, H, m, d)`` instead, from
@@ -95,7 +101,8 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
         texts = [after_contexts(d, teacher_contexts(trainer, d, args.distil_context_tokens)) for d in draws]
         return fit(texts, start, args.fit_steps, args.fit_learning_rate,
                    texts_per_step=args.fit_texts_per_step), texts[0]
-    teachers = [distillation_teacher(trainer, d, args.distil_context_tokens) for d in draws] \
+    teacher_prompt = start if args.teacher_prompt == "start" else None      # the fit's start, read with the history
+    teachers = [distillation_teacher(trainer, d, args.distil_context_tokens, teacher_prompt) for d in draws] \
         if objective == "distil" else None
     return fit(draws, start, args.fit_steps, args.fit_learning_rate, objective == "weighted", teachers,
                texts_per_step=args.fit_texts_per_step), draws[0]
