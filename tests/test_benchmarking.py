@@ -1483,4 +1483,5 @@ def test_token_probe_fits_on_several_draws_per_step_on_the_other_objectives(tmp_
     assert all(x != y for x, y in zip(both["per_user"]["own"], turn["per_user"]["own"]))
     report = published(tmp_path / "both", "token_probe_draws2_distil_texts2.md").read_text()
     assert "2 random draws, 2 per step in turn (each step on their mean gradient)" in report
-    assert "2 random draws, one per step in turn" in published(tmp_path / "turn", "token_probe_draws2_distil.md").read_text()
+    single = published(tmp_path / "turn", "token_probe_draws2_distil.md").read_text()
+    assert "2 random draws, one per step in turn" in single

@@ -88,11 +88,11 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
     ``args.fit_texts_per_step`` of ``draws`` per step in turn (each step on their mean gradient; each draw with its
     own teacher under distil, the teacher reading the user's history with the shared token or, with
     ``args.teacher_prompt == "start"``, with ``start``), and the first text they were fitted to (``Targets``):
-    ``draws[0]``, or for
-    ``teacher_text`` the teacher's context followed by it; for ``mult_vae``, one of ``sampled`` (texts from
-    :func:`collaborative_draws`, ``args.fit_texts_per_step`` per step, each step on their mean gradient), the first
-    of them. With ``args.fit_prefix == "deep"``, each user's deep prompt ``(B, N, 2, H, m, d)`` instead, from
-    ``start`` of that shape (:meth:`~recbole_uip.inference.trainer.ProfileInferenceTrainer.fit_user_prefixes`)."""
+    ``draws[0]``, or for ``teacher_text`` the teacher's context followed by it; for ``mult_vae``, one of
+    ``sampled`` (texts from :func:`collaborative_draws`, ``args.fit_texts_per_step`` per step, each step on their
+    mean gradient), the first of them. With ``args.fit_prefix == "deep"``, each user's deep prompt
+    ``(B, N, 2, H, m, d)`` instead, from ``start`` of that shape
+    (:meth:`~recbole_uip.inference.trainer.ProfileInferenceTrainer.fit_user_prefixes`)."""
     fit = user_fit(trainer, args)
     if objective == "mult_vae":
         return fit(sampled, start, args.fit_steps, args.fit_learning_rate,
