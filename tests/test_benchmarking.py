@@ -837,9 +837,10 @@ def test_an_m_step_batch_against_a_teacher_returns_and_lowers_its_cross_entropy(
 
 
 def test_the_distillation_teacher_reads_the_history_with_each_users_prompt(tmp_path, tiny_llm_dir):
-    """``distillation_teacher(..., prompt)``: with soft-token offsets ``(B, P, D)`` the teacher is the LLM's with
-    those offsets, with deep prompts ``(B, N, 2, H, m, d)`` the LLM's with them read before the shared token; each
-    user's rows follow that user's prompt (not their neighbour's), and either differs from the shared token's."""
+    """``distillation_teacher(..., offsets=...)`` or ``(..., prefix=...)``: with soft-token offsets ``(B, P, D)``
+    the teacher is the LLM's with those offsets, with deep prompts ``(B, N, 2, H, m, d)`` the LLM's with them read
+    before the shared token; each user's rows follow that user's prompt (not their neighbour's), and either differs
+    from the shared token's."""
     from test_trainer import make_trainer
 
     trainer = make_trainer(tmp_path, tiny_llm_dir)
@@ -852,12 +853,12 @@ def test_the_distillation_teacher_reads_the_history_with_each_users_prompt(tmp_p
     deep = deep + 0.5 * torch.randn(deep.shape, generator=generator) * deep.abs().mean()
     shared = distillation_teacher(trainer, targets, 12)
     zero = torch.zeros_like(offsets)
-    for prompt, expected in ((offsets, trainer.teacher_probabilities(targets, contexts, offsets)),
-                             (deep, trainer.teacher_probabilities(targets, contexts, zero, deep))):
-        teacher = distillation_teacher(trainer, targets, 12, prompt)
+    for key, prompt, expected in (("offsets", offsets, trainer.teacher_probabilities(targets, contexts, offsets)),
+                                  ("prefix", deep, trainer.teacher_probabilities(targets, contexts, zero, deep))):
+        teacher = distillation_teacher(trainer, targets, 12, **{key: prompt})
         torch.testing.assert_close(teacher, expected)
         assert not torch.allclose(teacher, shared, rtol=1e-3, atol=0)
-        swapped = distillation_teacher(trainer, targets, 12, prompt[[1, 0, 2, 3]])
+        swapped = distillation_teacher(trainer, targets, 12, **{key: prompt[[1, 0, 2, 3]]})
         torch.testing.assert_close(swapped[2:], teacher[2:])                      # the other users' rows unchanged
         assert not torch.allclose(swapped[0], teacher[0], rtol=1e-3, atol=0)
 

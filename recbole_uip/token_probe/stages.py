@@ -23,15 +23,15 @@ def teacher_contexts(trainer, targets, context_tokens: int) -> list[list[int]]:
     return [newest_tokens(trainer.text, u, targets.inputs[j], context_tokens) for j, u in enumerate(targets.users)]
 
 
-def distillation_teacher(trainer, targets, context_tokens: int, prompt: torch.Tensor | None = None) -> torch.Tensor:
+def distillation_teacher(trainer, targets, context_tokens: int, offsets: torch.Tensor | None = None,
+                         prefix: torch.Tensor | None = None) -> torch.Tensor:
     """The teacher of ``targets`` ``(B, L - 1, V)``: the frozen LLM's predictions of each user's text after
-    :func:`teacher_contexts`, with the shared token, or with ``prompt`` in its place: the users' soft-token offsets
-    ``(B, P, D)`` or deep prompts ``(B, N, 2, H, m, d)`` (the soft tokens then at the shared token)."""
-    offsets = torch.zeros(len(targets.users), *trainer.soft.anchors.shape)
-    deep = prompt is not None and prompt.dim() > offsets.dim()
-    return trainer.teacher_probabilities(targets, teacher_contexts(trainer, targets, context_tokens),
-                                         prompt if prompt is not None and not deep else offsets,
-                                         prompt if deep else None)
+    :func:`teacher_contexts`, with the users' soft-token offsets ``(B, P, D)`` (None: the shared token) and deep
+    prompts ``(B, N, 2, H, m, d)`` (None: none), as :meth:`ProfileInferenceTrainer.teacher_probabilities` reads
+    them."""
+    if offsets is None:
+        offsets = torch.zeros(len(targets.users), *trainer.soft.anchors.shape)
+    return trainer.teacher_probabilities(targets, teacher_contexts(trainer, targets, context_tokens), offsets, prefix)
 
 
 def collaborative_draws(trainer, logger):
@@ -101,8 +101,9 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
         texts = [after_contexts(d, teacher_contexts(trainer, d, args.distil_context_tokens)) for d in draws]
         return fit(texts, start, args.fit_steps, args.fit_learning_rate,
                    texts_per_step=args.fit_texts_per_step), texts[0]
-    teacher_prompt = start if args.teacher_prompt == "start" else None      # the fit's start, read with the history
-    teachers = [distillation_teacher(trainer, d, args.distil_context_tokens, teacher_prompt) for d in draws] \
+    teacher_prompt = {} if args.teacher_prompt == "shared" else \
+        {"prefix" if args.fit_prefix == "deep" else "offsets": start}      # the fit's start, read with the history
+    teachers = [distillation_teacher(trainer, d, args.distil_context_tokens, **teacher_prompt) for d in draws] \
         if objective == "distil" else None
     return fit(draws, start, args.fit_steps, args.fit_learning_rate, objective == "weighted", teachers,
                texts_per_step=args.fit_texts_per_step), draws[0]
