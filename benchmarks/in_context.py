@@ -2,7 +2,8 @@
 user's held-out behaviour, against another user's history of the same length?
 
     python benchmarks/in_context.py --dataset=ml-100k [--users=300] [--context_tokens=64,128,256,512]
-        [--context_from=newest,oldest] [--population=8] [--key=value ...]
+        [--context_from=newest,oldest] [--population=8] [--context_source=history|mult_vae|mult_vae_top]
+        [--key=value ...]
 
 The held-out items are the generalisation benchmark's (``held_out_positions``: each user's newest training items
 within ``--holdout_tokens``). For each context budget N the frozen LLM reads ``[BOS] <behaviour prefix> <context>
@@ -18,7 +19,18 @@ within ``--holdout_tokens``). For each context budget N the frozen LLM reads ``[
   never worse than its members' average (Jensen), so it beats ``other`` on average; it is also an ensemble, better
   calibrated than any one context. Two mixtures that hold the user's history separate what is the user's from
   what is the ensemble's: ``own_in_population``, the same mixture with the user's own history in place of
-  ``other``'s (weight 1/M), and ``own_half``, half the user's own prediction, half the mixture's.
+  ``other``'s (weight 1/M), and ``own_half``, half the user's own prediction, half the mixture's; and its control,
+  ``other_half``: half the prediction of one more user (neither the user nor one of the M), half the mixture's.
+  ``own_half - other_half`` is what the user's own context adds at weight 1/2 beyond any user's (older result files
+  have no ``other_half``).
+
+``--context_source=mult_vae`` reads, in place of each history, a text of items drawn from a Mult-VAE's
+distribution over the items the user has not seen (:func:`~recbole_uip.collaborative_text.collaborative_contexts`,
+the texts the token probe's ``mult_vae`` fits learn from; the Mult-VAE trained on every user's remaining training
+items, no held-out item), and ``mult_vae_top`` the most probable of those items in order: does the frozen LLM take
+a collaborative model's prediction for the user, written in its context, onto the user's held-out items? The
+``own`` context is the user's prediction, ``other`` and the mixture's members other users'; each cut, as a history
+is, to its last L tokens (newest end only).
 
 ``--context_from=oldest`` reads the oldest N tokens of both remaining histories instead (the user's history furthest
 in time from the held-out items, and another user's oldest); ``--context_from=newest,oldest`` reads both ends in one
@@ -31,8 +43,8 @@ held-out token, and the rating tokens alone where the text marks them), means wi
 the paired ``own - other`` difference; with ``--population``, also ``own``, ``own_in_population`` and ``own_half``
 each minus ``population``. No training, forward passes only.
 
-Writes ``results/<dataset>/<settings fingerprint>/in_context[_oldest | _newest_oldest][_population<M>][_<variant>]
-.{json,md}``.
+Writes ``results/<dataset>/<settings fingerprint>/in_context[_multvae | _multvae_top][_oldest | _newest_oldest]
+[_population<M>][_<variant>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -44,11 +56,12 @@ import torch
 
 from recbole_uip.benchmarking import (
     CONTEXT_ENDS, GENERALISATION_GOAL, benchmark_parser, comma_separated, configure, context_positions, finite_or_none,
-    interval_summary, load_held_out_text, matched_contexts, newest_tokens, parse_known_with_overrides, publish_benchmark,
-    run_record, settings_table,
+    common_length, interval_summary, load_held_out_text, matched_contexts, newest_tokens, parse_known_with_overrides,
+    publish_benchmark, run_record, settings_table, without_held_out,
 )
 
 CONDITIONS = ("own", "other", "none")
+CONTEXT_SOURCES = ("history", "mult_vae", "mult_vae_top")
 
 
 def parse_args(argv=None):
@@ -64,6 +77,10 @@ def parse_args(argv=None):
                         help="also score the held-out items under the mixture of M other users' histories (the "
                              "in-context analogue of the mean token; M includes the 'other' condition's user; "
                              "M + 1 forward passes per user instead of 2; default 0: off)")
+    parser.add_argument("--context_source", choices=CONTEXT_SOURCES, default="history",
+                        help="what each context is: the user's remaining history (default), or a text of items drawn "
+                             "from a Mult-VAE's prediction of their unseen items (mult_vae), or its most probable "
+                             "items in order (mult_vae_top); the Mult-VAE trained on the remaining histories")
     parser.add_argument("--batch_size", type=int, default=8)
     args, overrides = parse_known_with_overrides(parser, argv)
     args.context_tokens = comma_separated(parser, "--context_tokens", args.context_tokens, int)
@@ -75,6 +92,9 @@ def parse_args(argv=None):
             or not set(args.context_from) <= set(CONTEXT_ENDS):
         parser.error(f"--context_from must name one or both of {', '.join(CONTEXT_ENDS)}, e.g. newest,oldest")
     args.context_from = [e for e in CONTEXT_ENDS if e in args.context_from]      # newest first
+    if args.context_source != "history" and args.context_from != ["newest"]:
+        parser.error(f"--context_source={args.context_source} writes a prediction, not a history: it has no oldest "
+                     f"end (leave --context_from at newest)")
     return args, overrides
 
 
@@ -137,6 +157,16 @@ def mixture_nlls(members: list[list[np.ndarray]]) -> list[np.ndarray]:
     return [-(logsumexp(-np.stack(column), axis=0) - np.log(count)) for column in zip(*members)]
 
 
+def outside_users(users: np.ndarray, members: np.ndarray, seed: int = 2) -> np.ndarray:
+    """``(U,)``: per user, one more user from ``users``, neither the user nor one of their ``members[i]`` (drawn
+    with ``seed``): the ``other_half`` control's."""
+    if members.shape[1] > len(users) - 2:
+        raise ValueError(f"a user outside a mixture of {members.shape[1]} needs more than {members.shape[1] + 1} "
+                         f"users, got {len(users)}")
+    rng = np.random.default_rng(seed)
+    return np.array([rng.choice(users[(users != user) & ~np.isin(users, row)]) for user, row in zip(users, members)])
+
+
 def population_members(users: np.ndarray, other: np.ndarray, size: int, seed: int = 1) -> np.ndarray:
     """``(U, size)``: per user, ``size`` distinct other users from ``users``, the first being ``other``'s (the
     ``other`` condition), the rest drawn at random (``seed``); never the user themself."""
@@ -157,6 +187,7 @@ def summarise(values: dict[str, np.ndarray]) -> dict:
 
 
 POPULATION_PAIRS = (("own", "population"), ("own_in_population", "population"), ("own_half", "population"),
+                    ("other_half", "population"), ("own_half", "other_half"),
                     ("population", "other"))
 
 
@@ -193,13 +224,23 @@ def _interval(d: dict) -> str:
 def render(data: dict) -> str:
     ends = data.get("context_from", ["newest"])
     described = " or ".join(ends)
-    lines = [f"# The in-context ceiling on {data['record']['dataset']}: a user's own history as text, against another "
-             f"user's", "",
+    source = data.get("context_source", "history")
+    if source == "history":
+        title = "a user's own history as text, against another user's"
+        context = (f"the {described} N tokens of the user's own remaining items, the same number of tokens of another "
+                   f"user's (from the same end), or nothing")
+    else:
+        title = "a collaborative model's prediction for the user as text, against another user's"
+        context = ("the last N tokens of a text of the items a Mult-VAE predicts for the user among those they have "
+                   "not seen, " + ("most probable first" if source == "mult_vae_top" else "drawn from its distribution")
+                   + " (the Mult-VAE trained on every user's remaining training items, no held-out item), the same "
+                   "number of tokens of another user's such text, or "
+                   "nothing (\"own\" and \"another user's\" below are these predictions, not histories)")
+    lines = [f"# The in-context ceiling on {data['record']['dataset']}: {title}", "",
              f"{data['users_evaluated']} users; each user's newest training items within {data['holdout_tokens']} tokens "
              f"({data['held_out_tokens_mean']:.1f} on average) are scored by the frozen LLM after `[BOS] <behaviour "
-             f"prefix> <context>`, the context being the {described} N tokens of the user's own remaining items, the "
-             f"same number of tokens of another user's (from the same end), or nothing. Nats per token, mean over "
-             f"users with its 95% interval.", ""]
+             f"prefix> <context>`, the context being {context}. Nats per token, mean over users with its 95% "
+             f"interval.", ""]
     end_column = ends != ["newest"]
     for key, label in (("plain", "every held-out token"), ("rating", "the rating tokens alone")):
         if not data["budgets"] or key not in data["budgets"][0]:
@@ -244,25 +285,48 @@ def render(data: dict) -> str:
                   f"below it). Two mixtures hold the user's own history: *own among {size}*, the mixture with the "
                   f"user's history in place of another user's (weight 1/{size}), and *own and mixture*, half the "
                   f"user's own prediction and half the mixture's; their gain over the mixture is the user's, with "
-                  f"the ensemble's calibration on both sides. Means over users with 95% intervals.", ""]
+                  f"the ensemble's calibration on both sides." +
+                  (f" *One more user's and mixture*, half the prediction given the context of a user outside the "
+                   f"{size} and half the mixture's, is the control of *own and mixture*: what any one more context "
+                   f"adds at that weight." if any("other_half_minus_population" in b.get("population", {}).get(
+                       "plain", {}) for b in data["budgets"]) else "") +
+                  " Means over users with 95% intervals.", ""]
         for key, label in (("plain", "Every held-out token"), ("rating", "The rating tokens")):
             rows = [b for b in data["budgets"] if key in b.get("population", {})]
             if not rows:
                 continue
+            names = {"own": "own", "population": "mixture", "own_in_population": f"own among {size}",
+                     "own_half": "own and mixture", "other_half": "one more user's and mixture",
+                     "other": "another user's"}
+            pairs = [(a, b_) for a, b_ in POPULATION_PAIRS if f"{a}_minus_{b_}" in rows[0]["population"][key]]
             lines += [f"### {label}", "",
                       "| context budget N |" + (" history end |" if end_column else "") + " own | another user's | "
-                      f"{size} others' average | mixture | own - mixture | own among {size} - mixture | own and mixture - "
-                      "mixture | mixture - another user's |",
-                      "|---|---|---|---|---|---|---|---|---|" + ("---|" if end_column else "")]
+                      f"{size} others' average | mixture | " + " | ".join(f"{names[a]} - {names[b_]}" for a, b_ in pairs)
+                      + " |", "|---|---|---|---|---|" + "---|" * len(pairs) + ("---|" if end_column else "")]
             for b in rows:
                 s = b["population"][key]
                 lines.append(f"| {b['budget']} |" + (f" {b['context_from']} |" if end_column else "") +
                              f" {s['own']['mean']:.4f} | {s['other']['mean']:.4f} | {s['others_mean']['mean']:.4f} | "
                              f"{s['population']['mean']:.4f} | " +
-                             " | ".join(_interval(s[f"{a}_minus_{b_}"]) for a, b_ in POPULATION_PAIRS) + " |")
+                             " | ".join(_interval(s[f"{a}_minus_{b_}"]) for a, b_ in pairs) + " |")
             lines.append("")
     lines += ["## Run", "", settings_table(data["record"])]
     return "\n".join(lines)
+
+
+def collaborative_source(histories, held: list[np.ndarray], settings, tokenizer, logger, users,
+                         most_likely_first: bool):
+    """``--context_source=mult_vae`` (``most_likely_first``: ``mult_vae_top``): a function ``(user, budget) ->
+    token ids`` writing each of ``users``' contexts from a Mult-VAE trained on every user's histories without their
+    held-out positions ``held[u]`` (:func:`~recbole_uip.collaborative_text.collaborative_contexts`)."""
+    from recbole_uip.collaborative_text import collaborative_contexts
+    from recbole_uip.data.behaviour_text import BehaviourText
+
+    remaining = without_held_out(histories, held)
+    logger.info(f"in context: contexts written from a Mult-VAE trained on {len(remaining.items)} users' remaining "
+                f"training items" + (", its most probable items first" if most_likely_first else ", drawn"))
+    return collaborative_contexts(BehaviourText(remaining, settings, tokenizer, logger), users,
+                                  most_likely_first=most_likely_first)
 
 
 def main(argv=None) -> int:
@@ -271,14 +335,17 @@ def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     config, settings, logger = configure(args.model, args.dataset, overrides)
     torch.set_num_threads(settings.num_threads or torch.get_num_threads())
-    _, llm, text, held = load_held_out_text(config, settings, logger, args.holdout_tokens)
+    histories, llm, text, held = load_held_out_text(config, settings, logger, args.holdout_tokens)
     users = np.array([u for u, h in enumerate(held) if len(h)])
     users = users[:args.users] if args.users else users
     other = users[np.random.default_rng(0).permutation(len(users))]
     other = np.where(other == users, np.roll(other, 1), other)           # never the user themself
     members = population_members(users, other, args.population) if args.population else other[:, None]
-    everyone = np.union1d(users, members)
+    outside = outside_users(users, members) if args.population else None
+    everyone = np.union1d(users, members if outside is None else np.column_stack([members, outside]))
     rest = {u: np.setdiff1d(np.arange(len(text.user_pieces[u])), held[u]) for u in everyone}
+    predicted = None if args.context_source == "history" else collaborative_source(
+        histories, held, settings, llm.tokenizer, logger, everyone, args.context_source == "mult_vae_top")
     head = leading_bos(llm.tokenizer) + list(llm.tokenizer(settings.behaviour_prefix, add_special_tokens=False)["input_ids"])
     targets = [text.tokens(u, held[u]) for u in users]
     flags = [f for _, f in targets]
@@ -298,7 +365,18 @@ def main(argv=None) -> int:
     for budget in args.context_tokens:
         for end in args.context_from:
             positions = context_positions(text, everyone, rest, budget, end)
-            own_ctx, other_ctx = matched_contexts(text, users, other, positions, budget)
+            if predicted is None:
+                own_ctx, other_ctx = matched_contexts(text, users, other, positions, budget)
+
+                def context_of(user, length):
+                    return newest_tokens(text, user, positions[user], length)
+            else:
+                own_ctx, other_ctx = map(list, zip(*(common_length(predicted(u, budget), predicted(o, budget))
+                                                     for u, o in zip(users, other))))
+
+                def context_of(user, length, budget=budget):
+                    ids = predicted(user, budget)
+                    return ids[len(ids) - length:] if length > 0 else []
             own_nlls = read(own_ctx)
             own = mean_scores(own_nlls, flags)
             member_nlls = [read(other_ctx)]
@@ -312,17 +390,20 @@ def main(argv=None) -> int:
             data["budgets"].append(entry)
             modes = [("own", own), ("other", theirs)]
             for m in range(1, args.population):     # the mixture's other members, each cut to the own context's length
-                member_nlls.append(read([newest_tokens(text, members[i, m], positions[members[i, m]], len(c))
-                                         for i, c in enumerate(own_ctx)]))
+                member_nlls.append(read([context_of(members[i, m], len(c)) for i, c in enumerate(own_ctx)]))
             if args.population:
                 mixture_tokens = mixture_nlls(member_nlls)
                 values = {"own": own, "other": theirs, "population": mean_scores(mixture_tokens, flags),
                           "others_mean": np.mean([mean_scores(m, flags) for m in member_nlls], axis=0),
                           "own_in_population": mean_scores(mixture_nlls([own_nlls, *member_nlls[1:]]), flags),
                           "own_half": mean_scores(mixture_nlls([own_nlls, mixture_tokens]), flags)}
+                if outside is not None:
+                    outside_nlls = read([context_of(outside[i], len(c)) for i, c in enumerate(own_ctx)])
+                    values["other_half"] = mean_scores(mixture_nlls([outside_nlls, mixture_tokens]), flags)
                 entry["population"] = {key: summarise_population({k: v[:, c] for k, v in values.items()})
                                        for c, key in ((0, "plain"), (1, "rating")) if np.isfinite(own[:, c]).any()}
-                modes += [(k, values[k]) for k in ("population", "own_in_population", "own_half")]
+                modes += [(k, values[k]) for k in ("population", "own_in_population", "own_half", "other_half")
+                          if k in values]
             for mode, values in modes:
                 per_user[f"{end}{budget}_{mode}"] = finite_or_none(values[:, 0])
                 per_user[f"rating_{end}{budget}_{mode}"] = finite_or_none(values[:, 1])
@@ -337,7 +418,9 @@ def main(argv=None) -> int:
     data["per_user"] = per_user
     data["seconds"] = round(time.perf_counter() - start, 1)
     data["record"] = run_record(config, settings, ["benchmarks/in_context.py", *args.argv])
-    name = "in_context" + "".join(f"_{end}" for end in args.context_from if args.context_from != ["newest"]) \
+    data["context_source"] = args.context_source
+    name = "in_context" + {"history": "", "mult_vae": "_multvae", "mult_vae_top": "_multvae_top"}[args.context_source] \
+        + "".join(f"_{end}" for end in args.context_from if args.context_from != ["newest"]) \
         + (f"_population{args.population}" if args.population else "")
     publish_benchmark(args, name, data, render(data))
     return 0

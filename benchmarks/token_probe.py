@@ -20,7 +20,10 @@ of everything). Then:
    rating tokens weigh ``uip_rating_weight``, or (``--fit_objective=distil``) to what the frozen LLM predicts for
    that text, with the shared token (``--teacher_prompt=start``: with the fit's start prompt), when it reads the
    user's newest ``--distil_context_tokens`` tokens of their other remaining items before it (distillation: the
-   in-context effect of the history, not the one draw), or
+   in-context effect of the history, not the one draw; ``--teacher_context=mult_vae``: as many tokens of a text of
+   items a Mult-VAE predicts for the user instead, ``mult_vae_top`` its most probable items; modes ``teacher`` and
+   ``teacher_other`` score the held-out text as the teacher reads it, after the user's context and another
+   user's), or
    (``--fit_objective=teacher_text``) on the plain NLL of the teacher's whole text, those newest tokens followed by
    the draw (what distillation reads, fitted without a teacher: the control that tells distillation from the
    recency and length of the teacher's text), or (``--fit_objective=mult_vae``) on the plain NLL of a new text at
@@ -134,6 +137,7 @@ from recbole_uip.benchmarking import (
     CONTEXT_ENDS, HeldOutInference, benchmark_parser, comma_separated, configure, context_positions, finite_or_none,
     interval_summary, matched_contexts, parse_known_with_overrides, publish_benchmark, run_record,
 )
+from recbole_uip.collaborative_text import collaborative_contexts
 from recbole_uip.token_probe.group_scores import (
     GroupTokens, count_group_part, group_count_modes, group_modes, relative_part_differences, score_every_token,
 )
@@ -144,7 +148,7 @@ from recbole_uip.token_probe.modes import (
 from recbole_uip.token_probe.report import render
 from recbole_uip.token_probe.stages import (
     ENCODER_INPUTS, DeepPrompts, collaborative_draws, fit_tokens, score_mode, still_learning, train_deep_encoder,
-    train_encoder, train_shift, use_mult_vae_features, user_fit,
+    teacher_scores, train_encoder, train_shift, use_mult_vae_features, user_fit,
 )
 
 
@@ -202,6 +206,11 @@ def parse_args(argv=None):
                              "the shared token (shared, the default), or each fit's start (start: with "
                              "--fit_start=encoder, what the encoder stage writes for the user, a deep prompt for deep "
                              "fits; a teacher that knows what the start knows, and the history besides)")
+    parser.add_argument("--teacher_context", choices=("history", "mult_vae", "mult_vae_top"), default="history",
+                        help="what the per-user fits' distillation teacher reads before the text: the user's newest "
+                             "remaining items (history, the default), or the last --distil_context_tokens tokens of "
+                             "a text of items a Mult-VAE predicts for the user among those they have not seen, drawn "
+                             "(mult_vae) or most probable first (mult_vae_top)")
     parser.add_argument("--distil_context_tokens", type=int, default=128,
                         help="the teacher's context for --fit_objective=distil and --encoder_objective=distil: the "
                              "user's newest N tokens of their remaining items outside the fitted text (default 128)")
@@ -297,9 +306,10 @@ def parse_args(argv=None):
         parser.error("--fit_texts_per_step takes K >= 1 texts, more than one only with positive --fit_steps and no "
                      "--also_fit, and on objectives other than mult_vae (a new text for each) with at least K --draws "
                      "and no --resample (a step takes K different draws)")
-    if args.teacher_prompt != "shared" and "distil" not in {args.fit_objective, *args.also_fit}:
-        parser.error("--teacher_prompt is the per-user fits' distillation teacher's: give --fit_objective=distil "
-                     "(or --also_fit=distil)")
+    if (args.teacher_prompt != "shared" or args.teacher_context != "history") \
+            and "distil" not in {args.fit_objective, *args.also_fit}:
+        parser.error("--teacher_prompt and --teacher_context are the per-user fits' distillation teacher's: give "
+                     "--fit_objective=distil (or --also_fit=distil)")
     if args.also_fit and not args.fit_steps:
         parser.error("--also_fit fits per-user tokens: --fit_steps must be positive")
     if args.draws < 1 or (args.resample and args.draws != 1):
@@ -326,7 +336,7 @@ def parse_args(argv=None):
 
 
 def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generator, show_progress: bool,
-          collaborative=None, groups: GroupTokens | None = None, encode=None) -> tuple[dict, dict]:
+          collaborative=None, groups: GroupTokens | None = None, encode=None, predicted=None) -> tuple[dict, dict]:
     """Per-user plain NLL ``{mode: (n,)}`` of the modes in the module docstring, and ``{"rating_" + mode: (n,)}``
     on the held-out rating tokens alone where the text marks them (nan for a user whose held-out text has none);
     and per context budget, the mean context length in tokens (``{}`` without ``--context_tokens``).
@@ -336,7 +346,10 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
     distribution and fitted on by nothing (``*_on_new_draw``, from a third generator): whether they learnt the
     user's distribution at all, apart from whether it carries to the user's real held-out items. ``groups``:
     :func:`build_group_tokens`'s, for the ``group_*`` modes. ``encode``: :func:`train_deep_encoder`'s, whose deep
-    prompts the ``encoder*`` modes then are (None: the trainer's shallow encoder ``A z``)."""
+    prompts the ``encoder*`` modes then are (None: the trainer's shallow encoder ``A z``). ``predicted``:
+    ``--teacher_context=mult_vae``'s texts (:func:`~recbole_uip.collaborative_text.collaborative_contexts`), what the
+    distillation teacher reads. Under distil the held-out text is also scored as the teacher reads it (``teacher``,
+    ``teacher_other``: :func:`teacher_scores`)."""
     trainer = run.trainer
     scores: dict[str, list] = {}
 
@@ -376,7 +389,7 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                 if "mult_vae" in (args.fit_objective, *args.also_fit) else None   # not for the encoder's alone
             for objective in (args.fit_objective, *args.also_fit):
                 p = "" if objective == args.fit_objective else objective + "_"
-                own, fitted_text = fit_tokens(trainer, objective, draws, start_rows, args, sampled)
+                own, fitted_text = fit_tokens(trainer, objective, draws, start_rows, args, sampled, predicted)
                 mean = own.mean(0, keepdim=True).expand_as(own)
                 fitted = {p + "own": (held, own), p + "mean": (held, mean), p + "other_user": (held, own[rotate]),
                           p + "own_halfway": (held, (own + mean) / 2), p + "own_on_fitted_text": (fitted_text, own),
@@ -387,6 +400,13 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                 if not p:                   # a token shrunk towards the mean: how much of a fit is the user's
                     fitted.update({keep_mode(k): (held, k * own + (1 - k) * mean) for k in args.keep})
                 modes.update({mode: (targets, wrap(values)) for mode, (targets, values) in fitted.items()})
+            if "distil" in (args.fit_objective, *args.also_fit):        # the teacher itself, on the held-out text
+                prompt = start_rows if args.teacher_prompt == "start" else None
+                for mode, (plain, rating) in teacher_scores(trainer, held, args.distil_context_tokens, rotate.numpy(),
+                                                            prompt, deep, predicted).items():
+                    scores.setdefault(mode, []).append(plain)
+                    if rating is not None:
+                        scores.setdefault("rating_" + mode, []).append(rating)
         if groups is not None:
             own = groups.tokens[torch.as_tensor(groups.group[start:start + len(batch)])]
             modes["group_mean"] = (held, own.mean(0, keepdim=True).expand_as(own))
@@ -476,8 +496,10 @@ def main(argv=None) -> int:
                 raise SystemExit(f"--group_tokens={args.group_tokens} needs as many users outside the probed ones; "
                                  f"there are {len(fit_users)}.")
             groups = build_group_tokens(trainer, fit_users, users, args, logger, run.held_out_targets)
+        predicted = None if args.teacher_context == "history" else collaborative_contexts(
+            trainer.text, users, seed=args.probe_seed, most_likely_first=args.teacher_context == "mult_vae_top")
         scores, context_length = probe(run, users, args, rng, bool(config["show_progress"]), collaborative, groups,
-                                       encode)
+                                       encode, predicted)
         trained_users_count_part = None
         if groups is not None:
             scores.update(group_count_modes(run, groups, users))
@@ -499,6 +521,7 @@ def main(argv=None) -> int:
         **({"fit_start": args.fit_start} if args.fit_start != "shared" else {}),
         **({"fit_texts_per_step": args.fit_texts_per_step} if args.fit_texts_per_step > 1 else {}),
         **({"teacher_prompt": args.teacher_prompt} if args.teacher_prompt != "shared" else {}),
+        **({"teacher_context": args.teacher_context} if args.teacher_context != "history" else {}),
         "draws": args.draws, "keep": args.keep,
         "fit_objective": args.fit_objective, "also_fit": args.also_fit, "encoder_passes": args.encoder_passes,
         "encoder_objective": args.encoder_objective, "encoder_input": args.encoder_input,
@@ -544,6 +567,7 @@ def main(argv=None) -> int:
             + ("_deep" if args.fit_prefix == "deep" else "")
             + ("_fromencoder" if args.fit_start == "encoder" else "")
             + ("_teacherstart" if args.teacher_prompt == "start" else "")
+            + {"history": "", "mult_vae": "_teachermultvae", "mult_vae_top": "_teachermultvaetop"}[args.teacher_context]
             + (f"_texts{args.fit_texts_per_step}" if args.fit_texts_per_step > 1 else "")
             + "".join("_vs_" + objective for objective in args.also_fit)
             + ("_encoder" if args.encoder_passes else "")

@@ -17,7 +17,8 @@
 * :func:`fmt_p`: a p-value as the reports print it; :func:`progress_logging`: RecBole's logger, quiet on stdout.
 * :func:`held_out_positions`: the held-out protocol of the generalisation and in-context benchmarks;
   :func:`matched_contexts`: a user's and another user's newest history of the same length, read in context
-  (:func:`context_positions`: or their oldest);
+  (:func:`context_positions`: or their oldest; :func:`common_length`: any two contexts cut alike);
+  :func:`without_held_out`: the histories inference may see;
   :class:`HeldOutInference`: that protocol set up for inference (the generalisation and token-probe benchmarks);
   :func:`goal_verdict`: their sentence on the generalisation goal.
 * :func:`load_held_out_text`: what those benchmarks start from (histories, LLM, tokenised text, held-out positions).
@@ -403,11 +404,18 @@ def matched_contexts(text, users, others, positions, budget: int) -> tuple[list[
     ``text``: a :class:`~recbole_uip.data.behaviour_text.BehaviourText`; ``positions``: user -> item positions."""
     own, theirs = [], []
     for user, other in zip(users, others):
-        mine, foreign = newest_tokens(text, user, positions[user], budget), newest_tokens(text, other, positions[other], budget)
-        length = min(len(mine), len(foreign))
-        own.append(mine[len(mine) - length:])
-        theirs.append(foreign[len(foreign) - length:])
+        mine, foreign = common_length(newest_tokens(text, user, positions[user], budget),
+                                      newest_tokens(text, other, positions[other], budget))
+        own.append(mine)
+        theirs.append(foreign)
     return own, theirs
+
+
+def common_length(mine: list[int], foreign: list[int]) -> tuple[list[int], list[int]]:
+    """Two contexts (token ids) cut to their last ``L`` tokens, ``L`` the shorter one's length: the end that meets
+    the scored text is kept."""
+    length = min(len(mine), len(foreign))
+    return mine[len(mine) - length:], foreign[len(foreign) - length:]
 
 
 def load_held_out_text(config, settings, logger, holdout_tokens: int):
@@ -426,6 +434,12 @@ def load_held_out_text(config, settings, logger, holdout_tokens: int):
     llm = load_frozen_llm(settings.llm, config["device"], settings.llm_dtype, settings.llm_cache_dir, logger)
     text = BehaviourText(histories, settings, llm.tokenizer, logger)
     return histories, llm, text, held_out_positions(text, holdout_tokens)
+
+
+def without_held_out(histories, held: list[np.ndarray]):
+    """The ``TrainingHistories`` cut before each user's held-out positions ``held[u]`` (their newest items): all that
+    inference, and every model a held-out benchmark fits, may see."""
+    return histories.truncated([len(items) - len(h) for items, h in zip(histories.items, held)])
 
 
 GENERALISATION_GOAL = 0.05   # nats/token below the mean token (issue "Profile inference that learns")
@@ -480,7 +494,7 @@ class HeldOutInference:
         from recbole_uip.inference.trainer import ProfileInferenceTrainer
 
         histories, llm, full_text, held = load_held_out_text(config, settings, logger, holdout_tokens)
-        remaining = histories.truncated([len(items) - len(h) for items, h in zip(histories.items, held)])
+        remaining = without_held_out(histories, held)
         trainer = ProfileInferenceTrainer(config, settings, llm, remaining,
                                           BehaviourText(remaining, settings, llm.tokenizer, logger), logger)
         return cls(llm, full_text, held, remaining, trainer)

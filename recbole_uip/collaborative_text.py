@@ -63,18 +63,21 @@ class CollaborativeTexts:
         self.item_piece_shares = [counts[p] / counts[p].sum() if len(p) else counts[p] for p in self.item_pieces]
         self.writable = np.array([len(p) > 0 for p in self.item_pieces])
 
-    def sample(self, probabilities: np.ndarray, budget: int, rng: np.random.Generator
-               ) -> tuple[list[int], list[bool] | None]:
+    def sample(self, probabilities: np.ndarray, budget: int, rng: np.random.Generator,
+               most_likely_first: bool = False) -> tuple[list[int], list[bool] | None]:
         """One text of at most ``budget`` tokens: items drawn without replacement in proportion to
-        ``probabilities`` ``(I,)`` (among the items with a piece), each written with a piece drawn by
-        :attr:`item_piece_shares`, in the order drawn, as many as fit (at least one). Token ids and their rating
-        flags (None when ratings are not marked), as :meth:`BehaviourText.pieces_tokens`."""
+        ``probabilities`` ``(I,)`` (among the items with a piece), or with ``most_likely_first`` the most probable
+        items in order of probability, each written with a piece drawn by :attr:`item_piece_shares`, in that order,
+        as many as fit (at least one). Token ids and their rating flags (None when ratings are not marked), as
+        :meth:`BehaviourText.pieces_tokens`."""
         weights = np.where(self.writable, probabilities, 0.0)
         if not (weights > 0).any():
             raise ValueError("No item with a training piece has a positive probability: nothing to write.")
         with np.errstate(divide="ignore"):
             keys = rng.exponential(size=len(weights)) / weights     # the smallest keys: a draw without replacement
-        order = np.argsort(keys)[:int((weights > 0).sum())]
+        if most_likely_first:
+            keys = -weights                     # the random keys are still drawn: the generator moves on alike
+        order = np.argsort(keys, kind="stable")[:int((weights > 0).sum())]
         pieces, used = [], 0
         for item in order:
             piece = rng.choice(self.item_pieces[item], p=self.item_piece_shares[item])
@@ -84,3 +87,27 @@ class CollaborativeTexts:
             pieces.append(piece)
             used += length
         return self.text.pieces_tokens(pieces, budget)
+
+
+def collaborative_contexts(text: BehaviourText, users, seed: int = 0, most_likely_first: bool = False):
+    """A function ``context(user, budget) -> token ids``: for each of ``users``, a text of at most ``budget`` tokens
+    written (:meth:`CollaborativeTexts.sample`) from a Mult-VAE's distribution over the items they have not seen in
+    ``text``'s histories, the Mult-VAE trained on every history in ``text`` (pass the text without any held-out
+    item). Each user's texts come from a generator of their own (``seed``, user), so that their texts at two budgets
+    begin with the same items, and any user's text is the same whichever other users are asked for.
+
+    What the in-context benchmark reads in place of a user's own history (``--context_source``): the collaborative
+    model's prediction for the user, written as text."""
+    num_items = len(text.histories.item_texts)
+    model = mult_vae.fit_mult_vae(mult_vae.user_item_matrix(text.histories.items, num_items))
+    users = [int(u) for u in users]
+    rows = unseen_item_probabilities(model, [text.histories.items[u] for u in users], num_items)
+    probabilities = dict(zip(users, rows))
+    writer = CollaborativeTexts(text)
+
+    def context(user: int, budget: int) -> list[int]:
+        ids, _ = writer.sample(probabilities[int(user)], budget, np.random.default_rng([seed, int(user)]),
+                               most_likely_first)
+        return ids
+
+    return context

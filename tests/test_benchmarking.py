@@ -865,26 +865,46 @@ def test_the_distillation_teacher_reads_the_history_with_each_users_prompt(tmp_p
 
 def test_token_probe_distils_from_a_teacher_with_each_fits_start_with_teacher_prompt(tmp_path, tiny_llm_dir):
     """``--teacher_prompt=start``: the deep fits' teacher reads the user's history with the deep prompt the fit
-    starts from. The start and the shared token score as without it, the fits do not; the name and the report say
-    so; without a distilled fit the flag is refused."""
+    starts from; ``--teacher_context=mult_vae``: a Mult-VAE's prediction for the user in place of the history. The
+    start and the shared token score as without them, the fits do not; the held-out text as the teacher reads it
+    (``teacher``) is, with the shared token and the history, the in-context mode of the same budget to the last
+    digit, and follows each flag; the names and the reports say so; without a distilled fit the flags are
+    refused."""
     token_probe = import_benchmark("token_probe")
     write_dataset(tmp_path / "data")
     base = toy_probe_argv(tmp_path, tiny_llm_dir) + [
         "--fit_objective=distil", "--fit_prefix=deep", "--fit_start=encoder", "--encoder_prefix=deep_shared",
-        "--encoder_passes=1", "--encoder_objective=nll", "--fit_learning_rate=0.5"]
-    assert token_probe.main(base + [f"--results={tmp_path / 'shared'}"]) == 0
+        "--encoder_passes=1", "--encoder_objective=nll", "--fit_learning_rate=0.5", "--distil_context_tokens=12"]
+    assert token_probe.main(base + [f"--results={tmp_path / 'shared'}", "--context_tokens=12"]) == 0
     assert token_probe.main(base + [f"--results={tmp_path / 'start'}", "--teacher_prompt=start"]) == 0
+    assert token_probe.main(base + [f"--results={tmp_path / 'mv'}", "--teacher_prompt=start",
+                                    "--teacher_context=mult_vae"]) == 0
     name = "token_probe_distil_deep_fromencoder{}_encoder_deepshared"
-    shared = json.loads(published(tmp_path / "shared", name.format("") + ".json").read_text())
+    shared = json.loads(published(tmp_path / "shared", name.format("") + "_context.json").read_text())
     start = json.loads(published(tmp_path / "start", name.format("_teacherstart") + ".json").read_text())
+    mv = json.loads(published(tmp_path / "mv", name.format("_teacherstart_teachermultvae") + ".json").read_text())
     assert start["teacher_prompt"] == "start" and "teacher_prompt" not in shared
+    assert mv["teacher_context"] == "mult_vae" and "teacher_context" not in start
     for mode in ("shared", "encoder"):
-        assert start["per_user"][mode] == shared["per_user"][mode]
+        assert start["per_user"][mode] == shared["per_user"][mode] == mv["per_user"][mode]
     assert all(x != y for x, y in zip(start["per_user"]["own"], shared["per_user"]["own"]))
+    assert all(x != y for x, y in zip(mv["per_user"]["own"], start["per_user"]["own"]))
+    for mode in ("own", "other"):
+        assert shared["per_user"][f"teacher{'_other' if mode == 'other' else ''}"] == \
+            shared["per_user"][f"context12_{mode}"]
+    for run in (start, mv):
+        assert run["per_user"]["teacher"] != shared["per_user"]["teacher"]
+        assert run["per_user"]["teacher"] != run["per_user"]["teacher_other"]
+        assert "teacher_minus_encoder" in run["differences"] and "own_minus_teacher" in run["differences"]
+    assert mv["per_user"]["teacher"] != start["per_user"]["teacher"]
     report = published(tmp_path / "start", name.format("_teacherstart") + ".md").read_text()
     assert "the teacher reads each fit's start prompt, then the user's newest" in report
-    with pytest.raises(SystemExit):
-        token_probe.parse_args(toy_probe_argv(tmp_path, tiny_llm_dir) + ["--teacher_prompt=start"])
+    report = published(tmp_path / "mv", name.format("_teacherstart_teachermultvae") + ".md").read_text()
+    assert "then the last 12 tokens of a text of items a Mult-VAE predicts" in report
+    assert "the distillation teacher with the user's context - with another user's" in report
+    for flag in ("--teacher_prompt=start", "--teacher_context=mult_vae"):
+        with pytest.raises(SystemExit):
+            token_probe.parse_args(toy_probe_argv(tmp_path, tiny_llm_dir) + [flag])
 
 
 def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_path, tiny_llm_dir):
@@ -1051,6 +1071,33 @@ def test_in_context_scoring_matches_one_unpadded_sequence_at_a_time(tmp_path, ti
             in_context.parse_args(["--dataset=toy", bad])
 
 
+def test_in_context_reads_a_collaborative_models_prediction_in_place_of_the_history(tmp_path, tiny_llm_dir):
+    """``--context_source=mult_vae`` and ``mult_vae_top``: the same users and held-out text (``none`` bit-identical
+    to the history run's), other contexts (``own`` differs), the mixture's members read from the same source, and
+    the report says what the contexts are; the oldest end is refused (a prediction has none)."""
+    in_context = import_benchmark("in_context")
+    write_dataset(tmp_path / "data")
+    base = ["--dataset=toy", "--holdout_tokens=20", "--context_tokens=16", "--users=0", "--population=2",
+            f"--data_path={tmp_path / 'data'}", f"--uip_llm={tiny_llm_dir}", "--uip_llm_dtype=float32",
+            f"--checkpoint_dir={tmp_path / 'saved'}"]
+    runs = {}
+    for source in ("history", "mult_vae", "mult_vae_top"):
+        assert in_context.main(base + [f"--results={tmp_path / source}", f"--context_source={source}"]) == 0
+        name = {"history": "in_context", "mult_vae": "in_context_multvae", "mult_vae_top": "in_context_multvae_top"}[source]
+        runs[source] = json.loads(published(tmp_path / source, f"{name}_population2.json").read_text())
+        assert runs[source]["context_source"] == source
+    history, drawn, top = (runs[s]["per_user"] for s in ("history", "mult_vae", "mult_vae_top"))
+    assert drawn["none"] == history["none"] == top["none"] and drawn["users"] == history["users"]
+    assert drawn["newest16_own"] != history["newest16_own"] and drawn["newest16_own"] != top["newest16_own"]
+    assert drawn["newest16_population"] != history["newest16_population"]
+    assert 0 < runs["mult_vae"]["budgets"][0]["context_tokens_mean"] <= 16
+    report = published(tmp_path / "mult_vae_top", "in_context_multvae_top_population2.md").read_text()
+    assert "a collaborative model's prediction for the user as text" in report and "most probable first" in report
+    assert "drawn from its distribution" in published(tmp_path / "mult_vae", "in_context_multvae_population2.md").read_text()
+    with pytest.raises(SystemExit):
+        in_context.parse_args(["--dataset=toy", "--context_source=mult_vae", "--context_from=newest,oldest"])
+
+
 def test_in_context_mixture_of_other_users_histories(tmp_path, tiny_llm_dir):
     """``--population=M`` scores each held-out token under the equal mixture of M other users' predictive
     distributions: a mixture of one is the ``other`` condition itself, a mixture of several is never worse than its
@@ -1070,6 +1117,10 @@ def test_in_context_mixture_of_other_users_histories(tmp_path, tiny_llm_dir):
     assert all(len(set(row)) == 4 and set(row) <= set(users) for row in members)
     with pytest.raises(ValueError, match="needs more than 6 users"):
         in_context.population_members(users, other, 6)
+    outside = in_context.outside_users(users, members)          # the other_half control's: in neither
+    assert all(o in users and o != u and o not in row for u, o, row in zip(users, outside, members))
+    with pytest.raises(ValueError, match="needs more than 6 users"):
+        in_context.outside_users(users, in_context.population_members(users, other, 5))
 
     write_dataset(tmp_path / "data")
     base = ["--dataset=toy", "--holdout_tokens=20", "--context_tokens=16", "--users=0", "--context_from=oldest",
@@ -1093,13 +1144,18 @@ def test_in_context_mixture_of_other_users_histories(tmp_path, tiny_llm_dir):
     assert one["oldest16_own_in_population"] == pytest.approx(one["oldest16_own"], abs=1e-6)
     own, mixture, half = (np.array(three[f"oldest16_{k}"]) for k in ("own", "population", "own_half"))
     assert (half <= (own + mixture) / 2 + 1e-9).all() and (half != own).any()
+    control = np.array(three["oldest16_other_half"])                  # one more user's context in place of the own
+    assert (control <= mixture + np.log(2) + 1e-9).all() and (control != half).any()
+    assert population["own_half_minus_other_half"]["mean"] == pytest.approx((half - control).mean())
     report = published(tmp_path / "3", "in_context_oldest_population3.md").read_text()
     assert "Against a mixture of 3 other users' histories" in report and "own - mixture" in report
+    assert "own and mixture - one more user's and mixture" in report
 
 
 def test_held_out_items_never_reach_inference(tmp_path, tiny_llm_dir):
     """Changing the held-out items (and their ratings) leaves the inferred offsets bit-identical, and the items only
-    they hold are not even embedded."""
+    they hold are not even embedded; nor do they reach the in-context benchmark's collaborative contexts (the
+    Mult-VAE's predictions written as text, ``--context_source=mult_vae``), drawn or most probable first."""
     import logging
 
     import torch
@@ -1125,7 +1181,9 @@ def test_held_out_items_never_reach_inference(tmp_path, tiny_llm_dir):
     assert set(remaining.item_ids) == kept_items and len(kept_items) <= len(histories.item_ids)
     for before, after, k in zip(histories.items, remaining.items, keep):
         assert [histories.item_ids[i] for i in before[:k]] == [remaining.item_ids[i] for i in after]
-    offsets = []
+    in_context = import_benchmark("in_context")
+    users = np.arange(len(histories.items))
+    offsets, contexts = [], []
     for variant in range(2):
         if variant:   # other held-out items and ratings
             for items, ratings, k in zip(histories.items, histories.ratings, keep):
@@ -1135,7 +1193,10 @@ def test_held_out_items_never_reach_inference(tmp_path, tiny_llm_dir):
         trainer = ProfileInferenceTrainer(config, settings, llm, remaining, BehaviourText(remaining, settings, llm.tokenizer),
                                           logging.getLogger("test"))
         offsets.append(trainer.fit().offsets)
+        contexts.append([[in_context.collaborative_source(histories, held, settings, llm.tokenizer, logging.getLogger("test"),
+                                                          users, top)(u, 30) for u in users] for top in (False, True)])
     np.testing.assert_array_equal(offsets[0], offsets[1])
+    assert contexts[0] == contexts[1] and contexts[0][0] != contexts[0][1] and all(map(len, contexts[0][0]))
 
 
 def test_cold_start_split_holds_users_out_entirely_and_reveals_their_oldest_rows_only():

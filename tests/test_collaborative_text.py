@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from recbole_uip import mult_vae
-from recbole_uip.collaborative_text import CollaborativeTexts, unseen_item_probabilities
+from recbole_uip.collaborative_text import CollaborativeTexts, collaborative_contexts, unseen_item_probabilities
 from recbole_uip.data.behaviour_text import BehaviourText
 
 
@@ -75,3 +75,26 @@ def test_the_distribution_is_the_models_softmax_over_the_items_a_user_has_not_se
     np.testing.assert_allclose(probabilities[0, 2:], np.exp(logits) / np.exp(logits).sum(), rtol=1e-6)
     with pytest.raises(ValueError, match="seen every one of the 6 items"):
         unseen_item_probabilities(model, histories, 6)
+
+
+def test_most_likely_first_writes_the_most_probable_items_in_order():
+    writer = CollaborativeTexts(toy_text())
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        written = decode(writer.sample(np.array([0.3, 0.2, 0.5, 0.0]), 100, rng, most_likely_first=True)[0])
+        assert [piece.split()[0] for piece in written.split(";")[:-1]] == ["c", "a", "b"]
+
+
+def test_collaborative_contexts_begin_alike_at_every_budget_and_do_not_depend_on_who_else_is_asked_for():
+    text = toy_text()
+    everyone = collaborative_contexts(text, [0, 1, 3])
+    alone = collaborative_contexts(text, [3])
+    piece = len(" a rated 5;")
+    for user in (0, 1, 3):
+        short, long = everyone(user, piece), everyone(user, 3 * piece)
+        assert 0 < len(short) <= piece and long[:len(short)] == short
+        assert everyone(user, 3 * piece) == long                       # the same text each time it is asked for
+        assert " d rated" not in decode(long)                           # no history holds d: it has no piece
+    assert alone(3, 3 * piece) == everyone(3, 3 * piece)
+    seen = decode(everyone(1, 3 * piece))
+    assert " a rated" not in seen and " c rated" not in seen           # user 1 has seen a and c

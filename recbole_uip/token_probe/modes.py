@@ -31,13 +31,17 @@ GROUP_PAIRS = [("group_own", "group_mean"), ("group_own", "group_other"), ("grou
 COUNT_PAIRS = [("count_group_own", "count_population"), ("count_group_own", "count_group_other"),
                ("count_group_own", "count_group_own_additive"), ("count_set", "count_population")]
 PAIRS += GROUP_PAIRS + COUNT_PAIRS
+# distil: the held-out text as the teacher reads it, with the user's own context and with another user's
+TEACHER_PAIRS = [("teacher", "teacher_other"), ("teacher", "shared"), ("teacher", "encoder"), ("own", "teacher")]
+PAIRS += TEACHER_PAIRS
 HELD_OUT_MODES = ("own", "mean", "other_user", "own_halfway", "shared", "oracle",   # also on the rating tokens alone
                   "shared_prefix",
                   "encoder", "encoder_mean", "encoder_other",
                   "group_own", "group_mean", "group_other", "group_likeliest", "group_likeliest_other", "group_best",
                   "group_own_additive", "group_likeliest_additive", "group_relative", "group_relative_additive",
                   "group_relative_pooled", "group_relative_pooled_additive", "group_any",
-                  "count_population", "count_group_own", "count_group_other", "count_group_own_additive", "count_set")
+                  "count_population", "count_group_own", "count_group_other", "count_group_own_additive", "count_set",
+                  "teacher", "teacher_other")
 PAIRS += [("rating_" + a, "rating_" + b) for a, b in PAIRS if a in HELD_OUT_MODES and b in HELD_OUT_MODES]
 
 OBJECTIVES = ("plain", "weighted", "distil", "teacher_text", "mult_vae")

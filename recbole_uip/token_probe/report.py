@@ -24,8 +24,13 @@ def describe_objective(objective: str, data: dict) -> str:
                  f"{draws} random draws, {per_step} per step in turn (each step on their mean gradient), each of "
                  if draws > 1 else "a random ")
                 + f"{settings['max_behaviour_tokens']} tokens of their remaining training text")
+    source = data.get("teacher_context", "history")
     context = (("each fit's start prompt, then " if data.get("teacher_prompt") == "start" else "")
-               + f"the user's newest {data.get('distil_context_tokens')} tokens of their other remaining items")
+               + (f"the user's newest {data.get('distil_context_tokens')} tokens of their other remaining items"
+                  if source == "history" else
+                  f"the last {data.get('distil_context_tokens')} tokens of a text of items a Mult-VAE predicts for "
+                  f"the user among those they have not seen, "
+                  + ("most probable first" if source == "mult_vae_top" else "drawn from its distribution")))
     return {"weighted": f"M-step's objective (rating tokens weigh {settings['rating_weight']:g}) of {draw}",
             "distil": f"frozen LLM's predictions (distillation; the teacher reads {context} before the text) for {draw}",
             "teacher_text": f"plain NLL of the teacher's whole text ({context}, then {draw}; no teacher)",
@@ -90,6 +95,13 @@ def render(data: dict) -> str:
               "rating_encoder_minus_rating_encoder_mean": "encoder's A z - its mean (held-out rating tokens)",
               "rating_encoder_minus_rating_encoder_other": "encoder's A z - another user's (held-out rating tokens)",
               "rating_encoder_mean_minus_rating_shared": "encoder's mean - the shared token (held-out rating tokens)"}
+    for prefix, what in (("", "held-out text"), ("rating_", "held-out rating tokens")):
+        labels.update({f"{prefix}teacher_minus_{prefix}teacher_other":
+                           f"the distillation teacher with the user's context - with another user's ({what})",
+                       f"{prefix}teacher_minus_{prefix}shared": f"the distillation teacher - the shared token ({what})",
+                       f"{prefix}teacher_minus_{prefix}encoder":
+                           f"the distillation teacher - the start prompt it reads, without the context ({what})",
+                       f"{prefix}own_minus_{prefix}teacher": f"own - the distillation teacher ({what})"})
     pooled = data.get("group_choice_draws", 1)
     for prefix, what in (("", "held-out text"), ("rating_", "held-out rating tokens")):
         labels.update({f"{prefix}group_own_minus_{prefix}group_mean": f"own group's token - their mean ({what})",

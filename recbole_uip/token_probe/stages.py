@@ -11,27 +11,54 @@ import dataclasses
 import numpy as np
 import torch
 
-from recbole_uip.benchmarking import newest_tokens
+from recbole_uip.benchmarking import common_length, newest_tokens
 from recbole_uip.inference.deep_prefix import prefix_step_scale
 from recbole_uip.inference.soft_profiles import batch_centred_map, behaviour_nll
 from recbole_uip.inference.trainer import Targets, after_contexts
 
 
-def teacher_contexts(trainer, targets, context_tokens: int) -> list[list[int]]:
-    """What the teacher reads before each user's text in ``targets``: the user's newest ``context_tokens`` tokens
-    of the items the text leaves out (token ids)."""
+def teacher_contexts(trainer, targets, context_tokens: int, predicted=None) -> list[list[int]]:
+    """What the teacher reads before each user's text in ``targets`` (token ids): the user's newest
+    ``context_tokens`` tokens of the items the text leaves out, or with ``predicted``
+    (:func:`~recbole_uip.collaborative_text.collaborative_contexts`' function, ``--teacher_context=mult_vae``) the
+    last ``context_tokens`` tokens of a text of the items a Mult-VAE predicts for the user (never an item they
+    have seen, so never one of the text's)."""
+    if predicted is not None:
+        return [predicted(u, context_tokens) for u in targets.users]
     return [newest_tokens(trainer.text, u, targets.inputs[j], context_tokens) for j, u in enumerate(targets.users)]
 
 
 def distillation_teacher(trainer, targets, context_tokens: int, offsets: torch.Tensor | None = None,
-                         prefix: torch.Tensor | None = None) -> torch.Tensor:
+                         prefix: torch.Tensor | None = None, predicted=None) -> torch.Tensor:
     """The teacher of ``targets`` ``(B, L - 1, V)``: the frozen LLM's predictions of each user's text after
-    :func:`teacher_contexts`, with the users' soft-token offsets ``(B, P, D)`` (None: the shared token) and deep
-    prompts ``(B, N, 2, H, m, d)`` (None: none), as :meth:`ProfileInferenceTrainer.teacher_probabilities` reads
-    them."""
+    :func:`teacher_contexts` (``predicted``: see there), with the users' soft-token offsets ``(B, P, D)`` (None: the
+    shared token) and deep prompts ``(B, N, 2, H, m, d)`` (None: none), as
+    :meth:`ProfileInferenceTrainer.teacher_probabilities` reads them."""
     if offsets is None:
         offsets = torch.zeros(len(targets.users), *trainer.soft.anchors.shape)
-    return trainer.teacher_probabilities(targets, teacher_contexts(trainer, targets, context_tokens), offsets, prefix)
+    return trainer.teacher_probabilities(targets, teacher_contexts(trainer, targets, context_tokens, predicted),
+                                         offsets, prefix)
+
+
+def teacher_scores(trainer, held, context_tokens: int, rotate: np.ndarray, prompt: torch.Tensor | None,
+                   deep: bool, predicted=None) -> dict[str, tuple]:
+    """The held-out text ``held`` as the distillation teacher reads it: ``{"teacher": ..., "teacher_other": ...}``,
+    each ``(plain (B,), rating (B,) or None)``, after the user's :func:`teacher_contexts` (the newest
+    ``context_tokens`` of all their remaining items, or their Mult-VAE text) and after another user's (``rotate``:
+    whose), the two cut to a common length, with the teacher's prompt (``prompt``: the fits' start, a deep prompt
+    ``(B, N, 2, H, m, d)`` where ``deep`` else offsets ``(B, P, D)``; None: the shared token). How much the teacher
+    itself knows of the user's next items, and how much of that is the user's."""
+    contexts = teacher_contexts(trainer, held, context_tokens, predicted)
+    own, other = map(list, zip(*(common_length(contexts[i], contexts[r]) for i, r in enumerate(rotate))))
+    shared = torch.zeros(len(held.users), *trainer.soft.anchors.shape)
+    offsets = prompt if prompt is not None and not deep else shared
+    prefix = prompt if prompt is not None and deep else None
+    with_ratings = held.flags is not None
+    out = {}
+    for mode, read in (("teacher", own), ("teacher_other", other)):
+        scored = trainer.score_offsets(held, offsets, with_ratings, contexts=read, prefix=prefix)
+        out[mode] = scored if with_ratings else (scored, None)
+    return out
 
 
 def collaborative_draws(trainer, logger):
@@ -83,11 +110,13 @@ def user_fit(trainer, args):
 
 
 def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
-               sampled: list | None = None) -> tuple[torch.Tensor, object]:
+               sampled: list | None = None, predicted=None) -> tuple[torch.Tensor, object]:
     """Each user's tokens ``(B, P, D)`` fitted on ``objective`` (``--fit_objective``'s choices) from ``start``,
     ``args.fit_texts_per_step`` of ``draws`` per step in turn (each step on their mean gradient; each draw with its
     own teacher under distil, the teacher reading the user's history with the shared token or, with
-    ``args.teacher_prompt == "start"``, with ``start``), and the first text they were fitted to (``Targets``):
+    ``args.teacher_prompt == "start"``, with ``start``; with ``predicted``, ``--teacher_context=mult_vae``, the
+    user's Mult-VAE text in place of the history: :func:`teacher_contexts`), and the first text they were fitted to
+    (``Targets``):
     ``draws[0]``, or for ``teacher_text`` the teacher's context followed by it; for ``mult_vae``, one of
     ``sampled`` (texts from :func:`collaborative_draws`, ``args.fit_texts_per_step`` per step, each step on their
     mean gradient), the first of them. With ``args.fit_prefix == "deep"``, each user's deep prompt
@@ -103,7 +132,8 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
                    texts_per_step=args.fit_texts_per_step), texts[0]
     teacher_prompt = {} if args.teacher_prompt == "shared" else \
         {"prefix" if args.fit_prefix == "deep" else "offsets": start}      # the fit's start, read with the history
-    teachers = [distillation_teacher(trainer, d, args.distil_context_tokens, **teacher_prompt) for d in draws] \
+    teachers = [distillation_teacher(trainer, d, args.distil_context_tokens, **teacher_prompt, predicted=predicted)
+                for d in draws] \
         if objective == "distil" else None
     return fit(draws, start, args.fit_steps, args.fit_learning_rate, objective == "weighted", teachers,
                texts_per_step=args.fit_texts_per_step), draws[0]
