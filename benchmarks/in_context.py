@@ -40,8 +40,8 @@ newest end is left from the oldest. Every user's score per condition is kept in 
 A profile squeezes a user into one soft token per profile; what the same LLM gains from the user's whole recent
 history, read in context, bounds what such a profile can carry on this text. Reported per N: nats per token (every
 held-out token, and the rating tokens alone where the text marks them), means with 95% intervals across users, and
-the paired ``own - other`` difference; with ``--population``, also ``own``, ``own_in_population`` and ``own_half``
-each minus ``population``. No training, forward passes only.
+the paired ``own - other`` difference; with ``--population``, also ``own``, ``own_in_population``, ``own_half`` and
+``other_half`` each minus ``population``, and ``own_half - other_half``. No training, forward passes only.
 
 Writes ``results/<dataset>/<settings fingerprint>/in_context[_multvae | _multvae_top][_oldest | _newest_oldest]
 [_population<M>][_<variant>].{json,md}``.
@@ -397,13 +397,11 @@ def main(argv=None) -> int:
                           "others_mean": np.mean([mean_scores(m, flags) for m in member_nlls], axis=0),
                           "own_in_population": mean_scores(mixture_nlls([own_nlls, *member_nlls[1:]]), flags),
                           "own_half": mean_scores(mixture_nlls([own_nlls, mixture_tokens]), flags)}
-                if outside is not None:
-                    outside_nlls = read([context_of(outside[i], len(c)) for i, c in enumerate(own_ctx)])
-                    values["other_half"] = mean_scores(mixture_nlls([outside_nlls, mixture_tokens]), flags)
+                outside_nlls = read([context_of(outside[i], len(c)) for i, c in enumerate(own_ctx)])
+                values["other_half"] = mean_scores(mixture_nlls([outside_nlls, mixture_tokens]), flags)
                 entry["population"] = {key: summarise_population({k: v[:, c] for k, v in values.items()})
                                        for c, key in ((0, "plain"), (1, "rating")) if np.isfinite(own[:, c]).any()}
-                modes += [(k, values[k]) for k in ("population", "own_in_population", "own_half", "other_half")
-                          if k in values]
+                modes += [(k, values[k]) for k in ("population", "own_in_population", "own_half", "other_half")]
             for mode, values in modes:
                 per_user[f"{end}{budget}_{mode}"] = finite_or_none(values[:, 0])
                 per_user[f"rating_{end}{budget}_{mode}"] = finite_or_none(values[:, 1])
