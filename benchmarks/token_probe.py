@@ -148,7 +148,7 @@ from recbole_uip.token_probe.modes import (
 from recbole_uip.token_probe.report import render
 from recbole_uip.token_probe.stages import (
     ENCODER_INPUTS, DeepPrompts, collaborative_draws, fit_tokens, score_mode, still_learning, train_deep_encoder,
-    teacher_scores, train_encoder, train_shift, use_mult_vae_features, user_fit,
+    teacher_prompt, teacher_scores, train_encoder, train_shift, use_mult_vae_features, user_fit,
 )
 
 
@@ -213,7 +213,8 @@ def parse_args(argv=None):
                              "(mult_vae) or most probable first (mult_vae_top)")
     parser.add_argument("--distil_context_tokens", type=int, default=128,
                         help="the teacher's context for --fit_objective=distil and --encoder_objective=distil: the "
-                             "user's newest N tokens of their remaining items outside the fitted text (default 128)")
+                             "user's newest N tokens of their remaining items outside the fitted text, or with "
+                             "--teacher_context=mult_vae the last N tokens of their Mult-VAE text (default 128)")
     parser.add_argument("--probe_seed", type=int, default=7, help="draws the probed and the shift's users")
     parser.add_argument("--encoder_passes", type=int, default=0,
                         help="after the shift, train the linear encoder by Adam at every batch for this many passes "
@@ -401,9 +402,9 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                     fitted.update({keep_mode(k): (held, k * own + (1 - k) * mean) for k in args.keep})
                 modes.update({mode: (targets, wrap(values)) for mode, (targets, values) in fitted.items()})
             if "distil" in (args.fit_objective, *args.also_fit):        # the teacher itself, on the held-out text
-                prompt = start_rows if args.teacher_prompt == "start" else None
                 for mode, (plain, rating) in teacher_scores(trainer, held, args.distil_context_tokens, rotate.numpy(),
-                                                            prompt, deep, predicted).items():
+                                                            predicted=predicted,
+                                                            **teacher_prompt(args, start_rows)).items():
                     scores.setdefault(mode, []).append(plain)
                     if rating is not None:
                         scores.setdefault("rating_" + mode, []).append(rating)

@@ -100,7 +100,8 @@ def render(data: dict) -> str:
                            f"the distillation teacher with the user's context - with another user's ({what})",
                        f"{prefix}teacher_minus_{prefix}shared": f"the distillation teacher - the shared token ({what})",
                        f"{prefix}teacher_minus_{prefix}encoder":
-                           f"the distillation teacher - the start prompt it reads, without the context ({what})",
+                           f"the distillation teacher - the encoder's prompt, no context (with --teacher_prompt=start "
+                           f"the prompt the teacher reads; {what})",
                        f"{prefix}own_minus_{prefix}teacher": f"own - the distillation teacher ({what})"})
     pooled = data.get("group_choice_draws", 1)
     for prefix, what in (("", "held-out text"), ("rating_", "held-out rating tokens")):

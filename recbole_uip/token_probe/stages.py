@@ -40,19 +40,28 @@ def distillation_teacher(trainer, targets, context_tokens: int, offsets: torch.T
                                          offsets, prefix)
 
 
-def teacher_scores(trainer, held, context_tokens: int, rotate: np.ndarray, prompt: torch.Tensor | None,
-                   deep: bool, predicted=None) -> dict[str, tuple]:
+def teacher_prompt(args, start: torch.Tensor) -> dict:
+    """What the per-user fits' distillation teacher reads before its context, as the ``offsets`` / ``prefix``
+    keywords of :func:`distillation_teacher` and :func:`teacher_scores`: nothing (the shared token), or with
+    ``--teacher_prompt=start`` the fits' ``start`` under the name its ``--fit_prefix`` gives (a deep prompt
+    ``(B, N, 2, H, m, d)`` or offsets ``(B, P, D)``)."""
+    if args.teacher_prompt == "shared":
+        return {}
+    return {"prefix" if args.fit_prefix == "deep" else "offsets": start}
+
+
+def teacher_scores(trainer, held, context_tokens: int, rotate: np.ndarray, offsets: torch.Tensor | None = None,
+                   prefix: torch.Tensor | None = None, predicted=None) -> dict[str, tuple]:
     """The held-out text ``held`` as the distillation teacher reads it: ``{"teacher": ..., "teacher_other": ...}``,
     each ``(plain (B,), rating (B,) or None)``, after the user's :func:`teacher_contexts` (the newest
     ``context_tokens`` of all their remaining items, or their Mult-VAE text) and after another user's (``rotate``:
-    whose), the two cut to a common length, with the teacher's prompt (``prompt``: the fits' start, a deep prompt
-    ``(B, N, 2, H, m, d)`` where ``deep`` else offsets ``(B, P, D)``; None: the shared token). How much the teacher
-    itself knows of the user's next items, and how much of that is the user's."""
+    whose), the two cut to a common length, with the teacher's prompt as :func:`distillation_teacher` takes it
+    (:func:`teacher_prompt`). How much the teacher itself knows of the user's next items, and how much of that is
+    the user's."""
     contexts = teacher_contexts(trainer, held, context_tokens, predicted)
     own, other = map(list, zip(*(common_length(contexts[i], contexts[r]) for i, r in enumerate(rotate))))
-    shared = torch.zeros(len(held.users), *trainer.soft.anchors.shape)
-    offsets = prompt if prompt is not None and not deep else shared
-    prefix = prompt if prompt is not None and deep else None
+    if offsets is None:
+        offsets = torch.zeros(len(held.users), *trainer.soft.anchors.shape)
     with_ratings = held.flags is not None
     out = {}
     for mode, read in (("teacher", own), ("teacher_other", other)):
@@ -113,13 +122,12 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
                sampled: list | None = None, predicted=None) -> tuple[torch.Tensor, object]:
     """Each user's tokens ``(B, P, D)`` fitted on ``objective`` (``--fit_objective``'s choices) from ``start``,
     ``args.fit_texts_per_step`` of ``draws`` per step in turn (each step on their mean gradient; each draw with its
-    own teacher under distil, the teacher reading the user's history with the shared token or, with
-    ``args.teacher_prompt == "start"``, with ``start``; with ``predicted``, ``--teacher_context=mult_vae``, the
-    user's Mult-VAE text in place of the history: :func:`teacher_contexts`), and the first text they were fitted to
-    (``Targets``):
-    ``draws[0]``, or for ``teacher_text`` the teacher's context followed by it; for ``mult_vae``, one of
-    ``sampled`` (texts from :func:`collaborative_draws`, ``args.fit_texts_per_step`` per step, each step on their
-    mean gradient), the first of them. With ``args.fit_prefix == "deep"``, each user's deep prompt
+    own teacher under distil, the teacher reading the user's history with :func:`teacher_prompt`; with
+    ``predicted``, ``--teacher_context=mult_vae``, the user's Mult-VAE text in place of the history:
+    :func:`teacher_contexts`), and the first text they were fitted to (``Targets``): ``draws[0]``, or for
+    ``teacher_text`` the teacher's context followed by it; for ``mult_vae``, one of ``sampled`` (texts from
+    :func:`collaborative_draws`, ``args.fit_texts_per_step`` per step, each step on their mean gradient), the first
+    of them. With ``args.fit_prefix == "deep"``, each user's deep prompt
     ``(B, N, 2, H, m, d)`` instead, from ``start`` of that shape
     (:meth:`~recbole_uip.inference.trainer.ProfileInferenceTrainer.fit_user_prefixes`)."""
     fit = user_fit(trainer, args)
@@ -130,10 +138,8 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
         texts = [after_contexts(d, teacher_contexts(trainer, d, args.distil_context_tokens)) for d in draws]
         return fit(texts, start, args.fit_steps, args.fit_learning_rate,
                    texts_per_step=args.fit_texts_per_step), texts[0]
-    teacher_prompt = {} if args.teacher_prompt == "shared" else \
-        {"prefix" if args.fit_prefix == "deep" else "offsets": start}      # the fit's start, read with the history
-    teachers = [distillation_teacher(trainer, d, args.distil_context_tokens, **teacher_prompt, predicted=predicted)
-                for d in draws] \
+    teachers = [distillation_teacher(trainer, d, args.distil_context_tokens, **teacher_prompt(args, start),
+                                     predicted=predicted) for d in draws] \
         if objective == "distil" else None
     return fit(draws, start, args.fit_steps, args.fit_learning_rate, objective == "weighted", teachers,
                texts_per_step=args.fit_texts_per_step), draws[0]
