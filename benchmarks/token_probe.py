@@ -21,9 +21,10 @@ of everything). Then:
    that text, with the shared token (``--teacher_prompt=start``: with the fit's start prompt), when it reads the
    user's newest ``--distil_context_tokens`` tokens of their other remaining items before it (distillation: the
    in-context effect of the history, not the one draw; ``--teacher_context=mult_vae``: as many tokens of a text of
-   items a Mult-VAE predicts for the user instead, ``mult_vae_top`` its most probable items; modes ``teacher`` and
-   ``teacher_other`` score the held-out text as the teacher reads it, after the user's context and another
-   user's), or
+   items a Mult-VAE predicts for the user instead, ``mult_vae_top`` its most probable items; with
+   ``--teacher_alone_weight=w``, the teacher is the mixture of ``w`` times the prediction without the context and
+   ``1 - w`` times the prediction after it; modes ``teacher`` and ``teacher_other`` score the held-out text as the
+   teacher reads it, after the user's context and another user's), or
    (``--fit_objective=teacher_text``) on the plain NLL of the teacher's whole text, those newest tokens followed by
    the draw (what distillation reads, fitted without a teacher: the control that tells distillation from the
    recency and length of the teacher's text), or (``--fit_objective=mult_vae``) on the plain NLL of a new text at
@@ -211,6 +212,11 @@ def parse_args(argv=None):
                              "remaining items (history, the default), or the last --distil_context_tokens tokens of "
                              "a text of items a Mult-VAE predicts for the user among those they have not seen, drawn "
                              "(mult_vae) or most probable first (mult_vae_top)")
+    parser.add_argument("--teacher_alone_weight", type=float, default=0.0,
+                        help="the per-user fits' distillation teacher as a mixture: this weight on the LLM's "
+                             "prediction without the context (after the teacher's prompt alone), the rest on its "
+                             "prediction after the context; modes teacher and teacher_other score the mixture "
+                             "(default 0: the prediction after the context alone)")
     parser.add_argument("--distil_context_tokens", type=int, default=128,
                         help="the teacher's context for --fit_objective=distil and --encoder_objective=distil: the "
                              "user's newest N tokens of their remaining items outside the fitted text, or with "
@@ -307,10 +313,13 @@ def parse_args(argv=None):
         parser.error("--fit_texts_per_step takes K >= 1 texts, more than one only with positive --fit_steps and no "
                      "--also_fit, and on objectives other than mult_vae (a new text for each) with at least K --draws "
                      "and no --resample (a step takes K different draws)")
-    if (args.teacher_prompt != "shared" or args.teacher_context != "history") \
+    if not 0 <= args.teacher_alone_weight < 1:
+        parser.error("--teacher_alone_weight is the weight of the prediction without the context in the teacher's "
+                     "mixture: at least 0 and below 1 (at 1 the teacher would not read the context at all)")
+    if (args.teacher_prompt != "shared" or args.teacher_context != "history" or args.teacher_alone_weight) \
             and "distil" not in {args.fit_objective, *args.also_fit}:
-        parser.error("--teacher_prompt and --teacher_context are the per-user fits' distillation teacher's: give "
-                     "--fit_objective=distil (or --also_fit=distil)")
+        parser.error("--teacher_prompt, --teacher_context and --teacher_alone_weight are the per-user fits' "
+                     "distillation teacher's: give --fit_objective=distil (or --also_fit=distil)")
     if args.also_fit and not args.fit_steps:
         parser.error("--also_fit fits per-user tokens: --fit_steps must be positive")
     if args.draws < 1 or (args.resample and args.draws != 1):
@@ -404,6 +413,7 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
             if "distil" in (args.fit_objective, *args.also_fit):        # the teacher itself, on the held-out text
                 for mode, (plain, rating) in teacher_scores(trainer, held, args.distil_context_tokens, rotate.numpy(),
                                                             predicted=predicted,
+                                                            alone_weight=args.teacher_alone_weight,
                                                             **teacher_prompt(args, start_rows)).items():
                     scores.setdefault(mode, []).append(plain)
                     if rating is not None:
@@ -523,6 +533,7 @@ def main(argv=None) -> int:
         **({"fit_texts_per_step": args.fit_texts_per_step} if args.fit_texts_per_step > 1 else {}),
         **({"teacher_prompt": args.teacher_prompt} if args.teacher_prompt != "shared" else {}),
         **({"teacher_context": args.teacher_context} if args.teacher_context != "history" else {}),
+        **({"teacher_alone_weight": args.teacher_alone_weight} if args.teacher_alone_weight else {}),
         "draws": args.draws, "keep": args.keep,
         "fit_objective": args.fit_objective, "also_fit": args.also_fit, "encoder_passes": args.encoder_passes,
         "encoder_objective": args.encoder_objective, "encoder_input": args.encoder_input,
@@ -569,6 +580,7 @@ def main(argv=None) -> int:
             + ("_fromencoder" if args.fit_start == "encoder" else "")
             + ("_teacherstart" if args.teacher_prompt == "start" else "")
             + {"history": "", "mult_vae": "_teachermultvae", "mult_vae_top": "_teachermultvaetop"}[args.teacher_context]
+            + (f"_teacheralone{args.teacher_alone_weight:g}" if args.teacher_alone_weight else "")
             + (f"_texts{args.fit_texts_per_step}" if args.fit_texts_per_step > 1 else "")
             + "".join("_vs_" + objective for objective in args.also_fit)
             + ("_encoder" if args.encoder_passes else "")

@@ -863,13 +863,48 @@ def test_the_distillation_teacher_reads_the_history_with_each_users_prompt(tmp_p
         assert not torch.allclose(swapped[0], teacher[0], rtol=1e-3, atol=0)
 
 
+def test_the_distillation_teacher_mixes_in_the_prediction_without_its_context(tmp_path, tiny_llm_dir):
+    """``alone_weight=w``: the teacher is ``w`` times the LLM's prediction without the context plus ``1 - w`` times
+    its prediction after it; ``label_scores`` of a teacher's probabilities is ``score_offsets`` of the same reading
+    (plain and rating tokens); ``teacher_scores`` scores the mixture, user by user no worse than the same mixture
+    of the two readings' NLLs (the log of a mixture is concave) and different from either."""
+    from recbole_uip.token_probe.stages import label_scores, teacher_scores
+    from test_trainer import make_trainer
+
+    trainer = make_trainer(tmp_path, tiny_llm_dir)
+    trainer.setup()
+    targets = trainer.targets(trainer.training_users()[:4], np.random.default_rng(0))
+    assert targets.flags is not None
+    contexts = teacher_contexts(trainer, targets, 12)
+    zero = torch.zeros(4, *trainer.soft.anchors.shape)
+    read = trainer.teacher_probabilities(targets, contexts, zero)
+    alone = trainer.teacher_probabilities(targets, [[] for _ in contexts], zero)
+    torch.testing.assert_close(distillation_teacher(trainer, targets, 12, alone_weight=0.25), 0.25 * alone + 0.75 * read)
+    torch.testing.assert_close(distillation_teacher(trainer, targets, 12), read)
+    for probabilities, reading in ((read, contexts), (alone, [[] for _ in contexts])):
+        plain, rating = label_scores(trainer, targets, probabilities, with_ratings=True)
+        expected_plain, expected_rating = trainer.score_offsets(targets, zero, True, contexts=reading)
+        np.testing.assert_allclose(plain, expected_plain, rtol=1e-5)
+        np.testing.assert_allclose(rating, expected_rating, rtol=1e-5)
+    rotate = np.roll(np.arange(4), 1)
+    unmixed = teacher_scores(trainer, targets, 12, rotate)
+    mixed = teacher_scores(trainer, targets, 12, rotate, alone_weight=0.5)
+    without = trainer.score_offsets(targets, zero)
+    for mode in ("teacher", "teacher_other"):
+        bound = 0.5 * unmixed[mode][0] + 0.5 * without
+        assert np.all(mixed[mode][0] <= bound + 1e-6)
+        assert not np.allclose(mixed[mode][0], unmixed[mode][0]) and not np.allclose(mixed[mode][0], without)
+    assert not np.allclose(mixed["teacher"][0], mixed["teacher_other"][0])
+
+
 def test_token_probe_distils_from_a_teacher_with_each_fits_start_with_teacher_prompt(tmp_path, tiny_llm_dir):
     """``--teacher_prompt=start``: the deep fits' teacher reads the user's history with the deep prompt the fit
-    starts from; ``--teacher_context=mult_vae``: a Mult-VAE's prediction for the user in place of the history. The
+    starts from; ``--teacher_context=mult_vae``: a Mult-VAE's prediction for the user in place of the history;
+    ``--teacher_alone_weight=0.5``: that teacher mixed half and half with the start's prediction alone. The
     start and the shared token score as without them, the fits do not; the held-out text as the teacher reads it
     (``teacher``) is, with the shared token and the history, the in-context mode of the same budget to the last
     digit, and follows each flag; the names and the reports say so; without a distilled fit the flags are
-    refused."""
+    refused, and so is a weight outside [0, 1)."""
     token_probe = import_benchmark("token_probe")
     write_dataset(tmp_path / "data")
     base = toy_probe_argv(tmp_path, tiny_llm_dir) + [
@@ -879,10 +914,14 @@ def test_token_probe_distils_from_a_teacher_with_each_fits_start_with_teacher_pr
     assert token_probe.main(base + [f"--results={tmp_path / 'start'}", "--teacher_prompt=start"]) == 0
     assert token_probe.main(base + [f"--results={tmp_path / 'mv'}", "--teacher_prompt=start",
                                     "--teacher_context=mult_vae"]) == 0
+    assert token_probe.main(base + [f"--results={tmp_path / 'mixed'}", "--teacher_prompt=start",
+                                    "--teacher_context=mult_vae", "--teacher_alone_weight=0.5"]) == 0
     name = "token_probe_distil_deep_fromencoder{}_encoder_deepshared"
     shared = json.loads(published(tmp_path / "shared", name.format("") + "_context.json").read_text())
     start = json.loads(published(tmp_path / "start", name.format("_teacherstart") + ".json").read_text())
     mv = json.loads(published(tmp_path / "mv", name.format("_teacherstart_teachermultvae") + ".json").read_text())
+    mixed = json.loads(published(tmp_path / "mixed", name.format("_teacherstart_teachermultvae_teacheralone0.5")
+                                 + ".json").read_text())
     assert start["teacher_prompt"] == "start" and "teacher_prompt" not in shared
     assert mv["teacher_context"] == "mult_vae" and "teacher_context" not in start
     for mode in ("shared", "encoder"):
@@ -897,14 +936,23 @@ def test_token_probe_distils_from_a_teacher_with_each_fits_start_with_teacher_pr
         assert run["per_user"]["teacher"] != run["per_user"]["teacher_other"]
         assert "teacher_minus_encoder" in run["differences"] and "own_minus_teacher" in run["differences"]
     assert mv["per_user"]["teacher"] != start["per_user"]["teacher"]
+    assert mixed["teacher_alone_weight"] == 0.5 and "teacher_alone_weight" not in mv
+    assert mixed["per_user"]["encoder"] == mv["per_user"]["encoder"]
+    for mode in ("own", "teacher", "teacher_other"):
+        assert all(x != y for x, y in zip(mixed["per_user"][mode], mv["per_user"][mode]))
     report = published(tmp_path / "start", name.format("_teacherstart") + ".md").read_text()
     assert "the teacher reads each fit's start prompt, then the user's newest" in report
     report = published(tmp_path / "mv", name.format("_teacherstart_teachermultvae") + ".md").read_text()
     assert "then the last 12 tokens of a text of items a Mult-VAE predicts" in report
     assert "the distillation teacher with the user's context - with another user's" in report
-    for flag in ("--teacher_prompt=start", "--teacher_context=mult_vae"):
+    report = published(tmp_path / "mixed", name.format("_teacherstart_teachermultvae_teacheralone0.5") + ".md")
+    assert "its predictions mixed, weight 0.5, with the LLM's without the context" in report.read_text()
+    for flag in ("--teacher_prompt=start", "--teacher_context=mult_vae", "--teacher_alone_weight=0.5"):
         with pytest.raises(SystemExit):
             token_probe.parse_args(toy_probe_argv(tmp_path, tiny_llm_dir) + [flag])
+    for weight in ("1", "-0.1"):
+        with pytest.raises(SystemExit):
+            token_probe.parse_args(base + [f"--teacher_alone_weight={weight}"])
 
 
 def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_path, tiny_llm_dir):

@@ -135,7 +135,7 @@ def _random_orthonormal(rows: int, columns: int, generator: torch.Generator) -> 
     return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(())).unsqueeze(0)
 
 
-def _nan_without_ratings(targets: Targets, rating: np.ndarray) -> np.ndarray:
+def nan_without_ratings(targets: Targets, rating: np.ndarray) -> np.ndarray:
     """``rating (B,)`` (a ratings-only batch's weighted NLL) with nan for each user whose text marks no rating
     token (their weights sum to 0, so the weighted mean is no mean)."""
     return np.where(np.array([any(flags) for flags in targets.flags]), rating, np.nan)
@@ -805,7 +805,7 @@ class ProfileInferenceTrainer:
             if weighted is not None:
                 out["weighted_" + mode] = weighted
             if rating is not None:
-                out["rating_" + mode] = _nan_without_ratings(targets, rating)
+                out["rating_" + mode] = nan_without_ratings(targets, rating)
         return out
 
     def score_offsets(self, targets: Targets, offsets: torch.Tensor, with_ratings: bool = False,
@@ -828,7 +828,7 @@ class ProfileInferenceTrainer:
         else:
             batch = self.prompt_batch(targets, ratings_only=with_ratings)
         plain, rating, _ = self._nll_per_user(batch, offsets, prefix=prefix)
-        return (plain, _nan_without_ratings(targets, rating)) if with_ratings else plain
+        return (plain, nan_without_ratings(targets, rating)) if with_ratings else plain
 
     @torch.no_grad()
     def _nll_per_user(self, batch, offsets: torch.Tensor, hide_profiles: bool = False,

@@ -31,8 +31,13 @@ def describe_objective(objective: str, data: dict) -> str:
                   f"the last {data.get('distil_context_tokens')} tokens of a text of items a Mult-VAE predicts for "
                   f"the user among those they have not seen, "
                   + ("most probable first" if source == "mult_vae_top" else "drawn from its distribution")))
+    alone = data.get("teacher_alone_weight", 0)
+    mixed = (f"; its predictions mixed, weight {alone:g}, with the LLM's without the context, after "
+             + ("the start prompt" if data.get("teacher_prompt") == "start" else "the shared token") + " alone"
+             if alone else "")
     return {"weighted": f"M-step's objective (rating tokens weigh {settings['rating_weight']:g}) of {draw}",
-            "distil": f"frozen LLM's predictions (distillation; the teacher reads {context} before the text) for {draw}",
+            "distil": f"frozen LLM's predictions (distillation; the teacher reads {context} before the text{mixed}) "
+                      f"for {draw}",
             "teacher_text": f"plain NLL of the teacher's whole text ({context}, then {draw}; no teacher)",
             "mult_vae": (("plain NLL of a new text at every step" if per_step == 1 else
                           f"mean plain NLL of {per_step} new texts at every step") + ", "

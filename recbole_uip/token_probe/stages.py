@@ -13,8 +13,10 @@ import torch
 
 from recbole_uip.benchmarking import common_length, newest_tokens
 from recbole_uip.inference.deep_prefix import prefix_step_scale
-from recbole_uip.inference.soft_profiles import batch_centred_map, behaviour_nll
-from recbole_uip.inference.trainer import Targets, after_contexts
+from recbole_uip.inference.prompt import IGNORE_INDEX
+from recbole_uip.inference.soft_profiles import (batch_centred_map, behaviour_nll, token_mean,
+                                                   weighted_token_mean)
+from recbole_uip.inference.trainer import Targets, after_contexts, nan_without_ratings
 
 
 def teacher_contexts(trainer, targets, context_tokens: int, predicted=None) -> list[list[int]]:
@@ -29,15 +31,23 @@ def teacher_contexts(trainer, targets, context_tokens: int, predicted=None) -> l
 
 
 def distillation_teacher(trainer, targets, context_tokens: int, offsets: torch.Tensor | None = None,
-                         prefix: torch.Tensor | None = None, predicted=None) -> torch.Tensor:
+                         prefix: torch.Tensor | None = None, predicted=None, alone_weight: float = 0.0) -> torch.Tensor:
     """The teacher of ``targets`` ``(B, L - 1, V)``: the frozen LLM's predictions of each user's text after
     :func:`teacher_contexts` (``predicted``: see there), with the users' soft-token offsets ``(B, P, D)`` (None: the
     shared token) and deep prompts ``(B, N, 2, H, m, d)`` (None: none), as
-    :meth:`ProfileInferenceTrainer.teacher_probabilities` reads them."""
+    :meth:`ProfileInferenceTrainer.teacher_probabilities` reads them. With ``alone_weight`` ``w`` > 0, the mixture
+    ``w * p(text | prompt) + (1 - w) * p(text | prompt, context)`` of the predictions without and with the context
+    (``--teacher_alone_weight``): the frozen LLM reading a collaborative prediction in context beats a population
+    mixture only when mixed half and half (``benchmarks/in_context.py``'s ``own_half``), and a deep prompt trained
+    with nothing between it and the text loses part of what it gives when a context is read after it."""
     if offsets is None:
         offsets = torch.zeros(len(targets.users), *trainer.soft.anchors.shape)
-    return trainer.teacher_probabilities(targets, teacher_contexts(trainer, targets, context_tokens, predicted),
+    read = trainer.teacher_probabilities(targets, teacher_contexts(trainer, targets, context_tokens, predicted),
                                          offsets, prefix)
+    if alone_weight <= 0:
+        return read
+    alone = trainer.teacher_probabilities(targets, [[] for _ in targets.users], offsets, prefix)
+    return alone.mul_(alone_weight).add_(read, alpha=1.0 - alone_weight)
 
 
 def teacher_prompt(args, start: torch.Tensor) -> dict:
@@ -51,23 +61,46 @@ def teacher_prompt(args, start: torch.Tensor) -> dict:
 
 
 def teacher_scores(trainer, held, context_tokens: int, rotate: np.ndarray, offsets: torch.Tensor | None = None,
-                   prefix: torch.Tensor | None = None, predicted=None) -> dict[str, tuple]:
+                   prefix: torch.Tensor | None = None, predicted=None, alone_weight: float = 0.0) -> dict[str, tuple]:
     """The held-out text ``held`` as the distillation teacher reads it: ``{"teacher": ..., "teacher_other": ...}``,
     each ``(plain (B,), rating (B,) or None)``, after the user's :func:`teacher_contexts` (the newest
     ``context_tokens`` of all their remaining items, or their Mult-VAE text) and after another user's (``rotate``:
     whose), the two cut to a common length, with the teacher's prompt as :func:`distillation_teacher` takes it
-    (:func:`teacher_prompt`). How much the teacher itself knows of the user's next items, and how much of that is
-    the user's."""
+    (:func:`teacher_prompt`), and with ``alone_weight`` > 0 each mixed as :func:`distillation_teacher` mixes them
+    with the prediction without a context (the held-out tokens' NLL under the mixture, :func:`label_scores`). How
+    much the teacher itself knows of the user's next items, and how much of that is the user's."""
     contexts = teacher_contexts(trainer, held, context_tokens, predicted)
     own, other = map(list, zip(*(common_length(contexts[i], contexts[r]) for i, r in enumerate(rotate))))
     if offsets is None:
         offsets = torch.zeros(len(held.users), *trainer.soft.anchors.shape)
     with_ratings = held.flags is not None
+    alone = trainer.teacher_probabilities(held, [[] for _ in held.users], offsets, prefix) if alone_weight > 0 else None
     out = {}
     for mode, read in (("teacher", own), ("teacher_other", other)):
-        scored = trainer.score_offsets(held, offsets, with_ratings, contexts=read, prefix=prefix)
+        if alone is None:
+            scored = trainer.score_offsets(held, offsets, with_ratings, contexts=read, prefix=prefix)
+        else:
+            mixed = trainer.teacher_probabilities(held, read, offsets, prefix).mul_(1.0 - alone_weight)
+            scored = label_scores(trainer, held, mixed.add_(alone, alpha=alone_weight), with_ratings)
         out[mode] = scored if with_ratings else (scored, None)
     return out
+
+
+def label_scores(trainer, targets, probabilities: torch.Tensor, with_ratings: bool = False):
+    """``targets``' plain NLL per user ``(B,)`` float64 under next-token ``probabilities`` ``(B, L - 1, V)`` aligned as
+    :meth:`~recbole_uip.inference.trainer.ProfileInferenceTrainer.teacher_probabilities` aligns them; with
+    ``with_ratings``, the pair ``(plain, rating)`` as
+    :meth:`~recbole_uip.inference.trainer.ProfileInferenceTrainer.score_offsets` returns it (``rating`` nan for a
+    user whose text has none): the scores of a distribution no single forward pass gives, such as a mixture."""
+    batch = trainer.prompt_batch(targets, ratings_only=with_ratings)
+    labels = batch.labels[:, 1:probabilities.shape[1] + 1]
+    picked = probabilities.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_nll = torch.where(labels == IGNORE_INDEX, 0.0, -torch.log(picked.clamp(min=1e-30)))
+    plain = token_mean(token_nll, batch.labels).double().numpy()
+    if not with_ratings:
+        return plain
+    rating = weighted_token_mean(token_nll, batch.weights).double().numpy()
+    return plain, nan_without_ratings(targets, rating)
 
 
 def collaborative_draws(trainer, logger):
@@ -139,7 +172,7 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
         return fit(texts, start, args.fit_steps, args.fit_learning_rate,
                    texts_per_step=args.fit_texts_per_step), texts[0]
     teachers = [distillation_teacher(trainer, d, args.distil_context_tokens, **teacher_prompt(args, start),
-                                     predicted=predicted) for d in draws] \
+                                     predicted=predicted, alone_weight=args.teacher_alone_weight) for d in draws] \
         if objective == "distil" else None
     return fit(draws, start, args.fit_steps, args.fit_learning_rate, objective == "weighted", teachers,
                texts_per_step=args.fit_texts_per_step), draws[0]
