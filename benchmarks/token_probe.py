@@ -23,8 +23,9 @@ of everything). Then:
    in-context effect of the history, not the one draw; ``--teacher_context=mult_vae``: as many tokens of a text of
    items a Mult-VAE predicts for the user instead, ``mult_vae_top`` its most probable items; with
    ``--teacher_alone_weight=w``, the teacher is the mixture of ``w`` times the prediction without the context and
-   ``1 - w`` times the prediction after it; modes ``teacher`` and ``teacher_other`` score the held-out text as the
-   teacher reads it, after the user's context and another user's), or
+   ``1 - w`` times the prediction after it (with ``--teacher_context_prompt=shared``, the context read after the
+   shared token alone, not after the start's prompt); modes ``teacher`` and ``teacher_other`` score the held-out
+   text as the teacher reads it, after the user's context and another user's), or
    (``--fit_objective=teacher_text``) on the plain NLL of the teacher's whole text, those newest tokens followed by
    the draw (what distillation reads, fitted without a teacher: the control that tells distillation from the
    recency and length of the teacher's text), or (``--fit_objective=mult_vae``) on the plain NLL of a new text at
@@ -119,16 +120,18 @@ per-user fits). Writes ``results/<dataset>/<settings fingerprint>/token_probe[_r
 [_encoder[_deep|_deepshared][_distil]][_shiftdistil][_keep][_context[_oldest]][_groups<K>_<group_by>[_joint][_choice<N>][_shuffled]][_<variant>].{json,md}``. The JSON
 also keeps each probed user's score in every mode (``per_user``, in the order of its ``users``, the trainer's user
 indices), so that two runs over the same users (the same dataset, split, ``--probe_seed`` and ``--users``) can be
-compared user by user.
+compared user by user. With ``--start_cache=DIR``, the trained start (steps 1 and 5) is kept in ``DIR`` and loaded
+by any later run whose settings, stage arguments, data and code are the same (``recbole_uip.token_probe.start_cache``).
 
 This script parses the arguments, runs the stages in order and scores every mode (:func:`probe`); the stages, the
 group tokens, what they carry and the report live in ``recbole_uip.token_probe`` (``stages``, ``groups``,
-``group_scores``, ``report``; the modes and pairs in ``modes``), where the tests reach them.
+``group_scores``, ``report``, ``start_cache``; the modes and pairs in ``modes``), where the tests reach them.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -147,9 +150,10 @@ from recbole_uip.token_probe.modes import (
     BATCH, OBJECTIVES, PAIRS, context_pairs, keep_mode, keep_pairs, objective_pairs,
 )
 from recbole_uip.token_probe.report import render
+from recbole_uip.token_probe.start_cache import StartCache, TrainedStart, source_digest, start_key
 from recbole_uip.token_probe.stages import (
-    ENCODER_INPUTS, DeepPrompts, collaborative_draws, fit_tokens, score_mode, still_learning, train_deep_encoder,
-    teacher_prompt, teacher_scores, train_encoder, train_shift, use_mult_vae_features, user_fit,
+    ENCODER_INPUTS, DeepEncoder, DeepPrompts, collaborative_draws, fit_tokens, score_mode, still_learning,
+    train_deep_encoder, teacher_prompt, teacher_scores, train_encoder, train_shift, use_mult_vae_features, user_fit,
 )
 
 
@@ -217,11 +221,20 @@ def parse_args(argv=None):
                              "prediction without the context (after the teacher's prompt alone), the rest on its "
                              "prediction after the context; modes teacher and teacher_other score the mixture "
                              "(default 0: the prediction after the context alone)")
+    parser.add_argument("--teacher_context_prompt", choices=("same", "shared"), default="same",
+                        help="with --teacher_alone_weight, what the mixture's context part reads before the context: "
+                             "the teacher's prompt (same, the default), or the shared token alone (shared: the "
+                             "start's prompt only in the part without the context)")
     parser.add_argument("--distil_context_tokens", type=int, default=128,
                         help="the teacher's context for --fit_objective=distil and --encoder_objective=distil: the "
                              "user's newest N tokens of their remaining items outside the fitted text, or with "
                              "--teacher_context=mult_vae the last N tokens of their Mult-VAE text (default 128)")
     parser.add_argument("--probe_seed", type=int, default=7, help="draws the probed and the shift's users")
+    parser.add_argument("--start_cache", default="",
+                        help="a folder for trained starts (the shift and the encoder stage): a run whose settings, "
+                             "stage arguments, data and code match a cached start loads it instead of training it "
+                             "again, with the same results to the last digit; any code change trains anew "
+                             "(default: no cache; start_cache from benchmarks/ is a folder git ignores)")
     parser.add_argument("--encoder_passes", type=int, default=0,
                         help="after the shift, train the linear encoder by Adam at every batch for this many passes "
                              "over the shift's users, and score it (default 0: no encoder stage)")
@@ -316,6 +329,9 @@ def parse_args(argv=None):
     if not 0 <= args.teacher_alone_weight < 1:
         parser.error("--teacher_alone_weight is the weight of the prediction without the context in the teacher's "
                      "mixture: at least 0 and below 1 (at 1 the teacher would not read the context at all)")
+    if args.teacher_context_prompt == "shared" and (args.teacher_prompt != "start" or not args.teacher_alone_weight):
+        parser.error("--teacher_context_prompt=shared reads the context without the start's prompt, which the part "
+                     "without the context keeps: give --teacher_prompt=start and --teacher_alone_weight above 0")
     if (args.teacher_prompt != "shared" or args.teacher_context != "history" or args.teacher_alone_weight) \
             and "distil" not in {args.fit_objective, *args.also_fit}:
         parser.error("--teacher_prompt, --teacher_context and --teacher_alone_weight are the per-user fits' "
@@ -414,6 +430,7 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
                 for mode, (plain, rating) in teacher_scores(trainer, held, args.distil_context_tokens, rotate.numpy(),
                                                             predicted=predicted,
                                                             alone_weight=args.teacher_alone_weight,
+                                                            bare_context=args.teacher_context_prompt == "shared",
                                                             **teacher_prompt(args, start_rows)).items():
                     scores.setdefault(mode, []).append(plain)
                     if rating is not None:
@@ -459,6 +476,29 @@ def probe(run: HeldOutInference, users: np.ndarray, args, rng: np.random.Generat
     return scores, {budget: float(np.mean(lengths)) for budget, lengths in context_length.items()}
 
 
+def train_start(trainer, shift_users: np.ndarray, args, rng: np.random.Generator, logger,
+                collaborative) -> TrainedStart:
+    """Steps 1 and 5 of the module docstring on ``shift_users``: the shared shift, then the encoder stage (the
+    shallow encoder ``A`` in the trainer's soft tokens, or a :class:`DeepEncoder`), drawing from ``rng``; what they
+    leave behind, as :class:`~recbole_uip.token_probe.start_cache.StartCache` keeps it."""
+    shift_nll = train_shift(trainer, shift_users, args.shift_passes, rng, logger,
+                            args.distil_context_tokens if args.shift_objective == "distil" else 0)
+    encoder_nll, deep = [], None
+    if args.encoder_passes and args.encoder_prefix != "shallow":
+        encoder_nll, deep = train_deep_encoder(trainer, shift_users, args.encoder_passes, args.encoder_learning_rate,
+                                               rng, logger,
+                                               collaborative if args.encoder_objective == "mult_vae" else None,
+                                               user_part=args.encoder_prefix == "deep")
+    elif args.encoder_passes:
+        encoder_nll = train_encoder(
+            trainer, shift_users, args.encoder_passes, args.encoder_learning_rate, rng, logger,
+            args.distil_context_tokens if args.encoder_objective == "distil" else 0,
+            collaborative if args.encoder_objective == "mult_vae" else None)
+    return TrainedStart(soft={k: v.detach().cpu().clone() for k, v in trainer.soft.state_dict().items()},
+                        deep_encoder=None if deep is None else deep.tensors(), rng_state=rng.bit_generator.state,
+                        shift_nll=shift_nll, encoder_nll=encoder_nll)
+
+
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     config, settings, logger = configure(args.model, args.dataset, overrides)
@@ -481,25 +521,27 @@ def main(argv=None) -> int:
         users = np.sort(order[len(shift_users):len(shift_users) + args.users])
         if args.encoder_input == "mult_vae":
             use_mult_vae_features(trainer, logger, shift_users)
-        shift_nll = train_shift(trainer, shift_users, args.shift_passes, rng, logger,
-                                args.distil_context_tokens if args.shift_objective == "distil" else 0)
-        if still_learning(shift_nll) is not None:
-            logger.warning(f"token probe: the shared shift was still learning after {args.shift_passes} passes (NLL "
-                           f"{shift_nll[-2]:.4f} -> {shift_nll[-1]:.4f}); more --shift_passes would give another start")
         collaborative = collaborative_draws(trainer, logger) if (
             "mult_vae" in {args.fit_objective, *args.also_fit} and args.fit_steps
             or args.encoder_passes and args.encoder_objective == "mult_vae") else None
-        encoder_nll, encode = [], None
-        if args.encoder_passes and args.encoder_prefix != "shallow":
-            encoder_nll, encode = train_deep_encoder(trainer, shift_users, args.encoder_passes,
-                                                     args.encoder_learning_rate, rng, logger,
-                                                     collaborative if args.encoder_objective == "mult_vae" else None,
-                                                     user_part=args.encoder_prefix == "deep")
-        elif args.encoder_passes:
-            encoder_nll = train_encoder(
-                trainer, shift_users, args.encoder_passes, args.encoder_learning_rate, rng, logger,
-                args.distil_context_tokens if args.encoder_objective == "distil" else 0,
-                collaborative if args.encoder_objective == "mult_vae" else None)
+        cache = StartCache(args.start_cache, start_key(args, settings, trainer.histories.items,
+                                                       source_digest(Path(__file__)))) if args.start_cache else None
+        saved = cache.load(logger) if cache is not None else None
+        if saved is None:
+            saved = train_start(trainer, shift_users, args, rng, logger, collaborative)
+            if cache is not None:
+                cache.save(saved)
+                logger.info(f"token probe: the trained start written to the start cache ({cache.path.name})")
+        else:
+            trainer.soft.load_state_dict(saved.soft)
+            rng.bit_generator.state = saved.rng_state
+            logger.info(f"token probe: the start (shift and encoder stage) loaded from the start cache "
+                        f"({cache.path.name}); shift NLL per pass {saved.shift_nll}, encoder {saved.encoder_nll}")
+        shift_nll, encoder_nll = saved.shift_nll, saved.encoder_nll
+        encode = None if saved.deep_encoder is None else DeepEncoder(trainer, **saved.deep_encoder)
+        if still_learning(shift_nll) is not None:
+            logger.warning(f"token probe: the shared shift was still learning after {args.shift_passes} passes (NLL "
+                           f"{shift_nll[-2]:.4f} -> {shift_nll[-1]:.4f}); more --shift_passes would give another start")
         groups = None
         if args.group_tokens:
             fit_users = np.sort(np.setdiff1d(order, users))
@@ -534,6 +576,8 @@ def main(argv=None) -> int:
         **({"teacher_prompt": args.teacher_prompt} if args.teacher_prompt != "shared" else {}),
         **({"teacher_context": args.teacher_context} if args.teacher_context != "history" else {}),
         **({"teacher_alone_weight": args.teacher_alone_weight} if args.teacher_alone_weight else {}),
+        **({"teacher_context_prompt": args.teacher_context_prompt} if args.teacher_context_prompt != "same" else {}),
+        **({"start_cache": "loaded" if cache.loaded else "written"} if cache is not None else {}),
         "draws": args.draws, "keep": args.keep,
         "fit_objective": args.fit_objective, "also_fit": args.also_fit, "encoder_passes": args.encoder_passes,
         "encoder_objective": args.encoder_objective, "encoder_input": args.encoder_input,
@@ -581,6 +625,7 @@ def main(argv=None) -> int:
             + ("_teacherstart" if args.teacher_prompt == "start" else "")
             + {"history": "", "mult_vae": "_teachermultvae", "mult_vae_top": "_teachermultvaetop"}[args.teacher_context]
             + (f"_teacheralone{args.teacher_alone_weight:g}" if args.teacher_alone_weight else "")
+            + ("_contextbare" if args.teacher_context_prompt == "shared" else "")
             + (f"_texts{args.fit_texts_per_step}" if args.fit_texts_per_step > 1 else "")
             + "".join("_vs_" + objective for objective in args.also_fit)
             + ("_encoder" if args.encoder_passes else "")

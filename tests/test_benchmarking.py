@@ -867,7 +867,8 @@ def test_the_distillation_teacher_mixes_in_the_prediction_without_its_context(tm
     """``alone_weight=w``: the teacher is ``w`` times the LLM's prediction without the context plus ``1 - w`` times
     its prediction after it; ``label_scores`` of a teacher's probabilities is ``score_offsets`` of the same reading
     (plain and rating tokens); ``teacher_scores`` scores the mixture, user by user no worse than the same mixture
-    of the two readings' NLLs (the log of a mixture is concave) and different from either."""
+    of the two readings' NLLs (the log of a mixture is concave) and different from either. ``bare_context``: the
+    context part read after the shared token, the part without it after the teacher's offsets."""
     from recbole_uip.token_probe.stages import label_scores, teacher_scores
     from test_trainer import make_trainer
 
@@ -895,12 +896,21 @@ def test_the_distillation_teacher_mixes_in_the_prediction_without_its_context(tm
         assert np.all(mixed[mode][0] <= bound + 1e-6)
         assert not np.allclose(mixed[mode][0], unmixed[mode][0]) and not np.allclose(mixed[mode][0], without)
     assert not np.allclose(mixed["teacher"][0], mixed["teacher_other"][0])
+    contexts_only = trainer.teacher_probabilities(targets, contexts, zero)       # the shared token before them
+    offsets = 0.5 * torch.randn(4, *trainer.soft.anchors.shape, generator=torch.Generator().manual_seed(0))
+    prompted_alone = trainer.teacher_probabilities(targets, [[] for _ in contexts], offsets)
+    torch.testing.assert_close(distillation_teacher(trainer, targets, 12, offsets=offsets, alone_weight=0.5,
+                                                    bare_context=True), 0.5 * prompted_alone + 0.5 * contexts_only)
+    bare = teacher_scores(trainer, targets, 12, rotate, offsets=offsets, alone_weight=0.5, bare_context=True)
+    prompted = teacher_scores(trainer, targets, 12, rotate, offsets=offsets, alone_weight=0.5)
+    assert not np.allclose(bare["teacher"][0], prompted["teacher"][0])
 
 
 def test_token_probe_distils_from_a_teacher_with_each_fits_start_with_teacher_prompt(tmp_path, tiny_llm_dir):
     """``--teacher_prompt=start``: the deep fits' teacher reads the user's history with the deep prompt the fit
     starts from; ``--teacher_context=mult_vae``: a Mult-VAE's prediction for the user in place of the history;
-    ``--teacher_alone_weight=0.5``: that teacher mixed half and half with the start's prediction alone. The
+    ``--teacher_alone_weight=0.5``: that teacher mixed half and half with the start's prediction alone, and with
+    ``--teacher_context_prompt=shared`` its context read after the shared token instead of the start. The
     start and the shared token score as without them, the fits do not; the held-out text as the teacher reads it
     (``teacher``) is, with the shared token and the history, the in-context mode of the same budget to the last
     digit, and follows each flag; the names and the reports say so; without a distilled fit the flags are
@@ -916,12 +926,17 @@ def test_token_probe_distils_from_a_teacher_with_each_fits_start_with_teacher_pr
                                     "--teacher_context=mult_vae"]) == 0
     assert token_probe.main(base + [f"--results={tmp_path / 'mixed'}", "--teacher_prompt=start",
                                     "--teacher_context=mult_vae", "--teacher_alone_weight=0.5"]) == 0
+    assert token_probe.main(base + [f"--results={tmp_path / 'bare'}", "--teacher_prompt=start",
+                                    "--teacher_context=mult_vae", "--teacher_alone_weight=0.5",
+                                    "--teacher_context_prompt=shared"]) == 0
     name = "token_probe_distil_deep_fromencoder{}_encoder_deepshared"
     shared = json.loads(published(tmp_path / "shared", name.format("") + "_context.json").read_text())
     start = json.loads(published(tmp_path / "start", name.format("_teacherstart") + ".json").read_text())
     mv = json.loads(published(tmp_path / "mv", name.format("_teacherstart_teachermultvae") + ".json").read_text())
     mixed = json.loads(published(tmp_path / "mixed", name.format("_teacherstart_teachermultvae_teacheralone0.5")
                                  + ".json").read_text())
+    bare = json.loads(published(tmp_path / "bare", name.format("_teacherstart_teachermultvae_teacheralone0.5_contextbare")
+                                + ".json").read_text())
     assert start["teacher_prompt"] == "start" and "teacher_prompt" not in shared
     assert mv["teacher_context"] == "mult_vae" and "teacher_context" not in start
     for mode in ("shared", "encoder"):
@@ -938,8 +953,10 @@ def test_token_probe_distils_from_a_teacher_with_each_fits_start_with_teacher_pr
     assert mv["per_user"]["teacher"] != start["per_user"]["teacher"]
     assert mixed["teacher_alone_weight"] == 0.5 and "teacher_alone_weight" not in mv
     assert mixed["per_user"]["encoder"] == mv["per_user"]["encoder"]
+    assert bare["teacher_context_prompt"] == "shared" and "teacher_context_prompt" not in mixed
     for mode in ("own", "teacher", "teacher_other"):
         assert all(x != y for x, y in zip(mixed["per_user"][mode], mv["per_user"][mode]))
+        assert all(x != y for x, y in zip(bare["per_user"][mode], mixed["per_user"][mode]))
     report = published(tmp_path / "start", name.format("_teacherstart") + ".md").read_text()
     assert "the teacher reads each fit's start prompt, then the user's newest" in report
     report = published(tmp_path / "mv", name.format("_teacherstart_teachermultvae") + ".md").read_text()
@@ -947,12 +964,50 @@ def test_token_probe_distils_from_a_teacher_with_each_fits_start_with_teacher_pr
     assert "the distillation teacher with the user's context - with another user's" in report
     report = published(tmp_path / "mixed", name.format("_teacherstart_teachermultvae_teacheralone0.5") + ".md")
     assert "its predictions mixed, weight 0.5, with the LLM's without the context" in report.read_text()
+    report = published(tmp_path / "bare", name.format("_teacherstart_teachermultvae_teacheralone0.5_contextbare")
+                       + ".md").read_text()
+    assert "the context read after the shared token, without the start prompt" in report
     for flag in ("--teacher_prompt=start", "--teacher_context=mult_vae", "--teacher_alone_weight=0.5"):
         with pytest.raises(SystemExit):
             token_probe.parse_args(toy_probe_argv(tmp_path, tiny_llm_dir) + [flag])
-    for weight in ("1", "-0.1"):
+    for extra in (["--teacher_alone_weight=1"], ["--teacher_alone_weight=-0.1"], ["--teacher_context_prompt=shared"],
+                  ["--teacher_context_prompt=shared", "--teacher_alone_weight=0.5"]):     # the last without start
         with pytest.raises(SystemExit):
-            token_probe.parse_args(base + [f"--teacher_alone_weight={weight}"])
+            token_probe.parse_args(base + extra)
+
+
+@pytest.mark.parametrize("encoder_prefix", ["shallow", "deep_shared"])
+def test_token_probe_loads_a_cached_start_with_the_trained_starts_results(tmp_path, tiny_llm_dir, encoder_prefix):
+    """``--start_cache=DIR``: the first run writes its trained start (the shift and the encoder stage, shallow or
+    deep), the next loads it, and both score every mode as a run without the cache, to the last digit. An argument
+    of a stage trains (and caches) another start; one of the fits only loads the same; a damaged file is reported
+    and trained over."""
+    token_probe = import_benchmark("token_probe")
+    write_dataset(tmp_path / "data")
+    cache = tmp_path / "cache"
+    base = toy_probe_argv(tmp_path, tiny_llm_dir) + [
+        "--encoder_passes=1", f"--encoder_prefix={encoder_prefix}", "--fit_start=encoder",
+        "--fit_learning_rate=0.5"] + (["--fit_prefix=deep"] if encoder_prefix != "shallow" else [])
+
+    def run(name: str, *extra: str, cached: bool = True) -> dict:
+        argv = base + [f"--results={tmp_path / name}", *extra] + ([f"--start_cache={cache}"] if cached else [])
+        assert token_probe.main(argv) == 0
+        return json.loads(published(tmp_path / name, "token_probe*.json").read_text())
+
+    plain, first, second = run("plain", cached=False), run("first"), run("second")
+    assert "start_cache" not in plain and first["start_cache"] == "written" and second["start_cache"] == "loaded"
+    for loaded in (first, second):
+        assert loaded["per_user"] == plain["per_user"]
+        assert (loaded["shift_nll"], loaded["encoder_nll"]) == (plain["shift_nll"], plain["encoder_nll"])
+    (written,) = cache.iterdir()
+    if encoder_prefix == "shallow":
+        return
+    assert run("passes", "--encoder_passes=2")["start_cache"] == "written" and len(list(cache.iterdir())) == 2
+    assert run("steps", "--fit_steps=2")["start_cache"] == "loaded"
+    written.write_bytes(b"not a start")
+    again = run("again")
+    assert again["start_cache"] == "written" and again["per_user"] == plain["per_user"]
+    assert run("loaded_again")["start_cache"] == "loaded"
 
 
 def test_zoo_grids_of_one_setting_share_its_folder_and_keep_every_command(tmp_path, tiny_llm_dir):

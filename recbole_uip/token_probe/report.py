@@ -34,6 +34,8 @@ def describe_objective(objective: str, data: dict) -> str:
     alone = data.get("teacher_alone_weight", 0)
     mixed = (f"; its predictions mixed, weight {alone:g}, with the LLM's without the context, after "
              + ("the start prompt" if data.get("teacher_prompt") == "start" else "the shared token") + " alone"
+             + ("; the context read after the shared token, without the start prompt"
+                if data.get("teacher_context_prompt") == "shared" else "")
              if alone else "")
     return {"weighted": f"M-step's objective (rating tokens weigh {settings['rating_weight']:g}) of {draw}",
             "distil": f"frozen LLM's predictions (distillation; the teacher reads {context} before the text{mixed}) "

@@ -31,7 +31,8 @@ def teacher_contexts(trainer, targets, context_tokens: int, predicted=None) -> l
 
 
 def distillation_teacher(trainer, targets, context_tokens: int, offsets: torch.Tensor | None = None,
-                         prefix: torch.Tensor | None = None, predicted=None, alone_weight: float = 0.0) -> torch.Tensor:
+                         prefix: torch.Tensor | None = None, predicted=None, alone_weight: float = 0.0,
+                         bare_context: bool = False) -> torch.Tensor:
     """The teacher of ``targets`` ``(B, L - 1, V)``: the frozen LLM's predictions of each user's text after
     :func:`teacher_contexts` (``predicted``: see there), with the users' soft-token offsets ``(B, P, D)`` (None: the
     shared token) and deep prompts ``(B, N, 2, H, m, d)`` (None: none), as
@@ -39,15 +40,25 @@ def distillation_teacher(trainer, targets, context_tokens: int, offsets: torch.T
     ``w * p(text | prompt) + (1 - w) * p(text | prompt, context)`` of the predictions without and with the context
     (``--teacher_alone_weight``): the frozen LLM reading a collaborative prediction in context beats a population
     mixture only when mixed half and half (``benchmarks/in_context.py``'s ``own_half``), and a deep prompt trained
-    with nothing between it and the text loses part of what it gives when a context is read after it."""
+    with nothing between it and the text loses part of what it gives when a context is read after it. With
+    ``bare_context`` (``--teacher_context_prompt=shared``), the mixture's context part reads the context after the
+    shared token alone, without the offsets and the deep prompt (which the part without the context keeps): read
+    so, a user's Mult-VAE text holds the user (``in_context.py``), read after the start's deep prompt it hardly
+    does."""
     if offsets is None:
         offsets = torch.zeros(len(targets.users), *trainer.soft.anchors.shape)
-    read = trainer.teacher_probabilities(targets, teacher_contexts(trainer, targets, context_tokens, predicted),
-                                         offsets, prefix)
+    contexts = teacher_contexts(trainer, targets, context_tokens, predicted)
+    read = trainer.teacher_probabilities(targets, contexts, *context_prompt(offsets, prefix, bare_context))
     if alone_weight <= 0:
         return read
     alone = trainer.teacher_probabilities(targets, [[] for _ in targets.users], offsets, prefix)
     return alone.mul_(alone_weight).add_(read, alpha=1.0 - alone_weight)
+
+
+def context_prompt(offsets: torch.Tensor, prefix: torch.Tensor | None, bare: bool) -> tuple:
+    """The ``(offsets, prefix)`` a teacher reads before its context: its own, or with ``bare`` the shared token
+    alone (zero offsets, no deep prompt)."""
+    return (torch.zeros_like(offsets), None) if bare else (offsets, prefix)
 
 
 def teacher_prompt(args, start: torch.Tensor) -> dict:
@@ -61,13 +72,15 @@ def teacher_prompt(args, start: torch.Tensor) -> dict:
 
 
 def teacher_scores(trainer, held, context_tokens: int, rotate: np.ndarray, offsets: torch.Tensor | None = None,
-                   prefix: torch.Tensor | None = None, predicted=None, alone_weight: float = 0.0) -> dict[str, tuple]:
+                   prefix: torch.Tensor | None = None, predicted=None, alone_weight: float = 0.0,
+                   bare_context: bool = False) -> dict[str, tuple]:
     """The held-out text ``held`` as the distillation teacher reads it: ``{"teacher": ..., "teacher_other": ...}``,
     each ``(plain (B,), rating (B,) or None)``, after the user's :func:`teacher_contexts` (the newest
     ``context_tokens`` of all their remaining items, or their Mult-VAE text) and after another user's (``rotate``:
     whose), the two cut to a common length, with the teacher's prompt as :func:`distillation_teacher` takes it
     (:func:`teacher_prompt`), and with ``alone_weight`` > 0 each mixed as :func:`distillation_teacher` mixes them
-    with the prediction without a context (the held-out tokens' NLL under the mixture, :func:`label_scores`). How
+    with the prediction without a context (the held-out tokens' NLL under the mixture, :func:`label_scores`; with
+    ``bare_context``, the context read after the shared token alone, as there). How
     much the teacher itself knows of the user's next items, and how much of that is the user's."""
     contexts = teacher_contexts(trainer, held, context_tokens, predicted)
     own, other = map(list, zip(*(common_length(contexts[i], contexts[r]) for i, r in enumerate(rotate))))
@@ -76,11 +89,12 @@ def teacher_scores(trainer, held, context_tokens: int, rotate: np.ndarray, offse
     with_ratings = held.flags is not None
     alone = trainer.teacher_probabilities(held, [[] for _ in held.users], offsets, prefix) if alone_weight > 0 else None
     out = {}
+    before = context_prompt(offsets, prefix, bare_context)
     for mode, read in (("teacher", own), ("teacher_other", other)):
         if alone is None:
-            scored = trainer.score_offsets(held, offsets, with_ratings, contexts=read, prefix=prefix)
+            scored = trainer.score_offsets(held, before[0], with_ratings, contexts=read, prefix=before[1])
         else:
-            mixed = trainer.teacher_probabilities(held, read, offsets, prefix).mul_(1.0 - alone_weight)
+            mixed = trainer.teacher_probabilities(held, read, *before).mul_(1.0 - alone_weight)
             scored = label_scores(trainer, held, mixed.add_(alone, alpha=alone_weight), with_ratings)
         out[mode] = scored if with_ratings else (scored, None)
     return out
@@ -172,7 +186,8 @@ def fit_tokens(trainer, objective: str, draws: list, start: torch.Tensor, args,
         return fit(texts, start, args.fit_steps, args.fit_learning_rate,
                    texts_per_step=args.fit_texts_per_step), texts[0]
     teachers = [distillation_teacher(trainer, d, args.distil_context_tokens, **teacher_prompt(args, start),
-                                     predicted=predicted, alone_weight=args.teacher_alone_weight) for d in draws] \
+                                     predicted=predicted, alone_weight=args.teacher_alone_weight,
+                                     bare_context=args.teacher_context_prompt == "shared") for d in draws] \
         if objective == "distil" else None
     return fit(draws, start, args.fit_steps, args.fit_learning_rate, objective == "weighted", teachers,
                texts_per_step=args.fit_texts_per_step), draws[0]
@@ -307,51 +322,71 @@ def train_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float,
     return train_passes(trainer, users, passes, rng, logger, optimizer, distil_context_tokens, collaborative)
 
 
-def train_deep_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float, rng: np.random.Generator,
-                       logger, collaborative=None, user_part: bool = True):
-    """A linear encoder from the user vector ``z (B, k)`` to a deep prompt (``--encoder_prefix=deep``), trained by
-    Adam at every M-step batch, ``passes`` passes over ``users``, on the M-step's objective (or on
-    ``collaborative``'s texts), the soft tokens kept at the shared token::
+class DeepEncoder:
+    """A linear encoder from the user vector ``z (B, k)`` to a deep prompt (``--encoder_prefix=deep``)::
 
         prompt[u] = start + scale * (S + W z[u])        (N, 2, H, m, d)
 
     ``start`` is :meth:`~recbole_uip.inference.trainer.ProfileInferenceTrainer.shared_prefix`'s, ``scale`` each
-    layer's root mean square key and value of the shared tokens, ``S`` a deep prompt every user shares (the shift's
-    counterpart, trained beside ``W``) and ``W (N, 2, H, m, d, k)`` the encoder, both from zero. As the shallow
-    encoder's (:meth:`ProfileInferenceTrainer.offsets` with ``batch_centred``), ``W`` learns from ``z`` minus its
-    batch mean only, so that what every user needs goes to ``S``. ``learning_rate``: Adam's step, relative to
-    ``scale``. Without ``user_part``, ``W`` stays zero and ``S`` trains alone (``--encoder_prefix=deep_shared``):
-    one deep prompt for every user, trained as long on the same batches, the control the users' prompts must beat.
+    layer's root mean square key and value of the shared tokens (both from the trainer's soft tokens as they are
+    when it is built), ``S`` (``shared``) a deep prompt every user shares (the shift's counterpart) and ``W``
+    (``weights``, ``(N, 2, H, m, d, k)``) the encoder; from zero, or from the tensors of a trained one."""
 
-    Returns the mean NLL of each pass and ``encode(users, inputs) -> (B, N, 2, H, m, d)``, the users' prompts from
-    ``z`` of the items ``inputs`` (float32, no gradient)."""
+    def __init__(self, trainer, shared: torch.Tensor | None = None, weights: torch.Tensor | None = None):
+        self.trainer = trainer
+        self.start = trainer.shared_prefix(1)[0]                                # (N, 2, H, m, d)
+        self.scale = prefix_step_scale(trainer.shared_keys_values())            # (N, 2, 1, 1, 1)
+        self.shared = torch.zeros_like(self.start) if shared is None else shared.clone()
+        self.weights = torch.zeros(*self.start.shape, trainer.soft.encoder.shape[-1]) if weights is None \
+            else weights.clone()
+
+    def prompts(self, users: np.ndarray, inputs, centred: bool = False) -> torch.Tensor:
+        """The users' deep prompts ``(B, N, 2, H, m, d)`` from ``z`` of the items ``inputs``; with ``centred``, ``W``
+        reads ``z`` minus its batch mean only (:func:`batch_centred_map`)."""
+        z = self.trainer.features(users, inputs).float()                       # (B, k)
+        part = batch_centred_map("...k,bk->b...", self.weights, z) if centred else \
+            torch.einsum("...k,bk->b...", self.weights, z)
+        return self.start + self.scale * (self.shared + part)
+
+    def __call__(self, users: np.ndarray, inputs) -> torch.Tensor:
+        """:meth:`prompts`, float32, no gradient."""
+        with torch.no_grad():
+            return self.prompts(users, inputs)
+
+    def tensors(self) -> dict:
+        """``{"shared": S, "weights": W}``, detached copies (what :class:`DeepEncoder` is rebuilt from)."""
+        return {"shared": self.shared.detach().clone(), "weights": self.weights.detach().clone()}
+
+
+def train_deep_encoder(trainer, users: np.ndarray, passes: int, learning_rate: float, rng: np.random.Generator,
+                       logger, collaborative=None, user_part: bool = True):
+    """A :class:`DeepEncoder` trained by Adam at every M-step batch, ``passes`` passes over ``users``, on the M-step's
+    objective (or on ``collaborative``'s texts), the soft tokens kept at the shared token; ``S`` and ``W`` from zero.
+    As the shallow encoder's (:meth:`ProfileInferenceTrainer.offsets` with ``batch_centred``), ``W`` learns from
+    ``z`` minus its batch mean only, so that what every user needs goes to ``S``. ``learning_rate``: Adam's step,
+    relative to ``scale``. Without ``user_part``, ``W`` stays zero and ``S`` trains alone
+    (``--encoder_prefix=deep_shared``): one deep prompt for every user, trained as long on the same batches, the
+    control the users' prompts must beat.
+
+    Returns the mean NLL of each pass and the encoder (``encode(users, inputs) -> (B, N, 2, H, m, d)``)."""
     if trainer.soft.encoder is None:
         raise SystemExit("--encoder_prefix=deep and deep_shared need the user vector of an encoder (uip_encoder: "
                          "linear).")
-    start = trainer.shared_prefix(1)[0]                                     # (N, 2, H, m, d)
-    scale = prefix_step_scale(trainer.shared_keys_values())                 # (N, 2, 1, 1, 1)
-    shared = torch.zeros_like(start, requires_grad=True)
-    weights = torch.zeros(*start.shape, trainer.soft.encoder.shape[-1], requires_grad=user_part)
-    optimizer = torch.optim.Adam([shared, weights] if user_part else [shared], lr=learning_rate)
-
-    def prompts(users: np.ndarray, inputs, centred: bool = False) -> torch.Tensor:
-        z = trainer.features(users, inputs).float()                           # (B, k)
-        part = batch_centred_map("...k,bk->b...", weights, z) if centred else torch.einsum("...k,bk->b...", weights, z)
-        return start + scale * (shared + part)
+    encoder = DeepEncoder(trainer)
+    encoder.shared.requires_grad_(True)
+    encoder.weights.requires_grad_(user_part)
+    optimizer = torch.optim.Adam([encoder.shared, encoder.weights] if user_part else [encoder.shared],
+                                 lr=learning_rate)
 
     def step(targets) -> float:
         optimizer.zero_grad(set_to_none=True)
         tokens = trainer.soft.center().detach()[None].expand(len(targets.users), -1, -1)
         nll, objective = behaviour_nll(trainer.llm.model, trainer.layout, trainer.prompt_batch(targets), tokens,
-                                       weighted=True, prefix=prompts(targets.users, targets.inputs, centred=True))
+                                       weighted=True, prefix=encoder.prompts(targets.users, targets.inputs,
+                                                                              centred=True))
         objective.mean().backward()
         optimizer.step()
         return float(nll.detach().mean())
 
     means = batch_passes(trainer, users, passes, rng, logger, step, "deep encoder", collaborative)
-
-    def encode(users: np.ndarray, inputs) -> torch.Tensor:
-        with torch.no_grad():
-            return prompts(users, inputs)
-
-    return means, encode
+    return means, encoder
