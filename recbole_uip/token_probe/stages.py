@@ -80,8 +80,8 @@ def teacher_scores(trainer, held, context_tokens: int, rotate: np.ndarray, offse
     whose), the two cut to a common length, with the teacher's prompt as :func:`distillation_teacher` takes it
     (:func:`teacher_prompt`), and with ``alone_weight`` > 0 each mixed as :func:`distillation_teacher` mixes them
     with the prediction without a context (the held-out tokens' NLL under the mixture, :func:`label_scores`; with
-    ``bare_context``, the context read after the shared token alone, as there). How
-    much the teacher itself knows of the user's next items, and how much of that is the user's."""
+    ``bare_context``, the context read after the shared token alone, as there). How much the teacher itself knows
+    of the user's next items, and how much of that is the user's."""
     contexts = teacher_contexts(trainer, held, context_tokens, predicted)
     own, other = map(list, zip(*(common_length(contexts[i], contexts[r]) for i, r in enumerate(rotate))))
     if offsets is None:
