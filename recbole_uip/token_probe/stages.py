@@ -47,12 +47,29 @@ def distillation_teacher(trainer, targets, context_tokens: int, offsets: torch.T
     does."""
     if offsets is None:
         offsets = torch.zeros(len(targets.users), *trainer.soft.anchors.shape)
-    contexts = teacher_contexts(trainer, targets, context_tokens, predicted)
+    return teacher_reading(trainer, targets, teacher_contexts(trainer, targets, context_tokens, predicted), offsets,
+                           prefix, alone_weight, bare_context)
+
+
+def teacher_reading(trainer, targets, contexts: list[list[int]], offsets: torch.Tensor, prefix: torch.Tensor | None,
+                    alone_weight: float = 0.0, bare_context: bool = False,
+                    alone: torch.Tensor | None = None) -> torch.Tensor:
+    """The teacher's next-token distributions ``(B, L - 1, V)`` over ``targets``' texts after ``contexts`` (token
+    ids), as :func:`distillation_teacher` describes them: read after the offsets ``(B, P, D)`` and deep prompts
+    ``prefix`` (with ``bare_context``, after the shared token alone), and with ``alone_weight`` ``w`` > 0 the
+    mixture ``w * alone + (1 - w) * read``, ``alone`` the prediction after the prompt without a context (computed
+    when None; pass it to reuse it for other contexts of the same texts)."""
     read = trainer.teacher_probabilities(targets, contexts, *context_prompt(offsets, prefix, bare_context))
     if alone_weight <= 0:
         return read
-    alone = trainer.teacher_probabilities(targets, [[] for _ in targets.users], offsets, prefix)
-    return alone.mul_(alone_weight).add_(read, alpha=1.0 - alone_weight)
+    if alone is None:
+        alone = teacher_alone(trainer, targets, offsets, prefix)
+    return alone.mul(alone_weight).add_(read, alpha=1.0 - alone_weight)
+
+
+def teacher_alone(trainer, targets, offsets: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+    """The teacher's prediction without a context ``(B, L - 1, V)``: the mixture's other part."""
+    return trainer.teacher_probabilities(targets, [[] for _ in targets.users], offsets, prefix)
 
 
 def context_prompt(offsets: torch.Tensor, prefix: torch.Tensor | None, bare: bool) -> tuple:
@@ -87,15 +104,15 @@ def teacher_scores(trainer, held, context_tokens: int, rotate: np.ndarray, offse
     if offsets is None:
         offsets = torch.zeros(len(held.users), *trainer.soft.anchors.shape)
     with_ratings = held.flags is not None
-    alone = trainer.teacher_probabilities(held, [[] for _ in held.users], offsets, prefix) if alone_weight > 0 else None
+    alone = teacher_alone(trainer, held, offsets, prefix) if alone_weight > 0 else None     # shared by both modes
     out = {}
-    before = context_prompt(offsets, prefix, bare_context)
     for mode, read in (("teacher", own), ("teacher_other", other)):
         if alone is None:
-            scored = trainer.score_offsets(held, before[0], with_ratings, contexts=read, prefix=before[1])
+            before, deep = context_prompt(offsets, prefix, bare_context)
+            scored = trainer.score_offsets(held, before, with_ratings, contexts=read, prefix=deep)
         else:
-            mixed = trainer.teacher_probabilities(held, read, *before).mul_(1.0 - alone_weight)
-            scored = label_scores(trainer, held, mixed.add_(alone, alpha=alone_weight), with_ratings)
+            scored = label_scores(trainer, held, teacher_reading(trainer, held, read, offsets, prefix, alone_weight,
+                                                                 bare_context, alone), with_ratings)
         out[mode] = scored if with_ratings else (scored, None)
     return out
 
